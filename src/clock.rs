@@ -1,0 +1,120 @@
+//! Time behind a narrow trait, so the simulator drives the same code on a virtual clock
+//! (style guide §2). Only [`SystemClock`] reads the operating system's time.
+
+use std::fmt;
+use std::ops::{Add, Sub};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+/// A point in time: the distance from the clock's epoch (the UNIX epoch for [`SystemClock`], the start
+/// of the scenario for the simulator).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(pub Duration);
+
+impl Timestamp {
+    pub const ZERO: Timestamp = Timestamp(Duration::ZERO);
+
+    pub fn from_millis(ms: u64) -> Self {
+        Timestamp(Duration::from_millis(ms))
+    }
+
+    pub fn as_millis(self) -> u64 {
+        self.0.as_millis() as u64
+    }
+
+    /// Time elapsed since `earlier`, zero if `earlier` is later.
+    pub fn since(self, earlier: Timestamp) -> Duration {
+        self.0.saturating_sub(earlier.0)
+    }
+}
+
+impl Add<Duration> for Timestamp {
+    type Output = Timestamp;
+    fn add(self, d: Duration) -> Timestamp {
+        Timestamp(self.0 + d)
+    }
+}
+
+impl Sub<Timestamp> for Timestamp {
+    type Output = Duration;
+    fn sub(self, rhs: Timestamp) -> Duration {
+        self.since(rhs)
+    }
+}
+
+impl fmt::Display for Timestamp {
+    /// Seconds with millisecond precision, e.g. `90.500s`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{:03}s", self.0.as_secs(), self.0.subsec_millis())
+    }
+}
+
+/// The source of time. Implementations must be cheap to call and thread-safe.
+///
+/// Contract: `now()` never goes backwards; `sleep(d)` returns once `now()` has advanced by at least `d`.
+/// A virtual clock may complete `sleep` at once by advancing itself.
+#[async_trait]
+pub trait Clock: Send + Sync {
+    fn now(&self) -> Timestamp;
+    async fn sleep(&self, d: Duration);
+}
+
+/// Wall-clock time (UNIX epoch) and tokio timers.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+#[async_trait]
+impl Clock for SystemClock {
+    #[allow(clippy::disallowed_methods)] // the one place allowed to read the OS clock
+    fn now(&self) -> Timestamp {
+        Timestamp(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default(),
+        )
+    }
+
+    async fn sleep(&self, d: Duration) {
+        tokio::time::sleep(d).await
+    }
+}
+
+/// A virtual clock: `sleep` advances it instantly. Used by the simulator and by tests.
+#[derive(Debug, Default)]
+pub struct ManualClock {
+    now: Mutex<Timestamp>,
+}
+
+impl ManualClock {
+    pub fn new(start: Timestamp) -> Self {
+        ManualClock {
+            now: Mutex::new(start),
+        }
+    }
+
+    /// Moves the clock forward to `t` (never backwards).
+    pub fn set(&self, t: Timestamp) {
+        let mut now = self.now.lock().expect("clock lock");
+        if t > *now {
+            *now = t;
+        }
+    }
+
+    pub fn advance(&self, d: Duration) {
+        let mut now = self.now.lock().expect("clock lock");
+        *now = *now + d;
+    }
+}
+
+#[async_trait]
+impl Clock for ManualClock {
+    fn now(&self) -> Timestamp {
+        *self.now.lock().expect("clock lock")
+    }
+
+    async fn sleep(&self, d: Duration) {
+        self.advance(d)
+    }
+}

@@ -1,0 +1,2 @@
+//! `file://` modules.
+// STUB: to be implemented.

@@ -1,0 +1,2 @@
+//! The real [`Transport`](super::Transport): hyper with rustls.
+// STUB: to be implemented.

@@ -1,0 +1,2 @@
+//! The OCI registry fetcher (behavior.md §4.2).
+// STUB: to be implemented.

@@ -1,0 +1,30 @@
+//! wasm-ecds: delivers proxy-wasm modules to Envoy over ECDS with Istio `WasmPlugin` pull-policy
+//! semantics, and a deterministic simulator of the same code.
+//!
+//! # Layout
+//! Dependencies point one way (style guide §1):
+//! - [`plugin`]: parse and validate `WasmPlugin` / pull-secret manifests;
+//! - [`policy`]: the effective pull policy, pure;
+//! - [`fetch`]: HTTP(S), OCI and file fetchers over a [`fetch::Transport`];
+//! - [`store`] and [`cache`]: module files and the cache index (expiry, resolutions);
+//! - [`engine`]: processes plugin versions into outcomes, retries rejected plugins, purges;
+//! - [`metrics`]: Istio-compatible Prometheus series;
+//! - [`sim`] (in `sim/`): the simulated world and scenario runner.
+//!
+//! Only [`clock::SystemClock`] reads the OS clock and only [`fetch::hyper_transport`] touches the
+//! network, so `sim` drives everything else unchanged.
+
+pub mod cache;
+pub mod clock;
+pub mod config;
+pub mod engine;
+pub mod fetch;
+pub mod metrics;
+pub mod outcome;
+pub mod plugin;
+pub mod policy;
+pub mod store;
+pub mod url;
+
+#[path = "../sim/mod.rs"]
+pub mod sim;

@@ -1,0 +1,133 @@
+//! The result of processing one plugin version (behavior.md §6) and its mapping onto Istio's metric
+//! labels. Every fetch error maps onto exactly one [`Reason`] by an exhaustive match.
+
+use std::fmt;
+
+use serde::Serialize;
+
+/// Why no valid module could be obtained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    DownloadFailure,
+    ManifestFailure,
+    ChecksumMismatch,
+    InvalidModule,
+    MissingSecret,
+    Unauthorized,
+    TooLarge,
+    BlockedAddress,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 8] = [
+        Reason::DownloadFailure,
+        Reason::ManifestFailure,
+        Reason::ChecksumMismatch,
+        Reason::InvalidModule,
+        Reason::MissingSecret,
+        Reason::Unauthorized,
+        Reason::TooLarge,
+        Reason::BlockedAddress,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::DownloadFailure => "download_failure",
+            Reason::ManifestFailure => "manifest_failure",
+            Reason::ChecksumMismatch => "checksum_mismatch",
+            Reason::InvalidModule => "invalid_module",
+            Reason::MissingSecret => "missing_secret",
+            Reason::Unauthorized => "unauthorized",
+            Reason::TooLarge => "too_large",
+            Reason::BlockedAddress => "blocked_address",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Reason> {
+        Reason::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
+    /// The `result` label of `istio_agent_wasm_remote_fetch_count`, or `None` when no remote fetch is
+    /// recorded (behavior.md §6).
+    pub fn fetch_result(self) -> Option<FetchResult> {
+        match self {
+            Reason::DownloadFailure | Reason::TooLarge | Reason::BlockedAddress => {
+                Some(FetchResult::DownloadFailure)
+            }
+            Reason::ManifestFailure | Reason::Unauthorized => Some(FetchResult::ManifestFailure),
+            Reason::ChecksumMismatch => Some(FetchResult::ChecksumMismatched),
+            Reason::InvalidModule => Some(FetchResult::FetchFailure),
+            Reason::MissingSecret => None,
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Values of the `result` label of `istio_agent_wasm_remote_fetch_count`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FetchResult {
+    Success,
+    DownloadFailure,
+    ManifestFailure,
+    ChecksumMismatched,
+    FetchFailure,
+}
+
+impl FetchResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FetchResult::Success => "success",
+            FetchResult::DownloadFailure => "download_failure",
+            FetchResult::ManifestFailure => "manifest_failure",
+            FetchResult::ChecksumMismatched => "checksum_mismatched",
+            FetchResult::FetchFailure => "fetch_failure",
+        }
+    }
+}
+
+/// The outcome of processing one plugin version.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(tag = "outcome", content = "reason", rename_all = "snake_case")]
+pub enum Outcome {
+    Pulled,
+    Revalidated,
+    Cached,
+    Rejected(Reason),
+    /// The resource failed validation; the field path that failed.
+    Invalid(String),
+}
+
+impl Outcome {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Outcome::Pulled => "pulled",
+            Outcome::Revalidated => "revalidated",
+            Outcome::Cached => "cached",
+            Outcome::Rejected(_) => "rejected",
+            Outcome::Invalid(_) => "invalid",
+        }
+    }
+
+    pub fn reason(&self) -> Option<String> {
+        match self {
+            Outcome::Rejected(r) => Some(r.as_str().to_string()),
+            Outcome::Invalid(f) => Some(f.clone()),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.reason() {
+            Some(r) => write!(f, "{} ({r})", self.name()),
+            None => f.write_str(self.name()),
+        }
+    }
+}

@@ -1,0 +1,520 @@
+//! The resource model: Istio `WasmPlugin` and `kubernetes.io/dockerconfigjson` `Secret` manifests
+//! (behavior.md §1), parsed from YAML or JSON (several documents per file) into typed structs.
+//!
+//! Parsing keeps the whole object as JSON next to the typed spec: the JSON is what resource versions
+//! compare (metadata edits are changes) and what merge patches apply to. Validation lives in
+//! [`validate`]; pull secrets in [`secret`].
+
+pub mod secret;
+pub mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use thiserror::Error;
+
+pub use secret::{Credentials, DockerConfig, PullSecret};
+pub use validate::{validate, FieldError};
+
+pub const WASM_PLUGIN_API_GROUP: &str = "extensions.istio.io";
+/// Prefix of ECDS resource names (behavior.md §1).
+pub const ECDS_RESOURCE_PREFIX: &str = "extensions.istio.io/wasmplugin/";
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// `namespace/name` of an object.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ObjectKey {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// Parses `ns/name` (or a bare `name` in `default`).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.split_once('/') {
+            Some((ns, n)) if !ns.is_empty() && !n.is_empty() && !n.contains('/') => {
+                Some(Self::new(ns, n))
+            }
+            None if !s.is_empty() => Some(Self::new(DEFAULT_NAMESPACE, s)),
+            _ => None,
+        }
+    }
+
+    /// The ECDS resource name: `extensions.istio.io/wasmplugin/<namespace>.<name>`.
+    pub fn resource_name(&self) -> String {
+        format!("{ECDS_RESOURCE_PREFIX}{}.{}", self.namespace, self.name)
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A parsed `WasmPlugin`. `object` is the whole manifest as JSON (normalised: namespace filled in,
+/// server-owned metadata such as `resourceVersion` removed), `spec` its typed view.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WasmPlugin {
+    pub key: ObjectKey,
+    pub object: Value,
+    pub spec: WasmPluginSpec,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WasmPluginSpec {
+    #[serde(default)]
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(default)]
+    pub image_pull_policy: ImagePullPolicy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin_config: Option<serde_json::Map<String, Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin_name: Option<String>,
+    #[serde(default)]
+    pub phase: Phase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+    #[serde(default)]
+    pub fail_strategy: FailStrategy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_config: Option<VmConfig>,
+    #[serde(default, rename = "type")]
+    pub plugin_type: PluginType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<PolicyTargetReference>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_refs: Vec<PolicyTargetReference>,
+    #[serde(default, rename = "match", skip_serializing_if = "Vec::is_empty")]
+    pub match_: Vec<TrafficSelector>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ImagePullPolicy {
+    #[default]
+    #[serde(rename = "UNSPECIFIED_POLICY")]
+    Unspecified,
+    IfNotPresent,
+    Always,
+}
+
+/// Filter ordering phase; sorts `Authn < Authz < Stats < Unspecified`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Phase {
+    #[serde(rename = "AUTHN")]
+    Authn,
+    #[serde(rename = "AUTHZ")]
+    Authz,
+    #[serde(rename = "STATS")]
+    Stats,
+    #[default]
+    #[serde(rename = "UNSPECIFIED_PHASE")]
+    Unspecified,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailStrategy {
+    #[default]
+    #[serde(rename = "FAIL_CLOSE")]
+    FailClose,
+    #[serde(rename = "FAIL_OPEN")]
+    FailOpen,
+    #[serde(rename = "FAIL_RELOAD")]
+    FailReload,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PluginType {
+    #[default]
+    #[serde(rename = "HTTP")]
+    Http,
+    #[serde(rename = "NETWORK")]
+    Network,
+    #[serde(rename = "UNSPECIFIED_PLUGIN_TYPE")]
+    Unspecified,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmConfig {
+    #[serde(default)]
+    pub env: Vec<EnvVar>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnvVar {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub value_from: EnvValueSource,
+    #[serde(default)]
+    pub value: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EnvValueSource {
+    #[default]
+    #[serde(rename = "INLINE")]
+    Inline,
+    #[serde(rename = "HOST")]
+    Host,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadSelector {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyTargetReference {
+    #[serde(default)]
+    pub group: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub namespace: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrafficSelector {
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub ports: Vec<PortSelector>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSelector {
+    pub number: i64,
+}
+
+/// One document of a manifest file.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Manifest {
+    Plugin(WasmPlugin),
+    Secret(PullSecret),
+}
+
+impl Manifest {
+    pub fn key(&self) -> &ObjectKey {
+        match self {
+            Manifest::Plugin(p) => &p.key,
+            Manifest::Secret(s) => &s.key,
+        }
+    }
+}
+
+/// A document that could not be turned into a [`Manifest`]. `field` names the offending path.
+#[derive(Clone, Debug, Error, PartialEq)]
+#[error("{}{field}: {message}", object.as_ref().map(|k| format!("{k}: ")).unwrap_or_default())]
+pub struct ParseError {
+    /// Index of the document in its file (0-based).
+    pub document: usize,
+    pub object: Option<ObjectKey>,
+    pub field: String,
+    pub message: String,
+}
+
+/// Parses every document of a YAML or JSON text. Each document yields a manifest or an error of its
+/// own, so one bad document does not hide the others. Empty documents are skipped; `kind: List`
+/// documents are flattened.
+pub fn parse_manifests(text: &str) -> Vec<Result<Manifest, ParseError>> {
+    let mut out = Vec::new();
+    for (index, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let value = match Value::deserialize(doc) {
+            Ok(v) => v,
+            Err(e) => {
+                out.push(Err(ParseError {
+                    document: index,
+                    object: None,
+                    field: "(document)".into(),
+                    message: format!("malformed yaml: {}", one_line(&e.to_string())),
+                }));
+                // The YAML stream cannot be resynchronised after a syntax error.
+                break;
+            }
+        };
+        match value {
+            Value::Null => {}
+            Value::Object(ref m) if m.get("kind").and_then(Value::as_str) == Some("List") => {
+                for item in m
+                    .get("items")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default()
+                {
+                    out.push(parse_object(index, item));
+                }
+            }
+            v => out.push(parse_object(index, v)),
+        }
+    }
+    out
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Parses one object (already decoded to JSON).
+pub fn parse_object(document: usize, value: Value) -> Result<Manifest, ParseError> {
+    let err = |object: Option<ObjectKey>, field: &str, message: String| ParseError {
+        document,
+        object,
+        field: field.to_string(),
+        message,
+    };
+    let Value::Object(mut obj) = value else {
+        return Err(err(
+            None,
+            "(document)",
+            "expected a mapping with apiVersion and kind".into(),
+        ));
+    };
+    let kind = obj
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let api_version = obj
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let meta = obj
+        .entry("metadata")
+        .or_insert_with(|| Value::Object(Default::default()));
+    let Value::Object(meta) = meta else {
+        return Err(err(None, "metadata", "must be a mapping".into()));
+    };
+    let name = meta
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    if !meta.contains_key("namespace") {
+        meta.insert("namespace".into(), Value::String(DEFAULT_NAMESPACE.into()));
+    }
+    let namespace = meta
+        .get("namespace")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    // Server-owned fields are not part of what the user wrote.
+    for owned in [
+        "resourceVersion",
+        "generation",
+        "uid",
+        "creationTimestamp",
+        "managedFields",
+    ] {
+        meta.remove(owned);
+    }
+    let key = ObjectKey::new(&namespace, &name);
+    if name.is_empty() {
+        return Err(err(None, "metadata.name", "is required".into()));
+    }
+    if namespace.is_empty() {
+        return Err(err(
+            Some(key),
+            "metadata.namespace",
+            "must be a non-empty string".into(),
+        ));
+    }
+    match kind.as_str() {
+        "WasmPlugin" => {
+            let group = api_version.split('/').next().unwrap_or_default();
+            if group != WASM_PLUGIN_API_GROUP {
+                return Err(err(
+                    Some(key),
+                    "apiVersion",
+                    format!(
+                        "WasmPlugin must be {WASM_PLUGIN_API_GROUP}/v1alpha1, got {api_version:?}"
+                    ),
+                ));
+            }
+            let object = Value::Object(obj);
+            let spec_value = object
+                .get("spec")
+                .cloned()
+                .unwrap_or(Value::Object(Default::default()));
+            let spec: WasmPluginSpec =
+                serde_path_to_error::deserialize(spec_value).map_err(|e| {
+                    let path = e.path().to_string();
+                    let field = if path == "." {
+                        "spec".to_string()
+                    } else {
+                        format!("spec.{path}")
+                    };
+                    err(Some(key.clone()), &field, one_line(&e.inner().to_string()))
+                })?;
+            Ok(Manifest::Plugin(WasmPlugin { key, object, spec }))
+        }
+        "Secret" => PullSecret::from_object(key.clone(), &Value::Object(obj))
+            .map(Manifest::Secret)
+            .map_err(|(field, message)| err(Some(key), &field, message)),
+        "" => Err(err(None, "kind", "is required".into())),
+        other => Err(err(
+            Some(key),
+            "kind",
+            format!("unsupported kind {other:?} (want WasmPlugin or Secret)"),
+        )),
+    }
+}
+
+impl WasmPlugin {
+    /// Parses a single WasmPlugin from YAML/JSON text (a convenience for tests and tools).
+    pub fn from_yaml(text: &str) -> Result<Self, ParseError> {
+        match parse_manifests(text).into_iter().next() {
+            Some(Ok(Manifest::Plugin(p))) => Ok(p),
+            Some(Ok(Manifest::Secret(s))) => Err(ParseError {
+                document: 0,
+                object: Some(s.key),
+                field: "kind".into(),
+                message: "expected a WasmPlugin, got a Secret".into(),
+            }),
+            Some(Err(e)) => Err(e),
+            None => Err(ParseError {
+                document: 0,
+                object: None,
+                field: "(document)".into(),
+                message: "empty document".into(),
+            }),
+        }
+    }
+
+    /// Re-derives the typed spec after `object` changed (e.g. by a merge patch).
+    pub fn from_object(object: Value) -> Result<Self, ParseError> {
+        match parse_object(0, object)? {
+            Manifest::Plugin(p) => Ok(p),
+            Manifest::Secret(s) => Err(ParseError {
+                document: 0,
+                object: Some(s.key),
+                field: "kind".into(),
+                message: "expected a WasmPlugin".into(),
+            }),
+        }
+    }
+
+    pub fn resource_name(&self) -> String {
+        self.key.resource_name()
+    }
+
+    /// `config.name` of the Envoy filter: `<namespace>.<name>`.
+    pub fn filter_config_name(&self) -> String {
+        format!("{}.{}", self.key.namespace, self.key.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_istio_example_with_defaults() {
+        let docs = parse_manifests(
+            r#"
+apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata:
+  name: openid-connect
+  namespace: istio-ingress
+spec:
+  selector:
+    matchLabels:
+      istio: ingressgateway
+  url: oci://ghcr.io/istio-ecosystem/wasm-extensions/openid:1.0.0
+  imagePullPolicy: IfNotPresent
+  imagePullSecret: private-registry-pull-secret
+  phase: AUTHN
+  pluginConfig:
+    openid_server: authn
+    openid_realm: ingress
+---
+apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata: {name: b}
+spec: {url: "http://x/y.wasm", type: NETWORK, failStrategy: FAIL_OPEN}
+"#,
+        );
+        assert_eq!(docs.len(), 2);
+        let Ok(Manifest::Plugin(p)) = &docs[0] else {
+            panic!("{docs:?}")
+        };
+        assert_eq!(p.key.to_string(), "istio-ingress/openid-connect");
+        assert_eq!(p.spec.image_pull_policy, ImagePullPolicy::IfNotPresent);
+        assert_eq!(p.spec.phase, Phase::Authn);
+        assert_eq!(
+            p.resource_name(),
+            "extensions.istio.io/wasmplugin/istio-ingress.openid-connect"
+        );
+        let Ok(Manifest::Plugin(b)) = &docs[1] else {
+            panic!()
+        };
+        assert_eq!(b.key.namespace, "default");
+        assert_eq!(b.spec.plugin_type, PluginType::Network);
+        assert_eq!(b.spec.fail_strategy, FailStrategy::FailOpen);
+    }
+
+    #[test]
+    fn bad_enum_names_its_field() {
+        let e = WasmPlugin::from_yaml(
+            "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: a}\nspec: {url: x/y, imagePullPolicy: Sometimes}",
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "spec.imagePullPolicy");
+        let e = WasmPlugin::from_yaml(
+            "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: a}\nspec: {url: x/y, urll: 1}",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("urll"), "{e}");
+    }
+
+    #[test]
+    fn malformed_yaml_is_one_error() {
+        let docs = parse_manifests("kind: [unclosed");
+        assert_eq!(docs.len(), 1);
+        assert!(docs[0]
+            .as_ref()
+            .unwrap_err()
+            .message
+            .starts_with("malformed yaml"));
+    }
+
+    #[test]
+    fn server_owned_metadata_is_ignored() {
+        let a = WasmPlugin::from_yaml(
+            "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: a, resourceVersion: '5'}\nspec: {url: x/y}",
+        )
+        .unwrap();
+        let b = WasmPlugin::from_yaml(
+            "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: a, namespace: default}\nspec: {url: x/y}",
+        )
+        .unwrap();
+        assert_eq!(a.object, b.object);
+    }
+}

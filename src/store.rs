@@ -1,0 +1,448 @@
+//! Where module bytes live: the on-disk cache directory in `serve`, memory in `sim` (style guide §2).
+//!
+//! Layout (behavior.md §5): `<dir>/<hex sha256 of module name>/<checksum>.wasm`, plus `index.json`
+//! holding the remembered URL → checksum resolutions. Modules are written to a staging file first and
+//! renamed into place only after they were verified, so a crash never leaves a partial module under
+//! its final name. Staging files live in `<dir>/.staging/` and are removed at start.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest, Sha256};
+
+pub const INDEX_FILE: &str = "index.json";
+const STAGING_DIR: &str = ".staging";
+
+/// Hex sha256 of a string (the directory name of a module).
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// A file being written; readable again (from the start) before it is committed. Dropping it
+/// without committing deletes it.
+pub trait StagedFile: Write + Send {
+    /// A reader over everything written so far, from the start.
+    fn reader(&mut self) -> io::Result<Box<dyn Read + Send + '_>>;
+    /// Empties the file (to reuse it for another attempt).
+    fn truncate(&mut self) -> io::Result<()>;
+    fn as_any(self: Box<Self>) -> Box<dyn std::any::Any>;
+}
+
+/// A module file found in the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredModule {
+    /// The directory: hex sha256 of the module name.
+    pub name_hash: String,
+    pub checksum: String,
+    pub path: PathBuf,
+    pub size: u64,
+}
+
+/// Storage of module files and of the small cache index.
+///
+/// Contract: thread-safe; `commit` is atomic (the final name holds a complete file or nothing);
+/// paths returned are the ones `read`/`remove` accept and the ones delivered to Envoy in file mode.
+pub trait ModuleStore: Send + Sync {
+    fn stage(&self) -> io::Result<Box<dyn StagedFile>>;
+    /// Moves a staged file to `<name_hash>/<checksum>.wasm`; replaces an existing file.
+    fn commit(
+        &self,
+        staged: Box<dyn StagedFile>,
+        module_name: &str,
+        checksum: &str,
+    ) -> io::Result<PathBuf>;
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+    fn remove(&self, path: &Path) -> io::Result<()>;
+    /// Every committed module file.
+    fn list(&self) -> io::Result<Vec<StoredModule>>;
+    fn load_index(&self) -> io::Result<Option<Vec<u8>>>;
+    fn save_index(&self, bytes: &[u8]) -> io::Result<()>;
+    /// Removes everything (used by the simulator's `restart: {keepCache: false}`).
+    fn wipe(&self) -> io::Result<()>;
+}
+
+/// Reads `file://` modules.
+pub trait FileSource: Send + Sync {
+    fn open(&self, path: &str) -> io::Result<Box<dyn Read + Send>>;
+}
+
+/// The real file system.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct OsFiles;
+
+impl FileSource for OsFiles {
+    fn open(&self, path: &str) -> io::Result<Box<dyn Read + Send>> {
+        Ok(Box::new(fs::File::open(path)?))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Disk
+
+/// The cache directory on disk.
+#[derive(Debug)]
+pub struct DiskStore {
+    root: PathBuf,
+}
+
+impl DiskStore {
+    /// Opens (and creates) the cache directory; leftover staging files are removed.
+    pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
+        let root = root.into();
+        fs::create_dir_all(&root)?;
+        let staging = root.join(STAGING_DIR);
+        let _ = fs::remove_dir_all(&staging);
+        fs::create_dir_all(&staging)?;
+        Ok(DiskStore { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
+struct DiskStaged {
+    file: fs::File,
+    path: PathBuf,
+    committed: bool,
+}
+
+impl Write for DiskStaged {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl StagedFile for DiskStaged {
+    fn reader(&mut self) -> io::Result<Box<dyn Read + Send + '_>> {
+        self.file.flush()?;
+        let mut f = fs::File::open(&self.path)?;
+        f.seek(SeekFrom::Start(0))?;
+        Ok(Box::new(io::BufReader::new(f)))
+    }
+    fn truncate(&mut self) -> io::Result<()> {
+        self.file.set_len(0)?;
+        self.file.seek(SeekFrom::Start(0))?;
+        Ok(())
+    }
+    fn as_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+}
+
+impl Drop for DiskStaged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+static STAGE_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+impl ModuleStore for DiskStore {
+    fn stage(&self) -> io::Result<Box<dyn StagedFile>> {
+        let n = STAGE_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = self
+            .root
+            .join(STAGING_DIR)
+            .join(format!("{}-{n}.part", std::process::id()));
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        Ok(Box::new(DiskStaged {
+            file,
+            path,
+            committed: false,
+        }))
+    }
+
+    fn commit(
+        &self,
+        staged: Box<dyn StagedFile>,
+        module_name: &str,
+        checksum: &str,
+    ) -> io::Result<PathBuf> {
+        let mut staged = staged
+            .as_any()
+            .downcast::<DiskStaged>()
+            .map_err(|_| io::Error::other("staged file of another store"))?;
+        staged.file.sync_all()?;
+        let dir = self.root.join(sha256_hex(module_name.as_bytes()));
+        fs::create_dir_all(&dir)?;
+        let dest = dir.join(format!("{checksum}.wasm"));
+        fs::rename(&staged.path, &dest)?;
+        staged.committed = true;
+        Ok(dest)
+    }
+
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        fs::read(path)
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        match fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => {
+                if let Some(dir) = path.parent() {
+                    let _ = fs::remove_dir(dir); // only succeeds when empty
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn list(&self) -> io::Result<Vec<StoredModule>> {
+        let mut out = Vec::new();
+        for dir in fs::read_dir(&self.root)? {
+            let dir = dir?;
+            let name_hash = dir.file_name().to_string_lossy().to_string();
+            if !dir.file_type()?.is_dir() || name_hash == STAGING_DIR {
+                continue;
+            }
+            for f in fs::read_dir(dir.path())? {
+                let f = f?;
+                let fname = f.file_name().to_string_lossy().to_string();
+                if let Some(checksum) = fname.strip_suffix(".wasm") {
+                    out.push(StoredModule {
+                        name_hash: name_hash.clone(),
+                        checksum: checksum.to_string(),
+                        path: f.path(),
+                        size: f.metadata()?.len(),
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
+    }
+
+    fn load_index(&self) -> io::Result<Option<Vec<u8>>> {
+        match fs::read(self.root.join(INDEX_FILE)) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn save_index(&self, bytes: &[u8]) -> io::Result<()> {
+        let tmp = self
+            .root
+            .join(STAGING_DIR)
+            .join(format!("{INDEX_FILE}.{}", std::process::id()));
+        fs::write(&tmp, bytes)?;
+        fs::rename(tmp, self.root.join(INDEX_FILE))
+    }
+
+    fn wipe(&self) -> io::Result<()> {
+        fs::remove_dir_all(&self.root)?;
+        fs::create_dir_all(self.root.join(STAGING_DIR))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory
+
+/// An in-memory store with the same layout (paths under a virtual root). Survives a simulated
+/// restart because the simulator keeps the `Arc`.
+#[derive(Debug, Default)]
+pub struct MemStore {
+    files: Mutex<BTreeMap<PathBuf, Arc<Vec<u8>>>>,
+    index: Mutex<Option<Vec<u8>>>,
+}
+
+/// The virtual root of a [`MemStore`].
+pub const MEM_ROOT: &str = "/var/cache/wasm-ecds";
+
+struct MemStaged {
+    buf: Vec<u8>,
+}
+
+impl Write for MemStaged {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl StagedFile for MemStaged {
+    fn reader(&mut self) -> io::Result<Box<dyn Read + Send + '_>> {
+        Ok(Box::new(&self.buf[..]))
+    }
+    fn truncate(&mut self) -> io::Result<()> {
+        self.buf.clear();
+        Ok(())
+    }
+    fn as_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+}
+
+impl MemStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl ModuleStore for MemStore {
+    fn stage(&self) -> io::Result<Box<dyn StagedFile>> {
+        Ok(Box::new(MemStaged { buf: Vec::new() }))
+    }
+
+    fn commit(
+        &self,
+        staged: Box<dyn StagedFile>,
+        module_name: &str,
+        checksum: &str,
+    ) -> io::Result<PathBuf> {
+        let staged = staged
+            .as_any()
+            .downcast::<MemStaged>()
+            .map_err(|_| io::Error::other("staged file of another store"))?;
+        let path = Path::new(MEM_ROOT)
+            .join(sha256_hex(module_name.as_bytes()))
+            .join(format!("{checksum}.wasm"));
+        self.files
+            .lock()
+            .expect("store lock")
+            .insert(path.clone(), Arc::new(staged.buf));
+        Ok(path)
+    }
+
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        self.files
+            .lock()
+            .expect("store lock")
+            .get(path)
+            .map(|b| b.as_ref().clone())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, path.display().to_string()))
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        self.files.lock().expect("store lock").remove(path);
+        Ok(())
+    }
+
+    fn list(&self) -> io::Result<Vec<StoredModule>> {
+        let files = self.files.lock().expect("store lock");
+        Ok(files
+            .iter()
+            .filter_map(|(path, bytes)| {
+                let checksum = path
+                    .file_name()?
+                    .to_str()?
+                    .strip_suffix(".wasm")?
+                    .to_string();
+                let name_hash = path.parent()?.file_name()?.to_str()?.to_string();
+                Some(StoredModule {
+                    name_hash,
+                    checksum,
+                    path: path.clone(),
+                    size: bytes.len() as u64,
+                })
+            })
+            .collect())
+    }
+
+    fn load_index(&self) -> io::Result<Option<Vec<u8>>> {
+        Ok(self.index.lock().expect("store lock").clone())
+    }
+
+    fn save_index(&self, bytes: &[u8]) -> io::Result<()> {
+        *self.index.lock().expect("store lock") = Some(bytes.to_vec());
+        Ok(())
+    }
+
+    fn wipe(&self) -> io::Result<()> {
+        self.files.lock().expect("store lock").clear();
+        *self.index.lock().expect("store lock") = None;
+        Ok(())
+    }
+}
+
+/// In-memory `file://` contents for the simulator.
+#[derive(Debug, Default)]
+pub struct MemFiles {
+    files: Mutex<BTreeMap<String, Arc<Vec<u8>>>>,
+}
+
+impl MemFiles {
+    pub fn put(&self, path: &str, bytes: Vec<u8>) {
+        self.files
+            .lock()
+            .expect("files lock")
+            .insert(path.to_string(), Arc::new(bytes));
+    }
+    pub fn remove(&self, path: &str) {
+        self.files.lock().expect("files lock").remove(path);
+    }
+}
+
+impl FileSource for MemFiles {
+    fn open(&self, path: &str) -> io::Result<Box<dyn Read + Send>> {
+        let bytes = self
+            .files
+            .lock()
+            .expect("files lock")
+            .get(path)
+            .cloned()
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, format!("{path}: no such file"))
+            })?;
+        Ok(Box::new(io::Cursor::new(bytes.as_ref().clone())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(store: &dyn ModuleStore) {
+        let mut s = store.stage().unwrap();
+        s.write_all(b"\0asm\x01\0\0\0").unwrap();
+        let mut back = Vec::new();
+        s.reader().unwrap().read_to_end(&mut back).unwrap();
+        assert_eq!(back, b"\0asm\x01\0\0\0");
+        let path = store.commit(s, "oci://r/a", "abc").unwrap();
+        assert!(path.ends_with(format!("{}/abc.wasm", sha256_hex(b"oci://r/a"))));
+        assert_eq!(store.read(&path).unwrap().len(), 8);
+        let listed = store.list().unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].checksum, "abc");
+        // An uncommitted staging file leaves nothing behind.
+        let mut s = store.stage().unwrap();
+        s.write_all(b"partial").unwrap();
+        drop(s);
+        assert_eq!(store.list().unwrap().len(), 1);
+        store.remove(&path).unwrap();
+        assert!(store.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn disk_store_roundtrip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path()).unwrap();
+        roundtrip(&store);
+        assert_eq!(
+            fs::read_dir(dir.path().join(STAGING_DIR)).unwrap().count(),
+            0
+        );
+    }
+
+    #[test]
+    fn mem_store_roundtrip() {
+        roundtrip(&MemStore::new());
+    }
+}
