@@ -1,1 +1,28 @@
-//! The simulator.
+//! The simulator (`wasm-ecds sim`, scenarios.md): runs scenario files against the server's real
+//! policy, cache, fetch and conversion code, with simulated registries and HTTP servers on a virtual
+//! clock, so a scenario runs in milliseconds and gives the same result and trace every time.
+//!
+//! # Layout
+//! - [`scenario`]: the file format — parsing, validation (unknown keys are errors), substitutions;
+//! - [`content`]: deterministic module bytes, archives and image manifests;
+//! - [`world`]: the simulated hosts behind the fetchers' [`Transport`](crate::fetch::Transport):
+//!   registries, HTTP servers, injected failures, auth, request counts;
+//! - [`runner`]: drives the [`Engine`](crate::engine::Engine) step by step through virtual time and
+//!   checks expectations;
+//! - [`report`]: `sim PATH...` — file discovery, text/JSON/JUnit output, exit status.
+//!
+//! The simulator never touches the network, the real file system (besides reading scenario files
+//! and writing a JUnit report) or the wall clock.
+
+pub mod content;
+pub mod report;
+pub mod runner;
+pub mod scenario;
+pub mod world;
+
+#[cfg(test)]
+mod tests;
+
+pub use report::{run_paths, run_paths_to, RunOptions, EXIT_FAILED, EXIT_INVALID, EXIT_PASSED};
+pub use runner::{run_scenario, CheckFailure, ScenarioRun};
+pub use scenario::{parse_scenario, LoadError, Scenario};

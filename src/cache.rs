@@ -1,1 +1,387 @@
-//! Cache.
+//! The module cache index (behavior.md §5): which modules are stored, who uses them, what each
+//! mutable URL last resolved to, and expiry. Bytes live in a [`ModuleStore`]; this type decides.
+//!
+//! Identity of a module: `(module name, checksum)` ([`ModuleKey`]). The checksum is the manifest
+//! digest for OCI and the sha256 of the Wasm binary otherwise; `sha256` of every entry is always the
+//! Wasm binary's, which is what restarts verify and what `sim` matches content by.
+//!
+//! The index (entries and resolutions) is persisted through the store after every change, so a
+//! restarted server knows what it had.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{self, Read};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::clock::Timestamp;
+use crate::fetch::StagedModule;
+use crate::plugin::ObjectKey;
+use crate::store::{sha256_hex, ModuleStore};
+
+/// `(module name, checksum)`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ModuleKey {
+    pub name: String,
+    pub checksum: String,
+}
+
+impl ModuleKey {
+    pub fn new(name: impl Into<String>, checksum: impl Into<String>) -> Self {
+        ModuleKey { name: name.into(), checksum: checksum.into() }
+    }
+}
+
+impl std::fmt::Display for ModuleKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.name, &self.checksum[..self.checksum.len().min(12)])
+    }
+}
+
+/// One cached module.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModuleEntry {
+    pub path: PathBuf,
+    pub size: u64,
+    /// Hex sha256 of the Wasm binary.
+    pub sha256: String,
+    /// Last time the module was used; meaningful only while `refs` is empty.
+    pub last_used: Timestamp,
+    /// Plugins currently serving the module: while any, it never expires.
+    pub refs: BTreeSet<ObjectKey>,
+    /// Fetched with registry credentials (behavior.md §4.2, improvement): served to another plugin
+    /// only after the registry authorized that plugin.
+    pub private: bool,
+    /// Plugins the registry authorized for a private module (kept in memory only).
+    pub authorized: BTreeSet<ObjectKey>,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct PersistedIndex {
+    modules: Vec<PersistedModule>,
+    /// url → module it last resolved to.
+    resolutions: BTreeMap<String, ModuleKey>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PersistedModule {
+    name: String,
+    checksum: String,
+    sha256: String,
+    size: u64,
+    private: bool,
+    last_used_ms: u64,
+}
+
+/// What re-indexing found at start.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReindexReport {
+    pub kept: usize,
+    /// Files removed because they did not verify or were unknown.
+    pub removed: Vec<PathBuf>,
+}
+
+/// The cache index. Not thread-safe by itself: the engine owns it.
+pub struct Cache {
+    store: Arc<dyn ModuleStore>,
+    modules: BTreeMap<ModuleKey, ModuleEntry>,
+    resolutions: BTreeMap<String, ModuleKey>,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache").field("modules", &self.modules.len()).finish()
+    }
+}
+
+impl Cache {
+    /// Opens the cache over `store`, re-indexing what it holds: every module file is verified
+    /// against the persisted index; unknown or corrupt files are removed, as are resolutions that
+    /// point to modules no longer present.
+    pub fn open(store: Arc<dyn ModuleStore>) -> io::Result<(Cache, ReindexReport)> {
+        let persisted: PersistedIndex = match store.load_index()? {
+            Some(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+            None => PersistedIndex::default(),
+        };
+        let known: BTreeMap<(String, String), &PersistedModule> = persisted
+            .modules
+            .iter()
+            .map(|m| ((sha256_hex(m.name.as_bytes()), m.checksum.clone()), m))
+            .collect();
+        let mut report = ReindexReport::default();
+        let mut modules = BTreeMap::new();
+        for file in store.list()? {
+            let verified = known
+                .get(&(file.name_hash.clone(), file.checksum.clone()))
+                .filter(|m| m.size == file.size && hash_file(store.as_ref(), &file.path).ok().as_deref() == Some(&m.sha256));
+            match verified {
+                Some(m) => {
+                    report.kept += 1;
+                    modules.insert(
+                        ModuleKey::new(&m.name, &m.checksum),
+                        ModuleEntry {
+                            path: file.path,
+                            size: m.size,
+                            sha256: m.sha256.clone(),
+                            last_used: Timestamp::from_millis(m.last_used_ms),
+                            refs: BTreeSet::new(),
+                            private: m.private,
+                            authorized: BTreeSet::new(),
+                        },
+                    );
+                }
+                None => {
+                    store.remove(&file.path)?;
+                    report.removed.push(file.path);
+                }
+            }
+        }
+        let resolutions =
+            persisted.resolutions.into_iter().filter(|(_, k)| modules.contains_key(k)).collect();
+        let cache = Cache { store, modules, resolutions };
+        cache.persist();
+        Ok((cache, report))
+    }
+
+    pub fn store(&self) -> &Arc<dyn ModuleStore> {
+        &self.store
+    }
+
+    pub fn len(&self) -> usize {
+        self.modules.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.modules.is_empty()
+    }
+
+    pub fn get(&self, key: &ModuleKey) -> Option<&ModuleEntry> {
+        self.modules.get(key)
+    }
+
+    pub fn contains(&self, key: &ModuleKey) -> bool {
+        self.modules.contains_key(key)
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = (&ModuleKey, &ModuleEntry)> {
+        self.modules.iter()
+    }
+
+    /// The module `url` last resolved to, if it is still cached.
+    pub fn resolution(&self, url: &str) -> Option<&ModuleKey> {
+        self.resolutions.get(url).filter(|k| self.modules.contains_key(k))
+    }
+
+    pub fn resolutions(&self) -> &BTreeMap<String, ModuleKey> {
+        &self.resolutions
+    }
+
+    /// Remembers that `url` resolved to `key`.
+    pub fn set_resolution(&mut self, url: &str, key: &ModuleKey) {
+        if self.resolutions.get(url) != Some(key) {
+            self.resolutions.insert(url.to_string(), key.clone());
+            self.persist();
+        }
+    }
+
+    /// Commits a verified module under `key`. If the key is already cached the staged file is
+    /// dropped and the existing file kept.
+    pub fn insert(&mut self, key: &ModuleKey, staged: StagedModule, private: bool, now: Timestamp) -> io::Result<&ModuleEntry> {
+        if !self.modules.contains_key(key) {
+            let path = self.store.commit(staged.file, &key.name, &key.checksum)?;
+            self.modules.insert(
+                key.clone(),
+                ModuleEntry {
+                    path,
+                    size: staged.size,
+                    sha256: staged.sha256,
+                    last_used: now,
+                    refs: BTreeSet::new(),
+                    private,
+                    authorized: BTreeSet::new(),
+                },
+            );
+            self.persist();
+        }
+        Ok(self.modules.get(key).expect("just inserted"))
+    }
+
+    /// Marks `plugin` as served by `key` (or by nothing); the module it leaves starts to age now.
+    pub fn set_ref(&mut self, plugin: &ObjectKey, old: Option<&ModuleKey>, new: Option<&ModuleKey>, now: Timestamp) {
+        if old == new {
+            if let Some(e) = new.and_then(|k| self.modules.get_mut(k)) {
+                e.last_used = now;
+            }
+            return;
+        }
+        if let Some(e) = old.and_then(|k| self.modules.get_mut(k)) {
+            e.refs.remove(plugin);
+            e.last_used = now;
+        }
+        if let Some(e) = new.and_then(|k| self.modules.get_mut(k)) {
+            e.refs.insert(plugin.clone());
+            e.last_used = now;
+        }
+    }
+
+    /// Records a use (a cache hit, a delivery to a proxy).
+    pub fn touch(&mut self, key: &ModuleKey, now: Timestamp) {
+        if let Some(e) = self.modules.get_mut(key) {
+            e.last_used = e.last_used.max(now);
+        }
+    }
+
+    pub fn authorize(&mut self, key: &ModuleKey, plugin: &ObjectKey) {
+        if let Some(e) = self.modules.get_mut(key) {
+            e.authorized.insert(plugin.clone());
+        }
+    }
+
+    /// True when `plugin` may be served the module without asking the registry.
+    pub fn is_authorized(&self, key: &ModuleKey, plugin: &ObjectKey) -> bool {
+        self.modules.get(key).is_some_and(|e| !e.private || e.authorized.contains(plugin))
+    }
+
+    /// One purge pass at `now`: removes every module no plugin serves that has been unused for
+    /// strictly longer than `expiry`, and the resolutions pointing to it. Returns what left.
+    pub fn purge(&mut self, now: Timestamp, expiry: Duration) -> Vec<(ModuleKey, ModuleEntry)> {
+        let expired: Vec<ModuleKey> = self
+            .modules
+            .iter()
+            .filter(|(_, e)| e.refs.is_empty() && now.since(e.last_used) > expiry)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut out = Vec::new();
+        for key in expired {
+            let entry = self.modules.remove(&key).expect("listed above");
+            if let Err(e) = self.store.remove(&entry.path) {
+                tracing::warn!(path = %entry.path.display(), error = %e, "could not remove expired module");
+            }
+            self.resolutions.retain(|_, k| *k != key);
+            out.push((key, entry));
+        }
+        if !out.is_empty() {
+            self.persist();
+        }
+        out
+    }
+
+    /// Reads a cached module's bytes.
+    pub fn read(&self, key: &ModuleKey) -> io::Result<Vec<u8>> {
+        let e = self
+            .modules
+            .get(key)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, key.to_string()))?;
+        self.store.read(&e.path)
+    }
+
+    /// Writes the index; failures are logged, never fatal (the cache still works in memory).
+    fn persist(&self) {
+        let index = PersistedIndex {
+            modules: self
+                .modules
+                .iter()
+                .map(|(k, e)| PersistedModule {
+                    name: k.name.clone(),
+                    checksum: k.checksum.clone(),
+                    sha256: e.sha256.clone(),
+                    size: e.size,
+                    private: e.private,
+                    last_used_ms: e.last_used.as_millis(),
+                })
+                .collect(),
+            resolutions: self.resolutions.clone(),
+        };
+        let bytes = serde_json::to_vec(&index).expect("index serializes");
+        if let Err(e) = self.store.save_index(&bytes) {
+            tracing::warn!(error = %e, "could not persist the cache index");
+        }
+    }
+
+    /// Persists usage times (called after purge passes and on shutdown, not on every touch).
+    pub fn flush(&self) {
+        self.persist();
+    }
+}
+
+fn hash_file(store: &dyn ModuleStore, path: &std::path::Path) -> io::Result<String> {
+    let bytes = store.read(path)?;
+    let mut h = Sha256::new();
+    let mut r: &[u8] = &bytes;
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+    use crate::store::{DiskStore, MemStore};
+
+    fn staged(store: &dyn ModuleStore, bytes: &[u8]) -> StagedModule {
+        let mut f = store.stage().unwrap();
+        f.write_all(bytes).unwrap();
+        StagedModule { file: f, sha256: sha256_hex(bytes), size: bytes.len() as u64 }
+    }
+
+    const WASM: &[u8] = b"\0asm\x01\0\0\0hello";
+
+    #[test]
+    fn referenced_modules_never_expire_and_unreferenced_age_from_last_use() {
+        let store: Arc<dyn ModuleStore> = Arc::new(MemStore::new());
+        let (mut cache, _) = Cache::open(store.clone()).unwrap();
+        let key = ModuleKey::new("oci://r/a", "d1");
+        let p = ObjectKey::new("default", "p");
+        cache.insert(&key, staged(store.as_ref(), WASM), false, Timestamp::ZERO).unwrap();
+        cache.set_resolution("oci://r/a:v1", &key);
+        cache.set_ref(&p, None, Some(&key), Timestamp::ZERO);
+        let day = Duration::from_secs(86400);
+        assert!(cache.purge(Timestamp::ZERO + day * 10, day).is_empty());
+        cache.set_ref(&p, Some(&key), None, Timestamp::ZERO + day * 10);
+        assert!(cache.purge(Timestamp::ZERO + day * 11, day).is_empty(), "exactly expiry is not strictly longer");
+        let gone = cache.purge(Timestamp::ZERO + day * 11 + Duration::from_millis(1), day);
+        assert_eq!(gone.len(), 1);
+        assert!(cache.resolution("oci://r/a:v1").is_none());
+        assert!(store.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn reindex_keeps_verified_files_and_removes_truncated_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ModuleStore> = Arc::new(DiskStore::open(dir.path()).unwrap());
+        let (a, b) = (ModuleKey::new("http://h/a.wasm", "x"), ModuleKey::new("http://h/b.wasm", "y"));
+        let path_b;
+        {
+            let (mut cache, _) = Cache::open(store.clone()).unwrap();
+            cache.insert(&a, staged(store.as_ref(), WASM), false, Timestamp::ZERO).unwrap();
+            path_b = cache.insert(&b, staged(store.as_ref(), WASM), false, Timestamp::ZERO).unwrap().path.clone();
+            cache.set_resolution("http://h/a.wasm", &a);
+            cache.set_resolution("http://h/b.wasm", &b);
+        }
+        // Truncate b behind the cache's back, and drop a stray file.
+        std::fs::write(&path_b, &WASM[..6]).unwrap();
+        let stray = dir.path().join("deadbeef");
+        std::fs::create_dir_all(&stray).unwrap();
+        std::fs::write(stray.join("zz.wasm"), WASM).unwrap();
+
+        let store2: Arc<dyn ModuleStore> = Arc::new(DiskStore::open(dir.path()).unwrap());
+        let (cache, report) = Cache::open(store2).unwrap();
+        assert_eq!(report.kept, 1);
+        assert_eq!(report.removed.len(), 2);
+        assert!(cache.contains(&a) && !cache.contains(&b));
+        assert_eq!(cache.resolution("http://h/a.wasm"), Some(&a));
+        assert_eq!(cache.resolution("http://h/b.wasm"), None);
+        assert!(!path_b.exists());
+    }
+}

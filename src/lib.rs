@@ -15,14 +15,19 @@
 //! network, so `sim` drives everything else unchanged.
 
 pub mod cache;
+pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod convert;
 pub mod engine;
 pub mod fetch;
 pub mod metrics;
 pub mod outcome;
 pub mod plugin;
 pub mod policy;
+// TEMP(lead): enabled once src/xds lands
+// pub mod serve;
+pub mod source;
 pub mod store;
 pub mod url;
 

@@ -1,1 +1,32 @@
-fn main() {}
+//! `wasm-ecds`: parses the command line and hands over to the library.
+
+use clap::Parser;
+use wasm_ecds::cli::{inspect, Cli, Command};
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Check { json, paths } => inspect::run_check(&paths, json),
+        Command::Explain { json, paths } => inspect::run_explain(&paths, json),
+        Command::Sim { trace, json, junit, paths } => {
+            wasm_ecds::sim::run_paths(&paths, wasm_ecds::sim::RunOptions { trace, json, junit })
+        }
+        Command::Serve(args) => match args.config() {
+            Ok(_config) => {
+                eprintln!("TEMP");
+                2
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                2
+            }
+        },
+    };
+    std::process::exit(code);
+}

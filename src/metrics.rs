@@ -1,1 +1,233 @@
-//! Metrics.
+//! Istio-compatible Prometheus series (behavior.md §8), recorded by the engine and rendered as
+//! Prometheus text. Each engine owns its own registry: metrics start from zero with every process
+//! (and every simulated restart).
+//!
+//! The `prometheus` crate is used rather than `prometheus-client` because the latter appends
+//! `_total` to counter names, and the names here must be exactly Istio's.
+
+use std::collections::BTreeMap;
+
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+use crate::outcome::FetchResult;
+
+pub const CACHE_ENTRIES: &str = "istio_agent_wasm_cache_entries";
+pub const CACHE_LOOKUP_COUNT: &str = "istio_agent_wasm_cache_lookup_count";
+pub const REMOTE_FETCH_COUNT: &str = "istio_agent_wasm_remote_fetch_count";
+pub const CONFIG_CONVERSION_COUNT: &str = "istio_agent_wasm_config_conversion_count";
+pub const CONFIG_CONVERSION_DURATION: &str = "istio_agent_wasm_config_conversion_duration";
+pub const CACHE_EXPIRED_COUNT: &str = "wasm_ecds_cache_expired_count";
+pub const PROCESSING_COUNT: &str = "wasm_ecds_plugin_processing_count";
+
+/// `result` values of `istio_agent_wasm_config_conversion_count`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConversionResult {
+    Success,
+    /// The plugin's code is a local file: nothing was fetched.
+    NoRemoteLoad,
+    /// The module could not be obtained (a missing pull secret included); a fallback is served.
+    FetchFailure,
+}
+
+impl ConversionResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConversionResult::Success => "success",
+            ConversionResult::NoRemoteLoad => "no_remote_load",
+            ConversionResult::FetchFailure => "fetch_failure",
+        }
+    }
+}
+
+/// The series of one process.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    cache_entries: IntGauge,
+    lookups: IntCounterVec,
+    remote_fetches: IntCounterVec,
+    conversions: IntCounterVec,
+    conversion_duration: Histogram,
+    expired: prometheus::IntCounter,
+    processing: IntCounterVec,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let cache_entries = IntGauge::new(CACHE_ENTRIES, "number of Wasm remote fetch cache entries")
+            .expect("valid metric");
+        let lookups = IntCounterVec::new(
+            Opts::new(CACHE_LOOKUP_COUNT, "number of Wasm remote fetch cache lookups"),
+            &["hit"],
+        )
+        .expect("valid metric");
+        let remote_fetches = IntCounterVec::new(
+            Opts::new(REMOTE_FETCH_COUNT, "number of Wasm remote fetches and results, including success, download failure, and checksum mismatch"),
+            &["result"],
+        )
+        .expect("valid metric");
+        let conversions = IntCounterVec::new(
+            Opts::new(CONFIG_CONVERSION_COUNT, "number of Wasm config conversion count and results, including success, no remote load, marshal failure, remote fetch failure, and missing remote fetch hint"),
+            &["result"],
+        )
+        .expect("valid metric");
+        let buckets = (0..15).map(|i| f64::from(1u32 << i)).collect();
+        let conversion_duration = Histogram::with_opts(
+            HistogramOpts::new(CONFIG_CONVERSION_DURATION, "Total time in milliseconds istio-agent spends on converting remote load in Wasm config")
+                .buckets(buckets),
+        )
+        .expect("valid metric");
+        let expired =
+            prometheus::IntCounter::new(CACHE_EXPIRED_COUNT, "number of modules purged from the cache")
+                .expect("valid metric");
+        let processing = IntCounterVec::new(
+            Opts::new(PROCESSING_COUNT, "plugin versions processed, by outcome"),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(cache_entries.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(lookups.clone()),
+            Box::new(remote_fetches.clone()),
+            Box::new(conversions.clone()),
+            Box::new(conversion_duration.clone()),
+            Box::new(expired.clone()),
+            Box::new(processing.clone()),
+        ] {
+            registry.register(c).expect("unique metric names");
+        }
+        Metrics {
+            registry,
+            cache_entries,
+            lookups,
+            remote_fetches,
+            conversions,
+            conversion_duration,
+            expired,
+            processing,
+        }
+    }
+
+    pub fn set_cache_entries(&self, n: usize) {
+        self.cache_entries.set(n as i64);
+    }
+
+    pub fn record_lookup(&self, hit: bool) {
+        self.lookups.with_label_values(&[if hit { "true" } else { "false" }]).inc();
+    }
+
+    pub fn record_remote_fetch(&self, result: FetchResult) {
+        self.remote_fetches.with_label_values(&[result.as_str()]).inc();
+    }
+
+    pub fn record_conversion(&self, result: ConversionResult, duration_ms: f64) {
+        self.conversions.with_label_values(&[result.as_str()]).inc();
+        self.conversion_duration.observe(duration_ms);
+    }
+
+    pub fn record_expired(&self, n: usize) {
+        self.expired.inc_by(n as u64);
+    }
+
+    pub fn record_processing(&self, outcome: &str) {
+        self.processing.with_label_values(&[outcome]).inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(buf).expect("prometheus text is utf-8")
+    }
+
+    /// Every exported sample as `name{labels} -> value`, labels in the order rendered (sorted by
+    /// name), e.g. `istio_agent_wasm_remote_fetch_count{result="success"}`.
+    pub fn samples(&self) -> BTreeMap<String, f64> {
+        parse_samples(&self.render())
+    }
+}
+
+/// Parses Prometheus text into `series -> value`.
+pub fn parse_samples(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((normalize_series(series), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Normalises a series name for comparison: labels sorted by name, no spaces.
+pub fn normalize_series(series: &str) -> String {
+    let series = series.trim();
+    let Some((name, rest)) = series.split_once('{') else {
+        return series.to_string();
+    };
+    let body = rest.trim_end().trim_end_matches('}');
+    let mut labels: Vec<String> = split_labels(body).into_iter().map(|l| l.trim().to_string()).collect();
+    labels.retain(|l| !l.is_empty());
+    labels.sort();
+    if labels.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name}{{{}}}", labels.join(","))
+    }
+}
+
+/// Splits `a="x",b="y,z"` on commas outside quotes.
+fn split_labels(body: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut quoted, mut escaped) = (0, false, false);
+    for (i, c) in body.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                out.push(&body[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(&body[start..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_istio_names_without_suffixes() {
+        let m = Metrics::new();
+        m.record_remote_fetch(FetchResult::Success);
+        m.record_lookup(false);
+        m.record_conversion(ConversionResult::Success, 3.0);
+        m.set_cache_entries(2);
+        let s = m.samples();
+        assert_eq!(s[r#"istio_agent_wasm_remote_fetch_count{result="success"}"#], 1.0);
+        assert_eq!(s[r#"istio_agent_wasm_cache_lookup_count{hit="false"}"#], 1.0);
+        assert_eq!(s["istio_agent_wasm_cache_entries"], 2.0);
+        assert_eq!(s[r#"istio_agent_wasm_config_conversion_duration_bucket{le="4"}"#], 1.0);
+        assert_eq!(s[r#"istio_agent_wasm_config_conversion_duration_bucket{le="2"}"#], 0.0);
+        assert!(s.contains_key(r#"istio_agent_wasm_config_conversion_duration_bucket{le="16384"}"#));
+        assert_eq!(normalize_series(r#"x{ b="1", a="2" }"#), r#"x{a="2",b="1"}"#);
+    }
+}

@@ -197,6 +197,9 @@ pub struct FetchConfig {
     pub pull_deadline: Duration,
     pub max_binary_size: u64,
     pub insecure_registries: Vec<String>,
+    /// Lets a bearer-token `realm` point at a loopback or private address (tests and the simulator
+    /// run their token endpoints on 127.0.0.1). Link-local and metadata addresses stay forbidden.
+    pub allow_private_token_realm: bool,
 }
 
 impl From<&Config> for FetchConfig {
@@ -207,6 +210,7 @@ impl From<&Config> for FetchConfig {
             pull_deadline: PULL_DEADLINE,
             max_binary_size: c.max_binary_size,
             insecure_registries: c.insecure_registries.clone(),
+            allow_private_token_realm: false,
         }
     }
 }

@@ -1,0 +1,511 @@
+//! Runs one scenario against the real [`Engine`] (scenarios.md "Time", "Expectations").
+//!
+//! The runner owns the virtual clock, the simulated world, the in-memory module store (it survives
+//! `restart`), the simulated local files and the object source; it turns steps into source changes
+//! and engine calls, moves the clock through the engine's deadlines so that background work (purge
+//! passes, retries) happens at its own time in time order, and checks `expect` steps. Every future
+//! completes at once (the world and the clock are virtual), so a current-thread runtime drives them.
+//!
+//! The trace it records is a pure function of the scenario: times are virtual, collections are
+//! ordered, nothing mentions addresses, wall-clock time or temporary paths.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::scenario::{
+    DeleteTarget, Expect, RequestExpect, Scenario, Step, Target, OUTCOME_NONE, SERVES_ABSENT, SERVES_ALLOW_ALL,
+    SERVES_DENY_ALL,
+};
+use super::world::SimWorld;
+use crate::clock::{Clock, ManualClock, Timestamp};
+use crate::engine::{Engine, EngineParts, Event, Serving};
+use crate::metrics::normalize_series;
+use crate::outcome::Outcome;
+use crate::plugin::ObjectKey;
+use crate::source::{Change, ObjectStore};
+use crate::store::{sha256_hex, MemFiles, MemStore, ModuleStore};
+
+/// How many background deadlines one step may run through before the runner gives up (a guard
+/// against a scenario that would never finish, e.g. a tiny purge interval and a long `advance`).
+const MAX_DEADLINES_PER_STEP: usize = 1_000_000;
+/// The name given to delivered bytes that match no module of the scenario.
+pub const UNKNOWN_MODULE: &str = "<unknown module>";
+
+/// Why a scenario failed: the step, the check, what was expected and what happened.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CheckFailure {
+    /// 1-based step index.
+    pub step: usize,
+    /// What was checked, e.g. `plugins.default/p.outcome`; `error` when the step could not run.
+    pub check: String,
+    pub expected: String,
+    pub actual: String,
+}
+
+impl std::fmt::Display for CheckFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.check == "error" {
+            write!(f, "step {}: error: {}", self.step, self.actual)
+        } else {
+            write!(f, "step {}: {}: expected {}, got {}", self.step, self.check, self.expected, self.actual)
+        }
+    }
+}
+
+/// The result of running one scenario.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScenarioRun {
+    /// Every failing check of the step that failed (empty when the scenario passed).
+    pub failures: Vec<CheckFailure>,
+    /// `[  12.500s] …` lines.
+    pub trace: Vec<String>,
+}
+
+impl ScenarioRun {
+    pub fn passed(&self) -> bool {
+        self.failures.is_empty()
+    }
+}
+
+/// Runs a loaded scenario to its end or its first failing step. Must not be called from inside a
+/// tokio runtime (it starts its own).
+pub fn run_scenario(scenario: &Scenario) -> ScenarioRun {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
+        Ok(rt) => rt,
+        Err(e) => return error_run(0, format!("cannot start the runtime: {e}"), Vec::new()),
+    };
+    rt.block_on(async {
+        let mut runner = match Runner::new(scenario) {
+            Ok(r) => r,
+            Err(e) => return error_run(0, e, Vec::new()),
+        };
+        let failures = runner.run().await;
+        ScenarioRun { failures, trace: runner.trace }
+    })
+}
+
+fn error_run(step: usize, message: String, trace: Vec<String>) -> ScenarioRun {
+    ScenarioRun { failures: vec![step_error(step, message)], trace }
+}
+
+fn step_error(step: usize, message: String) -> CheckFailure {
+    CheckFailure { step, check: "error".into(), expected: "the step to run".into(), actual: message }
+}
+
+/// One trace line: `[  12.500s] text`.
+pub fn trace_line(at: Timestamp, text: &str) -> String {
+    format!("[{:>9}] {text}", at.to_string())
+}
+
+struct Runner<'a> {
+    s: &'a Scenario,
+    clock: Arc<ManualClock>,
+    world: Arc<SimWorld>,
+    store: Arc<MemStore>,
+    files: Arc<MemFiles>,
+    objects: ObjectStore,
+    engine: Engine,
+    trace: Vec<String>,
+    /// Outcome of the last processing of each plugin since the previous `expect`.
+    outcomes: BTreeMap<ObjectKey, Outcome>,
+    /// Modules that left the cache since the previous `expect`.
+    expired: BTreeSet<String>,
+}
+
+impl<'a> Runner<'a> {
+    fn new(s: &'a Scenario) -> Result<Self, String> {
+        let clock = Arc::new(ManualClock::new(Timestamp::ZERO));
+        let world = Arc::new(SimWorld::new(clock.clone()));
+        let store = Arc::new(MemStore::new());
+        let files = Arc::new(MemFiles::default());
+        let (engine, _) = new_engine(s, &clock, &world, &store, &files)?;
+        let mut r = Runner {
+            s,
+            clock,
+            world,
+            store,
+            files,
+            objects: ObjectStore::new(),
+            engine,
+            trace: Vec::new(),
+            outcomes: BTreeMap::new(),
+            expired: BTreeSet::new(),
+        };
+        r.log(Timestamp::ZERO, format!("scenario {:?} (seed {})", s.name, s.seed));
+        Ok(r)
+    }
+
+    fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    fn log(&mut self, at: Timestamp, text: impl AsRef<str>) {
+        self.trace.push(trace_line(at, text.as_ref()));
+    }
+
+    /// The module of the scenario with these bytes' sha256.
+    fn module_name(&self, sha256: &str) -> String {
+        self.s.module_by_sha256(sha256).map_or_else(|| UNKNOWN_MODULE.to_string(), str::to_string)
+    }
+
+    async fn run(&mut self) -> Vec<CheckFailure> {
+        for index in 0..self.s.steps.len() {
+            let n = index + 1;
+            let world = self.world.clone();
+            let digest = move |r: &crate::url::OciRef| {
+                world.digest(r).ok_or_else(|| format!("${{digest:oci://{r}}}: nothing is published at oci://{r}"))
+            };
+            let step = match self.s.step(index, &digest) {
+                Ok(step) => step,
+                Err(e) => {
+                    self.log(self.now(), format!("step {n}: error: {e}"));
+                    return vec![step_error(n, e)];
+                }
+            };
+            self.log(self.now(), format!("step {n}: {}", describe(&step)));
+            let result = self.step(n, step).await;
+            self.drain();
+            if let Err(failures) = result {
+                for f in &failures {
+                    self.log(self.now(), format!("FAILED {f}"));
+                }
+                return failures;
+            }
+            if let Err(e) = self.settle().await {
+                self.log(self.now(), format!("step {n}: error: {e}"));
+                return vec![step_error(n, e)];
+            }
+        }
+        Vec::new()
+    }
+
+    /// Runs background work already due (processing may have moved the clock past deadlines).
+    async fn settle(&mut self) -> Result<(), String> {
+        let mut rounds = 0;
+        while self.engine.next_deadline() <= self.now() {
+            self.engine.run_due().await;
+            self.drain();
+            rounds += 1;
+            if rounds > MAX_DEADLINES_PER_STEP {
+                return Err(format!("background work does not settle after {MAX_DEADLINES_PER_STEP} rounds"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the clock to `now + d`, running every deadline on the way at its own time.
+    async fn advance(&mut self, d: Duration) -> Result<(), String> {
+        let target = self.now() + d;
+        let mut rounds = 0;
+        loop {
+            let deadline = self.engine.next_deadline();
+            if deadline > target {
+                break;
+            }
+            self.clock.set(deadline);
+            self.engine.run_due().await;
+            self.drain();
+            rounds += 1;
+            if rounds > MAX_DEADLINES_PER_STEP {
+                return Err(format!(
+                    "more than {MAX_DEADLINES_PER_STEP} background deadlines in one advance (is purgeInterval tiny?)"
+                ));
+            }
+        }
+        self.clock.set(target);
+        Ok(())
+    }
+
+    /// Moves the world's and the engine's events into the trace, in time order (requests before the
+    /// processing they belong to), and records outcomes and expiries for `expect`.
+    fn drain(&mut self) {
+        let mut items: Vec<(Timestamp, u8, String)> =
+            self.world.take_events().into_iter().map(|e| (e.at, 0, e.text)).collect();
+        for e in self.engine.take_events() {
+            let (at, text) = match e {
+                Event::Processed { at, plugin, version, outcome, detail } => {
+                    let version = version.map(|v| format!(" (resource version {v})")).unwrap_or_default();
+                    let detail = detail.map(|d| format!(": {d}")).unwrap_or_default();
+                    let text = format!("process {plugin}{version}: {outcome}{detail}");
+                    self.outcomes.insert(plugin, outcome);
+                    (at, text)
+                }
+                Event::ServingChanged { at, plugin, serving } => {
+                    let what = match serving {
+                        None => "removed".to_string(),
+                        Some(Serving::Module(m)) => format!("module {} (sha256 {})", self.module_name(&m.sha256), short(&m.sha256)),
+                        Some(other) => other.describe(),
+                    };
+                    (at, format!("push {plugin}: {what}"))
+                }
+                Event::Expired { at, module, sha256 } => {
+                    let name = self.module_name(&sha256);
+                    let text = format!("expired {module} ({name})");
+                    self.expired.insert(name);
+                    (at, text)
+                }
+                Event::RetryScheduled { at, plugin, due } => (at, format!("retry {plugin} scheduled for {due}")),
+            };
+            items.push((at, 1, text));
+        }
+        items.sort_by_key(|(at, order, _)| (*at, *order));
+        for (at, _, text) in items {
+            self.log(at, text);
+        }
+    }
+
+    async fn step(&mut self, n: usize, step: Step) -> Result<(), Vec<CheckFailure>> {
+        let err = |m: String| vec![step_error(n, m)];
+        match step {
+            Step::Publish { target, module, format, encoding } => {
+                let bytes = &self.s.modules[&module].bytes;
+                match &target {
+                    Target::Oci(r) => {
+                        let digest = self.world.publish_oci(r, &module, bytes, format);
+                        self.log(self.now(), format!("oci://{r} now points at manifest sha256:{digest}"));
+                    }
+                    Target::Http { authority, path, .. } => self.world.publish_http(authority, path, encoding.encode(bytes)),
+                    Target::File(path) => self.files.put(path, encoding.encode(bytes)),
+                }
+            }
+            Step::Unpublish { target } => {
+                let existed = match &target {
+                    Target::Oci(r) => self.world.unpublish_oci(r),
+                    Target::Http { authority, path, .. } => self.world.unpublish_http(authority, path),
+                    Target::File(path) => {
+                        let existed = crate::store::FileSource::open(self.files.as_ref(), path).is_ok();
+                        self.files.remove(path);
+                        existed
+                    }
+                };
+                if !existed {
+                    self.log(self.now(), format!("{target} was not published"));
+                }
+            }
+            Step::Apply(v) => {
+                let change = self.objects.apply_value(v);
+                self.change(change).await;
+            }
+            Step::Edit { plugin, patch } => match self.objects.edit_plugin(&plugin, &patch) {
+                Some(change) => self.change(change).await,
+                None => return Err(err(format!("edit: there is no plugin {plugin}"))),
+            },
+            Step::Delete(DeleteTarget::Plugin(k)) => match self.objects.delete_plugin(&k) {
+                Some(change) => self.change(change).await,
+                None => return Err(err(format!("delete: there is no plugin {k}"))),
+            },
+            Step::Delete(DeleteTarget::Secret(k)) => match self.objects.delete_secret(&k) {
+                Some(change) => self.change(change).await,
+                None => return Err(err(format!("delete: there is no secret {k}"))),
+            },
+            Step::Fail(rule) => self.world.add_rule(rule),
+            Step::Recover { host } => {
+                self.world.recover(&host);
+            }
+            Step::RequireAuth { host, username, password } => self.world.require_auth(&host, &username, &password),
+            Step::Advance(d) => self.advance(d).await.map_err(err)?,
+            Step::Restart { keep_cache } => self.restart(keep_cache).await.map_err(err)?,
+            Step::Expect(e) => {
+                let failures = self.expect(n, &e);
+                self.outcomes.clear();
+                self.expired.clear();
+                if !failures.is_empty() {
+                    return Err(failures);
+                }
+                self.log(self.now(), format!("expect: {} checks passed", e.check_count()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands a source change to the engine.
+    async fn change(&mut self, change: Change) {
+        let now = self.now();
+        match change {
+            Change::PluginCreated(k) | Change::PluginChanged(k) => {
+                let Some(vp) = self.objects.plugin(&k).cloned() else { return };
+                self.log(now, format!("{k} is now at resource version {}", vp.version));
+                self.engine.upsert_plugin(&vp).await;
+            }
+            Change::PluginDeleted(k) => {
+                self.log(now, format!("{k} deleted"));
+                self.engine.remove_plugin(&k);
+            }
+            Change::SecretApplied(k) => {
+                let Some(secret) = self.objects.secrets().get(&k).cloned() else { return };
+                self.log(now, format!("secret {k} applied"));
+                self.engine.upsert_secret(secret).await;
+            }
+            Change::SecretDeleted(k) => {
+                self.log(now, format!("secret {k} deleted"));
+                self.engine.remove_secret(&k).await;
+            }
+            Change::Unchanged(k) => self.log(now, format!("{k} unchanged (no new resource version)")),
+            Change::Refused { key: Some(k), is_plugin: true, error } => {
+                self.log(now, format!("{k} refused: {error}"));
+                self.engine.record_invalid(&k, &error.field, &error.message);
+            }
+            Change::Refused { key, error, .. } => {
+                let who = key.map(|k| format!("{k} ")).unwrap_or_default();
+                self.log(now, format!("{who}refused: {error}"));
+            }
+        }
+    }
+
+    /// The server restarts: a new engine over the same store (wiped unless `keep_cache`), fed the
+    /// current secrets and then every current plugin as newly created.
+    async fn restart(&mut self, keep_cache: bool) -> Result<(), String> {
+        // A graceful shutdown persists the cache index (usage times included).
+        self.engine.cache().flush();
+        if !keep_cache {
+            self.store.wipe().map_err(|e| format!("restart: cannot wipe the cache: {e}"))?;
+        }
+        let (engine, report) = new_engine(self.s, &self.clock, &self.world, &self.store, &self.files)?;
+        self.engine = engine;
+        self.log(
+            self.now(),
+            format!("server restarted: {} cached modules kept, {} files removed", report.kept, report.removed.len()),
+        );
+        for secret in self.objects.secrets().values().cloned().collect::<Vec<_>>() {
+            self.engine.upsert_secret(secret).await;
+        }
+        for vp in self.objects.plugins().values().cloned().collect::<Vec<_>>() {
+            self.engine.upsert_plugin(&vp).await;
+            self.drain();
+        }
+        Ok(())
+    }
+
+    fn serves(&self, k: &ObjectKey) -> String {
+        match self.engine.plugin(k).map(|st| &st.serving) {
+            None | Some(Serving::Nothing) => SERVES_ABSENT.into(),
+            Some(Serving::DenyAll) => SERVES_DENY_ALL.into(),
+            Some(Serving::AllowAll) => SERVES_ALLOW_ALL.into(),
+            Some(Serving::Module(m)) => match self.engine.served_bytes(m) {
+                Ok(bytes) => self.module_name(&sha256_hex(&bytes)),
+                Err(e) => format!("<unreadable module {}: {e}>", m.path.display()),
+            },
+        }
+    }
+
+    fn expect(&self, n: usize, e: &Expect) -> Vec<CheckFailure> {
+        let mut failures = Vec::new();
+        let mut check = |check: String, expected: String, actual: String| {
+            if expected != actual {
+                failures.push(CheckFailure { step: n, check, expected, actual });
+            }
+        };
+        for (k, p) in &e.plugins {
+            let last = self.outcomes.get(k);
+            if let Some(o) = &p.outcome {
+                check(format!("plugins.{k}.outcome"), o.clone(), last.map_or(OUTCOME_NONE, |o| o.name()).to_string());
+            }
+            if let Some(r) = &p.reason {
+                let actual = last.and_then(Outcome::reason).unwrap_or_else(|| "(no reason)".into());
+                check(format!("plugins.{k}.reason"), r.clone(), actual);
+            }
+            if let Some(s) = &p.serves {
+                check(format!("plugins.{k}.serves"), s.clone(), self.serves(k));
+            }
+        }
+        if let Some(want) = &e.cache {
+            let have: BTreeSet<String> = self.engine.cache().entries().map(|(_, entry)| self.module_name(&entry.sha256)).collect();
+            check("cache".into(), list(want), list(&have));
+        }
+        if let Some(want) = &e.expired {
+            check("expired".into(), list(want), list(&self.expired));
+        }
+        let counts = self.world.counts();
+        for (host, want) in &e.requests {
+            let have = counts.get(host).copied().unwrap_or_default();
+            match want {
+                RequestExpect::Total(t) => check(format!("requests.{host}"), t.to_string(), have.total().to_string()),
+                RequestExpect::Kinds { manifest, blob, get } => {
+                    for (kind, want, have) in [("manifest", manifest, have.manifest), ("blob", blob, have.blob), ("get", get, have.get)] {
+                        if let Some(w) = want {
+                            check(format!("requests.{host}.{kind}"), w.to_string(), have.to_string());
+                        }
+                    }
+                }
+            }
+        }
+        if !e.metrics.is_empty() {
+            let samples = self.engine.metrics().samples();
+            for (series, want) in &e.metrics {
+                let have = samples.get(&normalize_series(series)).copied().unwrap_or(0.0);
+                check(format!("metrics.{series}"), number(*want), number(have));
+            }
+        }
+        failures
+    }
+}
+
+fn new_engine(
+    s: &Scenario,
+    clock: &Arc<ManualClock>,
+    world: &Arc<SimWorld>,
+    store: &Arc<MemStore>,
+    files: &Arc<MemFiles>,
+) -> Result<(Engine, crate::cache::ReindexReport), String> {
+    let parts = EngineParts {
+        clock: clock.clone(),
+        transport: world.clone(),
+        store: store.clone() as Arc<dyn ModuleStore>,
+        files: files.clone(),
+        // The simulator runs without jitter (behavior.md §4.1, §7): delays are exact.
+        jitter_seed: None,
+        fetch_config: None,
+        purge_epoch: Timestamp::ZERO,
+    };
+    Engine::new(s.config.clone(), parts).map_err(|e| format!("cannot open the cache: {e}"))
+}
+
+fn short(hex: &str) -> &str {
+    &hex[..hex.len().min(12)]
+}
+
+fn list(set: &BTreeSet<String>) -> String {
+    format!("[{}]", set.iter().cloned().collect::<Vec<_>>().join(", "))
+}
+
+fn number(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{}", v as i64)
+    } else {
+        format!("{v}")
+    }
+}
+
+/// One line describing a step for the trace (credentials left out).
+fn describe(step: &Step) -> String {
+    match step {
+        Step::Publish { target, module, format, encoding } => match target {
+            Target::Oci(_) => format!("publish {module} at {target} ({})", format.as_str()),
+            _ => format!("publish {module} at {target} ({})", encoding.as_str()),
+        },
+        Step::Unpublish { target } => format!("unpublish {target}"),
+        Step::Apply(v) => {
+            let kind = v.get("kind").and_then(Value::as_str).unwrap_or("?");
+            let meta = v.get("metadata");
+            let name = meta.and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or("?");
+            let ns = meta.and_then(|m| m.get("namespace")).and_then(Value::as_str).unwrap_or(crate::plugin::DEFAULT_NAMESPACE);
+            format!("apply {kind} {ns}/{name}")
+        }
+        Step::Edit { plugin, patch } => format!("edit {plugin} {patch}"),
+        Step::Delete(DeleteTarget::Plugin(k)) => format!("delete plugin {k}"),
+        Step::Delete(DeleteTarget::Secret(k)) => format!("delete secret {k}"),
+        Step::Fail(r) => {
+            let times = r.times.map_or_else(|| "until recover".to_string(), |t| format!("{t} times"));
+            format!("fail {} {} requests with {} ({times})", r.host, r.kind.as_str(), r.mode)
+        }
+        Step::Recover { host } => format!("recover {host}"),
+        Step::RequireAuth { host, username, .. } => format!("require_auth {host} (user {username})"),
+        Step::Advance(d) => format!("advance {}", humantime::format_duration(*d)),
+        Step::Restart { keep_cache } => format!("restart (keepCache: {keep_cache})"),
+        Step::Expect(e) => format!("expect ({} checks)", e.check_count()),
+    }
+}

@@ -1,0 +1,674 @@
+//! The simulated world: OCI registries and HTTP servers behind the fetchers' [`Transport`], on the
+//! scenario's virtual clock (scenarios.md "Steps", "Expectations").
+//!
+//! A host (`host[:port]`, the scheme does not matter) may be a registry, an HTTP server, or both.
+//! Requests are classified by path: `/v2/` is the registry ping (never counted, never failed),
+//! `/v2/<repo>/manifests/<ref>` a *manifest* request, `/v2/<repo>/blobs/<digest>` a *blob* request,
+//! anything else an HTTP *get*. Counted requests are counted per host and kind whether they succeed or
+//! not, and are subject to the `fail` rules of their host and to `require_auth`.
+//!
+//! What it leaves to others: retries, auth flows, unpacking and verification are the fetchers' (the
+//! code under test); this type only answers, like a real server would.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use bytes::Bytes;
+
+use super::content::{build_image, ImageFormat};
+use super::scenario::{FailMode, FailRule, KindFilter};
+use crate::clock::{Clock, ManualClock, Timestamp};
+use crate::config::is_always_blocked;
+use crate::fetch::{BodyStream, HttpRequest, HttpResponse, Transport, TransportError};
+use crate::url::OciRef;
+
+/// Bodies are handed out in chunks of this size, as a network would.
+const CHUNK: usize = 64 * 1024;
+/// Corruption flips every byte after this many.
+const CORRUPT_AFTER: usize = 8;
+/// The realm of `WWW-Authenticate: Basic` challenges.
+const REALM: &str = "sim";
+
+/// The kind of a counted request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RequestKind {
+    Manifest,
+    Blob,
+    Get,
+}
+
+impl RequestKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestKind::Manifest => "manifest",
+            RequestKind::Blob => "blob",
+            RequestKind::Get => "get",
+        }
+    }
+
+    fn matches(self, filter: KindFilter) -> bool {
+        matches!(
+            (filter, self),
+            (KindFilter::Any, _)
+                | (KindFilter::Manifest, RequestKind::Manifest)
+                | (KindFilter::Blob, RequestKind::Blob)
+                | (KindFilter::Get, RequestKind::Get)
+        )
+    }
+}
+
+/// Counted requests of one host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestCounts {
+    pub manifest: u64,
+    pub blob: u64,
+    pub get: u64,
+}
+
+impl RequestCounts {
+    pub fn total(&self) -> u64 {
+        self.manifest + self.blob + self.get
+    }
+
+    fn bump(&mut self, kind: RequestKind) {
+        match kind {
+            RequestKind::Manifest => self.manifest += 1,
+            RequestKind::Blob => self.blob += 1,
+            RequestKind::Get => self.get += 1,
+        }
+    }
+}
+
+/// Something the world did, for the trace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorldEvent {
+    pub at: Timestamp,
+    pub text: String,
+}
+
+#[derive(Clone, Debug)]
+struct Stored {
+    media_type: String,
+    bytes: Bytes,
+}
+
+#[derive(Debug, Default)]
+struct Repo {
+    /// tag → manifest digest (hex).
+    tags: BTreeMap<String, String>,
+    /// digest (hex) → manifest.
+    manifests: BTreeMap<String, Stored>,
+    /// digest (hex) → blob.
+    blobs: BTreeMap<String, Bytes>,
+}
+
+#[derive(Debug, Default)]
+struct Host {
+    repos: BTreeMap<String, Repo>,
+    /// path (with query) → body.
+    paths: BTreeMap<String, Bytes>,
+    rules: Vec<FailRule>,
+    /// `user:pass` that `require_auth` demands.
+    auth: Option<String>,
+}
+
+/// A counted request answered 401 without credentials: the same request retried at once with
+/// credentials answers the challenge within the same attempt and is not counted again
+/// (scenarios.md "With `require_auth`").
+#[derive(Debug, PartialEq, Eq)]
+struct Challenge {
+    host: String,
+    path: String,
+    at: Timestamp,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    hosts: BTreeMap<String, Host>,
+    counts: BTreeMap<String, RequestCounts>,
+    events: Vec<WorldEvent>,
+    challenge: Option<Challenge>,
+}
+
+/// The simulated hosts. Thread-safe; the lock is never held across an `.await`.
+pub struct SimWorld {
+    clock: Arc<ManualClock>,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for SimWorld {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimWorld").finish_non_exhaustive()
+    }
+}
+
+/// Splits an `http(s)://` URL into its lowercase authority (`host[:port]`, user info removed) and its
+/// path with query (`/` when empty; the fragment removed). `None` for other schemes or no host.
+pub fn split_url(url: &str) -> Option<(String, String)> {
+    let (scheme, rest) = url.split_once("://")?;
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return None;
+    }
+    let rest = rest.split('#').next().unwrap_or(rest);
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    let authority = authority.rsplit_once('@').map_or(authority, |x| x.1).to_ascii_lowercase();
+    if authority.is_empty() || authority.contains(char::is_whitespace) {
+        return None;
+    }
+    let path = if path.is_empty() {
+        "/".to_string()
+    } else if path.starts_with('?') {
+        format!("/{path}")
+    } else {
+        path.to_string()
+    };
+    Some((authority, path))
+}
+
+/// The IP of an authority that is an IP literal.
+fn ip_literal(authority: &str) -> Option<IpAddr> {
+    if let Some(rest) = authority.strip_prefix('[') {
+        return rest.split(']').next()?.parse().ok();
+    }
+    let host = match authority.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => authority,
+    };
+    host.parse().ok()
+}
+
+enum Route {
+    Ping,
+    Manifest { repo: String, reference: String },
+    Blob { repo: String, digest: String },
+    Get,
+}
+
+fn route(path: &str) -> Route {
+    let path = path.split('?').next().unwrap_or(path);
+    if path == "/v2" || path == "/v2/" {
+        return Route::Ping;
+    }
+    if let Some(rest) = path.strip_prefix("/v2/") {
+        if let Some((repo, reference)) = rest.rsplit_once("/manifests/") {
+            return Route::Manifest { repo: repo.to_string(), reference: reference.to_string() };
+        }
+        if let Some((repo, digest)) = rest.rsplit_once("/blobs/") {
+            return Route::Blob { repo: repo.to_string(), digest: digest.to_string() };
+        }
+    }
+    Route::Get
+}
+
+/// A response decided under the lock, turned into an [`HttpResponse`] after.
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Bytes,
+    /// `Some(n)`: the connection drops after `n` body bytes.
+    reset_after: Option<usize>,
+}
+
+impl Answer {
+    fn new(status: u16, content_type: &str, body: impl Into<Bytes>) -> Self {
+        Answer { status, headers: vec![("content-type".into(), content_type.into())], body: body.into(), reset_after: None }
+    }
+
+    fn header(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    fn registry_error(status: u16, code: &str, message: &str) -> Self {
+        let body = serde_json::json!({"errors": [{"code": code, "message": message}]});
+        Answer::new(status, "application/json", serde_json::to_vec(&body).expect("json serializes"))
+    }
+
+    fn unauthorized() -> Self {
+        Answer::registry_error(401, "UNAUTHORIZED", "authentication required")
+            .header("www-authenticate", format!("Basic realm=\"{REALM}\""))
+    }
+}
+
+enum Decision {
+    Answer(Answer),
+    Fail(TransportError),
+    Timeout,
+}
+
+/// A body in chunks, optionally breaking off.
+struct SimBody {
+    data: Bytes,
+    pos: usize,
+    reset_after: Option<usize>,
+}
+
+#[async_trait]
+impl BodyStream for SimBody {
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, TransportError> {
+        let end = self.reset_after.unwrap_or(self.data.len()).min(self.data.len());
+        if self.pos >= end {
+            return match self.reset_after {
+                Some(_) => Err(TransportError::Reset("connection reset by peer".into())),
+                None => Ok(None),
+            };
+        }
+        let next = (self.pos + CHUNK).min(end);
+        let chunk = self.data.slice(self.pos..next);
+        self.pos = next;
+        Ok(Some(chunk))
+    }
+}
+
+impl SimWorld {
+    pub fn new(clock: Arc<ManualClock>) -> Self {
+        SimWorld { clock, state: Mutex::new(State::default()) }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that matters
+        // to a report; keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Pushes the image of `module` to `r` (tag `latest` when untagged) and points the tag at it.
+    /// Returns the digest of the tagged manifest.
+    pub fn publish_oci(&self, r: &OciRef, name: &str, module: &[u8], format: ImageFormat) -> String {
+        let image = build_image(name, module, format);
+        let mut st = self.state();
+        let repo = st
+            .hosts
+            .entry(r.registry.to_ascii_lowercase())
+            .or_default()
+            .repos
+            .entry(r.repository.clone())
+            .or_default();
+        for b in &image.blobs {
+            repo.blobs.insert(b.digest.clone(), Bytes::from(b.bytes.clone()));
+        }
+        for m in &image.manifests {
+            repo.manifests.insert(m.digest.clone(), Stored { media_type: m.media_type.clone(), bytes: Bytes::from(m.bytes.clone()) });
+        }
+        let digest = image.top().digest.clone();
+        repo.tags.insert(r.tag_or_latest().to_string(), digest.clone());
+        digest
+    }
+
+    /// Makes `path` of `authority` answer `body`.
+    pub fn publish_http(&self, authority: &str, path: &str, body: Vec<u8>) {
+        self.state().hosts.entry(authority.to_string()).or_default().paths.insert(path.to_string(), Bytes::from(body));
+    }
+
+    /// Removes a tag (or, for a digest reference, the manifest); blobs stay. False if nothing was
+    /// published there.
+    pub fn unpublish_oci(&self, r: &OciRef) -> bool {
+        let mut st = self.state();
+        let Some(repo) = st.hosts.get_mut(&r.registry.to_ascii_lowercase()).and_then(|h| h.repos.get_mut(&r.repository)) else {
+            return false;
+        };
+        match &r.digest {
+            Some(d) => repo.manifests.remove(d).is_some(),
+            None => repo.tags.remove(r.tag_or_latest()).is_some(),
+        }
+    }
+
+    pub fn unpublish_http(&self, authority: &str, path: &str) -> bool {
+        self.state().hosts.get_mut(authority).is_some_and(|h| h.paths.remove(path).is_some())
+    }
+
+    /// The hex manifest digest `r` currently resolves to.
+    pub fn digest(&self, r: &OciRef) -> Option<String> {
+        let st = self.state();
+        let repo = st.hosts.get(&r.registry.to_ascii_lowercase())?.repos.get(&r.repository)?;
+        match &r.digest {
+            Some(d) => repo.manifests.contains_key(d).then(|| d.clone()),
+            None => repo.tags.get(r.tag_or_latest()).cloned(),
+        }
+    }
+
+    pub fn add_rule(&self, rule: FailRule) {
+        self.state().hosts.entry(rule.host.clone()).or_default().rules.push(rule);
+    }
+
+    /// Removes every failure rule of `host`; returns how many there were.
+    pub fn recover(&self, host: &str) -> usize {
+        self.state().hosts.get_mut(host).map_or(0, |h| std::mem::take(&mut h.rules).len())
+    }
+
+    pub fn require_auth(&self, host: &str, username: &str, password: &str) {
+        self.state().hosts.entry(host.to_string()).or_default().auth = Some(format!("{username}:{password}"));
+    }
+
+    /// Counted requests per host since the start.
+    pub fn counts(&self) -> BTreeMap<String, RequestCounts> {
+        self.state().counts.clone()
+    }
+
+    pub fn take_events(&self) -> Vec<WorldEvent> {
+        std::mem::take(&mut self.state().events)
+    }
+
+    /// Decides the answer to one request (under the lock, no awaiting).
+    fn decide(&self, req: &HttpRequest, now: Timestamp) -> Decision {
+        let Some((authority, path)) = split_url(&req.url) else {
+            return Decision::Fail(TransportError::Connect(format!("{}: not an http(s) url", req.url)));
+        };
+        if let Some(ip) = ip_literal(&authority) {
+            if is_always_blocked(ip) {
+                let mut st = self.state();
+                st.events.push(WorldEvent { at: now, text: format!("request {authority} {path} -> blocked address") });
+                return Decision::Fail(TransportError::Blocked(format!("{ip} is a link-local or metadata address")));
+            }
+        }
+        let authorization = req.headers.iter().find(|(k, _)| k == "authorization").map(|(_, v)| v.as_str());
+        let accept: Vec<String> = req
+            .headers
+            .iter()
+            .filter(|(k, _)| k == "accept")
+            .flat_map(|(_, v)| v.split(','))
+            .map(|m| m.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+            .filter(|m| !m.is_empty())
+            .collect();
+        let credentials = authorization.and_then(decode_basic);
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let host = st.hosts.entry(authority.clone()).or_default();
+        let authorized = host.auth.as_ref().is_none_or(|want| credentials.as_deref() == Some(want.as_str()));
+        let route = route(&path);
+        let kind = match route {
+            Route::Ping => {
+                let answer = if authorized {
+                    Answer::new(200, "application/json", &b"{}"[..])
+                } else {
+                    Answer::unauthorized()
+                };
+                return Decision::Answer(answer.header("docker-distribution-api-version", "registry/2.0"));
+            }
+            Route::Manifest { .. } => RequestKind::Manifest,
+            Route::Blob { .. } => RequestKind::Blob,
+            Route::Get => RequestKind::Get,
+        };
+        let this = Challenge { host: authority.clone(), path: path.clone(), at: now };
+        let answers_challenge = authorization.is_some() && st.challenge.as_ref() == Some(&this);
+        st.challenge = None;
+        let host = st.hosts.get_mut(&authority).expect("inserted above");
+        let mut note = String::new();
+        let rule = if answers_challenge {
+            note.push_str(" (answers the challenge, not counted again)");
+            None
+        } else {
+            st.counts.entry(authority.clone()).or_default().bump(kind);
+            take_rule(&mut host.rules, kind)
+        };
+        let prefix = format!("request {authority} {} {path}", kind.as_str());
+        let log = |st: &mut State, result: String| st.events.push(WorldEvent { at: now, text: format!("{prefix} -> {result}{note}") });
+        match rule {
+            Some(FailMode::Unavailable) => {
+                log(st, "unavailable (connection refused)".into());
+                return Decision::Fail(TransportError::Connect("connection refused".into()));
+            }
+            Some(FailMode::Timeout) => {
+                log(st, "timeout".into());
+                return Decision::Timeout;
+            }
+            Some(FailMode::Status(code)) => {
+                log(st, format!("{code} (injected)"));
+                return Decision::Answer(Answer::new(code, "text/plain", Bytes::new()));
+            }
+            _ => {}
+        }
+        let mut answer = if !authorized {
+            if authorization.is_none() {
+                st.challenge = Some(this);
+            }
+            Answer::unauthorized()
+        } else {
+            let host = st.hosts.get(&authority).expect("inserted above");
+            match route {
+                Route::Manifest { repo, reference } => serve_manifest(host, &repo, &reference, &accept),
+                Route::Blob { repo, digest } => serve_blob(host, &repo, &digest),
+                Route::Get | Route::Ping => match host.paths.get(&path) {
+                    Some(body) => Answer::new(200, "application/octet-stream", body.clone()),
+                    None => Answer::new(404, "text/plain", &b"404 page not found\n"[..]),
+                },
+            }
+        };
+        let mut result = answer.status.to_string();
+        match rule {
+            Some(FailMode::Reset) => {
+                answer.reset_after = Some(answer.body.len() / 2);
+                result.push_str(", reset mid-body");
+            }
+            Some(FailMode::Corrupt) => {
+                let mut bytes = answer.body.to_vec();
+                for b in bytes.iter_mut().skip(CORRUPT_AFTER) {
+                    *b ^= 0xff;
+                }
+                answer.body = Bytes::from(bytes);
+                result.push_str(", corrupted body");
+            }
+            _ => {}
+        }
+        log(st, result);
+        Decision::Answer(answer)
+    }
+}
+
+/// Consumes one use of the first rule matching `kind`.
+fn take_rule(rules: &mut Vec<FailRule>, kind: RequestKind) -> Option<FailMode> {
+    let i = rules.iter().position(|r| kind.matches(r.kind))?;
+    let mode = rules[i].mode;
+    if let Some(times) = &mut rules[i].times {
+        *times -= 1;
+        if *times == 0 {
+            rules.remove(i);
+        }
+    }
+    Some(mode)
+}
+
+/// `user:pass` of a `Basic` authorization header.
+fn decode_basic(header: &str) -> Option<String> {
+    let (scheme, token) = header.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let raw = base64::engine::general_purpose::STANDARD.decode(token.trim()).ok()?;
+    String::from_utf8(raw).ok()
+}
+
+fn serve_manifest(host: &Host, repo: &str, reference: &str, accept: &[String]) -> Answer {
+    let unknown = || Answer::registry_error(404, "MANIFEST_UNKNOWN", "manifest unknown");
+    let Some(r) = host.repos.get(repo) else {
+        return Answer::registry_error(404, "NAME_UNKNOWN", "repository name not known to registry");
+    };
+    let digest = match reference.strip_prefix("sha256:") {
+        Some(d) => d.to_string(),
+        None => match r.tags.get(reference) {
+            Some(d) => d.clone(),
+            None => return unknown(),
+        },
+    };
+    let Some(m) = r.manifests.get(&digest) else { return unknown() };
+    // Like distribution: a manifest the client does not accept is not served.
+    if !accept.is_empty() && !accept.iter().any(|a| a == "*/*" || *a == m.media_type) {
+        return Answer::registry_error(404, "MANIFEST_UNKNOWN", &format!("manifest of type {} not in the accept header", m.media_type));
+    }
+    Answer::new(200, &m.media_type, m.bytes.clone()).header("docker-content-digest", format!("sha256:{digest}"))
+}
+
+fn serve_blob(host: &Host, repo: &str, digest: &str) -> Answer {
+    let blob = digest.strip_prefix("sha256:").and_then(|d| host.repos.get(repo)?.blobs.get(d));
+    match blob {
+        Some(b) => Answer::new(200, "application/octet-stream", b.clone()).header("docker-content-digest", digest),
+        None => Answer::registry_error(404, "BLOB_UNKNOWN", "blob unknown to registry"),
+    }
+}
+
+#[async_trait]
+impl Transport for SimWorld {
+    async fn get(&self, req: &HttpRequest, timeout: Duration) -> Result<HttpResponse, TransportError> {
+        let now = self.clock.now();
+        match self.decide(req, now) {
+            Decision::Fail(e) => Err(e),
+            Decision::Timeout => {
+                // No answer until the attempt's deadline: virtual time passes.
+                self.clock.advance(timeout);
+                Err(TransportError::Timeout)
+            }
+            Decision::Answer(a) => {
+                let mut headers = a.headers;
+                headers.push(("content-length".into(), a.body.len().to_string()));
+                Ok(HttpResponse {
+                    status: a.status,
+                    headers,
+                    body: Box::new(SimBody { data: a.body, pos: 0, reset_after: a.reset_after }),
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugin::Credentials;
+
+    fn world() -> (Arc<ManualClock>, SimWorld) {
+        let clock = Arc::new(ManualClock::new(Timestamp::ZERO));
+        (clock.clone(), SimWorld::new(clock))
+    }
+
+    fn run<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+    }
+
+    async fn body(resp: HttpResponse) -> Result<Vec<u8>, TransportError> {
+        let mut b = resp.body;
+        let mut out = Vec::new();
+        while let Some(c) = b.next_chunk().await? {
+            out.extend_from_slice(&c);
+        }
+        Ok(out)
+    }
+
+    fn oci(s: &str) -> OciRef {
+        OciRef::parse(s).unwrap()
+    }
+
+    const T: Duration = Duration::from_secs(15);
+
+    #[test]
+    fn urls_split_into_authority_and_path() {
+        assert_eq!(split_url("https://Files.Example:8443/a/b.wasm?x=1#f"), Some(("files.example:8443".into(), "/a/b.wasm?x=1".into())));
+        assert_eq!(split_url("http://u:p@h"), Some(("h".into(), "/".into())));
+        assert_eq!(split_url("ftp://h/x"), None);
+        assert_eq!(ip_literal("169.254.169.254:80"), Some("169.254.169.254".parse().unwrap()));
+        assert_eq!(ip_literal("[fe80::1]:5000"), Some("fe80::1".parse().unwrap()));
+        assert_eq!(ip_literal("reg.example"), None);
+    }
+
+    #[test]
+    fn registry_serves_manifests_and_blobs_and_counts_them() {
+        let (_, w) = world();
+        let digest = w.publish_oci(&oci("reg.example/ns/repo:v1"), "v1", b"\0asm\x01\0\0\0", ImageFormat::OciArtifact);
+        run(async {
+            let ping = w.get(&HttpRequest::get("https://reg.example/v2/"), T).await.unwrap();
+            assert_eq!(ping.status, 200);
+            let r = w.get(&HttpRequest::get("https://reg.example/v2/ns/repo/manifests/v1"), T).await.unwrap();
+            assert_eq!(r.status, 200);
+            assert_eq!(r.header("docker-content-digest"), Some(format!("sha256:{digest}").as_str()));
+            let manifest: serde_json::Value = serde_json::from_slice(&body(r).await.unwrap()).unwrap();
+            let layer = manifest["layers"][1]["digest"].as_str().unwrap().to_string();
+            let b = w.get(&HttpRequest::get(format!("https://reg.example/v2/ns/repo/blobs/{layer}")), T).await.unwrap();
+            assert_eq!(body(b).await.unwrap(), b"\0asm\x01\0\0\0");
+            let missing = w.get(&HttpRequest::get("https://reg.example/v2/ns/repo/manifests/v2"), T).await.unwrap();
+            assert_eq!(missing.status, 404);
+            let by_digest = w.get(&HttpRequest::get(format!("http://reg.example/v2/ns/repo/manifests/sha256:{digest}")), T).await.unwrap();
+            assert_eq!(by_digest.status, 200);
+            let refused = w
+                .get(&HttpRequest::get("https://reg.example/v2/ns/repo/manifests/v1").header("Accept", "application/vnd.docker.distribution.manifest.v2+json"), T)
+                .await
+                .unwrap();
+            assert_eq!(refused.status, 404, "not acceptable");
+        });
+        assert_eq!(w.counts()["reg.example"], RequestCounts { manifest: 4, blob: 1, get: 0 });
+        assert!(w.unpublish_oci(&oci("reg.example/ns/repo:v1")));
+        assert_eq!(w.digest(&oci("reg.example/ns/repo:v1")), None);
+        assert_eq!(w.digest(&oci(&format!("reg.example/ns/repo@sha256:{digest}"))), Some(digest));
+    }
+
+    #[test]
+    fn failure_rules_consume_times_and_recover() {
+        let (clock, w) = world();
+        w.publish_http("files.example", "/m.wasm", b"\0asm\x01\0\0\0abcdefgh".to_vec());
+        let get = || HttpRequest::get("https://files.example/m.wasm");
+        w.add_rule(FailRule { host: "files.example".into(), kind: KindFilter::Get, mode: FailMode::Status(503), times: Some(1) });
+        w.add_rule(FailRule { host: "files.example".into(), kind: KindFilter::Any, mode: FailMode::Timeout, times: Some(1) });
+        w.add_rule(FailRule { host: "files.example".into(), kind: KindFilter::Manifest, mode: FailMode::Unavailable, times: None });
+        run(async {
+            assert_eq!(w.get(&get(), T).await.unwrap().status, 503);
+            assert_eq!(w.get(&get(), Duration::from_secs(5)).await.unwrap_err(), TransportError::Timeout);
+            assert_eq!(clock.now(), Timestamp(Duration::from_secs(5)));
+            assert_eq!(body(w.get(&get(), T).await.unwrap()).await.unwrap(), b"\0asm\x01\0\0\0abcdefgh");
+            w.add_rule(FailRule { host: "files.example".into(), kind: KindFilter::Get, mode: FailMode::Reset, times: Some(1) });
+            let r = w.get(&get(), T).await.unwrap();
+            assert!(matches!(body(r).await, Err(TransportError::Reset(_))));
+            w.add_rule(FailRule { host: "files.example".into(), kind: KindFilter::Get, mode: FailMode::Corrupt, times: None });
+            let b = body(w.get(&get(), T).await.unwrap()).await.unwrap();
+            assert_eq!(&b[..8], b"\0asm\x01\0\0\0");
+            assert_eq!(b[8], b'a' ^ 0xff);
+            assert_eq!(w.recover("files.example"), 2);
+            assert_eq!(body(w.get(&get(), T).await.unwrap()).await.unwrap().len(), 16);
+            // The ping never fails.
+            assert_eq!(w.get(&HttpRequest::get("https://files.example/v2/"), T).await.unwrap().status, 200);
+        });
+        assert_eq!(w.counts()["files.example"].get, 6);
+        let events = w.take_events();
+        assert_eq!(events.len(), 6, "{events:?}");
+        assert!(events[0].text.contains("503"));
+    }
+
+    #[test]
+    fn auth_challenges_count_once_per_attempt() {
+        let (clock, w) = world();
+        w.publish_oci(&oci("reg.example/r:v1"), "v1", b"\0asm\x01\0\0\0", ImageFormat::OciArtifactSingle);
+        w.require_auth("reg.example", "u", "p");
+        let good = Credentials { username: "u".into(), password: "p".into() }.basic_header();
+        let bad = Credentials { username: "u".into(), password: "x".into() }.basic_header();
+        let m = "https://reg.example/v2/r/manifests/v1";
+        run(async {
+            let ping = w.get(&HttpRequest::get("https://reg.example/v2/"), T).await.unwrap();
+            assert_eq!(ping.status, 401);
+            assert_eq!(ping.header("www-authenticate"), Some("Basic realm=\"sim\""));
+            assert_eq!(w.get(&HttpRequest::get("https://reg.example/v2/").header("authorization", good.clone()), T).await.unwrap().status, 200);
+            // Anonymous, then the same request with credentials at once: one request.
+            assert_eq!(w.get(&HttpRequest::get(m), T).await.unwrap().status, 401);
+            assert_eq!(w.get(&HttpRequest::get(m).header("authorization", good.clone()), T).await.unwrap().status, 200);
+            assert_eq!(w.counts()["reg.example"].manifest, 1);
+            // Wrong credentials are a counted 401.
+            assert_eq!(w.get(&HttpRequest::get(m).header("authorization", bad), T).await.unwrap().status, 401);
+            assert_eq!(w.counts()["reg.example"].manifest, 2);
+            // A later attempt is a new request.
+            assert_eq!(w.get(&HttpRequest::get(m), T).await.unwrap().status, 401);
+            clock.advance(Duration::from_millis(500));
+            assert_eq!(w.get(&HttpRequest::get(m).header("authorization", good), T).await.unwrap().status, 200);
+            assert_eq!(w.counts()["reg.example"].manifest, 4);
+        });
+    }
+
+    #[test]
+    fn blocked_addresses_are_refused_without_counting() {
+        let (_, w) = world();
+        run(async {
+            let e = w.get(&HttpRequest::get("http://169.254.169.254/latest/meta-data"), T).await.unwrap_err();
+            assert!(matches!(e, TransportError::Blocked(_)));
+        });
+        assert!(w.counts().is_empty());
+    }
+}

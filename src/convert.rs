@@ -1,0 +1,229 @@
+//! Conversion of a plugin's serving state into the ECDS resource Envoy receives (behavior.md §7):
+//! a `TypedExtensionConfig` holding the Wasm filter (HTTP or network) with the module delivered
+//! by file path, inline bytes or remote URL, or an RBAC allow-all / deny-all fallback.
+//!
+//! This is the only module that builds Envoy protobuf types from domain types (style guide §1:
+//! convert wire ↔ domain once, at the edge).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use envoy_types::pb::envoy::config::core::v3::{
+    async_data_source, data_source, AsyncDataSource, DataSource, HttpUri, RemoteDataSource,
+    TypedExtensionConfig,
+};
+use envoy_types::pb::envoy::config::rbac::v3::Rbac as RbacRules;
+use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
+use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm as HttpWasm;
+use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
+use envoy_types::pb::envoy::extensions::filters::network::wasm::v3::Wasm as NetworkWasm;
+use envoy_types::pb::envoy::extensions::wasm::v3::{
+    plugin_config, EnvironmentVariables, FailurePolicy, PluginConfig, VmConfig,
+};
+use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, StringValue};
+use prost::Message;
+
+use crate::plugin::{EnvValueSource, FailStrategy, PluginType, WasmPlugin};
+
+pub const HTTP_WASM_TYPE_URL: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+pub const NETWORK_WASM_TYPE_URL: &str = "type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm";
+pub const HTTP_RBAC_TYPE_URL: &str = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC";
+pub const NETWORK_RBAC_TYPE_URL: &str = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC";
+pub const STRING_VALUE_TYPE_URL: &str = "type.googleapis.com/google.protobuf.StringValue";
+pub const WASM_RUNTIME_V8: &str = "envoy.wasm.runtime.v8";
+pub const ALLOW_STAT_PREFIX: &str = "wasm-default-allow";
+pub const DENY_STAT_PREFIX: &str = "wasm-default-deny";
+
+/// How the module's code reaches the proxy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Code {
+    /// `vm_config.code.local.filename`.
+    File(PathBuf),
+    /// `vm_config.code.local.inline_bytes`.
+    Inline(Vec<u8>),
+    /// `vm_config.code.remote`: the server's own module endpoint.
+    Remote { uri: String, cluster: String, sha256: String },
+}
+
+/// What to build.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Filter {
+    Wasm(Code),
+    AllowAll,
+    DenyAll,
+}
+
+fn any<M: Message>(type_url: &str, m: &M) -> Any {
+    Any { type_url: type_url.to_string(), value: m.encode_to_vec() }
+}
+
+/// Builds the ECDS resource for a plugin.
+pub fn extension_config(plugin: &WasmPlugin, filter: Filter) -> TypedExtensionConfig {
+    let network = plugin.spec.plugin_type == PluginType::Network;
+    let typed_config = match filter {
+        Filter::Wasm(code) => {
+            let config = Some(plugin_config(plugin, code));
+            if network {
+                any(NETWORK_WASM_TYPE_URL, &NetworkWasm { config })
+            } else {
+                any(HTTP_WASM_TYPE_URL, &HttpWasm { config })
+            }
+        }
+        Filter::AllowAll | Filter::DenyAll => {
+            let deny = filter == Filter::DenyAll;
+            // ALLOW with no policies denies everything; no rules at all allows everything.
+            let rules = deny.then(RbacRules::default);
+            let prefix = if deny { DENY_STAT_PREFIX } else { ALLOW_STAT_PREFIX };
+            if network {
+                any(NETWORK_RBAC_TYPE_URL, &NetworkRbac { rules, stat_prefix: prefix.into(), ..Default::default() })
+            } else {
+                any(HTTP_RBAC_TYPE_URL, &HttpRbac { rules, rules_stat_prefix: prefix.into(), ..Default::default() })
+            }
+        }
+    };
+    TypedExtensionConfig { name: plugin.resource_name(), typed_config: Some(typed_config) }
+}
+
+fn plugin_config(plugin: &WasmPlugin, code: Code) -> PluginConfig {
+    let spec = &plugin.spec;
+    let configuration = spec.plugin_config.as_ref().map(|c| {
+        let json = serde_json::to_string(c).expect("a JSON map serializes");
+        any(STRING_VALUE_TYPE_URL, &StringValue { value: json })
+    });
+    let specifier = match code {
+        Code::File(path) => async_data_source::Specifier::Local(DataSource {
+            specifier: Some(data_source::Specifier::Filename(path.to_string_lossy().into_owned())),
+            ..Default::default()
+        }),
+        Code::Inline(bytes) => async_data_source::Specifier::Local(DataSource {
+            specifier: Some(data_source::Specifier::InlineBytes(bytes)),
+            ..Default::default()
+        }),
+        Code::Remote { uri, cluster, sha256 } => async_data_source::Specifier::Remote(RemoteDataSource {
+            http_uri: Some(HttpUri {
+                uri,
+                timeout: Some(PbDuration { seconds: 30, nanos: 0 }),
+                http_upstream_type: Some(
+                    envoy_types::pb::envoy::config::core::v3::http_uri::HttpUpstreamType::Cluster(cluster),
+                ),
+            }),
+            sha256,
+            ..Default::default()
+        }),
+    };
+    let env = spec.vm_config.as_ref().filter(|v| !v.env.is_empty()).map(|v| {
+        let mut host_env_keys = Vec::new();
+        let mut key_values = HashMap::new();
+        for e in &v.env {
+            match e.value_from {
+                EnvValueSource::Host => host_env_keys.push(e.name.clone()),
+                EnvValueSource::Inline => {
+                    key_values.insert(e.name.clone(), e.value.clone());
+                }
+            }
+        }
+        EnvironmentVariables { host_env_keys, key_values }
+    });
+    let vm = VmConfig {
+        runtime: WASM_RUNTIME_V8.to_string(),
+        code: Some(AsyncDataSource { specifier: Some(specifier) }),
+        environment_variables: env,
+        ..Default::default()
+    };
+    let (fail_open, failure_policy) = match spec.fail_strategy {
+        FailStrategy::FailOpen => (true, FailurePolicy::FailOpen),
+        FailStrategy::FailClose => (false, FailurePolicy::FailClosed),
+        FailStrategy::FailReload => (false, FailurePolicy::FailReload),
+    };
+    // `fail_open` is deprecated in favour of `failure_policy`; both are set for older proxies.
+    #[allow(deprecated)]
+    PluginConfig {
+        name: plugin.filter_config_name(),
+        root_id: spec.plugin_name.clone().unwrap_or_default(),
+        configuration,
+        fail_open,
+        failure_policy: failure_policy as i32,
+        vm: Some(plugin_config::Vm::VmConfig(vm)),
+        ..Default::default()
+    }
+}
+
+/// The code bytes or path carried by a Wasm resource, for tests and the simulator.
+pub fn decode_code(config: &TypedExtensionConfig) -> Option<Code> {
+    let any = config.typed_config.as_ref()?;
+    let pc = match any.type_url.as_str() {
+        HTTP_WASM_TYPE_URL => HttpWasm::decode(any.value.as_slice()).ok()?.config?,
+        NETWORK_WASM_TYPE_URL => NetworkWasm::decode(any.value.as_slice()).ok()?.config?,
+        _ => return None,
+    };
+    let plugin_config::Vm::VmConfig(vm) = pc.vm?;
+    match vm.code?.specifier? {
+        async_data_source::Specifier::Local(ds) => match ds.specifier? {
+            data_source::Specifier::InlineBytes(b) => Some(Code::Inline(b)),
+            data_source::Specifier::Filename(f) => Some(Code::File(PathBuf::from(f))),
+            _ => None,
+        },
+        async_data_source::Specifier::Remote(r) => {
+            let h = r.http_uri?;
+            let cluster = match h.http_upstream_type {
+                Some(envoy_types::pb::envoy::config::core::v3::http_uri::HttpUpstreamType::Cluster(c)) => c,
+                _ => String::new(),
+            };
+            Some(Code::Remote { uri: h.uri, cluster, sha256: r.sha256 })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plugin(spec: &str) -> WasmPlugin {
+        WasmPlugin::from_yaml(&format!(
+            "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {{name: p, namespace: ns}}\nspec: {spec}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn wasm_filter_fields() {
+        let p = plugin("{url: r/a, pluginName: root, pluginConfig: {a: 1}, failStrategy: FAIL_OPEN, vmConfig: {env: [{name: H, valueFrom: HOST}, {name: K, value: v}]}}");
+        let c = extension_config(&p, Filter::Wasm(Code::File(PathBuf::from("/c/x.wasm"))));
+        assert_eq!(c.name, "extensions.istio.io/wasmplugin/ns.p");
+        let any = c.typed_config.clone().unwrap();
+        assert_eq!(any.type_url, HTTP_WASM_TYPE_URL);
+        let pc = HttpWasm::decode(any.value.as_slice()).unwrap().config.unwrap();
+        #[allow(deprecated)]
+        let fail_open = pc.fail_open;
+        assert_eq!((pc.name.as_str(), pc.root_id.as_str(), fail_open), ("ns.p", "root", true));
+        assert_eq!(pc.failure_policy, FailurePolicy::FailOpen as i32);
+        let cfg = StringValue::decode(pc.configuration.unwrap().value.as_slice()).unwrap();
+        assert_eq!(cfg.value, r#"{"a":1}"#);
+        let plugin_config::Vm::VmConfig(vm) = pc.vm.unwrap();
+        assert_eq!(vm.runtime, WASM_RUNTIME_V8);
+        let env = vm.environment_variables.unwrap();
+        assert_eq!(env.host_env_keys, vec!["H"]);
+        assert_eq!(env.key_values["K"], "v");
+        assert_eq!(decode_code(&c), Some(Code::File(PathBuf::from("/c/x.wasm"))));
+    }
+
+    #[test]
+    fn fallbacks_and_network() {
+        let p = plugin("{url: r/a}");
+        let deny = extension_config(&p, Filter::DenyAll).typed_config.unwrap();
+        assert_eq!(deny.type_url, HTTP_RBAC_TYPE_URL);
+        let r = HttpRbac::decode(deny.value.as_slice()).unwrap();
+        assert!(r.rules.is_some_and(|r| r.policies.is_empty()));
+        assert_eq!(r.rules_stat_prefix, DENY_STAT_PREFIX);
+        let allow = extension_config(&p, Filter::AllowAll).typed_config.unwrap();
+        assert!(HttpRbac::decode(allow.value.as_slice()).unwrap().rules.is_none());
+
+        let n = plugin("{url: r/a, type: NETWORK}");
+        let deny = extension_config(&n, Filter::DenyAll).typed_config.unwrap();
+        assert_eq!(deny.type_url, NETWORK_RBAC_TYPE_URL);
+        assert_eq!(NetworkRbac::decode(deny.value.as_slice()).unwrap().stat_prefix, DENY_STAT_PREFIX);
+        let w = extension_config(&n, Filter::Wasm(Code::Inline(vec![0, 97, 115, 109])));
+        assert_eq!(w.typed_config.as_ref().unwrap().type_url, NETWORK_WASM_TYPE_URL);
+        assert_eq!(decode_code(&w), Some(Code::Inline(vec![0, 97, 115, 109])));
+    }
+}

@@ -1,0 +1,116 @@
+//! The admin HTTP server (cli.md): `/metrics`, `/healthz`, `/readyz`, `/debug/plugins`,
+//! `/debug/cache`, `POST /refresh?plugin=ns/name`, and the module endpoint `/modules/<sha256>.wasm`
+//! used by `--delivery http`. It only reads the controller's [`AdminView`](super::AdminView) and
+//! sends it commands; it never touches the engine.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::oneshot;
+
+use super::{Command, Shared, MODULES_PATH};
+use crate::plugin::ObjectKey;
+
+type Body = Full<Bytes>;
+
+fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(body.into()))
+        .expect("valid response")
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
+    reply(status, "text/plain; charset=utf-8", body.into())
+}
+
+/// Serves until `shutdown` completes.
+pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, shutdown: impl Future<Output = ()> + Send) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    continue;
+                }
+            },
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| handle(req, shared.clone()));
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_string();
+    let resp = match (req.method(), path.as_str()) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") => {
+            if shared.view.read().expect("view lock").ready {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+        }
+        (&Method::GET, "/metrics") => {
+            let mut body = shared.view.read().expect("view lock").engine_metrics.clone();
+            body.push_str(&shared.resources.metrics_text());
+            reply(StatusCode::OK, "text/plain; version=0.0.4", body)
+        }
+        (&Method::GET, "/debug/plugins") => {
+            let v = shared.view.read().expect("view lock").plugins.clone();
+            reply(StatusCode::OK, "application/json", serde_json::to_vec_pretty(&v).unwrap_or_default())
+        }
+        (&Method::GET, "/debug/cache") => {
+            let v = shared.view.read().expect("view lock").cache.clone();
+            reply(StatusCode::OK, "application/json", serde_json::to_vec_pretty(&v).unwrap_or_default())
+        }
+        (&Method::POST, "/refresh") => refresh(req.uri().query().unwrap_or(""), &shared).await,
+        (&Method::GET, p) if p.starts_with(MODULES_PATH) => module(p, &shared).await,
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    };
+    Ok(resp)
+}
+
+async fn refresh(query: &str, shared: &Shared) -> Response<Body> {
+    let plugin = query.split('&').find_map(|kv| kv.strip_prefix("plugin="));
+    let Some(key) = plugin.and_then(|p| ObjectKey::parse(&p.replace("%2F", "/").replace("%2f", "/"))) else {
+        return text(StatusCode::BAD_REQUEST, "want ?plugin=namespace/name\n");
+    };
+    let (tx, rx) = oneshot::channel();
+    if shared.commands.send(Command::Refresh(key.clone(), tx)).await.is_err() {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+    }
+    match rx.await {
+        Ok(true) => text(StatusCode::OK, format!("refreshed {key}\n")),
+        Ok(false) => text(StatusCode::NOT_FOUND, format!("no plugin {key}\n")),
+        Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+    }
+}
+
+async fn module(path: &str, shared: &Shared) -> Response<Body> {
+    let sha = path.trim_start_matches(MODULES_PATH).trim_end_matches(".wasm");
+    let file = shared.view.read().expect("view lock").modules.get(sha).cloned();
+    match file {
+        Some(f) => match tokio::fs::read(&f).await {
+            Ok(bytes) => reply(StatusCode::OK, "application/wasm", bytes),
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read module: {e}\n")),
+        },
+        None => text(StatusCode::NOT_FOUND, "no such module\n"),
+    }
+}

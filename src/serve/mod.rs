@@ -1,0 +1,447 @@
+//! `wasm-ecds serve`: wires the file source, the engine, the ECDS resource store, the gRPC server
+//! and the admin HTTP server together.
+//!
+//! One controller task owns the [`Engine`] and the [`ObjectStore`] (an actor: no locks held across
+//! fetches); it reacts to file changes, refresh requests and the engine's own deadlines, then
+//! publishes what changed: ECDS resources to the [`ResourceStore`] (which pushes to streams) and a
+//! read-only [`AdminView`] for the admin endpoints. Streams never wait for the controller.
+
+pub mod admin;
+pub mod files;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::{Config, Delivery};
+use crate::convert::{self, Code, Filter};
+use crate::engine::{Engine, EngineParts, Event, Serving};
+use crate::fetch::{FetchConfig, Transport};
+use crate::plugin::ObjectKey;
+use crate::source::{Change, ObjectStore};
+use crate::store::{DiskStore, OsFiles};
+use crate::xds::ResourceStore;
+
+/// Name of the Envoy cluster that must point at the admin address for `--delivery http`.
+pub const MODULES_CLUSTER: &str = "wasm_ecds_modules";
+/// Path prefix of the module endpoint on the admin address.
+pub const MODULES_PATH: &str = "/modules/";
+/// File changes are applied after this quiet period.
+const RELOAD_DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// What the admin endpoints read; replaced by the controller after every change.
+#[derive(Debug, Default, Clone)]
+pub struct AdminView {
+    pub ready: bool,
+    pub plugins: Value,
+    pub cache: Value,
+    pub engine_metrics: String,
+    /// sha256 → module file, for the module endpoint.
+    pub modules: BTreeMap<String, PathBuf>,
+}
+
+/// State shared between the controller and the admin server.
+#[derive(Debug)]
+pub struct Shared {
+    pub view: RwLock<AdminView>,
+    pub commands: mpsc::Sender<Command>,
+    pub resources: ResourceStore,
+}
+
+/// Requests to the controller.
+#[derive(Debug)]
+pub enum Command {
+    /// The plugin files changed.
+    Reload,
+    /// Force a pull for a plugin; answers whether it exists.
+    Refresh(ObjectKey, oneshot::Sender<bool>),
+}
+
+/// Everything needed to start a server.
+pub struct ServeSetup {
+    pub config: Config,
+    pub plugin_paths: Vec<PathBuf>,
+    pub xds_listener: tokio::net::TcpListener,
+    pub admin_listener: tokio::net::TcpListener,
+    pub transport: Arc<dyn Transport>,
+    pub fetch_config: Option<FetchConfig>,
+}
+
+/// A running server.
+pub struct ServerHandle {
+    pub xds_address: SocketAddr,
+    pub admin_address: SocketAddr,
+    pub shared: Arc<Shared>,
+    shutdown: Option<tokio::sync::watch::Sender<bool>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// Stops accepting, closes streams, waits for the tasks.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(true);
+        }
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Starts the server on already-bound listeners.
+pub async fn start(setup: ServeSetup) -> anyhow::Result<ServerHandle> {
+    let xds_address = setup.xds_listener.local_addr()?;
+    let admin_address = setup.admin_listener.local_addr()?;
+    let store = Arc::new(
+        DiskStore::open(&setup.config.cache_dir)
+            .with_context(|| format!("cannot open cache dir {}", setup.config.cache_dir.display()))?,
+    );
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let start = clock.now();
+    let (engine, report) = Engine::new(
+        setup.config.clone(),
+        EngineParts {
+            clock: clock.clone(),
+            transport: setup.transport.clone(),
+            store,
+            files: Arc::new(OsFiles),
+            jitter_seed: Some(start.as_millis()),
+            fetch_config: setup.fetch_config.clone(),
+            purge_epoch: start,
+        },
+    )?;
+    tracing::info!(kept = report.kept, removed = report.removed.len(), dir = %setup.config.cache_dir.display(), "cache indexed");
+    let resources = ResourceStore::new();
+    let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    let shared = Arc::new(Shared { view: RwLock::new(AdminView::default()), commands: cmd_tx.clone(), resources: resources.clone() });
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+
+    let mut tasks = Vec::new();
+    let controller = Controller {
+        engine,
+        objects: ObjectStore::new(),
+        files: files::FileSource::new(setup.plugin_paths.clone()),
+        resources: resources.clone(),
+        shared: shared.clone(),
+        delivery: setup.config.delivery,
+        admin_address,
+        refused: BTreeMap::new(),
+        file_errors: Vec::new(),
+        served: BTreeSet::new(),
+    };
+    tasks.push(tokio::spawn(controller.run(cmd_rx, shutdown_rx.clone())));
+    let _watcher = spawn_watcher(&setup.plugin_paths, cmd_tx.clone())?;
+    tasks.push(tokio::spawn(async move {
+        // The watcher lives as long as this task.
+        let _keep = _watcher;
+        wait_shutdown(shutdown_rx).await;
+    }));
+    let rx = shutdown_tx.subscribe();
+    tasks.push(tokio::spawn(crate::xds::serve(setup.xds_listener, resources, wait_shutdown(rx))));
+    let rx = shutdown_tx.subscribe();
+    tasks.push(tokio::spawn(admin::serve(setup.admin_listener, shared.clone(), wait_shutdown(rx))));
+    tracing::info!(%xds_address, %admin_address, "wasm-ecds serving");
+    Ok(ServerHandle { xds_address, admin_address, shared, shutdown: Some(shutdown_tx), tasks })
+}
+
+/// Completes once the shutdown flag is set (or its sender is gone).
+async fn wait_shutdown(mut rx: tokio::sync::watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+fn spawn_watcher(paths: &[PathBuf], tx: mpsc::Sender<Command>) -> anyhow::Result<Option<notify::RecommendedWatcher>> {
+    use notify::Watcher as _;
+    if paths.is_empty() {
+        return Ok(None);
+    }
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if res.is_ok() {
+            let _ = tx.try_send(Command::Reload);
+        }
+    })?;
+    for p in paths {
+        // Watch directories recursively, and a file's parent so replacements by rename are seen.
+        let target = if p.is_dir() { p.clone() } else { p.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".")) };
+        let mode = if p.is_dir() { notify::RecursiveMode::Recursive } else { notify::RecursiveMode::NonRecursive };
+        watcher.watch(&target, mode).with_context(|| format!("cannot watch {}", target.display()))?;
+    }
+    Ok(Some(watcher))
+}
+
+struct Controller {
+    engine: Engine,
+    objects: ObjectStore,
+    files: files::FileSource,
+    resources: ResourceStore,
+    shared: Arc<Shared>,
+    delivery: Delivery,
+    admin_address: SocketAddr,
+    /// The last refused object per key, so a refusal is recorded once, not on every rescan.
+    refused: BTreeMap<ObjectKey, Value>,
+    file_errors: Vec<files::FileError>,
+    /// Plugins that currently have an ECDS resource.
+    served: BTreeSet<ObjectKey>,
+}
+
+impl Controller {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        self.reload().await;
+        self.publish(true);
+        loop {
+            let deadline = self.engine.next_deadline();
+            let wait = deadline.since(self.engine.now());
+            tokio::select! {
+                _ = wait_shutdown(shutdown.clone()) => break,
+                cmd = commands.recv() => match cmd {
+                    None => break,
+                    Some(Command::Reload) => {
+                        // Debounce: editors write files in several steps.
+                        tokio::time::sleep(RELOAD_DEBOUNCE).await;
+                        let mut refreshes = Vec::new();
+                        while let Ok(cmd) = commands.try_recv() {
+                            if let Command::Refresh(key, reply) = cmd {
+                                refreshes.push((key, reply));
+                            }
+                        }
+                        self.reload().await;
+                        for (key, reply) in refreshes {
+                            let _ = reply.send(self.engine.refresh(&key).await);
+                        }
+                    }
+                    Some(Command::Refresh(key, reply)) => {
+                        let found = self.engine.refresh(&key).await;
+                        let _ = reply.send(found);
+                    }
+                },
+                _ = tokio::time::sleep(wait) => self.engine.run_due().await,
+            }
+            self.publish(true);
+        }
+        self.engine.cache().flush();
+    }
+
+    /// Applies the files' current content to the object store and the engine.
+    async fn reload(&mut self) {
+        let desired = self.files.scan();
+        self.file_errors = desired.errors.clone();
+        for value in desired.secrets.values() {
+            let change = self.objects.apply_value(value.clone());
+            self.handle(change, None).await;
+        }
+        for (key, value) in desired.plugins.iter() {
+            let change = self.objects.apply_value(value.clone());
+            self.handle(change, Some((key, value))).await;
+        }
+        let gone: Vec<ObjectKey> =
+            self.objects.plugins().keys().filter(|k| !desired.plugins.contains_key(*k)).cloned().collect();
+        for k in gone {
+            self.objects.delete_plugin(&k);
+            self.engine.remove_plugin(&k);
+            self.refused.remove(&k);
+        }
+        let gone: Vec<ObjectKey> =
+            self.objects.secrets().keys().filter(|k| !desired.secrets.contains_key(*k)).cloned().collect();
+        for k in gone {
+            self.objects.delete_secret(&k);
+            self.engine.remove_secret(&k).await;
+        }
+    }
+
+    async fn handle(&mut self, change: Change, object: Option<(&ObjectKey, &Value)>) {
+        match change {
+            Change::PluginCreated(k) | Change::PluginChanged(k) => {
+                self.refused.remove(&k);
+                if let Some(vp) = self.objects.plugin(&k).cloned() {
+                    self.engine.upsert_plugin(&vp).await;
+                }
+            }
+            Change::SecretApplied(k) => {
+                if let Some(s) = self.objects.secrets().get(&k).cloned() {
+                    self.engine.upsert_secret(s).await;
+                }
+            }
+            Change::Refused { key: Some(k), is_plugin: true, error } => {
+                let value = object.map(|(_, v)| v.clone()).unwrap_or(Value::Null);
+                if self.refused.get(&k) != Some(&value) {
+                    tracing::warn!(plugin = %k, field = %error.field, error = %error.message, "plugin refused");
+                    self.engine.record_invalid(&k, &error.field, &error.message);
+                    self.refused.insert(k, value);
+                }
+            }
+            Change::Refused { key, error, .. } => {
+                tracing::warn!(object = ?key, field = %error.field, error = %error.message, "object refused");
+            }
+            Change::Unchanged(_) | Change::PluginDeleted(_) | Change::SecretDeleted(_) => {}
+        }
+    }
+
+    /// Pushes changed resources and refreshes the admin view.
+    fn publish(&mut self, ready: bool) {
+        let events = self.engine.take_events();
+        let touched: BTreeSet<ObjectKey> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Processed { plugin, .. } | Event::ServingChanged { plugin, .. } => Some(plugin.clone()),
+                _ => None,
+            })
+            .collect();
+        for key in &touched {
+            let resource_name = key.resource_name();
+            let Some(st) = self.engine.plugin(key) else {
+                if self.served.remove(key) {
+                    self.resources.remove(&resource_name);
+                }
+                continue;
+            };
+            let filter = match &st.serving {
+                Serving::Nothing => continue,
+                Serving::DenyAll => Filter::DenyAll,
+                Serving::AllowAll => Filter::AllowAll,
+                Serving::Module(m) => match self.delivery {
+                    Delivery::File => Filter::Wasm(Code::File(m.path.clone())),
+                    Delivery::Inline => match self.engine.served_bytes(m) {
+                        Ok(b) => Filter::Wasm(Code::Inline(b)),
+                        Err(e) => {
+                            tracing::error!(plugin = %key, error = %e, "cannot read module for inline delivery");
+                            continue;
+                        }
+                    },
+                    Delivery::Http => Filter::Wasm(Code::Remote {
+                        uri: format!("http://{}{MODULES_PATH}{}.wasm", self.admin_address, m.sha256),
+                        cluster: MODULES_CLUSTER.to_string(),
+                        sha256: m.sha256.clone(),
+                    }),
+                },
+            };
+            self.resources.set(resource_name, convert::extension_config(&st.plugin, filter));
+            self.served.insert(key.clone());
+        }
+        for e in &events {
+            if let Event::Processed { plugin, version, outcome, detail, .. } = e {
+                tracing::info!(plugin = %plugin, version = ?version, outcome = %outcome, detail = detail.as_deref().unwrap_or(""), "plugin processed");
+            }
+        }
+        let view = self.admin_view(ready);
+        *self.shared.view.write().expect("admin view lock") = view;
+    }
+
+    fn admin_view(&self, ready: bool) -> AdminView {
+        let now = self.engine.now();
+        let ms = |t: Option<crate::clock::Timestamp>| t.map(|t| t.as_millis());
+        let plugins: Vec<Value> = self
+            .engine
+            .plugins()
+            .iter()
+            .map(|(k, st)| {
+                let served = match &st.serving {
+                    Serving::Module(m) => json!({"kind": "module", "sha256": m.sha256, "checksum": m.key.as_ref().map(|k| k.checksum.clone()), "path": m.path}),
+                    Serving::DenyAll => json!({"kind": "deny-all"}),
+                    Serving::AllowAll => json!({"kind": "allow-all"}),
+                    Serving::Nothing => json!({"kind": "nothing"}),
+                };
+                json!({
+                    "plugin": k.to_string(),
+                    "resource": k.resource_name(),
+                    "resourceVersion": st.version.to_string(),
+                    "url": st.url.to_string(),
+                    "policy": st.decision.policy.to_string(),
+                    "rule": st.decision.rule.as_str(),
+                    "outcome": st.last_outcome.as_ref().map(|o| o.name()),
+                    "reason": st.last_outcome.as_ref().and_then(|o| o.reason()),
+                    "error": st.last_error,
+                    "serves": served,
+                    "lastPullUnixMs": ms(st.last_pull),
+                    "lastProcessedUnixMs": ms(st.last_processed),
+                    "nextRetryUnixMs": st.retry.map(|r| r.due.as_millis()),
+                })
+            })
+            .collect();
+        let refused: Vec<Value> = self.refused.keys().map(|k| json!({"plugin": k.to_string()})).collect();
+        let cache: Vec<Value> = self
+            .engine
+            .cache()
+            .entries()
+            .map(|(k, e)| {
+                json!({
+                    "module": k.name, "checksum": k.checksum, "sha256": e.sha256, "size": e.size,
+                    "path": e.path, "lastUsedUnixMs": e.last_used.as_millis(),
+                    "idleMs": if e.refs.is_empty() { Some(now.since(e.last_used).as_millis() as u64) } else { None },
+                    "plugins": e.refs.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let mut modules: BTreeMap<String, PathBuf> =
+            self.engine.cache().entries().map(|(_, e)| (e.sha256.clone(), e.path.clone())).collect();
+        for st in self.engine.plugins().values() {
+            if let Serving::Module(m) = &st.serving {
+                modules.entry(m.sha256.clone()).or_insert_with(|| m.path.clone());
+            }
+        }
+        AdminView {
+            ready,
+            plugins: json!({"plugins": plugins, "refused": refused, "fileErrors": self.file_errors}),
+            cache: json!({"modules": cache}),
+            engine_metrics: self.engine.metrics().render(),
+            modules,
+        }
+    }
+}
+
+/// Runs `serve` until SIGTERM/SIGINT. Returns the exit status.
+pub fn run_blocking(args: crate::cli::ServeArgs, config: Config) -> i32 {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            return 2;
+        }
+    };
+    rt.block_on(async move {
+        match run_until_signal(args, config).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                2
+            }
+        }
+    })
+}
+
+async fn run_until_signal(args: crate::cli::ServeArgs, config: Config) -> anyhow::Result<()> {
+    let xds_listener = tokio::net::TcpListener::bind(args.xds_address)
+        .await
+        .with_context(|| format!("--xds-address {}", args.xds_address))?;
+    let admin_listener = tokio::net::TcpListener::bind(args.admin_address)
+        .await
+        .with_context(|| format!("--admin-address {}", args.admin_address))?;
+    let transport = Arc::new(crate::fetch::hyper_transport::HyperTransport::new(&config, Vec::new())?);
+    let handle = start(ServeSetup {
+        config,
+        plugin_paths: args.plugins.clone(),
+        xds_listener,
+        admin_listener,
+        transport,
+        fetch_config: None,
+    })
+    .await?;
+    eprintln!("wasm-ecds: xds on {}, admin on {}", handle.xds_address, handle.admin_address);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutting down");
+    tokio::time::timeout(Duration::from_secs(5), handle.shutdown()).await.ok();
+    Ok(())
+}

@@ -1,0 +1,350 @@
+//! The per-stream state of an incremental stream (`DeltaExtensionConfigs`, and the ECDS part of
+//! `DeltaAggregatedResources`), free of I/O like `sotw.rs`.
+//!
+//! Rules (<https://www.envoyproxy.io/docs/envoy/latest/api-docs/xds_protocol>, "Incremental xDS"):
+//! - Subscriptions change by `resource_names_subscribe` / `resource_names_unsubscribe`, applied from
+//!   every request whatever its nonce (ignoring one would lose it). Wildcard-free: `*` is an ordinary
+//!   name and an empty first subscription means no resources.
+//! - The stream remembers, per subscribed name, the version the client holds: seeded from
+//!   `initial_resource_versions` on the first request (a resource the client already holds at the
+//!   current version is not sent again) and updated by every response. Subscribing again to a
+//!   subscribed name, or after unsubscribing, forgets it, so the resource is sent again.
+//! - A response carries the subscribed resources whose version differs from what the client holds,
+//!   and in `removed_resources` the subscribed names the client holds that the store no longer has
+//!   (go-control-plane `LinearCache` does the same for `initial_resource_versions`). A subscribed
+//!   name that never existed gets nothing until it appears (Envoy waits under
+//!   `initial_fetch_timeout`). `system_version_info` is the store revision, for debugging only.
+//! - At most one response is outstanding, as in `sotw.rs`. ACK/NACK count only for the latest
+//!   nonce; a NACKed version counts as held, so it is not resent in a loop.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+
+use super::store::{Api, Delivery, Protocol, ResourceStore, ResourceVersion, StreamEvent, StreamEventKind, StreamId, StreamInfo};
+use super::{accepts_type_url, ECDS_TYPE_URL};
+
+/// An incremental stream (module docs).
+#[derive(Debug)]
+pub(crate) struct DeltaStream {
+    id: StreamId,
+    api: Api,
+    node_id: String,
+    started: bool,
+    subscribed: BTreeSet<String>,
+    /// Per subscribed resource, the version the client holds (or was last sent).
+    known: BTreeMap<String, String>,
+    /// Per resource, the version the client last ACKed.
+    acked: BTreeMap<String, String>,
+    nonce_counter: u64,
+    outstanding: Option<Delivery>,
+}
+
+impl DeltaStream {
+    pub(crate) fn new(id: StreamId, api: Api) -> Self {
+        DeltaStream {
+            id,
+            api,
+            node_id: String::new(),
+            started: false,
+            subscribed: BTreeSet::new(),
+            known: BTreeMap::new(),
+            acked: BTreeMap::new(),
+            nonce_counter: 0,
+            outstanding: None,
+        }
+    }
+
+    pub(crate) fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    pub(crate) fn awaiting_ack(&self) -> bool {
+        self.outstanding.is_some()
+    }
+
+    pub(crate) fn info(&self) -> StreamInfo {
+        StreamInfo {
+            id: self.id,
+            node_id: self.node_id.clone(),
+            api: self.api,
+            protocol: Protocol::Delta,
+            subscribed: self.subscribed.iter().cloned().collect(),
+            sent: self.known.clone(),
+            acked: self.acked.clone(),
+        }
+    }
+
+    fn event(&self, kind: StreamEventKind) -> StreamEvent {
+        StreamEvent { stream: self.id, node_id: self.node_id.clone(), api: self.api, protocol: Protocol::Delta, kind }
+    }
+
+    /// Handles one request; returns the response to send, if any.
+    pub(crate) fn on_request(&mut self, req: DeltaDiscoveryRequest, store: &ResourceStore) -> Option<DeltaDiscoveryResponse> {
+        if self.node_id.is_empty() {
+            if let Some(node) = &req.node {
+                self.node_id.clone_from(&node.id);
+            }
+        }
+        let first = !self.started;
+        if first {
+            self.started = true;
+            store.emit(|| self.event(StreamEventKind::Connected));
+        }
+        if !accepts_type_url(self.api, &req.type_url) {
+            tracing::debug!(type_url = %req.type_url, "ignoring request for a type this server does not serve");
+            return None;
+        }
+        if !req.response_nonce.is_empty() {
+            if self.outstanding.as_ref().is_some_and(|d| d.nonce == req.response_nonce) {
+                let delivery = self.outstanding.take().expect("checked just above");
+                self.on_reply(delivery, &req, store);
+            } else {
+                tracing::debug!(nonce = %req.response_nonce, "stale nonce: not an ACK or NACK");
+            }
+        }
+        for name in req.resource_names_subscribe {
+            if !self.subscribed.insert(name.clone()) {
+                // Explicitly asked again: the client may have dropped it.
+                self.known.remove(&name);
+            }
+        }
+        for name in &req.resource_names_unsubscribe {
+            self.subscribed.remove(name);
+            self.known.remove(name);
+            self.acked.remove(name);
+        }
+        if first {
+            // Only meaningful on the first request of a stream (xDS protocol, "Incremental xDS").
+            for (name, version) in req.initial_resource_versions {
+                if self.subscribed.contains(&name) {
+                    self.acked.insert(name.clone(), version.clone());
+                    self.known.insert(name, version);
+                }
+            }
+        }
+        self.push(store)
+    }
+
+    fn on_reply(&mut self, delivery: Delivery, req: &DeltaDiscoveryRequest, store: &ResourceStore) {
+        match &req.error_detail {
+            Some(status) => {
+                let nacks = store.count_nack();
+                tracing::warn!(
+                    node = %self.node_id,
+                    version = %delivery.version,
+                    nonce = %delivery.nonce,
+                    resources = ?delivery.resources.iter().map(|r| format!("{}@{}", r.name, r.version)).collect::<Vec<_>>(),
+                    code = status.code,
+                    message = %status.message,
+                    nacks,
+                    "proxy rejected ECDS update (NACK)"
+                );
+                let message = status.message.clone();
+                store.emit(|| self.event(StreamEventKind::Nacked { delivery, message }));
+            }
+            None => {
+                store.count_ack();
+                tracing::debug!(version = %delivery.version, nonce = %delivery.nonce, "ACK");
+                for r in &delivery.resources {
+                    if self.subscribed.contains(&r.name) {
+                        self.acked.insert(r.name.clone(), r.version.clone());
+                    }
+                }
+                for name in &delivery.removed {
+                    self.acked.remove(name);
+                }
+                store.emit(|| self.event(StreamEventKind::Acked(delivery)));
+            }
+        }
+    }
+
+    /// Handles a store change; returns the response to send, if any.
+    pub(crate) fn on_change(&mut self, store: &ResourceStore) -> Option<DeltaDiscoveryResponse> {
+        self.push(store)
+    }
+
+    fn push(&mut self, store: &ResourceStore) -> Option<DeltaDiscoveryResponse> {
+        if self.outstanding.is_some() {
+            return None;
+        }
+        let current = store.lookup(&self.subscribed);
+        let changed: Vec<_> = current.iter().filter(|e| self.known.get(&e.name) != Some(&e.version)).collect();
+        let removed: Vec<String> = self
+            .known
+            .keys()
+            .filter(|n| self.subscribed.contains(*n) && current.binary_search_by(|e| e.name.as_str().cmp(n)).is_err())
+            .cloned()
+            .collect();
+        if changed.is_empty() && removed.is_empty() {
+            return None;
+        }
+        self.nonce_counter += 1;
+        let nonce = self.nonce_counter.to_string();
+        let system_version = store.revision().to_string();
+        let delivery = Delivery {
+            nonce: nonce.clone(),
+            version: system_version.clone(),
+            resources: changed
+                .iter()
+                .map(|e| ResourceVersion { name: e.name.clone(), version: e.version.clone() })
+                .collect(),
+            removed: removed.clone(),
+        };
+        let response = DeltaDiscoveryResponse {
+            system_version_info: system_version,
+            resources: changed
+                .iter()
+                .map(|e| Resource {
+                    name: e.name.clone(),
+                    version: e.version.clone(),
+                    resource: Some(e.any.clone()),
+                    ..Default::default()
+                })
+                .collect(),
+            type_url: ECDS_TYPE_URL.to_string(),
+            removed_resources: removed,
+            nonce,
+            ..Default::default()
+        };
+        tracing::debug!(
+            nonce = %delivery.nonce,
+            resources = delivery.resources.len(),
+            removed = delivery.removed.len(),
+            "push"
+        );
+        for e in &changed {
+            self.known.insert(e.name.clone(), e.version.clone());
+        }
+        for name in &delivery.removed {
+            self.known.remove(name);
+        }
+        store.count_push();
+        store.emit(|| self.event(StreamEventKind::Pushed(delivery.clone())));
+        self.outstanding = Some(delivery);
+        Some(response)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xds::store::tests::config;
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::google::rpc::Status as RpcStatus;
+
+    fn subscribe(names: &[&str]) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            node: Some(Node { id: "node-1".into(), ..Default::default() }),
+            type_url: ECDS_TYPE_URL.into(),
+            resource_names_subscribe: names.iter().map(|n| n.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn ack(resp: &DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest { type_url: ECDS_TYPE_URL.into(), response_nonce: resp.nonce.clone(), ..Default::default() }
+    }
+
+    fn names(resp: &DeltaDiscoveryResponse) -> Vec<&str> {
+        resp.resources.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    #[test]
+    fn subscribe_sends_existing_then_updates_only_changes() {
+        let store = ResourceStore::new();
+        store.set("a", config("1"));
+        store.set("b", config("1"));
+        let mut s = DeltaStream::new(1, Api::Ecds);
+        let r1 = s.on_request(subscribe(&["a", "b", "missing"]), &store).unwrap();
+        assert_eq!(names(&r1), ["a", "b"]);
+        assert_eq!(r1.resources[0].version, store.version_of("a").unwrap());
+        assert!(r1.removed_resources.is_empty(), "a name that never existed is not reported removed");
+        assert!(s.on_request(ack(&r1), &store).is_none());
+        store.set("b", config("2"));
+        let r2 = s.on_change(&store).unwrap();
+        assert_eq!(names(&r2), ["b"]);
+        assert_eq!(r2.system_version_info, store.revision().to_string());
+    }
+
+    #[test]
+    fn initial_resource_versions_skip_what_the_client_holds() {
+        let store = ResourceStore::new();
+        store.set("a", config("1"));
+        store.set("b", config("1"));
+        let mut req = subscribe(&["a", "b", "gone"]);
+        req.initial_resource_versions.insert("a".into(), store.version_of("a").unwrap());
+        req.initial_resource_versions.insert("b".into(), "0-stale".into());
+        req.initial_resource_versions.insert("gone".into(), "3-abc".into());
+        let mut s = DeltaStream::new(1, Api::Ecds);
+        let r = s.on_request(req, &store).unwrap();
+        assert_eq!(names(&r), ["b"]);
+        assert_eq!(r.removed_resources, ["gone"]);
+    }
+
+    #[test]
+    fn removal_and_unsubscribe() {
+        let store = ResourceStore::new();
+        store.set("a", config("1"));
+        store.set("b", config("1"));
+        let mut s = DeltaStream::new(1, Api::Ecds);
+        let r1 = s.on_request(subscribe(&["a", "b"]), &store).unwrap();
+        s.on_request(ack(&r1), &store);
+        store.remove("a");
+        let r2 = s.on_change(&store).unwrap();
+        assert!(r2.resources.is_empty());
+        assert_eq!(r2.removed_resources, ["a"]);
+        s.on_request(ack(&r2), &store);
+        assert!(s.on_change(&store).is_none(), "removal reported once");
+        let unsub = DeltaDiscoveryRequest { resource_names_unsubscribe: vec!["b".into()], ..subscribe(&[]) };
+        assert!(s.on_request(unsub, &store).is_none());
+        store.set("b", config("2"));
+        assert!(s.on_change(&store).is_none(), "b unsubscribed");
+        let r3 = s.on_request(subscribe(&["b"]), &store).expect("resubscribe sends b");
+        assert_eq!(names(&r3), ["b"]);
+    }
+
+    #[test]
+    fn nack_is_not_resent_and_stale_nonce_is_no_ack() {
+        let store = ResourceStore::new();
+        store.set("a", config("1"));
+        let mut s = DeltaStream::new(1, Api::Ecds);
+        let r1 = s.on_request(subscribe(&["a"]), &store).unwrap();
+        let stale = DeltaDiscoveryRequest { response_nonce: "99".into(), ..ack(&r1) };
+        assert!(s.on_request(stale, &store).is_none());
+        assert!(s.awaiting_ack());
+        let nack = DeltaDiscoveryRequest {
+            error_detail: Some(RpcStatus { code: 13, message: "bad".into(), details: vec![] }),
+            ..ack(&r1)
+        };
+        assert!(s.on_request(nack, &store).is_none());
+        assert!(s.on_change(&store).is_none());
+        assert_eq!(store.stats().nacks, 1);
+        assert_eq!(store.stats().acks, 0);
+    }
+
+    #[test]
+    fn subscription_with_stale_nonce_still_applies() {
+        let store = ResourceStore::new();
+        store.set("a", config("1"));
+        store.set("b", config("1"));
+        let mut s = DeltaStream::new(1, Api::Ecds);
+        let r1 = s.on_request(subscribe(&["a"]), &store).unwrap();
+        let mut more = subscribe(&["b"]);
+        more.response_nonce = "0".into();
+        assert!(s.on_request(more, &store).is_none(), "deferred until the ACK");
+        let r2 = s.on_request(ack(&r1), &store).unwrap();
+        assert_eq!(names(&r2), ["b"]);
+    }
+
+    #[test]
+    fn ads_ignores_other_types() {
+        let store = ResourceStore::new();
+        store.set("a", config("1"));
+        let mut s = DeltaStream::new(1, Api::Ads);
+        let other = DeltaDiscoveryRequest { type_url: "type.googleapis.com/envoy.config.listener.v3.Listener".into(), ..subscribe(&["a"]) };
+        assert!(s.on_request(other, &store).is_none());
+        assert!(s.info().subscribed.is_empty());
+        assert!(s.on_request(subscribe(&["a"]), &store).is_some());
+    }
+}

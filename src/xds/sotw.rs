@@ -1,0 +1,398 @@
+//! The per-stream state of a state-of-the-world stream (`StreamExtensionConfigs`, and the ECDS part of
+//! `StreamAggregatedResources`), free of I/O: `server` feeds it requests and store changes and sends
+//! what it returns.
+//!
+//! Rules (<https://www.envoyproxy.io/docs/envoy/latest/api-docs/xds_protocol>):
+//! - Subscriptions are the request's `resource_names`, wildcard-free: an empty list means no
+//!   resources. Names dropped from the list stop receiving updates and are forgotten, so
+//!   subscribing again sends them again.
+//! - A response carries every subscribed resource that exists, with a `version_info` that changes
+//!   exactly when that set of (name, version) pairs changes, and a fresh nonce. A response is sent
+//!   only when some subscribed, existing resource differs from what this stream was last sent: a
+//!   name that does not exist yet gets nothing until it appears (Envoy waits for it under
+//!   `initial_fetch_timeout`), and a removal alone sends nothing, because Envoy applies a SotW ECDS
+//!   response to each filter that subscribed to a name in it and rejects one with no resource for a
+//!   lone filter ("Unexpected number of resources in ExtensionConfigDS response").
+//! - At most one response is outstanding: the next is sent after the proxy ACKs or NACKs the
+//!   previous one, from the store's latest state (updates in between are coalesced; what
+//!   go-control-plane's `LinearCache` does by opening a watch only per request).
+//! - A request whose `response_nonce` is not the latest nonce sent is stale and ignored entirely,
+//!   subscription changes included (go-control-plane `pkg/server/sotw/v3/xds.go`): the proxy sends
+//!   its full subscription again with the ACK of the latest response.
+//! - ACK: latest nonce, no `error_detail`. NACK: latest nonce with `error_detail`; it is counted and
+//!   logged, and the NACKed versions count as sent, so they are not sent again in a loop
+//!   (behavior.md §7); the next response goes out when one of the resources changes.
+//! - On a new stream, a first request whose `version_info` equals the version this stream would
+//!   receive gets nothing: the proxy already holds exactly that (a reconnect).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+
+use super::store::{
+    set_version, Api, Delivery, Entry, Protocol, ResourceStore, ResourceVersion, StreamEvent, StreamEventKind,
+    StreamId, StreamInfo,
+};
+use super::{accepts_type_url, ECDS_TYPE_URL};
+
+/// A state-of-the-world stream (module docs).
+#[derive(Debug)]
+pub(crate) struct SotwStream {
+    id: StreamId,
+    api: Api,
+    node_id: String,
+    started: bool,
+    subscribed: BTreeSet<String>,
+    /// Per resource, the version carried by the last response (what the proxy was last offered).
+    sent: BTreeMap<String, String>,
+    /// Per resource, the version the proxy last ACKed.
+    acked: BTreeMap<String, String>,
+    nonce_counter: u64,
+    last_nonce: Option<String>,
+    /// The last response while it awaits its ACK or NACK.
+    outstanding: Option<Delivery>,
+}
+
+impl SotwStream {
+    pub(crate) fn new(id: StreamId, api: Api) -> Self {
+        SotwStream {
+            id,
+            api,
+            node_id: String::new(),
+            started: false,
+            subscribed: BTreeSet::new(),
+            sent: BTreeMap::new(),
+            acked: BTreeMap::new(),
+            nonce_counter: 0,
+            last_nonce: None,
+            outstanding: None,
+        }
+    }
+
+    pub(crate) fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Whether a response awaits its ACK/NACK (no push until it arrives).
+    pub(crate) fn awaiting_ack(&self) -> bool {
+        self.outstanding.is_some()
+    }
+
+    pub(crate) fn info(&self) -> StreamInfo {
+        StreamInfo {
+            id: self.id,
+            node_id: self.node_id.clone(),
+            api: self.api,
+            protocol: Protocol::Sotw,
+            subscribed: self.subscribed.iter().cloned().collect(),
+            sent: self.sent.clone(),
+            acked: self.acked.clone(),
+        }
+    }
+
+    fn event(&self, kind: StreamEventKind) -> StreamEvent {
+        StreamEvent { stream: self.id, node_id: self.node_id.clone(), api: self.api, protocol: Protocol::Sotw, kind }
+    }
+
+    /// Handles one request; returns the response to send, if any.
+    pub(crate) fn on_request(&mut self, req: DiscoveryRequest, store: &ResourceStore) -> Option<DiscoveryResponse> {
+        if self.node_id.is_empty() {
+            if let Some(node) = &req.node {
+                self.node_id.clone_from(&node.id);
+            }
+        }
+        if !self.started {
+            self.started = true;
+            store.emit(|| self.event(StreamEventKind::Connected));
+        }
+        if !accepts_type_url(self.api, &req.type_url) {
+            tracing::debug!(type_url = %req.type_url, "ignoring request for a type this server does not serve");
+            return None;
+        }
+        if let Some(latest) = &self.last_nonce {
+            if req.response_nonce != *latest {
+                // go-control-plane sotw/v3/xds.go: a request for an older response is superseded by
+                // the ACK/NACK of the latest one, which repeats the full subscription.
+                tracing::debug!(nonce = %req.response_nonce, latest = %latest, "ignoring request with a stale nonce");
+                return None;
+            }
+        }
+        if let Some(delivery) = self.outstanding.take() {
+            match &req.error_detail {
+                Some(status) => {
+                    let nacks = store.count_nack();
+                    tracing::warn!(
+                        node = %self.node_id,
+                        version = %delivery.version,
+                        nonce = %delivery.nonce,
+                        code = status.code,
+                        message = %status.message,
+                        nacks,
+                        "proxy rejected ECDS update (NACK)"
+                    );
+                    let message = status.message.clone();
+                    store.emit(|| self.event(StreamEventKind::Nacked { delivery, message }));
+                }
+                None => {
+                    store.count_ack();
+                    tracing::debug!(version = %delivery.version, nonce = %delivery.nonce, "ACK");
+                    for r in &delivery.resources {
+                        self.acked.insert(r.name.clone(), r.version.clone());
+                    }
+                    store.emit(|| self.event(StreamEventKind::Acked(delivery)));
+                }
+            }
+        }
+        self.subscribe(req.resource_names);
+        if self.last_nonce.is_none() && !req.version_info.is_empty() {
+            let current = store.lookup(&self.subscribed);
+            if !current.is_empty() && set_version(&current) == req.version_info {
+                tracing::debug!(version = %req.version_info, "proxy already holds this version");
+                self.sent = versions(&current);
+                self.acked.clone_from(&self.sent);
+                return None;
+            }
+        }
+        self.push(store)
+    }
+
+    /// Replaces the subscription; forgets what was sent for names no longer subscribed.
+    fn subscribe(&mut self, names: Vec<String>) {
+        let names: BTreeSet<String> = names.into_iter().collect();
+        if names != self.subscribed {
+            tracing::debug!(subscribed = ?names, "subscription changed");
+            self.sent.retain(|n, _| names.contains(n));
+            self.acked.retain(|n, _| names.contains(n));
+            self.subscribed = names;
+        }
+    }
+
+    /// Handles a store change; returns the response to send, if any.
+    pub(crate) fn on_change(&mut self, store: &ResourceStore) -> Option<DiscoveryResponse> {
+        self.push(store)
+    }
+
+    fn push(&mut self, store: &ResourceStore) -> Option<DiscoveryResponse> {
+        if self.outstanding.is_some() {
+            return None;
+        }
+        let current = store.lookup(&self.subscribed);
+        if current.iter().all(|e| self.sent.get(&e.name) == Some(&e.version)) {
+            return None;
+        }
+        self.nonce_counter += 1;
+        let nonce = self.nonce_counter.to_string();
+        let delivery = Delivery {
+            nonce: nonce.clone(),
+            version: set_version(&current),
+            resources: current
+                .iter()
+                .map(|e| ResourceVersion { name: e.name.clone(), version: e.version.clone() })
+                .collect(),
+            removed: Vec::new(),
+        };
+        let response = DiscoveryResponse {
+            version_info: delivery.version.clone(),
+            resources: current.iter().map(|e| e.any.clone()).collect(),
+            type_url: ECDS_TYPE_URL.to_string(),
+            nonce: nonce.clone(),
+            ..Default::default()
+        };
+        tracing::debug!(version = %delivery.version, nonce = %nonce, resources = current.len(), "push");
+        store.count_push();
+        store.emit(|| self.event(StreamEventKind::Pushed(delivery.clone())));
+        self.sent = versions(&current);
+        self.last_nonce = Some(nonce);
+        self.outstanding = Some(delivery);
+        Some(response)
+    }
+}
+
+fn versions(entries: &[Arc<Entry>]) -> BTreeMap<String, String> {
+    entries.iter().map(|e| (e.name.clone(), e.version.clone())).collect()
+}
+
+/// The answer to a unary `FetchExtensionConfigs`: the requested resources that exist, now.
+pub(crate) fn fetch_response(names: &[String], store: &ResourceStore) -> DiscoveryResponse {
+    let current = store.lookup(names);
+    DiscoveryResponse {
+        version_info: set_version(&current),
+        resources: current.iter().map(|e| e.any.clone()).collect(),
+        type_url: ECDS_TYPE_URL.to_string(),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xds::store::tests::config;
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::google::rpc::Status as RpcStatus;
+
+    fn request(names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
+        DiscoveryRequest {
+            version_info: version.into(),
+            node: Some(Node { id: "node-1".into(), ..Default::default() }),
+            resource_names: names.iter().map(|n| n.to_string()).collect(),
+            type_url: ECDS_TYPE_URL.into(),
+            response_nonce: nonce.into(),
+            ..Default::default()
+        }
+    }
+
+    fn ack(names: &[&str], resp: &DiscoveryResponse) -> DiscoveryRequest {
+        request(names, &resp.version_info, &resp.nonce)
+    }
+
+    fn nack(names: &[&str], accepted: &str, resp: &DiscoveryResponse) -> DiscoveryRequest {
+        DiscoveryRequest {
+            error_detail: Some(RpcStatus { code: 13, message: "bad wasm".into(), details: vec![] }),
+            ..request(names, accepted, &resp.nonce)
+        }
+    }
+
+    fn stream() -> SotwStream {
+        SotwStream::new(1, Api::Ecds)
+    }
+
+    #[test]
+    fn initial_request_gets_existing_subscribed_resources_only() {
+        let store = ResourceStore::new();
+        store.set("a", config("1"));
+        store.set("other", config("x"));
+        let mut s = stream();
+        let resp = s.on_request(request(&["a", "missing"], "", ""), &store).expect("response");
+        assert_eq!(resp.resources.len(), 1);
+        assert_eq!(resp.version_info, store.version_of("a").unwrap());
+        assert_eq!(resp.type_url, ECDS_TYPE_URL);
+        assert_eq!(resp.nonce, "1");
+        assert_eq!(s.node_id(), "node-1");
+    }
+
+    #[test]
+    fn nothing_is_sent_for_missing_or_no_names() {
+        let store = ResourceStore::new();
+        store.set("a", config("1"));
+        let mut s = stream();
+        assert!(s.on_request(request(&[], "", ""), &store).is_none(), "empty list is not a wildcard");
+        assert!(s.on_request(request(&["missing"], "", ""), &store).is_none());
+        store.set("missing", config("now here"));
+        let resp = s.on_change(&store).expect("appears");
+        assert_eq!(resp.resources.len(), 1);
+    }
+
+    #[test]
+    fn no_push_until_ack_then_latest_state() {
+        let store = ResourceStore::new();
+        store.set("a", config("1"));
+        let mut s = stream();
+        let r1 = s.on_request(request(&["a"], "", ""), &store).unwrap();
+        store.set("a", config("2"));
+        store.set("a", config("3"));
+        assert!(s.awaiting_ack());
+        assert!(s.on_change(&store).is_none(), "one response outstanding at a time");
+        let r2 = s.on_request(ack(&["a"], &r1), &store).expect("latest state after the ACK");
+        assert_eq!(r2.version_info, store.version_of("a").unwrap());
+        assert_eq!(r2.nonce, "2");
+        assert!(s.on_request(ack(&["a"], &r2), &store).is_none());
+        assert_eq!(s.info().acked.get("a"), store.version_of("a").as_ref());
+        assert_eq!(store.stats().acks, 2);
+    }
+
+    #[test]
+    fn nack_is_recorded_and_not_resent() {
+        let store = ResourceStore::new();
+        store.set("a", config("1"));
+        let mut s = stream();
+        let r1 = s.on_request(request(&["a"], "", ""), &store).unwrap();
+        assert!(s.on_request(ack(&["a"], &r1), &store).is_none());
+        store.set("a", config("bad"));
+        let r2 = s.on_change(&store).unwrap();
+        assert!(s.on_request(nack(&["a"], &r1.version_info, &r2), &store).is_none(), "no resend");
+        assert!(s.on_change(&store).is_none(), "no resend on an unrelated wake");
+        assert_eq!(store.stats().nacks, 1);
+        assert_eq!(s.info().acked.get("a"), Some(&r1.version_info), "last accepted version kept");
+        store.set("a", config("fixed"));
+        let r3 = s.on_change(&store).expect("a new version is sent");
+        assert_eq!(r3.version_info, store.version_of("a").unwrap());
+    }
+
+    #[test]
+    fn stale_nonce_is_ignored_entirely() {
+        let store = ResourceStore::new();
+        store.set("a", config("1"));
+        store.set("b", config("1"));
+        let mut s = stream();
+        let r1 = s.on_request(request(&["a"], "", ""), &store).unwrap();
+        assert!(s.on_request(request(&["a", "b"], "", "0"), &store).is_none());
+        assert!(s.awaiting_ack(), "a stale request is no ACK");
+        assert_eq!(s.info().subscribed, vec!["a".to_string()], "nor a subscription change");
+        let r2 = s.on_request(ack(&["a", "b"], &r1), &store).expect("b added with the ACK");
+        assert_eq!(r2.resources.len(), 2);
+    }
+
+    #[test]
+    fn unsubscribe_stops_updates_and_resubscribe_resends() {
+        let store = ResourceStore::new();
+        store.set("a", config("1"));
+        store.set("b", config("1"));
+        let mut s = stream();
+        let r1 = s.on_request(request(&["a", "b"], "", ""), &store).unwrap();
+        assert!(s.on_request(ack(&["a"], &r1), &store).is_none(), "dropping b sends nothing");
+        store.set("b", config("2"));
+        assert!(s.on_change(&store).is_none(), "b is no longer subscribed");
+        let r2 = s.on_request(request(&["a", "b"], &r1.version_info, &r1.nonce), &store).expect("b again");
+        assert_eq!(r2.resources.len(), 2);
+    }
+
+    #[test]
+    fn removal_alone_sends_nothing() {
+        let store = ResourceStore::new();
+        store.set("a", config("1"));
+        let mut s = stream();
+        let r1 = s.on_request(request(&["a"], "", ""), &store).unwrap();
+        s.on_request(ack(&["a"], &r1), &store);
+        store.remove("a");
+        assert!(s.on_change(&store).is_none());
+        store.set("a", config("1"));
+        assert!(s.on_change(&store).is_some(), "re-added under a new version");
+    }
+
+    #[test]
+    fn reconnect_with_current_version_gets_nothing() {
+        let store = ResourceStore::new();
+        store.set("a", config("1"));
+        let version = store.version_of("a").unwrap();
+        let mut s = stream();
+        assert!(s.on_request(request(&["a"], &version, "7"), &store).is_none());
+        assert_eq!(s.info().acked.get("a"), Some(&version));
+        store.set("a", config("2"));
+        assert!(s.on_change(&store).is_some());
+    }
+
+    #[test]
+    fn ads_ignores_other_types_and_requires_a_type() {
+        let store = ResourceStore::new();
+        store.set("a", config("1"));
+        let mut s = SotwStream::new(1, Api::Ads);
+        let cds = DiscoveryRequest {
+            type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
+            ..request(&[], "", "")
+        };
+        assert!(s.on_request(cds, &store).is_none());
+        let untyped = DiscoveryRequest { type_url: String::new(), ..request(&["a"], "", "") };
+        assert!(s.on_request(untyped, &store).is_none());
+        assert!(s.on_request(request(&["a"], "", ""), &store).is_some());
+    }
+
+    #[test]
+    fn fetch_returns_what_exists() {
+        let store = ResourceStore::new();
+        store.set("a", config("1"));
+        let resp = fetch_response(&["a".into(), "zz".into()], &store);
+        assert_eq!(resp.resources.len(), 1);
+        assert_eq!(resp.nonce, "");
+    }
+}

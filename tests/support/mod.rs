@@ -1,0 +1,87 @@
+//! Helpers shared by the integration tests (`mod support;` in each test file): a real OCI
+//! registry ([`registry`]), Wasm images in every format ([`image`]), test modules ([`wasm`]) and
+//! locating external tools.
+//!
+//! External tools (style guide §5 "Real-Envoy and real-registry tests stay separate"):
+//! - `docker-registry`: `$REGISTRY_BIN`, else on `PATH`, else `/usr/bin/docker-registry`;
+//! - Envoy: `$ENVOY_BIN`, else `<crate>/.tools/envoy/envoy/_bin/envoy`, else `envoy` on `PATH`.
+//!
+//! `scripts/install-test-deps.sh` installs both. When one is missing, tests print a loud SKIP
+//! message and pass, except under `CI=true` where they panic.
+
+// Each test binary uses a different subset of these helpers.
+#![allow(dead_code, unused_imports)]
+
+pub mod image;
+pub mod registry;
+pub mod wasm;
+
+use std::io::Write;
+use std::path::PathBuf;
+
+pub use image::ImageFormat;
+pub use registry::{docker_config_json, Pushed, Registry, RegistryOptions, RegistryResponse};
+pub use wasm::{proxy_wasm_test_module, proxy_wasm_test_module_tagged, wasm_module};
+
+/// True under `CI=true` (or `CI=1`): missing tools fail the tests instead of skipping them.
+pub fn in_ci() -> bool {
+    std::env::var("CI")
+        .map(|v| v.eq_ignore_ascii_case("true") || v == "1")
+        .unwrap_or(false)
+}
+
+/// Prints a SKIP line straight to stderr: libtest captures `eprintln!`, not direct writes, so the
+/// message shows even for passing tests.
+pub fn skip(message: &str) {
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n*** SKIP: {message} (under CI=true this fails the test) ***\n"
+    );
+}
+
+/// `Some(path)` when the tool was found; otherwise SKIP (`None`), or panic under `CI=true`.
+pub fn require_tool(name: &str, found: Option<PathBuf>, hint: &str) -> Option<PathBuf> {
+    match found {
+        Some(path) => Some(path),
+        None if in_ci() => panic!("{name} not found and CI=true: {hint}"),
+        None => {
+            skip(&format!("{name} not found: {hint}"));
+            None
+        }
+    }
+}
+
+/// The first executable file called `name` in `PATH`.
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(name))
+        .find(|p| {
+            p.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// Envoy: `$ENVOY_BIN`, else `.tools/envoy/envoy/_bin/envoy` in the crate (where
+/// `scripts/install-test-deps.sh` puts it), else `envoy` on `PATH`.
+pub fn envoy_bin() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("ENVOY_BIN") {
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "ENVOY_BIN={} does not exist", p.display());
+        return Some(p);
+    }
+    let tools = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools/envoy/envoy/_bin/envoy");
+    if tools.is_file() {
+        return Some(tools);
+    }
+    find_on_path("envoy")
+}
+
+/// [`envoy_bin`], or SKIP / panic under `CI=true` (see [`require_tool`]).
+pub fn require_envoy() -> Option<PathBuf> {
+    require_tool(
+        "envoy",
+        envoy_bin(),
+        "set ENVOY_BIN or run scripts/install-test-deps.sh",
+    )
+}
