@@ -74,7 +74,9 @@ pub fn module_bytes(name: &str, size: Option<u64>, invalid: bool) -> Vec<u8> {
 /// length + content), never less than `min`.
 fn padded_content_len(size: u64, min: u64) -> u64 {
     for leb in 1..=10u64 {
-        let Some(content) = size.checked_sub(9 + leb) else { break };
+        let Some(content) = size.checked_sub(9 + leb) else {
+            break;
+        };
         if content >= min && leb128_len(content) == leb {
             return content;
         }
@@ -143,7 +145,9 @@ impl Encoding {
 
 /// gzip with a fixed header (mtime 0, no file name) and compression level.
 pub fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut enc = GzBuilder::new().mtime(0).write(Vec::new(), Compression::default());
+    let mut enc = GzBuilder::new()
+        .mtime(0)
+        .write(Vec::new(), Compression::default());
     enc.write_all(data).expect("writing into a Vec cannot fail");
     enc.finish().expect("writing into a Vec cannot fail")
 }
@@ -160,8 +164,12 @@ pub fn tar_single(path: &str, data: &[u8]) -> Vec<u8> {
     header.set_entry_type(tar::EntryType::Regular);
     header.set_cksum();
     let mut builder = tar::Builder::new(Vec::new());
-    builder.append(&header, data).expect("writing into a Vec cannot fail");
-    builder.into_inner().expect("writing into a Vec cannot fail")
+    builder
+        .append(&header, data)
+        .expect("writing into a Vec cannot fail");
+    builder
+        .into_inner()
+        .expect("writing into a Vec cannot fail")
 }
 
 /// How an image is laid out in the registry (`publish.format`).
@@ -205,7 +213,11 @@ pub struct Blob {
 impl Blob {
     pub fn new(media_type: &str, bytes: Vec<u8>) -> Self {
         let digest = sha256_hex(&bytes);
-        Blob { media_type: media_type.to_string(), bytes, digest }
+        Blob {
+            media_type: media_type.to_string(),
+            bytes,
+            digest,
+        }
     }
 
     fn descriptor(&self) -> Value {
@@ -235,7 +247,10 @@ impl Image {
 }
 
 fn manifest_blob(media_type: &str, manifest: &Value) -> Blob {
-    Blob::new(media_type, serde_json::to_vec(manifest).expect("json serializes"))
+    Blob::new(
+        media_type,
+        serde_json::to_vec(manifest).expect("json serializes"),
+    )
 }
 
 /// Builds the image of `module` (named `name`) in `format`.
@@ -254,7 +269,10 @@ pub fn build_image(name: &str, module: &[u8], format: ImageFormat) -> Image {
                 "config": config.descriptor(),
                 "layers": [config.descriptor_titled("runtime-config.json"), content.descriptor_titled(PLUGIN_WASM)],
             });
-            Image { manifests: vec![manifest_blob(MT_OCI_MANIFEST, &manifest)], blobs: vec![config, content] }
+            Image {
+                manifests: vec![manifest_blob(MT_OCI_MANIFEST, &manifest)],
+                blobs: vec![config, content],
+            }
         }
         ImageFormat::OciArtifactSingle => {
             let config = Blob::new(MT_OCI_EMPTY, b"{}".to_vec());
@@ -266,15 +284,29 @@ pub fn build_image(name: &str, module: &[u8], format: ImageFormat) -> Image {
                 "config": config.descriptor(),
                 "layers": [content.descriptor_titled(PLUGIN_WASM)],
             });
-            Image { manifests: vec![manifest_blob(MT_OCI_MANIFEST, &manifest)], blobs: vec![config, content] }
+            Image {
+                manifests: vec![manifest_blob(MT_OCI_MANIFEST, &manifest)],
+                blobs: vec![config, content],
+            }
         }
         ImageFormat::OciCompat | ImageFormat::Docker => {
             let docker = format == ImageFormat::Docker;
             let tar = tar_single(PLUGIN_WASM, module);
             let diff_id = sha256_hex(&tar);
-            let layer = Blob::new(if docker { MT_DOCKER_LAYER } else { MT_OCI_LAYER_TGZ }, gzip(&tar));
+            let layer = Blob::new(
+                if docker {
+                    MT_DOCKER_LAYER
+                } else {
+                    MT_OCI_LAYER_TGZ
+                },
+                gzip(&tar),
+            );
             let config = Blob::new(
-                if docker { MT_DOCKER_CONFIG } else { MT_OCI_CONFIG },
+                if docker {
+                    MT_DOCKER_CONFIG
+                } else {
+                    MT_OCI_CONFIG
+                },
                 serde_json::to_vec(&json!({
                     "architecture": "amd64",
                     "os": "linux",
@@ -299,8 +331,15 @@ pub fn build_image(name: &str, module: &[u8], format: ImageFormat) -> Image {
                     "annotations": {"module.wasm.image/variant": "compat"},
                 })
             };
-            let mt = if docker { MT_DOCKER_MANIFEST } else { MT_OCI_MANIFEST };
-            Image { manifests: vec![manifest_blob(mt, &manifest)], blobs: vec![config, layer] }
+            let mt = if docker {
+                MT_DOCKER_MANIFEST
+            } else {
+                MT_OCI_MANIFEST
+            };
+            Image {
+                manifests: vec![manifest_blob(mt, &manifest)],
+                blobs: vec![config, layer],
+            }
         }
         ImageFormat::OciIndex => {
             let arm = build_image(name, module, ImageFormat::OciCompat);
@@ -340,7 +379,11 @@ mod tests {
         for size in [0u64, 30, 100, 127, 128, 129, 140, 16_384, 16_390, 2 << 20] {
             let b = module_bytes("v1", Some(size), false);
             assert!(b.len() as u64 >= size.min(small.len() as u64));
-            assert!(b.len() as u64 <= size.max(small.len() as u64) + 1, "size {size} gave {}", b.len());
+            assert!(
+                b.len() as u64 <= size.max(small.len() as u64) + 1,
+                "size {size} gave {}",
+                b.len()
+            );
             // The section length is consistent with the total length.
             let (mut len, mut shift, mut i) = (0u64, 0, 9);
             loop {
@@ -359,14 +402,30 @@ mod tests {
 
     #[test]
     fn bytes_are_deterministic_and_differ_by_name() {
-        assert_eq!(module_bytes("a", Some(1000), false), module_bytes("a", Some(1000), false));
-        assert_ne!(module_bytes("a", None, false), module_bytes("b", None, false));
+        assert_eq!(
+            module_bytes("a", Some(1000), false),
+            module_bytes("a", Some(1000), false)
+        );
+        assert_ne!(
+            module_bytes("a", None, false),
+            module_bytes("b", None, false)
+        );
         let junk = module_bytes("junk", Some(64), true);
         assert_eq!(junk.len(), 64);
         assert_ne!(&junk[..4], b"\0asm");
-        for f in [ImageFormat::OciArtifact, ImageFormat::OciArtifactSingle, ImageFormat::OciCompat, ImageFormat::Docker, ImageFormat::OciIndex] {
+        for f in [
+            ImageFormat::OciArtifact,
+            ImageFormat::OciArtifactSingle,
+            ImageFormat::OciCompat,
+            ImageFormat::Docker,
+            ImageFormat::OciIndex,
+        ] {
             let m = module_bytes("a", None, false);
-            assert_eq!(build_image("a", &m, f).top(), build_image("a", &m, f).top(), "{f:?}");
+            assert_eq!(
+                build_image("a", &m, f).top(),
+                build_image("a", &m, f).top(),
+                "{f:?}"
+            );
         }
     }
 
@@ -374,7 +433,9 @@ mod tests {
     fn archives_hold_the_module() {
         let m = module_bytes("x", Some(5000), false);
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&Encoding::Gzip.encode(&m)[..]).read_to_end(&mut out).unwrap();
+        flate2::read::GzDecoder::new(&Encoding::Gzip.encode(&m)[..])
+            .read_to_end(&mut out)
+            .unwrap();
         assert_eq!(out, m);
         let tgz = Encoding::TarGz.encode(&m);
         let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(&tgz[..]));
@@ -388,14 +449,31 @@ mod tests {
     #[test]
     fn image_manifests_reference_their_blobs() {
         let m = module_bytes("a", None, false);
-        for f in [ImageFormat::OciArtifact, ImageFormat::OciArtifactSingle, ImageFormat::OciCompat, ImageFormat::Docker] {
+        for f in [
+            ImageFormat::OciArtifact,
+            ImageFormat::OciArtifactSingle,
+            ImageFormat::OciCompat,
+            ImageFormat::Docker,
+        ] {
             let img = build_image("a", &m, f);
             let v: Value = serde_json::from_slice(&img.top().bytes).unwrap();
             let layers = v["layers"].as_array().unwrap();
             let last = layers.last().unwrap();
-            let digest = last["digest"].as_str().unwrap().strip_prefix("sha256:").unwrap();
-            assert!(img.blobs.iter().any(|b| b.digest == digest && b.bytes.len() as u64 == last["size"].as_u64().unwrap()));
-            let cfg = v["config"]["digest"].as_str().unwrap().strip_prefix("sha256:").unwrap();
+            let digest = last["digest"]
+                .as_str()
+                .unwrap()
+                .strip_prefix("sha256:")
+                .unwrap();
+            assert!(img
+                .blobs
+                .iter()
+                .any(|b| b.digest == digest
+                    && b.bytes.len() as u64 == last["size"].as_u64().unwrap()));
+            let cfg = v["config"]["digest"]
+                .as_str()
+                .unwrap()
+                .strip_prefix("sha256:")
+                .unwrap();
             assert!(img.blobs.iter().any(|b| b.digest == cfg));
         }
         let idx = build_image("a", &m, ImageFormat::OciIndex);

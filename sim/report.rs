@@ -92,20 +92,33 @@ pub fn run_paths(paths: &[PathBuf], opts: RunOptions) -> i32 {
 }
 
 /// [`run_paths`] with explicit outputs.
-pub fn run_paths_to(paths: &[PathBuf], opts: &RunOptions, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
+pub fn run_paths_to(
+    paths: &[PathBuf],
+    opts: &RunOptions,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> i32 {
     let report = collect(paths, opts.trace);
     let mut code = report.exit_code();
     for e in &report.errors {
         let _ = writeln!(err, "error: {e}");
     }
-    let written = if opts.json { write_json(&report, out) } else { write_text(&report, opts.trace, out) };
+    let written = if opts.json {
+        write_json(&report, out)
+    } else {
+        write_text(&report, opts.trace, out)
+    };
     if let Err(e) = written {
         let _ = writeln!(err, "error: cannot write the report: {e}");
         code = EXIT_INVALID;
     }
     if let Some(path) = &opts.junit {
         if let Err(e) = std::fs::write(path, junit_xml(&report)) {
-            let _ = writeln!(err, "error: {}: cannot write the JUnit report: {e}", path.display());
+            let _ = writeln!(
+                err,
+                "error: {}: cannot write the JUnit report: {e}",
+                path.display()
+            );
             code = EXIT_INVALID;
         }
     }
@@ -117,10 +130,16 @@ pub fn run_paths_to(paths: &[PathBuf], opts: &RunOptions, out: &mut dyn Write, e
 pub fn collect(paths: &[PathBuf], keep_trace: bool) -> Report {
     if tokio::runtime::Handle::try_current().is_ok() {
         return std::thread::scope(|s| {
-            s.spawn(|| collect_here(paths, keep_trace)).join().unwrap_or_else(|_| Report {
-                errors: vec![FileError { file: "(sim)".into(), step: None, message: "the simulator panicked".into() }],
-                ..Report::default()
-            })
+            s.spawn(|| collect_here(paths, keep_trace))
+                .join()
+                .unwrap_or_else(|_| Report {
+                    errors: vec![FileError {
+                        file: "(sim)".into(),
+                        step: None,
+                        message: "the simulator panicked".into(),
+                    }],
+                    ..Report::default()
+                })
         });
     }
     collect_here(paths, keep_trace)
@@ -129,20 +148,32 @@ pub fn collect(paths: &[PathBuf], keep_trace: bool) -> Report {
 fn collect_here(paths: &[PathBuf], keep_trace: bool) -> Report {
     let mut report = Report::default();
     if paths.is_empty() {
-        report.errors.push(FileError { file: "(arguments)".into(), step: None, message: "no scenario PATH given".into() });
+        report.errors.push(FileError {
+            file: "(arguments)".into(),
+            step: None,
+            message: "no scenario PATH given".into(),
+        });
     }
     for path in paths {
         let files = match scenario_files(path) {
             Ok(f) => f,
             Err(message) => {
-                report.errors.push(FileError { file: path.display().to_string(), step: None, message });
+                report.errors.push(FileError {
+                    file: path.display().to_string(),
+                    step: None,
+                    message,
+                });
                 continue;
             }
         };
         for file in files {
             let shown = file.display().to_string();
             match load(&file) {
-                Err(e) => report.errors.push(FileError { file: shown, step: e.step, message: e.message }),
+                Err(e) => report.errors.push(FileError {
+                    file: shown,
+                    step: e.step,
+                    message: e.message,
+                }),
                 Ok(scenario) => {
                     let run = run_guarded(&scenario);
                     let passed = run.passed();
@@ -167,8 +198,25 @@ fn collect_here(paths: &[PathBuf], keep_trace: bool) -> Report {
 }
 
 fn load(file: &Path) -> Result<super::scenario::Scenario, LoadError> {
-    let text = std::fs::read_to_string(file).map_err(|e| LoadError { step: None, message: format!("cannot read: {e}") })?;
-    parse_scenario(&text)
+    let text = std::fs::read_to_string(file).map_err(|e| LoadError {
+        step: None,
+        message: format!("cannot read: {e}"),
+    })?;
+    // Parsing never panics by design; should it, the file is reported, not the whole run lost.
+    std::panic::catch_unwind(|| parse_scenario(&text)).unwrap_or_else(|payload| {
+        Err(LoadError {
+            step: None,
+            message: format!("internal error: {}", panic_message(&*payload)),
+        })
+    })
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// Runs a scenario; a panic in the code under test fails the scenario instead of ending the run.
@@ -176,11 +224,7 @@ fn run_guarded(scenario: &super::scenario::Scenario) -> ScenarioRun {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_scenario(scenario))) {
         Ok(run) => run,
         Err(payload) => {
-            let msg = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
+            let msg = panic_message(&*payload);
             ScenarioRun {
                 failures: vec![CheckFailure {
                     step: 0,
@@ -213,14 +257,20 @@ fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<(), String> 
     if depth > MAX_DEPTH {
         return Err(format!("{}: directories nested too deep", dir.display()));
     }
-    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: cannot read: {e}", dir.display()))?;
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| format!("{}: cannot read: {e}", dir.display()))?;
     for entry in entries {
         let entry = entry.map_err(|e| format!("{}: cannot read: {e}", dir.display()))?;
         let path = entry.path();
-        let meta = std::fs::metadata(&path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        let meta = std::fs::metadata(&path)
+            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
         if meta.is_dir() {
             walk(&path, depth + 1, out)?;
-        } else if path.extension().and_then(|e| e.to_str()).is_some_and(|e| e == "yaml" || e == "yml") {
+        } else if path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e == "yaml" || e == "yml")
+        {
             out.push(path);
         }
     }
@@ -235,7 +285,13 @@ fn write_text(report: &Report, trace: bool, out: &mut dyn Write) -> std::io::Res
                 writeln!(out, "{l}")?;
             }
         }
-        writeln!(out, "{} {}: {}", if s.passed { "PASS" } else { "FAIL" }, s.file, s.name)?;
+        writeln!(
+            out,
+            "{} {}: {}",
+            if s.passed { "PASS" } else { "FAIL" },
+            s.file,
+            s.name
+        )?;
         for f in &s.failures {
             writeln!(out, "    {f}")?;
         }
@@ -303,7 +359,10 @@ pub fn junit_xml(report: &Report) -> String {
             ));
         }
         if let Some(trace) = &s.trace {
-            x.push_str(&format!("      <system-out>{}</system-out>\n", xml_escape(&trace.join("\n"))));
+            x.push_str(&format!(
+                "      <system-out>{}</system-out>\n",
+                xml_escape(&trace.join("\n"))
+            ));
         }
         x.push_str("    </testcase>\n");
     }

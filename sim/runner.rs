@@ -17,8 +17,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::scenario::{
-    DeleteTarget, Expect, RequestExpect, Scenario, Step, Target, OUTCOME_NONE, SERVES_ABSENT, SERVES_ALLOW_ALL,
-    SERVES_DENY_ALL,
+    DeleteTarget, Expect, RequestExpect, Scenario, Step, Target, OUTCOME_NONE, SERVES_ABSENT,
+    SERVES_ALLOW_ALL, SERVES_DENY_ALL,
 };
 use super::world::SimWorld;
 use crate::clock::{Clock, ManualClock, Timestamp};
@@ -51,7 +51,11 @@ impl std::fmt::Display for CheckFailure {
         if self.check == "error" {
             write!(f, "step {}: error: {}", self.step, self.actual)
         } else {
-            write!(f, "step {}: {}: expected {}, got {}", self.step, self.check, self.expected, self.actual)
+            write!(
+                f,
+                "step {}: {}: expected {}, got {}",
+                self.step, self.check, self.expected, self.actual
+            )
         }
     }
 }
@@ -74,7 +78,10 @@ impl ScenarioRun {
 /// Runs a loaded scenario to its end or its first failing step. Must not be called from inside a
 /// tokio runtime (it starts its own).
 pub fn run_scenario(scenario: &Scenario) -> ScenarioRun {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return error_run(0, format!("cannot start the runtime: {e}"), Vec::new()),
     };
@@ -84,16 +91,27 @@ pub fn run_scenario(scenario: &Scenario) -> ScenarioRun {
             Err(e) => return error_run(0, e, Vec::new()),
         };
         let failures = runner.run().await;
-        ScenarioRun { failures, trace: runner.trace }
+        ScenarioRun {
+            failures,
+            trace: runner.trace,
+        }
     })
 }
 
 fn error_run(step: usize, message: String, trace: Vec<String>) -> ScenarioRun {
-    ScenarioRun { failures: vec![step_error(step, message)], trace }
+    ScenarioRun {
+        failures: vec![step_error(step, message)],
+        trace,
+    }
 }
 
 fn step_error(step: usize, message: String) -> CheckFailure {
-    CheckFailure { step, check: "error".into(), expected: "the step to run".into(), actual: message }
+    CheckFailure {
+        step,
+        check: "error".into(),
+        expected: "the step to run".into(),
+        actual: message,
+    }
 }
 
 /// One trace line: `[  12.500s] text`.
@@ -135,7 +153,10 @@ impl<'a> Runner<'a> {
             outcomes: BTreeMap::new(),
             expired: BTreeSet::new(),
         };
-        r.log(Timestamp::ZERO, format!("scenario {:?} (seed {})", s.name, s.seed));
+        r.log(
+            Timestamp::ZERO,
+            format!("scenario {:?} (seed {})", s.name, s.seed),
+        );
         Ok(r)
     }
 
@@ -149,7 +170,9 @@ impl<'a> Runner<'a> {
 
     /// The module of the scenario with these bytes' sha256.
     fn module_name(&self, sha256: &str) -> String {
-        self.s.module_by_sha256(sha256).map_or_else(|| UNKNOWN_MODULE.to_string(), str::to_string)
+        self.s
+            .module_by_sha256(sha256)
+            .map_or_else(|| UNKNOWN_MODULE.to_string(), str::to_string)
     }
 
     async fn run(&mut self) -> Vec<CheckFailure> {
@@ -157,7 +180,9 @@ impl<'a> Runner<'a> {
             let n = index + 1;
             let world = self.world.clone();
             let digest = move |r: &crate::url::OciRef| {
-                world.digest(r).ok_or_else(|| format!("${{digest:oci://{r}}}: nothing is published at oci://{r}"))
+                world.digest(r).ok_or_else(|| {
+                    format!("${{digest:oci://{r}}}: nothing is published at oci://{r}")
+                })
             };
             let step = match self.s.step(index, &digest) {
                 Ok(step) => step,
@@ -191,7 +216,9 @@ impl<'a> Runner<'a> {
             self.drain();
             rounds += 1;
             if rounds > MAX_DEADLINES_PER_STEP {
-                return Err(format!("background work does not settle after {MAX_DEADLINES_PER_STEP} rounds"));
+                return Err(format!(
+                    "background work does not settle after {MAX_DEADLINES_PER_STEP} rounds"
+                ));
             }
         }
         Ok(())
@@ -223,21 +250,41 @@ impl<'a> Runner<'a> {
     /// Moves the world's and the engine's events into the trace, in time order (requests before the
     /// processing they belong to), and records outcomes and expiries for `expect`.
     fn drain(&mut self) {
-        let mut items: Vec<(Timestamp, u8, String)> =
-            self.world.take_events().into_iter().map(|e| (e.at, 0, e.text)).collect();
+        let mut items: Vec<(Timestamp, u8, String)> = self
+            .world
+            .take_events()
+            .into_iter()
+            .map(|e| (e.at, 0, e.text))
+            .collect();
         for e in self.engine.take_events() {
             let (at, text) = match e {
-                Event::Processed { at, plugin, version, outcome, detail } => {
-                    let version = version.map(|v| format!(" (resource version {v})")).unwrap_or_default();
+                Event::Processed {
+                    at,
+                    plugin,
+                    version,
+                    outcome,
+                    detail,
+                } => {
+                    let version = version
+                        .map(|v| format!(" (resource version {v})"))
+                        .unwrap_or_default();
                     let detail = detail.map(|d| format!(": {d}")).unwrap_or_default();
                     let text = format!("process {plugin}{version}: {outcome}{detail}");
                     self.outcomes.insert(plugin, outcome);
                     (at, text)
                 }
-                Event::ServingChanged { at, plugin, serving } => {
+                Event::ServingChanged {
+                    at,
+                    plugin,
+                    serving,
+                } => {
                     let what = match serving {
                         None => "removed".to_string(),
-                        Some(Serving::Module(m)) => format!("module {} (sha256 {})", self.module_name(&m.sha256), short(&m.sha256)),
+                        Some(Serving::Module(m)) => format!(
+                            "module {} (sha256 {})",
+                            self.module_name(&m.sha256),
+                            short(&m.sha256)
+                        ),
                         Some(other) => other.describe(),
                     };
                     (at, format!("push {plugin}: {what}"))
@@ -248,7 +295,9 @@ impl<'a> Runner<'a> {
                     self.expired.insert(name);
                     (at, text)
                 }
-                Event::RetryScheduled { at, plugin, due } => (at, format!("retry {plugin} scheduled for {due}")),
+                Event::RetryScheduled { at, plugin, due } => {
+                    (at, format!("retry {plugin} scheduled for {due}"))
+                }
             };
             items.push((at, 1, text));
         }
@@ -261,23 +310,38 @@ impl<'a> Runner<'a> {
     async fn step(&mut self, n: usize, step: Step) -> Result<(), Vec<CheckFailure>> {
         let err = |m: String| vec![step_error(n, m)];
         match step {
-            Step::Publish { target, module, format, encoding } => {
+            Step::Publish {
+                target,
+                module,
+                format,
+                encoding,
+            } => {
                 let bytes = &self.s.modules[&module].bytes;
                 match &target {
                     Target::Oci(r) => {
                         let digest = self.world.publish_oci(r, &module, bytes, format);
-                        self.log(self.now(), format!("oci://{r} now points at manifest sha256:{digest}"));
+                        self.log(
+                            self.now(),
+                            format!("oci://{r} now points at manifest sha256:{digest}"),
+                        );
                     }
-                    Target::Http { authority, path, .. } => self.world.publish_http(authority, path, encoding.encode(bytes)),
+                    Target::Http {
+                        authority, path, ..
+                    } => self
+                        .world
+                        .publish_http(authority, path, encoding.encode(bytes)),
                     Target::File(path) => self.files.put(path, encoding.encode(bytes)),
                 }
             }
             Step::Unpublish { target } => {
                 let existed = match &target {
                     Target::Oci(r) => self.world.unpublish_oci(r),
-                    Target::Http { authority, path, .. } => self.world.unpublish_http(authority, path),
+                    Target::Http {
+                        authority, path, ..
+                    } => self.world.unpublish_http(authority, path),
                     Target::File(path) => {
-                        let existed = crate::store::FileSource::open(self.files.as_ref(), path).is_ok();
+                        let existed =
+                            crate::store::FileSource::open(self.files.as_ref(), path).is_ok();
                         self.files.remove(path);
                         existed
                     }
@@ -306,7 +370,11 @@ impl<'a> Runner<'a> {
             Step::Recover { host } => {
                 self.world.recover(&host);
             }
-            Step::RequireAuth { host, username, password } => self.world.require_auth(&host, &username, &password),
+            Step::RequireAuth {
+                host,
+                username,
+                password,
+            } => self.world.require_auth(&host, &username, &password),
             Step::Advance(d) => self.advance(d).await.map_err(err)?,
             Step::Restart { keep_cache } => self.restart(keep_cache).await.map_err(err)?,
             Step::Expect(e) => {
@@ -316,7 +384,10 @@ impl<'a> Runner<'a> {
                 if !failures.is_empty() {
                     return Err(failures);
                 }
-                self.log(self.now(), format!("expect: {} checks passed", e.check_count()));
+                self.log(
+                    self.now(),
+                    format!("expect: {} checks passed", e.check_count()),
+                );
             }
         }
         Ok(())
@@ -327,8 +398,13 @@ impl<'a> Runner<'a> {
         let now = self.now();
         match change {
             Change::PluginCreated(k) | Change::PluginChanged(k) => {
-                let Some(vp) = self.objects.plugin(&k).cloned() else { return };
-                self.log(now, format!("{k} is now at resource version {}", vp.version));
+                let Some(vp) = self.objects.plugin(&k).cloned() else {
+                    return;
+                };
+                self.log(
+                    now,
+                    format!("{k} is now at resource version {}", vp.version),
+                );
                 self.engine.upsert_plugin(&vp).await;
             }
             Change::PluginDeleted(k) => {
@@ -336,7 +412,9 @@ impl<'a> Runner<'a> {
                 self.engine.remove_plugin(&k);
             }
             Change::SecretApplied(k) => {
-                let Some(secret) = self.objects.secrets().get(&k).cloned() else { return };
+                let Some(secret) = self.objects.secrets().get(&k).cloned() else {
+                    return;
+                };
                 self.log(now, format!("secret {k} applied"));
                 self.engine.upsert_secret(secret).await;
             }
@@ -344,8 +422,14 @@ impl<'a> Runner<'a> {
                 self.log(now, format!("secret {k} deleted"));
                 self.engine.remove_secret(&k).await;
             }
-            Change::Unchanged(k) => self.log(now, format!("{k} unchanged (no new resource version)")),
-            Change::Refused { key: Some(k), is_plugin: true, error } => {
+            Change::Unchanged(k) => {
+                self.log(now, format!("{k} unchanged (no new resource version)"))
+            }
+            Change::Refused {
+                key: Some(k),
+                is_plugin: true,
+                error,
+            } => {
                 self.log(now, format!("{k} refused: {error}"));
                 self.engine.record_invalid(&k, &error.field, &error.message);
             }
@@ -362,13 +446,20 @@ impl<'a> Runner<'a> {
         // A graceful shutdown persists the cache index (usage times included).
         self.engine.cache().flush();
         if !keep_cache {
-            self.store.wipe().map_err(|e| format!("restart: cannot wipe the cache: {e}"))?;
+            self.store
+                .wipe()
+                .map_err(|e| format!("restart: cannot wipe the cache: {e}"))?;
         }
-        let (engine, report) = new_engine(self.s, &self.clock, &self.world, &self.store, &self.files)?;
+        let (engine, report) =
+            new_engine(self.s, &self.clock, &self.world, &self.store, &self.files)?;
         self.engine = engine;
         self.log(
             self.now(),
-            format!("server restarted: {} cached modules kept, {} files removed", report.kept, report.removed.len()),
+            format!(
+                "server restarted: {} cached modules kept, {} files removed",
+                report.kept,
+                report.removed.len()
+            ),
         );
         for secret in self.objects.secrets().values().cloned().collect::<Vec<_>>() {
             self.engine.upsert_secret(secret).await;
@@ -396,16 +487,27 @@ impl<'a> Runner<'a> {
         let mut failures = Vec::new();
         let mut check = |check: String, expected: String, actual: String| {
             if expected != actual {
-                failures.push(CheckFailure { step: n, check, expected, actual });
+                failures.push(CheckFailure {
+                    step: n,
+                    check,
+                    expected,
+                    actual,
+                });
             }
         };
         for (k, p) in &e.plugins {
             let last = self.outcomes.get(k);
             if let Some(o) = &p.outcome {
-                check(format!("plugins.{k}.outcome"), o.clone(), last.map_or(OUTCOME_NONE, |o| o.name()).to_string());
+                check(
+                    format!("plugins.{k}.outcome"),
+                    o.clone(),
+                    last.map_or(OUTCOME_NONE, |o| o.name()).to_string(),
+                );
             }
             if let Some(r) = &p.reason {
-                let actual = last.and_then(Outcome::reason).unwrap_or_else(|| "(no reason)".into());
+                let actual = last
+                    .and_then(Outcome::reason)
+                    .unwrap_or_else(|| "(no reason)".into());
                 check(format!("plugins.{k}.reason"), r.clone(), actual);
             }
             if let Some(s) = &p.serves {
@@ -413,7 +515,12 @@ impl<'a> Runner<'a> {
             }
         }
         if let Some(want) = &e.cache {
-            let have: BTreeSet<String> = self.engine.cache().entries().map(|(_, entry)| self.module_name(&entry.sha256)).collect();
+            let have: BTreeSet<String> = self
+                .engine
+                .cache()
+                .entries()
+                .map(|(_, entry)| self.module_name(&entry.sha256))
+                .collect();
             check("cache".into(), list(want), list(&have));
         }
         if let Some(want) = &e.expired {
@@ -423,11 +530,27 @@ impl<'a> Runner<'a> {
         for (host, want) in &e.requests {
             let have = counts.get(host).copied().unwrap_or_default();
             match want {
-                RequestExpect::Total(t) => check(format!("requests.{host}"), t.to_string(), have.total().to_string()),
-                RequestExpect::Kinds { manifest, blob, get } => {
-                    for (kind, want, have) in [("manifest", manifest, have.manifest), ("blob", blob, have.blob), ("get", get, have.get)] {
+                RequestExpect::Total(t) => check(
+                    format!("requests.{host}"),
+                    t.to_string(),
+                    have.total().to_string(),
+                ),
+                RequestExpect::Kinds {
+                    manifest,
+                    blob,
+                    get,
+                } => {
+                    for (kind, want, have) in [
+                        ("manifest", manifest, have.manifest),
+                        ("blob", blob, have.blob),
+                        ("get", get, have.get),
+                    ] {
                         if let Some(w) = want {
-                            check(format!("requests.{host}.{kind}"), w.to_string(), have.to_string());
+                            check(
+                                format!("requests.{host}.{kind}"),
+                                w.to_string(),
+                                have.to_string(),
+                            );
                         }
                     }
                 }
@@ -436,7 +559,10 @@ impl<'a> Runner<'a> {
         if !e.metrics.is_empty() {
             let samples = self.engine.metrics().samples();
             for (series, want) in &e.metrics {
-                let have = samples.get(&normalize_series(series)).copied().unwrap_or(0.0);
+                let have = samples
+                    .get(&normalize_series(series))
+                    .copied()
+                    .unwrap_or(0.0);
                 check(format!("metrics.{series}"), number(*want), number(have));
             }
         }
@@ -483,7 +609,12 @@ fn number(v: f64) -> String {
 /// One line describing a step for the trace (credentials left out).
 fn describe(step: &Step) -> String {
     match step {
-        Step::Publish { target, module, format, encoding } => match target {
+        Step::Publish {
+            target,
+            module,
+            format,
+            encoding,
+        } => match target {
             Target::Oci(_) => format!("publish {module} at {target} ({})", format.as_str()),
             _ => format!("publish {module} at {target} ({})", encoding.as_str()),
         },
@@ -491,19 +622,34 @@ fn describe(step: &Step) -> String {
         Step::Apply(v) => {
             let kind = v.get("kind").and_then(Value::as_str).unwrap_or("?");
             let meta = v.get("metadata");
-            let name = meta.and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or("?");
-            let ns = meta.and_then(|m| m.get("namespace")).and_then(Value::as_str).unwrap_or(crate::plugin::DEFAULT_NAMESPACE);
+            let name = meta
+                .and_then(|m| m.get("name"))
+                .and_then(Value::as_str)
+                .unwrap_or("?");
+            let ns = meta
+                .and_then(|m| m.get("namespace"))
+                .and_then(Value::as_str)
+                .unwrap_or(crate::plugin::DEFAULT_NAMESPACE);
             format!("apply {kind} {ns}/{name}")
         }
         Step::Edit { plugin, patch } => format!("edit {plugin} {patch}"),
         Step::Delete(DeleteTarget::Plugin(k)) => format!("delete plugin {k}"),
         Step::Delete(DeleteTarget::Secret(k)) => format!("delete secret {k}"),
         Step::Fail(r) => {
-            let times = r.times.map_or_else(|| "until recover".to_string(), |t| format!("{t} times"));
-            format!("fail {} {} requests with {} ({times})", r.host, r.kind.as_str(), r.mode)
+            let times = r
+                .times
+                .map_or_else(|| "until recover".to_string(), |t| format!("{t} times"));
+            format!(
+                "fail {} {} requests with {} ({times})",
+                r.host,
+                r.kind.as_str(),
+                r.mode
+            )
         }
         Step::Recover { host } => format!("recover {host}"),
-        Step::RequireAuth { host, username, .. } => format!("require_auth {host} (user {username})"),
+        Step::RequireAuth { host, username, .. } => {
+            format!("require_auth {host} (user {username})")
+        }
         Step::Advance(d) => format!("advance {}", humantime::format_duration(*d)),
         Step::Restart { keep_cache } => format!("restart (keepCache: {keep_cache})"),
         Step::Expect(e) => format!("expect ({} checks)", e.check_count()),

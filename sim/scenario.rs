@@ -29,8 +29,24 @@ pub const SERVES_ALLOW_ALL: &str = "allow-all";
 pub const SERVES_ABSENT: &str = "absent";
 /// The `outcome` of a plugin that was not processed since the previous `expect`.
 pub const OUTCOME_NONE: &str = "none";
-const OUTCOMES: [&str; 6] = ["pulled", "revalidated", "cached", "rejected", "invalid", OUTCOME_NONE];
-const RESERVED_MODULE_NAMES: [&str; 4] = [SERVES_DENY_ALL, SERVES_ALLOW_ALL, SERVES_ABSENT, OUTCOME_NONE];
+const OUTCOMES: [&str; 6] = [
+    "pulled",
+    "revalidated",
+    "cached",
+    "rejected",
+    "invalid",
+    OUTCOME_NONE,
+];
+const RESERVED_MODULE_NAMES: [&str; 4] = [
+    SERVES_DENY_ALL,
+    SERVES_ALLOW_ALL,
+    SERVES_ABSENT,
+    OUTCOME_NONE,
+];
+/// The largest module the simulator builds (modules are held in memory).
+pub const MAX_MODULE_SIZE: u64 = 512 << 20;
+/// The longest duration a scenario may name (100 years): virtual time never overflows.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 /// Stands in for a manifest digest at load time.
 const PLACEHOLDER_DIGEST: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -52,7 +68,10 @@ impl std::fmt::Display for LoadError {
 }
 
 fn top_error(message: impl Into<String>) -> LoadError {
-    LoadError { step: None, message: message.into() }
+    LoadError {
+        step: None,
+        message: message.into(),
+    }
 }
 
 /// A module the world knows: its deterministic bytes and their hex sha256.
@@ -78,18 +97,32 @@ pub struct Scenario {
 impl Scenario {
     /// The module whose bytes have this sha256.
     pub fn module_by_sha256(&self, sha256: &str) -> Option<&str> {
-        self.modules.iter().find(|(_, m)| m.sha256 == sha256).map(|(n, _)| n.as_str())
+        self.modules
+            .iter()
+            .find(|(_, m)| m.sha256 == sha256)
+            .map(|(n, _)| n.as_str())
     }
 
     /// Parses step `index` (0-based) after substituting `${…}` with `digest` resolving
     /// `${digest:REF}` (an error message when the reference is not published).
-    pub fn step(&self, index: usize, digest: &dyn Fn(&OciRef) -> Result<String, String>) -> Result<Step, String> {
-        let raw = self.steps.get(index).ok_or_else(|| format!("no step {}", index + 1))?;
+    pub fn step(
+        &self,
+        index: usize,
+        digest: &dyn Fn(&OciRef) -> Result<String, String>,
+    ) -> Result<Step, String> {
+        let raw = self
+            .steps
+            .get(index)
+            .ok_or_else(|| format!("no step {}", index + 1))?;
         let substituted = substitute(raw, &mut |expr| self.evaluate(expr, digest))?;
         parse_step(&substituted, &self.modules)
     }
 
-    fn evaluate(&self, expr: &Substitution, digest: &dyn Fn(&OciRef) -> Result<String, String>) -> Result<String, String> {
+    fn evaluate(
+        &self,
+        expr: &Substitution,
+        digest: &dyn Fn(&OciRef) -> Result<String, String>,
+    ) -> Result<String, String> {
         match expr {
             Substitution::Sha256(name) => self
                 .modules
@@ -142,7 +175,9 @@ struct RawModule {
 /// Parses and validates a scenario document.
 pub fn parse_scenario(text: &str) -> Result<Scenario, LoadError> {
     if text.trim().is_empty() {
-        return Err(top_error("empty file (want a scenario with name, modules and steps)"));
+        return Err(top_error(
+            "empty file (want a scenario with name, modules and steps)",
+        ));
     }
     let de = serde_yaml_ng::Deserializer::from_str(text);
     let raw: RawScenario = serde_path_to_error::deserialize(de).map_err(|e| {
@@ -166,16 +201,29 @@ pub fn parse_scenario(text: &str) -> Result<Scenario, LoadError> {
             return Err(top_error(format!("modules: invalid module name {name:?}")));
         }
         if RESERVED_MODULE_NAMES.contains(&name.as_str()) {
-            return Err(top_error(format!("modules.{name}: {name:?} is reserved (it is a value of expect serves/outcome)")));
+            return Err(top_error(format!(
+                "modules.{name}: {name:?} is reserved (it is a value of expect serves/outcome)"
+            )));
         }
         let size = match &m.size {
             None => None,
-            Some(v) => Some(size_value(v).map_err(|e| top_error(format!("modules.{name}.size: {e}")))?),
+            Some(v) => {
+                let size =
+                    size_value(v).map_err(|e| top_error(format!("modules.{name}.size: {e}")))?;
+                if size > MAX_MODULE_SIZE {
+                    return Err(top_error(format!(
+                        "modules.{name}.size: at most 512Mi (modules are held in memory)"
+                    )));
+                }
+                Some(size)
+            }
         };
         let bytes = module_bytes(&name, size, m.invalid);
         let sha256 = sha256_hex(&bytes);
         if let Some(other) = by_bytes.insert(sha256.clone(), name.clone()) {
-            return Err(top_error(format!("modules: {other} and {name} have the same bytes")));
+            return Err(top_error(format!(
+                "modules: {other} and {name} have the same bytes"
+            )));
         }
         modules.insert(name, Module { bytes, sha256 });
     }
@@ -189,7 +237,10 @@ pub fn parse_scenario(text: &str) -> Result<Scenario, LoadError> {
     };
     // Validate every step now, with placeholder digests.
     for (i, raw) in scenario.steps.iter().enumerate() {
-        let err = |message: String| LoadError { step: Some(i + 1), message };
+        let err = |message: String| LoadError {
+            step: Some(i + 1),
+            message,
+        };
         let substituted = substitute(raw, &mut |expr| match expr {
             Substitution::Sha256(name) => scenario
                 .modules
@@ -206,15 +257,20 @@ pub fn parse_scenario(text: &str) -> Result<Scenario, LoadError> {
 
 fn build_config(o: &RawOptions) -> Result<Config, LoadError> {
     let mut c = Config::default();
-    let duration = |field: &str, v: &Option<String>, slot: &mut Duration| -> Result<(), LoadError> {
-        if let Some(s) = v {
-            *slot = parse_go_duration(field, s).map_err(|e| top_error(format!("options.{field}: {}", e.why)))?;
-        }
-        Ok(())
-    };
+    let duration =
+        |field: &str, v: &Option<String>, slot: &mut Duration| -> Result<(), LoadError> {
+            if let Some(s) = v {
+                *slot = sim_duration(s).map_err(|e| top_error(format!("options.{field}: {e}")))?;
+            }
+            Ok(())
+        };
     duration("moduleExpiry", &o.module_expiry, &mut c.module_expiry)?;
     duration("purgeInterval", &o.purge_interval, &mut c.purge_interval)?;
-    duration("httpRequestTimeout", &o.http_request_timeout, &mut c.http_request_timeout)?;
+    duration(
+        "httpRequestTimeout",
+        &o.http_request_timeout,
+        &mut c.http_request_timeout,
+    )?;
     if c.purge_interval < Duration::from_millis(1) {
         return Err(top_error("options.purgeInterval: must be at least 1ms"));
     }
@@ -225,7 +281,8 @@ fn build_config(o: &RawOptions) -> Result<Config, LoadError> {
         c.insecure_registries = list.clone();
     }
     if let Some(v) = &o.max_binary_size {
-        c.max_binary_size = size_value(v).map_err(|e| top_error(format!("options.maxBinarySize: {e}")))?;
+        c.max_binary_size =
+            size_value(v).map_err(|e| top_error(format!("options.maxBinarySize: {e}")))?;
     }
     if let Some(d) = o.delivery {
         c.delivery = d;
@@ -235,12 +292,35 @@ fn build_config(o: &RawOptions) -> Result<Config, LoadError> {
     Ok(c)
 }
 
+/// A Go duration of at most [`MAX_DURATION`]. Numbers are bounded before parsing, so that no
+/// input can overflow the conversion to a [`Duration`].
+pub fn sim_duration(s: &str) -> Result<Duration, String> {
+    let longest_number = s
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .map(str::len)
+        .max()
+        .unwrap_or(0);
+    if s.len() > 64 || longest_number > 12 {
+        return Err(format!("{s:?} is too long (at most 100 years)"));
+    }
+    let d = parse_go_duration("duration", s).map_err(|e| e.why)?;
+    if d > MAX_DURATION {
+        return Err(format!("{s:?} is more than 100 years"));
+    }
+    Ok(d)
+}
+
 /// A size: a number of bytes, or a string such as `2Mi`.
 fn size_value(v: &Value) -> Result<u64, String> {
     match v {
-        Value::Number(n) => n.as_u64().ok_or_else(|| format!("{n} is not a size in bytes")),
+        Value::Number(n) => n
+            .as_u64()
+            .ok_or_else(|| format!("{n} is not a size in bytes")),
         Value::String(s) => parse_size("size", s).map_err(|e| e.why),
-        other => Err(format!("want a size such as 1024 or 2Mi, got {}", kind_of(other))),
+        other => Err(format!(
+            "want a size such as 1024 or 2Mi, got {}",
+            kind_of(other)
+        )),
     }
 }
 
@@ -274,10 +354,18 @@ const SUB_DIGEST: &str = "${digest:";
 
 /// Replaces every `${sha256:…}` and `${digest:…}` in the strings (and mapping keys) of `v`. Other
 /// `${…}` text is left alone (plugin configurations may contain it).
-pub fn substitute(v: &Value, eval: &mut dyn FnMut(&Substitution) -> Result<String, String>) -> Result<Value, String> {
+pub fn substitute(
+    v: &Value,
+    eval: &mut dyn FnMut(&Substitution) -> Result<String, String>,
+) -> Result<Value, String> {
     Ok(match v {
         Value::String(s) => Value::String(substitute_str(s, eval)?),
-        Value::Array(items) => Value::Array(items.iter().map(|i| substitute(i, eval)).collect::<Result<_, _>>()?),
+        Value::Array(items) => Value::Array(
+            items
+                .iter()
+                .map(|i| substitute(i, eval))
+                .collect::<Result<_, _>>()?,
+        ),
         Value::Object(map) => {
             let mut out = serde_json::Map::new();
             for (k, val) in map {
@@ -289,11 +377,17 @@ pub fn substitute(v: &Value, eval: &mut dyn FnMut(&Substitution) -> Result<Strin
     })
 }
 
-fn substitute_str(s: &str, eval: &mut dyn FnMut(&Substitution) -> Result<String, String>) -> Result<String, String> {
+fn substitute_str(
+    s: &str,
+    eval: &mut dyn FnMut(&Substitution) -> Result<String, String>,
+) -> Result<String, String> {
     let mut out = String::new();
     let mut rest = s;
     loop {
-        let next = [SUB_SHA256, SUB_DIGEST].iter().filter_map(|p| rest.find(p).map(|i| (i, *p))).min();
+        let next = [SUB_SHA256, SUB_DIGEST]
+            .iter()
+            .filter_map(|p| rest.find(p).map(|i| (i, *p)))
+            .min();
         let Some((at, prefix)) = next else {
             out.push_str(rest);
             return Ok(out);
@@ -327,7 +421,11 @@ fn substitute_str(s: &str, eval: &mut dyn FnMut(&Substitution) -> Result<String,
 pub enum Target {
     Oci(OciRef),
     /// `authority` is lowercase `host[:port]`; `path` includes the query.
-    Http { url: String, authority: String, path: String },
+    Http {
+        url: String,
+        authority: String,
+        path: String,
+    },
     /// `file:///path`: the absolute path.
     File(String),
 }
@@ -406,7 +504,11 @@ pub struct PluginExpect {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RequestExpect {
     Total(u64),
-    Kinds { manifest: Option<u64>, blob: Option<u64>, get: Option<u64> },
+    Kinds {
+        manifest: Option<u64>,
+        blob: Option<u64>,
+        get: Option<u64>,
+    },
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -424,16 +526,30 @@ impl Expect {
     pub fn check_count(&self) -> usize {
         self.plugins
             .values()
-            .map(|p| usize::from(p.outcome.is_some()) + usize::from(p.reason.is_some()) + usize::from(p.serves.is_some()))
+            .map(|p| {
+                usize::from(p.outcome.is_some())
+                    + usize::from(p.reason.is_some())
+                    + usize::from(p.serves.is_some())
+            })
             .sum::<usize>()
             + usize::from(self.cache.is_some())
             + usize::from(self.expired.is_some())
-            + self.requests.values().map(|r| match r {
-                RequestExpect::Total(_) => 1,
-                RequestExpect::Kinds { manifest, blob, get } => {
-                    usize::from(manifest.is_some()) + usize::from(blob.is_some()) + usize::from(get.is_some())
-                }
-            }).sum::<usize>()
+            + self
+                .requests
+                .values()
+                .map(|r| match r {
+                    RequestExpect::Total(_) => 1,
+                    RequestExpect::Kinds {
+                        manifest,
+                        blob,
+                        get,
+                    } => {
+                        usize::from(manifest.is_some())
+                            + usize::from(blob.is_some())
+                            + usize::from(get.is_some())
+                    }
+                })
+                .sum::<usize>()
             + self.metrics.len()
     }
 }
@@ -449,16 +565,34 @@ pub enum DeleteTarget {
 /// One validated step.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Step {
-    Publish { target: Target, module: String, format: ImageFormat, encoding: Encoding },
-    Unpublish { target: Target },
+    Publish {
+        target: Target,
+        module: String,
+        format: ImageFormat,
+        encoding: Encoding,
+    },
+    Unpublish {
+        target: Target,
+    },
     Apply(Value),
-    Edit { plugin: ObjectKey, patch: Value },
+    Edit {
+        plugin: ObjectKey,
+        patch: Value,
+    },
     Delete(DeleteTarget),
     Fail(FailRule),
-    Recover { host: String },
-    RequireAuth { host: String, username: String, password: String },
+    Recover {
+        host: String,
+    },
+    RequireAuth {
+        host: String,
+        username: String,
+        password: String,
+    },
     Advance(Duration),
-    Restart { keep_cache: bool },
+    Restart {
+        keep_cache: bool,
+    },
     Expect(Expect),
 }
 
@@ -597,11 +731,18 @@ fn or_empty(v: &Value) -> Value {
 /// Parses one step (substitutions already applied).
 pub fn parse_step(v: &Value, modules: &BTreeMap<String, Module>) -> Result<Step, String> {
     let Value::Object(map) = v else {
-        return Err(format!("a step is a mapping with exactly one key ({STEP_KINDS}), got {}", kind_of(v)));
+        return Err(format!(
+            "a step is a mapping with exactly one key ({STEP_KINDS}), got {}",
+            kind_of(v)
+        ));
     };
     if map.len() != 1 {
         let keys: Vec<&str> = map.keys().map(String::as_str).collect();
-        return Err(format!("a step has exactly one key, got {} ({})", keys.len(), keys.join(", ")));
+        return Err(format!(
+            "a step has exactly one key, got {} ({})",
+            keys.len(),
+            keys.join(", ")
+        ));
     }
     let (kind, arg) = map.iter().next().expect("one entry");
     let kind = kind.as_str();
@@ -610,7 +751,10 @@ pub fn parse_step(v: &Value, modules: &BTreeMap<String, Module>) -> Result<Step,
             let p: RawPublish = de(kind, arg)?;
             let target = parse_target(&p.reference).map_err(|e| format!("publish.ref: {e}"))?;
             if !modules.contains_key(&p.module) {
-                return Err(format!("publish.module: unknown module {:?} (declare it under modules)", p.module));
+                return Err(format!(
+                    "publish.module: unknown module {:?} (declare it under modules)",
+                    p.module
+                ));
             }
             match &target {
                 Target::Oci(r) => {
@@ -623,7 +767,10 @@ pub fn parse_step(v: &Value, modules: &BTreeMap<String, Module>) -> Result<Step,
                 }
                 Target::Http { .. } | Target::File(_) => {
                     if p.format.is_some() {
-                        return Err("publish.format: only for oci references (use encoding for http(s))".into());
+                        return Err(
+                            "publish.format: only for oci references (use encoding for http(s))"
+                                .into(),
+                        );
                     }
                 }
             }
@@ -641,11 +788,16 @@ pub fn parse_step(v: &Value, modules: &BTreeMap<String, Module>) -> Result<Step,
         }
         "apply" => {
             let Value::Object(obj) = arg else {
-                return Err(format!("apply: want a Kubernetes manifest (a mapping), got {}", kind_of(arg)));
+                return Err(format!(
+                    "apply: want a Kubernetes manifest (a mapping), got {}",
+                    kind_of(arg)
+                ));
             };
             match obj.get("kind").and_then(Value::as_str) {
                 Some("WasmPlugin") | Some("Secret") => Ok(Step::Apply(arg.clone())),
-                Some(other) => Err(format!("apply.kind: {other:?} is neither WasmPlugin nor Secret")),
+                Some(other) => Err(format!(
+                    "apply.kind: {other:?} is neither WasmPlugin nor Secret"
+                )),
                 None => Err("apply.kind: missing (want WasmPlugin or Secret)".into()),
             }
         }
@@ -653,15 +805,25 @@ pub fn parse_step(v: &Value, modules: &BTreeMap<String, Module>) -> Result<Step,
             let e: RawEdit = de(kind, arg)?;
             let plugin = parse_key(&e.plugin).map_err(|m| format!("edit.plugin: {m}"))?;
             if !e.patch.is_object() {
-                return Err(format!("edit.patch: want a JSON merge patch (a mapping), got {}", kind_of(&e.patch)));
+                return Err(format!(
+                    "edit.patch: want a JSON merge patch (a mapping), got {}",
+                    kind_of(&e.patch)
+                ));
             }
-            Ok(Step::Edit { plugin, patch: e.patch })
+            Ok(Step::Edit {
+                plugin,
+                patch: e.patch,
+            })
         }
         "delete" => {
             let d: RawDelete = de(kind, arg)?;
             match (d.plugin, d.secret) {
-                (Some(p), None) => Ok(Step::Delete(DeleteTarget::Plugin(parse_key(&p).map_err(|m| format!("delete.plugin: {m}"))?))),
-                (None, Some(s)) => Ok(Step::Delete(DeleteTarget::Secret(parse_key(&s).map_err(|m| format!("delete.secret: {m}"))?))),
+                (Some(p), None) => Ok(Step::Delete(DeleteTarget::Plugin(
+                    parse_key(&p).map_err(|m| format!("delete.plugin: {m}"))?,
+                ))),
+                (None, Some(s)) => Ok(Step::Delete(DeleteTarget::Secret(
+                    parse_key(&s).map_err(|m| format!("delete.secret: {m}"))?,
+                ))),
                 _ => Err("delete: want exactly one of plugin or secret".into()),
             }
         }
@@ -670,13 +832,23 @@ pub fn parse_step(v: &Value, modules: &BTreeMap<String, Module>) -> Result<Step,
             let host = parse_host(&f.host).map_err(|m| format!("fail.host: {m}"))?;
             let mode = parse_fail_mode(&f.error).map_err(|m| format!("fail.error: {m}"))?;
             if f.times == Some(0) {
-                return Err("fail.times: must be at least 1 (leave it out for all requests until recover)".into());
+                return Err(
+                    "fail.times: must be at least 1 (leave it out for all requests until recover)"
+                        .into(),
+                );
             }
-            Ok(Step::Fail(FailRule { host, kind: f.kind.unwrap_or(KindFilter::Any), mode, times: f.times }))
+            Ok(Step::Fail(FailRule {
+                host,
+                kind: f.kind.unwrap_or(KindFilter::Any),
+                mode,
+                times: f.times,
+            }))
         }
         "recover" => {
             let h: RawHost = de(kind, arg)?;
-            Ok(Step::Recover { host: parse_host(&h.host).map_err(|m| format!("recover.host: {m}"))? })
+            Ok(Step::Recover {
+                host: parse_host(&h.host).map_err(|m| format!("recover.host: {m}"))?,
+            })
         }
         "require_auth" => {
             let a: RawAuth = de(kind, arg)?;
@@ -684,17 +856,26 @@ pub fn parse_step(v: &Value, modules: &BTreeMap<String, Module>) -> Result<Step,
             if a.username.is_empty() || a.username.contains(':') {
                 return Err("require_auth.username: must be non-empty and contain no ':'".into());
             }
-            Ok(Step::RequireAuth { host, username: a.username, password: a.password })
+            Ok(Step::RequireAuth {
+                host,
+                username: a.username,
+                password: a.password,
+            })
         }
         "advance" => match arg {
-            Value::String(s) => {
-                parse_go_duration("advance", s).map(Step::Advance).map_err(|e| format!("advance: {}", e.why))
-            }
-            other => Err(format!("advance: want a duration such as 90s or 25h, got {}", kind_of(other))),
+            Value::String(s) => sim_duration(s)
+                .map(Step::Advance)
+                .map_err(|e| format!("advance: {e}")),
+            other => Err(format!(
+                "advance: want a duration such as 90s or 25h, got {}",
+                kind_of(other)
+            )),
         },
         "restart" => {
             let r: RawRestart = de(kind, &or_empty(arg))?;
-            Ok(Step::Restart { keep_cache: r.keep_cache })
+            Ok(Step::Restart {
+                keep_cache: r.keep_cache,
+            })
         }
         "expect" => parse_expect(&or_empty(arg), modules).map(Step::Expect),
         other => Err(format!("unknown step {other:?} (want one of {STEP_KINDS})")),
@@ -717,7 +898,10 @@ fn parse_expect(arg: &Value, modules: &BTreeMap<String, Module>) -> Result<Expec
         let at = format!("expect.plugins.{key}");
         if let Some(o) = &p.outcome {
             if !OUTCOMES.contains(&o.as_str()) {
-                return Err(format!("{at}.outcome: unknown outcome {o:?} (want one of {})", OUTCOMES.join(", ")));
+                return Err(format!(
+                    "{at}.outcome: unknown outcome {o:?} (want one of {})",
+                    OUTCOMES.join(", ")
+                ));
             }
         }
         if let Some(r) = &p.reason {
@@ -725,7 +909,10 @@ fn parse_expect(arg: &Value, modules: &BTreeMap<String, Module>) -> Result<Expec
                 Some("rejected") => {
                     if Reason::parse(r).is_none() {
                         let all: Vec<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
-                        return Err(format!("{at}.reason: unknown reason {r:?} (want one of {})", all.join(", ")));
+                        return Err(format!(
+                            "{at}.reason: unknown reason {r:?} (want one of {})",
+                            all.join(", ")
+                        ));
                     }
                 }
                 Some("invalid") | None => {
@@ -733,41 +920,72 @@ fn parse_expect(arg: &Value, modules: &BTreeMap<String, Module>) -> Result<Expec
                         return Err(format!("{at}.reason: must not be empty"));
                     }
                 }
-                Some(o) => return Err(format!("{at}.reason: only with outcome rejected or invalid, not {o}")),
+                Some(o) => {
+                    return Err(format!(
+                        "{at}.reason: only with outcome rejected or invalid, not {o}"
+                    ))
+                }
             }
         }
         if let Some(s) = &p.serves {
-            if ![SERVES_DENY_ALL, SERVES_ALLOW_ALL, SERVES_ABSENT].contains(&s.as_str()) && !modules.contains_key(s) {
-                return Err(format!("{at}.serves: {s:?} is neither a module nor deny-all, allow-all or absent"));
+            if ![SERVES_DENY_ALL, SERVES_ALLOW_ALL, SERVES_ABSENT].contains(&s.as_str())
+                && !modules.contains_key(s)
+            {
+                return Err(format!(
+                    "{at}.serves: {s:?} is neither a module nor deny-all, allow-all or absent"
+                ));
             }
         }
-        if e.plugins.insert(k.clone(), PluginExpect { outcome: p.outcome, reason: p.reason, serves: p.serves }).is_some() {
+        if e.plugins
+            .insert(
+                k.clone(),
+                PluginExpect {
+                    outcome: p.outcome,
+                    reason: p.reason,
+                    serves: p.serves,
+                },
+            )
+            .is_some()
+        {
             return Err(format!("expect.plugins: {k} is listed twice"));
         }
     }
-    let set = |field: &str, list: Option<Vec<String>>| -> Result<Option<BTreeSet<String>>, String> {
-        let Some(list) = list else { return Ok(None) };
-        let mut s = BTreeSet::new();
-        for name in list {
-            known(field, &name)?;
-            if !s.insert(name.clone()) {
-                return Err(format!("expect.{field}: {name} is listed twice"));
+    let set =
+        |field: &str, list: Option<Vec<String>>| -> Result<Option<BTreeSet<String>>, String> {
+            let Some(list) = list else { return Ok(None) };
+            let mut s = BTreeSet::new();
+            for name in list {
+                known(field, &name)?;
+                if !s.insert(name.clone()) {
+                    return Err(format!("expect.{field}: {name} is listed twice"));
+                }
             }
-        }
-        Ok(Some(s))
-    };
+            Ok(Some(s))
+        };
     e.cache = set("cache", raw.cache)?;
     e.expired = set("expired", raw.expired)?;
     for (host, v) in raw.requests.unwrap_or_default() {
         let h = parse_host(&host).map_err(|m| format!("expect.requests: {m}"))?;
         let at = format!("expect.requests.{host}");
         let r = match &v {
-            Value::Number(n) => RequestExpect::Total(n.as_u64().ok_or_else(|| format!("{at}: want a count, got {n}"))?),
+            Value::Number(n) => RequestExpect::Total(
+                n.as_u64()
+                    .ok_or_else(|| format!("{at}: want a count, got {n}"))?,
+            ),
             Value::Object(_) => {
                 let k: RawKinds = de(&at, &v)?;
-                RequestExpect::Kinds { manifest: k.manifest, blob: k.blob, get: k.get }
+                RequestExpect::Kinds {
+                    manifest: k.manifest,
+                    blob: k.blob,
+                    get: k.get,
+                }
             }
-            other => return Err(format!("{at}: want a count or {{manifest, blob, get}}, got {}", kind_of(other))),
+            other => {
+                return Err(format!(
+                    "{at}: want a count or {{manifest, blob, get}}, got {}",
+                    kind_of(other)
+                ))
+            }
         };
         if e.requests.insert(h.clone(), r).is_some() {
             return Err(format!("expect.requests: {h} is listed twice"));
@@ -792,7 +1010,11 @@ fn parse_key(s: &str) -> Result<ObjectKey, String> {
 /// A host as `fail`, `recover`, `require_auth` and `requests` name it: `host[:port]`, lowercase.
 pub fn parse_host(s: &str) -> Result<String, String> {
     let h = s.trim();
-    if h.is_empty() || h.contains("://") || h.contains(['/', '@', '?', '#']) || h.contains(char::is_whitespace) {
+    if h.is_empty()
+        || h.contains("://")
+        || h.contains(['/', '@', '?', '#'])
+        || h.contains(char::is_whitespace)
+    {
         return Err(format!("{s:?} is not a host (want host or host:port)"));
     }
     Ok(h.to_ascii_lowercase())
@@ -822,13 +1044,22 @@ fn parse_fail_mode(v: &Value) -> Result<FailMode, String> {
 /// Parses a `publish`/`unpublish` reference: `oci://…`, `http(s)://…` or `file:///…`.
 pub fn parse_target(s: &str) -> Result<Target, String> {
     let Some((scheme, rest)) = s.split_once("://") else {
-        return Err(format!("{s:?}: want oci://, http://, https:// or file:// reference"));
+        return Err(format!(
+            "{s:?}: want oci://, http://, https:// or file:// reference"
+        ));
     };
     match scheme.to_ascii_lowercase().as_str() {
-        "oci" => OciRef::parse(rest).map(Target::Oci).map_err(|e| format!("{s:?}: {e}")),
+        "oci" => OciRef::parse(rest)
+            .map(Target::Oci)
+            .map_err(|e| format!("{s:?}: {e}")),
         "http" | "https" => {
-            let (authority, path) = super::world::split_url(s).ok_or_else(|| format!("{s:?}: not a valid http(s) url"))?;
-            Ok(Target::Http { url: s.to_string(), authority, path })
+            let (authority, path) = super::world::split_url(s)
+                .ok_or_else(|| format!("{s:?}: not a valid http(s) url"))?;
+            Ok(Target::Http {
+                url: s.to_string(),
+                authority,
+                path,
+            })
         }
         "file" => {
             if !rest.starts_with('/') || rest.len() < 2 {
@@ -889,10 +1120,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.steps.len(), 15);
-        assert_eq!(s.config.purge_interval, crate::config::DEFAULT_PURGE_INTERVAL);
+        assert_eq!(
+            s.config.purge_interval,
+            crate::config::DEFAULT_PURGE_INTERVAL
+        );
         let no_digest = |_: &OciRef| Err("unused".to_string());
         match s.step(5, &no_digest).unwrap() {
-            Step::Fail(r) => assert_eq!(r, FailRule { host: "reg.example".into(), kind: KindFilter::Blob, mode: FailMode::Status(503), times: Some(2) }),
+            Step::Fail(r) => assert_eq!(
+                r,
+                FailRule {
+                    host: "reg.example".into(),
+                    kind: KindFilter::Blob,
+                    mode: FailMode::Status(503),
+                    times: Some(2)
+                }
+            ),
             other => panic!("{other:?}"),
         }
         match s.step(10, &no_digest).unwrap() {
@@ -905,7 +1147,10 @@ mod tests {
         let d = "ab".repeat(32);
         match s.step(3, &|_| Ok(d.clone())).unwrap() {
             Step::Apply(v) => {
-                assert_eq!(v["spec"]["url"], format!("oci://reg.example/ns/repo@sha256:{d}"));
+                assert_eq!(
+                    v["spec"]["url"],
+                    format!("oci://reg.example/ns/repo@sha256:{d}")
+                );
                 assert_eq!(v["spec"]["sha256"], s.modules["v1"].sha256);
             }
             other => panic!("{other:?}"),
@@ -914,7 +1159,9 @@ mod tests {
             Step::Expect(e) => {
                 assert_eq!(e.requests["files.example"], RequestExpect::Total(1));
                 assert!(e.plugins.contains_key(&ObjectKey::new("default", "q")));
-                assert!(e.metrics.contains_key(r#"istio_agent_wasm_remote_fetch_count{result="success"}"#));
+                assert!(e
+                    .metrics
+                    .contains_key(r#"istio_agent_wasm_remote_fetch_count{result="success"}"#));
             }
             other => panic!("{other:?}"),
         }
@@ -932,18 +1179,33 @@ mod tests {
         assert_eq!(s.config.http_request_max_retries, 2);
         assert_eq!(s.config.max_binary_size, 1 << 20);
         assert_eq!(s.config.delivery, Delivery::Inline);
-        let bad = parse_scenario("name: t\noptions: {moduleExpiry: soon}\nmodules: {}\nsteps: []\n").unwrap_err();
+        let bad =
+            parse_scenario("name: t\noptions: {moduleExpiry: soon}\nmodules: {}\nsteps: []\n")
+                .unwrap_err();
         assert_eq!(bad.step, None);
         assert!(bad.message.contains("options.moduleExpiry"), "{bad}");
-        let unknown = parse_scenario("name: t\noptions: {moduleExpiri: 1h}\nmodules: {}\nsteps: []\n").unwrap_err();
+        let unknown =
+            parse_scenario("name: t\noptions: {moduleExpiri: 1h}\nmodules: {}\nsteps: []\n")
+                .unwrap_err();
         assert!(unknown.message.contains("moduleExpiri"), "{unknown}");
     }
 
     #[test]
     fn unknown_keys_are_errors_everywhere() {
-        assert!(parse_scenario("name: t\nmodules: {}\nsteps: []\nextra: 1\n").unwrap_err().message.contains("extra"));
-        assert!(parse_scenario("name: t\nmodules: {v1: {colour: red}}\nsteps: []\n").unwrap_err().message.contains("colour"));
-        let (step, msg) = step_err("- advance: 1s\n- publish: {ref: oci://r/a:v1, module: v1, tag: x}\n");
+        assert!(
+            parse_scenario("name: t\nmodules: {}\nsteps: []\nextra: 1\n")
+                .unwrap_err()
+                .message
+                .contains("extra")
+        );
+        assert!(
+            parse_scenario("name: t\nmodules: {v1: {colour: red}}\nsteps: []\n")
+                .unwrap_err()
+                .message
+                .contains("colour")
+        );
+        let (step, msg) =
+            step_err("- advance: 1s\n- publish: {ref: oci://r/a:v1, module: v1, tag: x}\n");
         assert_eq!(step, Some(2));
         assert!(msg.contains("tag"), "{msg}");
         let (step, msg) = step_err("- expect: {plugins: {p: {outcome: pulled, serve: v1}}}\n");
@@ -958,32 +1220,64 @@ mod tests {
     #[test]
     fn bad_values_name_the_step_and_the_problem() {
         let cases: &[(&str, &str)] = &[
-            ("- publish: {ref: oci://r/a:v1, module: v9}\n", "unknown module"),
-            ("- publish: {ref: oci://r/a:v1, module: v1, format: zip}\n", "format"),
-            ("- publish: {ref: http://h/a, module: v1, format: docker}\n", "format"),
-            ("- publish: {ref: oci://r/a:v1, module: v1, encoding: gzip}\n", "encoding"),
+            (
+                "- publish: {ref: oci://r/a:v1, module: v9}\n",
+                "unknown module",
+            ),
+            (
+                "- publish: {ref: oci://r/a:v1, module: v1, format: zip}\n",
+                "format",
+            ),
+            (
+                "- publish: {ref: http://h/a, module: v1, format: docker}\n",
+                "format",
+            ),
+            (
+                "- publish: {ref: oci://r/a:v1, module: v1, encoding: gzip}\n",
+                "encoding",
+            ),
             ("- publish: {ref: ftp://h/a, module: v1}\n", "scheme"),
             ("- advance: soon\n", "advance"),
             ("- advance: 90\n", "advance"),
+            ("- advance: 99999999999999999999999h\n", "advance"),
+            ("- advance: 1000000h\n", "100 years"),
             ("- fail: {host: r, error: explode}\n", "explode"),
             ("- fail: {host: r, error: {status: 5000}}\n", "status"),
             ("- fail: {host: r, error: reset, times: 0}\n", "times"),
             ("- fail: {host: r, kind: head, error: reset}\n", "kind"),
             ("- expect: {plugins: {p: {outcome: fetched}}}\n", "fetched"),
-            ("- expect: {plugins: {p: {outcome: rejected, reason: bad_luck}}}\n", "bad_luck"),
-            ("- expect: {plugins: {p: {outcome: pulled, reason: too_large}}}\n", "only with"),
+            (
+                "- expect: {plugins: {p: {outcome: rejected, reason: bad_luck}}}\n",
+                "bad_luck",
+            ),
+            (
+                "- expect: {plugins: {p: {outcome: pulled, reason: too_large}}}\n",
+                "only with",
+            ),
             ("- expect: {plugins: {p: {serves: v7}}}\n", "v7"),
             ("- expect: {cache: [v1, v1]}\n", "twice"),
             ("- expect: {expired: [nope]}\n", "nope"),
-            ("- apply: {kind: ConfigMap, metadata: {name: x}}\n", "ConfigMap"),
+            (
+                "- apply: {kind: ConfigMap, metadata: {name: x}}\n",
+                "ConfigMap",
+            ),
             ("- edit: {plugin: p, patch: [1]}\n", "patch"),
             ("- delete: {}\n", "delete"),
             ("- bogus: {}\n", "unknown step"),
             ("- {advance: 1s, restart: {}}\n", "exactly one key"),
             ("- just a string\n", "mapping"),
-            ("- publish: {ref: \"oci://r/a:${sha256:zz}\", module: v1}\n", "zz"),
-            ("- apply: {kind: WasmPlugin, spec: {url: \"${digest:not a ref}\"}}\n", "digest"),
-            ("- apply: {kind: WasmPlugin, spec: {url: \"${sha256:v1\"}}\n", "unterminated"),
+            (
+                "- publish: {ref: \"oci://r/a:${sha256:zz}\", module: v1}\n",
+                "zz",
+            ),
+            (
+                "- apply: {kind: WasmPlugin, spec: {url: \"${digest:not a ref}\"}}\n",
+                "digest",
+            ),
+            (
+                "- apply: {kind: WasmPlugin, spec: {url: \"${sha256:v1\"}}\n",
+                "unterminated",
+            ),
             ("- restart: {keepCache: maybe}\n", "keepCache"),
         ];
         for (steps, needle) in cases {
@@ -996,14 +1290,42 @@ mod tests {
     #[test]
     fn top_level_problems() {
         assert!(parse_scenario("").is_err());
-        assert!(parse_scenario("modules: {}\nsteps: []\n").unwrap_err().message.contains("name"));
-        assert!(parse_scenario("name: t\nsteps: []\n").unwrap_err().message.contains("modules"));
-        assert!(parse_scenario("name: t\nmodules: {}\n").unwrap_err().message.contains("steps"));
-        assert!(parse_scenario("name: t\nmodules: {deny-all: {}}\nsteps: []\n").unwrap_err().message.contains("reserved"));
-        assert!(parse_scenario("name: t\nmodules: {a: {size: lots}}\nsteps: []\n").unwrap_err().message.contains("modules.a.size"));
+        assert!(parse_scenario("modules: {}\nsteps: []\n")
+            .unwrap_err()
+            .message
+            .contains("name"));
+        assert!(parse_scenario("name: t\nsteps: []\n")
+            .unwrap_err()
+            .message
+            .contains("modules"));
+        assert!(parse_scenario("name: t\nmodules: {}\n")
+            .unwrap_err()
+            .message
+            .contains("steps"));
+        assert!(
+            parse_scenario("name: t\nmodules: {deny-all: {}}\nsteps: []\n")
+                .unwrap_err()
+                .message
+                .contains("reserved")
+        );
+        assert!(
+            parse_scenario("name: t\nmodules: {a: {size: lots}}\nsteps: []\n")
+                .unwrap_err()
+                .message
+                .contains("modules.a.size")
+        );
         assert!(parse_scenario("name: [\n").is_err());
+        let huge = parse_scenario("name: t\nmodules: {a: {size: 100Gi}}\nsteps: []\n");
+        assert!(huge.unwrap_err().message.contains("512Mi"));
+        let long = parse_scenario(
+            "name: t\noptions: {httpRequestTimeout: 999999999999999999999s}\nmodules: {}\nsteps: []\n",
+        );
+        assert!(long.unwrap_err().message.contains("httpRequestTimeout"));
         assert!(parse_scenario("name: t\nmodules: {}\nsteps: []\n---\nname: u\n").is_err());
-        assert!(parse_scenario("name: t\noptions: {purgeInterval: '0'}\nmodules: {}\nsteps: []\n").is_err());
+        assert!(
+            parse_scenario("name: t\noptions: {purgeInterval: '0'}\nmodules: {}\nsteps: []\n")
+                .is_err()
+        );
     }
 
     #[test]

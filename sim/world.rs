@@ -116,9 +116,10 @@ struct Host {
     auth: Option<String>,
 }
 
-/// A counted request answered 401 without credentials: the same request retried at once with
-/// credentials answers the challenge within the same attempt and is not counted again
-/// (scenarios.md "With `require_auth`").
+/// A counted request answered 401 without credentials: the same request sent again as the very
+/// next request, at the same virtual instant, with credentials answers the challenge within the same
+/// attempt and is not counted again (scenarios.md "With `require_auth`"). Any other request in
+/// between (a ping included) ends the attempt.
 #[derive(Debug, PartialEq, Eq)]
 struct Challenge {
     host: String,
@@ -156,7 +157,10 @@ pub fn split_url(url: &str) -> Option<(String, String)> {
     let rest = rest.split('#').next().unwrap_or(rest);
     let end = rest.find(['/', '?']).unwrap_or(rest.len());
     let (authority, path) = rest.split_at(end);
-    let authority = authority.rsplit_once('@').map_or(authority, |x| x.1).to_ascii_lowercase();
+    let authority = authority
+        .rsplit_once('@')
+        .map_or(authority, |x| x.1)
+        .to_ascii_lowercase();
     if authority.is_empty() || authority.contains(char::is_whitespace) {
         return None;
     }
@@ -196,10 +200,16 @@ fn route(path: &str) -> Route {
     }
     if let Some(rest) = path.strip_prefix("/v2/") {
         if let Some((repo, reference)) = rest.rsplit_once("/manifests/") {
-            return Route::Manifest { repo: repo.to_string(), reference: reference.to_string() };
+            return Route::Manifest {
+                repo: repo.to_string(),
+                reference: reference.to_string(),
+            };
         }
         if let Some((repo, digest)) = rest.rsplit_once("/blobs/") {
-            return Route::Blob { repo: repo.to_string(), digest: digest.to_string() };
+            return Route::Blob {
+                repo: repo.to_string(),
+                digest: digest.to_string(),
+            };
         }
     }
     Route::Get
@@ -216,7 +226,12 @@ struct Answer {
 
 impl Answer {
     fn new(status: u16, content_type: &str, body: impl Into<Bytes>) -> Self {
-        Answer { status, headers: vec![("content-type".into(), content_type.into())], body: body.into(), reset_after: None }
+        Answer {
+            status,
+            headers: vec![("content-type".into(), content_type.into())],
+            body: body.into(),
+            reset_after: None,
+        }
     }
 
     fn header(mut self, name: &str, value: impl Into<String>) -> Self {
@@ -226,7 +241,11 @@ impl Answer {
 
     fn registry_error(status: u16, code: &str, message: &str) -> Self {
         let body = serde_json::json!({"errors": [{"code": code, "message": message}]});
-        Answer::new(status, "application/json", serde_json::to_vec(&body).expect("json serializes"))
+        Answer::new(
+            status,
+            "application/json",
+            serde_json::to_vec(&body).expect("json serializes"),
+        )
     }
 
     fn unauthorized() -> Self {
@@ -251,7 +270,10 @@ struct SimBody {
 #[async_trait]
 impl BodyStream for SimBody {
     async fn next_chunk(&mut self) -> Result<Option<Bytes>, TransportError> {
-        let end = self.reset_after.unwrap_or(self.data.len()).min(self.data.len());
+        let end = self
+            .reset_after
+            .unwrap_or(self.data.len())
+            .min(self.data.len());
         if self.pos >= end {
             return match self.reset_after {
                 Some(_) => Err(TransportError::Reset("connection reset by peer".into())),
@@ -267,7 +289,10 @@ impl BodyStream for SimBody {
 
 impl SimWorld {
     pub fn new(clock: Arc<ManualClock>) -> Self {
-        SimWorld { clock, state: Mutex::new(State::default()) }
+        SimWorld {
+            clock,
+            state: Mutex::new(State::default()),
+        }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -278,7 +303,13 @@ impl SimWorld {
 
     /// Pushes the image of `module` to `r` (tag `latest` when untagged) and points the tag at it.
     /// Returns the digest of the tagged manifest.
-    pub fn publish_oci(&self, r: &OciRef, name: &str, module: &[u8], format: ImageFormat) -> String {
+    pub fn publish_oci(
+        &self,
+        r: &OciRef,
+        name: &str,
+        module: &[u8],
+        format: ImageFormat,
+    ) -> String {
         let image = build_image(name, module, format);
         let mut st = self.state();
         let repo = st
@@ -289,26 +320,43 @@ impl SimWorld {
             .entry(r.repository.clone())
             .or_default();
         for b in &image.blobs {
-            repo.blobs.insert(b.digest.clone(), Bytes::from(b.bytes.clone()));
+            repo.blobs
+                .insert(b.digest.clone(), Bytes::from(b.bytes.clone()));
         }
         for m in &image.manifests {
-            repo.manifests.insert(m.digest.clone(), Stored { media_type: m.media_type.clone(), bytes: Bytes::from(m.bytes.clone()) });
+            repo.manifests.insert(
+                m.digest.clone(),
+                Stored {
+                    media_type: m.media_type.clone(),
+                    bytes: Bytes::from(m.bytes.clone()),
+                },
+            );
         }
         let digest = image.top().digest.clone();
-        repo.tags.insert(r.tag_or_latest().to_string(), digest.clone());
+        repo.tags
+            .insert(r.tag_or_latest().to_string(), digest.clone());
         digest
     }
 
     /// Makes `path` of `authority` answer `body`.
     pub fn publish_http(&self, authority: &str, path: &str, body: Vec<u8>) {
-        self.state().hosts.entry(authority.to_string()).or_default().paths.insert(path.to_string(), Bytes::from(body));
+        self.state()
+            .hosts
+            .entry(authority.to_string())
+            .or_default()
+            .paths
+            .insert(path.to_string(), Bytes::from(body));
     }
 
     /// Removes a tag (or, for a digest reference, the manifest); blobs stay. False if nothing was
     /// published there.
     pub fn unpublish_oci(&self, r: &OciRef) -> bool {
         let mut st = self.state();
-        let Some(repo) = st.hosts.get_mut(&r.registry.to_ascii_lowercase()).and_then(|h| h.repos.get_mut(&r.repository)) else {
+        let Some(repo) = st
+            .hosts
+            .get_mut(&r.registry.to_ascii_lowercase())
+            .and_then(|h| h.repos.get_mut(&r.repository))
+        else {
             return false;
         };
         match &r.digest {
@@ -318,13 +366,20 @@ impl SimWorld {
     }
 
     pub fn unpublish_http(&self, authority: &str, path: &str) -> bool {
-        self.state().hosts.get_mut(authority).is_some_and(|h| h.paths.remove(path).is_some())
+        self.state()
+            .hosts
+            .get_mut(authority)
+            .is_some_and(|h| h.paths.remove(path).is_some())
     }
 
     /// The hex manifest digest `r` currently resolves to.
     pub fn digest(&self, r: &OciRef) -> Option<String> {
         let st = self.state();
-        let repo = st.hosts.get(&r.registry.to_ascii_lowercase())?.repos.get(&r.repository)?;
+        let repo = st
+            .hosts
+            .get(&r.registry.to_ascii_lowercase())?
+            .repos
+            .get(&r.repository)?;
         match &r.digest {
             Some(d) => repo.manifests.contains_key(d).then(|| d.clone()),
             None => repo.tags.get(r.tag_or_latest()).cloned(),
@@ -332,16 +387,25 @@ impl SimWorld {
     }
 
     pub fn add_rule(&self, rule: FailRule) {
-        self.state().hosts.entry(rule.host.clone()).or_default().rules.push(rule);
+        self.state()
+            .hosts
+            .entry(rule.host.clone())
+            .or_default()
+            .rules
+            .push(rule);
     }
 
     /// Removes every failure rule of `host`; returns how many there were.
     pub fn recover(&self, host: &str) -> usize {
-        self.state().hosts.get_mut(host).map_or(0, |h| std::mem::take(&mut h.rules).len())
+        self.state()
+            .hosts
+            .get_mut(host)
+            .map_or(0, |h| std::mem::take(&mut h.rules).len())
     }
 
     pub fn require_auth(&self, host: &str, username: &str, password: &str) {
-        self.state().hosts.entry(host.to_string()).or_default().auth = Some(format!("{username}:{password}"));
+        self.state().hosts.entry(host.to_string()).or_default().auth =
+            Some(format!("{username}:{password}"));
     }
 
     /// Counted requests per host since the start.
@@ -356,29 +420,52 @@ impl SimWorld {
     /// Decides the answer to one request (under the lock, no awaiting).
     fn decide(&self, req: &HttpRequest, now: Timestamp) -> Decision {
         let Some((authority, path)) = split_url(&req.url) else {
-            return Decision::Fail(TransportError::Connect(format!("{}: not an http(s) url", req.url)));
+            return Decision::Fail(TransportError::Connect(format!(
+                "{}: not an http(s) url",
+                req.url
+            )));
         };
         if let Some(ip) = ip_literal(&authority) {
             if is_always_blocked(ip) {
                 let mut st = self.state();
-                st.events.push(WorldEvent { at: now, text: format!("request {authority} {path} -> blocked address") });
-                return Decision::Fail(TransportError::Blocked(format!("{ip} is a link-local or metadata address")));
+                st.events.push(WorldEvent {
+                    at: now,
+                    text: format!("request {authority} {path} -> blocked address"),
+                });
+                return Decision::Fail(TransportError::Blocked(format!(
+                    "{ip} is a link-local or metadata address"
+                )));
             }
         }
-        let authorization = req.headers.iter().find(|(k, _)| k == "authorization").map(|(_, v)| v.as_str());
+        let authorization = req
+            .headers
+            .iter()
+            .find(|(k, _)| k == "authorization")
+            .map(|(_, v)| v.as_str());
         let accept: Vec<String> = req
             .headers
             .iter()
             .filter(|(k, _)| k == "accept")
             .flat_map(|(_, v)| v.split(','))
-            .map(|m| m.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+            .map(|m| {
+                m.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase()
+            })
             .filter(|m| !m.is_empty())
             .collect();
         let credentials = authorization.and_then(decode_basic);
         let mut guard = self.state();
         let st = &mut *guard;
+        // Only the very next request can answer a challenge.
+        let challenged = st.challenge.take();
         let host = st.hosts.entry(authority.clone()).or_default();
-        let authorized = host.auth.as_ref().is_none_or(|want| credentials.as_deref() == Some(want.as_str()));
+        let authorized = host
+            .auth
+            .as_ref()
+            .is_none_or(|want| credentials.as_deref() == Some(want.as_str()));
         let route = route(&path);
         let kind = match route {
             Route::Ping => {
@@ -387,15 +474,20 @@ impl SimWorld {
                 } else {
                     Answer::unauthorized()
                 };
-                return Decision::Answer(answer.header("docker-distribution-api-version", "registry/2.0"));
+                return Decision::Answer(
+                    answer.header("docker-distribution-api-version", "registry/2.0"),
+                );
             }
             Route::Manifest { .. } => RequestKind::Manifest,
             Route::Blob { .. } => RequestKind::Blob,
             Route::Get => RequestKind::Get,
         };
-        let this = Challenge { host: authority.clone(), path: path.clone(), at: now };
-        let answers_challenge = authorization.is_some() && st.challenge.as_ref() == Some(&this);
-        st.challenge = None;
+        let this = Challenge {
+            host: authority.clone(),
+            path: path.clone(),
+            at: now,
+        };
+        let answers_challenge = authorization.is_some() && challenged.as_ref() == Some(&this);
         let host = st.hosts.get_mut(&authority).expect("inserted above");
         let mut note = String::new();
         let rule = if answers_challenge {
@@ -406,7 +498,12 @@ impl SimWorld {
             take_rule(&mut host.rules, kind)
         };
         let prefix = format!("request {authority} {} {path}", kind.as_str());
-        let log = |st: &mut State, result: String| st.events.push(WorldEvent { at: now, text: format!("{prefix} -> {result}{note}") });
+        let log = |st: &mut State, result: String| {
+            st.events.push(WorldEvent {
+                at: now,
+                text: format!("{prefix} -> {result}{note}"),
+            })
+        };
         match rule {
             Some(FailMode::Unavailable) => {
                 log(st, "unavailable (connection refused)".into());
@@ -430,7 +527,9 @@ impl SimWorld {
         } else {
             let host = st.hosts.get(&authority).expect("inserted above");
             match route {
-                Route::Manifest { repo, reference } => serve_manifest(host, &repo, &reference, &accept),
+                Route::Manifest { repo, reference } => {
+                    serve_manifest(host, &repo, &reference, &accept)
+                }
                 Route::Blob { repo, digest } => serve_blob(host, &repo, &digest),
                 Route::Get | Route::Ping => match host.paths.get(&path) {
                     Some(body) => Answer::new(200, "application/octet-stream", body.clone()),
@@ -478,14 +577,20 @@ fn decode_basic(header: &str) -> Option<String> {
     if !scheme.eq_ignore_ascii_case("basic") {
         return None;
     }
-    let raw = base64::engine::general_purpose::STANDARD.decode(token.trim()).ok()?;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(token.trim())
+        .ok()?;
     String::from_utf8(raw).ok()
 }
 
 fn serve_manifest(host: &Host, repo: &str, reference: &str, accept: &[String]) -> Answer {
     let unknown = || Answer::registry_error(404, "MANIFEST_UNKNOWN", "manifest unknown");
     let Some(r) = host.repos.get(repo) else {
-        return Answer::registry_error(404, "NAME_UNKNOWN", "repository name not known to registry");
+        return Answer::registry_error(
+            404,
+            "NAME_UNKNOWN",
+            "repository name not known to registry",
+        );
     };
     let digest = match reference.strip_prefix("sha256:") {
         Some(d) => d.to_string(),
@@ -494,25 +599,39 @@ fn serve_manifest(host: &Host, repo: &str, reference: &str, accept: &[String]) -
             None => return unknown(),
         },
     };
-    let Some(m) = r.manifests.get(&digest) else { return unknown() };
+    let Some(m) = r.manifests.get(&digest) else {
+        return unknown();
+    };
     // Like distribution: a manifest the client does not accept is not served.
     if !accept.is_empty() && !accept.iter().any(|a| a == "*/*" || *a == m.media_type) {
-        return Answer::registry_error(404, "MANIFEST_UNKNOWN", &format!("manifest of type {} not in the accept header", m.media_type));
+        return Answer::registry_error(
+            404,
+            "MANIFEST_UNKNOWN",
+            &format!("manifest of type {} not in the accept header", m.media_type),
+        );
     }
-    Answer::new(200, &m.media_type, m.bytes.clone()).header("docker-content-digest", format!("sha256:{digest}"))
+    Answer::new(200, &m.media_type, m.bytes.clone())
+        .header("docker-content-digest", format!("sha256:{digest}"))
 }
 
 fn serve_blob(host: &Host, repo: &str, digest: &str) -> Answer {
-    let blob = digest.strip_prefix("sha256:").and_then(|d| host.repos.get(repo)?.blobs.get(d));
+    let blob = digest
+        .strip_prefix("sha256:")
+        .and_then(|d| host.repos.get(repo)?.blobs.get(d));
     match blob {
-        Some(b) => Answer::new(200, "application/octet-stream", b.clone()).header("docker-content-digest", digest),
+        Some(b) => Answer::new(200, "application/octet-stream", b.clone())
+            .header("docker-content-digest", digest),
         None => Answer::registry_error(404, "BLOB_UNKNOWN", "blob unknown to registry"),
     }
 }
 
 #[async_trait]
 impl Transport for SimWorld {
-    async fn get(&self, req: &HttpRequest, timeout: Duration) -> Result<HttpResponse, TransportError> {
+    async fn get(
+        &self,
+        req: &HttpRequest,
+        timeout: Duration,
+    ) -> Result<HttpResponse, TransportError> {
         let now = self.clock.now();
         match self.decide(req, now) {
             Decision::Fail(e) => Err(e),
@@ -527,7 +646,11 @@ impl Transport for SimWorld {
                 Ok(HttpResponse {
                     status: a.status,
                     headers,
-                    body: Box::new(SimBody { data: a.body, pos: 0, reset_after: a.reset_after }),
+                    body: Box::new(SimBody {
+                        data: a.body,
+                        pos: 0,
+                        reset_after: a.reset_after,
+                    }),
                 })
             }
         }
@@ -545,7 +668,10 @@ mod tests {
     }
 
     fn run<F: std::future::Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
     }
 
     async fn body(resp: HttpResponse) -> Result<Vec<u8>, TransportError> {
@@ -565,68 +691,178 @@ mod tests {
 
     #[test]
     fn urls_split_into_authority_and_path() {
-        assert_eq!(split_url("https://Files.Example:8443/a/b.wasm?x=1#f"), Some(("files.example:8443".into(), "/a/b.wasm?x=1".into())));
+        assert_eq!(
+            split_url("https://Files.Example:8443/a/b.wasm?x=1#f"),
+            Some(("files.example:8443".into(), "/a/b.wasm?x=1".into()))
+        );
         assert_eq!(split_url("http://u:p@h"), Some(("h".into(), "/".into())));
         assert_eq!(split_url("ftp://h/x"), None);
-        assert_eq!(ip_literal("169.254.169.254:80"), Some("169.254.169.254".parse().unwrap()));
-        assert_eq!(ip_literal("[fe80::1]:5000"), Some("fe80::1".parse().unwrap()));
+        assert_eq!(
+            ip_literal("169.254.169.254:80"),
+            Some("169.254.169.254".parse().unwrap())
+        );
+        assert_eq!(
+            ip_literal("[fe80::1]:5000"),
+            Some("fe80::1".parse().unwrap())
+        );
         assert_eq!(ip_literal("reg.example"), None);
     }
 
     #[test]
     fn registry_serves_manifests_and_blobs_and_counts_them() {
         let (_, w) = world();
-        let digest = w.publish_oci(&oci("reg.example/ns/repo:v1"), "v1", b"\0asm\x01\0\0\0", ImageFormat::OciArtifact);
+        let digest = w.publish_oci(
+            &oci("reg.example/ns/repo:v1"),
+            "v1",
+            b"\0asm\x01\0\0\0",
+            ImageFormat::OciArtifact,
+        );
         run(async {
-            let ping = w.get(&HttpRequest::get("https://reg.example/v2/"), T).await.unwrap();
+            let ping = w
+                .get(&HttpRequest::get("https://reg.example/v2/"), T)
+                .await
+                .unwrap();
             assert_eq!(ping.status, 200);
-            let r = w.get(&HttpRequest::get("https://reg.example/v2/ns/repo/manifests/v1"), T).await.unwrap();
+            let r = w
+                .get(
+                    &HttpRequest::get("https://reg.example/v2/ns/repo/manifests/v1"),
+                    T,
+                )
+                .await
+                .unwrap();
             assert_eq!(r.status, 200);
-            assert_eq!(r.header("docker-content-digest"), Some(format!("sha256:{digest}").as_str()));
-            let manifest: serde_json::Value = serde_json::from_slice(&body(r).await.unwrap()).unwrap();
-            let layer = manifest["layers"][1]["digest"].as_str().unwrap().to_string();
-            let b = w.get(&HttpRequest::get(format!("https://reg.example/v2/ns/repo/blobs/{layer}")), T).await.unwrap();
+            assert_eq!(
+                r.header("docker-content-digest"),
+                Some(format!("sha256:{digest}").as_str())
+            );
+            let manifest: serde_json::Value =
+                serde_json::from_slice(&body(r).await.unwrap()).unwrap();
+            let layer = manifest["layers"][1]["digest"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let b = w
+                .get(
+                    &HttpRequest::get(format!("https://reg.example/v2/ns/repo/blobs/{layer}")),
+                    T,
+                )
+                .await
+                .unwrap();
             assert_eq!(body(b).await.unwrap(), b"\0asm\x01\0\0\0");
-            let missing = w.get(&HttpRequest::get("https://reg.example/v2/ns/repo/manifests/v2"), T).await.unwrap();
+            let missing = w
+                .get(
+                    &HttpRequest::get("https://reg.example/v2/ns/repo/manifests/v2"),
+                    T,
+                )
+                .await
+                .unwrap();
             assert_eq!(missing.status, 404);
-            let by_digest = w.get(&HttpRequest::get(format!("http://reg.example/v2/ns/repo/manifests/sha256:{digest}")), T).await.unwrap();
+            let by_digest = w
+                .get(
+                    &HttpRequest::get(format!(
+                        "http://reg.example/v2/ns/repo/manifests/sha256:{digest}"
+                    )),
+                    T,
+                )
+                .await
+                .unwrap();
             assert_eq!(by_digest.status, 200);
             let refused = w
-                .get(&HttpRequest::get("https://reg.example/v2/ns/repo/manifests/v1").header("Accept", "application/vnd.docker.distribution.manifest.v2+json"), T)
+                .get(
+                    &HttpRequest::get("https://reg.example/v2/ns/repo/manifests/v1").header(
+                        "Accept",
+                        "application/vnd.docker.distribution.manifest.v2+json",
+                    ),
+                    T,
+                )
                 .await
                 .unwrap();
             assert_eq!(refused.status, 404, "not acceptable");
         });
-        assert_eq!(w.counts()["reg.example"], RequestCounts { manifest: 4, blob: 1, get: 0 });
+        assert_eq!(
+            w.counts()["reg.example"],
+            RequestCounts {
+                manifest: 4,
+                blob: 1,
+                get: 0
+            }
+        );
         assert!(w.unpublish_oci(&oci("reg.example/ns/repo:v1")));
         assert_eq!(w.digest(&oci("reg.example/ns/repo:v1")), None);
-        assert_eq!(w.digest(&oci(&format!("reg.example/ns/repo@sha256:{digest}"))), Some(digest));
+        assert_eq!(
+            w.digest(&oci(&format!("reg.example/ns/repo@sha256:{digest}"))),
+            Some(digest)
+        );
     }
 
     #[test]
     fn failure_rules_consume_times_and_recover() {
         let (clock, w) = world();
-        w.publish_http("files.example", "/m.wasm", b"\0asm\x01\0\0\0abcdefgh".to_vec());
+        w.publish_http(
+            "files.example",
+            "/m.wasm",
+            b"\0asm\x01\0\0\0abcdefgh".to_vec(),
+        );
         let get = || HttpRequest::get("https://files.example/m.wasm");
-        w.add_rule(FailRule { host: "files.example".into(), kind: KindFilter::Get, mode: FailMode::Status(503), times: Some(1) });
-        w.add_rule(FailRule { host: "files.example".into(), kind: KindFilter::Any, mode: FailMode::Timeout, times: Some(1) });
-        w.add_rule(FailRule { host: "files.example".into(), kind: KindFilter::Manifest, mode: FailMode::Unavailable, times: None });
+        w.add_rule(FailRule {
+            host: "files.example".into(),
+            kind: KindFilter::Get,
+            mode: FailMode::Status(503),
+            times: Some(1),
+        });
+        w.add_rule(FailRule {
+            host: "files.example".into(),
+            kind: KindFilter::Any,
+            mode: FailMode::Timeout,
+            times: Some(1),
+        });
+        w.add_rule(FailRule {
+            host: "files.example".into(),
+            kind: KindFilter::Manifest,
+            mode: FailMode::Unavailable,
+            times: None,
+        });
         run(async {
             assert_eq!(w.get(&get(), T).await.unwrap().status, 503);
-            assert_eq!(w.get(&get(), Duration::from_secs(5)).await.unwrap_err(), TransportError::Timeout);
+            assert_eq!(
+                w.get(&get(), Duration::from_secs(5)).await.unwrap_err(),
+                TransportError::Timeout
+            );
             assert_eq!(clock.now(), Timestamp(Duration::from_secs(5)));
-            assert_eq!(body(w.get(&get(), T).await.unwrap()).await.unwrap(), b"\0asm\x01\0\0\0abcdefgh");
-            w.add_rule(FailRule { host: "files.example".into(), kind: KindFilter::Get, mode: FailMode::Reset, times: Some(1) });
+            assert_eq!(
+                body(w.get(&get(), T).await.unwrap()).await.unwrap(),
+                b"\0asm\x01\0\0\0abcdefgh"
+            );
+            w.add_rule(FailRule {
+                host: "files.example".into(),
+                kind: KindFilter::Get,
+                mode: FailMode::Reset,
+                times: Some(1),
+            });
             let r = w.get(&get(), T).await.unwrap();
             assert!(matches!(body(r).await, Err(TransportError::Reset(_))));
-            w.add_rule(FailRule { host: "files.example".into(), kind: KindFilter::Get, mode: FailMode::Corrupt, times: None });
+            w.add_rule(FailRule {
+                host: "files.example".into(),
+                kind: KindFilter::Get,
+                mode: FailMode::Corrupt,
+                times: None,
+            });
             let b = body(w.get(&get(), T).await.unwrap()).await.unwrap();
             assert_eq!(&b[..8], b"\0asm\x01\0\0\0");
             assert_eq!(b[8], b'a' ^ 0xff);
             assert_eq!(w.recover("files.example"), 2);
-            assert_eq!(body(w.get(&get(), T).await.unwrap()).await.unwrap().len(), 16);
+            assert_eq!(
+                body(w.get(&get(), T).await.unwrap()).await.unwrap().len(),
+                16
+            );
             // The ping never fails.
-            assert_eq!(w.get(&HttpRequest::get("https://files.example/v2/"), T).await.unwrap().status, 200);
+            assert_eq!(
+                w.get(&HttpRequest::get("https://files.example/v2/"), T)
+                    .await
+                    .unwrap()
+                    .status,
+                200
+            );
         });
         assert_eq!(w.counts()["files.example"].get, 6);
         let events = w.take_events();
@@ -637,27 +873,74 @@ mod tests {
     #[test]
     fn auth_challenges_count_once_per_attempt() {
         let (clock, w) = world();
-        w.publish_oci(&oci("reg.example/r:v1"), "v1", b"\0asm\x01\0\0\0", ImageFormat::OciArtifactSingle);
+        w.publish_oci(
+            &oci("reg.example/r:v1"),
+            "v1",
+            b"\0asm\x01\0\0\0",
+            ImageFormat::OciArtifactSingle,
+        );
         w.require_auth("reg.example", "u", "p");
-        let good = Credentials { username: "u".into(), password: "p".into() }.basic_header();
-        let bad = Credentials { username: "u".into(), password: "x".into() }.basic_header();
+        let good = Credentials {
+            username: "u".into(),
+            password: "p".into(),
+        }
+        .basic_header();
+        let bad = Credentials {
+            username: "u".into(),
+            password: "x".into(),
+        }
+        .basic_header();
         let m = "https://reg.example/v2/r/manifests/v1";
         run(async {
-            let ping = w.get(&HttpRequest::get("https://reg.example/v2/"), T).await.unwrap();
+            let ping = w
+                .get(&HttpRequest::get("https://reg.example/v2/"), T)
+                .await
+                .unwrap();
             assert_eq!(ping.status, 401);
             assert_eq!(ping.header("www-authenticate"), Some("Basic realm=\"sim\""));
-            assert_eq!(w.get(&HttpRequest::get("https://reg.example/v2/").header("authorization", good.clone()), T).await.unwrap().status, 200);
+            assert_eq!(
+                w.get(
+                    &HttpRequest::get("https://reg.example/v2/")
+                        .header("authorization", good.clone()),
+                    T
+                )
+                .await
+                .unwrap()
+                .status,
+                200
+            );
             // Anonymous, then the same request with credentials at once: one request.
             assert_eq!(w.get(&HttpRequest::get(m), T).await.unwrap().status, 401);
-            assert_eq!(w.get(&HttpRequest::get(m).header("authorization", good.clone()), T).await.unwrap().status, 200);
+            assert_eq!(
+                w.get(
+                    &HttpRequest::get(m).header("authorization", good.clone()),
+                    T
+                )
+                .await
+                .unwrap()
+                .status,
+                200
+            );
             assert_eq!(w.counts()["reg.example"].manifest, 1);
             // Wrong credentials are a counted 401.
-            assert_eq!(w.get(&HttpRequest::get(m).header("authorization", bad), T).await.unwrap().status, 401);
+            assert_eq!(
+                w.get(&HttpRequest::get(m).header("authorization", bad), T)
+                    .await
+                    .unwrap()
+                    .status,
+                401
+            );
             assert_eq!(w.counts()["reg.example"].manifest, 2);
             // A later attempt is a new request.
             assert_eq!(w.get(&HttpRequest::get(m), T).await.unwrap().status, 401);
             clock.advance(Duration::from_millis(500));
-            assert_eq!(w.get(&HttpRequest::get(m).header("authorization", good), T).await.unwrap().status, 200);
+            assert_eq!(
+                w.get(&HttpRequest::get(m).header("authorization", good), T)
+                    .await
+                    .unwrap()
+                    .status,
+                200
+            );
             assert_eq!(w.counts()["reg.example"].manifest, 4);
         });
     }
@@ -666,7 +949,13 @@ mod tests {
     fn blocked_addresses_are_refused_without_counting() {
         let (_, w) = world();
         run(async {
-            let e = w.get(&HttpRequest::get("http://169.254.169.254/latest/meta-data"), T).await.unwrap_err();
+            let e = w
+                .get(
+                    &HttpRequest::get("http://169.254.169.254/latest/meta-data"),
+                    T,
+                )
+                .await
+                .unwrap_err();
             assert!(matches!(e, TransportError::Blocked(_)));
         });
         assert!(w.counts().is_empty());

@@ -202,10 +202,13 @@ pub async fn run_job(fetcher: &Fetcher, job: &Job, is_cached: &(dyn Fn(&ModuleKe
         Job::Oci { reference, name, credentials, expected } => {
             let budget = fetcher.budget();
             let resolved = fetcher.oci_resolve(reference, credentials.as_ref(), budget).await.map_err(fail)?;
-            if let Some(exp) = expected.as_deref().filter(|e| *e != resolved.digest) {
-                return Err(mismatch(exp, &resolved.digest));
-            }
-            let key = ModuleKey::new(name.clone(), resolved.digest.clone());
+            // A URL pinned to an image index digest names the index; the module is its child.
+            let checksum = match expected.as_deref() {
+                Some(exp) if resolved.index_digest.as_deref() == Some(exp) => exp.to_string(),
+                Some(exp) if exp != resolved.digest => return Err(mismatch(exp, &resolved.digest)),
+                _ => resolved.digest.clone(),
+            };
+            let key = ModuleKey::new(name.clone(), checksum);
             if is_cached(&key) {
                 return Ok(Obtained::Revalidated(key));
             }

@@ -30,6 +30,7 @@ pub mod policy;
 pub mod source;
 pub mod store;
 pub mod url;
+pub mod xds;
 
 #[path = "../sim/mod.rs"]
 pub mod sim;

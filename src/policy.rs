@@ -145,8 +145,9 @@ mod tests {
         use PullPolicy as P;
         let digest_url = format!("oci://r/a@sha256:{DIG}");
         let tag_digest_url = format!("oci://r/a:latest@sha256:{DIG}");
+        type Case<'a> = (&'a str, Option<&'a str>, I, P, R, Option<&'a str>);
         #[rustfmt::skip]
-        let cases: Vec<(&str, Option<&str>, I, P, R, Option<&str>)> = vec![
+        let cases: Vec<Case> = vec![
             // rule 1: sha256 wins over everything
             ("oci://r/a:latest", Some(SHA), I::Always, P::IfNotPresent, R::Sha256, Some(SHA)),
             ("http://h/a.wasm", Some(SHA), I::Always, P::IfNotPresent, R::Sha256, Some(SHA)),

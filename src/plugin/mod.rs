@@ -214,6 +214,7 @@ pub struct PortSelector {
 
 /// One document of a manifest file.
 #[derive(Clone, Debug, PartialEq)]
+#[allow(clippy::large_enum_variant)] // short-lived values; plugins are the common case
 pub enum Manifest {
     Plugin(WasmPlugin),
     Secret(PullSecret),

@@ -19,9 +19,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
+};
 
-use super::store::{Api, Delivery, Protocol, ResourceStore, ResourceVersion, StreamEvent, StreamEventKind, StreamId, StreamInfo};
+use super::store::{
+    Api, Delivery, Protocol, ResourceStore, ResourceVersion, StreamEvent, StreamEventKind,
+    StreamId, StreamInfo,
+};
 use super::{accepts_type_url, ECDS_TYPE_URL};
 
 /// An incremental stream (module docs).
@@ -76,11 +81,21 @@ impl DeltaStream {
     }
 
     fn event(&self, kind: StreamEventKind) -> StreamEvent {
-        StreamEvent { stream: self.id, node_id: self.node_id.clone(), api: self.api, protocol: Protocol::Delta, kind }
+        StreamEvent {
+            stream: self.id,
+            node_id: self.node_id.clone(),
+            api: self.api,
+            protocol: Protocol::Delta,
+            kind,
+        }
     }
 
     /// Handles one request; returns the response to send, if any.
-    pub(crate) fn on_request(&mut self, req: DeltaDiscoveryRequest, store: &ResourceStore) -> Option<DeltaDiscoveryResponse> {
+    pub(crate) fn on_request(
+        &mut self,
+        req: DeltaDiscoveryRequest,
+        store: &ResourceStore,
+    ) -> Option<DeltaDiscoveryResponse> {
         if self.node_id.is_empty() {
             if let Some(node) = &req.node {
                 self.node_id.clone_from(&node.id);
@@ -96,7 +111,11 @@ impl DeltaStream {
             return None;
         }
         if !req.response_nonce.is_empty() {
-            if self.outstanding.as_ref().is_some_and(|d| d.nonce == req.response_nonce) {
+            if self
+                .outstanding
+                .as_ref()
+                .is_some_and(|d| d.nonce == req.response_nonce)
+            {
                 let delivery = self.outstanding.take().expect("checked just above");
                 self.on_reply(delivery, &req, store);
             } else {
@@ -169,11 +188,19 @@ impl DeltaStream {
             return None;
         }
         let current = store.lookup(&self.subscribed);
-        let changed: Vec<_> = current.iter().filter(|e| self.known.get(&e.name) != Some(&e.version)).collect();
+        let changed: Vec<_> = current
+            .iter()
+            .filter(|e| self.known.get(&e.name) != Some(&e.version))
+            .collect();
         let removed: Vec<String> = self
             .known
             .keys()
-            .filter(|n| self.subscribed.contains(*n) && current.binary_search_by(|e| e.name.as_str().cmp(n)).is_err())
+            .filter(|n| {
+                self.subscribed.contains(*n)
+                    && current
+                        .binary_search_by(|e| e.name.as_str().cmp(n))
+                        .is_err()
+            })
             .cloned()
             .collect();
         if changed.is_empty() && removed.is_empty() {
@@ -187,7 +214,10 @@ impl DeltaStream {
             version: system_version.clone(),
             resources: changed
                 .iter()
-                .map(|e| ResourceVersion { name: e.name.clone(), version: e.version.clone() })
+                .map(|e| ResourceVersion {
+                    name: e.name.clone(),
+                    version: e.version.clone(),
+                })
                 .collect(),
             removed: removed.clone(),
         };
@@ -235,7 +265,10 @@ mod tests {
 
     fn subscribe(names: &[&str]) -> DeltaDiscoveryRequest {
         DeltaDiscoveryRequest {
-            node: Some(Node { id: "node-1".into(), ..Default::default() }),
+            node: Some(Node {
+                id: "node-1".into(),
+                ..Default::default()
+            }),
             type_url: ECDS_TYPE_URL.into(),
             resource_names_subscribe: names.iter().map(|n| n.to_string()).collect(),
             ..Default::default()
@@ -243,7 +276,11 @@ mod tests {
     }
 
     fn ack(resp: &DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
-        DeltaDiscoveryRequest { type_url: ECDS_TYPE_URL.into(), response_nonce: resp.nonce.clone(), ..Default::default() }
+        DeltaDiscoveryRequest {
+            type_url: ECDS_TYPE_URL.into(),
+            response_nonce: resp.nonce.clone(),
+            ..Default::default()
+        }
     }
 
     fn names(resp: &DeltaDiscoveryResponse) -> Vec<&str> {
@@ -256,10 +293,15 @@ mod tests {
         store.set("a", config("1"));
         store.set("b", config("1"));
         let mut s = DeltaStream::new(1, Api::Ecds);
-        let r1 = s.on_request(subscribe(&["a", "b", "missing"]), &store).unwrap();
+        let r1 = s
+            .on_request(subscribe(&["a", "b", "missing"]), &store)
+            .unwrap();
         assert_eq!(names(&r1), ["a", "b"]);
         assert_eq!(r1.resources[0].version, store.version_of("a").unwrap());
-        assert!(r1.removed_resources.is_empty(), "a name that never existed is not reported removed");
+        assert!(
+            r1.removed_resources.is_empty(),
+            "a name that never existed is not reported removed"
+        );
         assert!(s.on_request(ack(&r1), &store).is_none());
         store.set("b", config("2"));
         let r2 = s.on_change(&store).unwrap();
@@ -273,9 +315,12 @@ mod tests {
         store.set("a", config("1"));
         store.set("b", config("1"));
         let mut req = subscribe(&["a", "b", "gone"]);
-        req.initial_resource_versions.insert("a".into(), store.version_of("a").unwrap());
-        req.initial_resource_versions.insert("b".into(), "0-stale".into());
-        req.initial_resource_versions.insert("gone".into(), "3-abc".into());
+        req.initial_resource_versions
+            .insert("a".into(), store.version_of("a").unwrap());
+        req.initial_resource_versions
+            .insert("b".into(), "0-stale".into());
+        req.initial_resource_versions
+            .insert("gone".into(), "3-abc".into());
         let mut s = DeltaStream::new(1, Api::Ecds);
         let r = s.on_request(req, &store).unwrap();
         assert_eq!(names(&r), ["b"]);
@@ -296,11 +341,16 @@ mod tests {
         assert_eq!(r2.removed_resources, ["a"]);
         s.on_request(ack(&r2), &store);
         assert!(s.on_change(&store).is_none(), "removal reported once");
-        let unsub = DeltaDiscoveryRequest { resource_names_unsubscribe: vec!["b".into()], ..subscribe(&[]) };
+        let unsub = DeltaDiscoveryRequest {
+            resource_names_unsubscribe: vec!["b".into()],
+            ..subscribe(&[])
+        };
         assert!(s.on_request(unsub, &store).is_none());
         store.set("b", config("2"));
         assert!(s.on_change(&store).is_none(), "b unsubscribed");
-        let r3 = s.on_request(subscribe(&["b"]), &store).expect("resubscribe sends b");
+        let r3 = s
+            .on_request(subscribe(&["b"]), &store)
+            .expect("resubscribe sends b");
         assert_eq!(names(&r3), ["b"]);
     }
 
@@ -310,11 +360,18 @@ mod tests {
         store.set("a", config("1"));
         let mut s = DeltaStream::new(1, Api::Ecds);
         let r1 = s.on_request(subscribe(&["a"]), &store).unwrap();
-        let stale = DeltaDiscoveryRequest { response_nonce: "99".into(), ..ack(&r1) };
+        let stale = DeltaDiscoveryRequest {
+            response_nonce: "99".into(),
+            ..ack(&r1)
+        };
         assert!(s.on_request(stale, &store).is_none());
         assert!(s.awaiting_ack());
         let nack = DeltaDiscoveryRequest {
-            error_detail: Some(RpcStatus { code: 13, message: "bad".into(), details: vec![] }),
+            error_detail: Some(RpcStatus {
+                code: 13,
+                message: "bad".into(),
+                details: vec![],
+            }),
             ..ack(&r1)
         };
         assert!(s.on_request(nack, &store).is_none());
@@ -332,7 +389,10 @@ mod tests {
         let r1 = s.on_request(subscribe(&["a"]), &store).unwrap();
         let mut more = subscribe(&["b"]);
         more.response_nonce = "0".into();
-        assert!(s.on_request(more, &store).is_none(), "deferred until the ACK");
+        assert!(
+            s.on_request(more, &store).is_none(),
+            "deferred until the ACK"
+        );
         let r2 = s.on_request(ack(&r1), &store).unwrap();
         assert_eq!(names(&r2), ["b"]);
     }
@@ -342,7 +402,10 @@ mod tests {
         let store = ResourceStore::new();
         store.set("a", config("1"));
         let mut s = DeltaStream::new(1, Api::Ads);
-        let other = DeltaDiscoveryRequest { type_url: "type.googleapis.com/envoy.config.listener.v3.Listener".into(), ..subscribe(&["a"]) };
+        let other = DeltaDiscoveryRequest {
+            type_url: "type.googleapis.com/envoy.config.listener.v3.Listener".into(),
+            ..subscribe(&["a"])
+        };
         assert!(s.on_request(other, &store).is_none());
         assert!(s.info().subscribed.is_empty());
         assert!(s.on_request(subscribe(&["a"]), &store).is_some());

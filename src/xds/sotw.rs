@@ -31,8 +31,8 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 
 use super::store::{
-    set_version, Api, Delivery, Entry, Protocol, ResourceStore, ResourceVersion, StreamEvent, StreamEventKind,
-    StreamId, StreamInfo,
+    set_version, Api, Delivery, Entry, Protocol, ResourceStore, ResourceVersion, StreamEvent,
+    StreamEventKind, StreamId, StreamInfo,
 };
 use super::{accepts_type_url, ECDS_TYPE_URL};
 
@@ -92,11 +92,21 @@ impl SotwStream {
     }
 
     fn event(&self, kind: StreamEventKind) -> StreamEvent {
-        StreamEvent { stream: self.id, node_id: self.node_id.clone(), api: self.api, protocol: Protocol::Sotw, kind }
+        StreamEvent {
+            stream: self.id,
+            node_id: self.node_id.clone(),
+            api: self.api,
+            protocol: Protocol::Sotw,
+            kind,
+        }
     }
 
     /// Handles one request; returns the response to send, if any.
-    pub(crate) fn on_request(&mut self, req: DiscoveryRequest, store: &ResourceStore) -> Option<DiscoveryResponse> {
+    pub(crate) fn on_request(
+        &mut self,
+        req: DiscoveryRequest,
+        store: &ResourceStore,
+    ) -> Option<DiscoveryResponse> {
         if self.node_id.is_empty() {
             if let Some(node) = &req.node {
                 self.node_id.clone_from(&node.id);
@@ -178,7 +188,10 @@ impl SotwStream {
             return None;
         }
         let current = store.lookup(&self.subscribed);
-        if current.iter().all(|e| self.sent.get(&e.name) == Some(&e.version)) {
+        if current
+            .iter()
+            .all(|e| self.sent.get(&e.name) == Some(&e.version))
+        {
             return None;
         }
         self.nonce_counter += 1;
@@ -188,7 +201,10 @@ impl SotwStream {
             version: set_version(&current),
             resources: current
                 .iter()
-                .map(|e| ResourceVersion { name: e.name.clone(), version: e.version.clone() })
+                .map(|e| ResourceVersion {
+                    name: e.name.clone(),
+                    version: e.version.clone(),
+                })
                 .collect(),
             removed: Vec::new(),
         };
@@ -210,7 +226,10 @@ impl SotwStream {
 }
 
 fn versions(entries: &[Arc<Entry>]) -> BTreeMap<String, String> {
-    entries.iter().map(|e| (e.name.clone(), e.version.clone())).collect()
+    entries
+        .iter()
+        .map(|e| (e.name.clone(), e.version.clone()))
+        .collect()
 }
 
 /// The answer to a unary `FetchExtensionConfigs`: the requested resources that exist, now.
@@ -234,7 +253,10 @@ mod tests {
     fn request(names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
         DiscoveryRequest {
             version_info: version.into(),
-            node: Some(Node { id: "node-1".into(), ..Default::default() }),
+            node: Some(Node {
+                id: "node-1".into(),
+                ..Default::default()
+            }),
             resource_names: names.iter().map(|n| n.to_string()).collect(),
             type_url: ECDS_TYPE_URL.into(),
             response_nonce: nonce.into(),
@@ -248,7 +270,11 @@ mod tests {
 
     fn nack(names: &[&str], accepted: &str, resp: &DiscoveryResponse) -> DiscoveryRequest {
         DiscoveryRequest {
-            error_detail: Some(RpcStatus { code: 13, message: "bad wasm".into(), details: vec![] }),
+            error_detail: Some(RpcStatus {
+                code: 13,
+                message: "bad wasm".into(),
+                details: vec![],
+            }),
             ..request(names, accepted, &resp.nonce)
         }
     }
@@ -263,7 +289,9 @@ mod tests {
         store.set("a", config("1"));
         store.set("other", config("x"));
         let mut s = stream();
-        let resp = s.on_request(request(&["a", "missing"], "", ""), &store).expect("response");
+        let resp = s
+            .on_request(request(&["a", "missing"], "", ""), &store)
+            .expect("response");
         assert_eq!(resp.resources.len(), 1);
         assert_eq!(resp.version_info, store.version_of("a").unwrap());
         assert_eq!(resp.type_url, ECDS_TYPE_URL);
@@ -276,8 +304,13 @@ mod tests {
         let store = ResourceStore::new();
         store.set("a", config("1"));
         let mut s = stream();
-        assert!(s.on_request(request(&[], "", ""), &store).is_none(), "empty list is not a wildcard");
-        assert!(s.on_request(request(&["missing"], "", ""), &store).is_none());
+        assert!(
+            s.on_request(request(&[], "", ""), &store).is_none(),
+            "empty list is not a wildcard"
+        );
+        assert!(s
+            .on_request(request(&["missing"], "", ""), &store)
+            .is_none());
         store.set("missing", config("now here"));
         let resp = s.on_change(&store).expect("appears");
         assert_eq!(resp.resources.len(), 1);
@@ -292,8 +325,13 @@ mod tests {
         store.set("a", config("2"));
         store.set("a", config("3"));
         assert!(s.awaiting_ack());
-        assert!(s.on_change(&store).is_none(), "one response outstanding at a time");
-        let r2 = s.on_request(ack(&["a"], &r1), &store).expect("latest state after the ACK");
+        assert!(
+            s.on_change(&store).is_none(),
+            "one response outstanding at a time"
+        );
+        let r2 = s
+            .on_request(ack(&["a"], &r1), &store)
+            .expect("latest state after the ACK");
         assert_eq!(r2.version_info, store.version_of("a").unwrap());
         assert_eq!(r2.nonce, "2");
         assert!(s.on_request(ack(&["a"], &r2), &store).is_none());
@@ -310,10 +348,21 @@ mod tests {
         assert!(s.on_request(ack(&["a"], &r1), &store).is_none());
         store.set("a", config("bad"));
         let r2 = s.on_change(&store).unwrap();
-        assert!(s.on_request(nack(&["a"], &r1.version_info, &r2), &store).is_none(), "no resend");
-        assert!(s.on_change(&store).is_none(), "no resend on an unrelated wake");
+        assert!(
+            s.on_request(nack(&["a"], &r1.version_info, &r2), &store)
+                .is_none(),
+            "no resend"
+        );
+        assert!(
+            s.on_change(&store).is_none(),
+            "no resend on an unrelated wake"
+        );
         assert_eq!(store.stats().nacks, 1);
-        assert_eq!(s.info().acked.get("a"), Some(&r1.version_info), "last accepted version kept");
+        assert_eq!(
+            s.info().acked.get("a"),
+            Some(&r1.version_info),
+            "last accepted version kept"
+        );
         store.set("a", config("fixed"));
         let r3 = s.on_change(&store).expect("a new version is sent");
         assert_eq!(r3.version_info, store.version_of("a").unwrap());
@@ -326,10 +375,18 @@ mod tests {
         store.set("b", config("1"));
         let mut s = stream();
         let r1 = s.on_request(request(&["a"], "", ""), &store).unwrap();
-        assert!(s.on_request(request(&["a", "b"], "", "0"), &store).is_none());
+        assert!(s
+            .on_request(request(&["a", "b"], "", "0"), &store)
+            .is_none());
         assert!(s.awaiting_ack(), "a stale request is no ACK");
-        assert_eq!(s.info().subscribed, vec!["a".to_string()], "nor a subscription change");
-        let r2 = s.on_request(ack(&["a", "b"], &r1), &store).expect("b added with the ACK");
+        assert_eq!(
+            s.info().subscribed,
+            vec!["a".to_string()],
+            "nor a subscription change"
+        );
+        let r2 = s
+            .on_request(ack(&["a", "b"], &r1), &store)
+            .expect("b added with the ACK");
         assert_eq!(r2.resources.len(), 2);
     }
 
@@ -340,10 +397,15 @@ mod tests {
         store.set("b", config("1"));
         let mut s = stream();
         let r1 = s.on_request(request(&["a", "b"], "", ""), &store).unwrap();
-        assert!(s.on_request(ack(&["a"], &r1), &store).is_none(), "dropping b sends nothing");
+        assert!(
+            s.on_request(ack(&["a"], &r1), &store).is_none(),
+            "dropping b sends nothing"
+        );
         store.set("b", config("2"));
         assert!(s.on_change(&store).is_none(), "b is no longer subscribed");
-        let r2 = s.on_request(request(&["a", "b"], &r1.version_info, &r1.nonce), &store).expect("b again");
+        let r2 = s
+            .on_request(request(&["a", "b"], &r1.version_info, &r1.nonce), &store)
+            .expect("b again");
         assert_eq!(r2.resources.len(), 2);
     }
 
@@ -357,7 +419,10 @@ mod tests {
         store.remove("a");
         assert!(s.on_change(&store).is_none());
         store.set("a", config("1"));
-        assert!(s.on_change(&store).is_some(), "re-added under a new version");
+        assert!(
+            s.on_change(&store).is_some(),
+            "re-added under a new version"
+        );
     }
 
     #[test]
@@ -366,7 +431,9 @@ mod tests {
         store.set("a", config("1"));
         let version = store.version_of("a").unwrap();
         let mut s = stream();
-        assert!(s.on_request(request(&["a"], &version, "7"), &store).is_none());
+        assert!(s
+            .on_request(request(&["a"], &version, "7"), &store)
+            .is_none());
         assert_eq!(s.info().acked.get("a"), Some(&version));
         store.set("a", config("2"));
         assert!(s.on_change(&store).is_some());
@@ -382,7 +449,10 @@ mod tests {
             ..request(&[], "", "")
         };
         assert!(s.on_request(cds, &store).is_none());
-        let untyped = DiscoveryRequest { type_url: String::new(), ..request(&["a"], "", "") };
+        let untyped = DiscoveryRequest {
+            type_url: String::new(),
+            ..request(&["a"], "", "")
+        };
         assert!(s.on_request(untyped, &store).is_none());
         assert!(s.on_request(request(&["a"], "", ""), &store).is_some());
     }

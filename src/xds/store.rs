@@ -228,7 +228,9 @@ impl Default for ResourceStore {
 
 impl fmt::Debug for ResourceStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResourceStore").field("stats", &self.stats()).finish()
+        f.debug_struct("ResourceStore")
+            .field("stats", &self.stats())
+            .finish()
     }
 }
 
@@ -237,14 +239,6 @@ struct Prepared {
     name: String,
     value: Vec<u8>,
     digest: String,
-}
-
-fn prepare(name: String, mut config: TypedExtensionConfig) -> Prepared {
-    // Envoy takes a SotW resource's name from the config itself: the key is authoritative.
-    config.name.clone_from(&name);
-    let value = config.encode_to_vec();
-    let digest = hex::encode(Sha256::digest(&value));
-    Prepared { name, value, digest: digest[..VERSION_DIGEST_HEX].to_string() }
 }
 
 impl ResourceStore {
@@ -263,16 +257,45 @@ impl ResourceStore {
         }
     }
 
+    /// Encodes a resource and, unless the store already holds exactly these bytes, hashes it; all
+    /// before the write lock is taken (hashing an inline module costs milliseconds).
+    fn prepare(&self, name: String, mut config: TypedExtensionConfig) -> Option<Prepared> {
+        // Envoy takes a SotW resource's name from the config itself: the key is authoritative.
+        config.name.clone_from(&name);
+        let value = config.encode_to_vec();
+        if self
+            .read()
+            .resources
+            .get(&name)
+            .is_some_and(|e| e.any.value == value)
+        {
+            return None;
+        }
+        let digest = hex::encode(Sha256::digest(&value));
+        Some(Prepared {
+            name,
+            value,
+            digest: digest[..VERSION_DIGEST_HEX].to_string(),
+        })
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
-        self.inner.state.read().expect("resource store lock poisoned")
+        self.inner
+            .state
+            .read()
+            .expect("resource store lock poisoned")
     }
 
     /// Stores `config` under `name` (its `name` field is overwritten with `name`) and notifies the
     /// streams. Returns the new version, or `None` when the encoding is identical to what is stored:
     /// a change that does not alter what a proxy receives is not pushed (behavior.md §7).
     pub fn set(&self, name: impl Into<String>, config: TypedExtensionConfig) -> Option<String> {
-        let prepared = prepare(name.into(), config);
-        let mut state = self.inner.state.write().expect("resource store lock poisoned");
+        let prepared = self.prepare(name.into(), config)?;
+        let mut state = self
+            .inner
+            .state
+            .write()
+            .expect("resource store lock poisoned");
         let version = Self::insert(&mut state, prepared);
         if version.is_some() {
             // Sent under the lock so that the watched revision never goes backwards.
@@ -283,18 +306,39 @@ impl ResourceStore {
 
     /// [`set`](Self::set) for many resources with one lock and one notification (bulk loads, load
     /// tools). Returns how many resources changed.
-    pub fn set_many<N: Into<String>>(&self, items: impl IntoIterator<Item = (N, TypedExtensionConfig)>) -> usize {
-        let prepared: Vec<Prepared> = items.into_iter().map(|(n, c)| prepare(n.into(), c)).collect();
-        let mut state = self.inner.state.write().expect("resource store lock poisoned");
-        let changed = prepared.into_iter().filter_map(|p| Self::insert(&mut state, p)).count();
+    pub fn set_many<N: Into<String>>(
+        &self,
+        items: impl IntoIterator<Item = (N, TypedExtensionConfig)>,
+    ) -> usize {
+        let prepared: Vec<Prepared> = items
+            .into_iter()
+            .filter_map(|(n, c)| self.prepare(n.into(), c))
+            .collect();
+        if prepared.is_empty() {
+            return 0;
+        }
+        let mut state = self
+            .inner
+            .state
+            .write()
+            .expect("resource store lock poisoned");
+        let changed = prepared
+            .into_iter()
+            .filter_map(|p| Self::insert(&mut state, p))
+            .count();
         if changed > 0 {
             self.inner.revisions.send_replace(state.revision);
         }
         changed
     }
 
+    /// Stores `p` unless identical bytes got there since `prepare` looked.
     fn insert(state: &mut State, p: Prepared) -> Option<String> {
-        if state.resources.get(&p.name).is_some_and(|e| e.any.value == p.value) {
+        if state
+            .resources
+            .get(&p.name)
+            .is_some_and(|e| e.any.value == p.value)
+        {
             return None;
         }
         state.revision += 1;
@@ -304,7 +348,10 @@ impl ResourceStore {
             name: p.name.clone(),
             version: version.clone(),
             revision,
-            any: Any { type_url: ECDS_TYPE_URL.to_string(), value: p.value },
+            any: Any {
+                type_url: ECDS_TYPE_URL.to_string(),
+                value: p.value,
+            },
         };
         state.resources.insert(p.name, Arc::new(entry));
         Some(version)
@@ -314,7 +361,11 @@ impl ResourceStore {
     /// `removed_resources`; SotW has no way to say so for ECDS, see `sotw.rs`). Returns whether it
     /// was present.
     pub fn remove(&self, name: &str) -> bool {
-        let mut state = self.inner.state.write().expect("resource store lock poisoned");
+        let mut state = self
+            .inner
+            .state
+            .write()
+            .expect("resource store lock poisoned");
         if state.resources.remove(name).is_none() {
             return false;
         }
@@ -327,7 +378,10 @@ impl ResourceStore {
     pub fn get(&self, name: &str) -> Option<TypedExtensionConfig> {
         let entry = self.read().resources.get(name).cloned()?;
         // Decoded off-lock: inline modules make these tens of MiB.
-        Some(TypedExtensionConfig::decode(entry.any.value.as_slice()).expect("the store holds only encoded TypedExtensionConfig"))
+        Some(
+            TypedExtensionConfig::decode(entry.any.value.as_slice())
+                .expect("the store holds only encoded TypedExtensionConfig"),
+        )
     }
 
     /// Names of all stored resources, sorted.
@@ -345,7 +399,10 @@ impl ResourceStore {
         self.read()
             .resources
             .values()
-            .map(|e| ResourceVersion { name: e.name.clone(), version: e.version.clone() })
+            .map(|e| ResourceVersion {
+                name: e.name.clone(),
+                version: e.version.clone(),
+            })
             .collect()
     }
 
@@ -393,14 +450,27 @@ impl ResourceStore {
 
     /// The open streams, by id.
     pub fn streams(&self) -> Vec<StreamInfo> {
-        self.inner.streams.lock().expect("stream registry lock poisoned").values().cloned().collect()
+        self.inner
+            .streams
+            .lock()
+            .expect("stream registry lock poisoned")
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Names of resources some open stream subscribes to, sorted: the "sent to a connected proxy"
     /// half of behavior.md §5's *used*.
     pub fn subscribed_names(&self) -> BTreeSet<String> {
-        let streams = self.inner.streams.lock().expect("stream registry lock poisoned");
-        streams.values().flat_map(|s| s.subscribed.iter().cloned()).collect()
+        let streams = self
+            .inner
+            .streams
+            .lock()
+            .expect("stream registry lock poisoned");
+        streams
+            .values()
+            .flat_map(|s| s.subscribed.iter().cloned())
+            .collect()
     }
 
     /// The counters as Prometheus text (no `_total` suffix, like the Istio series in `metrics`).
@@ -408,23 +478,62 @@ impl ResourceStore {
         let s = self.stats();
         let mut out = String::new();
         let mut series = |name: &str, kind: &str, help: &str, value: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
         };
-        series(METRIC_CONNECTED_STREAMS, "gauge", "xDS streams open now.", s.connected_streams);
-        series(METRIC_STREAM_COUNT, "counter", "xDS streams opened.", s.streams_total);
-        series(METRIC_PUSH_COUNT, "counter", "ECDS responses sent to proxies.", s.pushes);
-        series(METRIC_ACK_COUNT, "counter", "ECDS responses ACKed by proxies.", s.acks);
-        series(METRIC_NACK_COUNT, "counter", "ECDS responses NACKed by proxies.", s.nacks);
-        series(METRIC_RESOURCES, "gauge", "ECDS resources served.", s.resources as u64);
+        series(
+            METRIC_CONNECTED_STREAMS,
+            "gauge",
+            "xDS streams open now.",
+            s.connected_streams,
+        );
+        series(
+            METRIC_STREAM_COUNT,
+            "counter",
+            "xDS streams opened.",
+            s.streams_total,
+        );
+        series(
+            METRIC_PUSH_COUNT,
+            "counter",
+            "ECDS responses sent to proxies.",
+            s.pushes,
+        );
+        series(
+            METRIC_ACK_COUNT,
+            "counter",
+            "ECDS responses ACKed by proxies.",
+            s.acks,
+        );
+        series(
+            METRIC_NACK_COUNT,
+            "counter",
+            "ECDS responses NACKed by proxies.",
+            s.nacks,
+        );
+        series(
+            METRIC_RESOURCES,
+            "gauge",
+            "ECDS resources served.",
+            s.resources as u64,
+        );
         out
     }
 
     // ----- used by the stream state machines and the server -----
 
     /// The stored entries for `names` that exist, sorted by name (duplicates collapse).
-    pub(crate) fn lookup<'a>(&self, names: impl IntoIterator<Item = &'a String>) -> Vec<Arc<Entry>> {
+    pub(crate) fn lookup<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a String>,
+    ) -> Vec<Arc<Entry>> {
         let state = self.read();
-        let mut found: Vec<Arc<Entry>> = names.into_iter().filter_map(|n| state.resources.get(n).cloned()).collect();
+        let mut found: Vec<Arc<Entry>> = names
+            .into_iter()
+            .filter_map(|n| state.resources.get(n).cloned())
+            .collect();
         drop(state);
         found.sort_by(|a, b| a.name.cmp(&b.name));
         found.dedup_by(|a, b| a.name == b.name);
@@ -433,8 +542,14 @@ impl ResourceStore {
 
     pub(crate) fn open_stream(&self, api: Api, protocol: Protocol) -> StreamId {
         let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
-        self.inner.counters.connected_streams.fetch_add(1, Ordering::Relaxed);
-        self.inner.counters.streams_total.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .counters
+            .connected_streams
+            .fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .counters
+            .streams_total
+            .fetch_add(1, Ordering::Relaxed);
         self.record_stream(StreamInfo {
             id,
             node_id: String::new(),
@@ -448,12 +563,23 @@ impl ResourceStore {
     }
 
     pub(crate) fn close_stream(&self, id: StreamId) {
-        self.inner.counters.connected_streams.fetch_sub(1, Ordering::Relaxed);
-        self.inner.streams.lock().expect("stream registry lock poisoned").remove(&id);
+        self.inner
+            .counters
+            .connected_streams
+            .fetch_sub(1, Ordering::Relaxed);
+        self.inner
+            .streams
+            .lock()
+            .expect("stream registry lock poisoned")
+            .remove(&id);
     }
 
     pub(crate) fn record_stream(&self, info: StreamInfo) {
-        self.inner.streams.lock().expect("stream registry lock poisoned").insert(info.id, info);
+        self.inner
+            .streams
+            .lock()
+            .expect("stream registry lock poisoned")
+            .insert(info.id, info);
     }
 
     pub(crate) fn count_push(&self) {
@@ -494,7 +620,10 @@ pub(crate) fn set_version(entries: &[Arc<Entry>]) -> String {
                 hasher.update([0]);
             }
             let max = many.iter().map(|e| e.revision).max().unwrap_or_default();
-            format!("{max}-{}", &hex::encode(hasher.finalize())[..VERSION_DIGEST_HEX])
+            format!(
+                "{max}-{}",
+                &hex::encode(hasher.finalize())[..VERSION_DIGEST_HEX]
+            )
         }
     }
 }
@@ -519,12 +648,20 @@ pub(crate) mod tests {
     fn set_returns_a_new_version_only_when_the_bytes_change() {
         let store = ResourceStore::new();
         let mut rx = store.watch_revision();
-        let v1 = store.set("a", config("one")).expect("first set is a change");
+        let v1 = store
+            .set("a", config("one"))
+            .expect("first set is a change");
         assert!(rx.has_changed().unwrap());
         rx.borrow_and_update();
-        assert_eq!(store.set("a", config("one")), None, "identical bytes are not a change");
+        assert_eq!(
+            store.set("a", config("one")),
+            None,
+            "identical bytes are not a change"
+        );
         assert!(!rx.has_changed().unwrap(), "no notification for a no-op");
-        let v2 = store.set("a", config("two")).expect("new bytes are a change");
+        let v2 = store
+            .set("a", config("two"))
+            .expect("new bytes are a change");
         assert_ne!(v1, v2);
         assert_eq!(store.version_of("a"), Some(v2));
         assert_eq!(store.revision(), 2);
@@ -540,7 +677,11 @@ pub(crate) mod tests {
         assert_ne!(v1, v2, "same bytes after removal get a new version");
         let rev = |v: &str| v.split('-').next().unwrap().parse::<u64>().unwrap();
         assert!(rev(&v2) > rev(&v1));
-        assert_eq!(v1.split('-').nth(1), v2.split('-').nth(1), "same bytes, same digest");
+        assert_eq!(
+            v1.split('-').nth(1),
+            v2.split('-').nth(1),
+            "same bytes, same digest"
+        );
     }
 
     #[test]
@@ -598,7 +739,10 @@ pub(crate) mod tests {
             METRIC_NACK_COUNT,
             METRIC_RESOURCES,
         ] {
-            assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing from {text}");
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "{name} missing from {text}"
+            );
         }
         assert!(text.contains("wasm_ecds_xds_resources 1\n"));
     }

@@ -1,0 +1,54 @@
+//! Serving ECDS resources to proxies over gRPC (behavior.md §7): state of the world, incremental and
+//! aggregated streams, following the xDS protocol
+//! (<https://www.envoyproxy.io/docs/envoy/latest/api-docs/xds_protocol>): versions, nonces, ACK and
+//! NACK, per-stream subscriptions, wildcard-free.
+//!
+//! # Layout
+//! The split is go-control-plane's (style guide §1): a cache the rest of the program writes, and a
+//! server that only reads it.
+//! - [`store`]: [`ResourceStore`], the versioned `TypedExtensionConfig` resources (one type URL,
+//!   [`ECDS_TYPE_URL`]), change notification, stream events, counters;
+//! - `sotw` and `delta` (private): the per-stream protocol state machines, free of I/O;
+//! - [`server`]: the tonic services, one task per stream, and [`serve`];
+//! - [`client`]: the proxy's side of the protocol, for tests and load tools.
+//!
+//! What a resource contains (the Wasm filter or its RBAC fallback) is `convert`'s business; when a
+//! resource changes is the controller's. This module never looks inside a resource.
+
+use tonic::Status;
+
+pub mod client;
+mod delta;
+pub mod server;
+mod sotw;
+pub mod store;
+
+pub use server::{serve, serve_with_options, ServeOptions, XdsServer, MAX_MESSAGE_SIZE};
+pub use store::{
+    Api, Delivery, Protocol, ResourceStore, ResourceVersion, StreamEvent, StreamEventKind,
+    StreamId, StreamInfo, XdsStats,
+};
+
+/// The only resource type served: ECDS resources are `TypedExtensionConfig`s.
+pub const ECDS_TYPE_URL: &str = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The gRPC server could not run (accepting connections failed).
+    #[error("xds server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// A gRPC call failed (client helpers).
+    #[error("xds call: {0}")]
+    Status(#[from] Status),
+    /// The stream's request channel is closed (client helpers): the stream ended.
+    #[error("xds stream closed")]
+    StreamClosed,
+}
+
+/// Whether a request's `type_url` is one this server answers. The ECDS service implies its type,
+/// so an empty one is accepted there; ADS carries many types and requires it (go-control-plane:
+/// "type URL is required for ADS").
+pub(crate) fn accepts_type_url(api: Api, type_url: &str) -> bool {
+    type_url == ECDS_TYPE_URL || (api == Api::Ecds && type_url.is_empty())
+}
