@@ -291,7 +291,7 @@ impl<'a> Runner<'a> {
                 }
                 Event::Expired { at, module, sha256 } => {
                     let name = self.module_name(&sha256);
-                    let text = format!("expired {module} ({name})");
+                    let text = format!("purge: expired {module} ({name})");
                     self.expired.insert(name);
                     (at, text)
                 }
@@ -374,7 +374,8 @@ impl<'a> Runner<'a> {
                 host,
                 username,
                 password,
-            } => self.world.require_auth(&host, &username, &password),
+                scheme,
+            } => self.world.require_auth(&host, &username, &password, scheme),
             Step::Advance(d) => self.advance(d).await.map_err(err)?,
             Step::Restart { keep_cache } => self.restart(keep_cache).await.map_err(err)?,
             Step::Expect(e) => {
@@ -444,7 +445,7 @@ impl<'a> Runner<'a> {
     /// current secrets and then every current plugin as newly created.
     async fn restart(&mut self, keep_cache: bool) -> Result<(), String> {
         // A graceful shutdown persists the cache index (usage times included).
-        self.engine.cache().flush();
+        self.engine.flush();
         if !keep_cache {
             self.store
                 .wipe()
@@ -647,9 +648,12 @@ fn describe(step: &Step) -> String {
             )
         }
         Step::Recover { host } => format!("recover {host}"),
-        Step::RequireAuth { host, username, .. } => {
-            format!("require_auth {host} (user {username})")
-        }
+        Step::RequireAuth {
+            host,
+            username,
+            scheme,
+            ..
+        } => format!("require_auth {host} ({}, user {username})", scheme.as_str()),
         Step::Advance(d) => format!("advance {}", humantime::format_duration(*d)),
         Step::Restart { keep_cache } => format!("restart (keepCache: {keep_cache})"),
         Step::Expect(e) => format!("expect ({} checks)", e.check_count()),

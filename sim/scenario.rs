@@ -16,6 +16,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::content::{module_bytes, Encoding, ImageFormat};
+use super::world::AuthScheme;
 use crate::config::{parse_go_duration, parse_size, Config, Delivery};
 use crate::metrics::normalize_series;
 use crate::outcome::Reason;
@@ -588,6 +589,8 @@ pub enum Step {
         host: String,
         username: String,
         password: String,
+        /// Extension: `basic` (default) or `bearer`.
+        scheme: AuthScheme,
     },
     Advance(Duration),
     Restart {
@@ -656,6 +659,8 @@ struct RawAuth {
     host: String,
     username: String,
     password: String,
+    #[serde(default)]
+    scheme: AuthScheme,
 }
 
 #[derive(Default, Deserialize)]
@@ -860,6 +865,7 @@ pub fn parse_step(v: &Value, modules: &BTreeMap<String, Module>) -> Result<Step,
                 host,
                 username: a.username,
                 password: a.password,
+                scheme: a.scheme,
             })
         }
         "advance" => match arg {
@@ -1102,7 +1108,7 @@ mod tests {
 - fail: {host: Reg.Example, kind: blob, error: {status: 503}, times: 2}
 - fail: {host: reg.example, error: timeout}
 - recover: {host: reg.example}
-- require_auth: {host: reg.example, username: u, password: p}
+- require_auth: {host: reg.example, username: u, password: p, scheme: bearer}
 - advance: 1h30m
 - restart:
 - restart: {keepCache: false}
@@ -1279,6 +1285,10 @@ mod tests {
                 "unterminated",
             ),
             ("- restart: {keepCache: maybe}\n", "keepCache"),
+            (
+                "- require_auth: {host: r, username: u, password: p, scheme: digest}\n",
+                "scheme",
+            ),
         ];
         for (steps, needle) in cases {
             let (step, msg) = step_err(&format!("- advance: 1s\n{steps}"));

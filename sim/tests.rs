@@ -379,3 +379,48 @@ fn basics_scenarios_pass() {
     assert!(failed.is_empty(), "{failed:#?}");
     assert!(report.passed >= 6);
 }
+
+#[test]
+fn bearer_token_registries_with_pull_secrets() {
+    let text = r#"
+name: bearer
+modules: {v1: {}}
+steps:
+  - publish: {ref: oci://private.example/filters/auth:v1, module: v1, format: docker}
+  - require_auth: {host: private.example, username: robot, password: s3cret, scheme: bearer}
+  - apply:
+      apiVersion: extensions.istio.io/v1alpha1
+      kind: WasmPlugin
+      metadata: {name: anon}
+      spec: {url: oci://private.example/filters/auth:v1}
+  - expect:
+      plugins: {default/anon: {outcome: rejected, reason: unauthorized, serves: deny-all}}
+      requests: {private.example: {manifest: 1, blob: 0}}
+  - apply:
+      apiVersion: v1
+      kind: Secret
+      metadata: {name: creds}
+      type: kubernetes.io/dockerconfigjson
+      stringData:
+        .dockerconfigjson: '{"auths":{"private.example":{"auth":"cm9ib3Q6czNjcmV0"}}}'
+  - apply:
+      apiVersion: extensions.istio.io/v1alpha1
+      kind: WasmPlugin
+      metadata: {name: auth}
+      spec: {url: oci://private.example/filters/auth:v1, imagePullSecret: creds}
+  - expect:
+      plugins: {default/auth: {outcome: pulled, serves: v1}}
+      requests: {private.example: {manifest: 2, blob: 1}}
+  - delete: {secret: default/creds}
+  - expect:
+      plugins: {default/auth: {outcome: rejected, reason: missing_secret, serves: v1}}
+      requests: {private.example: {manifest: 2, blob: 1}}
+"#;
+    let run = run_scenario(&parse_scenario(text).unwrap());
+    assert!(
+        run.passed(),
+        "{:#?}\n{}",
+        run.failures,
+        run.trace.join("\n")
+    );
+}

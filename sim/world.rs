@@ -32,6 +32,74 @@ const CHUNK: usize = 64 * 1024;
 const CORRUPT_AFTER: usize = 8;
 /// The realm of `WWW-Authenticate: Basic` challenges.
 const REALM: &str = "sim";
+/// Where a Bearer-token host hands out tokens (on the host itself; never counted, never failed).
+pub const TOKEN_PATH: &str = "/sim/token";
+/// The token handed to anonymous token requests: it grants nothing.
+const ANONYMOUS_TOKEN: &str = "sim-anonymous";
+
+/// How a host that `require_auth` protects challenges clients.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthScheme {
+    /// `WWW-Authenticate: Basic`; requests carry `Authorization: Basic`.
+    #[default]
+    Basic,
+    /// `WWW-Authenticate: Bearer realm="https://<host>/sim/token"`: clients fetch a token there
+    /// (with Basic credentials) and send `Authorization: Bearer <token>`.
+    Bearer,
+}
+
+impl AuthScheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthScheme::Basic => "basic",
+            AuthScheme::Bearer => "bearer",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct AuthRule {
+    /// `user:pass`.
+    userpass: String,
+    scheme: AuthScheme,
+}
+
+impl AuthRule {
+    /// The token issued for the right credentials (derived from them, so deterministic).
+    fn token(&self) -> String {
+        format!(
+            "sim-{}",
+            &crate::store::sha256_hex(self.userpass.as_bytes())[..24]
+        )
+    }
+
+    fn admits(&self, authorization: Option<&str>) -> bool {
+        match self.scheme {
+            AuthScheme::Basic => {
+                authorization.and_then(decode_basic).as_deref() == Some(self.userpass.as_str())
+            }
+            AuthScheme::Bearer => authorization
+                .and_then(|h| h.trim().strip_prefix("Bearer "))
+                .is_some_and(|t| t.trim() == self.token()),
+        }
+    }
+
+    fn challenge(&self, authority: &str, scope: Option<&str>) -> String {
+        match self.scheme {
+            AuthScheme::Basic => format!("Basic realm=\"{REALM}\""),
+            AuthScheme::Bearer => {
+                let mut c = format!(
+                    "Bearer realm=\"https://{authority}{TOKEN_PATH}\",service=\"{authority}\""
+                );
+                if let Some(repo) = scope {
+                    c.push_str(&format!(",scope=\"repository:{repo}:pull\""));
+                }
+                c
+            }
+        }
+    }
+}
 
 /// The kind of a counted request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -112,8 +180,8 @@ struct Host {
     /// path (with query) → body.
     paths: BTreeMap<String, Bytes>,
     rules: Vec<FailRule>,
-    /// `user:pass` that `require_auth` demands.
-    auth: Option<String>,
+    /// What `require_auth` demands.
+    auth: Option<AuthRule>,
 }
 
 /// A counted request answered 401 without credentials: the same request sent again as the very
@@ -248,9 +316,9 @@ impl Answer {
         )
     }
 
-    fn unauthorized() -> Self {
+    fn unauthorized(challenge: String) -> Self {
         Answer::registry_error(401, "UNAUTHORIZED", "authentication required")
-            .header("www-authenticate", format!("Basic realm=\"{REALM}\""))
+            .header("www-authenticate", challenge)
     }
 }
 
@@ -403,9 +471,11 @@ impl SimWorld {
             .map_or(0, |h| std::mem::take(&mut h.rules).len())
     }
 
-    pub fn require_auth(&self, host: &str, username: &str, password: &str) {
-        self.state().hosts.entry(host.to_string()).or_default().auth =
-            Some(format!("{username}:{password}"));
+    pub fn require_auth(&self, host: &str, username: &str, password: &str, scheme: AuthScheme) {
+        self.state().hosts.entry(host.to_string()).or_default().auth = Some(AuthRule {
+            userpass: format!("{username}:{password}"),
+            scheme,
+        });
     }
 
     /// Counted requests per host since the start.
@@ -456,27 +526,46 @@ impl SimWorld {
             })
             .filter(|m| !m.is_empty())
             .collect();
-        let credentials = authorization.and_then(decode_basic);
         let mut guard = self.state();
         let st = &mut *guard;
         // Only the very next request can answer a challenge.
         let challenged = st.challenge.take();
         let host = st.hosts.entry(authority.clone()).or_default();
-        let authorized = host
-            .auth
-            .as_ref()
-            .is_none_or(|want| credentials.as_deref() == Some(want.as_str()));
+        let auth = host.auth.clone();
+        let authorized = auth.as_ref().is_none_or(|a| a.admits(authorization));
         let route = route(&path);
+        let scope = match &route {
+            Route::Manifest { repo, .. } | Route::Blob { repo, .. } => Some(repo.clone()),
+            _ => None,
+        };
+        let challenge = |a: &AuthRule| a.challenge(&authority, scope.as_deref());
         let kind = match route {
             Route::Ping => {
-                let answer = if authorized {
-                    Answer::new(200, "application/json", &b"{}"[..])
-                } else {
-                    Answer::unauthorized()
+                let answer = match auth.as_ref().filter(|_| !authorized) {
+                    None => Answer::new(200, "application/json", &b"{}"[..]),
+                    Some(a) => Answer::unauthorized(challenge(a)),
                 };
                 return Decision::Answer(
                     answer.header("docker-distribution-api-version", "registry/2.0"),
                 );
+            }
+            Route::Get
+                if auth
+                    .as_ref()
+                    .is_some_and(|a| a.scheme == AuthScheme::Bearer)
+                    && path.split('?').next() == Some(TOKEN_PATH) =>
+            {
+                // The token endpoint: the right Basic credentials get the token, none get a token
+                // that grants nothing, wrong ones are refused.
+                let a = auth.as_ref().expect("checked above");
+                let answer = match authorization {
+                    None => token_answer(ANONYMOUS_TOKEN),
+                    Some(h) if decode_basic(h).as_deref() == Some(a.userpass.as_str()) => {
+                        token_answer(&a.token())
+                    }
+                    Some(_) => Answer::registry_error(401, "UNAUTHORIZED", "invalid credentials"),
+                };
+                return Decision::Answer(answer);
             }
             Route::Manifest { .. } => RequestKind::Manifest,
             Route::Blob { .. } => RequestKind::Blob,
@@ -519,11 +608,11 @@ impl SimWorld {
             }
             _ => {}
         }
-        let mut answer = if !authorized {
+        let mut answer = if let Some(a) = auth.as_ref().filter(|_| !authorized) {
             if authorization.is_none() {
                 st.challenge = Some(this);
             }
-            Answer::unauthorized()
+            Answer::unauthorized(challenge(a))
         } else {
             let host = st.hosts.get(&authority).expect("inserted above");
             match route {
@@ -569,6 +658,15 @@ fn take_rule(rules: &mut Vec<FailRule>, kind: RequestKind) -> Option<FailMode> {
         }
     }
     Some(mode)
+}
+
+fn token_answer(token: &str) -> Answer {
+    let body = serde_json::json!({"token": token, "access_token": token, "expires_in": 300});
+    Answer::new(
+        200,
+        "application/json",
+        serde_json::to_vec(&body).expect("json serializes"),
+    )
 }
 
 /// `user:pass` of a `Basic` authorization header.
@@ -879,7 +977,7 @@ mod tests {
             b"\0asm\x01\0\0\0",
             ImageFormat::OciArtifactSingle,
         );
-        w.require_auth("reg.example", "u", "p");
+        w.require_auth("reg.example", "u", "p", AuthScheme::Basic);
         let good = Credentials {
             username: "u".into(),
             password: "p".into(),
@@ -943,6 +1041,89 @@ mod tests {
             );
             assert_eq!(w.counts()["reg.example"].manifest, 4);
         });
+    }
+
+    #[test]
+    fn bearer_hosts_hand_out_tokens_without_counting_them() {
+        let (_, w) = world();
+        w.publish_oci(
+            &oci("reg.example/r:v1"),
+            "v1",
+            b"\0asm\x01\0\0\0",
+            ImageFormat::OciArtifactSingle,
+        );
+        w.require_auth("reg.example", "u", "p", AuthScheme::Bearer);
+        let good = Credentials {
+            username: "u".into(),
+            password: "p".into(),
+        }
+        .basic_header();
+        let m = "https://reg.example/v2/r/manifests/v1";
+        run(async {
+            let ping = w
+                .get(&HttpRequest::get("https://reg.example/v2/"), T)
+                .await
+                .unwrap();
+            assert_eq!(ping.status, 401);
+            assert_eq!(
+                ping.header("www-authenticate"),
+                Some("Bearer realm=\"https://reg.example/sim/token\",service=\"reg.example\"")
+            );
+            let token_url =
+                "https://reg.example/sim/token?service=reg.example&scope=repository:r:pull";
+            let t = w
+                .get(
+                    &HttpRequest::get(token_url).header("authorization", good),
+                    T,
+                )
+                .await
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&body(t).await.unwrap()).unwrap();
+            let token = v["token"].as_str().unwrap().to_string();
+            let anon = w.get(&HttpRequest::get(token_url), T).await.unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&body(anon).await.unwrap()).unwrap();
+            let anon_token = v["token"].as_str().unwrap().to_string();
+            let bad = Credentials {
+                username: "u".into(),
+                password: "x".into(),
+            }
+            .basic_header();
+            assert_eq!(
+                w.get(&HttpRequest::get(token_url).header("authorization", bad), T)
+                    .await
+                    .unwrap()
+                    .status,
+                401
+            );
+            let r = w
+                .get(
+                    &HttpRequest::get(m).header("authorization", format!("Bearer {anon_token}")),
+                    T,
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.status, 401);
+            assert!(r
+                .header("www-authenticate")
+                .unwrap()
+                .contains("scope=\"repository:r:pull\""));
+            let r = w
+                .get(
+                    &HttpRequest::get(m).header("authorization", format!("Bearer {token}")),
+                    T,
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200);
+        });
+        assert_eq!(
+            w.counts()["reg.example"],
+            RequestCounts {
+                manifest: 2,
+                blob: 0,
+                get: 0
+            }
+        );
     }
 
     #[test]

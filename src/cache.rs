@@ -89,6 +89,10 @@ pub struct Cache {
     store: Arc<dyn ModuleStore>,
     modules: BTreeMap<ModuleKey, ModuleEntry>,
     resolutions: BTreeMap<String, ModuleKey>,
+    /// The latest time the cache was told about: a module still referenced is persisted as used
+    /// at this time, so after a restart it ages from when it was last in use, not from when it was
+    /// first referenced.
+    now: Timestamp,
 }
 
 impl std::fmt::Debug for Cache {
@@ -141,7 +145,8 @@ impl Cache {
         }
         let resolutions =
             persisted.resolutions.into_iter().filter(|(_, k)| modules.contains_key(k)).collect();
-        let cache = Cache { store, modules, resolutions };
+        let now = modules.values().map(|e: &ModuleEntry| e.last_used).max().unwrap_or_default();
+        let cache = Cache { store, modules, resolutions, now };
         cache.persist();
         Ok((cache, report))
     }
@@ -190,6 +195,7 @@ impl Cache {
     /// Commits a verified module under `key`. If the key is already cached the staged file is
     /// dropped and the existing file kept.
     pub fn insert(&mut self, key: &ModuleKey, staged: StagedModule, private: bool, now: Timestamp) -> io::Result<&ModuleEntry> {
+        self.now = self.now.max(now);
         if !self.modules.contains_key(key) {
             let path = self.store.commit(staged.file, &key.name, &key.checksum)?;
             self.modules.insert(
@@ -211,6 +217,7 @@ impl Cache {
 
     /// Marks `plugin` as served by `key` (or by nothing); the module it leaves starts to age now.
     pub fn set_ref(&mut self, plugin: &ObjectKey, old: Option<&ModuleKey>, new: Option<&ModuleKey>, now: Timestamp) {
+        self.now = self.now.max(now);
         if old == new {
             if let Some(e) = new.and_then(|k| self.modules.get_mut(k)) {
                 e.last_used = now;
@@ -229,6 +236,7 @@ impl Cache {
 
     /// Records a use (a cache hit, a delivery to a proxy).
     pub fn touch(&mut self, key: &ModuleKey, now: Timestamp) {
+        self.now = self.now.max(now);
         if let Some(e) = self.modules.get_mut(key) {
             e.last_used = e.last_used.max(now);
         }
@@ -248,6 +256,7 @@ impl Cache {
     /// One purge pass at `now`: removes every module no plugin serves that has been unused for
     /// strictly longer than `expiry`, and the resolutions pointing to it. Returns what left.
     pub fn purge(&mut self, now: Timestamp, expiry: Duration) -> Vec<(ModuleKey, ModuleEntry)> {
+        self.now = self.now.max(now);
         let expired: Vec<ModuleKey> = self
             .modules
             .iter()
@@ -290,7 +299,8 @@ impl Cache {
                     sha256: e.sha256.clone(),
                     size: e.size,
                     private: e.private,
-                    last_used_ms: e.last_used.as_millis(),
+                    last_used_ms: if e.refs.is_empty() { e.last_used } else { e.last_used.max(self.now) }
+                        .as_millis(),
                 })
                 .collect(),
             resolutions: self.resolutions.clone(),
@@ -301,8 +311,10 @@ impl Cache {
         }
     }
 
-    /// Persists usage times (called after purge passes and on shutdown, not on every touch).
-    pub fn flush(&self) {
+    /// Persists usage times as of `now` (called after purge passes and on shutdown, not on every
+    /// touch).
+    pub fn flush(&mut self, now: Timestamp) {
+        self.now = self.now.max(now);
         self.persist();
     }
 }

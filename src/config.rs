@@ -131,7 +131,7 @@ pub fn parse_go_duration(name: &str, s: &str) -> Result<Duration, OptionError> {
     }
     // humantime accepts the Go forms with integer values; Go also allows fractions ("1.5h").
     if let Ok(d) = humantime::parse_duration(t) {
-        if t.chars().all(|c| c.is_ascii_alphanumeric() || c == 'µ') {
+        if t.chars().all(|c| c.is_ascii_alphanumeric() || c == 'µ') && d.as_secs_f64() <= MAX_DURATION_SECS {
             return Ok(d);
         }
     }
@@ -167,8 +167,14 @@ pub fn parse_go_duration(name: &str, s: &str) -> Result<Duration, OptionError> {
         total += value * scale;
         rest = tail;
     }
+    // Go's limit is about 290 years; anything near it is a typo here.
+    if !total.is_finite() || total > MAX_DURATION_SECS {
+        return Err(option_error(name, s, "too long (at most 100 years)"));
+    }
     Ok(Duration::from_secs_f64(total))
 }
+
+const MAX_DURATION_SECS: f64 = 100.0 * 365.0 * 24.0 * 3600.0;
 
 /// Parses a size: plain bytes, or a Kubernetes quantity suffix `Ki Mi Gi Ti` / `k M G T`.
 pub fn parse_size(name: &str, s: &str) -> Result<u64, OptionError> {
@@ -239,6 +245,8 @@ mod tests {
         assert!(e.to_string().contains("WASM_MODULE_EXPIRY"), "{e}");
         assert!(parse_go_duration("X", "10 parsecs").is_err());
         assert!(parse_go_duration("X", "-1s").is_err());
+        assert!(parse_go_duration("X", "99999999999999999999h").is_err());
+        assert!(parse_go_duration("X", "1e400s").is_err());
     }
 
     #[test]

@@ -470,7 +470,13 @@ impl Engine {
             tracing::info!(module = %module, "module expired");
             self.events.push(Event::Expired { at, module, sha256: entry.sha256 });
         }
-        self.cache.flush();
+        self.cache.flush(at);
+    }
+
+    /// Persists the cache index as of now (graceful shutdown or restart).
+    pub fn flush(&mut self) {
+        let now = self.now();
+        self.cache.flush(now);
     }
 
     // -----------------------------------------------------------------------------------------

@@ -4,13 +4,17 @@ use clap::Parser;
 use wasm_ecds::cli::{inspect, Cli, Command};
 
 fn main() {
+    let cli = Cli::parse();
+    // `serve` logs at info by default; the offline commands report through their own output and
+    // stay quiet unless RUST_LOG asks for logs.
+    let default_level = if matches!(cli.command, Command::Serve(_)) { "info" } else { "off" };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_level.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let code = match cli.command {
         Command::Check { json, paths } => inspect::run_check(&paths, json),
         Command::Explain { json, paths } => inspect::run_explain(&paths, json),

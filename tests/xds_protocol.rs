@@ -646,3 +646,139 @@ async fn a_thousand_sotw_streams_each_receive_one_update() {
     assert!(results.iter().all(|p| p == "v2"));
     assert_eq!(server.store.stats().pushes, 2 * STREAMS as u64);
 }
+
+// TEMPORARY real-Envoy smoke check (removed after the run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn tmp_real_envoy() {
+    use envoy_types::pb::envoy::config::core::v3::{async_data_source, data_source, AsyncDataSource, DataSource};
+    use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac;
+    use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
+    use envoy_types::pb::envoy::extensions::wasm::v3::{plugin_config, PluginConfig, VmConfig};
+    use prost::Message;
+    let mode = std::env::var("MODE").unwrap_or("GRPC".into());
+    let envoy = std::env::var("ENVOY_BIN").unwrap();
+    let server = Server::start(true).await;
+    let rbac = |prefix: &str| TypedExtensionConfig {
+        name: A.into(),
+        typed_config: Some(Any {
+            type_url: "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC".into(),
+            value: Rbac { rules_stat_prefix: prefix.into(), ..Default::default() }.encode_to_vec(),
+        }),
+    };
+    let bad = TypedExtensionConfig {
+        name: A.into(),
+        typed_config: Some(Any {
+            type_url: "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm".into(),
+            value: Wasm {
+                config: Some(PluginConfig {
+                    name: "x".into(),
+                    vm: Some(plugin_config::Vm::VmConfig(VmConfig {
+                        runtime: "envoy.wasm.runtime.v8".into(),
+                        code: Some(AsyncDataSource {
+                            specifier: Some(async_data_source::Specifier::Local(DataSource {
+                                specifier: Some(data_source::Specifier::Filename("/nonexistent/x.wasm".into())),
+                                ..Default::default()
+                            })),
+                        }),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        }),
+    };
+    let v1 = server.store.set(A, rbac("one")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (source, dynamic) = match mode.as_str() {
+        "ADS" => ("ads: {}".to_string(), format!("dynamic_resources:\n  ads_config: {{api_type: {}, transport_api_version: V3, grpc_services: [{{envoy_grpc: {{cluster_name: wasm_ecds}}}}]}}\n", std::env::var("ADS_TYPE").unwrap_or("GRPC".into()))),
+        m => (format!("api_config_source: {{api_type: {m}, transport_api_version: V3, grpc_services: [{{envoy_grpc: {{cluster_name: wasm_ecds}}}}]}}"), String::new()),
+    };
+    let yaml = format!(
+        r#"node: {{id: envoy-test, cluster: test}}
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}}}
+{dynamic}static_resources:
+  listeners:
+  - name: l
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: h
+          route_config: {{virtual_hosts: [{{name: v, domains: ["*"], routes: [{{match: {{prefix: /}}, direct_response: {{status: 200}}}}]}}]}}
+          http_filters:
+          - name: {A}
+            config_discovery:
+              config_source:
+                resource_api_version: V3
+                initial_fetch_timeout: 0s
+                {source}
+              type_urls:
+              - type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              - type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: wasm_ecds
+    type: STATIC
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: wasm_ecds
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]
+"#,
+        port = server.addr.port()
+    );
+    let cfg = dir.path().join("envoy.yaml");
+    std::fs::write(&cfg, &yaml).unwrap();
+    let admin_path = dir.path().join("admin");
+    let mut child = std::process::Command::new(envoy)
+        .args(["--disable-hot-restart", "-l", "warning", "--component-log-level", "config:debug", "-c"])
+        .arg(&cfg)
+        .arg("--admin-address-path")
+        .arg(&admin_path)
+        .stderr(std::fs::File::create(dir.path().join("envoy.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let stats = |admin: &str| -> String {
+        let out = std::process::Command::new("curl").args(["-s", &format!("http://{admin}/stats?filter=extension_config_discovery")]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let mut admin = String::new();
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok(a) = std::fs::read_to_string(&admin_path) { if !a.is_empty() { admin = a; break; } }
+    }
+    let wait_for = |pred: &dyn Fn(&str) -> bool| {
+        let admin = admin.clone();
+        let mut s = String::new();
+        for _ in 0..100 {
+            s = stats(&admin);
+            if pred(&s) { return s; }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        s
+    };
+    let s = wait_for(&|s: &str| s.contains(&format!("version_text: \"{v1}\"")));
+    eprintln!("--- after v1 ({v1}):\n{s}\nxds stats {:?}", server.store.stats());
+    server.store.set(A, bad);
+    let s = wait_for(&|s: &str| s.contains("update_rejected: 1"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    eprintln!("--- after bad:\n{s}\nxds stats {:?}", server.store.stats());
+    let v3 = server.store.set(A, rbac("three")).unwrap();
+    let s = wait_for(&|s: &str| s.contains(&format!("version_text: \"{v3}\"")));
+    eprintln!("--- after v3 ({v3}):\n{s}\nxds stats {:?}", server.store.stats());
+    server.store.remove(A);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    eprintln!("--- after remove:\n{}\nxds stats {:?}", stats(&admin), server.store.stats());
+    child.kill().unwrap();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(dir.path().join("envoy.log")).unwrap();
+    eprintln!("--- envoy log (tail):\n{}", log.lines().rev().take(25).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"));
+}

@@ -1,10 +1,13 @@
 //! `file://` modules (behavior.md §2: no pull policy applies): read through
 //! [`FileSource`](crate::store::FileSource) (the real file system in `serve`, memory in `sim`),
-//! unpacked like an HTTP body (plain Wasm, gzip, tar, tar.gz) and staged like any other module.
+//! and verified. Unlike HTTP bodies they are not unpacked: with file delivery Envoy reads the file
+//! itself, so it must be a plain Wasm binary (a gzip or tar file is `invalid_module`).
 
-use std::io;
+use std::io::{self, Read, Write};
 
-use super::unpack::unpack_module;
+use sha2::{Digest, Sha256};
+
+use super::unpack::check_wasm;
 use super::{FetchError, Fetcher, StagedModule};
 
 impl Fetcher {
@@ -20,11 +23,31 @@ impl Fetcher {
             })
         })?;
         let mut out = self.store.stage().map_err(FetchError::io)?;
-        let (sha256, size) = unpack_module(&mut input, &mut out, self.config.max_binary_size)
-            .map_err(|e| match e {
-                FetchError::Download(m) => FetchError::Download(format!("file://{path}: {m}")),
-                other => other,
-            })?;
+        let limit = self.config.max_binary_size;
+        let (mut hasher, mut size, mut prefix) = (Sha256::new(), 0u64, Vec::with_capacity(8));
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = input.read(&mut buf).map_err(|e| FetchError::Download(format!("file://{path}: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            size += n as u64;
+            if size > limit {
+                return Err(FetchError::TooLarge { limit });
+            }
+            if prefix.len() < 8 {
+                prefix.extend_from_slice(&buf[..n.min(8 - prefix.len())]);
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(FetchError::io)?;
+        }
+        check_wasm(&prefix).map_err(|e| match e {
+            FetchError::InvalidModule(m) => {
+                FetchError::InvalidModule(format!("file://{path}: {m} (file modules must be plain Wasm binaries)"))
+            }
+            other => other,
+        })?;
+        let sha256 = hex::encode(hasher.finalize());
         Ok(StagedModule {
             file: out,
             sha256,
@@ -44,7 +67,7 @@ mod tests {
     use crate::store::sha256_hex;
 
     #[test]
-    fn reads_and_unpacks_local_modules() {
+    fn reads_plain_modules_and_refuses_packed_ones() {
         let h = harness(config());
         let module = wasm(40);
         h.files.put("/opt/plain.wasm", module.clone());
@@ -52,13 +75,13 @@ mod tests {
             "/opt/packed.tgz",
             gzip(&tar_of(&[("plugin.wasm", &module)])),
         );
-        for path in ["/opt/plain.wasm", "/opt/packed.tgz"] {
-            let mut m = h.fetcher.fetch_file(path).unwrap();
-            assert_eq!(m.sha256, sha256_hex(&module), "{path}");
-            let mut back = Vec::new();
-            m.file.reader().unwrap().read_to_end(&mut back).unwrap();
-            assert_eq!(back, module);
-        }
+        let mut m = h.fetcher.fetch_file("/opt/plain.wasm").unwrap();
+        assert_eq!(m.sha256, sha256_hex(&module));
+        let mut back = Vec::new();
+        m.file.reader().unwrap().read_to_end(&mut back).unwrap();
+        assert_eq!(back, module);
+        let err = h.fetcher.fetch_file("/opt/packed.tgz").unwrap_err();
+        assert_eq!(err.reason(), Reason::InvalidModule, "{err}");
         assert!(h.transport.requests().is_empty());
     }
 

@@ -228,7 +228,7 @@ impl Controller {
             }
             self.publish(true);
         }
-        self.engine.cache().flush();
+        self.engine.flush();
     }
 
     /// Applies the files' current content to the object store and the engine.
