@@ -25,8 +25,7 @@ pub mod metrics;
 pub mod outcome;
 pub mod plugin;
 pub mod policy;
-// TEMP(lead): enabled once src/xds lands
-// pub mod serve;
+pub mod serve;
 pub mod source;
 pub mod store;
 pub mod url;

@@ -22,10 +22,7 @@ fn main() {
             wasm_ecds::sim::run_paths(&paths, wasm_ecds::sim::RunOptions { trace, json, junit })
         }
         Command::Serve(args) => match args.config() {
-            Ok(_config) => {
-                eprintln!("TEMP");
-                2
-            }
+            Ok(config) => wasm_ecds::serve::run_blocking(*args, config),
             Err(e) => {
                 eprintln!("error: {e}");
                 2

@@ -335,7 +335,7 @@ async fn delta_subscribe_and_updates_carry_only_changes() {
     assert_eq!(r1.resources[0].name, A);
     assert_eq!(r1.resources[0].version, server.store.version_of(A).unwrap());
     assert!(r1.removed_resources.is_empty());
-    assert_eq!(r1.system_version_info, server.store.revision().to_string());
+    assert_eq!(r1.system_version_info, server.store.version_of(A).unwrap());
     s.send(client::delta_ack(&r1)).await.unwrap();
     event(&mut events, is_ack).await;
 
@@ -651,7 +651,9 @@ async fn a_thousand_sotw_streams_each_receive_one_update() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn tmp_real_envoy() {
-    use envoy_types::pb::envoy::config::core::v3::{async_data_source, data_source, AsyncDataSource, DataSource};
+    use envoy_types::pb::envoy::config::core::v3::{
+        async_data_source, data_source, AsyncDataSource, DataSource,
+    };
     use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac;
     use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
     use envoy_types::pb::envoy::extensions::wasm::v3::{plugin_config, PluginConfig, VmConfig};
@@ -663,7 +665,11 @@ async fn tmp_real_envoy() {
         name: A.into(),
         typed_config: Some(Any {
             type_url: "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC".into(),
-            value: Rbac { rules_stat_prefix: prefix.into(), ..Default::default() }.encode_to_vec(),
+            value: Rbac {
+                rules_stat_prefix: prefix.into(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
         }),
     };
     let bad = TypedExtensionConfig {
@@ -677,7 +683,9 @@ async fn tmp_real_envoy() {
                         runtime: "envoy.wasm.runtime.v8".into(),
                         code: Some(AsyncDataSource {
                             specifier: Some(async_data_source::Specifier::Local(DataSource {
-                                specifier: Some(data_source::Specifier::Filename("/nonexistent/x.wasm".into())),
+                                specifier: Some(data_source::Specifier::Filename(
+                                    "/nonexistent/x.wasm".into(),
+                                )),
                                 ..Default::default()
                             })),
                         }),
@@ -739,7 +747,14 @@ admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}}}
     std::fs::write(&cfg, &yaml).unwrap();
     let admin_path = dir.path().join("admin");
     let mut child = std::process::Command::new(envoy)
-        .args(["--disable-hot-restart", "-l", "warning", "--component-log-level", "config:debug", "-c"])
+        .args([
+            "--disable-hot-restart",
+            "-l",
+            "warning",
+            "--component-log-level",
+            "config:debug",
+            "-c",
+        ])
         .arg(&cfg)
         .arg("--admin-address-path")
         .arg(&admin_path)
@@ -747,38 +762,71 @@ admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}}}
         .spawn()
         .unwrap();
     let stats = |admin: &str| -> String {
-        let out = std::process::Command::new("curl").args(["-s", &format!("http://{admin}/stats?filter=extension_config_discovery")]).output().unwrap();
+        let out = std::process::Command::new("curl")
+            .args([
+                "-s",
+                &format!("http://{admin}/stats?filter=extension_config_discovery"),
+            ])
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&out.stdout).to_string()
     };
     let mut admin = String::new();
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        if let Ok(a) = std::fs::read_to_string(&admin_path) { if !a.is_empty() { admin = a; break; } }
+        if let Ok(a) = std::fs::read_to_string(&admin_path) {
+            if !a.is_empty() {
+                admin = a;
+                break;
+            }
+        }
     }
     let wait_for = |pred: &dyn Fn(&str) -> bool| {
         let admin = admin.clone();
         let mut s = String::new();
         for _ in 0..100 {
             s = stats(&admin);
-            if pred(&s) { return s; }
+            if pred(&s) {
+                return s;
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
         s
     };
     let s = wait_for(&|s: &str| s.contains(&format!("version_text: \"{v1}\"")));
-    eprintln!("--- after v1 ({v1}):\n{s}\nxds stats {:?}", server.store.stats());
+    eprintln!(
+        "--- after v1 ({v1}):\n{s}\nxds stats {:?}",
+        server.store.stats()
+    );
     server.store.set(A, bad);
     let s = wait_for(&|s: &str| s.contains("update_rejected: 1"));
     tokio::time::sleep(Duration::from_secs(2)).await;
     eprintln!("--- after bad:\n{s}\nxds stats {:?}", server.store.stats());
     let v3 = server.store.set(A, rbac("three")).unwrap();
     let s = wait_for(&|s: &str| s.contains(&format!("version_text: \"{v3}\"")));
-    eprintln!("--- after v3 ({v3}):\n{s}\nxds stats {:?}", server.store.stats());
+    eprintln!(
+        "--- after v3 ({v3}):\n{s}\nxds stats {:?}",
+        server.store.stats()
+    );
     server.store.remove(A);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    eprintln!("--- after remove:\n{}\nxds stats {:?}", stats(&admin), server.store.stats());
+    eprintln!(
+        "--- after remove:\n{}\nxds stats {:?}",
+        stats(&admin),
+        server.store.stats()
+    );
     child.kill().unwrap();
     let _ = child.wait();
     let log = std::fs::read_to_string(dir.path().join("envoy.log")).unwrap();
-    eprintln!("--- envoy log (tail):\n{}", log.lines().rev().take(25).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"));
+    eprintln!(
+        "--- envoy log (tail):\n{}",
+        log.lines()
+            .rev()
+            .take(25)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }

@@ -195,7 +195,7 @@ struct Controller {
 }
 
 impl Controller {
-    async fn run(mut self, mut commands: mpsc::Receiver<Command>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>, shutdown: tokio::sync::watch::Receiver<bool>) {
         self.reload().await;
         self.publish(true);
         loop {

@@ -13,7 +13,10 @@
 //!   and in `removed_resources` the subscribed names the client holds that the store no longer has
 //!   (go-control-plane `LinearCache` does the same for `initial_resource_versions`). A subscribed
 //!   name that never existed gets nothing until it appears (Envoy waits under
-//!   `initial_fetch_timeout`). `system_version_info` is the store revision, for debugging only.
+//!   `initial_fetch_timeout`).
+//! - `system_version_info` (which Envoy shows as the filter's `version_text`) is the SotW version of
+//!   the resources in the response, so a one-resource response carries that resource's version
+//!   under every protocol; a response that only removes carries the store revision.
 //! - At most one response is outstanding, as in `sotw.rs`. ACK/NACK count only for the latest
 //!   nonce; a NACKed version counts as held, so it is not resent in a loop.
 
@@ -24,8 +27,8 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 
 use super::store::{
-    Api, Delivery, Protocol, ResourceStore, ResourceVersion, StreamEvent, StreamEventKind,
-    StreamId, StreamInfo,
+    set_version, Api, Delivery, Protocol, ResourceStore, ResourceVersion, StreamEvent,
+    StreamEventKind, StreamId, StreamInfo,
 };
 use super::{accepts_type_url, ECDS_TYPE_URL};
 
@@ -191,6 +194,7 @@ impl DeltaStream {
         let changed: Vec<_> = current
             .iter()
             .filter(|e| self.known.get(&e.name) != Some(&e.version))
+            .cloned()
             .collect();
         let removed: Vec<String> = self
             .known
@@ -208,7 +212,11 @@ impl DeltaStream {
         }
         self.nonce_counter += 1;
         let nonce = self.nonce_counter.to_string();
-        let system_version = store.revision().to_string();
+        let system_version = if changed.is_empty() {
+            store.revision().to_string()
+        } else {
+            set_version(&changed)
+        };
         let delivery = Delivery {
             nonce: nonce.clone(),
             version: system_version.clone(),
@@ -306,7 +314,7 @@ mod tests {
         store.set("b", config("2"));
         let r2 = s.on_change(&store).unwrap();
         assert_eq!(names(&r2), ["b"]);
-        assert_eq!(r2.system_version_info, store.revision().to_string());
+        assert_eq!(r2.system_version_info, store.version_of("b").unwrap());
     }
 
     #[test]
