@@ -22,6 +22,7 @@ use super::scenario::{
 };
 use super::world::SimWorld;
 use crate::clock::{Clock, ManualClock, Timestamp};
+use crate::convert::{Code, Delivered};
 use crate::engine::{Engine, EngineParts, Event, Serving};
 use crate::metrics::normalize_series;
 use crate::outcome::Outcome;
@@ -472,15 +473,36 @@ impl<'a> Runner<'a> {
         Ok(())
     }
 
+    /// What a proxy subscribing to the plugin receives now: the resource is built by the same
+    /// conversion code `serve` uses (with the scenario's delivery mode) and decoded back.
     fn serves(&self, k: &ObjectKey) -> String {
-        match self.engine.plugin(k).map(|st| &st.serving) {
-            None | Some(Serving::Nothing) => SERVES_ABSENT.into(),
-            Some(Serving::DenyAll) => SERVES_DENY_ALL.into(),
-            Some(Serving::AllowAll) => SERVES_ALLOW_ALL.into(),
-            Some(Serving::Module(m)) => match self.engine.served_bytes(m) {
-                Ok(bytes) => self.module_name(&sha256_hex(&bytes)),
-                Err(e) => format!("<unreadable module {}: {e}>", m.path.display()),
-            },
+        let Some(st) = self.engine.plugin(k) else { return SERVES_ABSENT.into() };
+        let resource = crate::convert::resource_for(
+            &st.plugin,
+            &st.serving,
+            self.engine.config().delivery,
+            |sha| format!("http://wasm-ecds.sim/modules/{sha}.wasm"),
+            |m| self.engine.served_bytes(m),
+        );
+        let delivered = match resource {
+            Ok(Some(r)) => crate::convert::decode_delivered(&r),
+            Ok(None) => return SERVES_ABSENT.into(),
+            Err(e) => return format!("<unreadable module: {e}>"),
+        };
+        let bytes = match delivered {
+            None => return "<undecodable resource>".into(),
+            Some(Delivered::DenyAll) => return SERVES_DENY_ALL.into(),
+            Some(Delivered::AllowAll) => return SERVES_ALLOW_ALL.into(),
+            Some(Delivered::Module(Code::Inline(b))) => Ok(b),
+            Some(Delivered::Module(Code::File(path))) => self.engine.read_path(&path),
+            Some(Delivered::Module(Code::Remote { sha256, .. })) => self
+                .engine
+                .module_by_sha256(&sha256)
+                .unwrap_or_else(|| Err(std::io::Error::other(format!("no module {sha256} at the module endpoint")))),
+        };
+        match bytes {
+            Ok(bytes) => self.module_name(&sha256_hex(&bytes)),
+            Err(e) => format!("<unreadable module: {e}>"),
         }
     }
 

@@ -227,3 +227,51 @@ mod tests {
         assert_eq!(decode_code(&w), Some(Code::Inline(vec![0, 97, 115, 109])));
     }
 }
+
+/// What a proxy receives for a plugin, decoded back from its resource.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Delivered {
+    Module(Code),
+    AllowAll,
+    DenyAll,
+}
+
+/// Builds the resource a proxy receives for a plugin's serving state, or `None` when there is
+/// nothing to serve yet. `module_url` gives the module endpoint URL of a sha256 (http delivery);
+/// `read` gives a module's bytes (inline delivery).
+pub fn resource_for(
+    plugin: &WasmPlugin,
+    serving: &crate::engine::Serving,
+    delivery: crate::config::Delivery,
+    module_url: impl FnOnce(&str) -> String,
+    read: impl FnOnce(&crate::engine::ServedModule) -> std::io::Result<Vec<u8>>,
+) -> std::io::Result<Option<TypedExtensionConfig>> {
+    use crate::config::Delivery;
+    use crate::engine::Serving;
+    let filter = match serving {
+        Serving::Nothing => return Ok(None),
+        Serving::DenyAll => Filter::DenyAll,
+        Serving::AllowAll => Filter::AllowAll,
+        Serving::Module(m) => Filter::Wasm(match delivery {
+            Delivery::File => Code::File(m.path.clone()),
+            Delivery::Inline => Code::Inline(read(m)?),
+            Delivery::Http => Code::Remote {
+                uri: module_url(&m.sha256),
+                cluster: crate::serve::MODULES_CLUSTER.to_string(),
+                sha256: m.sha256.clone(),
+            },
+        }),
+    };
+    Ok(Some(extension_config(plugin, filter)))
+}
+
+/// Decodes what a resource delivers: the module code, or an RBAC fallback.
+pub fn decode_delivered(config: &TypedExtensionConfig) -> Option<Delivered> {
+    let any = config.typed_config.as_ref()?;
+    let allow_or_deny = |has_rules: bool| if has_rules { Delivered::DenyAll } else { Delivered::AllowAll };
+    match any.type_url.as_str() {
+        HTTP_RBAC_TYPE_URL => Some(allow_or_deny(HttpRbac::decode(any.value.as_slice()).ok()?.rules.is_some())),
+        NETWORK_RBAC_TYPE_URL => Some(allow_or_deny(NetworkRbac::decode(any.value.as_slice()).ok()?.rules.is_some())),
+        _ => decode_code(config).map(Delivered::Module),
+    }
+}

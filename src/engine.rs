@@ -155,6 +155,21 @@ pub enum Job {
     Oci { reference: OciRef, name: String, credentials: Option<Credentials>, expected: Option<String> },
 }
 
+impl Job {
+    /// Identity for single-flight: two plugins whose jobs have the same key share one download.
+    pub fn flight_key(&self) -> String {
+        match self {
+            Job::File { path, expected } => format!("file:{path}#{expected:?}"),
+            Job::Http { url, expected } => format!("http:{url}#{expected:?}"),
+            Job::Oci { reference, credentials, expected, .. } => {
+                // Credentials take part so that a module is never shared across authorizations.
+                let who = credentials.as_ref().map(|c| crate::store::sha256_hex(c.basic_header().as_bytes()));
+                format!("oci:{reference}#{expected:?}#{who:?}")
+            }
+        }
+    }
+}
+
 /// The result of phase 1 + 2.
 pub enum Obtained {
     /// Served from the cache without contacting the source.
@@ -165,6 +180,37 @@ pub enum Obtained {
     Fetched { key: ModuleKey, staged: StagedModule, private: bool },
     /// Read from a local file.
     File { path: String, sha256: String },
+    /// Downloaded by another plugin's identical job in flight at the same time (single flight):
+    /// already committed to the cache under this key.
+    Shared(ModuleKey),
+}
+
+/// A result handed to the other waiters of a shared job (single flight).
+pub fn share_result(result: &Result<Obtained, Failure>) -> Result<Obtained, Failure> {
+    match result {
+        Ok(Obtained::Fetched { key, .. }) | Ok(Obtained::Shared(key)) => Ok(Obtained::Shared(key.clone())),
+        Ok(Obtained::Revalidated(k)) => Ok(Obtained::Revalidated(k.clone())),
+        Ok(Obtained::Cached(k)) => Ok(Obtained::Cached(k.clone())),
+        Ok(Obtained::File { path, sha256 }) => Ok(Obtained::File { path: path.clone(), sha256: sha256.clone() }),
+        Err(e) => Err(e.clone()),
+    }
+}
+
+/// A processing that was planned (phase 1) and awaits its result.
+#[derive(Clone, Debug)]
+pub struct Pending {
+    pub key: ObjectKey,
+    pub version: u64,
+    pub trigger: Trigger,
+    pub started: Timestamp,
+}
+
+/// What phase 1 decided.
+pub enum Begun {
+    /// Nothing to fetch: commit this result with [`Engine::finish`].
+    Done(Pending, Result<Obtained, Failure>),
+    /// Run the job ([`run_job`]) with `cached` as the cache view, then [`Engine::finish`].
+    Fetch(Pending, Job, Arc<std::collections::BTreeSet<ModuleKey>>),
 }
 
 /// A failed processing: the reason and a message for logs.
@@ -229,6 +275,10 @@ pub struct Engine {
     secrets: BTreeMap<ObjectKey, PullSecret>,
     next_purge: Timestamp,
     events: Vec<Event>,
+    /// `serve` mode: entry points only queue processings; the caller runs them concurrently
+    /// through [`Engine::take_queue`], [`Engine::begin`] and [`Engine::finish`].
+    deferred: bool,
+    queue: Vec<(ObjectKey, Trigger)>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -265,6 +315,8 @@ impl Engine {
             secrets: BTreeMap::new(),
             next_purge,
             events: Vec::new(),
+            deferred: false,
+            queue: Vec::new(),
         };
         Ok((engine, report))
     }
@@ -300,6 +352,24 @@ impl Engine {
     /// Drains the events recorded since the last call.
     pub fn take_events(&mut self) -> Vec<Event> {
         std::mem::take(&mut self.events)
+    }
+
+    /// Reads a module file delivered by path: a cached module, or a `file://` module.
+    pub fn read_path(&self, path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+        match self.cache.entries().find(|(_, e)| e.path == path) {
+            Some((k, _)) => self.cache.read(k),
+            None => {
+                let mut buf = Vec::new();
+                std::io::Read::read_to_end(&mut self.files.open(&path.to_string_lossy())?, &mut buf)?;
+                Ok(buf)
+            }
+        }
+    }
+
+    /// The cached module with this Wasm sha256 (the module endpoint of http delivery).
+    pub fn module_by_sha256(&self, sha256: &str) -> Option<std::io::Result<Vec<u8>>> {
+        let (k, _) = self.cache.entries().find(|(_, e)| e.sha256 == sha256)?;
+        Some(self.cache.read(k))
     }
 
     /// The bytes a plugin's served module has (for inline delivery and the simulator).
@@ -482,19 +552,57 @@ impl Engine {
     // -----------------------------------------------------------------------------------------
     // Processing
 
-    /// Processes the current version of a plugin to completion (all three phases).
+    /// Switches to deferred processing (see [`Engine::take_queue`]).
+    pub fn set_deferred(&mut self, deferred: bool) {
+        self.deferred = deferred;
+    }
+
+    /// The processings queued in deferred mode, in order.
+    pub fn take_queue(&mut self) -> Vec<(ObjectKey, Trigger)> {
+        std::mem::take(&mut self.queue)
+    }
+
+    /// Processes the current version of a plugin to completion (all three phases); in deferred
+    /// mode only queues it.
     pub async fn process(&mut self, key: &ObjectKey, trigger: Trigger) {
-        let Some(version) = self.plugins.get(key).map(|s| s.version) else { return };
-        let started = self.now();
-        let result = match self.plan(key, trigger) {
-            Plan::Done(r) => r,
-            Plan::Fetch(job) => {
+        if self.deferred {
+            self.queue.push((key.clone(), trigger));
+            return;
+        }
+        let result = match self.begin(key, trigger) {
+            None => return,
+            Some(Begun::Done(p, r)) => (p, r),
+            Some(Begun::Fetch(p, job, _)) => {
                 let fetcher = self.fetcher.clone();
                 let cache = &self.cache;
-                run_job(&fetcher, &job, &|k| cache.contains(k)).await
+                let r = run_job(&fetcher, &job, &|k| cache.contains(k)).await;
+                (p, r)
             }
         };
-        self.commit(key, version, trigger, started, result);
+        self.finish(result.0, result.1);
+    }
+
+    /// Phase 1 for a current plugin; `None` if it is gone.
+    pub fn begin(&mut self, key: &ObjectKey, trigger: Trigger) -> Option<Begun> {
+        let version = self.plugins.get(key)?.version;
+        let pending = Pending { key: key.clone(), version, trigger, started: self.now() };
+        Some(match self.plan(key, trigger) {
+            Plan::Done(r) => Begun::Done(pending, r),
+            Plan::Fetch(job) => {
+                let name = match &job {
+                    Job::Oci { name, .. } => Some(name.clone()),
+                    _ => None,
+                };
+                let cached = self.cache.entries().map(|(k, _)| k).filter(|k| Some(&k.name) == name.as_ref()).cloned().collect();
+                Begun::Fetch(pending, job, Arc::new(cached))
+            }
+        })
+    }
+
+    /// Phase 3: commits a result obtained for `pending`. A result for a version that is no longer
+    /// current is dropped.
+    pub fn finish(&mut self, pending: Pending, result: Result<Obtained, Failure>) {
+        self.commit(&pending.key, pending.version, pending.trigger, pending.started, result);
     }
 
     /// Phase 1: decide from the policy and the cache whether anything must be fetched.
@@ -565,6 +673,11 @@ impl Engine {
                 Ok((Outcome::Pulled, served))
             }
             Obtained::Cached(k) => served_from_cache(&self.cache, &url_str, k, Outcome::Cached),
+            Obtained::Shared(k) => {
+                // Same job, same credentials: the registry authorized this plugin too.
+                self.cache.authorize(&k, key);
+                served_from_cache(&self.cache, &url_str, k, Outcome::Pulled)
+            }
             Obtained::Revalidated(k) => {
                 self.cache.authorize(&k, key);
                 served_from_cache(&self.cache, &url_str, k, Outcome::Revalidated)
