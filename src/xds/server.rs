@@ -357,7 +357,7 @@ impl<P: StreamProtocol> StreamTask<P> {
     }
 }
 
-type BoxedResult<T> = Result<Response<T>, Status>;
+type RpcResult<T> = Result<Response<T>, Status>;
 
 #[tonic::async_trait]
 impl ExtensionConfigDiscoveryService for XdsServer {
@@ -367,7 +367,7 @@ impl ExtensionConfigDiscoveryService for XdsServer {
     async fn stream_extension_configs(
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
-    ) -> BoxedResult<Self::StreamExtensionConfigsStream> {
+    ) -> RpcResult<Self::StreamExtensionConfigsStream> {
         let peer = request.remote_addr();
         Ok(Response::new(self.spawn::<SotwStream>(
             Api::Ecds,
@@ -379,7 +379,7 @@ impl ExtensionConfigDiscoveryService for XdsServer {
     async fn delta_extension_configs(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> BoxedResult<Self::DeltaExtensionConfigsStream> {
+    ) -> RpcResult<Self::DeltaExtensionConfigsStream> {
         let peer = request.remote_addr();
         Ok(Response::new(self.spawn::<DeltaStream>(
             Api::Ecds,
@@ -391,7 +391,7 @@ impl ExtensionConfigDiscoveryService for XdsServer {
     async fn fetch_extension_configs(
         &self,
         request: Request<DiscoveryRequest>,
-    ) -> BoxedResult<DiscoveryResponse> {
+    ) -> RpcResult<DiscoveryResponse> {
         let req = request.into_inner();
         if !accepts_type_url(Api::Ecds, &req.type_url) {
             return Err(Status::invalid_argument(format!(
@@ -416,7 +416,7 @@ impl AggregatedDiscoveryService for XdsServer {
     async fn stream_aggregated_resources(
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
-    ) -> BoxedResult<Self::StreamAggregatedResourcesStream> {
+    ) -> RpcResult<Self::StreamAggregatedResourcesStream> {
         let peer = request.remote_addr();
         Ok(Response::new(self.spawn::<SotwStream>(
             Api::Ads,
@@ -428,7 +428,7 @@ impl AggregatedDiscoveryService for XdsServer {
     async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> BoxedResult<Self::DeltaAggregatedResourcesStream> {
+    ) -> RpcResult<Self::DeltaAggregatedResourcesStream> {
         let peer = request.remote_addr();
         Ok(Response::new(self.spawn::<DeltaStream>(
             Api::Ads,
