@@ -155,4 +155,5 @@ async fn main() {
         per_stream
     );
     let _ = child.kill();
+    let _ = child.wait();
 }

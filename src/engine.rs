@@ -76,13 +76,6 @@ pub enum Serving {
 }
 
 impl Serving {
-    fn module_key(&self) -> Option<&ModuleKey> {
-        match self {
-            Serving::Module(m) => m.key.as_ref(),
-            _ => None,
-        }
-    }
-
     pub fn describe(&self) -> String {
         match self {
             Serving::Nothing => "nothing".into(),
@@ -126,6 +119,10 @@ pub struct PluginState {
     pub last_pull: Option<Timestamp>,
     /// The resource version of the last successful pull (Always bookkeeping, behavior.md §2).
     pub pulled_version: Option<u64>,
+    /// The cached module this plugin resolves to, which it protects from expiry (behavior.md §5):
+    /// the module it serves, or — after a failure that made it fall back — the module its URL
+    /// (or pin) still resolves to in the cache.
+    pub referenced: Option<ModuleKey>,
     pub retry: Option<RetryState>,
 }
 
@@ -422,6 +419,7 @@ impl Engine {
                         last_processed: None,
                         last_pull: None,
                         pulled_version: None,
+                        referenced: None,
                         retry: None,
                     },
                 );
@@ -434,7 +432,7 @@ impl Engine {
     pub fn remove_plugin(&mut self, key: &ObjectKey) {
         if let Some(st) = self.plugins.remove(key) {
             let now = self.now();
-            self.cache.set_ref(key, st.serving.module_key(), None, now);
+            self.cache.set_ref(key, st.referenced.as_ref(), None, now);
             self.events.push(Event::ServingChanged { at: now, plugin: key.clone(), serving: None });
         }
     }
@@ -659,7 +657,7 @@ impl Engine {
         let st = self.plugins.get_mut(key).expect("checked above");
         let remote = !matches!(st.url, ModuleUrl::File(_));
         let url_str = st.url.to_string();
-        let old_key = st.serving.module_key().cloned();
+        let old_key = st.referenced.clone();
         let obtained = result.and_then(|o| match o {
             Obtained::Fetched { key: k, staged, private } => {
                 let entry = self
@@ -712,6 +710,7 @@ impl Engine {
                     self.metrics.record_conversion(ConversionResult::NoRemoteLoad, elapsed_ms);
                 }
                 self.cache.set_ref(key, old_key.as_ref(), served.key.as_ref(), now);
+                st.referenced = served.key.clone();
                 st.retry = None;
                 let serving = Serving::Module(served);
                 if st.serving != serving {
@@ -743,7 +742,14 @@ impl Engine {
                         FailStrategy::FailOpen => Serving::AllowAll,
                         FailStrategy::FailClose | FailStrategy::FailReload => Serving::DenyAll,
                     };
-                    self.cache.set_ref(key, old_key.as_ref(), None, now);
+                    // The module the URL (or pin) still resolves to stays protected (§5).
+                    let resolved = match expected {
+                        Some(c) => Some(ModuleKey::new(st.url.module_name(), c)),
+                        None => self.cache.resolution(&url_str).cloned(),
+                    }
+                    .filter(|k| self.cache.contains(k));
+                    self.cache.set_ref(key, old_key.as_ref(), resolved.as_ref(), now);
+                    st.referenced = resolved;
                     if st.serving != fallback {
                         st.serving = fallback.clone();
                         self.events.push(Event::ServingChanged { at: now, plugin: key.clone(), serving: Some(fallback) });

@@ -52,13 +52,37 @@ impl Harness {
         Self::with(Config::default(), Arc::new(MemStore::new()), None)
     }
 
-    pub fn with(config: Config, store: Arc<dyn ModuleStore>, fetch_config: Option<FetchConfig>) -> Self {
+    pub fn with(
+        config: Config,
+        store: Arc<dyn ModuleStore>,
+        fetch_config: Option<FetchConfig>,
+    ) -> Self {
         let clock = Arc::new(ManualClock::new(Timestamp::ZERO));
         let world = Arc::new(SimWorld::new(clock.clone()));
         let files = Arc::new(MemFiles::default());
-        let engine = build_engine(&config, &clock, &world, &store, &files, fetch_config.clone());
-        let rt = tokio::runtime::Builder::new_current_thread().build().expect("a current-thread runtime");
-        Harness { clock, world, store, files, objects: ObjectStore::new(), engine, config, fetch_config, events: Vec::new(), rt }
+        let engine = build_engine(
+            &config,
+            &clock,
+            &world,
+            &store,
+            &files,
+            fetch_config.clone(),
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a current-thread runtime");
+        Harness {
+            clock,
+            world,
+            store,
+            files,
+            objects: ObjectStore::new(),
+            engine,
+            config,
+            fetch_config,
+            events: Vec::new(),
+            rt,
+        }
     }
 
     pub fn now(&self) -> Timestamp {
@@ -81,7 +105,9 @@ impl Harness {
         self.take_events()
             .into_iter()
             .filter_map(|e| match e {
-                Event::Processed { plugin, outcome, .. } => Some((plugin, outcome)),
+                Event::Processed {
+                    plugin, outcome, ..
+                } => Some((plugin, outcome)),
                 _ => None,
             })
             .collect()
@@ -96,19 +122,28 @@ impl Harness {
 
     /// Applies a JSON merge patch to a stored plugin.
     pub fn edit(&mut self, key: &ObjectKey, patch: Value) -> Change {
-        let change = self.objects.edit_plugin(key, &patch).expect("edit: the plugin exists");
+        let change = self
+            .objects
+            .edit_plugin(key, &patch)
+            .expect("edit: the plugin exists");
         self.handle(change.clone());
         change
     }
 
     pub fn delete_plugin(&mut self, key: &ObjectKey) -> Change {
-        let change = self.objects.delete_plugin(key).expect("delete: the plugin exists");
+        let change = self
+            .objects
+            .delete_plugin(key)
+            .expect("delete: the plugin exists");
         self.handle(change.clone());
         change
     }
 
     pub fn delete_secret(&mut self, key: &ObjectKey) -> Change {
-        let change = self.objects.delete_secret(key).expect("delete: the secret exists");
+        let change = self
+            .objects
+            .delete_secret(key)
+            .expect("delete: the secret exists");
         self.handle(change.clone());
         change
     }
@@ -130,9 +165,11 @@ impl Harness {
                 }
                 Change::SecretDeleted(k) => engine.remove_secret(&k).await,
                 Change::Unchanged(_) => {}
-                Change::Refused { key: Some(k), is_plugin: true, error } => {
-                    engine.record_invalid(&k, &error.field, &error.message)
-                }
+                Change::Refused {
+                    key: Some(k),
+                    is_plugin: true,
+                    error,
+                } => engine.record_invalid(&k, &error.field, &error.message),
                 Change::Refused { .. } => {}
             }
         });
@@ -164,7 +201,10 @@ impl Harness {
             self.rt.block_on(self.engine.run_due());
             self.drain();
             rounds += 1;
-            assert!(rounds < MAX_ROUNDS, "too many background deadlines in one advance");
+            assert!(
+                rounds < MAX_ROUNDS,
+                "too many background deadlines in one advance"
+            );
         }
         self.clock.set(target);
     }
@@ -173,11 +213,18 @@ impl Harness {
     /// the current secrets and then every current plugin as newly created.
     pub fn restart(&mut self, keep_cache: bool) {
         self.drain();
-        self.engine.cache().flush();
+        self.engine.flush();
         if !keep_cache {
             self.store.wipe().expect("wipe the module store");
         }
-        self.engine = build_engine(&self.config, &self.clock, &self.world, &self.store, &self.files, self.fetch_config.clone());
+        self.engine = build_engine(
+            &self.config,
+            &self.clock,
+            &self.world,
+            &self.store,
+            &self.files,
+            self.fetch_config.clone(),
+        );
         let secrets: Vec<_> = self.objects.secrets().values().cloned().collect();
         let plugins: Vec<_> = self.objects.plugins().values().cloned().collect();
         let engine = &mut self.engine;
@@ -203,7 +250,9 @@ impl Harness {
     }
 
     pub fn plugin(&self, key: &ObjectKey) -> &PluginState {
-        self.engine.plugin(key).expect("the engine knows the plugin")
+        self.engine
+            .plugin(key)
+            .expect("the engine knows the plugin")
     }
 
     pub fn serving(&self, key: &ObjectKey) -> Option<&Serving> {
@@ -220,12 +269,21 @@ impl Harness {
 
     /// Every cached module.
     pub fn cached(&self) -> Vec<ModuleKey> {
-        self.engine.cache().entries().map(|(k, _)| k.clone()).collect()
+        self.engine
+            .cache()
+            .entries()
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     /// One metric sample (0 when absent), e.g. `istio_agent_wasm_cache_lookup_count{hit="true"}`.
     pub fn metric(&self, series: &str) -> f64 {
-        self.engine.metrics().samples().get(&normalize_series(series)).copied().unwrap_or(0.0)
+        self.engine
+            .metrics()
+            .samples()
+            .get(&normalize_series(series))
+            .copied()
+            .unwrap_or(0.0)
     }
 }
 
@@ -253,7 +311,9 @@ fn build_engine(
         fetch_config,
         purge_epoch: Timestamp::ZERO,
     };
-    Engine::new(config.clone(), parts).expect("the module store opens").0
+    Engine::new(config.clone(), parts)
+        .expect("the module store opens")
+        .0
 }
 
 /// A `WasmPlugin` object. `spec` is merged into `{url}`.
