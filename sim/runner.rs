@@ -2,9 +2,11 @@
 //!
 //! The runner owns the virtual clock, the simulated world, the in-memory module store (it survives
 //! `restart`), the simulated local files and the object source; it turns steps into source changes
-//! and engine calls, moves the clock through the engine's deadlines so that background work (purge
-//! passes, retries) happens at its own time in time order, and checks `expect` steps. Every future
-//! completes at once (the world and the clock are virtual), so a current-thread runtime drives them.
+//! and engine calls, and checks `expect` steps. Processings run concurrently through the same
+//! [`Dispatcher`] as `serve`, on a current-thread tokio runtime with *paused* time: the clock is
+//! tokio's virtual clock, which jumps to the next timer whenever every task waits. So a pull that
+//! waits for timeouts and backoffs, the background retries of other plugins and the purge passes
+//! all happen at their own virtual times, in time order, as in a real server (scenarios.md "Time").
 //!
 //! The trace it records is a pure function of the scenario: times are virtual, collections are
 //! ordered, nothing mentions addresses, wall-clock time or temporary paths.
@@ -21,7 +23,8 @@ use super::scenario::{
     SERVES_ALLOW_ALL, SERVES_DENY_ALL,
 };
 use super::world::SimWorld;
-use crate::clock::{Clock, ManualClock, Timestamp};
+use crate::clock::{Clock, Timestamp, TokioClock};
+use crate::dispatch::Dispatcher;
 use crate::convert::{Code, Delivered};
 use crate::engine::{Engine, EngineParts, Event, Serving};
 use crate::metrics::normalize_series;
@@ -81,6 +84,7 @@ impl ScenarioRun {
 pub fn run_scenario(scenario: &Scenario) -> ScenarioRun {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_time()
+        .start_paused(true)
         .build()
     {
         Ok(rt) => rt,
@@ -122,8 +126,9 @@ pub fn trace_line(at: Timestamp, text: &str) -> String {
 
 struct Runner<'a> {
     s: &'a Scenario,
-    clock: Arc<ManualClock>,
+    clock: Arc<TokioClock>,
     world: Arc<SimWorld>,
+    dispatcher: Dispatcher,
     store: Arc<MemStore>,
     files: Arc<MemFiles>,
     objects: ObjectStore,
@@ -137,7 +142,7 @@ struct Runner<'a> {
 
 impl<'a> Runner<'a> {
     fn new(s: &'a Scenario) -> Result<Self, String> {
-        let clock = Arc::new(ManualClock::new(Timestamp::ZERO));
+        let clock = Arc::new(TokioClock::new(Timestamp::ZERO));
         let world = Arc::new(SimWorld::new(clock.clone()));
         let store = Arc::new(MemStore::new());
         let files = Arc::new(MemFiles::default());
@@ -146,6 +151,7 @@ impl<'a> Runner<'a> {
             s,
             clock,
             world,
+            dispatcher: Dispatcher::new(),
             store,
             files,
             objects: ObjectStore::new(),
@@ -209,42 +215,54 @@ impl<'a> Runner<'a> {
         Vec::new()
     }
 
-    /// Runs background work already due (processing may have moved the clock past deadlines).
+    /// Runs the processing the step caused to completion; background work falling due meanwhile
+    /// runs at its own time.
     async fn settle(&mut self) -> Result<(), String> {
-        let mut rounds = 0;
-        while self.engine.next_deadline() <= self.now() {
-            self.engine.run_due().await;
-            self.drain();
-            rounds += 1;
-            if rounds > MAX_DEADLINES_PER_STEP {
-                return Err(format!(
-                    "background work does not settle after {MAX_DEADLINES_PER_STEP} rounds"
-                ));
-            }
-        }
-        Ok(())
+        self.run_until(None).await
     }
 
     /// Moves the clock to `now + d`, running every deadline on the way at its own time.
     async fn advance(&mut self, d: Duration) -> Result<(), String> {
         let target = self.now() + d;
+        self.run_until(Some(target)).await
+    }
+
+    /// Runs processings and background work until nothing is in flight and the next deadline lies
+    /// after `target` (after now for `None`), then lets the clock reach `target`.
+    async fn run_until(&mut self, target: Option<Timestamp>) -> Result<(), String> {
+        enum Next {
+            Completed((String, Result<crate::engine::Obtained, crate::engine::Failure>)),
+            Due,
+        }
         let mut rounds = 0;
         loop {
+            self.dispatcher.dispatch(&mut self.engine);
+            self.drain();
+            let idle = self.dispatcher.in_flight() == 0;
             let deadline = self.engine.next_deadline();
-            if deadline > target {
+            if idle && deadline > target.unwrap_or_else(|| self.now()) {
                 break;
             }
-            self.clock.set(deadline);
-            self.engine.run_due().await;
-            self.drain();
             rounds += 1;
             if rounds > MAX_DEADLINES_PER_STEP {
                 return Err(format!(
-                    "more than {MAX_DEADLINES_PER_STEP} background deadlines in one advance (is purgeInterval tiny?)"
+                    "more than {MAX_DEADLINES_PER_STEP} background deadlines in one step (is purgeInterval tiny?)"
                 ));
             }
+            let at = self.clock.instant_at(deadline);
+            let next = tokio::select! {
+                biased;
+                c = self.dispatcher.next_completion(), if !idle => Next::Completed(c),
+                _ = tokio::time::sleep_until(at) => Next::Due,
+            };
+            match next {
+                Next::Completed(c) => self.dispatcher.complete(&mut self.engine, c),
+                Next::Due => self.engine.run_due().await,
+            }
         }
-        self.clock.set(target);
+        if let Some(t) = target {
+            tokio::time::sleep_until(self.clock.instant_at(t)).await;
+        }
         Ok(())
     }
 
@@ -595,7 +613,7 @@ impl<'a> Runner<'a> {
 
 fn new_engine(
     s: &Scenario,
-    clock: &Arc<ManualClock>,
+    clock: &Arc<TokioClock>,
     world: &Arc<SimWorld>,
     store: &Arc<MemStore>,
     files: &Arc<MemFiles>,
@@ -610,7 +628,10 @@ fn new_engine(
         fetch_config: None,
         purge_epoch: Timestamp::ZERO,
     };
-    Engine::new(s.config.clone(), parts).map_err(|e| format!("cannot open the cache: {e}"))
+    let (mut engine, report) =
+        Engine::new(s.config.clone(), parts).map_err(|e| format!("cannot open the cache: {e}"))?;
+    engine.set_deferred(true);
+    Ok((engine, report))
 }
 
 fn short(hex: &str) -> &str {

@@ -21,7 +21,7 @@ use bytes::Bytes;
 
 use super::content::{build_image, ImageFormat};
 use super::scenario::{FailMode, FailRule, KindFilter};
-use crate::clock::{Clock, ManualClock, Timestamp};
+use crate::clock::{Clock, Timestamp};
 use crate::config::is_always_blocked;
 use crate::fetch::{BodyStream, HttpRequest, HttpResponse, Transport, TransportError};
 use crate::url::OciRef;
@@ -205,7 +205,7 @@ struct State {
 
 /// The simulated hosts. Thread-safe; the lock is never held across an `.await`.
 pub struct SimWorld {
-    clock: Arc<ManualClock>,
+    clock: Arc<dyn Clock>,
     state: Mutex<State>,
 }
 
@@ -356,7 +356,7 @@ impl BodyStream for SimBody {
 }
 
 impl SimWorld {
-    pub fn new(clock: Arc<ManualClock>) -> Self {
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
         SimWorld {
             clock,
             state: Mutex::new(State::default()),
@@ -734,8 +734,9 @@ impl Transport for SimWorld {
         match self.decide(req, now) {
             Decision::Fail(e) => Err(e),
             Decision::Timeout => {
-                // No answer until the attempt's deadline: virtual time passes.
-                self.clock.advance(timeout);
+                // No answer until the attempt's deadline: virtual time passes (other work due
+                // meanwhile runs at its own time under the simulator's paused tokio clock).
+                self.clock.sleep(timeout).await;
                 Err(TransportError::Timeout)
             }
             Decision::Answer(a) => {
@@ -758,6 +759,7 @@ impl Transport for SimWorld {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::ManualClock;
     use crate::plugin::Credentials;
 
     fn world() -> (Arc<ManualClock>, SimWorld) {

@@ -118,3 +118,36 @@ impl Clock for ManualClock {
         self.advance(d)
     }
 }
+
+/// Time from tokio's clock, starting at `base`. Under a runtime started with paused time
+/// (`start_paused(true)`) this is a virtual clock that tokio advances to the next timer whenever
+/// every task waits: the simulator uses it so concurrent processings, backoffs and timeouts
+/// interleave in time order exactly as in a real server.
+#[derive(Debug)]
+pub struct TokioClock {
+    epoch: tokio::time::Instant,
+    base: Timestamp,
+}
+
+impl TokioClock {
+    /// Must be called inside a tokio runtime with the time driver enabled.
+    pub fn new(base: Timestamp) -> Self {
+        TokioClock { epoch: tokio::time::Instant::now(), base }
+    }
+
+    /// The tokio instant at which this clock reads `t` (the epoch if `t` is before the base).
+    pub fn instant_at(&self, t: Timestamp) -> tokio::time::Instant {
+        self.epoch + t.since(self.base)
+    }
+}
+
+#[async_trait]
+impl Clock for TokioClock {
+    fn now(&self) -> Timestamp {
+        self.base + self.epoch.elapsed()
+    }
+
+    async fn sleep(&self, d: Duration) {
+        tokio::time::sleep(d).await
+    }
+}

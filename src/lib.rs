@@ -19,6 +19,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod convert;
+pub mod dispatch;
 pub mod engine;
 pub mod fetch;
 pub mod metrics;
