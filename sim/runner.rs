@@ -24,8 +24,8 @@ use super::scenario::{
 };
 use super::world::SimWorld;
 use crate::clock::{Clock, Timestamp, TokioClock};
-use crate::dispatch::Dispatcher;
 use crate::convert::{Code, Delivered};
+use crate::dispatch::Dispatcher;
 use crate::engine::{Engine, EngineParts, Event, Serving};
 use crate::metrics::normalize_series;
 use crate::outcome::Outcome;
@@ -231,7 +231,12 @@ impl<'a> Runner<'a> {
     /// after `target` (after now for `None`), then lets the clock reach `target`.
     async fn run_until(&mut self, target: Option<Timestamp>) -> Result<(), String> {
         enum Next {
-            Completed((String, Result<crate::engine::Obtained, crate::engine::Failure>)),
+            Completed(
+                (
+                    String,
+                    Result<crate::engine::Obtained, crate::engine::Failure>,
+                ),
+            ),
             Due,
         }
         let mut rounds = 0;
@@ -494,7 +499,9 @@ impl<'a> Runner<'a> {
     /// What a proxy subscribing to the plugin receives now: the resource is built by the same
     /// conversion code `serve` uses (with the scenario's delivery mode) and decoded back.
     fn serves(&self, k: &ObjectKey) -> String {
-        let Some(st) = self.engine.plugin(k) else { return SERVES_ABSENT.into() };
+        let Some(st) = self.engine.plugin(k) else {
+            return SERVES_ABSENT.into();
+        };
         let resource = crate::convert::resource_for(
             &st.plugin,
             &st.serving,
@@ -513,10 +520,13 @@ impl<'a> Runner<'a> {
             Some(Delivered::AllowAll) => return SERVES_ALLOW_ALL.into(),
             Some(Delivered::Module(Code::Inline(b))) => Ok(b),
             Some(Delivered::Module(Code::File(path))) => self.engine.read_path(&path),
-            Some(Delivered::Module(Code::Remote { sha256, .. })) => self
-                .engine
-                .module_by_sha256(&sha256)
-                .unwrap_or_else(|| Err(std::io::Error::other(format!("no module {sha256} at the module endpoint")))),
+            Some(Delivered::Module(Code::Remote { sha256, .. })) => {
+                self.engine.module_by_sha256(&sha256).unwrap_or_else(|| {
+                    Err(std::io::Error::other(format!(
+                        "no module {sha256} at the module endpoint"
+                    )))
+                })
+            }
         };
         match bytes {
             Ok(bytes) => self.module_name(&sha256_hex(&bytes)),

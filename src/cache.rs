@@ -31,13 +31,21 @@ pub struct ModuleKey {
 
 impl ModuleKey {
     pub fn new(name: impl Into<String>, checksum: impl Into<String>) -> Self {
-        ModuleKey { name: name.into(), checksum: checksum.into() }
+        ModuleKey {
+            name: name.into(),
+            checksum: checksum.into(),
+        }
     }
 }
 
 impl std::fmt::Display for ModuleKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}@{}", self.name, &self.checksum[..self.checksum.len().min(12)])
+        write!(
+            f,
+            "{}@{}",
+            self.name,
+            &self.checksum[..self.checksum.len().min(12)]
+        )
     }
 }
 
@@ -97,7 +105,9 @@ pub struct Cache {
 
 impl std::fmt::Debug for Cache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cache").field("modules", &self.modules.len()).finish()
+        f.debug_struct("Cache")
+            .field("modules", &self.modules.len())
+            .finish()
     }
 }
 
@@ -120,7 +130,10 @@ impl Cache {
         for file in store.list()? {
             let verified = known
                 .get(&(file.name_hash.clone(), file.checksum.clone()))
-                .filter(|m| m.size == file.size && hash_file(store.as_ref(), &file.path).ok().as_deref() == Some(&m.sha256));
+                .filter(|m| {
+                    m.size == file.size
+                        && hash_file(store.as_ref(), &file.path).ok().as_deref() == Some(&m.sha256)
+                });
             match verified {
                 Some(m) => {
                     report.kept += 1;
@@ -143,10 +156,22 @@ impl Cache {
                 }
             }
         }
-        let resolutions =
-            persisted.resolutions.into_iter().filter(|(_, k)| modules.contains_key(k)).collect();
-        let now = modules.values().map(|e: &ModuleEntry| e.last_used).max().unwrap_or_default();
-        let cache = Cache { store, modules, resolutions, now };
+        let resolutions = persisted
+            .resolutions
+            .into_iter()
+            .filter(|(_, k)| modules.contains_key(k))
+            .collect();
+        let now = modules
+            .values()
+            .map(|e: &ModuleEntry| e.last_used)
+            .max()
+            .unwrap_or_default();
+        let cache = Cache {
+            store,
+            modules,
+            resolutions,
+            now,
+        };
         cache.persist();
         Ok((cache, report))
     }
@@ -177,7 +202,9 @@ impl Cache {
 
     /// The module `url` last resolved to, if it is still cached.
     pub fn resolution(&self, url: &str) -> Option<&ModuleKey> {
-        self.resolutions.get(url).filter(|k| self.modules.contains_key(k))
+        self.resolutions
+            .get(url)
+            .filter(|k| self.modules.contains_key(k))
     }
 
     pub fn resolutions(&self) -> &BTreeMap<String, ModuleKey> {
@@ -194,7 +221,13 @@ impl Cache {
 
     /// Commits a verified module under `key`. If the key is already cached the staged file is
     /// dropped and the existing file kept.
-    pub fn insert(&mut self, key: &ModuleKey, staged: StagedModule, private: bool, now: Timestamp) -> io::Result<&ModuleEntry> {
+    pub fn insert(
+        &mut self,
+        key: &ModuleKey,
+        staged: StagedModule,
+        private: bool,
+        now: Timestamp,
+    ) -> io::Result<&ModuleEntry> {
         self.now = self.now.max(now);
         if !self.modules.contains_key(key) {
             let path = self.store.commit(staged.file, &key.name, &key.checksum)?;
@@ -216,7 +249,13 @@ impl Cache {
     }
 
     /// Marks `plugin` as served by `key` (or by nothing); the module it leaves starts to age now.
-    pub fn set_ref(&mut self, plugin: &ObjectKey, old: Option<&ModuleKey>, new: Option<&ModuleKey>, now: Timestamp) {
+    pub fn set_ref(
+        &mut self,
+        plugin: &ObjectKey,
+        old: Option<&ModuleKey>,
+        new: Option<&ModuleKey>,
+        now: Timestamp,
+    ) {
         self.now = self.now.max(now);
         if old == new {
             if let Some(e) = new.and_then(|k| self.modules.get_mut(k)) {
@@ -250,7 +289,9 @@ impl Cache {
 
     /// True when `plugin` may be served the module without asking the registry.
     pub fn is_authorized(&self, key: &ModuleKey, plugin: &ObjectKey) -> bool {
-        self.modules.get(key).is_some_and(|e| !e.private || e.authorized.contains(plugin))
+        self.modules
+            .get(key)
+            .is_some_and(|e| !e.private || e.authorized.contains(plugin))
     }
 
     /// One purge pass at `now`: removes every module no plugin serves that has been unused for
@@ -299,8 +340,12 @@ impl Cache {
                     sha256: e.sha256.clone(),
                     size: e.size,
                     private: e.private,
-                    last_used_ms: if e.refs.is_empty() { e.last_used } else { e.last_used.max(self.now) }
-                        .as_millis(),
+                    last_used_ms: if e.refs.is_empty() {
+                        e.last_used
+                    } else {
+                        e.last_used.max(self.now)
+                    }
+                    .as_millis(),
                 })
                 .collect(),
             resolutions: self.resolutions.clone(),
@@ -344,7 +389,11 @@ mod tests {
     fn staged(store: &dyn ModuleStore, bytes: &[u8]) -> StagedModule {
         let mut f = store.stage().unwrap();
         f.write_all(bytes).unwrap();
-        StagedModule { file: f, sha256: sha256_hex(bytes), size: bytes.len() as u64 }
+        StagedModule {
+            file: f,
+            sha256: sha256_hex(bytes),
+            size: bytes.len() as u64,
+        }
     }
 
     const WASM: &[u8] = b"\0asm\x01\0\0\0hello";
@@ -355,13 +404,18 @@ mod tests {
         let (mut cache, _) = Cache::open(store.clone()).unwrap();
         let key = ModuleKey::new("oci://r/a", "d1");
         let p = ObjectKey::new("default", "p");
-        cache.insert(&key, staged(store.as_ref(), WASM), false, Timestamp::ZERO).unwrap();
+        cache
+            .insert(&key, staged(store.as_ref(), WASM), false, Timestamp::ZERO)
+            .unwrap();
         cache.set_resolution("oci://r/a:v1", &key);
         cache.set_ref(&p, None, Some(&key), Timestamp::ZERO);
         let day = Duration::from_secs(86400);
         assert!(cache.purge(Timestamp::ZERO + day * 10, day).is_empty());
         cache.set_ref(&p, Some(&key), None, Timestamp::ZERO + day * 10);
-        assert!(cache.purge(Timestamp::ZERO + day * 11, day).is_empty(), "exactly expiry is not strictly longer");
+        assert!(
+            cache.purge(Timestamp::ZERO + day * 11, day).is_empty(),
+            "exactly expiry is not strictly longer"
+        );
         let gone = cache.purge(Timestamp::ZERO + day * 11 + Duration::from_millis(1), day);
         assert_eq!(gone.len(), 1);
         assert!(cache.resolution("oci://r/a:v1").is_none());
@@ -372,12 +426,21 @@ mod tests {
     fn reindex_keeps_verified_files_and_removes_truncated_ones() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn ModuleStore> = Arc::new(DiskStore::open(dir.path()).unwrap());
-        let (a, b) = (ModuleKey::new("http://h/a.wasm", "x"), ModuleKey::new("http://h/b.wasm", "y"));
+        let (a, b) = (
+            ModuleKey::new("http://h/a.wasm", "x"),
+            ModuleKey::new("http://h/b.wasm", "y"),
+        );
         let path_b;
         {
             let (mut cache, _) = Cache::open(store.clone()).unwrap();
-            cache.insert(&a, staged(store.as_ref(), WASM), false, Timestamp::ZERO).unwrap();
-            path_b = cache.insert(&b, staged(store.as_ref(), WASM), false, Timestamp::ZERO).unwrap().path.clone();
+            cache
+                .insert(&a, staged(store.as_ref(), WASM), false, Timestamp::ZERO)
+                .unwrap();
+            path_b = cache
+                .insert(&b, staged(store.as_ref(), WASM), false, Timestamp::ZERO)
+                .unwrap()
+                .path
+                .clone();
             cache.set_resolution("http://h/a.wasm", &a);
             cache.set_resolution("http://h/b.wasm", &b);
         }

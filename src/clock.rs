@@ -132,7 +132,10 @@ pub struct TokioClock {
 impl TokioClock {
     /// Must be called inside a tokio runtime with the time driver enabled.
     pub fn new(base: Timestamp) -> Self {
-        TokioClock { epoch: tokio::time::Instant::now(), base }
+        TokioClock {
+            epoch: tokio::time::Instant::now(),
+            base,
+        }
     }
 
     /// The tokio instant at which this clock reads `t` (the epoch if `t` is before the base).

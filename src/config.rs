@@ -131,7 +131,9 @@ pub fn parse_go_duration(name: &str, s: &str) -> Result<Duration, OptionError> {
     }
     // humantime accepts the Go forms with integer values; Go also allows fractions ("1.5h").
     if let Ok(d) = humantime::parse_duration(t) {
-        if t.chars().all(|c| c.is_ascii_alphanumeric() || c == 'µ') && d.as_secs_f64() <= MAX_DURATION_SECS {
+        if t.chars().all(|c| c.is_ascii_alphanumeric() || c == 'µ')
+            && d.as_secs_f64() <= MAX_DURATION_SECS
+        {
             return Ok(d);
         }
     }

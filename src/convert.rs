@@ -25,10 +25,14 @@ use prost::Message;
 
 use crate::plugin::{EnvValueSource, FailStrategy, PluginType, WasmPlugin};
 
-pub const HTTP_WASM_TYPE_URL: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
-pub const NETWORK_WASM_TYPE_URL: &str = "type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm";
-pub const HTTP_RBAC_TYPE_URL: &str = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC";
-pub const NETWORK_RBAC_TYPE_URL: &str = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC";
+pub const HTTP_WASM_TYPE_URL: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+pub const NETWORK_WASM_TYPE_URL: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm";
+pub const HTTP_RBAC_TYPE_URL: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC";
+pub const NETWORK_RBAC_TYPE_URL: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC";
 pub const STRING_VALUE_TYPE_URL: &str = "type.googleapis.com/google.protobuf.StringValue";
 pub const WASM_RUNTIME_V8: &str = "envoy.wasm.runtime.v8";
 pub const ALLOW_STAT_PREFIX: &str = "wasm-default-allow";
@@ -42,7 +46,11 @@ pub enum Code {
     /// `vm_config.code.local.inline_bytes`.
     Inline(Vec<u8>),
     /// `vm_config.code.remote`: the server's own module endpoint.
-    Remote { uri: String, cluster: String, sha256: String },
+    Remote {
+        uri: String,
+        cluster: String,
+        sha256: String,
+    },
 }
 
 /// What to build.
@@ -54,7 +62,10 @@ pub enum Filter {
 }
 
 fn any<M: Message>(type_url: &str, m: &M) -> Any {
-    Any { type_url: type_url.to_string(), value: m.encode_to_vec() }
+    Any {
+        type_url: type_url.to_string(),
+        value: m.encode_to_vec(),
+    }
 }
 
 /// Builds the ECDS resource for a plugin.
@@ -73,15 +84,36 @@ pub fn extension_config(plugin: &WasmPlugin, filter: Filter) -> TypedExtensionCo
             let deny = filter == Filter::DenyAll;
             // ALLOW with no policies denies everything; no rules at all allows everything.
             let rules = deny.then(RbacRules::default);
-            let prefix = if deny { DENY_STAT_PREFIX } else { ALLOW_STAT_PREFIX };
-            if network {
-                any(NETWORK_RBAC_TYPE_URL, &NetworkRbac { rules, stat_prefix: prefix.into(), ..Default::default() })
+            let prefix = if deny {
+                DENY_STAT_PREFIX
             } else {
-                any(HTTP_RBAC_TYPE_URL, &HttpRbac { rules, rules_stat_prefix: prefix.into(), ..Default::default() })
+                ALLOW_STAT_PREFIX
+            };
+            if network {
+                any(
+                    NETWORK_RBAC_TYPE_URL,
+                    &NetworkRbac {
+                        rules,
+                        stat_prefix: prefix.into(),
+                        ..Default::default()
+                    },
+                )
+            } else {
+                any(
+                    HTTP_RBAC_TYPE_URL,
+                    &HttpRbac {
+                        rules,
+                        rules_stat_prefix: prefix.into(),
+                        ..Default::default()
+                    },
+                )
             }
         }
     };
-    TypedExtensionConfig { name: plugin.resource_name(), typed_config: Some(typed_config) }
+    TypedExtensionConfig {
+        name: plugin.resource_name(),
+        typed_config: Some(typed_config),
+    }
 }
 
 fn plugin_config(plugin: &WasmPlugin, code: Code) -> PluginConfig {
@@ -90,58 +122,85 @@ fn plugin_config(plugin: &WasmPlugin, code: Code) -> PluginConfig {
         let json = serde_json::to_string(c).expect("a JSON map serializes");
         any(STRING_VALUE_TYPE_URL, &StringValue { value: json })
     });
+    // Envoy keys a remote module's VM before fetching it, on `vm_id` and the (still empty) code:
+    // without a `vm_id` naming the module, every remote module after the first would run the
+    // first one's code (`createWasm` in Envoy's `source/extensions/common/wasm/wasm.cc`).
+    let vm_id = match &code {
+        Code::Remote { sha256, .. } => sha256.clone(),
+        Code::File(_) | Code::Inline(_) => String::new(),
+    };
     let specifier = match code {
         Code::File(path) => async_data_source::Specifier::Local(DataSource {
-            specifier: Some(data_source::Specifier::Filename(path.to_string_lossy().into_owned())),
+            specifier: Some(data_source::Specifier::Filename(
+                path.to_string_lossy().into_owned(),
+            )),
             ..Default::default()
         }),
         Code::Inline(bytes) => async_data_source::Specifier::Local(DataSource {
             specifier: Some(data_source::Specifier::InlineBytes(bytes)),
             ..Default::default()
         }),
-        Code::Remote { uri, cluster, sha256 } => async_data_source::Specifier::Remote(RemoteDataSource {
+        Code::Remote {
+            uri,
+            cluster,
+            sha256,
+        } => async_data_source::Specifier::Remote(RemoteDataSource {
             http_uri: Some(HttpUri {
                 uri,
-                timeout: Some(PbDuration { seconds: 30, nanos: 0 }),
+                timeout: Some(PbDuration {
+                    seconds: 30,
+                    nanos: 0,
+                }),
                 http_upstream_type: Some(
-                    envoy_types::pb::envoy::config::core::v3::http_uri::HttpUpstreamType::Cluster(cluster),
+                    envoy_types::pb::envoy::config::core::v3::http_uri::HttpUpstreamType::Cluster(
+                        cluster,
+                    ),
                 ),
             }),
             sha256,
             ..Default::default()
         }),
     };
-    let env = spec.vm_config.as_ref().filter(|v| !v.env.is_empty()).map(|v| {
-        let mut host_env_keys = Vec::new();
-        let mut key_values = HashMap::new();
-        for e in &v.env {
-            match e.value_from {
-                EnvValueSource::Host => host_env_keys.push(e.name.clone()),
-                EnvValueSource::Inline => {
-                    key_values.insert(e.name.clone(), e.value.clone());
+    let env = spec
+        .vm_config
+        .as_ref()
+        .filter(|v| !v.env.is_empty())
+        .map(|v| {
+            let mut host_env_keys = Vec::new();
+            let mut key_values = HashMap::new();
+            for e in &v.env {
+                match e.value_from {
+                    EnvValueSource::Host => host_env_keys.push(e.name.clone()),
+                    EnvValueSource::Inline => {
+                        key_values.insert(e.name.clone(), e.value.clone());
+                    }
                 }
             }
-        }
-        EnvironmentVariables { host_env_keys, key_values }
-    });
+            EnvironmentVariables {
+                host_env_keys,
+                key_values,
+            }
+        });
     let vm = VmConfig {
+        vm_id,
         runtime: WASM_RUNTIME_V8.to_string(),
-        code: Some(AsyncDataSource { specifier: Some(specifier) }),
+        code: Some(AsyncDataSource {
+            specifier: Some(specifier),
+        }),
         environment_variables: env,
         ..Default::default()
     };
-    let (fail_open, failure_policy) = match spec.fail_strategy {
-        FailStrategy::FailOpen => (true, FailurePolicy::FailOpen),
-        FailStrategy::FailClose => (false, FailurePolicy::FailClosed),
-        FailStrategy::FailReload => (false, FailurePolicy::FailReload),
+    let failure_policy = match spec.fail_strategy {
+        FailStrategy::FailOpen => FailurePolicy::FailOpen,
+        FailStrategy::FailClose => FailurePolicy::FailClosed,
+        FailStrategy::FailReload => FailurePolicy::FailReload,
     };
-    // `fail_open` is deprecated in favour of `failure_policy`; both are set for older proxies.
-    #[allow(deprecated)]
+    // Only `failure_policy`, as Istio sets it: Envoy rejects a config that sets it together with
+    // the deprecated `fail_open` ("only one of fail_open or failure_policy can be set").
     PluginConfig {
         name: plugin.filter_config_name(),
         root_id: spec.plugin_name.clone().unwrap_or_default(),
         configuration,
-        fail_open,
         failure_policy: failure_policy as i32,
         vm: Some(plugin_config::Vm::VmConfig(vm)),
         ..Default::default()
@@ -166,10 +225,18 @@ pub fn decode_code(config: &TypedExtensionConfig) -> Option<Code> {
         async_data_source::Specifier::Remote(r) => {
             let h = r.http_uri?;
             let cluster = match h.http_upstream_type {
-                Some(envoy_types::pb::envoy::config::core::v3::http_uri::HttpUpstreamType::Cluster(c)) => c,
+                Some(
+                    envoy_types::pb::envoy::config::core::v3::http_uri::HttpUpstreamType::Cluster(
+                        c,
+                    ),
+                ) => c,
                 _ => String::new(),
             };
-            Some(Code::Remote { uri: h.uri, cluster, sha256: r.sha256 })
+            Some(Code::Remote {
+                uri: h.uri,
+                cluster,
+                sha256: r.sha256,
+            })
         }
     }
 }
@@ -192,10 +259,17 @@ mod tests {
         assert_eq!(c.name, "extensions.istio.io/wasmplugin/ns.p");
         let any = c.typed_config.clone().unwrap();
         assert_eq!(any.type_url, HTTP_WASM_TYPE_URL);
-        let pc = HttpWasm::decode(any.value.as_slice()).unwrap().config.unwrap();
+        let pc = HttpWasm::decode(any.value.as_slice())
+            .unwrap()
+            .config
+            .unwrap();
         #[allow(deprecated)]
         let fail_open = pc.fail_open;
-        assert_eq!((pc.name.as_str(), pc.root_id.as_str(), fail_open), ("ns.p", "root", true));
+        // Envoy refuses `fail_open` together with `failure_policy`.
+        assert_eq!(
+            (pc.name.as_str(), pc.root_id.as_str(), fail_open),
+            ("ns.p", "root", false)
+        );
         assert_eq!(pc.failure_policy, FailurePolicy::FailOpen as i32);
         let cfg = StringValue::decode(pc.configuration.unwrap().value.as_slice()).unwrap();
         assert_eq!(cfg.value, r#"{"a":1}"#);
@@ -204,7 +278,35 @@ mod tests {
         let env = vm.environment_variables.unwrap();
         assert_eq!(env.host_env_keys, vec!["H"]);
         assert_eq!(env.key_values["K"], "v");
-        assert_eq!(decode_code(&c), Some(Code::File(PathBuf::from("/c/x.wasm"))));
+        assert_eq!(
+            decode_code(&c),
+            Some(Code::File(PathBuf::from("/c/x.wasm")))
+        );
+    }
+
+    #[test]
+    fn remote_code_names_its_vm_after_the_module() {
+        let p = plugin("{url: r/a}");
+        let code = Code::Remote {
+            uri: "http://a/m.wasm".into(),
+            cluster: "c".into(),
+            sha256: "ab".repeat(32),
+        };
+        let c = extension_config(&p, Filter::Wasm(code.clone()));
+        let pc = HttpWasm::decode(c.typed_config.clone().unwrap().value.as_slice())
+            .unwrap()
+            .config
+            .unwrap();
+        let plugin_config::Vm::VmConfig(vm) = pc.vm.unwrap();
+        assert_eq!(vm.vm_id, "ab".repeat(32));
+        assert_eq!(decode_code(&c), Some(code));
+        let c = extension_config(&p, Filter::Wasm(Code::File(PathBuf::from("/m.wasm"))));
+        let pc = HttpWasm::decode(c.typed_config.unwrap().value.as_slice())
+            .unwrap()
+            .config
+            .unwrap();
+        let plugin_config::Vm::VmConfig(vm) = pc.vm.unwrap();
+        assert_eq!(vm.vm_id, "", "local code is keyed by its bytes");
     }
 
     #[test]
@@ -216,14 +318,25 @@ mod tests {
         assert!(r.rules.is_some_and(|r| r.policies.is_empty()));
         assert_eq!(r.rules_stat_prefix, DENY_STAT_PREFIX);
         let allow = extension_config(&p, Filter::AllowAll).typed_config.unwrap();
-        assert!(HttpRbac::decode(allow.value.as_slice()).unwrap().rules.is_none());
+        assert!(HttpRbac::decode(allow.value.as_slice())
+            .unwrap()
+            .rules
+            .is_none());
 
         let n = plugin("{url: r/a, type: NETWORK}");
         let deny = extension_config(&n, Filter::DenyAll).typed_config.unwrap();
         assert_eq!(deny.type_url, NETWORK_RBAC_TYPE_URL);
-        assert_eq!(NetworkRbac::decode(deny.value.as_slice()).unwrap().stat_prefix, DENY_STAT_PREFIX);
+        assert_eq!(
+            NetworkRbac::decode(deny.value.as_slice())
+                .unwrap()
+                .stat_prefix,
+            DENY_STAT_PREFIX
+        );
         let w = extension_config(&n, Filter::Wasm(Code::Inline(vec![0, 97, 115, 109])));
-        assert_eq!(w.typed_config.as_ref().unwrap().type_url, NETWORK_WASM_TYPE_URL);
+        assert_eq!(
+            w.typed_config.as_ref().unwrap().type_url,
+            NETWORK_WASM_TYPE_URL
+        );
         assert_eq!(decode_code(&w), Some(Code::Inline(vec![0, 97, 115, 109])));
     }
 }
@@ -268,10 +381,23 @@ pub fn resource_for(
 /// Decodes what a resource delivers: the module code, or an RBAC fallback.
 pub fn decode_delivered(config: &TypedExtensionConfig) -> Option<Delivered> {
     let any = config.typed_config.as_ref()?;
-    let allow_or_deny = |has_rules: bool| if has_rules { Delivered::DenyAll } else { Delivered::AllowAll };
+    let allow_or_deny = |has_rules: bool| {
+        if has_rules {
+            Delivered::DenyAll
+        } else {
+            Delivered::AllowAll
+        }
+    };
     match any.type_url.as_str() {
-        HTTP_RBAC_TYPE_URL => Some(allow_or_deny(HttpRbac::decode(any.value.as_slice()).ok()?.rules.is_some())),
-        NETWORK_RBAC_TYPE_URL => Some(allow_or_deny(NetworkRbac::decode(any.value.as_slice()).ok()?.rules.is_some())),
+        HTTP_RBAC_TYPE_URL => Some(allow_or_deny(
+            HttpRbac::decode(any.value.as_slice()).ok()?.rules.is_some(),
+        )),
+        NETWORK_RBAC_TYPE_URL => Some(allow_or_deny(
+            NetworkRbac::decode(any.value.as_slice())
+                .ok()?
+                .rules
+                .is_some(),
+        )),
         _ => decode_code(config).map(Delivered::Module),
     }
 }

@@ -25,7 +25,9 @@ pub struct Dispatcher {
 
 impl std::fmt::Debug for Dispatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dispatcher").field("inflight", &self.inflight.len()).finish()
+        f.debug_struct("Dispatcher")
+            .field("inflight", &self.inflight.len())
+            .finish()
     }
 }
 
@@ -38,7 +40,11 @@ impl Default for Dispatcher {
 impl Dispatcher {
     pub fn new() -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        Dispatcher { inflight: BTreeMap::new(), tx, rx }
+        Dispatcher {
+            inflight: BTreeMap::new(),
+            tx,
+            rx,
+        }
     }
 
     /// Jobs running now.

@@ -139,17 +139,40 @@ pub enum Event {
     },
     /// What a plugin serves changed (a push to subscribed proxies); `None` when it is no longer
     /// served.
-    ServingChanged { at: Timestamp, plugin: ObjectKey, serving: Option<Serving> },
-    Expired { at: Timestamp, module: ModuleKey, sha256: String },
-    RetryScheduled { at: Timestamp, plugin: ObjectKey, due: Timestamp },
+    ServingChanged {
+        at: Timestamp,
+        plugin: ObjectKey,
+        serving: Option<Serving>,
+    },
+    Expired {
+        at: Timestamp,
+        module: ModuleKey,
+        sha256: String,
+    },
+    RetryScheduled {
+        at: Timestamp,
+        plugin: ObjectKey,
+        due: Timestamp,
+    },
 }
 
 /// What must be fetched for one plugin version.
 #[derive(Clone, Debug)]
 pub enum Job {
-    File { path: String, expected: Option<String> },
-    Http { url: String, expected: Option<String> },
-    Oci { reference: OciRef, name: String, credentials: Option<Credentials>, expected: Option<String> },
+    File {
+        path: String,
+        expected: Option<String>,
+    },
+    Http {
+        url: String,
+        expected: Option<String>,
+    },
+    Oci {
+        reference: OciRef,
+        name: String,
+        credentials: Option<Credentials>,
+        expected: Option<String>,
+    },
 }
 
 impl Job {
@@ -158,9 +181,16 @@ impl Job {
         match self {
             Job::File { path, expected } => format!("file:{path}#{expected:?}"),
             Job::Http { url, expected } => format!("http:{url}#{expected:?}"),
-            Job::Oci { reference, credentials, expected, .. } => {
+            Job::Oci {
+                reference,
+                credentials,
+                expected,
+                ..
+            } => {
                 // Credentials take part so that a module is never shared across authorizations.
-                let who = credentials.as_ref().map(|c| crate::store::sha256_hex(c.basic_header().as_bytes()));
+                let who = credentials
+                    .as_ref()
+                    .map(|c| crate::store::sha256_hex(c.basic_header().as_bytes()));
                 format!("oci:{reference}#{expected:?}#{who:?}")
             }
         }
@@ -174,7 +204,11 @@ pub enum Obtained {
     /// The source was asked; the module was already cached.
     Revalidated(ModuleKey),
     /// Downloaded.
-    Fetched { key: ModuleKey, staged: StagedModule, private: bool },
+    Fetched {
+        key: ModuleKey,
+        staged: StagedModule,
+        private: bool,
+    },
     /// Read from a local file.
     File { path: String, sha256: String },
     /// Downloaded by another plugin's identical job in flight at the same time (single flight):
@@ -185,10 +219,15 @@ pub enum Obtained {
 /// A result handed to the other waiters of a shared job (single flight).
 pub fn share_result(result: &Result<Obtained, Failure>) -> Result<Obtained, Failure> {
     match result {
-        Ok(Obtained::Fetched { key, .. }) | Ok(Obtained::Shared(key)) => Ok(Obtained::Shared(key.clone())),
+        Ok(Obtained::Fetched { key, .. }) | Ok(Obtained::Shared(key)) => {
+            Ok(Obtained::Shared(key.clone()))
+        }
         Ok(Obtained::Revalidated(k)) => Ok(Obtained::Revalidated(k.clone())),
         Ok(Obtained::Cached(k)) => Ok(Obtained::Cached(k.clone())),
-        Ok(Obtained::File { path, sha256 }) => Ok(Obtained::File { path: path.clone(), sha256: sha256.clone() }),
+        Ok(Obtained::File { path, sha256 }) => Ok(Obtained::File {
+            path: path.clone(),
+            sha256: sha256.clone(),
+        }),
         Err(e) => Err(e.clone()),
     }
 }
@@ -220,10 +259,17 @@ enum Plan {
 
 /// Runs a job (phase 2). `is_cached` tells whether a module is already in the cache, so an OCI
 /// pull stops after the manifest when it is.
-pub async fn run_job(fetcher: &Fetcher, job: &Job, is_cached: &(dyn Fn(&ModuleKey) -> bool + Sync)) -> Result<Obtained, Failure> {
+pub async fn run_job(
+    fetcher: &Fetcher,
+    job: &Job,
+    is_cached: &(dyn Fn(&ModuleKey) -> bool + Sync),
+) -> Result<Obtained, Failure> {
     let fail = |e: FetchError| (e.reason(), e.to_string());
     let mismatch = |expected: &str, actual: &str| {
-        let e = FetchError::Checksum { expected: expected.to_string(), actual: actual.to_string() };
+        let e = FetchError::Checksum {
+            expected: expected.to_string(),
+            actual: actual.to_string(),
+        };
         (e.reason(), e.to_string())
     };
     match job {
@@ -232,19 +278,37 @@ pub async fn run_job(fetcher: &Fetcher, job: &Job, is_cached: &(dyn Fn(&ModuleKe
             if let Some(exp) = expected.as_deref().filter(|e| *e != staged.sha256) {
                 return Err(mismatch(exp, &staged.sha256));
             }
-            Ok(Obtained::File { path: path.clone(), sha256: staged.sha256 })
+            Ok(Obtained::File {
+                path: path.clone(),
+                sha256: staged.sha256,
+            })
         }
         Job::Http { url, expected } => {
-            let staged = fetcher.fetch_http(url, fetcher.budget()).await.map_err(fail)?;
+            let staged = fetcher
+                .fetch_http(url, fetcher.budget())
+                .await
+                .map_err(fail)?;
             if let Some(exp) = expected.as_deref().filter(|e| *e != staged.sha256) {
                 return Err(mismatch(exp, &staged.sha256));
             }
             let key = ModuleKey::new(url.clone(), staged.sha256.clone());
-            Ok(Obtained::Fetched { key, staged, private: false })
+            Ok(Obtained::Fetched {
+                key,
+                staged,
+                private: false,
+            })
         }
-        Job::Oci { reference, name, credentials, expected } => {
+        Job::Oci {
+            reference,
+            name,
+            credentials,
+            expected,
+        } => {
             let budget = fetcher.budget();
-            let resolved = fetcher.oci_resolve(reference, credentials.as_ref(), budget).await.map_err(fail)?;
+            let resolved = fetcher
+                .oci_resolve(reference, credentials.as_ref(), budget)
+                .await
+                .map_err(fail)?;
             // A URL pinned to an image index digest names the index; the module is its child.
             let checksum = match expected.as_deref() {
                 Some(exp) if resolved.index_digest.as_deref() == Some(exp) => exp.to_string(),
@@ -255,8 +319,15 @@ pub async fn run_job(fetcher: &Fetcher, job: &Job, is_cached: &(dyn Fn(&ModuleKe
             if is_cached(&key) {
                 return Ok(Obtained::Revalidated(key));
             }
-            let staged = fetcher.oci_download(&resolved, budget).await.map_err(fail)?;
-            Ok(Obtained::Fetched { key, staged, private: resolved.used_credentials })
+            let staged = fetcher
+                .oci_download(&resolved, budget)
+                .await
+                .map_err(fail)?;
+            Ok(Obtained::Fetched {
+                key,
+                staged,
+                private: resolved.used_credentials,
+            })
         }
     }
 }
@@ -280,7 +351,10 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("plugins", &self.plugins.len()).field("cache", &self.cache).finish()
+        f.debug_struct("Engine")
+            .field("plugins", &self.plugins.len())
+            .field("cache", &self.cache)
+            .finish()
     }
 }
 
@@ -288,14 +362,18 @@ impl Engine {
     /// Opens the cache (re-indexing what is on disk) and starts with no plugins.
     pub fn new(config: Config, parts: EngineParts) -> std::io::Result<(Engine, ReindexReport)> {
         let (cache, report) = Cache::open(parts.store.clone())?;
-        let fetch_config = parts.fetch_config.unwrap_or_else(|| FetchConfig::from(&config));
+        let fetch_config = parts
+            .fetch_config
+            .unwrap_or_else(|| FetchConfig::from(&config));
         let fetcher = Arc::new(Fetcher {
             transport: parts.transport,
             clock: parts.clock,
             store: parts.store,
             files: parts.files.clone(),
             config: fetch_config,
-            jitter: parts.jitter_seed.map(|s| Mutex::new(fastrand::Rng::with_seed(s))),
+            jitter: parts
+                .jitter_seed
+                .map(|s| Mutex::new(fastrand::Rng::with_seed(s))),
         });
         let now = fetcher.now();
         let interval = config.purge_interval.max(Duration::from_millis(1));
@@ -357,7 +435,10 @@ impl Engine {
             Some((k, _)) => self.cache.read(k),
             None => {
                 let mut buf = Vec::new();
-                std::io::Read::read_to_end(&mut self.files.open(&path.to_string_lossy())?, &mut buf)?;
+                std::io::Read::read_to_end(
+                    &mut self.files.open(&path.to_string_lossy())?,
+                    &mut buf,
+                )?;
                 Ok(buf)
             }
         }
@@ -375,7 +456,10 @@ impl Engine {
             Some(k) => self.cache.read(k),
             None => {
                 let mut buf = Vec::new();
-                std::io::Read::read_to_end(&mut self.files.open(&m.path.to_string_lossy())?, &mut buf)?;
+                std::io::Read::read_to_end(
+                    &mut self.files.open(&m.path.to_string_lossy())?,
+                    &mut buf,
+                )?;
                 Ok(buf)
             }
         }
@@ -433,7 +517,11 @@ impl Engine {
         if let Some(st) = self.plugins.remove(key) {
             let now = self.now();
             self.cache.set_ref(key, st.referenced.as_ref(), None, now);
-            self.events.push(Event::ServingChanged { at: now, plugin: key.clone(), serving: None });
+            self.events.push(Event::ServingChanged {
+                at: now,
+                plugin: key.clone(),
+                serving: None,
+            });
         }
     }
 
@@ -497,7 +585,10 @@ impl Engine {
 
     /// The earliest time background work is due: the next purge pass or plugin retry.
     pub fn next_deadline(&self) -> Timestamp {
-        self.plugins.values().filter_map(|s| s.retry.map(|r| r.due)).fold(self.next_purge, Timestamp::min)
+        self.plugins
+            .values()
+            .filter_map(|s| s.retry.map(|r| r.due))
+            .fold(self.next_purge, Timestamp::min)
     }
 
     /// Runs all background work due at the clock's current time, in time order (purge passes before
@@ -536,7 +627,11 @@ impl Engine {
         self.metrics.set_cache_entries(self.cache.len());
         for (module, entry) in gone {
             tracing::info!(module = %module, "module expired");
-            self.events.push(Event::Expired { at, module, sha256: entry.sha256 });
+            self.events.push(Event::Expired {
+                at,
+                module,
+                sha256: entry.sha256,
+            });
         }
         self.cache.flush(at);
     }
@@ -583,7 +678,12 @@ impl Engine {
     /// Phase 1 for a current plugin; `None` if it is gone.
     pub fn begin(&mut self, key: &ObjectKey, trigger: Trigger) -> Option<Begun> {
         let version = self.plugins.get(key)?.version;
-        let pending = Pending { key: key.clone(), version, trigger, started: self.now() };
+        let pending = Pending {
+            key: key.clone(),
+            version,
+            trigger,
+            started: self.now(),
+        };
         Some(match self.plan(key, trigger) {
             Plan::Done(r) => Begun::Done(pending, r),
             Plan::Fetch(job) => {
@@ -591,7 +691,13 @@ impl Engine {
                     Job::Oci { name, .. } => Some(name.clone()),
                     _ => None,
                 };
-                let cached = self.cache.entries().map(|(k, _)| k).filter(|k| Some(&k.name) == name.as_ref()).cloned().collect();
+                let cached = self
+                    .cache
+                    .entries()
+                    .map(|(k, _)| k)
+                    .filter(|k| Some(&k.name) == name.as_ref())
+                    .cloned()
+                    .collect();
                 Begun::Fetch(pending, job, Arc::new(cached))
             }
         })
@@ -600,7 +706,13 @@ impl Engine {
     /// Phase 3: commits a result obtained for `pending`. A result for a version that is no longer
     /// current is dropped.
     pub fn finish(&mut self, pending: Pending, result: Result<Obtained, Failure>) {
-        self.commit(&pending.key, pending.version, pending.trigger, pending.started, result);
+        self.commit(
+            &pending.key,
+            pending.version,
+            pending.trigger,
+            pending.started,
+            result,
+        );
     }
 
     /// Phase 1: decide from the policy and the cache whether anything must be fetched.
@@ -609,7 +721,12 @@ impl Engine {
         let expected = st.decision.expected_checksum.clone();
         let url_str = st.url.to_string();
         let reference = match &st.url {
-            ModuleUrl::File(path) => return Plan::Fetch(Job::File { path: path.clone(), expected }),
+            ModuleUrl::File(path) => {
+                return Plan::Fetch(Job::File {
+                    path: path.clone(),
+                    expected,
+                })
+            }
             ModuleUrl::Http(_) => None,
             ModuleUrl::Oci(r) => Some(r.clone()),
         };
@@ -621,7 +738,11 @@ impl Engine {
                         format!("pull secret {}/{name} not found", key.namespace),
                     )))
                 }
-                Some(s) => st.url.host().and_then(|h| s.config.credentials_for(h)).cloned(),
+                Some(s) => st
+                    .url
+                    .host()
+                    .and_then(|h| s.config.credentials_for(h))
+                    .cloned(),
             },
             None => None,
         };
@@ -640,15 +761,28 @@ impl Engine {
             }
         }
         Plan::Fetch(match reference {
-            Some(reference) => {
-                Job::Oci { name: st.url.module_name(), reference, credentials, expected }
-            }
-            None => Job::Http { url: url_str, expected },
+            Some(reference) => Job::Oci {
+                name: st.url.module_name(),
+                reference,
+                credentials,
+                expected,
+            },
+            None => Job::Http {
+                url: url_str,
+                expected,
+            },
         })
     }
 
     /// Phase 3: record the result.
-    fn commit(&mut self, key: &ObjectKey, version: u64, trigger: Trigger, started: Timestamp, result: Result<Obtained, Failure>) {
+    fn commit(
+        &mut self,
+        key: &ObjectKey,
+        version: u64,
+        trigger: Trigger,
+        started: Timestamp,
+        result: Result<Obtained, Failure>,
+    ) {
         let now = self.now();
         // The plugin may have changed or gone while fetching (only possible in `serve`).
         if self.plugins.get(key).map(|s| s.version) != Some(version) {
@@ -659,12 +793,21 @@ impl Engine {
         let url_str = st.url.to_string();
         let old_key = st.referenced.clone();
         let obtained = result.and_then(|o| match o {
-            Obtained::Fetched { key: k, staged, private } => {
+            Obtained::Fetched {
+                key: k,
+                staged,
+                private,
+            } => {
                 let entry = self
                     .cache
                     .insert(&k, staged, private, now)
                     .map_err(|e| (Reason::DownloadFailure, format!("cache write failed: {e}")))?;
-                let served = ServedModule { url: url_str.clone(), key: Some(k.clone()), path: entry.path.clone(), sha256: entry.sha256.clone() };
+                let served = ServedModule {
+                    url: url_str.clone(),
+                    key: Some(k.clone()),
+                    path: entry.path.clone(),
+                    sha256: entry.sha256.clone(),
+                };
                 if private {
                     self.cache.authorize(&k, key);
                 }
@@ -680,9 +823,15 @@ impl Engine {
                 self.cache.authorize(&k, key);
                 served_from_cache(&self.cache, &url_str, k, Outcome::Revalidated)
             }
-            Obtained::File { path, sha256 } => {
-                Ok((Outcome::Pulled, ServedModule { url: url_str.clone(), key: None, path: PathBuf::from(path), sha256 }))
-            }
+            Obtained::File { path, sha256 } => Ok((
+                Outcome::Pulled,
+                ServedModule {
+                    url: url_str.clone(),
+                    key: None,
+                    path: PathBuf::from(path),
+                    sha256,
+                },
+            )),
         });
         let st = self.plugins.get_mut(key).expect("checked above");
         let elapsed_ms = now.since(started).as_secs_f64() * 1000.0;
@@ -705,17 +854,24 @@ impl Engine {
                     if outcome == Outcome::Pulled {
                         self.metrics.record_remote_fetch(FetchResult::Success);
                     }
-                    self.metrics.record_conversion(ConversionResult::Success, elapsed_ms);
+                    self.metrics
+                        .record_conversion(ConversionResult::Success, elapsed_ms);
                 } else {
-                    self.metrics.record_conversion(ConversionResult::NoRemoteLoad, elapsed_ms);
+                    self.metrics
+                        .record_conversion(ConversionResult::NoRemoteLoad, elapsed_ms);
                 }
-                self.cache.set_ref(key, old_key.as_ref(), served.key.as_ref(), now);
+                self.cache
+                    .set_ref(key, old_key.as_ref(), served.key.as_ref(), now);
                 st.referenced = served.key.clone();
                 st.retry = None;
                 let serving = Serving::Module(served);
                 if st.serving != serving {
                     st.serving = serving.clone();
-                    self.events.push(Event::ServingChanged { at: now, plugin: key.clone(), serving: Some(serving) });
+                    self.events.push(Event::ServingChanged {
+                        at: now,
+                        plugin: key.clone(),
+                        serving: Some(serving),
+                    });
                 }
                 (outcome, None)
             }
@@ -726,14 +882,20 @@ impl Engine {
                         self.metrics.record_remote_fetch(r);
                     }
                 }
-                self.metrics.record_conversion(ConversionResult::FetchFailure, elapsed_ms);
+                self.metrics
+                    .record_conversion(ConversionResult::FetchFailure, elapsed_ms);
                 // Keep serving the module from the same URL while its checksum still fits
                 // (behavior.md §7, improvement); otherwise fall back.
                 let expected = st.decision.expected_checksum.as_deref();
                 let keep = match &st.serving {
                     Serving::Module(m) => {
                         m.url == url_str
-                            && expected.is_none_or(|e| m.key.as_ref().map_or(m.sha256.as_str(), |k| k.checksum.as_str()) == e)
+                            && expected.is_none_or(|e| {
+                                m.key
+                                    .as_ref()
+                                    .map_or(m.sha256.as_str(), |k| k.checksum.as_str())
+                                    == e
+                            })
                     }
                     _ => false,
                 };
@@ -748,11 +910,16 @@ impl Engine {
                         None => self.cache.resolution(&url_str).cloned(),
                     }
                     .filter(|k| self.cache.contains(k));
-                    self.cache.set_ref(key, old_key.as_ref(), resolved.as_ref(), now);
+                    self.cache
+                        .set_ref(key, old_key.as_ref(), resolved.as_ref(), now);
                     st.referenced = resolved;
                     if st.serving != fallback {
                         st.serving = fallback.clone();
-                        self.events.push(Event::ServingChanged { at: now, plugin: key.clone(), serving: Some(fallback) });
+                        self.events.push(Event::ServingChanged {
+                            at: now,
+                            plugin: key.clone(),
+                            serving: Some(fallback),
+                        });
                     }
                 }
                 // 1 s after a failed processing, doubling per failed retry up to 5 minutes; any
@@ -763,7 +930,11 @@ impl Engine {
                 };
                 let due = now + delay;
                 st.retry = Some(RetryState { due, delay });
-                self.events.push(Event::RetryScheduled { at: now, plugin: key.clone(), due });
+                self.events.push(Event::RetryScheduled {
+                    at: now,
+                    plugin: key.clone(),
+                    due,
+                });
                 tracing::warn!(plugin = %key, reason = %reason, error = %message, "plugin rejected");
                 (Outcome::Rejected(reason), Some(message))
             }
@@ -773,13 +944,31 @@ impl Engine {
         st.last_processed = Some(now);
         self.metrics.record_processing(outcome.name());
         self.metrics.set_cache_entries(self.cache.len());
-        self.events.push(Event::Processed { at: now, plugin: key.clone(), version: Some(version), outcome, detail });
+        self.events.push(Event::Processed {
+            at: now,
+            plugin: key.clone(),
+            version: Some(version),
+            outcome,
+            detail,
+        });
     }
 }
 
-fn served_from_cache(cache: &Cache, url: &str, k: ModuleKey, outcome: Outcome) -> Result<(Outcome, ServedModule), Failure> {
-    let entry = cache.get(&k).ok_or_else(|| (Reason::DownloadFailure, "module left the cache".to_string()))?;
-    let served = ServedModule { url: url.to_string(), path: entry.path.clone(), sha256: entry.sha256.clone(), key: Some(k) };
+fn served_from_cache(
+    cache: &Cache,
+    url: &str,
+    k: ModuleKey,
+    outcome: Outcome,
+) -> Result<(Outcome, ServedModule), Failure> {
+    let entry = cache
+        .get(&k)
+        .ok_or_else(|| (Reason::DownloadFailure, "module left the cache".to_string()))?;
+    let served = ServedModule {
+        url: url.to_string(),
+        path: entry.path.clone(),
+        sha256: entry.sha256.clone(),
+        key: Some(k),
+    };
     Ok((outcome, served))
 }
 

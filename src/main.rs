@@ -7,7 +7,11 @@ fn main() {
     let cli = Cli::parse();
     // `serve` logs at info by default; the offline commands report through their own output and
     // stay quiet unless RUST_LOG asks for logs.
-    let default_level = if matches!(cli.command, Command::Serve(_)) { "info" } else { "off" };
+    let default_level = if matches!(cli.command, Command::Serve(_)) {
+        "info"
+    } else {
+        "off"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -18,9 +22,12 @@ fn main() {
     let code = match cli.command {
         Command::Check { json, paths } => inspect::run_check(&paths, json),
         Command::Explain { json, paths } => inspect::run_explain(&paths, json),
-        Command::Sim { trace, json, junit, paths } => {
-            wasm_ecds::sim::run_paths(&paths, wasm_ecds::sim::RunOptions { trace, json, junit })
-        }
+        Command::Sim {
+            trace,
+            json,
+            junit,
+            paths,
+        } => wasm_ecds::sim::run_paths(&paths, wasm_ecds::sim::RunOptions { trace, json, junit }),
         Command::Serve(args) => match args.config() {
             Ok(config) => wasm_ecds::serve::run_blocking(*args, config),
             Err(e) => {

@@ -7,7 +7,9 @@
 
 use std::collections::BTreeMap;
 
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
 
 use crate::outcome::FetchResult;
 
@@ -67,10 +69,14 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let cache_entries = IntGauge::new(CACHE_ENTRIES, "number of Wasm remote fetch cache entries")
-            .expect("valid metric");
+        let cache_entries =
+            IntGauge::new(CACHE_ENTRIES, "number of Wasm remote fetch cache entries")
+                .expect("valid metric");
         let lookups = IntCounterVec::new(
-            Opts::new(CACHE_LOOKUP_COUNT, "number of Wasm remote fetch cache lookups"),
+            Opts::new(
+                CACHE_LOOKUP_COUNT,
+                "number of Wasm remote fetch cache lookups",
+            ),
             &["hit"],
         )
         .expect("valid metric");
@@ -90,9 +96,11 @@ impl Metrics {
                 .buckets(buckets),
         )
         .expect("valid metric");
-        let expired =
-            prometheus::IntCounter::new(CACHE_EXPIRED_COUNT, "number of modules purged from the cache")
-                .expect("valid metric");
+        let expired = prometheus::IntCounter::new(
+            CACHE_EXPIRED_COUNT,
+            "number of modules purged from the cache",
+        )
+        .expect("valid metric");
         let processing = IntCounterVec::new(
             Opts::new(PROCESSING_COUNT, "plugin versions processed, by outcome"),
             &["outcome"],
@@ -126,11 +134,15 @@ impl Metrics {
     }
 
     pub fn record_lookup(&self, hit: bool) {
-        self.lookups.with_label_values(&[if hit { "true" } else { "false" }]).inc();
+        self.lookups
+            .with_label_values(&[if hit { "true" } else { "false" }])
+            .inc();
     }
 
     pub fn record_remote_fetch(&self, result: FetchResult) {
-        self.remote_fetches.with_label_values(&[result.as_str()]).inc();
+        self.remote_fetches
+            .with_label_values(&[result.as_str()])
+            .inc();
     }
 
     pub fn record_conversion(&self, result: ConversionResult, duration_ms: f64) {
@@ -180,7 +192,10 @@ pub fn normalize_series(series: &str) -> String {
         return series.to_string();
     };
     let body = rest.trim_end().trim_end_matches('}');
-    let mut labels: Vec<String> = split_labels(body).into_iter().map(|l| l.trim().to_string()).collect();
+    let mut labels: Vec<String> = split_labels(body)
+        .into_iter()
+        .map(|l| l.trim().to_string())
+        .collect();
     labels.retain(|l| !l.is_empty());
     labels.sort();
     if labels.is_empty() {
@@ -222,12 +237,27 @@ mod tests {
         m.record_conversion(ConversionResult::Success, 3.0);
         m.set_cache_entries(2);
         let s = m.samples();
-        assert_eq!(s[r#"istio_agent_wasm_remote_fetch_count{result="success"}"#], 1.0);
-        assert_eq!(s[r#"istio_agent_wasm_cache_lookup_count{hit="false"}"#], 1.0);
+        assert_eq!(
+            s[r#"istio_agent_wasm_remote_fetch_count{result="success"}"#],
+            1.0
+        );
+        assert_eq!(
+            s[r#"istio_agent_wasm_cache_lookup_count{hit="false"}"#],
+            1.0
+        );
         assert_eq!(s["istio_agent_wasm_cache_entries"], 2.0);
-        assert_eq!(s[r#"istio_agent_wasm_config_conversion_duration_bucket{le="4"}"#], 1.0);
-        assert_eq!(s[r#"istio_agent_wasm_config_conversion_duration_bucket{le="2"}"#], 0.0);
+        assert_eq!(
+            s[r#"istio_agent_wasm_config_conversion_duration_bucket{le="4"}"#],
+            1.0
+        );
+        assert_eq!(
+            s[r#"istio_agent_wasm_config_conversion_duration_bucket{le="2"}"#],
+            0.0
+        );
         assert!(s.contains_key(r#"istio_agent_wasm_config_conversion_duration_bucket{le="16384"}"#));
-        assert_eq!(normalize_series(r#"x{ b="1", a="2" }"#), r#"x{a="2",b="1"}"#);
+        assert_eq!(
+            normalize_series(r#"x{ b="1", a="2" }"#),
+            r#"x{a="2",b="1"}"#
+        );
     }
 }

@@ -30,7 +30,11 @@ pub enum Change {
     /// Identical to what is stored.
     Unchanged(ObjectKey),
     /// Refused by validation: nothing stored changed. `key` is `None` when the object had no name.
-    Refused { key: Option<ObjectKey>, is_plugin: bool, error: FieldError },
+    Refused {
+        key: Option<ObjectKey>,
+        is_plugin: bool,
+        error: FieldError,
+    },
 }
 
 /// Current objects and their versions.
@@ -66,7 +70,10 @@ impl ObjectStore {
             Err(e) => Change::Refused {
                 key: e.object.clone(),
                 is_plugin,
-                error: FieldError { field: e.field, message: e.message },
+                error: FieldError {
+                    field: e.field,
+                    message: e.message,
+                },
             },
         }
     }
@@ -76,7 +83,11 @@ impl ObjectStore {
         match manifest {
             Manifest::Plugin(p) => {
                 if let Some(error) = plugin::validate(&p).into_iter().next() {
-                    return Change::Refused { key: Some(p.key.clone()), is_plugin: true, error };
+                    return Change::Refused {
+                        key: Some(p.key.clone()),
+                        is_plugin: true,
+                        error,
+                    };
                 }
                 let key = p.key.clone();
                 match self.plugins.get(&key) {
@@ -84,7 +95,13 @@ impl ObjectStore {
                     existing => {
                         let created = existing.is_none();
                         self.last_version += 1;
-                        self.plugins.insert(key.clone(), VersionedPlugin { plugin: p, version: self.last_version });
+                        self.plugins.insert(
+                            key.clone(),
+                            VersionedPlugin {
+                                plugin: p,
+                                version: self.last_version,
+                            },
+                        );
                         if created {
                             Change::PluginCreated(key)
                         } else {
@@ -95,7 +112,11 @@ impl ObjectStore {
             }
             Manifest::Secret(s) => {
                 let key = s.key.clone();
-                if self.secrets.get(&key).is_some_and(|cur| cur.object == s.object) {
+                if self
+                    .secrets
+                    .get(&key)
+                    .is_some_and(|cur| cur.object == s.object)
+                {
                     return Change::Unchanged(key);
                 }
                 self.secrets.insert(key.clone(), s);
@@ -117,11 +138,15 @@ impl ObjectStore {
     }
 
     pub fn delete_plugin(&mut self, key: &ObjectKey) -> Option<Change> {
-        self.plugins.remove(key).map(|_| Change::PluginDeleted(key.clone()))
+        self.plugins
+            .remove(key)
+            .map(|_| Change::PluginDeleted(key.clone()))
     }
 
     pub fn delete_secret(&mut self, key: &ObjectKey) -> Option<Change> {
-        self.secrets.remove(key).map(|_| Change::SecretDeleted(key.clone()))
+        self.secrets
+            .remove(key)
+            .map(|_| Change::SecretDeleted(key.clone()))
     }
 }
 
@@ -140,13 +165,21 @@ mod tests {
     fn versions_bump_on_any_change_and_not_on_identical_objects() {
         let mut s = ObjectStore::new();
         let key = ObjectKey::new("default", "p");
-        assert_eq!(s.apply_value(obj("r/a:v1")), Change::PluginCreated(key.clone()));
+        assert_eq!(
+            s.apply_value(obj("r/a:v1")),
+            Change::PluginCreated(key.clone())
+        );
         assert_eq!(s.plugin(&key).unwrap().version, 1);
         assert_eq!(s.apply_value(obj("r/a:v1")), Change::Unchanged(key.clone()));
-        let c = s.edit_plugin(&key, &json!({"metadata": {"labels": {"a": "b"}}})).unwrap();
+        let c = s
+            .edit_plugin(&key, &json!({"metadata": {"labels": {"a": "b"}}}))
+            .unwrap();
         assert_eq!(c, Change::PluginChanged(key.clone()));
         assert_eq!(s.plugin(&key).unwrap().version, 2);
-        assert_eq!(s.edit_plugin(&key, &json!({"metadata": {"labels": {"a": "b"}}})), Some(Change::Unchanged(key.clone())));
+        assert_eq!(
+            s.edit_plugin(&key, &json!({"metadata": {"labels": {"a": "b"}}})),
+            Some(Change::Unchanged(key.clone()))
+        );
     }
 
     #[test]
@@ -154,7 +187,9 @@ mod tests {
         let mut s = ObjectStore::new();
         let key = ObjectKey::new("default", "p");
         s.apply_value(obj("r/a:v1"));
-        let c = s.edit_plugin(&key, &json!({"spec": {"sha256": "nope"}})).unwrap();
+        let c = s
+            .edit_plugin(&key, &json!({"spec": {"sha256": "nope"}}))
+            .unwrap();
         assert!(matches!(c, Change::Refused { ref error, .. } if error.field == "spec.sha256"));
         assert_eq!(s.plugin(&key).unwrap().version, 1);
         assert!(s.plugin(&key).unwrap().plugin.spec.sha256.is_none());

@@ -701,7 +701,10 @@ impl<'a> Model<'a> {
                     }
                     .filter(|k| self.cache.contains_key(k));
                     self.set_ref(p, old.as_ref(), resolved.as_ref());
-                    self.plugins.get_mut(&p).expect("a current plugin").referenced = resolved;
+                    self.plugins
+                        .get_mut(&p)
+                        .expect("a current plugin")
+                        .referenced = resolved;
                     self.set_serving(
                         p,
                         if st.obj.fail_open {
@@ -1391,7 +1394,10 @@ fn a_module_a_failing_plugin_still_resolves_to_is_never_purged() {
             }
         }
     }
-    assert_eq!(expired_at, None, "a module its plugin still resolves to was purged");
+    assert_eq!(
+        expired_at, None,
+        "a module its plugin still resolves to was purged"
+    );
 }
 
 /// A purge pass and a retry due at the same instant: the pass runs first.

@@ -30,7 +30,8 @@ pub struct Explanation {
 
 /// Reads every manifest file; an unreadable file is an `Err` naming it.
 fn read_all(paths: &[PathBuf]) -> Result<Vec<(PathBuf, String)>, String> {
-    let files = super::expand_paths(paths, &["yaml", "yml", "json"]).map_err(|e| format!("error: {e}"))?;
+    let files =
+        super::expand_paths(paths, &["yaml", "yml", "json"]).map_err(|e| format!("error: {e}"))?;
     files
         .into_iter()
         .map(|f| match std::fs::read_to_string(&f) {
@@ -101,10 +102,17 @@ pub fn run_check(paths: &[PathBuf], json: bool) -> i32 {
     };
     let problems: Vec<Problem> = files.iter().flat_map(|(f, t)| check_text(f, t)).collect();
     if json {
-        println!("{}", serde_json::to_string_pretty(&problems).expect("serializable"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&problems).expect("serializable")
+        );
     } else {
         for p in &problems {
-            let who = if p.plugin.is_empty() { String::new() } else { format!("{}: ", p.plugin) };
+            let who = if p.plugin.is_empty() {
+                String::new()
+            } else {
+                format!("{}: ", p.plugin)
+            };
             println!("{}: {who}{}: {}", p.file, p.field, p.message);
         }
     }
@@ -130,7 +138,10 @@ pub fn run_explain(paths: &[PathBuf], json: bool) -> i32 {
         all.extend(explain_text(t));
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&all).expect("serializable"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&all).expect("serializable")
+        );
     } else {
         for e in &all {
             println!("{}: {}", e.plugin, e.explanation);
@@ -153,7 +164,10 @@ mod tests {
             Path::new("a.yaml"),
             "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: x, namespace: n}\nspec: {url: 'ftp://h/x', sha256: bad}\n",
         );
-        let fields: Vec<_> = p.iter().map(|p| (p.plugin.as_str(), p.field.as_str())).collect();
+        let fields: Vec<_> = p
+            .iter()
+            .map(|p| (p.plugin.as_str(), p.field.as_str()))
+            .collect();
         assert_eq!(fields, vec![("n/x", "spec.url"), ("n/x", "spec.sha256")]);
     }
 
@@ -163,7 +177,10 @@ mod tests {
             "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: x}\nspec: {url: 'oci://r.example/a/b:latest'}\n",
         );
         assert_eq!(e.len(), 1);
-        assert_eq!((e[0].policy.as_str(), e[0].rule.as_str()), ("Always", "latest-tag"));
+        assert_eq!(
+            (e[0].policy.as_str(), e[0].rule.as_str()),
+            ("Always", "latest-tag")
+        );
         assert_eq!(e[0].module, "oci://r.example/a/b");
         assert_eq!(e[0].resource, "extensions.istio.io/wasmplugin/default.x");
     }

@@ -11,7 +11,11 @@ use clap::{Parser, Subcommand};
 pub use options::ServeArgs;
 
 #[derive(Debug, Parser)]
-#[command(name = "wasm-ecds", version, about = "Deliver proxy-wasm modules to Envoy over ECDS, with Istio WasmPlugin pull policy")]
+#[command(
+    name = "wasm-ecds",
+    version,
+    about = "Deliver proxy-wasm modules to Envoy over ECDS, with Istio WasmPlugin pull policy"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -74,7 +78,11 @@ fn walk(dir: &std::path::Path, exts: &[&str], out: &mut Vec<PathBuf>) -> std::io
         let path = entry?.path();
         if path.is_dir() {
             walk(&path, exts, out)?;
-        } else if path.extension().and_then(|e| e.to_str()).is_some_and(|e| exts.contains(&e)) {
+        } else if path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| exts.contains(&e))
+        {
             out.push(path);
         }
     }

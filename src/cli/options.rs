@@ -58,11 +58,15 @@ pub struct ServeArgs {
 impl ServeArgs {
     /// Builds the validated configuration.
     pub fn config(&self) -> Result<Config, OptionError> {
-        let retries: u32 = self.http_request_max_retries.trim().parse().map_err(|_| OptionError {
-            name: "WASM_HTTP_REQUEST_MAX_RETRIES".into(),
-            value: self.http_request_max_retries.clone(),
-            why: "want a positive integer".into(),
-        })?;
+        let retries: u32 =
+            self.http_request_max_retries
+                .trim()
+                .parse()
+                .map_err(|_| OptionError {
+                    name: "WASM_HTTP_REQUEST_MAX_RETRIES".into(),
+                    value: self.http_request_max_retries.clone(),
+                    why: "want a positive integer".into(),
+                })?;
         if retries == 0 {
             return Err(OptionError {
                 name: "WASM_HTTP_REQUEST_MAX_RETRIES".into(),
@@ -70,7 +74,8 @@ impl ServeArgs {
                 why: "must be at least 1".into(),
             });
         }
-        let purge_interval = config::parse_go_duration("WASM_PURGE_INTERVAL", &self.purge_interval)?;
+        let purge_interval =
+            config::parse_go_duration("WASM_PURGE_INTERVAL", &self.purge_interval)?;
         if purge_interval.is_zero() {
             return Err(OptionError {
                 name: "WASM_PURGE_INTERVAL".into(),
@@ -81,12 +86,21 @@ impl ServeArgs {
         Ok(Config {
             module_expiry: config::parse_go_duration("WASM_MODULE_EXPIRY", &self.module_expiry)?,
             purge_interval,
-            http_request_timeout: config::parse_go_duration("WASM_HTTP_REQUEST_TIMEOUT", &self.http_request_timeout)?,
+            http_request_timeout: config::parse_go_duration(
+                "WASM_HTTP_REQUEST_TIMEOUT",
+                &self.http_request_timeout,
+            )?,
             http_request_max_retries: retries,
             insecure_registries: config::parse_list(&self.insecure_registries),
             blocked_cidrs: config::parse_cidrs("BLOCKED_CIDRS_IN_WASM_FETCH", &self.blocked_cidrs)?,
-            max_binary_size: config::parse_size("WASM_MAX_BINARY_SIZE_BYTES", &self.max_binary_size)?,
-            cache_dir: self.cache_dir.clone().unwrap_or_else(config::default_cache_dir),
+            max_binary_size: config::parse_size(
+                "WASM_MAX_BINARY_SIZE_BYTES",
+                &self.max_binary_size,
+            )?,
+            cache_dir: self
+                .cache_dir
+                .clone()
+                .unwrap_or_else(config::default_cache_dir),
             delivery: match self.delivery {
                 DeliveryArg::File => Delivery::File,
                 DeliveryArg::Inline => Delivery::Inline,
@@ -105,7 +119,9 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Config, OptionError> {
         let cli = Cli::try_parse_from(["wasm-ecds", "serve"].iter().chain(args)).unwrap();
-        let Command::Serve(a) = cli.command else { panic!() };
+        let Command::Serve(a) = cli.command else {
+            panic!()
+        };
         a.config()
     }
 

@@ -27,7 +27,9 @@ impl Fetcher {
         let (mut hasher, mut size, mut prefix) = (Sha256::new(), 0u64, Vec::with_capacity(8));
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let n = input.read(&mut buf).map_err(|e| FetchError::Download(format!("file://{path}: {e}")))?;
+            let n = input
+                .read(&mut buf)
+                .map_err(|e| FetchError::Download(format!("file://{path}: {e}")))?;
             if n == 0 {
                 break;
             }
@@ -42,9 +44,9 @@ impl Fetcher {
             out.write_all(&buf[..n]).map_err(FetchError::io)?;
         }
         check_wasm(&prefix).map_err(|e| match e {
-            FetchError::InvalidModule(m) => {
-                FetchError::InvalidModule(format!("file://{path}: {m} (file modules must be plain Wasm binaries)"))
-            }
+            FetchError::InvalidModule(m) => FetchError::InvalidModule(format!(
+                "file://{path}: {m} (file modules must be plain Wasm binaries)"
+            )),
             other => other,
         })?;
         let sha256 = hex::encode(hasher.finalize());

@@ -33,7 +33,11 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
 }
 
 /// Serves until `shutdown` completes.
-pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, shutdown: impl Future<Output = ()> + Send) {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    shutdown: impl Future<Output = ()> + Send,
+) {
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
@@ -68,17 +72,30 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
             }
         }
         (&Method::GET, "/metrics") => {
-            let mut body = shared.view.read().expect("view lock").engine_metrics.clone();
+            let mut body = shared
+                .view
+                .read()
+                .expect("view lock")
+                .engine_metrics
+                .clone();
             body.push_str(&shared.resources.metrics_text());
             reply(StatusCode::OK, "text/plain; version=0.0.4", body)
         }
         (&Method::GET, "/debug/plugins") => {
             let v = shared.view.read().expect("view lock").plugins.clone();
-            reply(StatusCode::OK, "application/json", serde_json::to_vec_pretty(&v).unwrap_or_default())
+            reply(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_vec_pretty(&v).unwrap_or_default(),
+            )
         }
         (&Method::GET, "/debug/cache") => {
             let v = shared.view.read().expect("view lock").cache.clone();
-            reply(StatusCode::OK, "application/json", serde_json::to_vec_pretty(&v).unwrap_or_default())
+            reply(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_vec_pretty(&v).unwrap_or_default(),
+            )
         }
         (&Method::POST, "/refresh") => refresh(req.uri().query().unwrap_or(""), &shared).await,
         (&Method::GET, p) if p.starts_with(MODULES_PATH) => module(p, &shared).await,
@@ -89,11 +106,18 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
 
 async fn refresh(query: &str, shared: &Shared) -> Response<Body> {
     let plugin = query.split('&').find_map(|kv| kv.strip_prefix("plugin="));
-    let Some(key) = plugin.and_then(|p| ObjectKey::parse(&p.replace("%2F", "/").replace("%2f", "/"))) else {
+    let Some(key) =
+        plugin.and_then(|p| ObjectKey::parse(&p.replace("%2F", "/").replace("%2f", "/")))
+    else {
         return text(StatusCode::BAD_REQUEST, "want ?plugin=namespace/name\n");
     };
     let (tx, rx) = oneshot::channel();
-    if shared.commands.send(Command::Refresh(key.clone(), tx)).await.is_err() {
+    if shared
+        .commands
+        .send(Command::Refresh(key.clone(), tx))
+        .await
+        .is_err()
+    {
         return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
     }
     match rx.await {
@@ -104,12 +128,23 @@ async fn refresh(query: &str, shared: &Shared) -> Response<Body> {
 }
 
 async fn module(path: &str, shared: &Shared) -> Response<Body> {
-    let sha = path.trim_start_matches(MODULES_PATH).trim_end_matches(".wasm");
-    let file = shared.view.read().expect("view lock").modules.get(sha).cloned();
+    let sha = path
+        .trim_start_matches(MODULES_PATH)
+        .trim_end_matches(".wasm");
+    let file = shared
+        .view
+        .read()
+        .expect("view lock")
+        .modules
+        .get(sha)
+        .cloned();
     match file {
         Some(f) => match tokio::fs::read(&f).await {
             Ok(bytes) => reply(StatusCode::OK, "application/wasm", bytes),
-            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read module: {e}\n")),
+            Err(e) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot read module: {e}\n"),
+            ),
         },
         None => text(StatusCode::NOT_FOUND, "no such module\n"),
     }

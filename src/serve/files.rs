@@ -35,7 +35,10 @@ pub struct FileSource {
 
 impl FileSource {
     pub fn new(roots: Vec<PathBuf>) -> Self {
-        FileSource { roots, last_good: BTreeMap::new() }
+        FileSource {
+            roots,
+            last_good: BTreeMap::new(),
+        }
     }
 
     pub fn roots(&self) -> &[PathBuf] {
@@ -49,7 +52,10 @@ impl FileSource {
         for root in &self.roots {
             match crate::cli::expand_paths(std::slice::from_ref(root), &["yaml", "yml", "json"]) {
                 Ok(f) => files.extend(f),
-                Err(e) => desired.errors.push(FileError { file: root.display().to_string(), message: e.to_string() }),
+                Err(e) => desired.errors.push(FileError {
+                    file: root.display().to_string(),
+                    message: e.to_string(),
+                }),
             }
         }
         files.sort();
@@ -63,7 +69,10 @@ impl FileSource {
                 }
                 Err(message) => {
                     tracing::warn!(file = %file.display(), error = %message, "skipping bad manifest file");
-                    desired.errors.push(FileError { file: file.display().to_string(), message });
+                    desired.errors.push(FileError {
+                        file: file.display().to_string(),
+                        message,
+                    });
                     self.last_good.get(&file).cloned().unwrap_or_default()
                 }
             };
@@ -73,9 +82,16 @@ impl FileSource {
         self.last_good.retain(|f, _| seen.contains_key(f));
         for objects in seen.into_values() {
             for v in objects {
-                let kind = v.get("kind").and_then(Value::as_str).unwrap_or_default().to_string();
+                let kind = v
+                    .get("kind")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
                 let meta = v.get("metadata");
-                let name = meta.and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or_default();
+                let name = meta
+                    .and_then(|m| m.get("name"))
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
                 let ns = meta
                     .and_then(|m| m.get("namespace"))
                     .and_then(Value::as_str)
@@ -105,7 +121,10 @@ fn read_objects(file: &Path) -> Result<Vec<Value>, String> {
         }
         match plugin::parse_object(i, v.clone()) {
             Ok(Manifest::Plugin(_)) | Ok(Manifest::Secret(_)) => out.push(v),
-            Err(e) if e.object.is_some() && v.get("kind").and_then(Value::as_str) == Some("WasmPlugin") => {
+            Err(e)
+                if e.object.is_some()
+                    && v.get("kind").and_then(Value::as_str) == Some("WasmPlugin") =>
+            {
                 out.push(v)
             }
             Err(e) => return Err(format!("document {}: {e}", i + 1)),

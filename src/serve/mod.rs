@@ -99,10 +99,10 @@ impl ServerHandle {
 pub async fn start(setup: ServeSetup) -> anyhow::Result<ServerHandle> {
     let xds_address = setup.xds_listener.local_addr()?;
     let admin_address = setup.admin_listener.local_addr()?;
-    let store = Arc::new(
-        DiskStore::open(&setup.config.cache_dir)
-            .with_context(|| format!("cannot open cache dir {}", setup.config.cache_dir.display()))?,
-    );
+    let store =
+        Arc::new(DiskStore::open(&setup.config.cache_dir).with_context(|| {
+            format!("cannot open cache dir {}", setup.config.cache_dir.display())
+        })?);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let start = clock.now();
     let (engine, report) = Engine::new(
@@ -120,7 +120,11 @@ pub async fn start(setup: ServeSetup) -> anyhow::Result<ServerHandle> {
     tracing::info!(kept = report.kept, removed = report.removed.len(), dir = %setup.config.cache_dir.display(), "cache indexed");
     let resources = ResourceStore::new();
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
-    let shared = Arc::new(Shared { view: RwLock::new(AdminView::default()), commands: cmd_tx.clone(), resources: resources.clone() });
+    let shared = Arc::new(Shared {
+        view: RwLock::new(AdminView::default()),
+        commands: cmd_tx.clone(),
+        resources: resources.clone(),
+    });
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
 
     let mut tasks = Vec::new();
@@ -144,11 +148,25 @@ pub async fn start(setup: ServeSetup) -> anyhow::Result<ServerHandle> {
         wait_shutdown(shutdown_rx).await;
     }));
     let rx = shutdown_tx.subscribe();
-    tasks.push(tokio::spawn(crate::xds::serve(setup.xds_listener, resources, wait_shutdown(rx))));
+    tasks.push(tokio::spawn(crate::xds::serve(
+        setup.xds_listener,
+        resources,
+        wait_shutdown(rx),
+    )));
     let rx = shutdown_tx.subscribe();
-    tasks.push(tokio::spawn(admin::serve(setup.admin_listener, shared.clone(), wait_shutdown(rx))));
+    tasks.push(tokio::spawn(admin::serve(
+        setup.admin_listener,
+        shared.clone(),
+        wait_shutdown(rx),
+    )));
     tracing::info!(%xds_address, %admin_address, "wasm-ecds serving");
-    Ok(ServerHandle { xds_address, admin_address, shared, shutdown: Some(shutdown_tx), tasks })
+    Ok(ServerHandle {
+        xds_address,
+        admin_address,
+        shared,
+        shutdown: Some(shutdown_tx),
+        tasks,
+    })
 }
 
 /// Completes once the shutdown flag is set (or its sender is gone).
@@ -160,21 +178,41 @@ async fn wait_shutdown(mut rx: tokio::sync::watch::Receiver<bool>) {
     }
 }
 
-fn spawn_watcher(paths: &[PathBuf], tx: mpsc::Sender<Command>) -> anyhow::Result<Option<notify::RecommendedWatcher>> {
+fn spawn_watcher(
+    paths: &[PathBuf],
+    tx: mpsc::Sender<Command>,
+) -> anyhow::Result<Option<notify::RecommendedWatcher>> {
     use notify::Watcher as _;
     if paths.is_empty() {
         return Ok(None);
     }
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
-            let _ = tx.try_send(Command::Reload);
+        // Access events (open, close) say nothing changed, and the rescan's own reads raise them:
+        // reacting to them rescanned every debounce period forever after the first change.
+        if let Ok(ev) = &res {
+            if !matches!(ev.kind, notify::EventKind::Access(_)) {
+                tracing::trace!(kind = ?ev.kind, paths = ?ev.paths, "plugin files changed");
+                let _ = tx.try_send(Command::Reload);
+            }
         }
     })?;
     for p in paths {
         // Watch directories recursively, and a file's parent so replacements by rename are seen.
-        let target = if p.is_dir() { p.clone() } else { p.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".")) };
-        let mode = if p.is_dir() { notify::RecursiveMode::Recursive } else { notify::RecursiveMode::NonRecursive };
-        watcher.watch(&target, mode).with_context(|| format!("cannot watch {}", target.display()))?;
+        let target = if p.is_dir() {
+            p.clone()
+        } else {
+            p.parent()
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("."))
+        };
+        let mode = if p.is_dir() {
+            notify::RecursiveMode::Recursive
+        } else {
+            notify::RecursiveMode::NonRecursive
+        };
+        watcher
+            .watch(&target, mode)
+            .with_context(|| format!("cannot watch {}", target.display()))?;
     }
     Ok(Some(watcher))
 }
@@ -195,7 +233,11 @@ struct Controller {
 }
 
 impl Controller {
-    async fn run(mut self, mut commands: mpsc::Receiver<Command>, shutdown: tokio::sync::watch::Receiver<bool>) {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
         self.reload().await;
         self.publish(true);
         loop {
@@ -233,6 +275,7 @@ impl Controller {
 
     /// Applies the files' current content to the object store and the engine.
     async fn reload(&mut self) {
+        tracing::debug!("rescanning plugin files");
         let desired = self.files.scan();
         self.file_errors = desired.errors.clone();
         for value in desired.secrets.values() {
@@ -243,15 +286,25 @@ impl Controller {
             let change = self.objects.apply_value(value.clone());
             self.handle(change, Some((key, value))).await;
         }
-        let gone: Vec<ObjectKey> =
-            self.objects.plugins().keys().filter(|k| !desired.plugins.contains_key(*k)).cloned().collect();
+        let gone: Vec<ObjectKey> = self
+            .objects
+            .plugins()
+            .keys()
+            .filter(|k| !desired.plugins.contains_key(*k))
+            .cloned()
+            .collect();
         for k in gone {
             self.objects.delete_plugin(&k);
             self.engine.remove_plugin(&k);
             self.refused.remove(&k);
         }
-        let gone: Vec<ObjectKey> =
-            self.objects.secrets().keys().filter(|k| !desired.secrets.contains_key(*k)).cloned().collect();
+        let gone: Vec<ObjectKey> = self
+            .objects
+            .secrets()
+            .keys()
+            .filter(|k| !desired.secrets.contains_key(*k))
+            .cloned()
+            .collect();
         for k in gone {
             self.objects.delete_secret(&k);
             self.engine.remove_secret(&k).await;
@@ -271,7 +324,11 @@ impl Controller {
                     self.engine.upsert_secret(s).await;
                 }
             }
-            Change::Refused { key: Some(k), is_plugin: true, error } => {
+            Change::Refused {
+                key: Some(k),
+                is_plugin: true,
+                error,
+            } => {
                 let value = object.map(|(_, v)| v.clone()).unwrap_or(Value::Null);
                 if self.refused.get(&k) != Some(&value) {
                     tracing::warn!(plugin = %k, field = %error.field, error = %error.message, "plugin refused");
@@ -292,7 +349,9 @@ impl Controller {
         let touched: BTreeSet<ObjectKey> = events
             .iter()
             .filter_map(|e| match e {
-                Event::Processed { plugin, .. } | Event::ServingChanged { plugin, .. } => Some(plugin.clone()),
+                Event::Processed { plugin, .. } | Event::ServingChanged { plugin, .. } => {
+                    Some(plugin.clone())
+                }
                 _ => None,
             })
             .collect();
@@ -318,17 +377,28 @@ impl Controller {
                         }
                     },
                     Delivery::Http => Filter::Wasm(Code::Remote {
-                        uri: format!("http://{}{MODULES_PATH}{}.wasm", self.admin_address, m.sha256),
+                        uri: format!(
+                            "http://{}{MODULES_PATH}{}.wasm",
+                            self.admin_address, m.sha256
+                        ),
                         cluster: MODULES_CLUSTER.to_string(),
                         sha256: m.sha256.clone(),
                     }),
                 },
             };
-            self.resources.set(resource_name, convert::extension_config(&st.plugin, filter));
+            self.resources
+                .set(resource_name, convert::extension_config(&st.plugin, filter));
             self.served.insert(key.clone());
         }
         for e in &events {
-            if let Event::Processed { plugin, version, outcome, detail, .. } = e {
+            if let Event::Processed {
+                plugin,
+                version,
+                outcome,
+                detail,
+                ..
+            } = e
+            {
                 tracing::info!(plugin = %plugin, version = ?version, outcome = %outcome, detail = detail.as_deref().unwrap_or(""), "plugin processed");
             }
         }
@@ -367,7 +437,11 @@ impl Controller {
                 })
             })
             .collect();
-        let refused: Vec<Value> = self.refused.keys().map(|k| json!({"plugin": k.to_string()})).collect();
+        let refused: Vec<Value> = self
+            .refused
+            .keys()
+            .map(|k| json!({"plugin": k.to_string()}))
+            .collect();
         let cache: Vec<Value> = self
             .engine
             .cache()
@@ -381,11 +455,17 @@ impl Controller {
                 })
             })
             .collect();
-        let mut modules: BTreeMap<String, PathBuf> =
-            self.engine.cache().entries().map(|(_, e)| (e.sha256.clone(), e.path.clone())).collect();
+        let mut modules: BTreeMap<String, PathBuf> = self
+            .engine
+            .cache()
+            .entries()
+            .map(|(_, e)| (e.sha256.clone(), e.path.clone()))
+            .collect();
         for st in self.engine.plugins().values() {
             if let Serving::Module(m) = &st.serving {
-                modules.entry(m.sha256.clone()).or_insert_with(|| m.path.clone());
+                modules
+                    .entry(m.sha256.clone())
+                    .or_insert_with(|| m.path.clone());
             }
         }
         AdminView {
@@ -400,7 +480,10 @@ impl Controller {
 
 /// Runs `serve` until SIGTERM/SIGINT. Returns the exit status.
 pub fn run_blocking(args: crate::cli::ServeArgs, config: Config) -> i32 {
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start runtime: {e}");
@@ -425,7 +508,10 @@ async fn run_until_signal(args: crate::cli::ServeArgs, config: Config) -> anyhow
     let admin_listener = tokio::net::TcpListener::bind(args.admin_address)
         .await
         .with_context(|| format!("--admin-address {}", args.admin_address))?;
-    let transport = Arc::new(crate::fetch::hyper_transport::HyperTransport::new(&config, Vec::new())?);
+    let transport = Arc::new(crate::fetch::hyper_transport::HyperTransport::new(
+        &config,
+        Vec::new(),
+    )?);
     let handle = start(ServeSetup {
         config,
         plugin_paths: args.plugins.clone(),
@@ -435,13 +521,18 @@ async fn run_until_signal(args: crate::cli::ServeArgs, config: Config) -> anyhow
         fetch_config: None,
     })
     .await?;
-    eprintln!("wasm-ecds: xds on {}, admin on {}", handle.xds_address, handle.admin_address);
+    eprintln!(
+        "wasm-ecds: xds on {}, admin on {}",
+        handle.xds_address, handle.admin_address
+    );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {},
         _ = term.recv() => {},
     }
     tracing::info!("shutting down");
-    tokio::time::timeout(Duration::from_secs(5), handle.shutdown()).await.ok();
+    tokio::time::timeout(Duration::from_secs(5), handle.shutdown())
+        .await
+        .ok();
     Ok(())
 }
