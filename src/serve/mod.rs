@@ -128,8 +128,12 @@ pub async fn start(setup: ServeSetup) -> anyhow::Result<ServerHandle> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
 
     let mut tasks = Vec::new();
+    let mut engine = engine;
+    engine.set_deferred(true);
+    let (ready_tx, ready_rx) = oneshot::channel();
     let controller = Controller {
         engine,
+        dispatcher: crate::dispatch::Dispatcher::new(),
         objects: ObjectStore::new(),
         files: files::FileSource::new(setup.plugin_paths.clone()),
         resources: resources.clone(),
@@ -140,19 +144,32 @@ pub async fn start(setup: ServeSetup) -> anyhow::Result<ServerHandle> {
         file_errors: Vec::new(),
         served: BTreeSet::new(),
     };
-    tasks.push(tokio::spawn(controller.run(cmd_rx, shutdown_rx.clone())));
+    tasks.push(tokio::spawn(controller.run(
+        cmd_rx,
+        shutdown_rx.clone(),
+        ready_tx,
+    )));
     let _watcher = spawn_watcher(&setup.plugin_paths, cmd_tx.clone())?;
     tasks.push(tokio::spawn(async move {
         // The watcher lives as long as this task.
         let _keep = _watcher;
         wait_shutdown(shutdown_rx).await;
     }));
+    // ECDS is served once the initial plugin set is processed: a delta proxy reconnecting after a
+    // restart would otherwise be told its resources were removed. The listener is bound already,
+    // so proxies connecting earlier just wait.
     let rx = shutdown_tx.subscribe();
-    tasks.push(tokio::spawn(crate::xds::serve(
-        setup.xds_listener,
-        resources,
-        wait_shutdown(rx),
-    )));
+    let xds_listener = setup.xds_listener;
+    tasks.push(tokio::spawn(async move {
+        tokio::select! {
+            _ = wait_shutdown(rx.clone()) => {}
+            ready = ready_rx => {
+                if ready.is_ok() {
+                    crate::xds::serve(xds_listener, resources, wait_shutdown(rx)).await;
+                }
+            }
+        }
+    }));
     let rx = shutdown_tx.subscribe();
     tasks.push(tokio::spawn(admin::serve(
         setup.admin_listener,
@@ -219,6 +236,8 @@ fn spawn_watcher(
 
 struct Controller {
     engine: Engine,
+    /// Runs processings concurrently, one download per module (single flight).
+    dispatcher: crate::dispatch::Dispatcher,
     objects: ObjectStore,
     files: files::FileSource,
     resources: ResourceStore,
@@ -237,14 +256,27 @@ impl Controller {
         mut self,
         mut commands: mpsc::Receiver<Command>,
         shutdown: tokio::sync::watch::Receiver<bool>,
+        ready: oneshot::Sender<()>,
     ) {
+        let mut ready = Some(ready);
         self.reload().await;
-        self.publish(true);
         loop {
+            self.dispatcher.dispatch(&mut self.engine);
+            // Ready once the initial plugin set has been loaded and processed.
+            if ready.is_some() && self.dispatcher.in_flight() == 0 {
+                if let Some(tx) = ready.take() {
+                    let _ = tx.send(());
+                }
+            }
+            self.publish(ready.is_none());
             let deadline = self.engine.next_deadline();
             let wait = deadline.since(self.engine.now());
+            let in_flight = self.dispatcher.in_flight() > 0;
             tokio::select! {
                 _ = wait_shutdown(shutdown.clone()) => break,
+                done = self.dispatcher.next_completion(), if in_flight => {
+                    self.dispatcher.complete(&mut self.engine, done);
+                }
                 cmd = commands.recv() => match cmd {
                     None => break,
                     Some(Command::Reload) => {
@@ -268,7 +300,6 @@ impl Controller {
                 },
                 _ = tokio::time::sleep(wait) => self.engine.run_due().await,
             }
-            self.publish(true);
         }
         self.engine.flush();
     }
