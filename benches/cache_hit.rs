@@ -8,6 +8,8 @@
 //! a true cache hit. A whole measurement loop runs inside one `block_on` of a current-thread
 //! runtime (`iter_custom`), so the runtime's entry cost is not counted per call.
 
+#![allow(clippy::disallowed_methods)] // criterion iter_custom timing uses wall time
+
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -11,6 +11,8 @@
 //! until every stream has received the update and sent its ACK, and the server's RSS per stream.
 //! Only loopback is used; every wait is bounded.
 
+#![allow(clippy::disallowed_methods)] // a measuring tool
+
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

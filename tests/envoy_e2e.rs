@@ -11,6 +11,8 @@
 //! duration. The time from a plugin-file edit to Envoy serving the new configuration is measured
 //! and printed, not asserted.
 
+#![allow(clippy::disallowed_methods)] // bounded waits and latency figures use wall time
+
 mod support;
 
 use std::collections::BTreeMap;
