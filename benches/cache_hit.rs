@@ -209,7 +209,7 @@ fn bench_process(c: &mut Criterion) {
     g.measurement_time(Duration::from_secs(3))
         .warm_up_time(Duration::from_secs(1));
 
-    for n in [1usize, 100, 1_000, 10_000] {
+    for n in [1usize, 100, 1_000] {
         let (mut engine, keys) = engine_with(&rt, n);
         let middle = keys[n / 2].clone();
         g.bench_with_input(BenchmarkId::new("same_plugin", n), &n, |b, _| {

@@ -101,7 +101,14 @@ pub struct Cache {
     /// at this time, so after a restart it ages from when it was last in use, not from when it was
     /// first referenced.
     now: Timestamp,
+    /// The index changed since it was last written. Writes are batched by the engine (at most one
+    /// per [`INDEX_SAVE_INTERVAL`]): rewriting it on every change made loading N plugins O(N²).
+    dirty: bool,
 }
+
+/// The longest the persisted index lags behind the cache while the server runs. A crash within it
+/// loses no module: files the index does not know yet are removed at start and pulled again.
+pub const INDEX_SAVE_INTERVAL: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for Cache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -166,13 +173,14 @@ impl Cache {
             .map(|e: &ModuleEntry| e.last_used)
             .max()
             .unwrap_or_default();
-        let cache = Cache {
+        let mut cache = Cache {
             store,
             modules,
             resolutions,
             now,
+            dirty: true,
         };
-        cache.persist();
+        cache.save();
         Ok((cache, report))
     }
 
@@ -215,7 +223,7 @@ impl Cache {
     pub fn set_resolution(&mut self, url: &str, key: &ModuleKey) {
         if self.resolutions.get(url) != Some(key) {
             self.resolutions.insert(url.to_string(), key.clone());
-            self.persist();
+            self.dirty = true;
         }
     }
 
@@ -243,7 +251,7 @@ impl Cache {
                     authorized: BTreeSet::new(),
                 },
             );
-            self.persist();
+            self.dirty = true;
         }
         Ok(self.modules.get(key).expect("just inserted"))
     }
@@ -314,7 +322,7 @@ impl Cache {
             out.push((key, entry));
         }
         if !out.is_empty() {
-            self.persist();
+            self.dirty = true;
         }
         out
     }
@@ -328,8 +336,20 @@ impl Cache {
         self.store.read(&e.path)
     }
 
-    /// Writes the index; failures are logged, never fatal (the cache still works in memory).
-    fn persist(&self) {
+    /// True when the index has changes not yet written.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty
+    }
+
+    /// Writes the index if it changed; failures are logged, never fatal (the cache still works in
+    /// memory, and the next save tries again).
+    pub fn save(&mut self) {
+        if self.dirty {
+            self.dirty = !self.persist();
+        }
+    }
+
+    fn persist(&self) -> bool {
         let index = PersistedIndex {
             modules: self
                 .modules
@@ -351,8 +371,12 @@ impl Cache {
             resolutions: self.resolutions.clone(),
         };
         let bytes = serde_json::to_vec(&index).expect("index serializes");
-        if let Err(e) = self.store.save_index(&bytes) {
-            tracing::warn!(error = %e, "could not persist the cache index");
+        match self.store.save_index(&bytes) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not persist the cache index");
+                false
+            }
         }
     }
 
@@ -360,7 +384,8 @@ impl Cache {
     /// touch).
     pub fn flush(&mut self, now: Timestamp) {
         self.now = self.now.max(now);
-        self.persist();
+        self.dirty = true;
+        self.save();
     }
 }
 
@@ -443,6 +468,7 @@ mod tests {
                 .clone();
             cache.set_resolution("http://h/a.wasm", &a);
             cache.set_resolution("http://h/b.wasm", &b);
+            cache.flush(Timestamp::ZERO);
         }
         // Truncate b behind the cache's back, and drop a stray file.
         std::fs::write(&path_b, &WASM[..6]).unwrap();

@@ -347,6 +347,8 @@ pub struct Engine {
     /// through [`Engine::take_queue`], [`Engine::begin`] and [`Engine::finish`].
     deferred: bool,
     queue: Vec<(ObjectKey, Trigger)>,
+    /// When the cache index was last written (see [`crate::cache::INDEX_SAVE_INTERVAL`]).
+    last_save: Timestamp,
 }
 
 impl std::fmt::Debug for Engine {
@@ -392,6 +394,7 @@ impl Engine {
             events: Vec::new(),
             deferred: false,
             queue: Vec::new(),
+            last_save: now,
         };
         Ok((engine, report))
     }
@@ -585,10 +588,20 @@ impl Engine {
 
     /// The earliest time background work is due: the next purge pass or plugin retry.
     pub fn next_deadline(&self) -> Timestamp {
+        let first = self
+            .next_save()
+            .map_or(self.next_purge, |t| t.min(self.next_purge));
         self.plugins
             .values()
             .filter_map(|s| s.retry.map(|r| r.due))
-            .fold(self.next_purge, Timestamp::min)
+            .fold(first, Timestamp::min)
+    }
+
+    /// When the changed cache index is due to be written.
+    fn next_save(&self) -> Option<Timestamp> {
+        self.cache
+            .is_dirty()
+            .then(|| self.last_save + crate::cache::INDEX_SAVE_INTERVAL)
     }
 
     /// Runs all background work due at the clock's current time, in time order (purge passes before
@@ -596,6 +609,10 @@ impl Engine {
     pub async fn run_due(&mut self) {
         loop {
             let now = self.now();
+            if self.next_save().is_some_and(|t| t <= now) {
+                self.cache.save();
+                self.last_save = now;
+            }
             let retry = self
                 .plugins
                 .iter()
@@ -640,6 +657,7 @@ impl Engine {
     pub fn flush(&mut self) {
         let now = self.now();
         self.cache.flush(now);
+        self.last_save = now;
     }
 
     // -----------------------------------------------------------------------------------------
