@@ -19,7 +19,7 @@
 
 use std::error::Error as StdError;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -300,7 +300,20 @@ fn error_chain(e: &(dyn StdError + 'static)) -> String {
 
 fn is_blocked(config: &Config, ip: IpAddr) -> bool {
     // `::ffff:a.b.c.d` is checked as `a.b.c.d` too, so mapped addresses don't escape IPv4 CIDRs.
-    config.is_blocked(ip) || config.is_blocked(ip.to_canonical())
+    let canonical = ip.to_canonical();
+    // A connection to the unspecified address (`0.0.0.0`, `::`) reaches this host's loopback, so
+    // it is blocked whenever loopback is (as the token-realm check treats it as local).
+    let loopback_blocked = || {
+        [
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ]
+        .into_iter()
+        .any(|l| config.is_blocked(l))
+    };
+    config.is_blocked(ip)
+        || config.is_blocked(canonical)
+        || (canonical.is_unspecified() && loopback_blocked())
 }
 
 /// A name resolved only to blocked addresses.
@@ -623,6 +636,9 @@ mod tests {
             // An IP literal: checked before connecting.
             format!("http://127.0.0.1:{port}/x.wasm"),
             format!("http://[::ffff:127.0.0.1]:{port}/x.wasm"),
+            // The unspecified address connects to loopback.
+            format!("http://0.0.0.0:{port}/x.wasm"),
+            format!("http://[::]:{port}/x.wasm"),
             // A name: checked by the resolver.
             format!("http://localhost:{port}/x.wasm"),
             // Always blocked (cloud metadata), whatever the configuration.

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests (`mod support;` in each test file): a real OCI
 //! registry ([`registry`]), Wasm images in every format ([`image`]), test modules ([`wasm`]), a real
-//! Envoy with a generated ECDS bootstrap ([`envoy`]) and locating external tools.
+//! Envoy with a generated ECDS bootstrap ([`envoy`]), fault-injecting HTTP servers and a mock OCI
+//! registry ([`faults`]) and locating external tools.
 //!
 //! External tools (style guide §5 "Real-Envoy and real-registry tests stay separate"):
 //! - `docker-registry`: `$REGISTRY_BIN`, else on `PATH`, else `/usr/bin/docker-registry`;
@@ -13,6 +14,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod envoy;
+pub mod faults;
 pub mod image;
 pub mod registry;
 pub mod wasm;
