@@ -71,13 +71,14 @@ impl Fetcher {
         if !(200..300).contains(&resp.status) {
             return Err(status_failure(&final_url, resp.status, kind));
         }
-        let max = self.config.max_binary_size;
-        check_content_length(&resp, max)?;
+        // Any body may be an archive; unpacking holds the module itself to the limit.
+        let limit = TransferLimit::archive(self.config.max_binary_size);
+        check_content_length(&resp, limit)?;
         let mut file = self
             .store
             .stage()
             .map_err(|e| AttemptError::Fatal(FetchError::io(e)))?;
-        stream_body(&final_url, resp.body.as_mut(), &mut file, None, max, kind).await?;
+        stream_body(&final_url, resp.body.as_mut(), &mut file, None, limit, kind).await?;
         Ok(file)
     }
 
@@ -161,25 +162,59 @@ pub(crate) fn transport_failure(url: &str, e: TransportError, kind: ErrorKind) -
     }
 }
 
+/// How many bytes one transfer may carry. A body that may be an archive (gzip, tar) may exceed the
+/// module limit by the archive overhead: the module inside is held to the limit by unpacking, so a
+/// module of exactly the limit is accepted however it is packed.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TransferLimit {
+    pub bytes: u64,
+    pub module: u64,
+}
+
+impl TransferLimit {
+    /// The body is the module itself.
+    pub(crate) fn plain(max: u64) -> Self {
+        TransferLimit {
+            bytes: max,
+            module: max,
+        }
+    }
+
+    /// The body may be an archive holding the module.
+    pub(crate) fn archive(max: u64) -> Self {
+        TransferLimit {
+            bytes: max.saturating_add(super::unpack::ARCHIVE_OVERHEAD),
+            module: max,
+        }
+    }
+
+    fn exceeded(self) -> AttemptError {
+        AttemptError::Fatal(FetchError::TooLarge { limit: self.module })
+    }
+}
+
 /// Refuses a body whose announced length is already over the limit.
-pub(crate) fn check_content_length(resp: &HttpResponse, max: u64) -> Result<(), AttemptError> {
+pub(crate) fn check_content_length(
+    resp: &HttpResponse,
+    limit: TransferLimit,
+) -> Result<(), AttemptError> {
     match resp
         .header("content-length")
         .and_then(|v| v.trim().parse::<u64>().ok())
     {
-        Some(len) if len > max => Err(AttemptError::Fatal(FetchError::TooLarge { limit: max })),
+        Some(len) if len > limit.bytes => Err(limit.exceeded()),
         _ => Ok(()),
     }
 }
 
 /// Streams a body into `out` (and `hasher`), stopping with [`FetchError::TooLarge`] as soon as it
-/// passes `max` bytes. Returns the number of bytes.
+/// passes the limit. Returns the number of bytes.
 pub(crate) async fn stream_body(
     url: &str,
     body: &mut dyn BodyStream,
     out: &mut (dyn Write + Send),
     mut hasher: Option<&mut Sha256>,
-    max: u64,
+    limit: TransferLimit,
     kind: ErrorKind,
 ) -> Result<u64, AttemptError> {
     let mut size = 0u64;
@@ -189,8 +224,8 @@ pub(crate) async fn stream_body(
         .map_err(|e| transport_failure(url, e, kind))?
     {
         size += chunk.len() as u64;
-        if size > max {
-            return Err(AttemptError::Fatal(FetchError::TooLarge { limit: max }));
+        if size > limit.bytes {
+            return Err(limit.exceeded());
         }
         if let Some(h) = hasher.as_deref_mut() {
             h.update(&chunk);
@@ -730,9 +765,45 @@ mod tests {
         let h = harness(cfg);
         h.transport.script(
             URL,
-            vec![Reply::ok(wasm(10)).header("content-length", "20000")],
+            vec![
+                Reply::ok(wasm(10)).header("content-length", &(10_000 + (1 << 20) + 1).to_string())
+            ],
         );
         assert_eq!(fetch(&h, URL).await.unwrap_err().reason(), Reason::TooLarge);
+    }
+
+    #[tokio::test]
+    async fn module_of_exactly_the_limit_is_accepted_however_packed() {
+        let mut cfg = config();
+        cfg.max_binary_size = 64 * 1024;
+        let module = wasm(64 * 1024 - 8); // the 8-byte header comes on top
+        for body in [
+            module.clone(),
+            crate::fetch::unpack::tests::tar_of(&[("plugin.wasm", &module)]),
+            crate::fetch::unpack::tests::gzip(&crate::fetch::unpack::tests::tar_of(&[(
+                "plugin.wasm",
+                &module,
+            )])),
+        ] {
+            let h = harness(cfg.clone());
+            h.transport.script(URL, vec![Reply::ok(body)]);
+            let m = fetch(&h, URL).await.unwrap();
+            assert_eq!(m.size, 64 * 1024);
+        }
+        // One byte more is too large, packed or not.
+        let bigger = wasm(64 * 1024 - 7);
+        let h = harness(cfg);
+        h.transport.script(
+            URL,
+            vec![Reply::ok(crate::fetch::unpack::tests::tar_of(&[(
+                "plugin.wasm",
+                &bigger,
+            )]))],
+        );
+        assert_eq!(
+            fetch(&h, URL).await.unwrap_err(),
+            FetchError::TooLarge { limit: 64 * 1024 }
+        );
     }
 
     #[tokio::test]

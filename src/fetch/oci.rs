@@ -25,6 +25,7 @@ use sha2::{Digest, Sha256};
 
 use super::http::{
     check_content_length, read_small_body, status_failure, stream_body, url_host, ErrorKind,
+    TransferLimit,
 };
 use super::retry::{with_retries, AttemptError, PullBudget};
 use super::unpack::{check_wasm, extract_plugin_wasm, MIN_WASM_SIZE};
@@ -218,7 +219,7 @@ impl Fetcher {
         budget: PullBudget,
     ) -> Result<StagedModule, FetchError> {
         let max = self.config.max_binary_size;
-        if resolved.layer.size > max {
+        if resolved.layer.size > layer_limit(resolved.format, max).bytes {
             return Err(FetchError::TooLarge { limit: max });
         }
         let url = format!(
@@ -492,8 +493,8 @@ impl Fetcher {
             }
             s => return Err(status_failure(url, s, kind)),
         }
-        let max = self.config.max_binary_size;
-        check_content_length(&resp, max)?;
+        let limit = layer_limit(resolved.format, self.config.max_binary_size);
+        check_content_length(&resp, limit)?;
         let mut file = self
             .store
             .stage()
@@ -504,7 +505,7 @@ impl Fetcher {
             resp.body.as_mut(),
             &mut file,
             Some(&mut hasher),
-            max,
+            limit,
             kind,
         )
         .await?;
@@ -869,6 +870,15 @@ fn query_escape(s: &str) -> String {
         }
     }
     out
+}
+
+/// The transfer limit of a module layer: a Wasm artifact layer is the module; Docker and OCI
+/// compat layers are tar.gz archives around it.
+fn layer_limit(format: ImageFormat, max: u64) -> TransferLimit {
+    match format {
+        ImageFormat::WasmArtifact => TransferLimit::plain(max),
+        ImageFormat::Docker | ImageFormat::OciCompat => TransferLimit::archive(max),
+    }
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ const TAR_MAGIC: &[u8] = b"ustar";
 const PEEK_SIZE: usize = 512;
 /// Archive framing (headers, padding, end blocks) allowed on top of the module size limit, so that
 /// a tar holding a module of exactly the limit is not refused.
-const ARCHIVE_OVERHEAD: u64 = 1 << 20;
+pub(crate) const ARCHIVE_OVERHEAD: u64 = 1 << 20;
 /// gzip in tar in gzip …: stop after this many layers.
 const MAX_NESTING: u32 = 4;
 const COPY_BUF: usize = 64 * 1024;
