@@ -810,6 +810,8 @@ impl Engine {
         let remote = !matches!(st.url, ModuleUrl::File(_));
         let url_str = st.url.to_string();
         let old_key = st.referenced.clone();
+        // A download shared with another plugin's identical job counts once as a remote fetch.
+        let shared = matches!(result, Ok(Obtained::Shared(_)));
         let obtained = result.and_then(|o| match o {
             Obtained::Fetched {
                 key: k,
@@ -869,7 +871,7 @@ impl Engine {
                 }
                 if remote {
                     self.metrics.record_lookup(outcome != Outcome::Pulled);
-                    if outcome == Outcome::Pulled {
+                    if outcome == Outcome::Pulled && !shared {
                         self.metrics.record_remote_fetch(FetchResult::Success);
                     }
                     self.metrics

@@ -812,3 +812,134 @@ async fn oci_layer_with_traversal_and_links_is_invalid_and_writes_nothing() {
         above.display()
     );
 }
+
+/// A registry whose `/v2/` challenge names a Bearer token realm on the mock server itself; the token
+/// endpoint wants Basic `alice:s3cret`; manifests and blobs want the token.
+async fn bearer_registry(image: &Image) -> MockServer {
+    use base64::Engine as _;
+    use wiremock::matchers::header;
+    let server = MockServer::start().await;
+    let realm = format!("http://{}/token", server.address());
+    let challenge = format!(r#"Bearer realm="{realm}",service="mock-registry""#);
+    Mock::given(method("GET"))
+        .and(path("/v2/"))
+        .respond_with(
+            ResponseTemplate::new(401).insert_header("www-authenticate", challenge.as_str()),
+        )
+        .mount(&server)
+        .await;
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("alice:s3cret")
+    );
+    Mock::given(method("GET"))
+        .and(path("/token"))
+        .and(header("authorization", basic.as_str()))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"token": "t0k3n"})))
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/token"))
+        .respond_with(ResponseTemplate::new(401))
+        .with_priority(10)
+        .mount(&server)
+        .await;
+    let digest = sha256_digest(&image.manifest);
+    Mock::given(method("GET"))
+        .and(path(manifest_path("v1")))
+        .and(header("authorization", "Bearer t0k3n"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_bytes(image.manifest.clone())
+                .insert_header("content-type", image.media_type)
+                .insert_header("docker-content-digest", digest.as_str()),
+        )
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    for blob in &image.blobs {
+        Mock::given(method("GET"))
+            .and(path(blob_path(&blob.digest)))
+            .and(header("authorization", "Bearer t0k3n"))
+            .respond_with(ResponseTemplate::new(200).set_body_bytes(blob.bytes.clone()))
+            .with_priority(1)
+            .mount(&server)
+            .await;
+    }
+    // Anything else under /v2/ without the token: the challenge again.
+    Mock::given(method("GET"))
+        .respond_with(
+            ResponseTemplate::new(401).insert_header("www-authenticate", challenge.as_str()),
+        )
+        .with_priority(10)
+        .mount(&server)
+        .await;
+    server
+}
+
+async fn pull_with(
+    p: &Pull,
+    server: &MockServer,
+    creds: Option<&wasm_ecds::plugin::Credentials>,
+) -> Result<(OciResolved, StagedModule), FetchError> {
+    let r = OciRef::parse(&format!("{}/{REPO}:v1", server.address())).expect("oci ref");
+    let budget = p.fetcher.budget();
+    let resolved = p.fetcher.oci_resolve(&r, creds, budget).await?;
+    let staged = p.fetcher.oci_download(&resolved, budget).await?;
+    Ok((resolved, staged))
+}
+
+/// behavior.md §4.2 "Authentication": a Bearer-token registry. The token is fetched from the
+/// challenge's realm with the pull secret's credentials (uncounted), and the manifest and the blob
+/// carry it; wrong credentials are `unauthorized`; a realm on a loopback address is refused unless
+/// explicitly allowed (tests only).
+#[tokio::test]
+async fn bearer_token_registry_pull_with_credentials() {
+    let module = module_of("bearer", 5_000);
+    let image = build_image(ImageFormat::OciArtifact, &module);
+    let server = bearer_registry(&image).await;
+    let alice = wasm_ecds::plugin::Credentials {
+        username: "alice".into(),
+        password: "s3cret".into(),
+    };
+    let p = Pull::tuned(oci_config(&server), |c| c.allow_private_token_realm = true);
+    let (resolved, staged) = pull_with(&p, &server, Some(&alice))
+        .await
+        .expect("bearer pull");
+    assert!(resolved.used_credentials);
+    assert_eq!(staged.sha256, sha256_hex(&module));
+    assert_eq!(received(&server, Some("/token")).await, 1);
+    assert_eq!(received(&server, Some(&manifest_path("v1"))).await, 1);
+    assert_eq!(
+        received(&server, Some(&blob_path(&image.module_layer))).await,
+        1
+    );
+
+    // Wrong password: the token endpoint refuses, nothing is pulled.
+    let mallory = wasm_ecds::plugin::Credentials {
+        username: "alice".into(),
+        password: "guess".into(),
+    };
+    let err = pull_with(&p, &server, Some(&mallory))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.reason(), Reason::Unauthorized, "{err}");
+    assert!(
+        !err.to_string().contains("guess"),
+        "the password leaked: {err}"
+    );
+
+    // Anonymous: the registry keeps answering 401.
+    let err = pull_with(&p, &server, None).await.expect_err("anonymous");
+    assert_eq!(err.reason(), Reason::Unauthorized, "{err}");
+
+    // By default a token realm on a loopback address is refused before any token request.
+    let strict = Pull::new(oci_config(&server));
+    let before = received(&server, Some("/token")).await;
+    let err = pull_with(&strict, &server, Some(&alice))
+        .await
+        .expect_err("loopback realm");
+    assert_eq!(err.reason(), Reason::Unauthorized, "{err}");
+    assert_eq!(received(&server, Some("/token")).await, before);
+}
