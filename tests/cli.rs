@@ -141,3 +141,69 @@ fn bad_configuration_is_a_startup_error_naming_the_variable() {
         assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     }
 }
+
+/// cli.md: SIGTERM stops `serve` (stop accepting, close streams) and exits 0 within a few seconds;
+/// `/readyz` answers once the (here empty) plugin set is processed.
+#[test]
+fn serve_exits_0_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    let cache = tempfile::tempdir().unwrap();
+    let plugins = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wasm-ecds"))
+        .args([
+            "serve",
+            "--xds-address",
+            "127.0.0.1:0",
+            "--admin-address",
+            "127.0.0.1:0",
+        ])
+        .arg("--plugins")
+        .arg(plugins.path())
+        .arg("--cache-dir")
+        .arg(cache.path())
+        .env("RUST_LOG", "off")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // "wasm-ecds: xds on ADDR, admin on ADDR"
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let admin = line.trim().rsplit(' ').next().unwrap().to_string();
+    assert!(line.contains("xds on 127.0.0.1:"), "{line}");
+    let ready = (0..100).any(|_| {
+        let ok = std::net::TcpStream::connect(&admin)
+            .and_then(|mut s| {
+                use std::io::{Read, Write};
+                s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n")?;
+                let mut r = String::new();
+                s.read_to_string(&mut r)?;
+                Ok(r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200"))
+            })
+            .unwrap_or(false);
+        if !ok {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        ok
+    });
+    assert!(ready, "/readyz never answered 200 on {admin}");
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = (0..100)
+        .find_map(|_| {
+            let s = child.try_wait().unwrap();
+            if s.is_none() {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            s
+        })
+        .unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!("serve did not exit within 10 s of SIGTERM")
+        });
+    assert_eq!(status.code(), Some(0));
+}
