@@ -1,24 +1,26 @@
 #!/usr/bin/env bash
-# The project's test command (README, .ci/run): formatting, lints, then every test, including the
-# real-registry and real-Envoy tests.
-#
-# Those find their tools through REGISTRY_BIN and ENVOY_BIN (see tests/support/mod.rs). Locally
-# they skip with a loud message when a tool is missing; under CI=true they fail instead, so CI
-# first installs them with scripts/install-test-deps.sh (apt needs root).
+# The one command that runs every test on a fresh machine (README "The two commands", .ci/run):
+#   bash scripts/test.sh
+# It installs what the tests need (Debian's docker-registry and Envoy 1.40.0 from PyPI, via
+# scripts/install-test-deps.sh: idempotent, apt needs root), checks formatting and lints, compiles
+# the benches, replays the scenario library, and runs every Rust test suite (unit, property,
+# real-registry, real-Envoy). Tests find the tools through REGISTRY_BIN and ENVOY_BIN; under
+# CI=true a test that needs one fails instead of skipping.
 set -euo pipefail
 exec </dev/null
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-if [[ "${CI:-}" == "true" ]]; then
-    bash scripts/install-test-deps.sh
-fi
-if [[ -z "${ENVOY_BIN:-}" && -x .tools/envoy/envoy/_bin/envoy ]]; then
-    export ENVOY_BIN="$PWD/.tools/envoy/envoy/_bin/envoy"
-fi
+bash scripts/install-test-deps.sh
+export REGISTRY_BIN="${REGISTRY_BIN:-$(command -v docker-registry || echo /usr/bin/docker-registry)}"
+export ENVOY_BIN="${ENVOY_BIN:-$PWD/.tools/envoy/envoy/_bin/envoy}"
 
 echo "[test] cargo fmt --check"
 cargo fmt --all -- --check
 echo "[test] cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets -- -D warnings
+cargo clippy --all-targets --locked -- -D warnings
+echo "[test] cargo build --benches (compile check; run them with cargo bench)"
+cargo build --benches --locked
+echo "[test] wasm-ecds sim scenarios/"
+cargo run --locked --quiet -- sim scenarios/
 echo "[test] cargo test"
-cargo test
+cargo test --locked --no-fail-fast
