@@ -23,4 +23,9 @@ cargo build --benches --locked
 echo "[test] wasm-ecds sim scenarios/"
 cargo run --locked --quiet -- sim scenarios/
 echo "[test] cargo test"
-cargo test --locked --no-fail-fast
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+cargo test --locked --no-fail-fast 2>&1 | tee "$log"
+# One closing line over every suite (the scenario library is counted above).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "total: %d passed, %d failed\n", p, f }' "$log"
