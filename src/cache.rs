@@ -5,7 +5,7 @@
 //! digest for OCI and the sha256 of the Wasm binary otherwise; `sha256` of every entry is always the
 //! Wasm binary's, which is what restarts verify and what `sim` matches content by.
 //!
-//! The index (entries and resolutions) is persisted through the store after every change, so a
+//! The index (entries, resolutions and HTTP validators) is persisted through the store, so a
 //! restarted server knows what it had.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::clock::Timestamp;
+use crate::fetch::http::Validators;
 use crate::fetch::StagedModule;
 use crate::plugin::ObjectKey;
 use crate::store::{sha256_hex, ModuleStore};
@@ -72,6 +73,9 @@ struct PersistedIndex {
     modules: Vec<PersistedModule>,
     /// url → module it last resolved to.
     resolutions: BTreeMap<String, ModuleKey>,
+    /// http(s) url → the validators its server sent with that module.
+    #[serde(default)]
+    validators: BTreeMap<String, Validators>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -97,6 +101,8 @@ pub struct Cache {
     store: Arc<dyn ModuleStore>,
     modules: BTreeMap<ModuleKey, ModuleEntry>,
     resolutions: BTreeMap<String, ModuleKey>,
+    /// HTTP validators (`ETag`, `Last-Modified`) of the module a url resolves to.
+    validators: BTreeMap<String, Validators>,
     /// The latest time the cache was told about: a module still referenced is persisted as used
     /// at this time, so after a restart it ages from when it was last in use, not from when it was
     /// first referenced.
@@ -163,7 +169,8 @@ impl Cache {
                 }
             }
         }
-        let resolutions = persisted
+        let validators = persisted.validators;
+        let resolutions: BTreeMap<String, ModuleKey> = persisted
             .resolutions
             .into_iter()
             .filter(|(_, k)| modules.contains_key(k))
@@ -176,6 +183,7 @@ impl Cache {
         let mut cache = Cache {
             store,
             modules,
+            validators: validators_for(validators, &resolutions),
             resolutions,
             now,
             dirty: true,
@@ -219,9 +227,25 @@ impl Cache {
         &self.resolutions
     }
 
-    /// Remembers that `url` resolved to `key`.
+    /// The HTTP validators of the module `url` resolves to, if its server sent any.
+    pub fn validators(&self, url: &str) -> Option<&Validators> {
+        self.resolution(url).and(self.validators.get(url))
+    }
+
+    /// Records the validators sent with the module `url` now resolves to (call after
+    /// [`Cache::set_resolution`]).
+    pub fn set_validators(&mut self, url: &str, validators: Option<Validators>) {
+        let changed = match validators {
+            Some(v) => self.validators.insert(url.to_string(), v.clone()) != Some(v),
+            None => self.validators.remove(url).is_some(),
+        };
+        self.dirty |= changed;
+    }
+
+    /// Remembers that `url` resolved to `key` (validators of an earlier resolution are dropped).
     pub fn set_resolution(&mut self, url: &str, key: &ModuleKey) {
         if self.resolutions.get(url) != Some(key) {
+            self.validators.remove(url);
             self.resolutions.insert(url.to_string(), key.clone());
             self.dirty = true;
         }
@@ -319,6 +343,8 @@ impl Cache {
                 tracing::warn!(path = %entry.path.display(), error = %e, "could not remove expired module");
             }
             self.resolutions.retain(|_, k| *k != key);
+            let resolutions = &self.resolutions;
+            self.validators.retain(|u, _| resolutions.contains_key(u));
             out.push((key, entry));
         }
         if !out.is_empty() {
@@ -369,6 +395,7 @@ impl Cache {
                 })
                 .collect(),
             resolutions: self.resolutions.clone(),
+            validators: self.validators.clone(),
         };
         let bytes = serde_json::to_vec(&index).expect("index serializes");
         match self.store.save_index(&bytes) {
@@ -387,6 +414,17 @@ impl Cache {
         self.dirty = true;
         self.save();
     }
+}
+
+/// Validators of urls that still resolve to a cached module.
+fn validators_for(
+    validators: BTreeMap<String, Validators>,
+    resolutions: &BTreeMap<String, ModuleKey>,
+) -> BTreeMap<String, Validators> {
+    validators
+        .into_iter()
+        .filter(|(u, _)| resolutions.contains_key(u))
+        .collect()
 }
 
 fn hash_file(store: &dyn ModuleStore, path: &std::path::Path) -> io::Result<String> {

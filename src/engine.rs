@@ -22,6 +22,7 @@ use serde::Serialize;
 use crate::cache::{Cache, ModuleKey, ReindexReport};
 use crate::clock::{Clock, Timestamp};
 use crate::config::Config;
+use crate::fetch::http::{HttpPull, Validators};
 use crate::fetch::{FetchConfig, FetchError, Fetcher, StagedModule, Transport};
 use crate::metrics::{ConversionResult, Metrics};
 use crate::outcome::{FetchResult, Outcome, Reason};
@@ -163,9 +164,12 @@ pub enum Job {
         path: String,
         expected: Option<String>,
     },
+    /// `conditional`: the cached module the url resolves to and its validators, for a conditional
+    /// request (a `304` makes the outcome `revalidated`).
     Http {
         url: String,
         expected: Option<String>,
+        conditional: Option<(ModuleKey, Validators)>,
     },
     Oci {
         reference: OciRef,
@@ -180,7 +184,7 @@ impl Job {
     pub fn flight_key(&self) -> String {
         match self {
             Job::File { path, expected } => format!("file:{path}#{expected:?}"),
-            Job::Http { url, expected } => format!("http:{url}#{expected:?}"),
+            Job::Http { url, expected, .. } => format!("http:{url}#{expected:?}"),
             Job::Oci {
                 reference,
                 credentials,
@@ -203,11 +207,12 @@ pub enum Obtained {
     Cached(ModuleKey),
     /// The source was asked; the module was already cached.
     Revalidated(ModuleKey),
-    /// Downloaded.
+    /// Downloaded (`validators`: what an HTTP server sent, for conditional requests later).
     Fetched {
         key: ModuleKey,
         staged: StagedModule,
         private: bool,
+        validators: Option<Validators>,
     },
     /// Read from a local file.
     File { path: String, sha256: String },
@@ -283,11 +288,25 @@ pub async fn run_job(
                 sha256: staged.sha256,
             })
         }
-        Job::Http { url, expected } => {
-            let staged = fetcher
-                .fetch_http(url, fetcher.budget())
+        Job::Http {
+            url,
+            expected,
+            conditional,
+        } => {
+            let validators = conditional.as_ref().map(|(_, v)| v);
+            let pull = fetcher
+                .fetch_http_conditional(url, fetcher.budget(), validators)
                 .await
                 .map_err(fail)?;
+            let (staged, validators) = match (pull, conditional) {
+                (HttpPull::Fetched(staged, validators), _) => (staged, validators),
+                (HttpPull::NotModified, Some((key, _))) => {
+                    return Ok(Obtained::Revalidated(key.clone()))
+                }
+                (HttpPull::NotModified, None) => {
+                    return Err((Reason::DownloadFailure, format!("{url}: unexpected 304")))
+                }
+            };
             if let Some(exp) = expected.as_deref().filter(|e| *e != staged.sha256) {
                 return Err(mismatch(exp, &staged.sha256));
             }
@@ -296,6 +315,7 @@ pub async fn run_job(
                 key,
                 staged,
                 private: false,
+                validators,
             })
         }
         Job::Oci {
@@ -327,6 +347,7 @@ pub async fn run_job(
                 key,
                 staged,
                 private: resolved.used_credentials,
+                validators: None,
             })
         }
     }
@@ -785,10 +806,22 @@ impl Engine {
                 credentials,
                 expected,
             },
-            None => Job::Http {
-                url: url_str,
-                expected,
-            },
+            None => {
+                // A conditional request when the url resolves to a cached module fitting the pin.
+                let conditional = self
+                    .cache
+                    .resolution(&url_str)
+                    .filter(|k| expected.as_ref().is_none_or(|e| *e == k.checksum))
+                    .and_then(|k| {
+                        let v = self.cache.validators(&url_str)?;
+                        Some((k.clone(), v.clone()))
+                    });
+                Job::Http {
+                    url: url_str,
+                    expected,
+                    conditional,
+                }
+            }
         })
     }
 
@@ -812,12 +845,15 @@ impl Engine {
         let old_key = st.referenced.clone();
         // A download shared with another plugin's identical job counts once as a remote fetch.
         let shared = matches!(result, Ok(Obtained::Shared(_)));
+        let mut new_validators = None;
         let obtained = result.and_then(|o| match o {
             Obtained::Fetched {
                 key: k,
                 staged,
                 private,
+                validators,
             } => {
+                new_validators = Some(validators);
                 let entry = self
                     .cache
                     .insert(&k, staged, private, now)
@@ -860,6 +896,10 @@ impl Engine {
                 if let Some(k) = &served.key {
                     if st.url.is_mutable() {
                         self.cache.set_resolution(&url_str, k);
+                        // A fresh download replaces the validators (none when the server sent none).
+                        if let Some(v) = new_validators {
+                            self.cache.set_validators(&url_str, v);
+                        }
                     }
                     self.cache.touch(k, now);
                 }

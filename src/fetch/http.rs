@@ -25,6 +25,51 @@ pub const MAX_REDIRECTS: usize = 10;
 /// [`FetchError::Manifest`] for OCI manifests and tokens.
 pub(crate) type ErrorKind = fn(String) -> FetchError;
 
+/// HTTP cache validators of a downloaded module (`ETag`, `Last-Modified`), sent back as
+/// `If-None-Match` / `If-Modified-Since` so a real server can answer `304 Not Modified`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Validators {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_modified: Option<String>,
+}
+
+impl Validators {
+    fn from_response(resp: &HttpResponse) -> Option<Self> {
+        let v = Validators {
+            etag: resp.header("etag").map(str::to_string),
+            last_modified: resp.header("last-modified").map(str::to_string),
+        };
+        (v.etag.is_some() || v.last_modified.is_some()).then_some(v)
+    }
+
+    fn apply(&self, mut req: HttpRequest) -> HttpRequest {
+        if let Some(e) = &self.etag {
+            req = req.header("if-none-match", e.clone());
+        }
+        if let Some(m) = &self.last_modified {
+            req = req.header("if-modified-since", m.clone());
+        }
+        req
+    }
+}
+
+/// The result of a conditional download.
+#[derive(Debug)]
+pub enum HttpPull {
+    /// The body was downloaded: the module and the validators the server sent with it.
+    Fetched(StagedModule, Option<Validators>),
+    /// `304 Not Modified`: the module the validators belong to is still current.
+    NotModified,
+}
+
+/// What one attempt got.
+enum Attempt {
+    Body(Box<dyn StagedFile>, Option<Validators>),
+    NotModified,
+}
+
 impl Fetcher {
     /// Downloads `url` (behavior.md §4.1) and unpacks it into a staged Wasm module.
     ///
@@ -36,20 +81,43 @@ impl Fetcher {
         url: &str,
         budget: PullBudget,
     ) -> Result<StagedModule, FetchError> {
-        let mut raw = with_retries(self, budget, |timeout| async move {
-            self.download_attempt(url, timeout).await
+        match self.fetch_http_conditional(url, budget, None).await? {
+            HttpPull::Fetched(m, _) => Ok(m),
+            HttpPull::NotModified => Err(FetchError::Download(format!(
+                "{url}: 304 Not Modified to an unconditional request"
+            ))),
+        }
+    }
+
+    /// [`Fetcher::fetch_http`] as a conditional request when `validators` of the cached module are
+    /// known (behavior.md §6: a real HTTP server answering 304 makes the outcome `revalidated`).
+    pub async fn fetch_http_conditional(
+        &self,
+        url: &str,
+        budget: PullBudget,
+        validators: Option<&Validators>,
+    ) -> Result<HttpPull, FetchError> {
+        let attempt = with_retries(self, budget, |timeout| async move {
+            self.download_attempt(url, timeout, validators).await
         })
         .await?;
+        let (mut raw, got) = match attempt {
+            Attempt::NotModified => return Ok(HttpPull::NotModified),
+            Attempt::Body(raw, got) => (raw, got),
+        };
         let mut out = self.store.stage().map_err(FetchError::io)?;
         let (sha256, size) = {
             let mut reader = raw.reader().map_err(FetchError::io)?;
             unpack_module(&mut reader, &mut out, self.config.max_binary_size)?
         };
-        Ok(StagedModule {
-            file: out,
-            sha256,
-            size,
-        })
+        Ok(HttpPull::Fetched(
+            StagedModule {
+                file: out,
+                sha256,
+                size,
+            },
+            got,
+        ))
     }
 
     /// One attempt: GET (following redirects) and the whole body into a fresh staging file.
@@ -57,7 +125,8 @@ impl Fetcher {
         &self,
         url: &str,
         timeout: Duration,
-    ) -> Result<Box<dyn StagedFile>, AttemptError> {
+        validators: Option<&Validators>,
+    ) -> Result<Attempt, AttemptError> {
         let kind: ErrorKind = FetchError::Download;
         if timeout.is_zero() {
             return Err(AttemptError::Fatal(kind(format!(
@@ -65,9 +134,16 @@ impl Fetcher {
             ))));
         }
         let started = self.now();
+        let req = match validators {
+            Some(v) => v.apply(HttpRequest::get(url)),
+            None => HttpRequest::get(url),
+        };
         let (mut resp, final_url) = self
-            .send_following_redirects(HttpRequest::get(url), timeout, started, kind)
+            .send_following_redirects(req, timeout, started, kind)
             .await?;
+        if resp.status == 304 && validators.is_some() {
+            return Ok(Attempt::NotModified);
+        }
         if !(200..300).contains(&resp.status) {
             return Err(status_failure(&final_url, resp.status, kind));
         }
@@ -78,8 +154,9 @@ impl Fetcher {
             .store
             .stage()
             .map_err(|e| AttemptError::Fatal(FetchError::io(e)))?;
+        let got = Validators::from_response(&resp);
         stream_body(&final_url, resp.body.as_mut(), &mut file, None, limit, kind).await?;
-        Ok(file)
+        Ok(Attempt::Body(file, got))
     }
 
     /// Sends `req`, following redirects (301, 302, 303, 307, 308; relative `Location`s resolved
