@@ -279,7 +279,7 @@ pub async fn run_job(
     };
     match job {
         Job::File { path, expected } => {
-            let staged = fetcher.fetch_file(path).map_err(fail)?;
+            let staged = crate::fetch::cpu_bound(|| fetcher.fetch_file(path)).map_err(fail)?;
             if let Some(exp) = expected.as_deref().filter(|e| *e != staged.sha256) {
                 return Err(mismatch(exp, &staged.sha256));
             }

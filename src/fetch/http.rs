@@ -106,10 +106,10 @@ impl Fetcher {
             Attempt::Body(raw, got) => (raw, got),
         };
         let mut out = self.store.stage().map_err(FetchError::io)?;
-        let (sha256, size) = {
+        let (sha256, size) = super::cpu_bound(|| {
             let mut reader = raw.reader().map_err(FetchError::io)?;
-            unpack_module(&mut reader, &mut out, self.config.max_binary_size)?
-        };
+            unpack_module(&mut reader, &mut out, self.config.max_binary_size)
+        })?;
         Ok(HttpPull::Fetched(
             StagedModule {
                 file: out,

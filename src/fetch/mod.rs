@@ -120,6 +120,18 @@ impl TransportError {
     }
 }
 
+/// Runs CPU-heavy work (decompressing, hashing a staged module) without stalling the other tasks
+/// of a multi-threaded runtime (`serve`); inline on a current-thread runtime (the simulator, whose
+/// virtual clock must see no work outside its own thread).
+pub(crate) fn cpu_bound<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 /// Sends one HTTP GET. Implementations: hyper in `serve`, in-memory hosts in `sim`, fakes in tests.
 ///
 /// Contract: one call is one attempt that reached (or tried to reach) the host. It must give up with

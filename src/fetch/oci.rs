@@ -247,10 +247,10 @@ impl Fetcher {
             }
             ImageFormat::Docker | ImageFormat::OciCompat => {
                 let mut out = self.store.stage().map_err(FetchError::io)?;
-                let (sha256, size) = {
+                let (sha256, size) = super::cpu_bound(|| {
                     let mut reader = raw.reader().map_err(FetchError::io)?;
-                    extract_plugin_wasm(&mut reader, &mut out, max)?
-                };
+                    extract_plugin_wasm(&mut reader, &mut out, max)
+                })?;
                 Ok(StagedModule {
                     file: out,
                     sha256,
