@@ -76,6 +76,17 @@ struct PersistedIndex {
     /// http(s) url → the validators its server sent with that module.
     #[serde(default)]
     validators: BTreeMap<String, Validators>,
+    /// `ns/name` of a plugin → the url and module it last served.
+    #[serde(default)]
+    served: BTreeMap<String, ServedRecord>,
+}
+
+/// What a plugin last served: kept across restarts so that a plugin whose pull fails right after a
+/// restart keeps serving it (behavior.md §7 keep-serving rule, across restarts).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServedRecord {
+    pub url: String,
+    pub module: ModuleKey,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -103,6 +114,8 @@ pub struct Cache {
     resolutions: BTreeMap<String, ModuleKey>,
     /// HTTP validators (`ETag`, `Last-Modified`) of the module a url resolves to.
     validators: BTreeMap<String, Validators>,
+    /// What each plugin last served (see [`ServedRecord`]).
+    served: BTreeMap<String, ServedRecord>,
     /// The latest time the cache was told about: a module still referenced is persisted as used
     /// at this time, so after a restart it ages from when it was last in use, not from when it was
     /// first referenced.
@@ -170,6 +183,11 @@ impl Cache {
             }
         }
         let validators = persisted.validators;
+        let served = persisted
+            .served
+            .into_iter()
+            .filter(|(_, r)| modules.contains_key(&r.module))
+            .collect();
         let resolutions: BTreeMap<String, ModuleKey> = persisted
             .resolutions
             .into_iter()
@@ -184,6 +202,7 @@ impl Cache {
             store,
             modules,
             validators: validators_for(validators, &resolutions),
+            served,
             resolutions,
             now,
             dirty: true,
@@ -225,6 +244,23 @@ impl Cache {
 
     pub fn resolutions(&self) -> &BTreeMap<String, ModuleKey> {
         &self.resolutions
+    }
+
+    /// What `plugin` last served, if that module is still cached.
+    pub fn last_served(&self, plugin: &ObjectKey) -> Option<&ServedRecord> {
+        self.served
+            .get(&plugin.to_string())
+            .filter(|r| self.modules.contains_key(&r.module))
+    }
+
+    /// Records what `plugin` serves now (`None`: nothing from the cache).
+    pub fn set_served(&mut self, plugin: &ObjectKey, record: Option<ServedRecord>) {
+        let id = plugin.to_string();
+        let changed = match record {
+            Some(r) => self.served.insert(id, r.clone()) != Some(r),
+            None => self.served.remove(&id).is_some(),
+        };
+        self.dirty |= changed;
     }
 
     /// The HTTP validators of the module `url` resolves to, if its server sent any.
@@ -345,6 +381,7 @@ impl Cache {
             self.resolutions.retain(|_, k| *k != key);
             let resolutions = &self.resolutions;
             self.validators.retain(|u, _| resolutions.contains_key(u));
+            self.served.retain(|_, r| r.module != key);
             out.push((key, entry));
         }
         if !out.is_empty() {
@@ -396,6 +433,7 @@ impl Cache {
                 .collect(),
             resolutions: self.resolutions.clone(),
             validators: self.validators.clone(),
+            served: self.served.clone(),
         };
         let bytes = serde_json::to_vec(&index).expect("index serializes");
         match self.store.save_index(&bytes) {

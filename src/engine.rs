@@ -541,6 +541,7 @@ impl Engine {
         if let Some(st) = self.plugins.remove(key) {
             let now = self.now();
             self.cache.set_ref(key, st.referenced.as_ref(), None, now);
+            self.cache.set_served(key, None);
             self.events.push(Event::ServingChanged {
                 at: now,
                 plugin: key.clone(),
@@ -924,6 +925,11 @@ impl Engine {
                     .set_ref(key, old_key.as_ref(), served.key.as_ref(), now);
                 st.referenced = served.key.clone();
                 st.retry = None;
+                let record = served.key.clone().map(|module| crate::cache::ServedRecord {
+                    url: served.url.clone(),
+                    module,
+                });
+                self.cache.set_served(key, record);
                 let serving = Serving::Module(served);
                 if st.serving != serving {
                     st.serving = serving.clone();
@@ -947,7 +953,7 @@ impl Engine {
                 // Keep serving the module from the same URL while its checksum still fits
                 // (behavior.md §7, improvement); otherwise fall back.
                 let expected = st.decision.expected_checksum.as_deref();
-                let keep = match &st.serving {
+                let mut keep = match &st.serving {
                     Serving::Module(m) => {
                         m.url == url_str
                             && expected.is_none_or(|e| {
@@ -959,6 +965,32 @@ impl Engine {
                     }
                     _ => false,
                 };
+                // After a restart the plugin serves nothing yet, but its proxies still run what it
+                // served before: keep serving that (same URL, still cached, fitting the pin).
+                if st.serving == Serving::Nothing {
+                    let before = self.cache.last_served(key).filter(|r| {
+                        r.url == url_str && expected.is_none_or(|e| e == r.module.checksum)
+                    });
+                    if let Some(r) = before.cloned() {
+                        let entry = self.cache.get(&r.module).expect("last_served is cached");
+                        let served = ServedModule {
+                            url: r.url.clone(),
+                            key: Some(r.module.clone()),
+                            path: entry.path.clone(),
+                            sha256: entry.sha256.clone(),
+                        };
+                        self.cache
+                            .set_ref(key, old_key.as_ref(), Some(&r.module), now);
+                        st.referenced = Some(r.module);
+                        st.serving = Serving::Module(served.clone());
+                        self.events.push(Event::ServingChanged {
+                            at: now,
+                            plugin: key.clone(),
+                            serving: Some(Serving::Module(served)),
+                        });
+                        keep = true;
+                    }
+                }
                 if !keep {
                     let fallback = match st.plugin.spec.fail_strategy {
                         FailStrategy::FailOpen => Serving::AllowAll,
@@ -973,6 +1005,7 @@ impl Engine {
                     self.cache
                         .set_ref(key, old_key.as_ref(), resolved.as_ref(), now);
                     st.referenced = resolved;
+                    self.cache.set_served(key, None);
                     if st.serving != fallback {
                         st.serving = fallback.clone();
                         self.events.push(Event::ServingChanged {

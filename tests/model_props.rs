@@ -19,9 +19,9 @@
 //!
 //! Readings of the spec the model makes where it leaves room: a module is "referenced by a current
 //! plugin" while that plugin serves it or, after it fell back to RBAC, while its URL (or pin) still
-//! resolves to it in the cache (§5: "a module that some current plugin still resolves to"); after
-//! a restart a plugin serves nothing until it is processed, so a failed pull then falls back instead
-//! of keeping the module (§7 speaks of a plugin that "already serves" one); a purge pass purges what
+//! resolves to it in the cache (§5: "a module that some current plugin still resolves to"); what a
+//! plugin served is remembered with the cache, so a pull failing right after a restart keeps serving
+//! it (§7's keep-serving rule across restarts); a purge pass purges what
 //! has been unused for strictly longer than the expiry, at multiples of the purge interval.
 
 mod common;
@@ -448,6 +448,8 @@ struct Model<'a> {
     plugins: BTreeMap<u8, MPlugin>,
     cache: BTreeMap<(String, String), MEntry>,
     resolutions: BTreeMap<String, (String, String)>,
+    /// What each plugin last served (url, module): survives restarts with the cache (§7).
+    last_served: BTreeMap<u8, (String, (String, String))>,
     next_purge: Duration,
     events: Vec<Ev>,
     /// Counters of this server life (behavior.md §6, §8).
@@ -490,6 +492,7 @@ impl<'a> Model<'a> {
             plugins: BTreeMap::new(),
             cache: BTreeMap::new(),
             resolutions: BTreeMap::new(),
+            last_served: BTreeMap::new(),
             next_purge: PURGE_INTERVAL,
             events: Vec::new(),
             lookups: (0, 0),
@@ -675,6 +678,7 @@ impl<'a> Model<'a> {
                     .expect("obtained modules are cached")
                     .last_used = self.now;
                 self.set_ref(p, old.as_ref(), Some(&key));
+                self.last_served.insert(p, (url.clone(), key.clone()));
                 let st = self.plugins.get_mut(&p).expect("a current plugin");
                 st.referenced = Some(key.clone());
                 if outcome != "cached" {
@@ -687,13 +691,32 @@ impl<'a> Model<'a> {
             Err(reason) => {
                 // §7 (improvement): keep serving the module from the same url while it fits the pin.
                 let (_, expected) = self.policy(&st.obj);
-                let keep = match &st.serving {
+                let mut keep = match &st.serving {
                     MServing::Module { key, url: from } => {
                         *from == url && expected.as_ref().is_none_or(|e| *e == key.1)
                     }
                     _ => false,
                 };
+                // §7 across a restart: serving nothing yet, the plugin keeps what it served before
+                // when that came from the same url, is still cached and fits the pin.
+                if st.serving == MServing::Nothing {
+                    let before = self.last_served.get(&p).cloned().filter(|(from, k)| {
+                        *from == url
+                            && self.cache.contains_key(k)
+                            && expected.as_ref().is_none_or(|e| *e == k.1)
+                    });
+                    if let Some((from, k)) = before {
+                        self.set_ref(p, old.as_ref(), Some(&k));
+                        self.plugins
+                            .get_mut(&p)
+                            .expect("a current plugin")
+                            .referenced = Some(k.clone());
+                        self.set_serving(p, MServing::Module { key: k, url: from });
+                        keep = true;
+                    }
+                }
                 if !keep {
+                    self.last_served.remove(&p);
                     // §5: the module the url (or pin) still resolves to stays protected.
                     let resolved = match &expected {
                         Some(e) => Some((self.mods.module_name(st.obj.url), e.clone())),
@@ -792,6 +815,7 @@ impl<'a> Model<'a> {
         for k in gone {
             self.cache.remove(&k);
             self.resolutions.retain(|_, v| *v != k);
+            self.last_served.retain(|_, (_, v)| *v != k);
             self.events.push(Ev::Expired { at, module: k });
         }
     }
@@ -850,6 +874,7 @@ impl<'a> Model<'a> {
             }
             Step::Delete { p } => {
                 if self.objects.remove(p).is_some() {
+                    self.last_served.remove(p);
                     if let Some(st) = self.plugins.remove(p) {
                         if let Some(key) = &st.referenced {
                             if let Some(e) = self.cache.get_mut(key) {
@@ -921,6 +946,7 @@ impl<'a> Model<'a> {
         } else {
             self.cache.clear();
             self.resolutions.clear();
+            self.last_served.clear();
         }
         self.plugins.clear();
         self.lookups = (0, 0);
@@ -1359,8 +1385,8 @@ fn a_scripted_sequence_agrees_with_the_model() {
 }
 
 /// behavior.md §5: "a module that some current plugin still resolves to is never purged". After a
-/// restart in which its Always plugin cannot reach the registry (and so falls back to deny-all), the
-/// module its tag resolved to stays in the cache for as long as the outage lasts.
+/// restart in which its Always plugin cannot reach the registry (it keeps serving what it served
+/// before the restart, §7), the module stays in the cache for as long as the outage lasts.
 #[test]
 fn a_module_a_failing_plugin_still_resolves_to_is_never_purged() {
     let steps = vec![
