@@ -457,15 +457,14 @@ impl Engine {
     pub fn read_path(&self, path: &std::path::Path) -> std::io::Result<Vec<u8>> {
         match self.cache.entries().find(|(_, e)| e.path == path) {
             Some((k, _)) => self.cache.read(k),
-            None => {
-                let mut buf = Vec::new();
-                std::io::Read::read_to_end(
-                    &mut self.files.open(&path.to_string_lossy())?,
-                    &mut buf,
-                )?;
-                Ok(buf)
-            }
+            None => self.read_local_file(path),
         }
+    }
+
+    fn read_local_file(&self, path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut self.files.open(&path.to_string_lossy())?, &mut buf)?;
+        Ok(buf)
     }
 
     /// The cached module with this Wasm sha256 (the module endpoint of http delivery).
@@ -478,14 +477,7 @@ impl Engine {
     pub fn served_bytes(&self, m: &ServedModule) -> std::io::Result<Vec<u8>> {
         match &m.key {
             Some(k) => self.cache.read(k),
-            None => {
-                let mut buf = Vec::new();
-                std::io::Read::read_to_end(
-                    &mut self.files.open(&m.path.to_string_lossy())?,
-                    &mut buf,
-                )?;
-                Ok(buf)
-            }
+            None => self.read_local_file(&m.path),
         }
     }
 

@@ -423,17 +423,7 @@ impl Fetcher {
             let (mut resp, final_url) = self
                 .send_following_redirects(req, timeout, self.now(), kind)
                 .await?;
-            match resp.status {
-                200..=299 => {}
-                401 | 403 => {
-                    return Err(AttemptError::Fatal(FetchError::Unauthorized(format!(
-                        "{url}: status code {} ({})",
-                        resp.status,
-                        credentials_note(auth.used_credentials)
-                    ))))
-                }
-                s => return Err(status_failure(url, s, kind)),
-            }
+            registry_status(url, resp.status, auth.used_credentials, kind)?;
             let bytes =
                 read_small_body(&final_url, resp.body.as_mut(), MAX_MANIFEST_SIZE, kind).await?;
             let digest = sha256_hex(&bytes);
@@ -482,17 +472,7 @@ impl Fetcher {
         let (mut resp, final_url) = self
             .send_following_redirects(req, timeout, self.now(), kind)
             .await?;
-        match resp.status {
-            200..=299 => {}
-            401 | 403 => {
-                return Err(AttemptError::Fatal(FetchError::Unauthorized(format!(
-                    "{url}: status code {} ({})",
-                    resp.status,
-                    credentials_note(resolved.used_credentials)
-                ))))
-            }
-            s => return Err(status_failure(url, s, kind)),
-        }
+        registry_status(url, resp.status, resolved.used_credentials, kind)?;
         let limit = layer_limit(resolved.format, self.config.max_binary_size);
         check_content_length(&resp, limit)?;
         let mut file = self
@@ -870,6 +850,24 @@ fn query_escape(s: &str) -> String {
         }
     }
     out
+}
+
+/// A registry's answer status: 2xx goes on; 401/403 is `unauthorized` (never retried); anything
+/// else as for any HTTP request (5xx retried, the rest final).
+fn registry_status(
+    url: &str,
+    status: u16,
+    used_credentials: bool,
+    kind: ErrorKind,
+) -> Result<(), AttemptError> {
+    match status {
+        200..=299 => Ok(()),
+        401 | 403 => Err(AttemptError::Fatal(FetchError::Unauthorized(format!(
+            "{url}: status code {status} ({})",
+            credentials_note(used_credentials)
+        )))),
+        s => Err(status_failure(url, s, kind)),
+    }
 }
 
 /// The transfer limit of a module layer: a Wasm artifact layer is the module; Docker and OCI
