@@ -253,28 +253,7 @@ fn cluster(name: &str, addr: SocketAddr, http2: bool) -> Value {
     c
 }
 
-/// A response read whole.
-#[derive(Clone, Debug)]
-pub struct HttpResponse {
-    pub status: u16,
-    /// Lowercase names, in arrival order.
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
-impl HttpResponse {
-    /// The first value of header `name`.
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
+pub use super::HttpResponse;
 
 /// `GET url` on a fresh connection (no pooling: every request sees the current filter chain).
 pub async fn http_get(url: &str) -> Result<HttpResponse, String> {
@@ -296,26 +275,7 @@ pub async fn http_request(method: &str, url: &str) -> Result<HttpResponse, Strin
             .request(request)
             .await
             .map_err(|e| format!("{method} {url}: {e:?}"))?;
-        let (parts, body) = response.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map_err(|e| format!("{method} {url}: body: {e}"))?
-            .to_bytes();
-        Ok(HttpResponse {
-            status: parts.status.as_u16(),
-            headers: parts
-                .headers
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.as_str().to_string(),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                })
-                .collect(),
-            body: body.to_vec(),
-        })
+        HttpResponse::read(response, &format!("{method} {url}")).await
     };
     tokio::time::timeout(REQUEST_TIMEOUT, exchange)
         .await

@@ -88,3 +88,54 @@ pub fn require_envoy() -> Option<PathBuf> {
         "set ENVOY_BIN or run scripts/install-test-deps.sh",
     )
 }
+
+/// A response read whole (test helper; the server's fetchers stream instead).
+#[derive(Clone, Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Lowercase names, in arrival order.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// The first value of header `name`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Reads a hyper response whole; errors name `what` (e.g. `GET <url>`).
+    pub async fn read(
+        response: hyper::Response<hyper::body::Incoming>,
+        what: &str,
+    ) -> Result<Self, String> {
+        use http_body_util::BodyExt as _;
+        let (parts, body) = response.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| format!("{what}: body: {e}"))?
+            .to_bytes();
+        Ok(HttpResponse {
+            status: parts.status.as_u16(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            body: body.to_vec(),
+        })
+    }
+}

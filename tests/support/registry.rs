@@ -74,23 +74,8 @@ pub fn registry_bin() -> Option<PathBuf> {
     })
 }
 
-/// A response read whole (test helper; the server's fetchers stream instead).
-#[derive(Debug)]
-pub struct RegistryResponse {
-    pub status: u16,
-    /// Lowercase names.
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
-impl RegistryResponse {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
+/// A registry's answer, read whole.
+pub type RegistryResponse = super::HttpResponse;
 
 /// What [`Registry::push`] stored.
 #[derive(Clone, Debug)]
@@ -567,26 +552,7 @@ impl PushClient {
                 .request(request)
                 .await
                 .map_err(|e| format!("{method} {url}: {e:?}"))?;
-            let (parts, body) = response.into_parts();
-            let body = body
-                .collect()
-                .await
-                .map_err(|e| format!("{method} {url}: body: {e}"))?
-                .to_bytes();
-            Ok(RegistryResponse {
-                status: parts.status.as_u16(),
-                headers: parts
-                    .headers
-                    .iter()
-                    .map(|(k, v)| {
-                        (
-                            k.as_str().to_string(),
-                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                        )
-                    })
-                    .collect(),
-                body: body.to_vec(),
-            })
+            RegistryResponse::read(response, &format!("{method} {url}")).await
         };
         tokio::time::timeout(REQUEST_TIMEOUT, exchange)
             .await
