@@ -1,19 +1,20 @@
-//! Runs one scenario against the real [`Engine`] (scenarios.md "Time", "Expectations").
+//! Runs one scenario through the same [`Driver`] as `serve` (docs/scenarios.md "Time",
+//! "Expectations").
 //!
-//! The runner owns the virtual clock, the simulated world, the in-memory module store (it survives
-//! `restart`), the simulated local files and the object source; it turns steps into source changes
-//! and engine calls, and checks `expect` steps. Processings run concurrently through the same
-//! [`Dispatcher`] as `serve`, on a current-thread tokio runtime with *paused* time: the clock is
-//! tokio's virtual clock, which jumps to the next timer whenever every task waits. So a pull that
-//! waits for timeouts and backoffs, the background retries of other plugins and the purge passes
-//! all happen at their own virtual times, in time order, as in a real server (scenarios.md "Time").
+//! The runner plugs the virtual clock, the simulated world, the in-memory module store (it survives
+//! `restart`) and the simulated local files into the driver, turns steps into source changes and
+//! checks `expect` steps. It runs on a current-thread tokio runtime with *paused* time: the clock is
+//! tokio's virtual clock, which jumps to the next timer whenever every task waits. A step that
+//! causes processing runs until *that* processing has finished ([`Driver::run_until_done`]); a pull
+//! waiting for timeouts and backoffs, the background retries of other plugins and the purge passes
+//! all happen at their own virtual times, in time order, as in a real server, and background work
+//! still in flight when a step ends goes on during the next steps.
 //!
 //! The trace it records is a pure function of the scenario: times are virtual, collections are
 //! ordered, nothing mentions addresses, wall-clock time or temporary paths.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -25,17 +26,16 @@ use super::scenario::{
 use super::world::SimWorld;
 use crate::clock::{Clock, Timestamp, TokioClock};
 use crate::convert::{Code, Delivered};
-use crate::dispatch::Dispatcher;
-use crate::engine::{Engine, EngineParts, Event, Serving};
+use crate::driver::{Applied, Driver, DriverParts};
+use crate::engine::{Event, Serving};
 use crate::metrics::normalize_series;
 use crate::outcome::Outcome;
 use crate::plugin::ObjectKey;
-use crate::source::{Change, ObjectStore};
-use crate::store::{sha256_hex, MemFiles, MemStore, ModuleStore};
+use crate::source::Change;
+use crate::store::{sha256_hex, MemFiles, MemStore};
 
-/// How many background deadlines one step may run through before the runner gives up (a guard
-/// against a scenario that would never finish, e.g. a tiny purge interval and a long `advance`).
-const MAX_DEADLINES_PER_STEP: usize = 1_000_000;
+/// The module endpoint named in resources of `delivery: http` scenarios.
+pub const SIM_MODULE_ENDPOINT: &str = "http://wasm-ecds.sim";
 /// The name given to delivered bytes that match no module of the scenario.
 pub const UNKNOWN_MODULE: &str = "<unknown module>";
 
@@ -128,11 +128,8 @@ struct Runner<'a> {
     s: &'a Scenario,
     clock: Arc<TokioClock>,
     world: Arc<SimWorld>,
-    dispatcher: Dispatcher,
-    store: Arc<MemStore>,
     files: Arc<MemFiles>,
-    objects: ObjectStore,
-    engine: Engine,
+    driver: Driver,
     trace: Vec<String>,
     /// Outcome of the last processing of each plugin since the previous `expect`.
     outcomes: BTreeMap<ObjectKey, Outcome>,
@@ -144,18 +141,26 @@ impl<'a> Runner<'a> {
     fn new(s: &'a Scenario) -> Result<Self, String> {
         let clock = Arc::new(TokioClock::new(Timestamp::ZERO));
         let world = Arc::new(SimWorld::new(clock.clone()));
-        let store = Arc::new(MemStore::new());
         let files = Arc::new(MemFiles::default());
-        let (engine, _) = new_engine(s, &clock, &world, &store, &files)?;
+        let parts = DriverParts {
+            config: s.config.clone(),
+            clock: clock.clone(),
+            transport: world.clone(),
+            store: Arc::new(MemStore::new()),
+            files: files.clone(),
+            // The simulator runs without jitter (behavior.md §4.1, §7): delays are exact.
+            jitter_seed: None,
+            fetch_config: None,
+            purge_epoch: Timestamp::ZERO,
+            module_endpoint: SIM_MODULE_ENDPOINT.into(),
+        };
+        let (driver, _) = Driver::new(parts).map_err(|e| format!("cannot open the cache: {e}"))?;
         let mut r = Runner {
             s,
             clock,
             world,
-            dispatcher: Dispatcher::new(),
-            store,
             files,
-            objects: ObjectStore::new(),
-            engine,
+            driver,
             trace: Vec::new(),
             outcomes: BTreeMap::new(),
             expired: BTreeSet::new(),
@@ -207,68 +212,15 @@ impl<'a> Runner<'a> {
                 }
                 return failures;
             }
-            if let Err(e) = self.settle().await {
-                self.log(self.now(), format!("step {n}: error: {e}"));
-                return vec![step_error(n, e)];
-            }
         }
         Vec::new()
     }
 
-    /// Runs the processing the step caused to completion; background work falling due meanwhile
-    /// runs at its own time.
-    async fn settle(&mut self) -> Result<(), String> {
-        self.run_until(None).await
-    }
-
-    /// Moves the clock to `now + d`, running every deadline on the way at its own time.
-    async fn advance(&mut self, d: Duration) -> Result<(), String> {
-        let target = self.now() + d;
-        self.run_until(Some(target)).await
-    }
-
-    /// Runs processings and background work until nothing is in flight and the next deadline lies
-    /// after `target` (after now for `None`), then lets the clock reach `target`.
-    async fn run_until(&mut self, target: Option<Timestamp>) -> Result<(), String> {
-        enum Next {
-            Completed(
-                (
-                    String,
-                    Result<crate::engine::Obtained, crate::engine::Failure>,
-                ),
-            ),
-            Due,
-        }
-        let mut rounds = 0;
-        loop {
-            self.dispatcher.dispatch(&mut self.engine);
-            self.drain();
-            let idle = self.dispatcher.in_flight() == 0;
-            let deadline = self.engine.next_deadline();
-            if idle && deadline > target.unwrap_or_else(|| self.now()) {
-                break;
-            }
-            rounds += 1;
-            if rounds > MAX_DEADLINES_PER_STEP {
-                return Err(format!(
-                    "more than {MAX_DEADLINES_PER_STEP} background deadlines in one step (is purgeInterval tiny?)"
-                ));
-            }
-            let at = self.clock.instant_at(deadline);
-            let next = tokio::select! {
-                biased;
-                c = self.dispatcher.next_completion(), if !idle => Next::Completed(c),
-                _ = tokio::time::sleep_until(at) => Next::Due,
-            };
-            match next {
-                Next::Completed(c) => self.dispatcher.complete(&mut self.engine, c),
-                Next::Due => self.engine.run_due().await,
-            }
-        }
-        if let Some(t) = target {
-            tokio::time::sleep_until(self.clock.instant_at(t)).await;
-        }
-        Ok(())
+    /// Runs the processing a step caused until it has finished.
+    async fn settle(&mut self, n: usize, applied: Applied) -> Result<(), Vec<CheckFailure>> {
+        self.log_change(&applied.change);
+        let result = self.driver.run_until_done(&applied.ticket).await;
+        result.map_err(|e| vec![step_error(n, e)])
     }
 
     /// Moves the world's and the engine's events into the trace, in time order (requests before the
@@ -280,7 +232,7 @@ impl<'a> Runner<'a> {
             .into_iter()
             .map(|e| (e.at, 0, e.text))
             .collect();
-        for e in self.engine.take_events() {
+        for e in self.driver.take_events() {
             let (at, text) = match e {
                 Event::Processed {
                     at,
@@ -375,19 +327,19 @@ impl<'a> Runner<'a> {
                 }
             }
             Step::Apply(v) => {
-                let change = self.objects.apply_value(v);
-                self.change(change).await;
+                let applied = self.driver.apply(v);
+                self.settle(n, applied).await?;
             }
-            Step::Edit { plugin, patch } => match self.objects.edit_plugin(&plugin, &patch) {
-                Some(change) => self.change(change).await,
+            Step::Edit { plugin, patch } => match self.driver.edit(&plugin, &patch) {
+                Some(applied) => self.settle(n, applied).await?,
                 None => return Err(err(format!("edit: there is no plugin {plugin}"))),
             },
-            Step::Delete(DeleteTarget::Plugin(k)) => match self.objects.delete_plugin(&k) {
-                Some(change) => self.change(change).await,
+            Step::Delete(DeleteTarget::Plugin(k)) => match self.driver.delete_plugin(&k) {
+                Some(applied) => self.settle(n, applied).await?,
                 None => return Err(err(format!("delete: there is no plugin {k}"))),
             },
-            Step::Delete(DeleteTarget::Secret(k)) => match self.objects.delete_secret(&k) {
-                Some(change) => self.change(change).await,
+            Step::Delete(DeleteTarget::Secret(k)) => match self.driver.delete_secret(&k) {
+                Some(applied) => self.settle(n, applied).await?,
                 None => return Err(err(format!("delete: there is no secret {k}"))),
             },
             Step::Fail(rule) => self.world.add_rule(rule),
@@ -400,7 +352,10 @@ impl<'a> Runner<'a> {
                 password,
                 scheme,
             } => self.world.require_auth(&host, &username, &password, scheme),
-            Step::Advance(d) => self.advance(d).await.map_err(err)?,
+            Step::Advance(d) => {
+                let target = self.now() + d;
+                self.driver.advance_to(target).await.map_err(err)?;
+            }
             Step::Restart { keep_cache } => self.restart(keep_cache).await.map_err(err)?,
             Step::Expect(e) => {
                 let failures = self.expect(n, &e);
@@ -418,66 +373,41 @@ impl<'a> Runner<'a> {
         Ok(())
     }
 
-    /// Hands a source change to the engine.
-    async fn change(&mut self, change: Change) {
+    /// One trace line for an admitted change.
+    fn log_change(&mut self, change: &Change) {
         let now = self.now();
-        match change {
+        let text = match change {
             Change::PluginCreated(k) | Change::PluginChanged(k) => {
-                let Some(vp) = self.objects.plugin(&k).cloned() else {
+                let Some(vp) = self.driver.objects().plugin(k) else {
                     return;
                 };
-                self.log(
-                    now,
-                    format!("{k} is now at resource version {}", vp.version),
-                );
-                self.engine.upsert_plugin(&vp).await;
+                format!("{k} is now at resource version {}", vp.version)
             }
-            Change::PluginDeleted(k) => {
-                self.log(now, format!("{k} deleted"));
-                self.engine.remove_plugin(&k);
-            }
-            Change::SecretApplied(k) => {
-                let Some(secret) = self.objects.secrets().get(&k).cloned() else {
-                    return;
-                };
-                self.log(now, format!("secret {k} applied"));
-                self.engine.upsert_secret(secret).await;
-            }
-            Change::SecretDeleted(k) => {
-                self.log(now, format!("secret {k} deleted"));
-                self.engine.remove_secret(&k).await;
-            }
-            Change::Unchanged(k) => {
-                self.log(now, format!("{k} unchanged (no new resource version)"))
-            }
+            Change::PluginDeleted(k) => format!("{k} deleted"),
+            Change::SecretApplied(k) => format!("secret {k} applied"),
+            Change::SecretDeleted(k) => format!("secret {k} deleted"),
+            Change::Unchanged(k) => format!("{k} unchanged (no new resource version)"),
             Change::Refused {
                 key: Some(k),
                 is_plugin: true,
                 error,
-            } => {
-                self.log(now, format!("{k} refused: {error}"));
-                self.engine.record_invalid(&k, &error.field, &error.message);
-            }
+            } => format!("{k} refused: {error}"),
             Change::Refused { key, error, .. } => {
-                let who = key.map(|k| format!("{k} ")).unwrap_or_default();
-                self.log(now, format!("{who}refused: {error}"));
+                let who = key.as_ref().map(|k| format!("{k} ")).unwrap_or_default();
+                format!("{who}refused: {error}")
             }
-        }
+        };
+        self.log(now, text);
     }
 
     /// The server restarts: a new engine over the same store (wiped unless `keep_cache`), fed the
-    /// current secrets and then every current plugin as newly created.
+    /// current secrets and then every current plugin as newly created; the step runs until all
+    /// their processings have finished.
     async fn restart(&mut self, keep_cache: bool) -> Result<(), String> {
-        // A graceful shutdown persists the cache index (usage times included).
-        self.engine.flush();
-        if !keep_cache {
-            self.store
-                .wipe()
-                .map_err(|e| format!("restart: cannot wipe the cache: {e}"))?;
-        }
-        let (engine, report) =
-            new_engine(self.s, &self.clock, &self.world, &self.store, &self.files)?;
-        self.engine = engine;
+        let (report, ticket) = self
+            .driver
+            .restart(keep_cache)
+            .map_err(|e| format!("restart: {e}"))?;
         self.log(
             self.now(),
             format!(
@@ -486,42 +416,23 @@ impl<'a> Runner<'a> {
                 report.removed.len()
             ),
         );
-        for secret in self.objects.secrets().values().cloned().collect::<Vec<_>>() {
-            self.engine.upsert_secret(secret).await;
-        }
-        for vp in self.objects.plugins().values().cloned().collect::<Vec<_>>() {
-            self.engine.upsert_plugin(&vp).await;
-            self.drain();
-        }
-        Ok(())
+        self.driver.run_until_done(&ticket).await
     }
 
-    /// What a proxy subscribing to the plugin receives now: the resource is built by the same
-    /// conversion code `serve` uses (with the scenario's delivery mode) and decoded back.
+    /// What a proxy subscribing to the plugin receives now: the resource the driver published,
+    /// decoded, and the module bytes read where the proxy would read them.
     fn serves(&self, k: &ObjectKey) -> String {
-        let Some(st) = self.engine.plugin(k) else {
+        let Some(resource) = self.driver.resources().get(&k.resource_name()) else {
             return SERVES_ABSENT.into();
         };
-        let resource = crate::convert::resource_for(
-            &st.plugin,
-            &st.serving,
-            self.engine.config().delivery,
-            |sha| format!("http://wasm-ecds.sim/modules/{sha}.wasm"),
-            |m| self.engine.served_bytes(m),
-        );
-        let delivered = match resource {
-            Ok(Some(r)) => crate::convert::decode_delivered(&r),
-            Ok(None) => return SERVES_ABSENT.into(),
-            Err(e) => return format!("<unreadable module: {e}>"),
-        };
-        let bytes = match delivered {
+        let bytes = match crate::convert::decode_delivered(&resource) {
             None => return "<undecodable resource>".into(),
             Some(Delivered::DenyAll) => return SERVES_DENY_ALL.into(),
             Some(Delivered::AllowAll) => return SERVES_ALLOW_ALL.into(),
             Some(Delivered::Module(Code::Inline(b))) => Ok(b),
-            Some(Delivered::Module(Code::File(path))) => self.engine.read_path(&path),
+            Some(Delivered::Module(Code::File(path))) => self.driver.engine().read_path(&path),
             Some(Delivered::Module(Code::Remote { sha256, .. })) => {
-                self.engine.module_by_sha256(&sha256).unwrap_or_else(|| {
+                self.driver.modules().read(&sha256).unwrap_or_else(|| {
                     Err(std::io::Error::other(format!(
                         "no module {sha256} at the module endpoint"
                     )))
@@ -567,7 +478,8 @@ impl<'a> Runner<'a> {
         }
         if let Some(want) = &e.cache {
             let have: BTreeSet<String> = self
-                .engine
+                .driver
+                .engine()
                 .cache()
                 .entries()
                 .map(|(_, entry)| self.module_name(&entry.sha256))
@@ -608,7 +520,7 @@ impl<'a> Runner<'a> {
             }
         }
         if !e.metrics.is_empty() {
-            let samples = self.engine.metrics().samples();
+            let samples = self.driver.engine().metrics().samples();
             for (series, want) in &e.metrics {
                 let have = samples
                     .get(&normalize_series(series))
@@ -619,29 +531,6 @@ impl<'a> Runner<'a> {
         }
         failures
     }
-}
-
-fn new_engine(
-    s: &Scenario,
-    clock: &Arc<TokioClock>,
-    world: &Arc<SimWorld>,
-    store: &Arc<MemStore>,
-    files: &Arc<MemFiles>,
-) -> Result<(Engine, crate::cache::ReindexReport), String> {
-    let parts = EngineParts {
-        clock: clock.clone(),
-        transport: world.clone(),
-        store: store.clone() as Arc<dyn ModuleStore>,
-        files: files.clone(),
-        // The simulator runs without jitter (behavior.md §4.1, §7): delays are exact.
-        jitter_seed: None,
-        fetch_config: None,
-        purge_epoch: Timestamp::ZERO,
-    };
-    let (mut engine, report) =
-        Engine::new(s.config.clone(), parts).map_err(|e| format!("cannot open the cache: {e}"))?;
-    engine.set_deferred(true);
-    Ok((engine, report))
 }
 
 fn short(hex: &str) -> &str {

@@ -34,6 +34,10 @@ pub const HTTP_RBAC_TYPE_URL: &str =
 pub const NETWORK_RBAC_TYPE_URL: &str =
     "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC";
 pub const STRING_VALUE_TYPE_URL: &str = "type.googleapis.com/google.protobuf.StringValue";
+/// Name of the Envoy cluster that must point at the admin address for `--delivery http`.
+pub const MODULES_CLUSTER: &str = "wasm_ecds_modules";
+/// Path prefix of the module endpoint on the admin address.
+pub const MODULES_PATH: &str = "/modules/";
 pub const WASM_RUNTIME_V8: &str = "envoy.wasm.runtime.v8";
 pub const ALLOW_STAT_PREFIX: &str = "wasm-default-allow";
 pub const DENY_STAT_PREFIX: &str = "wasm-default-deny";
@@ -370,7 +374,7 @@ pub fn resource_for(
             Delivery::Inline => Code::Inline(read(m)?),
             Delivery::Http => Code::Remote {
                 uri: module_url(&m.sha256),
-                cluster: crate::serve::MODULES_CLUSTER.to_string(),
+                cluster: MODULES_CLUSTER.to_string(),
                 sha256: m.sha256.clone(),
             },
         }),

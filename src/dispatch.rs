@@ -1,26 +1,28 @@
 //! Runs the engine's queued processings concurrently, with single-flight downloads (behavior.md §5
 //! "Concurrent requests for the same module share one download").
 //!
-//! The owner of the [`Engine`] (the `serve` controller, the simulator's runner) puts the engine in
-//! deferred mode, calls [`Dispatcher::dispatch`] after every engine call, and feeds each
-//! [`Dispatcher::next_completion`] back through [`Dispatcher::complete`]. Jobs run as tokio tasks that
-//! borrow nothing of the engine; only their results come back to it. Identical jobs in flight at
-//! the same time (same URL, same expected checksum, same credentials) share one task: the first
-//! waiter commits the downloaded module, the others are served it from the cache.
+//! The [`Driver`](crate::driver::Driver) calls [`Dispatcher::dispatch`] after every engine call and
+//! feeds each [`Dispatcher::next_completion`] back through [`Dispatcher::complete`]. Jobs run as
+//! tokio tasks that borrow nothing of the engine; only their results come back to it. Identical
+//! jobs in flight at the same time (same URL, same expected checksum, same credentials) share one
+//! task: the first waiter commits the downloaded module, the others are served it from the cache.
+//! Dropping the dispatcher aborts the jobs in flight (a restarting server abandons them).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 use crate::engine::{run_job, share_result, Begun, Engine, Failure, Obtained, Pending};
 
-type Completion = (String, Result<Obtained, Failure>);
+/// A finished job: its flight key and result.
+pub type Completion = (String, Result<Obtained, Failure>);
 
 /// Jobs in flight and the processings waiting for each.
 pub struct Dispatcher {
     inflight: BTreeMap<String, Vec<Pending>>,
-    tx: mpsc::UnboundedSender<Completion>,
-    rx: mpsc::UnboundedReceiver<Completion>,
+    tasks: JoinSet<Completion>,
+    /// The flight each task runs, to fail its waiters if the task panics.
+    flights: HashMap<tokio::task::Id, String>,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -39,11 +41,10 @@ impl Default for Dispatcher {
 
 impl Dispatcher {
     pub fn new() -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
         Dispatcher {
             inflight: BTreeMap::new(),
-            tx,
-            rx,
+            tasks: JoinSet::new(),
+            flights: HashMap::new(),
         }
     }
 
@@ -52,19 +53,22 @@ impl Dispatcher {
         self.inflight.len()
     }
 
-    /// Starts every processing the engine queued: cache hits and other results known at once are
-    /// committed now; fetches run as tasks (joining an identical one already in flight).
-    pub fn dispatch(&mut self, engine: &mut Engine) {
+    /// Begins every processing the engine queued: results known at once are committed now;
+    /// fetches run as tasks (joining an identical one already in flight). Returns the ids of the
+    /// processings left waiting for a fetch.
+    pub fn dispatch(&mut self, engine: &mut Engine) -> Vec<u64> {
+        let mut waiting = Vec::new();
         loop {
             let queue = engine.take_queue();
             if queue.is_empty() {
-                return;
+                return waiting;
             }
             for (key, trigger) in queue {
                 match engine.begin(&key, trigger) {
                     None => {}
                     Some(Begun::Done(pending, result)) => engine.finish(pending, result),
-                    Some(Begun::Fetch(pending, job, cached)) => {
+                    Some(Begun::Fetch(pending, job)) => {
+                        waiting.push(pending.id);
                         let flight = job.flight_key();
                         if let Some(waiters) = self.inflight.get_mut(&flight) {
                             waiters.push(pending);
@@ -72,30 +76,67 @@ impl Dispatcher {
                         }
                         self.inflight.insert(flight.clone(), vec![pending]);
                         let fetcher = engine.fetcher().clone();
-                        let tx = self.tx.clone();
-                        tokio::spawn(async move {
-                            let result = run_job(&fetcher, &job, &|k| cached.contains(k)).await;
-                            // The receiver lives as long as the dispatcher; a closed one means
-                            // the owner is shutting down and the result is not needed.
-                            let _ = tx.send((flight, result));
+                        let name = flight.clone();
+                        let task = self.tasks.spawn(async move {
+                            let result = run_job(&fetcher, &job).await;
+                            (name, result)
                         });
+                        self.flights.insert(task.id(), flight);
                     }
                 }
             }
         }
     }
 
-    /// The next finished job. Pending forever while nothing is in flight.
+    /// The next finished job. Pending forever while nothing is in flight. Cancel-safe.
     pub async fn next_completion(&mut self) -> Completion {
-        match self.rx.recv().await {
-            Some(c) => c,
-            None => std::future::pending().await,
+        loop {
+            match self.tasks.join_next_with_id().await {
+                Some(Ok((id, c))) => {
+                    self.flights.remove(&id);
+                    return c;
+                }
+                // A job that panicked fails its waiters rather than leaving them waiting forever.
+                Some(Err(e)) => {
+                    if let Some(c) = self.panicked(&e) {
+                        return c;
+                    }
+                }
+                None => std::future::pending().await,
+            }
         }
     }
 
-    /// Commits a finished job for every processing waiting on it, then dispatches what that queued.
-    pub fn complete(&mut self, engine: &mut Engine, (flight, result): Completion) {
+    /// A job that has finished already, if any (never waits).
+    pub fn try_completion(&mut self) -> Option<Completion> {
+        loop {
+            match self.tasks.try_join_next_with_id()? {
+                Ok((id, c)) => {
+                    self.flights.remove(&id);
+                    return Some(c);
+                }
+                Err(e) => {
+                    if let Some(c) = self.panicked(&e) {
+                        return Some(c);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The completion that fails the waiters of a task that panicked.
+    fn panicked(&mut self, e: &tokio::task::JoinError) -> Option<Completion> {
+        let flight = self.flights.remove(&e.id())?;
+        let failure =
+            crate::fetch::FetchError::Download(format!("internal error while fetching: {e}"));
+        Some((flight, Err(failure.into())))
+    }
+
+    /// Commits a finished job for every processing waiting on it, then begins what that queued.
+    /// Returns the ids of the processings that finished.
+    pub fn complete(&mut self, engine: &mut Engine, (flight, result): Completion) -> Vec<u64> {
         let waiters = self.inflight.remove(&flight).unwrap_or_default();
+        let ids = waiters.iter().map(|p| p.id).collect();
         let mut waiters = waiters.into_iter();
         if let Some(first) = waiters.next() {
             let shared: Vec<_> = waiters.map(|p| (p, share_result(&result))).collect();
@@ -104,6 +145,6 @@ impl Dispatcher {
                 engine.finish(p, r);
             }
         }
-        self.dispatch(engine);
+        ids
     }
 }

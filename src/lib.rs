@@ -14,12 +14,14 @@
 //! Only [`clock::SystemClock`] reads the OS clock and only [`fetch::hyper_transport`] touches the
 //! network, so `sim` drives everything else unchanged.
 
+pub mod backoff;
 pub mod cache;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod convert;
 pub mod dispatch;
+pub mod driver;
 pub mod engine;
 pub mod fetch;
 pub mod metrics;

@@ -11,12 +11,15 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use crate::plugin::{self, FieldError, Manifest, ObjectKey, PullSecret, WasmPlugin};
+use crate::url::ModuleUrl;
 
 /// A plugin with the resource version of its current object.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VersionedPlugin {
     pub plugin: WasmPlugin,
     pub version: u64,
+    /// `spec.url`, parsed once at admission.
+    pub url: ModuleUrl,
 }
 
 /// What applying an object did.
@@ -82,13 +85,25 @@ impl ObjectStore {
     pub fn apply(&mut self, manifest: Manifest) -> Change {
         match manifest {
             Manifest::Plugin(p) => {
-                if let Some(error) = plugin::validate(&p).into_iter().next() {
-                    return Change::Refused {
-                        key: Some(p.key.clone()),
-                        is_plugin: true,
-                        error,
-                    };
-                }
+                let url = plugin::validate(&p).into_iter().next().map_or_else(
+                    || {
+                        ModuleUrl::parse(&p.spec.url).map_err(|e| FieldError {
+                            field: "spec.url".into(),
+                            message: e.to_string(),
+                        })
+                    },
+                    Err,
+                );
+                let url = match url {
+                    Ok(url) => url,
+                    Err(error) => {
+                        return Change::Refused {
+                            key: Some(p.key.clone()),
+                            is_plugin: true,
+                            error,
+                        }
+                    }
+                };
                 let key = p.key.clone();
                 match self.plugins.get(&key) {
                     Some(cur) if cur.plugin.object == p.object => Change::Unchanged(key),
@@ -100,6 +115,7 @@ impl ObjectStore {
                             VersionedPlugin {
                                 plugin: p,
                                 version: self.last_version,
+                                url,
                             },
                         );
                         if created {

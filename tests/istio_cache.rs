@@ -214,7 +214,7 @@ impl Fixture {
 
     fn resolutions(&self) -> Vec<(String, ModuleKey)> {
         self.h
-            .engine
+            .engine()
             .cache()
             .resolutions()
             .iter()
@@ -290,7 +290,7 @@ fn cache_hit() {
     );
     assert_eq!(fx.h.cached(), vec![fx.http_key()]);
     assert_eq!(
-        fx.h.engine.cache().get(&fx.http_key()).unwrap().last_used,
+        fx.h.engine().cache().get(&fx.http_key()).unwrap().last_used,
         fx.h.now()
     );
     assert_eq!(fx.resolutions(), vec![(TS_URL.to_string(), fx.http_key())]);

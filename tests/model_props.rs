@@ -461,11 +461,13 @@ fn pname(p: u8) -> String {
     format!("default/p{p}")
 }
 
-/// Virtual time a request that never connects takes: the backoff between its attempts.
+/// Virtual time a request that never connects takes: the backoff between its attempts. Timers
+/// have millisecond resolution (tokio's, in the server as on the simulator's paused clock): every
+/// wait ends at the next whole millisecond, so the 1.6875 s wait lasts 1.688 s.
 fn failed_request_time() -> Duration {
     let (mut total, mut delay) = (0u64, FIRST_BACKOFF_US);
     for _ in 1..ATTEMPTS {
-        total += delay;
+        total += delay.div_ceil(1000) * 1000;
         delay = delay * 3 / 2;
     }
     Duration::from_micros(total)
@@ -1040,7 +1042,7 @@ impl<'a> Real<'a> {
 
     /// Runs a step; returns the engine's raw events.
     fn step(&mut self, index: usize, s: &Step) -> Vec<Event> {
-        let exists = |h: &Harness, p: u8| h.objects.plugin(&key(p)).is_some();
+        let exists = |h: &Harness, p: u8| h.objects().plugin(&key(p)).is_some();
         match s {
             Step::Apply { p, obj } => {
                 self.h.apply(object_json(self.mods, *p, obj));
@@ -1101,7 +1103,7 @@ impl<'a> Real<'a> {
         }
         let cache = self
             .h
-            .engine
+            .engine()
             .cache()
             .entries()
             .map(|(k, e)| {
@@ -1117,7 +1119,7 @@ impl<'a> Real<'a> {
             .collect();
         let resolutions = self
             .h
-            .engine
+            .engine()
             .cache()
             .resolutions()
             .iter()
@@ -1146,7 +1148,7 @@ impl<'a> Real<'a> {
     /// Invariants checked on the engine alone.
     fn check_invariants(&self) -> Result<(), String> {
         for p in 0..PLUGINS {
-            let Some(st) = self.h.engine.plugin(&key(p)) else {
+            let Some(st) = self.h.engine().plugin(&key(p)) else {
                 continue;
             };
             let Serving::Module(m) = &st.serving else {
@@ -1156,7 +1158,7 @@ impl<'a> Real<'a> {
             // Never purged while served.
             let entry = self
                 .h
-                .engine
+                .engine()
                 .cache()
                 .get(k)
                 .ok_or_else(|| format!("p{p} serves {k}, which is not cached"))?;
@@ -1164,7 +1166,7 @@ impl<'a> Real<'a> {
                 return Err(format!("p{p} serves {k} but is not among its references"));
             }
             // The bytes are what the entry says.
-            let bytes = self.h.engine.served_bytes(m).map_err(|e| e.to_string())?;
+            let bytes = self.h.engine().served_bytes(m).map_err(|e| e.to_string())?;
             if sha256_hex(&bytes) != m.sha256 || entry.sha256 != m.sha256 {
                 return Err(format!(
                     "p{p} serves bytes that do not match their recorded sha256"

@@ -308,13 +308,13 @@ fn run_step(h: &mut Harness, s: &Step, tag_url: &str) -> bool {
             ));
         }
         Step::DeleteSecret => {
-            if h.objects.secrets().contains_key(&secret_key()) {
+            if h.objects().secrets().contains_key(&secret_key()) {
                 h.delete_secret(&secret_key());
             }
         }
         Step::Reapply => {
             let object = h
-                .objects
+                .objects()
                 .plugin(&k)
                 .expect("the plugin exists")
                 .plugin
@@ -416,7 +416,7 @@ proptest! {
                 prop_assert_eq!(&m.sha256, &pinned_sha256);
                 prop_assert_eq!(m.key.as_ref(), Some(&pinned_key));
             }
-            if h.engine.cache().contains(&pinned_key) {
+            if h.engine().cache().contains(&pinned_key) {
                 let counts = h.counts();
                 match &cached_at {
                     None => cached_at = Some(counts),
@@ -425,7 +425,7 @@ proptest! {
             }
         }
         // Once it pulled, and the secret it names exists (or it names none), it serves its module.
-        let secret_ok = !names_secret || h.objects.secrets().contains_key(&secret_key());
+        let secret_ok = !names_secret || h.objects().secrets().contains_key(&secret_key());
         if pulls == 1 && secret_ok {
             prop_assert_eq!(h.served_key(&key()), Some(pinned_key));
         }

@@ -262,6 +262,6 @@ impl Fetcher {
             .jitter
             .as_ref()
             .map(|rng| rng.lock().expect("rng lock").u64(..));
-        Backoff::new(jitter)
+        Backoff::new(crate::backoff::FETCH, jitter)
     }
 }

@@ -15,7 +15,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::oneshot;
 
-use super::{Command, Shared, MODULES_PATH};
+use super::{Command, Shared};
+use crate::convert::MODULES_PATH;
 use crate::plugin::ObjectKey;
 
 type Body = Full<Bytes>;
@@ -131,21 +132,18 @@ async fn module(path: &str, shared: &Shared) -> Response<Body> {
     let sha = path
         .trim_start_matches(MODULES_PATH)
         .trim_end_matches(".wasm");
-    let file = shared
-        .view
-        .read()
-        .expect("view lock")
-        .modules
-        .get(sha)
-        .cloned();
-    match file {
-        Some(f) => match tokio::fs::read(&f).await {
-            Ok(bytes) => reply(StatusCode::OK, "application/wasm", bytes),
-            Err(e) => text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("cannot read module: {e}\n"),
-            ),
-        },
+    let Some(index) = shared.view.read().expect("view lock").modules.clone() else {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n");
+    };
+    let sha = sha.to_string();
+    // Modules may be hundreds of MiB: read off the runtime's worker threads.
+    let read = tokio::task::spawn_blocking(move || index.read(&sha)).await;
+    match read.ok().flatten() {
+        Some(Ok(bytes)) => reply(StatusCode::OK, "application/wasm", bytes),
+        Some(Err(e)) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot read module: {e}\n"),
+        ),
         None => text(StatusCode::NOT_FOUND, "no such module\n"),
     }
 }

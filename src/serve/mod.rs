@@ -1,15 +1,15 @@
 //! `wasm-ecds serve`: wires the file source, the engine, the ECDS resource store, the gRPC server
 //! and the admin HTTP server together.
 //!
-//! One controller task owns the [`Engine`] and the [`ObjectStore`] (an actor: no locks held across
-//! fetches); it reacts to file changes, refresh requests and the engine's own deadlines, then
-//! publishes what changed: ECDS resources to the [`ResourceStore`] (which pushes to streams) and a
-//! read-only [`AdminView`] for the admin endpoints. Streams never wait for the controller.
+//! One controller task owns the [`Driver`] (an actor: no locks held across fetches); it syncs the
+//! watched files into it, forwards refresh requests and otherwise lets it run its own deadlines
+//! and finished fetches. The driver publishes ECDS resources to its [`ResourceStore`] (which pushes
+//! to streams); the controller refreshes a read-only [`AdminView`] for the admin endpoints.
+//! Streams never wait for the controller.
 
 pub mod admin;
 pub mod files;
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -20,19 +20,15 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, Delivery};
-use crate::convert::{self, Code, Filter};
-use crate::engine::{Engine, EngineParts, Event, Serving};
+use crate::config::Config;
+use crate::driver::{Driver, DriverParts, ModuleIndex};
+use crate::engine::Serving;
 use crate::fetch::{FetchConfig, Transport};
 use crate::plugin::ObjectKey;
-use crate::source::{Change, ObjectStore};
 use crate::store::{DiskStore, OsFiles};
 use crate::xds::ResourceStore;
 
-/// Name of the Envoy cluster that must point at the admin address for `--delivery http`.
-pub const MODULES_CLUSTER: &str = "wasm_ecds_modules";
-/// Path prefix of the module endpoint on the admin address.
-pub const MODULES_PATH: &str = "/modules/";
+pub use crate::convert::{MODULES_CLUSTER, MODULES_PATH};
 /// File changes are applied after this quiet period.
 const RELOAD_DEBOUNCE: Duration = Duration::from_millis(100);
 
@@ -43,8 +39,8 @@ pub struct AdminView {
     pub plugins: Value,
     pub cache: Value,
     pub engine_metrics: String,
-    /// sha256 → module file, for the module endpoint.
-    pub modules: BTreeMap<String, PathBuf>,
+    /// The modules of the module endpoint (`None` until the first refresh).
+    pub modules: Option<ModuleIndex>,
 }
 
 /// State shared between the controller and the admin server.
@@ -105,20 +101,19 @@ pub async fn start(setup: ServeSetup) -> anyhow::Result<ServerHandle> {
         })?);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let start = clock.now();
-    let (engine, report) = Engine::new(
-        setup.config.clone(),
-        EngineParts {
-            clock: clock.clone(),
-            transport: setup.transport.clone(),
-            store,
-            files: Arc::new(OsFiles),
-            jitter_seed: Some(start.as_millis()),
-            fetch_config: setup.fetch_config.clone(),
-            purge_epoch: start,
-        },
-    )?;
+    let (driver, report) = Driver::new(DriverParts {
+        config: setup.config.clone(),
+        clock,
+        transport: setup.transport.clone(),
+        store,
+        files: Arc::new(OsFiles),
+        jitter_seed: Some(start.as_millis()),
+        fetch_config: setup.fetch_config.clone(),
+        purge_epoch: start,
+        module_endpoint: format!("http://{admin_address}"),
+    })?;
     tracing::info!(kept = report.kept, removed = report.removed.len(), dir = %setup.config.cache_dir.display(), "cache indexed");
-    let resources = ResourceStore::new();
+    let resources = driver.resources().clone();
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let shared = Arc::new(Shared {
         view: RwLock::new(AdminView::default()),
@@ -128,21 +123,12 @@ pub async fn start(setup: ServeSetup) -> anyhow::Result<ServerHandle> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
 
     let mut tasks = Vec::new();
-    let mut engine = engine;
-    engine.set_deferred(true);
     let (ready_tx, ready_rx) = oneshot::channel();
     let controller = Controller {
-        engine,
-        dispatcher: crate::dispatch::Dispatcher::new(),
-        objects: ObjectStore::new(),
+        driver,
         files: files::FileSource::new(setup.plugin_paths.clone()),
-        resources: resources.clone(),
         shared: shared.clone(),
-        delivery: setup.config.delivery,
-        admin_address,
-        refused: BTreeMap::new(),
         file_errors: Vec::new(),
-        served: BTreeSet::new(),
     };
     tasks.push(tokio::spawn(controller.run(
         cmd_rx,
@@ -235,20 +221,10 @@ fn spawn_watcher(
 }
 
 struct Controller {
-    engine: Engine,
-    /// Runs processings concurrently, one download per module (single flight).
-    dispatcher: crate::dispatch::Dispatcher,
-    objects: ObjectStore,
+    driver: Driver,
     files: files::FileSource,
-    resources: ResourceStore,
     shared: Arc<Shared>,
-    delivery: Delivery,
-    admin_address: SocketAddr,
-    /// The last refused object per key, so a refusal is recorded once, not on every rescan.
-    refused: BTreeMap<ObjectKey, Value>,
     file_errors: Vec<files::FileError>,
-    /// Plugins that currently have an ECDS resource.
-    served: BTreeSet<ObjectKey>,
 }
 
 impl Controller {
@@ -258,25 +234,17 @@ impl Controller {
         shutdown: tokio::sync::watch::Receiver<bool>,
         ready: oneshot::Sender<()>,
     ) {
-        let mut ready = Some(ready);
-        self.reload().await;
+        // Ready once the initial plugin set has been loaded and processed.
+        let mut ready = Some((ready, self.reload()));
         loop {
-            self.dispatcher.dispatch(&mut self.engine);
-            // Ready once the initial plugin set has been loaded and processed.
-            if ready.is_some() && self.dispatcher.in_flight() == 0 {
-                if let Some(tx) = ready.take() {
+            if ready.as_ref().is_some_and(|(_, t)| self.driver.is_done(t)) {
+                if let Some((tx, _)) = ready.take() {
                     let _ = tx.send(());
                 }
             }
-            self.publish(ready.is_none());
-            let deadline = self.engine.next_deadline();
-            let wait = deadline.since(self.engine.now());
-            let in_flight = self.dispatcher.in_flight() > 0;
+            self.refresh_view(ready.is_none());
             tokio::select! {
                 _ = wait_shutdown(shutdown.clone()) => break,
-                done = self.dispatcher.next_completion(), if in_flight => {
-                    self.dispatcher.complete(&mut self.engine, done);
-                }
                 cmd = commands.recv() => match cmd {
                     None => break,
                     Some(Command::Reload) => {
@@ -288,160 +256,39 @@ impl Controller {
                                 refreshes.push((key, reply));
                             }
                         }
-                        self.reload().await;
+                        self.reload();
                         for (key, reply) in refreshes {
-                            let _ = reply.send(self.engine.refresh(&key).await);
+                            let _ = reply.send(self.driver.refresh(&key).is_some());
                         }
                     }
                     Some(Command::Refresh(key, reply)) => {
-                        let found = self.engine.refresh(&key).await;
-                        let _ = reply.send(found);
+                        let _ = reply.send(self.driver.refresh(&key).is_some());
                     }
                 },
-                _ = tokio::time::sleep(wait) => self.engine.run_due().await,
+                _ = self.driver.next() => {}
             }
         }
-        self.engine.flush();
+        self.driver.flush();
     }
 
-    /// Applies the files' current content to the object store and the engine.
-    async fn reload(&mut self) {
+    /// Makes the driver's objects what the files say now; returns what that caused.
+    fn reload(&mut self) -> crate::driver::Ticket {
         tracing::debug!("rescanning plugin files");
         let desired = self.files.scan();
-        self.file_errors = desired.errors.clone();
-        for value in desired.secrets.values() {
-            let change = self.objects.apply_value(value.clone());
-            self.handle(change, None).await;
-        }
-        for (key, value) in desired.plugins.iter() {
-            let change = self.objects.apply_value(value.clone());
-            self.handle(change, Some((key, value))).await;
-        }
-        let gone: Vec<ObjectKey> = self
-            .objects
-            .plugins()
-            .keys()
-            .filter(|k| !desired.plugins.contains_key(*k))
-            .cloned()
-            .collect();
-        for k in gone {
-            self.objects.delete_plugin(&k);
-            self.engine.remove_plugin(&k);
-            self.refused.remove(&k);
-        }
-        let gone: Vec<ObjectKey> = self
-            .objects
-            .secrets()
-            .keys()
-            .filter(|k| !desired.secrets.contains_key(*k))
-            .cloned()
-            .collect();
-        for k in gone {
-            self.objects.delete_secret(&k);
-            self.engine.remove_secret(&k).await;
-        }
+        self.file_errors = desired.errors;
+        self.driver.sync(&desired.plugins, &desired.secrets)
     }
 
-    async fn handle(&mut self, change: Change, object: Option<(&ObjectKey, &Value)>) {
-        match change {
-            Change::PluginCreated(k) | Change::PluginChanged(k) => {
-                self.refused.remove(&k);
-                if let Some(vp) = self.objects.plugin(&k).cloned() {
-                    self.engine.upsert_plugin(&vp).await;
-                }
-            }
-            Change::SecretApplied(k) => {
-                if let Some(s) = self.objects.secrets().get(&k).cloned() {
-                    self.engine.upsert_secret(s).await;
-                }
-            }
-            Change::Refused {
-                key: Some(k),
-                is_plugin: true,
-                error,
-            } => {
-                let value = object.map(|(_, v)| v.clone()).unwrap_or(Value::Null);
-                if self.refused.get(&k) != Some(&value) {
-                    tracing::warn!(plugin = %k, field = %error.field, error = %error.message, "plugin refused");
-                    self.engine.record_invalid(&k, &error.field, &error.message);
-                    self.refused.insert(k, value);
-                }
-            }
-            Change::Refused { key, error, .. } => {
-                tracing::warn!(object = ?key, field = %error.field, error = %error.message, "object refused");
-            }
-            Change::Unchanged(_) | Change::PluginDeleted(_) | Change::SecretDeleted(_) => {}
-        }
-    }
-
-    /// Pushes changed resources and refreshes the admin view.
-    fn publish(&mut self, ready: bool) {
-        let events = self.engine.take_events();
-        let touched: BTreeSet<ObjectKey> = events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Processed { plugin, .. } | Event::ServingChanged { plugin, .. } => {
-                    Some(plugin.clone())
-                }
-                _ => None,
-            })
-            .collect();
-        for key in &touched {
-            let resource_name = key.resource_name();
-            let Some(st) = self.engine.plugin(key) else {
-                if self.served.remove(key) {
-                    self.resources.remove(&resource_name);
-                }
-                continue;
-            };
-            let filter = match &st.serving {
-                Serving::Nothing => continue,
-                Serving::DenyAll => Filter::DenyAll,
-                Serving::AllowAll => Filter::AllowAll,
-                Serving::Module(m) => match self.delivery {
-                    Delivery::File => Filter::Wasm(Code::File(m.path.clone())),
-                    Delivery::Inline => match self.engine.served_bytes(m) {
-                        Ok(b) => Filter::Wasm(Code::Inline(b)),
-                        Err(e) => {
-                            tracing::error!(plugin = %key, error = %e, "cannot read module for inline delivery");
-                            continue;
-                        }
-                    },
-                    Delivery::Http => Filter::Wasm(Code::Remote {
-                        uri: format!(
-                            "http://{}{MODULES_PATH}{}.wasm",
-                            self.admin_address, m.sha256
-                        ),
-                        cluster: MODULES_CLUSTER.to_string(),
-                        sha256: m.sha256.clone(),
-                    }),
-                },
-            };
-            self.resources
-                .set(resource_name, convert::extension_config(&st.plugin, filter));
-            self.served.insert(key.clone());
-        }
-        for e in &events {
-            if let Event::Processed {
-                plugin,
-                version,
-                outcome,
-                detail,
-                ..
-            } = e
-            {
-                tracing::info!(plugin = %plugin, version = ?version, outcome = %outcome, detail = detail.as_deref().unwrap_or(""), "plugin processed");
-            }
-        }
+    fn refresh_view(&self, ready: bool) {
         let view = self.admin_view(ready);
         *self.shared.view.write().expect("admin view lock") = view;
     }
 
     fn admin_view(&self, ready: bool) -> AdminView {
-        let now = self.engine.now();
+        let engine = self.driver.engine();
+        let now = engine.now();
         let ms = |t: Option<crate::clock::Timestamp>| t.map(|t| t.as_millis());
-        let plugins: Vec<Value> = self
-            .engine
+        let plugins: Vec<Value> = engine
             .plugins()
             .iter()
             .map(|(k, st)| {
@@ -464,17 +311,16 @@ impl Controller {
                     "serves": served,
                     "lastPullUnixMs": ms(st.last_pull),
                     "lastProcessedUnixMs": ms(st.last_processed),
-                    "nextRetryUnixMs": st.retry.map(|r| r.due.as_millis()),
+                    "nextRetryUnixMs": st.retry.map(|due| due.as_millis()),
                 })
             })
             .collect();
         let refused: Vec<Value> = self
-            .refused
-            .keys()
+            .driver
+            .refused()
             .map(|k| json!({"plugin": k.to_string()}))
             .collect();
-        let cache: Vec<Value> = self
-            .engine
+        let cache: Vec<Value> = engine
             .cache()
             .entries()
             .map(|(k, e)| {
@@ -486,25 +332,12 @@ impl Controller {
                 })
             })
             .collect();
-        let mut modules: BTreeMap<String, PathBuf> = self
-            .engine
-            .cache()
-            .entries()
-            .map(|(_, e)| (e.sha256.clone(), e.path.clone()))
-            .collect();
-        for st in self.engine.plugins().values() {
-            if let Serving::Module(m) = &st.serving {
-                modules
-                    .entry(m.sha256.clone())
-                    .or_insert_with(|| m.path.clone());
-            }
-        }
         AdminView {
             ready,
             plugins: json!({"plugins": plugins, "refused": refused, "fileErrors": self.file_errors}),
             cache: json!({"modules": cache}),
-            engine_metrics: self.engine.metrics().render(),
-            modules,
+            engine_metrics: engine.metrics().render(),
+            modules: Some(self.driver.modules()),
         }
     }
 }

@@ -1,8 +1,8 @@
-//! A small harness shared by `istio_cache`, `policy_props` and `model_props`: the real [`Engine`]
-//! fed by an [`ObjectStore`], with a [`SimWorld`] as every registry and HTTP host, on a
-//! [`ManualClock`]. It drives them the way `sim/runner.rs` does (source changes are handed to the
-//! engine as they happen, background work runs at its own virtual time, a restart builds a new engine
-//! over the same module store), but exposes the engine's state to the test after every step.
+//! A small harness shared by `istio_cache`, `policy_props`, `model_props` and `http_conditional`:
+//! the same [`Driver`] as `serve` and `sim` (object source, engine, dispatcher with single flight,
+//! published resources), with a [`SimWorld`] as every registry and HTTP host, on tokio's paused
+//! clock. Every change runs until the processing it caused has finished, exactly like a scenario
+//! step; the engine's state is exposed to the test after every step.
 //!
 //! Nothing here reads the wall clock: time only moves through [`Harness::advance`] and the virtual
 //! time the fetchers spend in backoff.
@@ -17,9 +17,10 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use wasm_ecds::cache::ModuleKey;
-use wasm_ecds::clock::{Clock, ManualClock, Timestamp};
+use wasm_ecds::clock::{Clock, Timestamp, TokioClock};
 use wasm_ecds::config::Config;
-use wasm_ecds::engine::{Engine, EngineParts, Event, PluginState, Serving};
+use wasm_ecds::driver::{Applied, Driver, DriverParts};
+use wasm_ecds::engine::{Engine, Event, PluginState, Serving};
 use wasm_ecds::fetch::FetchConfig;
 use wasm_ecds::metrics::normalize_series;
 use wasm_ecds::outcome::Outcome;
@@ -27,21 +28,16 @@ use wasm_ecds::plugin::ObjectKey;
 use wasm_ecds::sim::world::{RequestCounts, SimWorld};
 use wasm_ecds::source::{Change, ObjectStore};
 use wasm_ecds::store::{MemFiles, MemStore, ModuleStore};
+use wasm_ecds::xds::ResourceStore;
 
-/// A guard against background work that never settles (a bug, not a slow test).
-const MAX_ROUNDS: usize = 1_000_000;
-
-/// The engine, its object source and its simulated world.
+/// The driver, its effects and its simulated world.
 pub struct Harness {
-    pub clock: Arc<ManualClock>,
+    pub clock: Arc<TokioClock>,
     pub world: Arc<SimWorld>,
     pub store: Arc<dyn ModuleStore>,
     pub files: Arc<MemFiles>,
-    pub objects: ObjectStore,
-    pub engine: Engine,
-    pub config: Config,
-    pub fetch_config: Option<FetchConfig>,
-    /// Events drained from the engine and not yet taken by the test.
+    pub driver: Driver,
+    /// Events drained from the driver and not yet taken by the test.
     events: Vec<Event>,
     rt: tokio::runtime::Runtime,
 }
@@ -57,40 +53,60 @@ impl Harness {
         store: Arc<dyn ModuleStore>,
         fetch_config: Option<FetchConfig>,
     ) -> Self {
-        let clock = Arc::new(ManualClock::new(Timestamp::ZERO));
-        let world = Arc::new(SimWorld::new(clock.clone()));
-        let files = Arc::new(MemFiles::default());
-        let engine = build_engine(
-            &config,
-            &clock,
-            &world,
-            &store,
-            &files,
-            fetch_config.clone(),
-        );
         let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
             .build()
             .expect("a current-thread runtime");
+        let _context = rt.enter();
+        let clock = Arc::new(TokioClock::new(Timestamp::ZERO));
+        let world = Arc::new(SimWorld::new(clock.clone()));
+        let files = Arc::new(MemFiles::default());
+        let parts = DriverParts {
+            config,
+            clock: clock.clone(),
+            transport: world.clone(),
+            store: store.clone(),
+            files: files.clone(),
+            // As the simulator: exact backoff delays.
+            jitter_seed: None,
+            fetch_config,
+            purge_epoch: Timestamp::ZERO,
+            module_endpoint: "http://wasm-ecds.test".into(),
+        };
+        let (driver, _) = Driver::new(parts).expect("the module store opens");
+        drop(_context);
         Harness {
             clock,
             world,
             store,
             files,
-            objects: ObjectStore::new(),
-            engine,
-            config,
-            fetch_config,
+            driver,
             events: Vec::new(),
             rt,
         }
     }
 
+    /// The virtual time (read inside the runtime: outside it tokio's clock is the real one).
     pub fn now(&self) -> Timestamp {
+        let _context = self.rt.enter();
         self.clock.now()
     }
 
+    pub fn engine(&self) -> &Engine {
+        self.driver.engine()
+    }
+
+    pub fn objects(&self) -> &ObjectStore {
+        self.driver.objects()
+    }
+
+    pub fn resources(&self) -> &ResourceStore {
+        self.driver.resources()
+    }
+
     fn drain(&mut self) {
-        let new = self.engine.take_events();
+        let new = self.driver.take_events();
         self.events.extend(new);
     }
 
@@ -113,131 +129,72 @@ impl Harness {
             .collect()
     }
 
-    /// Applies one object (a WasmPlugin or a Secret) and hands the change to the engine.
+    /// Applies one object (a WasmPlugin or a Secret) and runs what it caused.
     pub fn apply(&mut self, object: Value) -> Change {
-        let change = self.objects.apply_value(object);
-        self.handle(change.clone());
-        change
+        self.change(|d| Some(d.apply(object)))
+            .expect("apply always applies")
     }
 
     /// Applies a JSON merge patch to a stored plugin.
     pub fn edit(&mut self, key: &ObjectKey, patch: Value) -> Change {
-        let change = self
-            .objects
-            .edit_plugin(key, &patch)
-            .expect("edit: the plugin exists");
-        self.handle(change.clone());
-        change
+        self.change(|d| d.edit(key, &patch))
+            .expect("edit: the plugin exists")
     }
 
     pub fn delete_plugin(&mut self, key: &ObjectKey) -> Change {
-        let change = self
-            .objects
-            .delete_plugin(key)
-            .expect("delete: the plugin exists");
-        self.handle(change.clone());
-        change
+        self.change(|d| d.delete_plugin(key))
+            .expect("delete: the plugin exists")
     }
 
     pub fn delete_secret(&mut self, key: &ObjectKey) -> Change {
-        let change = self
-            .objects
-            .delete_secret(key)
-            .expect("delete: the secret exists");
-        self.handle(change.clone());
-        change
+        self.change(|d| d.delete_secret(key))
+            .expect("delete: the secret exists")
     }
 
-    /// What the simulator runner does with a source change, then the background work it made due.
-    fn handle(&mut self, change: Change) {
-        let objects = &self.objects;
-        let engine = &mut self.engine;
-        self.rt.block_on(async {
-            match change {
-                Change::PluginCreated(k) | Change::PluginChanged(k) => {
-                    let vp = objects.plugin(&k).cloned().expect("a stored plugin");
-                    engine.upsert_plugin(&vp).await;
-                }
-                Change::PluginDeleted(k) => engine.remove_plugin(&k),
-                Change::SecretApplied(k) => {
-                    let secret = objects.secrets().get(&k).cloned().expect("a stored secret");
-                    engine.upsert_secret(secret).await;
-                }
-                Change::SecretDeleted(k) => engine.remove_secret(&k).await,
-                Change::Unchanged(_) => {}
-                Change::Refused {
-                    key: Some(k),
-                    is_plugin: true,
-                    error,
-                } => engine.record_invalid(&k, &error.field, &error.message),
-                Change::Refused { .. } => {}
-            }
+    /// Makes a change and runs until the processing it caused has finished, as a scenario step
+    /// does. `None` if the change had nothing to change.
+    fn change(&mut self, f: impl FnOnce(&mut Driver) -> Option<Applied>) -> Option<Change> {
+        let driver = &mut self.driver;
+        let change = self.rt.block_on(async {
+            let applied = f(driver)?;
+            driver
+                .run_until_done(&applied.ticket)
+                .await
+                .expect("the change settles");
+            Some(applied.change)
         });
         self.drain();
-        self.settle();
+        change
     }
 
     /// Runs background work already due (a processing may have moved the clock past a deadline).
     pub fn settle(&mut self) {
-        let mut rounds = 0;
-        while self.engine.next_deadline() <= self.now() {
-            self.rt.block_on(self.engine.run_due());
-            self.drain();
-            rounds += 1;
-            assert!(rounds < MAX_ROUNDS, "background work does not settle");
-        }
+        self.advance(Duration::ZERO);
     }
 
     /// Moves the clock forward by `d`, running every deadline on the way at its own time.
     pub fn advance(&mut self, d: Duration) {
         let target = self.now() + d;
-        let mut rounds = 0;
-        loop {
-            let deadline = self.engine.next_deadline();
-            if deadline > target {
-                break;
-            }
-            self.clock.set(deadline);
-            self.rt.block_on(self.engine.run_due());
-            self.drain();
-            rounds += 1;
-            assert!(
-                rounds < MAX_ROUNDS,
-                "too many background deadlines in one advance"
-            );
-        }
-        self.clock.set(target);
+        let driver = &mut self.driver;
+        self.rt
+            .block_on(driver.advance_to(target))
+            .expect("background work settles");
+        self.drain();
     }
 
     /// The server restarts: a new engine over the same module store (wiped unless `keep_cache`), fed
     /// the current secrets and then every current plugin as newly created.
     pub fn restart(&mut self, keep_cache: bool) {
         self.drain();
-        self.engine.flush();
-        if !keep_cache {
-            self.store.wipe().expect("wipe the module store");
-        }
-        self.engine = build_engine(
-            &self.config,
-            &self.clock,
-            &self.world,
-            &self.store,
-            &self.files,
-            self.fetch_config.clone(),
-        );
-        let secrets: Vec<_> = self.objects.secrets().values().cloned().collect();
-        let plugins: Vec<_> = self.objects.plugins().values().cloned().collect();
-        let engine = &mut self.engine;
+        let driver = &mut self.driver;
         self.rt.block_on(async {
-            for s in secrets {
-                engine.upsert_secret(s).await;
-            }
-            for vp in &plugins {
-                engine.upsert_plugin(vp).await;
-            }
+            let (_, ticket) = driver.restart(keep_cache).expect("restart");
+            driver
+                .run_until_done(&ticket)
+                .await
+                .expect("the restart settles");
         });
         self.drain();
-        self.settle();
     }
 
     /// Counted requests per host since the start.
@@ -250,13 +207,13 @@ impl Harness {
     }
 
     pub fn plugin(&self, key: &ObjectKey) -> &PluginState {
-        self.engine
+        self.engine()
             .plugin(key)
             .expect("the engine knows the plugin")
     }
 
     pub fn serving(&self, key: &ObjectKey) -> Option<&Serving> {
-        self.engine.plugin(key).map(|st| &st.serving)
+        self.engine().plugin(key).map(|st| &st.serving)
     }
 
     /// The cache key of the module a plugin serves, if it serves one.
@@ -269,7 +226,7 @@ impl Harness {
 
     /// Every cached module.
     pub fn cached(&self) -> Vec<ModuleKey> {
-        self.engine
+        self.engine()
             .cache()
             .entries()
             .map(|(k, _)| k.clone())
@@ -278,7 +235,7 @@ impl Harness {
 
     /// One metric sample (0 when absent), e.g. `istio_agent_wasm_cache_lookup_count{hit="true"}`.
     pub fn metric(&self, series: &str) -> f64 {
-        self.engine
+        self.engine()
             .metrics()
             .samples()
             .get(&normalize_series(series))
@@ -291,29 +248,6 @@ impl Default for Harness {
     fn default() -> Self {
         Self::new()
     }
-}
-
-fn build_engine(
-    config: &Config,
-    clock: &Arc<ManualClock>,
-    world: &Arc<SimWorld>,
-    store: &Arc<dyn ModuleStore>,
-    files: &Arc<MemFiles>,
-    fetch_config: Option<FetchConfig>,
-) -> Engine {
-    let parts = EngineParts {
-        clock: clock.clone(),
-        transport: world.clone(),
-        store: store.clone(),
-        files: files.clone(),
-        // As the simulator: exact backoff delays.
-        jitter_seed: None,
-        fetch_config,
-        purge_epoch: Timestamp::ZERO,
-    };
-    Engine::new(config.clone(), parts)
-        .expect("the module store opens")
-        .0
 }
 
 /// A `WasmPlugin` object. `spec` is merged into `{url}`.

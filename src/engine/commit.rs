@@ -1,0 +1,271 @@
+//! Phase 3 of a processing: records a result in the cache (module, resolution, validators,
+//! references, authorizations), the plugin's serving state, the metrics and the retry schedule
+//! (behavior.md §2, §5, §6, §7, §8).
+
+use std::path::PathBuf;
+
+use super::fallback::{after_failure, AfterFailure, FailedPlugin};
+use super::job::{Failure, Obtained};
+use super::plan::Pending;
+use super::state::{Event, ServedModule, Serving, Trigger};
+use super::Engine;
+use crate::backoff::{Backoff, BACKGROUND_RETRY};
+use crate::cache::{Cache, ModuleKey, ServedRecord};
+use crate::clock::Timestamp;
+use crate::fetch::http::Validators;
+use crate::metrics::ConversionResult;
+use crate::outcome::Outcome;
+use crate::plugin::ObjectKey;
+use crate::url::ModuleUrl;
+
+impl Engine {
+    /// Phase 3: commits a result obtained for `pending`. A result for a version that is no longer
+    /// current is dropped (the plugin changed or went away while it was fetched).
+    pub fn finish(&mut self, pending: Pending, result: Result<Obtained, Failure>) {
+        let Pending {
+            key,
+            version,
+            trigger,
+            started,
+            ..
+        } = pending;
+        if self.plugins.get(&key).map(|s| s.version) != Some(version) {
+            return;
+        }
+        let now = self.now();
+        let remote = !matches!(self.plugins[&key].url, ModuleUrl::File(_));
+        let elapsed_ms = now.since(started).as_secs_f64() * 1000.0;
+        // A download shared with another plugin's identical job counts once as a remote fetch.
+        let shared = matches!(result, Ok(Obtained::Shared(_)));
+        let mut validators = None;
+        let obtained = result.and_then(|o| self.store_obtained(&key, o, &mut validators));
+        let (outcome, detail) = match obtained {
+            Ok((outcome, served)) => {
+                if remote {
+                    self.metrics.record_lookup(outcome != Outcome::Pulled);
+                    if outcome == Outcome::Pulled && !shared {
+                        self.metrics
+                            .record_remote_fetch(crate::outcome::FetchResult::Success);
+                    }
+                    self.metrics
+                        .record_conversion(ConversionResult::Success, elapsed_ms);
+                } else {
+                    self.metrics
+                        .record_conversion(ConversionResult::NoRemoteLoad, elapsed_ms);
+                }
+                self.commit_success(&key, version, &outcome, served, validators, now);
+                (outcome, None)
+            }
+            Err(failure) => {
+                let reason = failure.reason();
+                if remote {
+                    self.metrics.record_lookup(false);
+                    if let Some(r) = reason.fetch_result() {
+                        self.metrics.record_remote_fetch(r);
+                    }
+                }
+                self.metrics
+                    .record_conversion(ConversionResult::FetchFailure, elapsed_ms);
+                self.commit_failure(&key, trigger, now);
+                let message = failure.to_string();
+                tracing::warn!(plugin = %key, reason = %reason, error = %message, "plugin rejected");
+                (Outcome::Rejected(reason), Some(message))
+            }
+        };
+        let st = self.plugins.get_mut(&key).expect("checked above");
+        st.last_outcome = Some(outcome.clone());
+        st.last_error = detail.clone();
+        st.last_processed = Some(now);
+        self.metrics.record_processing(outcome.name());
+        self.metrics.set_cache_entries(self.cache.len());
+        self.events.push(Event::Processed {
+            at: now,
+            plugin: key,
+            version: Some(version),
+            outcome,
+            detail,
+        });
+    }
+
+    /// Puts what was obtained into the cache and says what the plugin is served.
+    fn store_obtained(
+        &mut self,
+        plugin: &ObjectKey,
+        obtained: Obtained,
+        new_validators: &mut Option<Option<Validators>>,
+    ) -> Result<(Outcome, ServedModule), Failure> {
+        let url = self.plugins[plugin].url.to_string();
+        let now = self.now();
+        match obtained {
+            Obtained::Fetched {
+                key,
+                staged,
+                private,
+                validators,
+            } => {
+                *new_validators = Some(validators);
+                let entry = self
+                    .cache
+                    .insert(&key, staged, private, now)
+                    .map_err(|e| Failure::Cache(format!("write failed: {e}")))?;
+                let served = ServedModule {
+                    url,
+                    key: Some(key.clone()),
+                    path: entry.path.clone(),
+                    sha256: entry.sha256.clone(),
+                };
+                if private {
+                    self.cache.authorize(&key, plugin);
+                }
+                Ok((Outcome::Pulled, served))
+            }
+            Obtained::Cached(k) => served_from_cache(&self.cache, &url, k, Outcome::Cached),
+            Obtained::Shared(k) => {
+                // Same job, same credentials: the registry authorized this plugin too.
+                self.cache.authorize(&k, plugin);
+                served_from_cache(&self.cache, &url, k, Outcome::Pulled)
+            }
+            Obtained::Revalidated(k) => {
+                self.cache.authorize(&k, plugin);
+                served_from_cache(&self.cache, &url, k, Outcome::Revalidated)
+            }
+            Obtained::File { path, sha256 } => Ok((
+                Outcome::Pulled,
+                ServedModule {
+                    url,
+                    key: None,
+                    path: PathBuf::from(path),
+                    sha256,
+                },
+            )),
+        }
+    }
+
+    fn commit_success(
+        &mut self,
+        key: &ObjectKey,
+        version: u64,
+        outcome: &Outcome,
+        served: ServedModule,
+        validators: Option<Option<Validators>>,
+        now: Timestamp,
+    ) {
+        let st = self.plugins.get_mut(key).expect("a current plugin");
+        if let Some(k) = &served.key {
+            if st.url.is_mutable() {
+                self.cache.set_resolution(&served.url, k);
+                // A fresh download replaces the validators (none when the server sent none).
+                if let Some(v) = validators {
+                    self.cache.set_validators(&served.url, v);
+                }
+            }
+            self.cache.touch(k, now);
+        }
+        if matches!(outcome, Outcome::Pulled | Outcome::Revalidated) {
+            st.pulled_version = Some(version);
+        }
+        if *outcome == Outcome::Pulled {
+            st.last_pull = Some(now);
+        }
+        st.retry = None;
+        let record = served.key.clone().map(|module| ServedRecord {
+            url: served.url.clone(),
+            module,
+        });
+        self.cache.set_served(key, record);
+        self.set_referenced(key, served.key.clone(), now);
+        self.set_serving(key, Serving::Module(served), now);
+    }
+
+    /// Keeps, restores or falls back (see [`after_failure`]) and schedules the next background
+    /// retry.
+    fn commit_failure(&mut self, key: &ObjectKey, trigger: Trigger, now: Timestamp) {
+        let st = &self.plugins[key];
+        let url = st.url.to_string();
+        let expected = st.decision.expected_checksum.clone();
+        let before = self
+            .cache
+            .last_served(key)
+            .filter(|r| self.cache.contains(&r.module));
+        let decision = after_failure(FailedPlugin {
+            url: &url,
+            expected: expected.as_deref(),
+            serving: &st.serving,
+            served_before_restart: before,
+            fail_strategy: st.plugin.spec.fail_strategy,
+        });
+        match decision {
+            AfterFailure::Keep => {}
+            AfterFailure::Restore(r) => {
+                if let Ok((_, served)) =
+                    served_from_cache(&self.cache, &r.url, r.module.clone(), Outcome::Cached)
+                {
+                    self.set_referenced(key, Some(r.module), now);
+                    self.set_serving(key, Serving::Module(served), now);
+                }
+            }
+            AfterFailure::Fallback(fallback) => {
+                // The module the URL (or pin) still resolves to stays protected (§5).
+                let resolved = match &expected {
+                    Some(c) => Some(ModuleKey::new(self.plugins[key].url.module_name(), c)),
+                    None => self.cache.resolution(&url).cloned(),
+                }
+                .filter(|k| self.cache.contains(k));
+                self.set_referenced(key, resolved, now);
+                self.cache.set_served(key, None);
+                self.set_serving(key, fallback, now);
+            }
+        }
+        // Any trigger other than a retry (a change, a secret, a refresh) restarts the sequence.
+        let st = self.plugins.get_mut(key).expect("a current plugin");
+        if trigger != Trigger::Retry {
+            st.retry_backoff = Backoff::new(BACKGROUND_RETRY, None);
+        }
+        let due = now + st.retry_backoff.next_delay();
+        st.retry = Some(due);
+        self.events.push(Event::RetryScheduled {
+            at: now,
+            plugin: key.clone(),
+            due,
+        });
+    }
+
+    /// Moves the plugin's reference (expiry protection) to `module`.
+    fn set_referenced(&mut self, key: &ObjectKey, module: Option<ModuleKey>, now: Timestamp) {
+        let st = self.plugins.get_mut(key).expect("a current plugin");
+        self.cache
+            .set_ref(key, st.referenced.as_ref(), module.as_ref(), now);
+        st.referenced = module;
+    }
+
+    /// Records what the plugin serves; a change is an event (a push).
+    fn set_serving(&mut self, key: &ObjectKey, serving: Serving, now: Timestamp) {
+        let st = self.plugins.get_mut(key).expect("a current plugin");
+        if st.serving != serving {
+            st.serving = serving.clone();
+            self.events.push(Event::ServingChanged {
+                at: now,
+                plugin: key.clone(),
+                serving: Some(serving),
+            });
+        }
+    }
+}
+
+fn served_from_cache(
+    cache: &Cache,
+    url: &str,
+    k: ModuleKey,
+    outcome: Outcome,
+) -> Result<(Outcome, ServedModule), Failure> {
+    let entry = cache
+        .get(&k)
+        .ok_or_else(|| Failure::Cache("module left the cache".to_string()))?;
+    let served = ServedModule {
+        url: url.to_string(),
+        path: entry.path.clone(),
+        sha256: entry.sha256.clone(),
+        key: Some(k),
+    };
+    Ok((outcome, served))
+}

@@ -1,0 +1,199 @@
+//! Phase 2 of a processing: the fetch a [`Job`] describes, run off the engine (it borrows nothing of
+//! it), and its result, [`Obtained`] or a [`Failure`].
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use crate::cache::ModuleKey;
+use crate::fetch::http::{HttpPull, Validators};
+use crate::fetch::{FetchError, Fetcher, StagedModule};
+use crate::outcome::Reason;
+use crate::plugin::{Credentials, ObjectKey};
+use crate::url::OciRef;
+
+/// What must be fetched for one plugin version.
+#[derive(Clone, Debug)]
+pub enum Job {
+    File {
+        path: String,
+        expected: Option<String>,
+    },
+    /// `conditional`: the cached module the url resolves to and its validators, for a conditional
+    /// request (a `304` makes the outcome `revalidated`).
+    Http {
+        url: String,
+        expected: Option<String>,
+        conditional: Option<(ModuleKey, Validators)>,
+    },
+    Oci {
+        reference: OciRef,
+        name: String,
+        credentials: Option<Credentials>,
+        expected: Option<String>,
+        /// The cached modules of this name when the job was planned: an OCI pull stops after the
+        /// manifest when the digest it resolves to is among them.
+        cached: Arc<BTreeSet<ModuleKey>>,
+    },
+}
+
+impl Job {
+    /// Identity for single-flight: two plugins whose jobs have the same key share one download.
+    pub fn flight_key(&self) -> String {
+        match self {
+            Job::File { path, expected } => format!("file:{path}#{expected:?}"),
+            Job::Http { url, expected, .. } => format!("http:{url}#{expected:?}"),
+            Job::Oci {
+                reference,
+                credentials,
+                expected,
+                ..
+            } => {
+                // Credentials take part so that a module is never shared across authorizations.
+                let who = credentials
+                    .as_ref()
+                    .map(|c| crate::store::sha256_hex(c.basic_header().as_bytes()));
+                format!("oci:{reference}#{expected:?}#{who:?}")
+            }
+        }
+    }
+}
+
+/// Why a processing obtained no module. Every variant maps onto exactly one [`Reason`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error("pull secret {0} not found")]
+    MissingSecret(ObjectKey),
+    /// The module could not be written to, or read back from, the cache.
+    #[error("cache: {0}")]
+    Cache(String),
+}
+
+impl Failure {
+    pub fn reason(&self) -> Reason {
+        match self {
+            Failure::Fetch(e) => e.reason(),
+            Failure::MissingSecret(_) => Reason::MissingSecret,
+            Failure::Cache(_) => Reason::DownloadFailure,
+        }
+    }
+}
+
+/// The result of phases 1 and 2.
+pub enum Obtained {
+    /// Served from the cache without contacting the source.
+    Cached(ModuleKey),
+    /// The source was asked; the module was already cached.
+    Revalidated(ModuleKey),
+    /// Downloaded (`validators`: what an HTTP server sent, for conditional requests later).
+    Fetched {
+        key: ModuleKey,
+        staged: StagedModule,
+        private: bool,
+        validators: Option<Validators>,
+    },
+    /// Read from a local file.
+    File { path: String, sha256: String },
+    /// Downloaded by another plugin's identical job in flight at the same time (single flight):
+    /// already committed to the cache under this key.
+    Shared(ModuleKey),
+}
+
+/// A result handed to the other waiters of a shared job (single flight).
+pub fn share_result(result: &Result<Obtained, Failure>) -> Result<Obtained, Failure> {
+    match result {
+        Ok(Obtained::Fetched { key, .. }) | Ok(Obtained::Shared(key)) => {
+            Ok(Obtained::Shared(key.clone()))
+        }
+        Ok(Obtained::Revalidated(k)) => Ok(Obtained::Revalidated(k.clone())),
+        Ok(Obtained::Cached(k)) => Ok(Obtained::Cached(k.clone())),
+        Ok(Obtained::File { path, sha256 }) => Ok(Obtained::File {
+            path: path.clone(),
+            sha256: sha256.clone(),
+        }),
+        Err(e) => Err(e.clone()),
+    }
+}
+
+fn check_expected(expected: Option<&str>, actual: &str) -> Result<(), FetchError> {
+    match expected {
+        Some(exp) if exp != actual => Err(FetchError::Checksum {
+            expected: exp.to_string(),
+            actual: actual.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Runs a job (phase 2).
+pub async fn run_job(fetcher: &Fetcher, job: &Job) -> Result<Obtained, Failure> {
+    match job {
+        Job::File { path, expected } => {
+            let staged = crate::fetch::cpu_bound(|| fetcher.fetch_file(path))?;
+            check_expected(expected.as_deref(), &staged.sha256)?;
+            Ok(Obtained::File {
+                path: path.clone(),
+                sha256: staged.sha256,
+            })
+        }
+        Job::Http {
+            url,
+            expected,
+            conditional,
+        } => {
+            let validators = conditional.as_ref().map(|(_, v)| v);
+            let pull = fetcher
+                .fetch_http_conditional(url, fetcher.budget(), validators)
+                .await?;
+            let (staged, validators) = match (pull, conditional) {
+                (HttpPull::Fetched(staged, validators), _) => (staged, validators),
+                (HttpPull::NotModified, Some((key, _))) => {
+                    return Ok(Obtained::Revalidated(key.clone()))
+                }
+                (HttpPull::NotModified, None) => {
+                    return Err(FetchError::Download(format!("{url}: unexpected 304")).into())
+                }
+            };
+            check_expected(expected.as_deref(), &staged.sha256)?;
+            let key = ModuleKey::new(url.clone(), staged.sha256.clone());
+            Ok(Obtained::Fetched {
+                key,
+                staged,
+                private: false,
+                validators,
+            })
+        }
+        Job::Oci {
+            reference,
+            name,
+            credentials,
+            expected,
+            cached,
+        } => {
+            let budget = fetcher.budget();
+            let resolved = fetcher
+                .oci_resolve(reference, credentials.as_ref(), budget)
+                .await?;
+            // A URL pinned to an image index digest names the index; the module is its child.
+            let checksum = match expected.as_deref() {
+                Some(exp) if resolved.index_digest.as_deref() == Some(exp) => exp.to_string(),
+                exp => {
+                    check_expected(exp, &resolved.digest)?;
+                    resolved.digest.clone()
+                }
+            };
+            let key = ModuleKey::new(name.clone(), checksum);
+            if cached.contains(&key) {
+                return Ok(Obtained::Revalidated(key));
+            }
+            let staged = fetcher.oci_download(&resolved, budget).await?;
+            Ok(Obtained::Fetched {
+                key,
+                staged,
+                private: resolved.used_credentials,
+                validators: None,
+            })
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! Phase 1 of a processing: the pull policy applied to the cache decides whether the plugin is
+//! served from the cache at once or a [`Job`] must fetch something (behavior.md §2, §4.2, §5).
+
+use std::sync::Arc;
+
+use super::job::{Failure, Job, Obtained};
+use super::state::Trigger;
+use super::Engine;
+use crate::cache::ModuleKey;
+use crate::clock::Timestamp;
+use crate::plugin::ObjectKey;
+use crate::policy::PullPolicy;
+use crate::url::ModuleUrl;
+
+/// A processing that was planned (phase 1) and awaits its result.
+#[derive(Clone, Debug)]
+pub struct Pending {
+    /// Unique per engine, in the order processings began.
+    pub id: u64,
+    pub key: ObjectKey,
+    pub version: u64,
+    pub trigger: Trigger,
+    pub started: Timestamp,
+}
+
+/// What phase 1 decided.
+pub enum Begun {
+    /// Nothing to fetch: commit this result with [`Engine::finish`].
+    Done(Pending, Result<Obtained, Failure>),
+    /// Run the job ([`super::run_job`]), then [`Engine::finish`].
+    Fetch(Pending, Job),
+}
+
+impl Engine {
+    /// Phase 1 for a current plugin; `None` if it is gone.
+    pub fn begin(&mut self, key: &ObjectKey, trigger: Trigger) -> Option<Begun> {
+        let version = self.plugins.get(key)?.version;
+        self.next_id += 1;
+        let pending = Pending {
+            id: self.next_id,
+            key: key.clone(),
+            version,
+            trigger,
+            started: self.now(),
+        };
+        Some(match self.plan(key, trigger) {
+            Err(r) => Begun::Done(pending, r),
+            Ok(job) => Begun::Fetch(pending, job),
+        })
+    }
+
+    /// Decides from the policy and the cache whether anything must be fetched: `Ok(job)` to fetch,
+    /// `Err(result)` when the result is known at once.
+    fn plan(&self, key: &ObjectKey, trigger: Trigger) -> Result<Job, Result<Obtained, Failure>> {
+        let st = &self.plugins[key];
+        let expected = st.decision.expected_checksum.clone();
+        let url_str = st.url.to_string();
+        let reference = match &st.url {
+            ModuleUrl::File(path) => {
+                return Ok(Job::File {
+                    path: path.clone(),
+                    expected,
+                })
+            }
+            ModuleUrl::Http(_) => None,
+            ModuleUrl::Oci(r) => Some(r.clone()),
+        };
+        let credentials = match &st.plugin.spec.image_pull_secret {
+            Some(name) => {
+                let secret = ObjectKey::new(&key.namespace, name);
+                match self.secrets.get(&secret) {
+                    None => return Err(Err(Failure::MissingSecret(secret))),
+                    Some(s) => st
+                        .url
+                        .host()
+                        .and_then(|h| s.config.credentials_for(h))
+                        .cloned(),
+                }
+            }
+            None => None,
+        };
+        let must_pull = trigger == Trigger::Refresh
+            || (st.decision.policy == PullPolicy::Always && st.pulled_version != Some(st.version));
+        if !must_pull {
+            let candidate = match &expected {
+                Some(c) => Some(ModuleKey::new(st.url.module_name(), c.clone())),
+                None => self.cache.resolution(&url_str).cloned(),
+            };
+            if let Some(k) = candidate {
+                if self.cache.contains(&k) && self.cache.is_authorized(&k, key) {
+                    return Err(Ok(Obtained::Cached(k)));
+                }
+            }
+        }
+        Ok(match reference {
+            Some(reference) => {
+                let name = st.url.module_name();
+                let cached = self
+                    .cache
+                    .entries()
+                    .map(|(k, _)| k)
+                    .filter(|k| k.name == name)
+                    .cloned()
+                    .collect();
+                Job::Oci {
+                    name,
+                    reference,
+                    credentials,
+                    expected,
+                    cached: Arc::new(cached),
+                }
+            }
+            None => {
+                // A conditional request when the url resolves to a cached module fitting the pin.
+                let conditional = self
+                    .cache
+                    .resolution(&url_str)
+                    .filter(|k| expected.as_ref().is_none_or(|e| *e == k.checksum))
+                    .and_then(|k| {
+                        let v = self.cache.validators(&url_str)?;
+                        Some((k.clone(), v.clone()))
+                    });
+                Job::Http {
+                    url: url_str,
+                    expected,
+                    conditional,
+                }
+            }
+        })
+    }
+}

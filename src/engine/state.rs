@@ -1,0 +1,139 @@
+//! What the engine knows and reports: per-plugin state, what a plugin serves, why it is processed,
+//! and the events it records for traces and logs.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::backoff::Backoff;
+use crate::cache::ModuleKey;
+use crate::clock::Timestamp;
+use crate::outcome::Outcome;
+use crate::plugin::{ObjectKey, WasmPlugin};
+use crate::policy::Decision;
+use crate::url::ModuleUrl;
+
+/// A module served to a plugin.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServedModule {
+    /// The plugin URL it was obtained from (normalised).
+    pub url: String,
+    /// Its cache identity; `None` for `file://` modules, which are served from their own path.
+    pub key: Option<ModuleKey>,
+    pub path: PathBuf,
+    /// Hex sha256 of the Wasm binary.
+    pub sha256: String,
+}
+
+impl ServedModule {
+    /// The checksum a pin (`spec.sha256` or an `@sha256:` digest) is compared with: the cache
+    /// identity's checksum (the manifest digest for OCI), else the Wasm sha256.
+    pub fn checksum(&self) -> &str {
+        self.key
+            .as_ref()
+            .map_or(self.sha256.as_str(), |k| k.checksum.as_str())
+    }
+}
+
+/// What a proxy subscribing to a plugin receives.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Serving {
+    /// Not processed yet.
+    Nothing,
+    Module(ServedModule),
+    /// RBAC deny-all fallback (`FAIL_CLOSE`).
+    DenyAll,
+    /// RBAC allow-all fallback (`FAIL_OPEN`).
+    AllowAll,
+}
+
+impl Serving {
+    pub fn describe(&self) -> String {
+        match self {
+            Serving::Nothing => "nothing".into(),
+            Serving::Module(m) => format!("module sha256:{}", &m.sha256[..12.min(m.sha256.len())]),
+            Serving::DenyAll => "deny-all".into(),
+            Serving::AllowAll => "allow-all".into(),
+        }
+    }
+}
+
+/// Why a plugin is processed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    /// Created or changed (a new resource version).
+    Version,
+    /// A pull secret it names was applied, changed or deleted.
+    Secret,
+    /// A background retry after a rejection.
+    Retry,
+    /// `POST /refresh`: pull as if the plugin had changed.
+    Refresh,
+}
+
+/// Everything the engine knows about one current plugin.
+#[derive(Clone, Debug)]
+pub struct PluginState {
+    pub plugin: WasmPlugin,
+    pub version: u64,
+    pub url: ModuleUrl,
+    pub decision: Decision,
+    pub serving: Serving,
+    pub last_outcome: Option<Outcome>,
+    pub last_error: Option<String>,
+    pub last_processed: Option<Timestamp>,
+    pub last_pull: Option<Timestamp>,
+    /// The resource version of the last successful pull (Always bookkeeping, behavior.md §2).
+    pub pulled_version: Option<u64>,
+    /// The cached module this plugin resolves to, which it protects from expiry (behavior.md §5):
+    /// the module it serves, or — after a failure that made it fall back — the module its URL
+    /// (or pin) still resolves to in the cache.
+    pub referenced: Option<ModuleKey>,
+    /// When the next background retry is due, after a rejection.
+    pub retry: Option<Timestamp>,
+    /// The background retry sequence: restarted by any processing that is not a retry.
+    pub retry_backoff: Backoff,
+}
+
+/// Something that happened, for traces and logs.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    Processed {
+        at: Timestamp,
+        plugin: ObjectKey,
+        version: Option<u64>,
+        outcome: Outcome,
+        /// The error message of a rejection or refusal.
+        detail: Option<String>,
+    },
+    /// What a plugin serves changed (a push to subscribed proxies); `None` when it is no longer
+    /// served.
+    ServingChanged {
+        at: Timestamp,
+        plugin: ObjectKey,
+        serving: Option<Serving>,
+    },
+    Expired {
+        at: Timestamp,
+        module: ModuleKey,
+        sha256: String,
+    },
+    RetryScheduled {
+        at: Timestamp,
+        plugin: ObjectKey,
+        due: Timestamp,
+    },
+}
+
+impl Event {
+    /// The plugin the event is about, if any.
+    pub fn plugin(&self) -> Option<&ObjectKey> {
+        match self {
+            Event::Processed { plugin, .. }
+            | Event::ServingChanged { plugin, .. }
+            | Event::RetryScheduled { plugin, .. } => Some(plugin),
+            Event::Expired { .. } => None,
+        }
+    }
+}
