@@ -87,6 +87,16 @@ mod tests {
         }
     }
 
+    /// Name, serving, pin, served before a restart, fail strategy, wanted decision.
+    type Case<'a> = (
+        &'a str,
+        Serving,
+        Option<&'a str>,
+        Option<&'a ServedRecord>,
+        FailStrategy,
+        AfterFailure,
+    );
+
     #[test]
     fn table() {
         use AfterFailure::*;
@@ -96,7 +106,7 @@ mod tests {
         let before = record(URL, "aaa");
         let elsewhere = record(OTHER, "aaa");
         #[rustfmt::skip]
-        let cases: Vec<(&str, Serving, Option<&str>, Option<&ServedRecord>, FailStrategy, AfterFailure)> = vec![
+        let cases: Vec<Case> = vec![
             ("same url keeps its module", module(URL, "aaa"), None, None, FailClose, Keep),
             ("same url fitting the pin keeps", module(URL, "aaa"), Some("aaa"), None, FailClose, Keep),
             ("pin changed: fall back", module(URL, "aaa"), Some("bbb"), None, FailClose, deny.clone()),

@@ -223,7 +223,7 @@ impl Engine {
                 );
             }
         }
-        self.process(&key, Trigger::Version);
+        self.queue(&key, Trigger::Version);
     }
 
     /// A plugin disappeared: it is no longer served and its module starts to age.
@@ -282,7 +282,7 @@ impl Engine {
             .map(|(k, _)| k.clone())
             .collect();
         for k in users {
-            self.process(&k, Trigger::Secret);
+            self.queue(&k, Trigger::Secret);
         }
     }
 
@@ -291,7 +291,7 @@ impl Engine {
         if !self.plugins.contains_key(key) {
             return false;
         }
-        self.process(key, Trigger::Refresh);
+        self.queue(key, Trigger::Refresh);
         true
     }
 
@@ -338,7 +338,7 @@ impl Engine {
                     if let Some(st) = self.plugins.get_mut(&key) {
                         st.retry = None;
                     }
-                    self.process(&key, Trigger::Retry);
+                    self.queue(&key, Trigger::Retry);
                 }
                 None => break,
             }
@@ -378,8 +378,9 @@ impl Engine {
         std::mem::take(&mut self.queue)
     }
 
-    /// Queues a processing of the current version of a plugin.
-    fn process(&mut self, key: &ObjectKey, trigger: Trigger) {
+    /// Queues a processing of the current version of a plugin; the owner begins it (through the
+    /// [`Dispatcher`](crate::dispatch::Dispatcher)).
+    pub fn queue(&mut self, key: &ObjectKey, trigger: Trigger) {
         self.queue.push((key.clone(), trigger));
     }
 }

@@ -31,6 +31,12 @@ pub enum Begun {
     Fetch(Pending, Job),
 }
 
+/// What phase 1 found: a job to run, or the result at once.
+enum Plan {
+    Fetch(Job),
+    Known(Result<Obtained, Failure>),
+}
+
 impl Engine {
     /// Phase 1 for a current plugin; `None` if it is gone.
     pub fn begin(&mut self, key: &ObjectKey, trigger: Trigger) -> Option<Begun> {
@@ -44,20 +50,19 @@ impl Engine {
             started: self.now(),
         };
         Some(match self.plan(key, trigger) {
-            Err(r) => Begun::Done(pending, r),
-            Ok(job) => Begun::Fetch(pending, job),
+            Plan::Known(r) => Begun::Done(pending, r),
+            Plan::Fetch(job) => Begun::Fetch(pending, job),
         })
     }
 
-    /// Decides from the policy and the cache whether anything must be fetched: `Ok(job)` to fetch,
-    /// `Err(result)` when the result is known at once.
-    fn plan(&self, key: &ObjectKey, trigger: Trigger) -> Result<Job, Result<Obtained, Failure>> {
+    /// Decides from the policy and the cache whether anything must be fetched.
+    fn plan(&self, key: &ObjectKey, trigger: Trigger) -> Plan {
         let st = &self.plugins[key];
         let expected = st.decision.expected_checksum.clone();
         let url_str = st.url.to_string();
         let reference = match &st.url {
             ModuleUrl::File(path) => {
-                return Ok(Job::File {
+                return Plan::Fetch(Job::File {
                     path: path.clone(),
                     expected,
                 })
@@ -69,7 +74,7 @@ impl Engine {
             Some(name) => {
                 let secret = ObjectKey::new(&key.namespace, name);
                 match self.secrets.get(&secret) {
-                    None => return Err(Err(Failure::MissingSecret(secret))),
+                    None => return Plan::Known(Err(Failure::MissingSecret(secret))),
                     Some(s) => st
                         .url
                         .host()
@@ -88,11 +93,11 @@ impl Engine {
             };
             if let Some(k) = candidate {
                 if self.cache.contains(&k) && self.cache.is_authorized(&k, key) {
-                    return Err(Ok(Obtained::Cached(k)));
+                    return Plan::Known(Ok(Obtained::Cached(k)));
                 }
             }
         }
-        Ok(match reference {
+        Plan::Fetch(match reference {
             Some(reference) => {
                 let name = st.url.module_name();
                 let cached = self
