@@ -27,6 +27,7 @@ use super::world::SimWorld;
 use crate::clock::{Clock, Timestamp, TokioClock};
 use crate::convert::{Code, Delivered};
 use crate::driver::{Applied, Driver, DriverParts};
+use crate::engine::EngineParts;
 use crate::engine::{Event, Serving};
 use crate::metrics::normalize_series;
 use crate::outcome::Outcome;
@@ -144,14 +145,16 @@ impl<'a> Runner<'a> {
         let files = Arc::new(MemFiles::default());
         let parts = DriverParts {
             config: s.config.clone(),
-            clock: clock.clone(),
-            transport: world.clone(),
-            store: Arc::new(MemStore::new()),
-            files: files.clone(),
-            // The simulator runs without jitter (behavior.md §4.1, §7): delays are exact.
-            jitter_seed: None,
-            fetch_config: None,
-            purge_epoch: Timestamp::ZERO,
+            engine: EngineParts {
+                clock: clock.clone(),
+                transport: world.clone(),
+                store: Arc::new(MemStore::new()),
+                files: files.clone(),
+                // The simulator runs without jitter (behavior.md §4.1, §7): delays are exact.
+                jitter_seed: None,
+                fetch_config: None,
+                purge_epoch: Timestamp::ZERO,
+            },
             module_endpoint: SIM_MODULE_ENDPOINT.into(),
         };
         let (driver, _) = Driver::new(parts).map_err(|e| format!("cannot open the cache: {e}"))?;

@@ -21,11 +21,10 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::cache::ReindexReport;
-use crate::clock::{Clock, Timestamp};
+use crate::clock::Timestamp;
 use crate::config::Config;
 use crate::dispatch::{Completion, Dispatcher};
 use crate::engine::{Engine, EngineParts, Event, Serving};
-use crate::fetch::{FetchConfig, Transport};
 use crate::plugin::ObjectKey;
 use crate::source::{Change, ObjectStore};
 use crate::store::{FileSource, ModuleStore};
@@ -40,20 +39,12 @@ pub const MAX_DEADLINES_PER_WAIT: usize = 1_000_000;
 /// pass again within one or two of them.
 const SETTLE_YIELDS: usize = 16;
 
-/// The effects a driver runs on, kept to build a new engine at every restart.
+/// What a driver runs on, kept to build a new engine at every restart.
 #[derive(Clone)]
 pub struct DriverParts {
     pub config: Config,
-    pub clock: Arc<dyn Clock>,
-    pub transport: Arc<dyn Transport>,
-    pub store: Arc<dyn ModuleStore>,
-    pub files: Arc<dyn FileSource>,
-    /// Seed of the fetch backoff jitter; `None` for exact delays (the simulator, the tests).
-    pub jitter_seed: Option<u64>,
-    /// Overrides the fetch options derived from the config (tests).
-    pub fetch_config: Option<FetchConfig>,
-    /// Purge passes run at every multiple of the purge interval since this time.
-    pub purge_epoch: Timestamp,
+    /// The engine's effects: clock, transport, module store, local files, jitter, purge epoch.
+    pub engine: EngineParts,
     /// Where proxies fetch modules with `--delivery http`, e.g. `http://127.0.0.1:15020`.
     pub module_endpoint: String,
 }
@@ -282,7 +273,7 @@ impl Driver {
         // A graceful shutdown persists the cache index (usage times included).
         self.engine.flush();
         if !keep_cache {
-            self.parts.store.wipe()?;
+            self.parts.engine.store.wipe()?;
         }
         let (engine, report) = new_engine(&self.parts)?;
         self.engine = engine;
@@ -544,23 +535,12 @@ impl Driver {
         }
         ModuleIndex {
             modules,
-            store: self.parts.store.clone(),
-            files: self.parts.files.clone(),
+            store: self.parts.engine.store.clone(),
+            files: self.parts.engine.files.clone(),
         }
     }
 }
 
 fn new_engine(parts: &DriverParts) -> std::io::Result<(Engine, ReindexReport)> {
-    Engine::new(
-        parts.config.clone(),
-        EngineParts {
-            clock: parts.clock.clone(),
-            transport: parts.transport.clone(),
-            store: parts.store.clone(),
-            files: parts.files.clone(),
-            jitter_seed: parts.jitter_seed,
-            fetch_config: parts.fetch_config.clone(),
-            purge_epoch: parts.purge_epoch,
-        },
-    )
+    Engine::new(parts.config.clone(), parts.engine.clone())
 }

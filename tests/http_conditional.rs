@@ -16,6 +16,7 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 use wasm_ecds::clock::{Clock, SystemClock};
 use wasm_ecds::config::Config;
 use wasm_ecds::driver::{Driver, DriverParts};
+use wasm_ecds::engine::EngineParts;
 use wasm_ecds::engine::Serving;
 use wasm_ecds::fetch::hyper_transport::HyperTransport;
 use wasm_ecds::outcome::Outcome;
@@ -57,13 +58,15 @@ fn driver(cache: &std::path::Path) -> Driver {
     let start = clock.now();
     let (driver, _) = Driver::new(DriverParts {
         config: config.clone(),
-        clock,
-        transport: Arc::new(HyperTransport::new(&config, Vec::new()).expect("transport")),
-        store: Arc::new(DiskStore::open(cache).expect("cache dir")),
-        files: Arc::new(OsFiles),
-        jitter_seed: None,
-        fetch_config: None,
-        purge_epoch: start,
+        engine: EngineParts {
+            clock,
+            transport: Arc::new(HyperTransport::new(&config, Vec::new()).expect("transport")),
+            store: Arc::new(DiskStore::open(cache).expect("cache dir")),
+            files: Arc::new(OsFiles),
+            jitter_seed: None,
+            fetch_config: None,
+            purge_epoch: start,
+        },
         module_endpoint: "http://127.0.0.1:0".into(),
     })
     .expect("driver");

@@ -44,6 +44,7 @@ pub use plan::{Begun, Pending};
 pub use state::{Event, PluginState, ServedModule, Serving, Trigger};
 
 /// The effects the engine runs on.
+#[derive(Clone)]
 pub struct EngineParts {
     pub clock: Arc<dyn Clock>,
     pub transport: Arc<dyn Transport>,

@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::driver::{Driver, DriverParts, ModuleIndex};
+use crate::engine::EngineParts;
 use crate::engine::Serving;
 use crate::fetch::{FetchConfig, Transport};
 use crate::plugin::ObjectKey;
@@ -103,13 +104,15 @@ pub async fn start(setup: ServeSetup) -> anyhow::Result<ServerHandle> {
     let start = clock.now();
     let (driver, report) = Driver::new(DriverParts {
         config: setup.config.clone(),
-        clock,
-        transport: setup.transport.clone(),
-        store,
-        files: Arc::new(OsFiles),
-        jitter_seed: Some(start.as_millis()),
-        fetch_config: setup.fetch_config.clone(),
-        purge_epoch: start,
+        engine: EngineParts {
+            clock,
+            transport: setup.transport.clone(),
+            store,
+            files: Arc::new(OsFiles),
+            jitter_seed: Some(start.as_millis()),
+            fetch_config: setup.fetch_config.clone(),
+            purge_epoch: start,
+        },
         module_endpoint: format!("http://{admin_address}"),
     })?;
     tracing::info!(kept = report.kept, removed = report.removed.len(), dir = %setup.config.cache_dir.display(), "cache indexed");

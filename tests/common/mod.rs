@@ -20,6 +20,7 @@ use wasm_ecds::cache::ModuleKey;
 use wasm_ecds::clock::{Clock, Timestamp, TokioClock};
 use wasm_ecds::config::Config;
 use wasm_ecds::driver::{Applied, Driver, DriverParts};
+use wasm_ecds::engine::EngineParts;
 use wasm_ecds::engine::{Engine, Event, PluginState, Serving};
 use wasm_ecds::fetch::FetchConfig;
 use wasm_ecds::metrics::normalize_series;
@@ -64,14 +65,16 @@ impl Harness {
         let files = Arc::new(MemFiles::default());
         let parts = DriverParts {
             config,
-            clock: clock.clone(),
-            transport: world.clone(),
-            store: store.clone(),
-            files: files.clone(),
-            // As the simulator: exact backoff delays.
-            jitter_seed: None,
-            fetch_config,
-            purge_epoch: Timestamp::ZERO,
+            engine: EngineParts {
+                clock: clock.clone(),
+                transport: world.clone(),
+                store: store.clone(),
+                files: files.clone(),
+                // As the simulator: exact backoff delays.
+                jitter_seed: None,
+                fetch_config,
+                purge_epoch: Timestamp::ZERO,
+            },
             module_endpoint: "http://wasm-ecds.test".into(),
         };
         let (driver, _) = Driver::new(parts).expect("the module store opens");
