@@ -14,18 +14,30 @@ bash scripts/install-test-deps.sh
 export REGISTRY_BIN="${REGISTRY_BIN:-$(command -v docker-registry || echo /usr/bin/docker-registry)}"
 export ENVOY_BIN="${ENVOY_BIN:-$PWD/.tools/envoy/envoy/_bin/envoy}"
 
-echo "[test] cargo fmt --check"
-cargo fmt --all -- --check
-echo "[test] cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets --locked -- -D warnings
-echo "[test] cargo build --benches (compile check; run them with cargo bench)"
-cargo build --benches --locked
-echo "[test] wasm-ecds sim scenarios/"
-cargo run --locked --quiet -- sim scenarios/
-echo "[test] cargo test"
+# Build sharing (2 cores): clippy needs its own check build of the dependencies, but everything
+# else — library, binary, tests, benches, examples — comes from ONE `cargo test --all-targets`
+# build: the benches are compiled in the test profile, and the scenario library runs on the binary
+# that build made (a separate `cargo run` would rebuild tokio, hyper and clap without the
+# dev-dependencies' features).
+[ "${CI:-}" = "true" ] && export CARGO_INCREMENTAL=0   # a clean build gains nothing from it
+
+phase() { printf '[test] %s\n' "$*"; }
+timed() { local t0=$SECONDS; "$@"; phase "  ($((SECONDS - t0)) s)"; }
+
+phase "cargo fmt --check"
+timed cargo fmt --all -- --check
+phase "cargo clippy --all-targets -- -D warnings"
+timed cargo clippy --all-targets --locked -- -D warnings
+phase "cargo test --all-targets --no-run (library, binary, tests, benches, examples)"
+timed cargo test --all-targets --locked --no-run
+phase "wasm-ecds sim scenarios/"
+timed "${CARGO_TARGET_DIR:-target}/debug/wasm-ecds" sim scenarios/
+phase "cargo test"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
+t0=$SECONDS
 cargo test --locked --no-fail-fast 2>&1 | tee "$log"
+phase "  ($((SECONDS - t0)) s)"
 # One closing line over every suite (the scenario library is counted above).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "total: %d passed, %d failed\n", p, f }' "$log"
