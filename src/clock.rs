@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::ops::{Add, Sub};
-use std::sync::Mutex;
+
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -81,16 +81,19 @@ impl Clock for SystemClock {
     }
 }
 
-/// A virtual clock: `sleep` advances it instantly. Used by the simulator and by tests.
+/// A virtual clock: `sleep` advances it instantly. For unit tests and benches that need no runtime
+/// (the simulator and the test harness use [`TokioClock`]).
+#[cfg(any(test, feature = "testing"))]
 #[derive(Debug, Default)]
 pub struct ManualClock {
-    now: Mutex<Timestamp>,
+    now: std::sync::Mutex<Timestamp>,
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl ManualClock {
     pub fn new(start: Timestamp) -> Self {
         ManualClock {
-            now: Mutex::new(start),
+            now: std::sync::Mutex::new(start),
         }
     }
 
@@ -108,6 +111,7 @@ impl ManualClock {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 #[async_trait]
 impl Clock for ManualClock {
     fn now(&self) -> Timestamp {

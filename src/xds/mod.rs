@@ -17,6 +17,7 @@
 
 use tonic::Status;
 
+#[cfg(any(test, feature = "testing"))]
 pub mod client;
 mod delta;
 pub mod server;
