@@ -8,6 +8,10 @@
 //! - [`fetch`]: HTTP(S), OCI and file fetchers over a [`fetch::Transport`];
 //! - [`store`] and [`cache`]: module files and the cache index (expiry, resolutions);
 //! - [`engine`]: processes plugin versions into outcomes, retries rejected plugins, purges;
+//! - [`dispatch`]: runs the engine's processings as concurrent jobs, one download per module;
+//! - [`convert`]: serving state → the ECDS resource Envoy receives;
+//! - [`driver`]: the one loop around them — admission, engine, dispatcher, published resources —
+//!   shared by [`serve`], [`sim`] and the tests;
 //! - [`metrics`]: Istio-compatible Prometheus series;
 //! - [`sim`] (in `sim/`): the simulated world and scenario runner.
 //!
