@@ -22,7 +22,7 @@ use crate::metrics::normalize_series;
 use crate::outcome::Reason;
 use crate::plugin::ObjectKey;
 use crate::store::sha256_hex;
-use crate::url::OciRef;
+use crate::url::{authority, path_and_query, ModuleUrl, OciRef};
 
 /// `serves` values that are not module names.
 pub const SERVES_DENY_ALL: &str = "deny-all";
@@ -1049,32 +1049,20 @@ fn parse_fail_mode(v: &Value) -> Result<FailMode, String> {
 
 /// Parses a `publish`/`unpublish` reference: `oci://…`, `http(s)://…` or `file:///…`.
 pub fn parse_target(s: &str) -> Result<Target, String> {
-    let Some((scheme, rest)) = s.split_once("://") else {
+    if !s.contains("://") {
         return Err(format!(
             "{s:?}: want oci://, http://, https:// or file:// reference"
         ));
-    };
-    match scheme.to_ascii_lowercase().as_str() {
-        "oci" => OciRef::parse(rest)
-            .map(Target::Oci)
-            .map_err(|e| format!("{s:?}: {e}")),
-        "http" | "https" => {
-            let (authority, path) = super::world::split_url(s)
-                .ok_or_else(|| format!("{s:?}: not a valid http(s) url"))?;
-            Ok(Target::Http {
-                url: s.to_string(),
-                authority,
-                path,
-            })
-        }
-        "file" => {
-            if !rest.starts_with('/') || rest.len() < 2 {
-                return Err(format!("{s:?}: want file:///absolute/path"));
-            }
-            Ok(Target::File(rest.to_string()))
-        }
-        other => Err(format!("{s:?}: unsupported scheme {other:?}")),
     }
+    Ok(match ModuleUrl::parse(s).map_err(|e| e.to_string())? {
+        ModuleUrl::Oci(r) => Target::Oci(r),
+        ModuleUrl::Http(u) => Target::Http {
+            authority: authority(u.url()).to_string(),
+            path: path_and_query(u.url()).to_string(),
+            url: u.as_str().to_string(),
+        },
+        ModuleUrl::File(path) => Target::File(path),
+    })
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use super::scenario::{FailMode, FailRule, KindFilter};
 use crate::clock::{Clock, Timestamp};
 use crate::config::is_always_blocked;
 use crate::fetch::{BodyStream, HttpRequest, HttpResponse, Transport, TransportError};
-use crate::url::OciRef;
+use crate::url::{authority, path_and_query, OciRef};
 
 /// Bodies are handed out in chunks of this size, as a network would.
 const CHUNK: usize = 64 * 1024;
@@ -215,43 +215,24 @@ impl std::fmt::Debug for SimWorld {
     }
 }
 
-/// Splits an `http(s)://` URL into its lowercase authority (`host[:port]`, user info removed) and its
-/// path with query (`/` when empty; the fragment removed). `None` for other schemes or no host.
-pub fn split_url(url: &str) -> Option<(String, String)> {
-    let (scheme, rest) = url.split_once("://")?;
-    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+/// The lowercase authority (`host[:port]`, user info and default port removed), the path with query
+/// (`/` at least, no fragment) and, for an IP-literal host, its address. `None` for other schemes or
+/// no host.
+fn split_request_url(url: &str) -> Option<(String, String, Option<IpAddr>)> {
+    let u = url::Url::parse(url).ok()?;
+    if !matches!(u.scheme(), "http" | "https") {
         return None;
     }
-    let rest = rest.split('#').next().unwrap_or(rest);
-    let end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(end);
-    let authority = authority
-        .rsplit_once('@')
-        .map_or(authority, |x| x.1)
-        .to_ascii_lowercase();
-    if authority.is_empty() || authority.contains(char::is_whitespace) {
-        return None;
-    }
-    let path = if path.is_empty() {
-        "/".to_string()
-    } else if path.starts_with('?') {
-        format!("/{path}")
-    } else {
-        path.to_string()
+    let ip = match u.host()? {
+        url::Host::Domain(_) => None,
+        url::Host::Ipv4(v4) => Some(IpAddr::V4(v4)),
+        url::Host::Ipv6(v6) => Some(IpAddr::V6(v6)),
     };
-    Some((authority, path))
-}
-
-/// The IP of an authority that is an IP literal.
-fn ip_literal(authority: &str) -> Option<IpAddr> {
-    if let Some(rest) = authority.strip_prefix('[') {
-        return rest.split(']').next()?.parse().ok();
-    }
-    let host = match authority.rsplit_once(':') {
-        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
-        _ => authority,
-    };
-    host.parse().ok()
+    Some((
+        authority(&u).to_string(),
+        path_and_query(&u).to_string(),
+        ip,
+    ))
 }
 
 enum Route {
@@ -489,13 +470,13 @@ impl SimWorld {
 
     /// Decides the answer to one request (under the lock, no awaiting).
     fn decide(&self, req: &HttpRequest, now: Timestamp) -> Decision {
-        let Some((authority, path)) = split_url(&req.url) else {
+        let Some((authority, path, ip)) = split_request_url(&req.url) else {
             return Decision::Fail(TransportError::Connect(format!(
                 "{}: not an http(s) url",
                 req.url
             )));
         };
-        if let Some(ip) = ip_literal(&authority) {
+        if let Some(ip) = ip {
             if is_always_blocked(ip) {
                 let mut st = self.state();
                 st.events.push(WorldEvent {
@@ -792,20 +773,22 @@ mod tests {
     #[test]
     fn urls_split_into_authority_and_path() {
         assert_eq!(
-            split_url("https://Files.Example:8443/a/b.wasm?x=1#f"),
-            Some(("files.example:8443".into(), "/a/b.wasm?x=1".into()))
+            split_request_url("https://Files.Example:8443/a/b.wasm?x=1#f"),
+            Some(("files.example:8443".into(), "/a/b.wasm?x=1".into(), None))
         );
-        assert_eq!(split_url("http://u:p@h"), Some(("h".into(), "/".into())));
-        assert_eq!(split_url("ftp://h/x"), None);
         assert_eq!(
-            ip_literal("169.254.169.254:80"),
+            split_request_url("http://u:p@h"),
+            Some(("h".into(), "/".into(), None))
+        );
+        assert_eq!(split_request_url("ftp://h/x"), None);
+        assert_eq!(
+            split_request_url("http://169.254.169.254:80/x").and_then(|x| x.2),
             Some("169.254.169.254".parse().unwrap())
         );
         assert_eq!(
-            ip_literal("[fe80::1]:5000"),
-            Some("fe80::1".parse().unwrap())
+            split_request_url("http://[fe80::1]:5000/").map(|x| (x.0, x.2)),
+            Some(("[fe80::1]:5000".into(), Some("fe80::1".parse().unwrap())))
         );
-        assert_eq!(ip_literal("reg.example"), None);
     }
 
     #[test]

@@ -11,12 +11,14 @@ use std::io::Write;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
+use url::Url;
 
 use super::retry::{with_retries, AttemptError, PullBudget};
 use super::unpack::unpack_module;
 use super::{BodyStream, FetchError, Fetcher, HttpRequest, HttpResponse, StagedModule};
 use super::{StagedFile, TransportError};
 use crate::clock::Timestamp;
+use crate::url::HttpUrl;
 
 /// Redirect hops followed inside one attempt (as Go's `net/http` client).
 pub const MAX_REDIRECTS: usize = 10;
@@ -97,6 +99,9 @@ impl Fetcher {
         budget: PullBudget,
         validators: Option<&Validators>,
     ) -> Result<HttpPull, FetchError> {
+        let parsed = HttpUrl::parse(url)
+            .map_err(|why| FetchError::Download(format!("{url}: invalid url: {why}")))?;
+        let url = parsed.url().as_str();
         let attempt = with_retries(self, budget, |timeout| async move {
             self.download_attempt(url, timeout, validators).await
         })
@@ -189,23 +194,36 @@ impl Fetcher {
             let location = resp.header("location").ok_or_else(|| {
                 AttemptError::Fatal(kind(format!("{url}: redirect {status} without location")))
             })?;
-            let next = resolve_location(url, location).ok_or_else(|| {
+            let unsupported = || {
                 AttemptError::Fatal(kind(format!(
                     "{url}: redirect {status} to unsupported location {location:?}"
                 )))
-            })?;
+            };
+            let current = Url::parse(url).map_err(|_| unsupported())?;
+            let next = resolve_location(&current, location).ok_or_else(unsupported)?;
             if hops == MAX_REDIRECTS {
                 return Err(AttemptError::Fatal(kind(format!(
                     "{url}: stopped after {MAX_REDIRECTS} redirects"
                 ))));
             }
             hops += 1;
-            if origin(&next) != origin(url) {
+            if next.origin() != current.origin() {
                 req.headers.retain(|(k, _)| k != "authorization");
             }
-            req.url = next;
+            req.url = next.into();
         }
     }
+}
+
+/// Resolves a `Location` against the URL it came from (RFC 3986 §5, by [`Url::join`]). Only
+/// http(s) targets with a host are followed; the fragment is dropped (it is never sent).
+pub(crate) fn resolve_location(base: &Url, location: &str) -> Option<Url> {
+    let mut next = base.join(location.trim()).ok()?;
+    if !matches!(next.scheme(), "http" | "https") || next.host_str().is_none_or(str::is_empty) {
+        return None;
+    }
+    next.set_fragment(None);
+    Some(next)
 }
 
 /// Statuses retried as transient (behavior.md §4.1): 5xx except 501, 505 and 511.
@@ -337,102 +355,6 @@ pub(crate) async fn read_small_body(
         buf.extend_from_slice(&chunk);
     }
     Ok(buf)
-}
-
-// ---------------------------------------------------------------------------------------------
-// URLs (no url crate: the fetchers only need origins and RFC 3986 reference resolution)
-
-/// Splits `scheme://authority/path?query` into (scheme, authority, path-and-query).
-fn split_url(url: &str) -> Option<(&str, &str, &str)> {
-    let (scheme, rest) = url.split_once("://")?;
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(end);
-    let tail = tail.split('#').next().unwrap_or_default();
-    Some((scheme, authority, tail))
-}
-
-/// `scheme://authority`, lowercased: two URLs with the same origin may share credentials.
-pub(crate) fn origin(url: &str) -> Option<String> {
-    let (scheme, authority, _) = split_url(url)?;
-    Some(format!("{scheme}://{authority}").to_ascii_lowercase())
-}
-
-/// The host of an http(s) URL without port or brackets (`[::1]` → `::1`), lowercased.
-pub(crate) fn url_host(url: &str) -> Option<String> {
-    let (_, authority, _) = split_url(url)?;
-    let hostport = authority.rsplit_once('@').map_or(authority, |x| x.1);
-    let host = if let Some(v6) = hostport.strip_prefix('[') {
-        v6.split(']').next()?
-    } else {
-        hostport.split(':').next()?
-    };
-    Some(host.to_ascii_lowercase())
-}
-
-/// Resolves a `Location` against the URL it came from. Only http(s) targets are followed.
-pub(crate) fn resolve_location(base: &str, location: &str) -> Option<String> {
-    let location = location.trim();
-    let location = location.split('#').next().unwrap_or_default();
-    if let Some((scheme, _)) = location.split_once("://") {
-        let scheme = scheme.to_ascii_lowercase();
-        return (matches!(scheme.as_str(), "http" | "https")
-            && split_url(location).is_some_and(|(_, a, _)| !a.is_empty()))
-        .then(|| location.to_string());
-    }
-    let (scheme, authority, tail) = split_url(base)?;
-    if let Some(rest) = location.strip_prefix("//") {
-        return (!rest.is_empty()).then(|| format!("{scheme}:{location}"));
-    }
-    let (base_path, _) = tail.split_once('?').unwrap_or((tail, ""));
-    let joined = if location.is_empty() {
-        tail.to_string()
-    } else if location.starts_with('/') {
-        location.to_string()
-    } else if location.starts_with('?') {
-        format!("{base_path}{location}")
-    } else {
-        // A colon before any slash would be another scheme ("mailto:…"): not followed.
-        let first = location.split('/').next().unwrap_or_default();
-        if first.contains(':') {
-            return None;
-        }
-        let dir = base_path.rsplit_once('/').map_or("", |x| x.0);
-        format!("{dir}/{location}")
-    };
-    let (path, query) = match joined.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (joined.as_str(), None),
-    };
-    let mut out = format!("{scheme}://{authority}{}", remove_dot_segments(path));
-    if let Some(q) = query {
-        out.push('?');
-        out.push_str(q);
-    }
-    Some(out)
-}
-
-/// RFC 3986 §5.2.4, for absolute paths.
-fn remove_dot_segments(path: &str) -> String {
-    let mut out: Vec<&str> = Vec::new();
-    let segments: Vec<&str> = path.split('/').skip(1).collect();
-    for (i, seg) in segments.iter().enumerate() {
-        let last = i + 1 == segments.len();
-        match *seg {
-            "." => {
-                if last {
-                    out.push("");
-                }
-            }
-            ".." => {
-                out.pop();
-                if last {
-                    out.push("");
-                }
-            }
-            s => out.push(s),
-        }
-    }
-    format!("/{}", out.join("/"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -942,8 +864,8 @@ mod tests {
 
     #[test]
     fn resolves_locations() {
-        let base = "https://h.example:8443/a/b/c.wasm?x=1";
-        let r = |l| resolve_location(base, l);
+        let base = Url::parse("https://h.example:8443/a/b/c.wasm?x=1").unwrap();
+        let r = |l| resolve_location(&base, l).map(String::from);
         assert_eq!(r("/d").as_deref(), Some("https://h.example:8443/d"));
         assert_eq!(r("d/e").as_deref(), Some("https://h.example:8443/a/b/d/e"));
         assert_eq!(r("../d").as_deref(), Some("https://h.example:8443/a/d"));
@@ -956,15 +878,11 @@ mod tests {
             Some("https://h.example:8443/a/b/c.wasm?y=2")
         );
         assert_eq!(r("//other/x").as_deref(), Some("https://other/x"));
-        assert_eq!(r("HTTP://other/x#f").as_deref(), Some("HTTP://other/x"));
+        assert_eq!(r("HTTP://other/x#f").as_deref(), Some("http://other/x"));
         assert_eq!(r("file:///etc/passwd"), None);
         assert_eq!(r("mailto:x@y"), None);
-        assert_eq!(url_host("http://u:p@[::1]:80/x").as_deref(), Some("::1"));
-        assert_eq!(
-            url_host("https://Reg.Example:5000/v2/").as_deref(),
-            Some("reg.example")
-        );
+        let origin = |u: &str| Url::parse(u).unwrap().origin();
         assert_ne!(origin("https://a/x"), origin("https://a:444/x"));
-        assert_eq!(origin("https://A/x"), origin("https://a/y"));
+        assert_eq!(origin("https://A/x"), origin("https://a:443/y"));
     }
 }

@@ -7,7 +7,9 @@ use std::net::IpAddr;
 use serde::Deserialize;
 
 use super::{credentials_note, deadline_exceeded};
-use crate::fetch::http::{read_small_body, status_failure, url_host, ErrorKind};
+use url::{Host, Url};
+
+use crate::fetch::http::{read_small_body, status_failure, ErrorKind};
 use crate::fetch::retry::{with_retries, AttemptError, PullBudget};
 use crate::fetch::{FetchError, Fetcher, HttpRequest};
 use crate::plugin::secret::Credentials;
@@ -100,19 +102,23 @@ impl Fetcher {
         let realm = challenge.param("realm").ok_or_else(|| {
             FetchError::Unauthorized(format!("{ping}: bearer challenge without realm"))
         })?;
-        validate_realm(realm, self.config.allow_private_token_realm).map_err(|why| {
+        let mut url = parse_realm(realm, self.config.allow_private_token_realm).map_err(|why| {
             FetchError::Unauthorized(format!("token realm {realm:?} refused: {why}"))
         })?;
-        let mut url = realm.to_string();
-        let mut sep = if url.contains('?') { '&' } else { '?' };
+        let mut query: Vec<String> = url
+            .query()
+            .filter(|q| !q.is_empty())
+            .map(str::to_string)
+            .into_iter()
+            .collect();
         if let Some(service) = challenge.param("service") {
-            url.push_str(&format!("{sep}service={}", query_escape(service)));
-            sep = '&';
+            query.push(format!("service={}", query_escape(service)));
         }
-        url.push_str(&format!(
-            "{sep}scope={}",
+        query.push(format!(
+            "scope={}",
             query_escape(&format!("repository:{repository}:pull"))
         ));
+        url.set_query(Some(&query.join("&")));
         let url = url.as_str();
         let token = with_retries(self, budget, |timeout| async move {
             if timeout.is_zero() {
@@ -243,40 +249,40 @@ fn parse_challenges(header: &str) -> Vec<Challenge> {
 /// Istio `validateRealmURL`). `allow_private` admits loopback and private hosts (tests, the
 /// simulator); link-local and metadata addresses are refused regardless.
 pub fn validate_realm(realm: &str, allow_private: bool) -> Result<(), String> {
-    let scheme = realm
-        .split_once("://")
-        .map(|(s, _)| s.to_ascii_lowercase())
-        .ok_or("not an absolute url")?;
+    parse_realm(realm, allow_private).map(drop)
+}
+
+/// [`validate_realm`], returning the parsed realm.
+fn parse_realm(realm: &str, allow_private: bool) -> Result<Url, String> {
+    let url = Url::parse(realm.trim()).map_err(|e| format!("not an absolute url ({e})"))?;
+    let scheme = url.scheme();
     if scheme != "http" && scheme != "https" {
         return Err(format!(
             "scheme {scheme:?} not allowed (want http or https)"
         ));
     }
-    let host = url_host(realm)
-        .filter(|h| !h.is_empty())
-        .ok_or("missing host")?;
-    let host = host.trim_end_matches('.');
-    if host == "metadata.google.internal" {
-        return Err("host is a cloud metadata service".into());
-    }
-    let private = if host == "localhost" || host.ends_with(".localhost") {
-        true
-    } else if let Ok(ip) = host.parse::<IpAddr>() {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
-        if crate::config::is_always_blocked(ip) || is_link_local(ip) {
-            return Err(format!("{ip} is a link-local or metadata address"));
+    let ip = match url.host() {
+        None => return Err("missing host".into()),
+        Some(Host::Domain(name)) => {
+            let name = name.trim_end_matches('.');
+            if name == "metadata.google.internal" {
+                return Err("host is a cloud metadata service".into());
+            }
+            if (name == "localhost" || name.ends_with(".localhost")) && !allow_private {
+                return Err(format!("{name} is a local or private address"));
+            }
+            return Ok(url);
         }
-        is_private(ip)
-    } else {
-        false
+        Some(Host::Ipv4(v4)) => IpAddr::V4(v4),
+        Some(Host::Ipv6(v6)) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
     };
-    if private && !allow_private {
-        return Err(format!("{host} is a local or private address"));
+    if crate::config::is_always_blocked(ip) || is_link_local(ip) {
+        return Err(format!("{ip} is a link-local or metadata address"));
     }
-    Ok(())
+    if is_private(ip) && !allow_private {
+        return Err(format!("{ip} is a local or private address"));
+    }
+    Ok(url)
 }
 
 fn is_link_local(ip: IpAddr) -> bool {
