@@ -852,10 +852,8 @@ mod tests {
             assert_eq!(by_digest.status, 200);
             let refused = w
                 .get(
-                    &HttpRequest::get("https://reg.example/v2/ns/repo/manifests/v1").header(
-                        "Accept",
-                        "application/vnd.docker.distribution.manifest.v2+json",
-                    ),
+                    &HttpRequest::get("https://reg.example/v2/ns/repo/manifests/v1")
+                        .header("Accept", crate::fetch::oci::DOCKER_MANIFEST),
                     T,
                 )
                 .await

@@ -80,7 +80,7 @@ pub(super) fn image(media_type: &str, layers: &[(&str, &[u8])]) -> serde_json::V
     json!({
             "schemaVersion": 2,
             "mediaType": media_type,
-            "config": desc("application/vnd.oci.image.config.v1+json", config),
+            "config": desc(OCI_CONFIG, config),
             "layers": layers.iter().map(|(t, b)| desc(t, b)).collect::<Vec<_>>(),
     })
 }

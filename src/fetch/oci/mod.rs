@@ -20,12 +20,16 @@
 //! - [`auth`]: the ping, Basic and Bearer challenges, token realm checks;
 //! - [`manifest`]: fetching and verifying manifests, image index → `linux/amd64`, choosing the
 //!   module layer per image format;
-//! - [`pull`]: the blob download, streamed to the store and unpacked per image format.
+//! - [`pull`]: the blob download, streamed to the store and unpacked per image format;
+//! - [`media_type`]: the media types of every format; [`image`]: builds images in every format
+//!   (for the simulator and the tests).
 
 mod auth;
 #[cfg(test)]
 mod fixtures;
+pub mod image;
 mod manifest;
+pub mod media_type;
 mod pull;
 
 use std::fmt;
@@ -38,29 +42,11 @@ use crate::url::OciRef;
 use manifest::{choose_layer, parse_manifest, pick_platform};
 
 pub use auth::validate_realm;
+pub use media_type::*;
 
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-/// The last layer of a Docker image holding `plugin.wasm`.
-pub const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
-/// The last layer of an OCI "compat" image holding `plugin.wasm`.
-pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-/// The raw module of a Wasm artifact (solo-io Wasm image spec, the one Istio accepts).
-pub const WASM_CONTENT_LAYER: &str = "application/vnd.module.wasm.content.layer.v1+wasm";
-/// The same, as written by other tools (accepted as an improvement, behavior.md §4.2).
-pub const WASM_CONTENT_LAYER_ALT: &str = "application/vnd.wasm.content.layer.v1+wasm";
-/// The config layer of a two-layer Wasm artifact; never downloaded.
-pub const WASM_CONFIG_LAYER: &str = "application/vnd.module.wasm.config.v1+json";
-
-/// What a manifest request accepts, index types first.
-pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
-     application/vnd.docker.distribution.manifest.list.v2+json, \
-     application/vnd.oci.image.manifest.v1+json, \
-     application/vnd.docker.distribution.manifest.v2+json";
 /// Manifests are small JSON documents; anything bigger is refused (4 MiB, as containerd).
 pub const MAX_MANIFEST_SIZE: usize = 4 << 20;
+
 /// How an image holds its module (behavior.md §4.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ImageFormat {
