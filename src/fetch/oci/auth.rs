@@ -9,7 +9,7 @@ use serde::Deserialize;
 use super::{credentials_note, deadline_exceeded};
 use url::{Host, Url};
 
-use crate::fetch::http::{read_small_body, status_failure, ErrorKind};
+use crate::fetch::request::{read_small_body, status_failure, ErrorKind};
 use crate::fetch::retry::{with_retries, AttemptError, PullBudget};
 use crate::fetch::{FetchError, Fetcher, HttpRequest};
 use crate::plugin::secret::Credentials;
@@ -322,7 +322,7 @@ mod tests {
 
     use super::super::fixtures::*;
     use super::*;
-    use crate::fetch::http::fake::{config, harness, Harness, Reply};
+    use crate::fetch::fake::{config, harness, Harness, Reply};
     use crate::fetch::oci::{OCI_MANIFEST, WASM_CONTENT_LAYER};
     use crate::fetch::unpack::tests::wasm;
     use crate::outcome::Reason;

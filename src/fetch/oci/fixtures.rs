@@ -7,7 +7,7 @@ use std::io::Read;
 use serde_json::json;
 
 use super::*;
-use crate::fetch::http::fake::{Harness, Reply};
+use crate::fetch::fake::{Harness, Reply};
 use crate::fetch::{FetchError, HttpRequest, StagedModule};
 use crate::store::sha256_hex;
 

@@ -381,7 +381,7 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
-    use crate::fetch::http::fake::{config, harness, Reply};
+    use crate::fetch::fake::{config, harness, Reply};
     use crate::fetch::unpack::tests::wasm;
     use crate::url::OciRef;
 

@@ -10,7 +10,7 @@ use super::{deadline_exceeded, registry_status, Descriptor, ImageFormat};
 use super::{DOCKER_LAYER, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, MANIFEST_ACCEPT};
 use super::{MAX_MANIFEST_SIZE, OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST};
 use super::{WASM_CONTENT_LAYER, WASM_CONTENT_LAYER_ALT};
-use crate::fetch::http::{read_small_body, ErrorKind};
+use crate::fetch::request::{read_small_body, ErrorKind};
 use crate::fetch::retry::{with_retries, AttemptError, PullBudget};
 use crate::fetch::{FetchError, Fetcher, HttpRequest};
 use crate::store::sha256_hex;
@@ -272,7 +272,7 @@ mod tests {
     use super::super::fixtures::*;
     use super::super::WASM_CONFIG_LAYER;
     use super::*;
-    use crate::fetch::http::fake::{config, harness, Reply};
+    use crate::fetch::fake::{config, harness, Reply};
     use crate::fetch::unpack::tests::wasm;
     use crate::fetch::TransportError;
     use crate::outcome::Reason;

@@ -34,7 +34,7 @@ mod pull;
 
 use std::fmt;
 
-use super::http::{status_failure, ErrorKind};
+use super::request::{status_failure, ErrorKind};
 use super::retry::{AttemptError, PullBudget};
 use super::{FetchError, Fetcher};
 use crate::plugin::secret::Credentials;
@@ -223,7 +223,7 @@ fn registry_status(
 mod tests {
     use super::fixtures::*;
     use super::*;
-    use crate::fetch::http::fake::{config, harness, Reply};
+    use crate::fetch::fake::{config, harness, Reply};
     use crate::fetch::TransportError;
     use crate::outcome::Reason;
 

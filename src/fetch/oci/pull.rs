@@ -8,7 +8,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use super::{deadline_exceeded, registry_status, ImageFormat, OciResolved};
-use crate::fetch::http::{check_content_length, stream_body, ErrorKind, TransferLimit};
+use crate::fetch::request::{check_content_length, stream_body, ErrorKind, TransferLimit};
 use crate::fetch::retry::{with_retries, AttemptError, PullBudget};
 use crate::fetch::unpack::{check_wasm, extract_plugin_wasm, MIN_WASM_SIZE};
 use crate::fetch::{FetchError, Fetcher, HttpRequest, StagedFile, StagedModule};
@@ -129,7 +129,7 @@ mod tests {
     use super::super::fixtures::*;
     use super::super::*;
     use super::*;
-    use crate::fetch::http::fake::{config, harness, Reply};
+    use crate::fetch::fake::{config, harness, Reply};
     use crate::fetch::unpack::tests::{gzip, tar_of, wasm};
     use crate::outcome::Reason;
     use crate::store::sha256_hex;
