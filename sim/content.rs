@@ -3,14 +3,14 @@
 //! push (behavior.md §4.2). Everything here is a pure function of its inputs, so two runs of a
 //! scenario see the same bytes, checksums and manifest digests.
 //!
-//! The registry and the HTTP hosts that serve these bytes live in [`super::world`].
+//! The registry and the HTTP hosts that serve these bytes live in [`super::world`]; the images are
+//! built by the library's image builder ([`crate::fetch::oci::image`]), the one the registry tests
+//! push to a real registry.
 
-use std::io::Write;
+use crate::fetch::oci::image::{self as builder, ImageOptions, Layout};
 
-use flate2::{Compression, GzBuilder};
-use serde_json::{json, Value};
-
-use crate::store::sha256_hex;
+pub use crate::fetch::oci::image::{gzip, Blob, Image};
+pub use crate::fetch::unpack::PLUGIN_WASM;
 
 /// The name of the custom section every simulated module carries.
 pub const CUSTOM_SECTION_NAME: &str = "wasm-ecds-sim";
@@ -18,21 +18,6 @@ pub const CUSTOM_SECTION_NAME: &str = "wasm-ecds-sim";
 const WASM_HEADER: [u8; 8] = *b"\0asm\x01\0\0\0";
 /// Prefix of the bytes of a module declared `invalid: true`.
 const INVALID_PREFIX: &[u8] = b"not wasm: ";
-/// The file name image layers and tar bodies hold the module under.
-pub const PLUGIN_WASM: &str = "plugin.wasm";
-
-pub const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const MT_OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-pub const MT_OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
-pub const MT_OCI_LAYER_TGZ: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-pub const MT_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-pub const MT_DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
-pub const MT_DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
-pub const MT_WASM_CONFIG: &str = "application/vnd.module.wasm.config.v1+json";
-pub const MT_WASM_CONTENT: &str = "application/vnd.module.wasm.content.layer.v1+wasm";
-/// What `oras push` records as the artifact type when none is given.
-const ORAS_UNKNOWN_ARTIFACT: &str = "application/vnd.unknown.artifact.v1";
 
 /// Deterministic bytes of a module.
 ///
@@ -143,33 +128,9 @@ impl Encoding {
     }
 }
 
-/// gzip with a fixed header (mtime 0, no file name) and compression level.
-pub fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut enc = GzBuilder::new()
-        .mtime(0)
-        .write(Vec::new(), Compression::default());
-    enc.write_all(data).expect("writing into a Vec cannot fail");
-    enc.finish().expect("writing into a Vec cannot fail")
-}
-
 /// A ustar archive with one regular file (mode 0644, uid/gid 0, mtime 0).
 pub fn tar_single(path: &str, data: &[u8]) -> Vec<u8> {
-    let mut header = tar::Header::new_ustar();
-    header.set_path(path).expect("a short relative path");
-    header.set_size(data.len() as u64);
-    header.set_mode(0o644);
-    header.set_uid(0);
-    header.set_gid(0);
-    header.set_mtime(0);
-    header.set_entry_type(tar::EntryType::Regular);
-    header.set_cksum();
-    let mut builder = tar::Builder::new(Vec::new());
-    builder
-        .append(&header, data)
-        .expect("writing into a Vec cannot fail");
-    builder
-        .into_inner()
-        .expect("writing into a Vec cannot fail")
+    builder::tar(&[(path, data)])
 }
 
 /// How an image is laid out in the registry (`publish.format`).
@@ -202,165 +163,19 @@ impl ImageFormat {
     }
 }
 
-/// A blob or manifest: its bytes and hex sha256.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Blob {
-    pub media_type: String,
-    pub bytes: Vec<u8>,
-    pub digest: String,
-}
-
-impl Blob {
-    pub fn new(media_type: &str, bytes: Vec<u8>) -> Self {
-        let digest = sha256_hex(&bytes);
-        Blob {
-            media_type: media_type.to_string(),
-            bytes,
-            digest,
-        }
-    }
-
-    fn descriptor(&self) -> Value {
-        json!({"mediaType": self.media_type, "digest": format!("sha256:{}", self.digest), "size": self.bytes.len()})
-    }
-
-    fn descriptor_titled(&self, title: &str) -> Value {
-        let mut d = self.descriptor();
-        d["annotations"] = json!({"org.opencontainers.image.title": title});
-        d
-    }
-}
-
-/// What publishing an image pushes: every blob and manifest, and the manifest the tag points at
-/// (the last of `manifests`).
-#[derive(Clone, Debug)]
-pub struct Image {
-    pub blobs: Vec<Blob>,
-    /// Child manifests first, the tagged one last.
-    pub manifests: Vec<Blob>,
-}
-
-impl Image {
-    pub fn top(&self) -> &Blob {
-        self.manifests.last().expect("an image has a manifest")
-    }
-}
-
-fn manifest_blob(media_type: &str, manifest: &Value) -> Blob {
-    Blob::new(
-        media_type,
-        serde_json::to_vec(manifest).expect("json serializes"),
-    )
-}
-
 /// Builds the image of `module` (named `name`) in `format`.
 pub fn build_image(name: &str, module: &[u8], format: ImageFormat) -> Image {
+    let options = ImageOptions::new(name);
+    let build = |layout| builder::build_image(layout, module, &options);
     match format {
-        ImageFormat::OciArtifact => {
-            let config = Blob::new(
-                MT_WASM_CONFIG,
-                serde_json::to_vec(&json!({"type": "envoy_proxy", "abiVersions": ["v0.2.1"], "config": {"rootIds": [name]}}))
-                    .expect("json serializes"),
-            );
-            let content = Blob::new(MT_WASM_CONTENT, module.to_vec());
-            let manifest = json!({
-                "schemaVersion": 2,
-                "mediaType": MT_OCI_MANIFEST,
-                "config": config.descriptor(),
-                "layers": [config.descriptor_titled("runtime-config.json"), content.descriptor_titled(PLUGIN_WASM)],
-            });
-            Image {
-                manifests: vec![manifest_blob(MT_OCI_MANIFEST, &manifest)],
-                blobs: vec![config, content],
-            }
-        }
-        ImageFormat::OciArtifactSingle => {
-            let config = Blob::new(MT_OCI_EMPTY, b"{}".to_vec());
-            let content = Blob::new(MT_WASM_CONTENT, module.to_vec());
-            let manifest = json!({
-                "schemaVersion": 2,
-                "mediaType": MT_OCI_MANIFEST,
-                "artifactType": ORAS_UNKNOWN_ARTIFACT,
-                "config": config.descriptor(),
-                "layers": [content.descriptor_titled(PLUGIN_WASM)],
-            });
-            Image {
-                manifests: vec![manifest_blob(MT_OCI_MANIFEST, &manifest)],
-                blobs: vec![config, content],
-            }
-        }
-        ImageFormat::OciCompat | ImageFormat::Docker => {
-            let docker = format == ImageFormat::Docker;
-            let tar = tar_single(PLUGIN_WASM, module);
-            let diff_id = sha256_hex(&tar);
-            let layer = Blob::new(
-                if docker {
-                    MT_DOCKER_LAYER
-                } else {
-                    MT_OCI_LAYER_TGZ
-                },
-                gzip(&tar),
-            );
-            let config = Blob::new(
-                if docker {
-                    MT_DOCKER_CONFIG
-                } else {
-                    MT_OCI_CONFIG
-                },
-                serde_json::to_vec(&json!({
-                    "architecture": "amd64",
-                    "os": "linux",
-                    "config": {},
-                    "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{diff_id}")]},
-                }))
-                .expect("json serializes"),
-            );
-            let manifest = if docker {
-                json!({
-                    "schemaVersion": 2,
-                    "mediaType": MT_DOCKER_MANIFEST,
-                    "config": config.descriptor(),
-                    "layers": [layer.descriptor()],
-                })
-            } else {
-                json!({
-                    "schemaVersion": 2,
-                    "mediaType": MT_OCI_MANIFEST,
-                    "config": config.descriptor(),
-                    "layers": [layer.descriptor()],
-                    "annotations": {"module.wasm.image/variant": "compat"},
-                })
-            };
-            let mt = if docker {
-                MT_DOCKER_MANIFEST
-            } else {
-                MT_OCI_MANIFEST
-            };
-            Image {
-                manifests: vec![manifest_blob(mt, &manifest)],
-                blobs: vec![config, layer],
-            }
-        }
-        ImageFormat::OciIndex => {
-            let arm = build_image(name, module, ImageFormat::OciCompat);
-            let amd = build_image(name, module, ImageFormat::OciArtifact);
-            let platform = |arch: &str| json!({"architecture": arch, "os": "linux"});
-            let mut arm_desc = arm.top().descriptor();
-            arm_desc["platform"] = platform("arm64");
-            let mut amd_desc = amd.top().descriptor();
-            amd_desc["platform"] = platform("amd64");
-            let index = json!({
-                "schemaVersion": 2,
-                "mediaType": MT_OCI_INDEX,
-                "manifests": [arm_desc, amd_desc],
-            });
-            let mut blobs = arm.blobs;
-            blobs.extend(amd.blobs);
-            let mut manifests = arm.manifests;
-            manifests.extend(amd.manifests);
-            manifests.push(manifest_blob(MT_OCI_INDEX, &index));
-            Image { blobs, manifests }
-        }
+        ImageFormat::OciArtifact => build(Layout::WasmArtifact),
+        ImageFormat::OciArtifactSingle => build(Layout::WasmArtifactSingle),
+        ImageFormat::OciCompat => build(Layout::OciCompat),
+        ImageFormat::Docker => build(Layout::Docker),
+        ImageFormat::OciIndex => builder::build_index(vec![
+            ("linux", "arm64", build(Layout::OciCompat)),
+            ("linux", "amd64", build(Layout::WasmArtifact)),
+        ]),
     }
 }
 
@@ -368,7 +183,10 @@ pub fn build_image(name: &str, module: &[u8], format: ImageFormat) -> Image {
 mod tests {
     use std::io::Read;
 
+    use serde_json::Value;
+
     use super::*;
+    use crate::fetch::oci::OCI_INDEX;
 
     #[test]
     fn valid_modules_are_wasm_of_the_requested_size() {
@@ -478,6 +296,6 @@ mod tests {
         }
         let idx = build_image("a", &m, ImageFormat::OciIndex);
         assert_eq!(idx.manifests.len(), 3);
-        assert_eq!(idx.top().media_type, MT_OCI_INDEX);
+        assert_eq!(idx.top().media_type, OCI_INDEX);
     }
 }

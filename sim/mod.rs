@@ -5,6 +5,8 @@
 //! # Layout
 //! - [`scenario`]: the file format — parsing, validation (unknown keys are errors), substitutions;
 //! - [`content`]: deterministic module bytes, archives and image manifests;
+//! - [`rules`]: failure rules and auth schemes, shared by [`scenario`] (which parses them) and
+//!   [`world`] (which applies them);
 //! - [`world`]: the simulated hosts behind the fetchers' [`Transport`](crate::fetch::Transport):
 //!   registries, HTTP servers, injected failures, auth, request counts;
 //! - [`runner`]: drives the [`Engine`](crate::engine::Engine) step by step through virtual time and
@@ -16,6 +18,7 @@
 
 pub mod content;
 pub mod report;
+pub mod rules;
 pub mod runner;
 pub mod scenario;
 pub mod world;

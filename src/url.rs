@@ -1,9 +1,13 @@
 //! Module URLs: parsing `spec.url` into the three sources the server knows (OCI, HTTP(S), local file)
 //! and deriving the cache's *module name* from them (behavior.md §1, §5).
 //!
-//! This module only parses; it never touches the network.
+//! This module only parses; it never touches the network. http(s) URLs are parsed once, by the
+//! `url` crate, into an [`HttpUrl`]; the fetchers, the simulator and the tests use the same parser
+//! for redirect `Location`s ([`url::Url::join`]) and for splitting a URL into host and path.
 
+use std::cmp::Ordering;
 use std::fmt;
+use std::hash::{Hash, Hasher};
 
 use thiserror::Error;
 
@@ -14,10 +18,22 @@ pub const DEFAULT_OCI_TAG: &str = "latest";
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ModuleUrl {
     Oci(OciRef),
-    /// `http://` or `https://`, kept verbatim.
-    Http(String),
+    /// `http://` or `https://`.
+    Http(HttpUrl),
     /// `file:///path`: the absolute local path.
     File(String),
+}
+
+/// An `http://` or `https://` URL, parsed once.
+///
+/// Its text stays as written (trimmed): that text is the cache's module name and the key of its
+/// resolutions, so it must not change when the parser's normal form would differ (`https://h`
+/// versus `https://h/`). Equality, ordering and hashing go by that text. Requests use the parsed
+/// form ([`HttpUrl::url`]).
+#[derive(Clone, Debug)]
+pub struct HttpUrl {
+    text: String,
+    parsed: url::Url,
 }
 
 /// An OCI image reference: `oci://registry/repository[:tag][@sha256:<hex>]`.
@@ -54,14 +70,7 @@ impl ModuleUrl {
         match raw.split_once("://") {
             Some((scheme, rest)) => match scheme.to_ascii_lowercase().as_str() {
                 "oci" => OciRef::parse(rest).map(ModuleUrl::Oci).map_err(invalid),
-                "http" | "https" => {
-                    let parsed: http::Uri =
-                        raw.parse().map_err(|_| invalid("not a valid http url"))?;
-                    if parsed.host().is_none_or(str::is_empty) {
-                        return Err(invalid("missing host"));
-                    }
-                    Ok(ModuleUrl::Http(raw.to_string()))
-                }
+                "http" | "https" => HttpUrl::parse(raw).map(ModuleUrl::Http).map_err(invalid),
                 "file" => {
                     if !rest.starts_with('/') || rest.len() < 2 {
                         return Err(invalid("file url must be file:///absolute/path"));
@@ -87,7 +96,7 @@ impl ModuleUrl {
     pub fn module_name(&self) -> String {
         match self {
             ModuleUrl::Oci(r) => format!("oci://{}/{}", r.registry, r.repository),
-            ModuleUrl::Http(u) => u.clone(),
+            ModuleUrl::Http(u) => u.as_str().to_string(),
             ModuleUrl::File(p) => format!("file://{p}"),
         }
     }
@@ -102,14 +111,11 @@ impl ModuleUrl {
         }
     }
 
+    /// The registry, or the `host[:port]` of an http(s) URL (lowercase, default port omitted).
     pub fn host(&self) -> Option<&str> {
         match self {
             ModuleUrl::Oci(r) => Some(&r.registry),
-            ModuleUrl::Http(u) => {
-                let rest = u.split_once("://").map(|x| x.1).unwrap_or(u);
-                let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
-                Some(authority.rsplit_once('@').map(|x| x.1).unwrap_or(authority))
-            }
+            ModuleUrl::Http(u) => Some(authority(u.url())),
             ModuleUrl::File(_) => None,
         }
     }
@@ -126,10 +132,84 @@ impl fmt::Display for ModuleUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ModuleUrl::Oci(r) => write!(f, "oci://{r}"),
-            ModuleUrl::Http(u) => f.write_str(u),
+            ModuleUrl::Http(u) => f.write_str(u.as_str()),
             ModuleUrl::File(p) => write!(f, "file://{p}"),
         }
     }
+}
+
+impl HttpUrl {
+    /// Parses an absolute `http://` or `https://` URL with a host.
+    pub fn parse(raw: &str) -> Result<Self, &'static str> {
+        let text = raw.trim();
+        let parsed = url::Url::parse(text).map_err(|e| match e {
+            url::ParseError::EmptyHost => "missing host",
+            _ => "not a valid http url",
+        })?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err("not an http or https url");
+        }
+        if parsed.host_str().is_none_or(str::is_empty) {
+            return Err("missing host");
+        }
+        Ok(HttpUrl {
+            text: text.to_string(),
+            parsed,
+        })
+    }
+
+    /// The URL as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The parsed (normalised) URL, what requests are sent to.
+    pub fn url(&self) -> &url::Url {
+        &self.parsed
+    }
+}
+
+impl PartialEq for HttpUrl {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for HttpUrl {}
+
+impl Hash for HttpUrl {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.text.hash(state);
+    }
+}
+
+impl PartialOrd for HttpUrl {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for HttpUrl {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.text.cmp(&other.text)
+    }
+}
+
+impl fmt::Display for HttpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// `host[:port]` of a URL as the parser normalised it: lowercase, IPv6 in brackets, no user info,
+/// no default port. Empty when the URL has no host.
+pub fn authority(u: &url::Url) -> &str {
+    &u[url::Position::BeforeHost..url::Position::AfterPort]
+}
+
+/// The path and query of a URL (`/` at least; no fragment), as an HTTP request line names them.
+pub fn path_and_query(u: &url::Url) -> &str {
+    &u[url::Position::BeforePath..url::Position::AfterQuery]
 }
 
 impl OciRef {
@@ -251,10 +331,34 @@ mod tests {
 
     #[test]
     fn parses_http_and_file() {
+        let u = ModuleUrl::parse(" https://h.example/x.wasm").unwrap();
         assert_eq!(
-            ModuleUrl::parse("https://h.example/x.wasm").unwrap(),
-            ModuleUrl::Http("https://h.example/x.wasm".into())
+            u,
+            ModuleUrl::Http(HttpUrl::parse("https://h.example/x.wasm").unwrap())
         );
+        // The text as written is the module name, even where the parser's normal form differs.
+        let u = ModuleUrl::parse("HTTPS://H.example").unwrap();
+        assert_eq!(
+            (u.to_string(), u.module_name()),
+            ("HTTPS://H.example".into(), "HTTPS://H.example".into())
+        );
+        let ModuleUrl::Http(h) = &u else { panic!() };
+        assert_eq!(h.url().as_str(), "https://h.example/");
+        assert_eq!(u.host(), Some("h.example"));
+        assert_eq!(
+            ModuleUrl::parse("http://u:p@[::1]:8080/a?q#f")
+                .unwrap()
+                .host(),
+            Some("[::1]:8080")
+        );
+        assert_eq!(
+            ModuleUrl::parse("https://h:443/a").unwrap().host(),
+            Some("h")
+        );
+        let u = url::Url::parse("https://h.example/a/b?x=1#frag").unwrap();
+        assert_eq!(path_and_query(&u), "/a/b?x=1");
+        let u = url::Url::parse("https://h.example?x=1").unwrap();
+        assert_eq!(path_and_query(&u), "/?x=1");
         assert_eq!(
             ModuleUrl::parse("file:///opt/x.wasm").unwrap(),
             ModuleUrl::File("/opt/x.wasm".into())

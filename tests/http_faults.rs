@@ -27,6 +27,7 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use wasm_ecds::config::Config;
 use wasm_ecds::fetch::hyper_transport::HyperTransport;
+use wasm_ecds::fetch::oci::image::Blob;
 use wasm_ecds::fetch::oci::OciResolved;
 use wasm_ecds::fetch::{FetchConfig, FetchError, Fetcher, StagedModule};
 use wasm_ecds::outcome::Reason;
@@ -38,8 +39,8 @@ use support::faults::{
     SkipSleepClock, EVENT_TIMEOUT,
 };
 use support::image::{
-    build_image, gzip, sha256_digest, tar, Blob, Image, ImageFormat, OCI_CONFIG, OCI_LAYER,
-    OCI_MANIFEST,
+    build_image, gzip, sha256_digest, tar, Image, ImageFormat, ManifestBuilder, OCI_CONFIG,
+    OCI_LAYER, OCI_MANIFEST,
 };
 use support::wasm_module;
 
@@ -635,26 +636,12 @@ async fn mount_image(registry: &MockServer, tag: &str, image: &Image) {
 
 /// An OCI "compat" image whose only layer is `layer`.
 fn compat_image(layer: Vec<u8>) -> Image {
-    let config = Blob::new(
-        OCI_CONFIG,
-        serde_json::to_vec(&json!({"architecture": "amd64", "os": "linux", "config": {}}))
-            .expect("config json"),
-    );
-    let layer = Blob::new(OCI_LAYER, layer);
-    let manifest = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": config.descriptor(),
-        "layers": [layer.descriptor()],
-    }))
-    .expect("manifest json");
-    Image {
-        media_type: OCI_MANIFEST,
-        digest: sha256_digest(&manifest),
-        manifest,
-        module_layer: layer.digest.clone(),
-        blobs: vec![config, layer],
-    }
+    let config = serde_json::to_vec(&json!({"architecture": "amd64", "os": "linux", "config": {}}))
+        .expect("config json");
+    ManifestBuilder::new(OCI_MANIFEST, Blob::new(OCI_CONFIG, config))
+        .module_layer(Blob::new(OCI_LAYER, layer), None)
+        .build()
+        .into()
 }
 
 fn hex(digest: &str) -> &str {

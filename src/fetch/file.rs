@@ -62,7 +62,7 @@ impl Fetcher {
 mod tests {
     use std::io::Read;
 
-    use crate::fetch::http::fake::{config, harness};
+    use crate::fetch::fake::{config, harness};
     use crate::fetch::unpack::tests::{gzip, tar_of, wasm};
     use crate::fetch::FetchError;
     use crate::outcome::Reason;

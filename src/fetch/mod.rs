@@ -5,10 +5,13 @@
 //! A fetch stages the module in the [`ModuleStore`](crate::store::ModuleStore) while hashing it and
 //! returns a [`StagedModule`]; committing it into the cache is the cache's job.
 
+#[cfg(test)]
+pub(crate) mod fake;
 pub mod file;
 pub mod http;
 pub mod hyper_transport;
 pub mod oci;
+pub(crate) mod request;
 pub mod retry;
 pub mod unpack;
 

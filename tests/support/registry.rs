@@ -358,12 +358,13 @@ impl Registry {
             .unwrap_or_else(|e| panic!("start upload to {repo}: {e}"));
         assert_eq!(started.status, 202, "start upload to {repo}: {started:?}");
         let location = started.header("location").expect("upload location");
-        let sep = if location.contains('?') { '&' } else { '?' };
+        let mut target = self.client.resolve(location).expect("upload location");
+        target.query_pairs_mut().append_pair("digest", &digest);
         let done = self
             .client
             .send(
                 "PUT",
-                &format!("{location}{sep}digest={digest}"),
+                target.as_str(),
                 &[("content-type", "application/octet-stream".to_string())],
                 bytes.to_vec(),
             )
@@ -523,6 +524,13 @@ impl PushClient {
         }
     }
 
+    /// `target` (an absolute URL such as an upload `Location`, or a path) against the base URL.
+    fn resolve(&self, target: &str) -> Result<url::Url, String> {
+        url::Url::parse(&self.base)
+            .and_then(|base| base.join(target))
+            .map_err(|e| format!("{target}: {e}"))
+    }
+
     /// `target` is an absolute URL (an upload `Location`) or a path.
     async fn send(
         &self,
@@ -531,12 +539,8 @@ impl PushClient {
         headers: &[(&str, String)],
         body: Vec<u8>,
     ) -> Result<RegistryResponse, String> {
-        let url = if target.starts_with("http://") || target.starts_with("https://") {
-            target.to_string()
-        } else {
-            format!("{}{target}", self.base)
-        };
-        let mut request = http::Request::builder().method(method).uri(&url);
+        let url = self.resolve(target)?;
+        let mut request = http::Request::builder().method(method).uri(url.as_str());
         if let Some(auth) = &self.authorization {
             request = request.header("authorization", auth);
         }

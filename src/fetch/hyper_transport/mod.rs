@@ -16,13 +16,15 @@
 //! - **Deadline:** one attempt (connect, TLS, headers *and* body) must finish within the timeout
 //!   passed to [`Transport::get`]; the returned body fails with [`TransportError::Timeout`] once it
 //!   has passed. Bodies are streamed frame by frame, never buffered.
+//!
+//! The blocked-address guard is in [`guard`], the verifier of insecure registries in [`tls`].
+
+mod guard;
+mod tls;
 
 use std::error::Error as StdError;
-use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::pin::Pin;
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -30,20 +32,18 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::pki_types::CertificateDer;
+use rustls::{ClientConfig, RootCertStore};
 use tokio::time::Instant;
 
 use super::{BodyStream, HttpRequest, HttpResponse, Transport, TransportError};
 use crate::config::Config;
+use guard::{is_blocked, BlockedAddress, GuardedResolver};
+use tls::AcceptAnyCertificate;
 
-type BoxError = Box<dyn StdError + Send + Sync>;
 type HyperClient = Client<HttpsConnector<HttpConnector<GuardedResolver>>, Empty<Bytes>>;
 
 /// Idle pooled connections are closed after this long (90 seconds, hyper's default, made
@@ -298,133 +298,8 @@ fn error_chain(e: &(dyn StdError + 'static)) -> String {
     parts.join(": ")
 }
 
-fn is_blocked(config: &Config, ip: IpAddr) -> bool {
-    // `::ffff:a.b.c.d` is checked as `a.b.c.d` too, so mapped addresses don't escape IPv4 CIDRs.
-    let canonical = ip.to_canonical();
-    // A connection to the unspecified address (`0.0.0.0`, `::`) reaches this host's loopback, so
-    // it is blocked whenever loopback is (as the token-realm check treats it as local).
-    let loopback_blocked = || {
-        [
-            IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ]
-        .into_iter()
-        .any(|l| config.is_blocked(l))
-    };
-    config.is_blocked(ip)
-        || config.is_blocked(canonical)
-        || (canonical.is_unspecified() && loopback_blocked())
-}
-
-/// A name resolved only to blocked addresses.
-#[derive(Debug)]
-struct BlockedAddress {
-    host: String,
-    addr: IpAddr,
-}
-
-impl std::fmt::Display for BlockedAddress {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} resolves to {}", self.host, self.addr)
-    }
-}
-
-impl StdError for BlockedAddress {}
-
-/// Resolves names with the system resolver and drops blocked addresses, so no connection is ever
-/// opened to one; a name left with no address fails with [`BlockedAddress`].
-#[derive(Clone)]
-struct GuardedResolver {
-    config: Arc<Config>,
-}
-
-impl tower_service::Service<Name> for GuardedResolver {
-    type Response = std::vec::IntoIter<SocketAddr>;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, name: Name) -> Self::Future {
-        let config = self.config.clone();
-        Box::pin(async move {
-            let host = name.as_str().to_string();
-            // Port 0: the connector sets the URL's port afterwards.
-            let resolved: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let (blocked, allowed): (Vec<SocketAddr>, Vec<SocketAddr>) = resolved
-                .into_iter()
-                .partition(|a| is_blocked(&config, a.ip()));
-            match (allowed.is_empty(), blocked.first()) {
-                (false, _) => Ok(allowed.into_iter()),
-                (true, Some(addr)) => Err(Box::new(BlockedAddress {
-                    host,
-                    addr: addr.ip(),
-                }) as BoxError),
-                (true, None) => Err(format!("{host}: no addresses").into()),
-            }
-        })
-    }
-}
-
-/// Trusts any certificate (insecure registries only); handshake signatures are still verified so
-/// a broken peer is told apart from an untrusted one.
-#[derive(Debug)]
-struct AcceptAnyCertificate {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for AcceptAnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
@@ -432,13 +307,13 @@ mod tests {
 
     /// A generous per-attempt timeout: the tests that expect a timeout pause tokio's clock, so
     /// nothing waits for it on the wall clock.
-    const TIMEOUT: Duration = Duration::from_secs(30);
+    pub(super) const TIMEOUT: Duration = Duration::from_secs(30);
 
-    fn transport(config: Config) -> HyperTransport {
+    pub(super) fn transport(config: Config) -> HyperTransport {
         HyperTransport::new(&config, Vec::new()).expect("transport")
     }
 
-    async fn listener() -> (TcpListener, String) {
+    pub(super) async fn listener() -> (TcpListener, String) {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base = format!("http://{}", l.local_addr().expect("addr"));
         (l, base)
@@ -457,7 +332,9 @@ mod tests {
         String::from_utf8_lossy(&buf).into_owned()
     }
 
-    async fn drain(body: &mut Box<dyn BodyStream>) -> (Vec<u8>, Result<(), TransportError>) {
+    pub(super) async fn drain(
+        body: &mut Box<dyn BodyStream>,
+    ) -> (Vec<u8>, Result<(), TransportError>) {
         let mut got = Vec::new();
         loop {
             match body.next_chunk().await {
@@ -668,96 +545,5 @@ mod tests {
             Err(std::io::ErrorKind::WouldBlock),
             "a blocked address was connected to"
         );
-    }
-
-    mod tls {
-        use super::*;
-        use rustls::pki_types::PrivateKeyDer;
-        use tokio_rustls::TlsAcceptor;
-
-        /// An HTTPS server with a self-signed certificate for 127.0.0.1 that answers every
-        /// connection with `200 ok`. Returns the base URL and the certificate.
-        async fn https_server() -> (String, CertificateDer<'static>) {
-            let key = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()])
-                .expect("certificate");
-            let cert = key.cert.der().clone();
-            let private =
-                PrivateKeyDer::try_from(key.signing_key.serialize_der()).expect("private key");
-            let server = rustls::ServerConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.clone()], private)
-            .expect("server config");
-            let acceptor = TlsAcceptor::from(Arc::new(server));
-            let (l, _) = listener().await;
-            let base = format!("https://{}", l.local_addr().expect("addr"));
-            tokio::spawn(async move {
-                loop {
-                    let Ok((s, _)) = l.accept().await else { return };
-                    let acceptor = acceptor.clone();
-                    tokio::spawn(async move {
-                        let Ok(mut s) = acceptor.accept(s).await else {
-                            return;
-                        };
-                        let mut buf = vec![0u8; 4096];
-                        let _ = s.read(&mut buf).await;
-                        let _ = s
-                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                            .await;
-                        let _ = s.shutdown().await;
-                    });
-                }
-            });
-            (base, cert)
-        }
-
-        async fn body_of(t: &HyperTransport, url: &str) -> Result<Vec<u8>, TransportError> {
-            let mut resp = t.get(&HttpRequest::get(url), TIMEOUT).await?;
-            assert_eq!(resp.status, 200);
-            let (body, end) = drain(&mut resp.body).await;
-            end.map(|()| body)
-        }
-
-        #[tokio::test]
-        async fn trusts_extra_roots() {
-            let (base, cert) = https_server().await;
-            let t = HyperTransport::new(&Config::default(), vec![cert]).expect("transport");
-            assert_eq!(body_of(&t, &base).await, Ok(b"ok".to_vec()));
-        }
-
-        #[tokio::test]
-        async fn untrusted_certificate_is_a_tls_error() {
-            let (base, _) = https_server().await;
-            let t = transport(Config::default());
-            let err = body_of(&t, &base).await.expect_err("untrusted");
-            assert!(matches!(err, TransportError::Tls(_)), "{err:?}");
-            assert!(!err.is_retryable());
-        }
-
-        #[tokio::test]
-        async fn insecure_registries_skip_verification() {
-            let (base, _) = https_server().await;
-            let authority = base.trim_start_matches("https://").to_string();
-            for listed in [authority, "*".to_string()] {
-                let t = transport(Config {
-                    insecure_registries: vec![listed],
-                    ..Config::default()
-                });
-                assert_eq!(body_of(&t, &base).await, Ok(b"ok".to_vec()));
-            }
-        }
-
-        #[test]
-        fn garbage_extra_root_is_refused() {
-            let err = HyperTransport::new(
-                &Config::default(),
-                vec![CertificateDer::from(b"not a certificate".to_vec())],
-            )
-            .expect_err("garbage");
-            assert!(matches!(err, TransportError::Tls(_)), "{err:?}");
-        }
     }
 }

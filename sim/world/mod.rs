@@ -1,0 +1,338 @@
+//! The simulated world: OCI registries and HTTP servers behind the fetchers' [`Transport`], on the
+//! scenario's virtual clock (scenarios.md "Steps", "Expectations").
+//!
+//! A host (`host[:port]`, the scheme does not matter) may be a registry, an HTTP server, or both.
+//! Requests are classified by path: `/v2/` is the registry ping (never counted, never failed),
+//! `/v2/<repo>/manifests/<ref>` a *manifest* request, `/v2/<repo>/blobs/<digest>` a *blob* request,
+//! anything else an HTTP *get*. Counted requests are counted per host and kind whether they succeed or
+//! not, and are subject to the `fail` rules of their host and to `require_auth`.
+//!
+//! What it leaves to others: retries, auth flows, unpacking and verification are the fetchers' (the
+//! code under test); this type only answers, like a real server would.
+//!
+//! # Layout
+//! - this file: the hosts' state, publishing, failure rules and counts, and the [`Transport`];
+//! - [`answer`]: how one request is answered (routing, manifests, blobs, injected failures);
+//! - [`auth`]: `require_auth` (Basic and Bearer challenges, the token endpoint).
+
+mod answer;
+mod auth;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::content::{build_image, ImageFormat};
+use super::rules::{FailRule, KindFilter};
+use crate::clock::{Clock, Timestamp};
+use crate::fetch::{BodyStream, HttpRequest, HttpResponse, Transport, TransportError};
+use crate::url::OciRef;
+use answer::Decision;
+use auth::{AuthRule, Challenge};
+
+pub use super::rules::AuthScheme;
+pub use auth::TOKEN_PATH;
+
+/// Bodies are handed out in chunks of this size, as a network would.
+const CHUNK: usize = 64 * 1024;
+
+/// The kind of a counted request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RequestKind {
+    Manifest,
+    Blob,
+    Get,
+}
+
+impl RequestKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestKind::Manifest => "manifest",
+            RequestKind::Blob => "blob",
+            RequestKind::Get => "get",
+        }
+    }
+
+    fn matches(self, filter: KindFilter) -> bool {
+        matches!(
+            (filter, self),
+            (KindFilter::Any, _)
+                | (KindFilter::Manifest, RequestKind::Manifest)
+                | (KindFilter::Blob, RequestKind::Blob)
+                | (KindFilter::Get, RequestKind::Get)
+        )
+    }
+}
+
+/// Counted requests of one host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestCounts {
+    pub manifest: u64,
+    pub blob: u64,
+    pub get: u64,
+}
+
+impl RequestCounts {
+    pub fn total(&self) -> u64 {
+        self.manifest + self.blob + self.get
+    }
+
+    fn bump(&mut self, kind: RequestKind) {
+        match kind {
+            RequestKind::Manifest => self.manifest += 1,
+            RequestKind::Blob => self.blob += 1,
+            RequestKind::Get => self.get += 1,
+        }
+    }
+}
+
+/// Something the world did, for the trace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorldEvent {
+    pub at: Timestamp,
+    pub text: String,
+}
+
+#[derive(Clone, Debug)]
+struct Stored {
+    media_type: String,
+    bytes: Bytes,
+}
+
+#[derive(Debug, Default)]
+struct Repo {
+    /// tag → manifest digest (hex).
+    tags: BTreeMap<String, String>,
+    /// digest (hex) → manifest.
+    manifests: BTreeMap<String, Stored>,
+    /// digest (hex) → blob.
+    blobs: BTreeMap<String, Bytes>,
+}
+
+#[derive(Debug, Default)]
+struct Host {
+    repos: BTreeMap<String, Repo>,
+    /// path (with query) → body.
+    paths: BTreeMap<String, Bytes>,
+    rules: Vec<FailRule>,
+    /// What `require_auth` demands.
+    auth: Option<AuthRule>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    hosts: BTreeMap<String, Host>,
+    counts: BTreeMap<String, RequestCounts>,
+    events: Vec<WorldEvent>,
+    challenge: Option<Challenge>,
+}
+
+/// The simulated hosts. Thread-safe; the lock is never held across an `.await`.
+pub struct SimWorld {
+    clock: Arc<dyn Clock>,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for SimWorld {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimWorld").finish_non_exhaustive()
+    }
+}
+
+/// A body in chunks, optionally breaking off.
+struct SimBody {
+    data: Bytes,
+    pos: usize,
+    reset_after: Option<usize>,
+}
+
+#[async_trait]
+impl BodyStream for SimBody {
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, TransportError> {
+        let end = self
+            .reset_after
+            .unwrap_or(self.data.len())
+            .min(self.data.len());
+        if self.pos >= end {
+            return match self.reset_after {
+                Some(_) => Err(TransportError::Reset("connection reset by peer".into())),
+                None => Ok(None),
+            };
+        }
+        let next = (self.pos + CHUNK).min(end);
+        let chunk = self.data.slice(self.pos..next);
+        self.pos = next;
+        Ok(Some(chunk))
+    }
+}
+
+impl SimWorld {
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
+        SimWorld {
+            clock,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that matters
+        // to a report; keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Pushes the image of `module` to `r` (tag `latest` when untagged) and points the tag at it.
+    /// Returns the digest of the tagged manifest.
+    pub fn publish_oci(
+        &self,
+        r: &OciRef,
+        name: &str,
+        module: &[u8],
+        format: ImageFormat,
+    ) -> String {
+        let image = build_image(name, module, format);
+        let mut st = self.state();
+        let repo = st
+            .hosts
+            .entry(r.registry.to_ascii_lowercase())
+            .or_default()
+            .repos
+            .entry(r.repository.clone())
+            .or_default();
+        for b in &image.blobs {
+            repo.blobs
+                .insert(b.digest.clone(), Bytes::from(b.bytes.clone()));
+        }
+        for m in &image.manifests {
+            repo.manifests.insert(
+                m.digest.clone(),
+                Stored {
+                    media_type: m.media_type.clone(),
+                    bytes: Bytes::from(m.bytes.clone()),
+                },
+            );
+        }
+        let digest = image.top().digest.clone();
+        repo.tags
+            .insert(r.tag_or_latest().to_string(), digest.clone());
+        digest
+    }
+
+    /// Makes `path` of `authority` answer `body`.
+    pub fn publish_http(&self, authority: &str, path: &str, body: Vec<u8>) {
+        self.state()
+            .hosts
+            .entry(authority.to_string())
+            .or_default()
+            .paths
+            .insert(path.to_string(), Bytes::from(body));
+    }
+
+    /// Removes a tag (or, for a digest reference, the manifest); blobs stay. False if nothing was
+    /// published there.
+    pub fn unpublish_oci(&self, r: &OciRef) -> bool {
+        let mut st = self.state();
+        let Some(repo) = st
+            .hosts
+            .get_mut(&r.registry.to_ascii_lowercase())
+            .and_then(|h| h.repos.get_mut(&r.repository))
+        else {
+            return false;
+        };
+        match &r.digest {
+            Some(d) => repo.manifests.remove(d).is_some(),
+            None => repo.tags.remove(r.tag_or_latest()).is_some(),
+        }
+    }
+
+    pub fn unpublish_http(&self, authority: &str, path: &str) -> bool {
+        self.state()
+            .hosts
+            .get_mut(authority)
+            .is_some_and(|h| h.paths.remove(path).is_some())
+    }
+
+    /// The hex manifest digest `r` currently resolves to.
+    pub fn digest(&self, r: &OciRef) -> Option<String> {
+        let st = self.state();
+        let repo = st
+            .hosts
+            .get(&r.registry.to_ascii_lowercase())?
+            .repos
+            .get(&r.repository)?;
+        match &r.digest {
+            Some(d) => repo.manifests.contains_key(d).then(|| d.clone()),
+            None => repo.tags.get(r.tag_or_latest()).cloned(),
+        }
+    }
+
+    pub fn add_rule(&self, rule: FailRule) {
+        self.state()
+            .hosts
+            .entry(rule.host.clone())
+            .or_default()
+            .rules
+            .push(rule);
+    }
+
+    /// Removes every failure rule of `host`; returns how many there were.
+    pub fn recover(&self, host: &str) -> usize {
+        self.state()
+            .hosts
+            .get_mut(host)
+            .map_or(0, |h| std::mem::take(&mut h.rules).len())
+    }
+
+    pub fn require_auth(&self, host: &str, username: &str, password: &str, scheme: AuthScheme) {
+        self.state().hosts.entry(host.to_string()).or_default().auth = Some(AuthRule {
+            userpass: format!("{username}:{password}"),
+            scheme,
+        });
+    }
+
+    /// Counted requests per host since the start.
+    pub fn counts(&self) -> BTreeMap<String, RequestCounts> {
+        self.state().counts.clone()
+    }
+
+    pub fn take_events(&self) -> Vec<WorldEvent> {
+        std::mem::take(&mut self.state().events)
+    }
+}
+
+#[async_trait]
+impl Transport for SimWorld {
+    async fn get(
+        &self,
+        req: &HttpRequest,
+        timeout: Duration,
+    ) -> Result<HttpResponse, TransportError> {
+        let now = self.clock.now();
+        match self.decide(req, now) {
+            Decision::Fail(e) => Err(e),
+            Decision::Timeout => {
+                // No answer until the attempt's deadline: virtual time passes (other work due
+                // meanwhile runs at its own time under the simulator's paused tokio clock).
+                self.clock.sleep(timeout).await;
+                Err(TransportError::Timeout)
+            }
+            Decision::Answer(a) => {
+                let mut headers = a.headers;
+                headers.push(("content-length".into(), a.body.len().to_string()));
+                Ok(HttpResponse {
+                    status: a.status,
+                    headers,
+                    body: Box::new(SimBody {
+                        data: a.body,
+                        pos: 0,
+                        reset_after: a.reset_after,
+                    }),
+                })
+            }
+        }
+    }
+}
