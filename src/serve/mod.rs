@@ -24,6 +24,7 @@ use crate::config::{Config, Delivery};
 use crate::convert::{self, Code, Filter};
 use crate::engine::{Engine, EngineParts, Event, Serving};
 use crate::fetch::{FetchConfig, Transport};
+use crate::metrics::Metrics;
 use crate::plugin::ObjectKey;
 use crate::source::{Change, ObjectStore};
 use crate::store::{DiskStore, OsFiles};
@@ -42,7 +43,6 @@ pub struct AdminView {
     pub ready: bool,
     pub plugins: Value,
     pub cache: Value,
-    pub engine_metrics: String,
     /// sha256 → module file, for the module endpoint.
     pub modules: BTreeMap<String, PathBuf>,
 }
@@ -53,6 +53,8 @@ pub struct Shared {
     pub view: RwLock<AdminView>,
     pub commands: mpsc::Sender<Command>,
     pub resources: ResourceStore,
+    /// The engine's series and the resource store's: `/metrics` renders them live.
+    pub metrics: Metrics,
 }
 
 /// Requests to the controller.
@@ -118,12 +120,14 @@ pub async fn start(setup: ServeSetup) -> anyhow::Result<ServerHandle> {
         },
     )?;
     tracing::info!(kept = report.kept, removed = report.removed.len(), dir = %setup.config.cache_dir.display(), "cache indexed");
-    let resources = ResourceStore::new();
+    let metrics = engine.metrics().clone();
+    let resources = ResourceStore::with_metrics(&metrics);
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let shared = Arc::new(Shared {
         view: RwLock::new(AdminView::default()),
         commands: cmd_tx.clone(),
         resources: resources.clone(),
+        metrics,
     });
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
 
@@ -503,7 +507,6 @@ impl Controller {
             ready,
             plugins: json!({"plugins": plugins, "refused": refused, "fileErrors": self.file_errors}),
             cache: json!({"modules": cache}),
-            engine_metrics: self.engine.metrics().render(),
             modules,
         }
     }
