@@ -139,10 +139,10 @@ impl Driver {
         let (engine, report) = new_engine(&parts)?;
         let driver = Driver {
             parts,
+            resources: ResourceStore::with_metrics(engine.metrics()),
             engine,
             dispatcher: Dispatcher::new(),
             objects: ObjectStore::new(),
-            resources: ResourceStore::new(),
             published: BTreeSet::new(),
             outstanding: BTreeSet::new(),
             refused: BTreeMap::new(),
@@ -279,7 +279,7 @@ impl Driver {
         self.engine = engine;
         self.dispatcher = Dispatcher::new();
         self.outstanding.clear();
-        self.resources = ResourceStore::new();
+        self.resources = ResourceStore::with_metrics(self.engine.metrics());
         self.published.clear();
         for secret in self.objects.secrets().values() {
             self.engine.upsert_secret(secret.clone());

@@ -1,10 +1,11 @@
 //! `wasm-ecds`: parses the command line and hands over to the library.
 
-use clap::Parser;
+use std::io::IsTerminal;
+
 use wasm_ecds::cli::{inspect, Cli, Command};
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::parse_args();
     // `serve` logs at info by default; the offline commands report through their own output and
     // stay quiet unless RUST_LOG asks for logs.
     let default_level = if matches!(cli.command, Command::Serve(_)) {
@@ -18,6 +19,8 @@ fn main() {
                 .unwrap_or_else(|_| default_level.into()),
         )
         .with_writer(std::io::stderr)
+        // No colour escapes in files, pipes and CI logs.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let code = match cli.command {
         Command::Check { json, paths } => inspect::run_check(&paths, json),
@@ -28,8 +31,13 @@ fn main() {
             junit,
             paths,
         } => wasm_ecds::sim::run_paths(&paths, wasm_ecds::sim::RunOptions { trace, json, junit }),
-        Command::Serve(args) => match args.config() {
-            Ok(config) => wasm_ecds::serve::run_blocking(*args, config),
+        Command::Serve(mut args) => match args.resolve() {
+            Ok(config) => {
+                for warning in args.warnings() {
+                    eprintln!("warning: {warning}");
+                }
+                wasm_ecds::serve::run_blocking(*args, config)
+            }
             Err(e) => {
                 eprintln!("error: {e}");
                 2

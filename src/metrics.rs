@@ -1,17 +1,22 @@
-//! Istio-compatible Prometheus series (behavior.md §8), recorded by the engine and rendered as
-//! Prometheus text. Each engine owns its own registry: metrics start from zero with every process
-//! (and every simulated restart).
+//! The process's Prometheus registry and the Istio-compatible series (behavior.md §8) the engine
+//! records, rendered as Prometheus text. Each engine owns its own [`Metrics`]: metrics start from
+//! zero with every process (and every simulated restart). The xDS series (`wasm_ecds_xds_*`) are
+//! defined by the resource store ([`crate::xds::store::XdsSeries`]) and join this registry when a
+//! store is made with [`ResourceStore::with_metrics`](crate::xds::ResourceStore::with_metrics), so
+//! that one [`Metrics::render`] is the whole `/metrics` page.
 //!
 //! The `prometheus` crate is used rather than `prometheus-client` because the latter appends
 //! `_total` to counter names, and the names here must be exactly Istio's.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
 use crate::outcome::FetchResult;
+use crate::xds::store::XdsSeries;
 
 pub const CACHE_ENTRIES: &str = "istio_agent_wasm_cache_entries";
 pub const CACHE_LOOKUP_COUNT: &str = "istio_agent_wasm_cache_lookup_count";
@@ -41,7 +46,8 @@ impl ConversionResult {
     }
 }
 
-/// The series of one process.
+/// The series of one process: a cheaply cloneable handle, clones record into and render the same
+/// registry.
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
@@ -52,6 +58,8 @@ pub struct Metrics {
     conversion_duration: Histogram,
     expired: prometheus::IntCounter,
     processing: IntCounterVec,
+    /// Registered on first use by a resource store.
+    xds: Arc<OnceLock<XdsSeries>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -126,7 +134,15 @@ impl Metrics {
             conversion_duration,
             expired,
             processing,
+            xds: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// The xDS series in this registry, registered by the first call.
+    pub(crate) fn xds_series(&self) -> XdsSeries {
+        self.xds
+            .get_or_init(|| XdsSeries::register(&self.registry))
+            .clone()
     }
 
     pub fn set_cache_entries(&self, n: usize) {

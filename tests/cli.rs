@@ -1,7 +1,9 @@
-//! The command line as users run it (cli.md): `check` and `explain` on Istio-style manifests,
-//! exit statuses, JSON shapes, and startup errors naming the variable.
+//! The command line as users run it (docs/cli.md): `check` and `explain` on Istio-style manifests,
+//! exit statuses, JSON shapes, help texts, startup errors naming the flag or the variable, startup
+//! warnings, and no colour escapes when the output is not a terminal.
 
-use std::process::{Command, Output};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
@@ -120,9 +122,14 @@ fn unreadable_input_is_exit_2() {
 fn bad_configuration_is_a_startup_error_naming_the_variable() {
     for (var, value) in [
         ("WASM_MODULE_EXPIRY", "tomorrow"),
+        ("WASM_MODULE_EXPIRY", "1d"),
+        ("WASM_PURGE_INTERVAL", "5min"),
+        ("WASM_HTTP_REQUEST_TIMEOUT", "1 h"),
         ("WASM_HTTP_REQUEST_MAX_RETRIES", "many"),
         ("BLOCKED_CIDRS_IN_WASM_FETCH", "10.0.0.0/99"),
         ("WASM_MAX_BINARY_SIZE_BYTES", "big"),
+        ("WASM_ECDS_DELIVERY", "carrier-pigeon"),
+        ("WASM_ECDS_PLUGINS", "/does/not/exist/plugins.yaml"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_wasm-ecds"))
             .args([
@@ -139,6 +146,217 @@ fn bad_configuration_is_a_startup_error_naming_the_variable() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(var), "{var}: {stderr}");
         assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    }
+}
+
+#[test]
+fn a_bad_flag_is_a_startup_error_naming_the_flag_even_with_the_variable_set() {
+    let out = Command::new(env!("CARGO_BIN_EXE_wasm-ecds"))
+        .args(["serve", "--module-expiry", "1d"])
+        .env("WASM_MODULE_EXPIRY", "2h")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.trim(),
+        r#"error: --module-expiry: invalid duration "1d": unknown unit "d" (ns, us, µs, ms, s, m, h)"#
+    );
+    // The variables are bad too, but the flags win; addresses are checked first.
+    let out = Command::new(env!("CARGO_BIN_EXE_wasm-ecds"))
+        .args([
+            "serve",
+            "--xds-address",
+            "127.0.0.1:0",
+            "--module-expiry",
+            "2h",
+        ])
+        .args(["--purge-interval", "0"])
+        .env("WASM_ECDS_XDS_ADDRESS", "nope")
+        .env("WASM_MODULE_EXPIRY", "1d")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.trim(),
+        r#"error: --purge-interval: invalid duration "0": must be more than 0"#
+    );
+}
+
+#[test]
+fn explain_says_which_plugins_are_invalid_and_exits_1() {
+    let out = run(&["explain", "--json", "examples/plugins/broken.yaml"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = v.as_array().unwrap();
+    assert_eq!(rows.len(), 4, "{v:#}");
+    for r in rows {
+        assert!(
+            r.get("policy").is_none(),
+            "an invalid plugin has no policy: {r}"
+        );
+        assert_eq!(r["file"], "examples/plugins/broken.yaml");
+    }
+    assert_eq!(rows[0]["plugin"], "default/bad-checksum");
+    assert_eq!(rows[0]["invalid"][0]["field"], "spec.sha256");
+    assert!(rows[0]["invalid"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("64 lowercase hex"));
+    let fields: Vec<&str> = rows[2]["invalid"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["spec.selector", "spec.vmConfig.env"]);
+
+    let text = run(&["explain", "examples/plugins/broken.yaml"]);
+    assert_eq!(text.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&text.stdout);
+    let mut lines = stdout.lines();
+    assert_eq!(
+        lines.next(),
+        Some("default/bad-checksum (examples/plugins/broken.yaml): invalid, not served")
+    );
+    assert!(
+        lines.next().unwrap().starts_with("  spec.sha256: "),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("rule:"), "{stdout}");
+}
+
+#[test]
+fn help_texts_document_the_arguments_and_point_inside_the_repository() {
+    let help = |args: &[&str]| {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let check = help(&["check", "--help"]);
+    assert!(check.contains("docs/behavior.md §1"), "{check}");
+    let explain = help(&["explain", "--help"]);
+    for text in [&check, &explain] {
+        assert!(text.contains("--json") && text.contains("Print"), "{text}");
+        assert!(text.contains("Manifest files or directories"), "{text}");
+    }
+    let serve = help(&["serve", "--help"]);
+    assert!(serve.contains("Repeat the flag"), "{serve}");
+    assert!(serve.contains("[env: WASM_ECDS_PLUGINS=]"), "{serve}");
+    assert!(
+        serve.contains("wasm-ecds]"),
+        "resolved cache dir default: {serve}"
+    );
+    for text in [
+        help(&["--help"]),
+        check,
+        explain,
+        serve,
+        help(&["sim", "--help"]),
+    ] {
+        assert!(!text.contains("../") && !text.contains("shared/"), "{text}");
+    }
+}
+
+/// Starts `serve`, reads its stderr until it says where it listens, kills it; returns what it read.
+fn serve_startup(args: &[&str]) -> String {
+    let cache = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wasm-ecds"))
+        .args([
+            "serve",
+            "--xds-address",
+            "127.0.0.1:0",
+            "--admin-address",
+            "127.0.0.1:0",
+        ])
+        .args(args)
+        .arg("--cache-dir")
+        .arg(cache.path())
+        .env("RUST_LOG", "info")
+        .env_remove("WASM_ECDS_PLUGINS")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        seen.push_str(&line);
+        if line.starts_with("wasm-ecds: xds on") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        seen.contains("wasm-ecds: xds on"),
+        "serve did not start: {seen}"
+    );
+    seen
+}
+
+#[test]
+fn serve_warns_when_it_has_nothing_or_a_missing_path_to_serve() {
+    let stderr = serve_startup(&[]);
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("warning: "))
+        .collect();
+    assert_eq!(
+        warnings,
+        ["warning: no --plugins (or WASM_ECDS_PLUGINS) given: no plugin will be served"]
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.yaml");
+    let stderr = serve_startup(&["--plugins", missing.to_str().unwrap()]);
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("warning: "))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(
+        warnings[0].starts_with("warning: --plugins ") && warnings[0].contains("missing.yaml"),
+        "{stderr}"
+    );
+
+    let plugins = tempfile::tempdir().unwrap();
+    let stderr = serve_startup(&["--plugins", plugins.path().to_str().unwrap()]);
+    assert!(!stderr.contains("warning: "), "{stderr}");
+
+    // A path whose directory does not exist cannot be watched: an error, naming the flag.
+    let out = run(&["serve", "--plugins", "/does/not/exist/plugins.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("error: --plugins: "), "{stderr}");
+}
+
+#[test]
+fn no_colour_escapes_when_output_is_not_a_terminal() {
+    let mut outputs = vec![serve_startup(&[]).into_bytes()];
+    for args in [
+        &["--help"][..],
+        &["serve", "--help"],
+        &["serve", "--no-such-flag"],
+        &["check", "examples/plugins/broken.yaml"],
+        &["explain", "examples/plugins/istio-docs.yaml"],
+        &["sim", "--trace", "scenarios/basics"],
+    ] {
+        let out = run(args);
+        outputs.push(out.stdout);
+        outputs.push(out.stderr);
+    }
+    for o in outputs {
+        assert!(
+            !o.windows(2).any(|w| w == b"\x1b["),
+            "{}",
+            String::from_utf8_lossy(&o)
+        );
     }
 }
 

@@ -4,7 +4,8 @@
 ;;
 ;; This is the module of the integration tests (`proxy_wasm_test_module_tagged("example")` in
 ;; tests/support/wasm.rs) with its placeholders filled in; tests/envoy_e2e.rs checks that both
-;; assemble to the same bytes. Assemble it with `cargo run --example wat2wasm -- module.wat out.wasm`.
+;; assemble to the same bytes. Assemble it with
+;; `cargo run --manifest-path examples/envoy/wat2wasm/Cargo.toml -- module.wat out.wasm`.
 ;;
 ;; Memory layout: 0..8 scratch for host return values; 16.. header names, tag, log line;
 ;; 1024..9216 root table (root id % 1024 -> config ptr, len); 9216..13312 HTTP table

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # End-to-end demo of wasm-ecds with a real Envoy (examples/envoy/README.md):
-#   1. builds wasm-ecds and assembles module.wat into a Wasm module (cargo run --example wat2wasm);
+#   1. builds wasm-ecds, and assembles module.wat into a Wasm module with the tiny standalone
+#      package wat2wasm/ (only the `wat` crate: not wasm-ecds' dev-dependencies);
 #   2. serves the module over HTTP (python3 -m http.server on 127.0.0.1:18080);
 #   3. starts `wasm-ecds serve --plugins <copy of plugins/>` (xDS 127.0.0.1:18000, admin :15020)
 #      and Envoy with bootstrap.yaml (listener 127.0.0.1:10000, admin :9901);
 #   4. curls the listener and shows the header the module adds (its configuration);
 #   5. edits pluginConfig in the plugin file and curls again: Envoy serves the new configuration
 #      without a restart, from the cached module.
-# Everything runs in a temporary directory and is stopped on exit. Needs: cargo, python3, curl,
-# Envoy (ENVOY_BIN, else .tools/envoy/envoy/_bin/envoy from scripts/install-test-deps.sh, else
-# `envoy` on PATH).
+# Everything runs in a temporary directory and is stopped on exit. Every phase is announced with
+# the seconds elapsed; cargo shows its progress (the first build on a fresh clone takes minutes).
+# Needs: cargo, python3, curl, Envoy (ENVOY_BIN, else .tools/envoy/envoy/_bin/envoy from
+# scripts/install-test-deps.sh, else `envoy` on PATH).
 set -euo pipefail
 exec </dev/null
 EX="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -38,7 +40,9 @@ cleanup() {
     rm -rf "$WORK"
 }
 trap cleanup EXIT
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# Bold headings on a terminal only: no escapes in logs and pipes.
+if [[ -t 1 ]]; then BOLD=$'\033[1m' PLAIN=$'\033[0m'; else BOLD="" PLAIN=""; fi
+step() { printf '\n%s== [%3ds] %s%s\n' "$BOLD" "$SECONDS" "$*" "$PLAIN"; }
 
 # Polls `curl` on the listener until the config header equals $1 (at most 30 s).
 wait_header() {
@@ -55,10 +59,12 @@ wait_header() {
     return 1
 }
 
-step "build wasm-ecds and assemble module.wat"
-cargo build --quiet --bin wasm-ecds
+step "build wasm-ecds (cargo build --bin wasm-ecds; minutes on a fresh clone, seconds after)"
+cargo build --bin wasm-ecds
 mkdir -p "$WORK/www" "$WORK/plugins" "$WORK/cache"
-cargo run --quiet --example wat2wasm -- "$EX/module.wat" "$WORK/www/module.wasm"
+step "assemble module.wat (examples/envoy/wat2wasm: builds only the wat crate, once)"
+cargo run --manifest-path "$EX/wat2wasm/Cargo.toml" --target-dir "$ROOT/target/wat2wasm" \
+    -- "$EX/module.wat" "$WORK/www/module.wasm"
 cp "$EX"/plugins/*.yaml "$WORK/plugins/"
 
 step "serve the module: http://127.0.0.1:18080/module.wasm"
@@ -76,6 +82,7 @@ step "start Envoy with examples/envoy/bootstrap.yaml"
     -l warning --component-log-level wasm:info,config:info >"$WORK/envoy.log" 2>&1 &
 PIDS+=($!)
 
+step "wait until Envoy has the filter from wasm-ecds (it pulls the module from :18080)"
 wait_header '{"greeting":"hello"}'
 step "curl -si http://127.0.0.1:10000/"
 curl -si http://127.0.0.1:10000/
@@ -89,7 +96,7 @@ echo "Envoy serves the new configuration $(( (end - start) / 1000000 )) ms after
 step "curl -si http://127.0.0.1:10000/"
 curl -si http://127.0.0.1:10000/
 
-step "what happened"
+step "what happened (total ${SECONDS}s)"
 echo "module downloads from the HTTP server (1 expected: the edit used the cache):"
 grep -c 'GET /module.wasm' "$WORK/http.log" || true
 echo "wasm-ecds /debug/plugins:"

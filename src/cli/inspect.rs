@@ -1,4 +1,5 @@
 //! `check` and `explain`: read manifests, report validation problems and effective pull policies.
+//! Both exit 1 when a plugin is invalid, 2 when a file cannot be read.
 
 use std::path::{Path, PathBuf};
 
@@ -13,6 +14,30 @@ pub struct Problem {
     pub file: String,
     /// `ns/name`, empty when the document has no name.
     pub plugin: String,
+    pub field: String,
+    pub message: String,
+}
+
+/// What `explain` says about one plugin document.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Explained {
+    Valid(Explanation),
+    Invalid(Invalid),
+}
+
+/// A plugin that `serve` would refuse: its problems instead of a policy.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct Invalid {
+    /// `ns/name`, empty when the document has no name.
+    pub plugin: String,
+    pub file: String,
+    /// Every problem, as `check` reports them.
+    pub invalid: Vec<FieldProblem>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct FieldProblem {
     pub field: String,
     pub message: String,
 }
@@ -68,26 +93,59 @@ pub fn check_text(file: &Path, text: &str) -> Vec<Problem> {
     out
 }
 
-/// Explanations for every valid plugin of one manifest text.
-pub fn explain_text(text: &str) -> Vec<Explanation> {
+/// What `explain` says about every plugin document of one manifest text, in document order:
+/// the effective policy of a valid plugin, the problems of an invalid one.
+pub fn explain_text(file: &Path, text: &str) -> Vec<Explained> {
+    let invalid = |plugin: String, problems: Vec<FieldProblem>| {
+        Explained::Invalid(Invalid {
+            plugin,
+            file: file.display().to_string(),
+            invalid: problems,
+        })
+    };
     plugin::parse_manifests(text)
         .into_iter()
         .filter_map(|d| match d {
-            Ok(Manifest::Plugin(p)) => Some(p),
-            _ => None,
-        })
-        .filter_map(|p| {
-            let url = ModuleUrl::parse(&p.spec.url).ok()?;
-            let d = policy::decide(&p.spec, &url);
-            Some(Explanation {
-                plugin: p.key.to_string(),
-                policy: d.policy.to_string(),
-                rule: d.rule.as_str().to_string(),
-                explanation: d.explanation(),
-                module: url.module_name(),
-                checksum: d.expected_checksum.clone(),
-                resource: p.resource_name(),
-            })
+            Ok(Manifest::Plugin(p)) => {
+                let problems: Vec<FieldProblem> = plugin::validate(&p)
+                    .into_iter()
+                    .map(|e| FieldProblem {
+                        field: e.field,
+                        message: e.message,
+                    })
+                    .collect();
+                if !problems.is_empty() {
+                    return Some(invalid(p.key.to_string(), problems));
+                }
+                let url = match ModuleUrl::parse(&p.spec.url) {
+                    Ok(u) => u,
+                    Err(e) => {
+                        let problem = FieldProblem {
+                            field: "spec.url".into(),
+                            message: e.to_string(),
+                        };
+                        return Some(invalid(p.key.to_string(), vec![problem]));
+                    }
+                };
+                let d = policy::decide(&p.spec, &url);
+                Some(Explained::Valid(Explanation {
+                    plugin: p.key.to_string(),
+                    policy: d.policy.to_string(),
+                    rule: d.rule.as_str().to_string(),
+                    explanation: d.explanation(),
+                    module: url.module_name(),
+                    checksum: d.expected_checksum.clone(),
+                    resource: p.resource_name(),
+                }))
+            }
+            Ok(Manifest::Secret(_)) => None,
+            Err(e) => Some(invalid(
+                e.object.map(|k| k.to_string()).unwrap_or_default(),
+                vec![FieldProblem {
+                    field: e.field,
+                    message: e.message,
+                }],
+            )),
         })
         .collect()
 }
@@ -127,16 +185,7 @@ pub fn run_explain(paths: &[PathBuf], json: bool) -> i32 {
             return 2;
         }
     };
-    let mut all = Vec::new();
-    let mut bad = false;
-    for (f, t) in &files {
-        let problems = check_text(f, t);
-        for p in &problems {
-            eprintln!("{}: {}: {}: {}", p.file, p.plugin, p.field, p.message);
-        }
-        bad |= !problems.is_empty();
-        all.extend(explain_text(t));
-    }
+    let all: Vec<Explained> = files.iter().flat_map(|(f, t)| explain_text(f, t)).collect();
     if json {
         println!(
             "{}",
@@ -144,14 +193,29 @@ pub fn run_explain(paths: &[PathBuf], json: bool) -> i32 {
         );
     } else {
         for e in &all {
-            println!("{}: {}", e.plugin, e.explanation);
-            println!("  rule:     {}", e.rule);
-            println!("  module:   {}", e.module);
-            println!("  checksum: {}", e.checksum.as_deref().unwrap_or("-"));
-            println!("  resource: {}", e.resource);
+            match e {
+                Explained::Valid(e) => {
+                    println!("{}: {}", e.plugin, e.explanation);
+                    println!("  rule:     {}", e.rule);
+                    println!("  module:   {}", e.module);
+                    println!("  checksum: {}", e.checksum.as_deref().unwrap_or("-"));
+                    println!("  resource: {}", e.resource);
+                }
+                Explained::Invalid(i) => {
+                    let who = if i.plugin.is_empty() {
+                        i.file.clone()
+                    } else {
+                        format!("{} ({})", i.plugin, i.file)
+                    };
+                    println!("{who}: invalid, not served");
+                    for p in &i.invalid {
+                        println!("  {}: {}", p.field, p.message);
+                    }
+                }
+            }
         }
     }
-    i32::from(bad)
+    i32::from(all.iter().any(|e| matches!(e, Explained::Invalid(_))))
 }
 
 #[cfg(test)]
@@ -174,8 +238,16 @@ mod tests {
     #[test]
     fn explain_latest() {
         let e = explain_text(
+            Path::new("a.yaml"),
             "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: x}\nspec: {url: 'oci://r.example/a/b:latest'}\n",
         );
+        let e: Vec<&Explanation> = e
+            .iter()
+            .map(|e| match e {
+                Explained::Valid(e) => e,
+                Explained::Invalid(i) => panic!("{i:?}"),
+            })
+            .collect();
         assert_eq!(e.len(), 1);
         assert_eq!(
             (e[0].policy.as_str(), e[0].rule.as_str()),
@@ -183,5 +255,19 @@ mod tests {
         );
         assert_eq!(e[0].module, "oci://r.example/a/b");
         assert_eq!(e[0].resource, "extensions.istio.io/wasmplugin/default.x");
+    }
+
+    #[test]
+    fn explain_says_invalid_with_every_problem() {
+        let e = explain_text(
+            Path::new("a.yaml"),
+            "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: x, namespace: n}\nspec: {url: 'oci://r.example/a/b:v1', sha256: bad}\n",
+        );
+        let [Explained::Invalid(i)] = e.as_slice() else {
+            panic!("{e:?}")
+        };
+        assert_eq!((i.plugin.as_str(), i.file.as_str()), ("n/x", "a.yaml"));
+        let fields: Vec<&str> = i.invalid.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["spec.sha256"]);
     }
 }

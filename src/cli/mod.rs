@@ -1,12 +1,12 @@
-//! The command line (cli.md): `serve`, `sim`, `check`, `explain`. Parsing with clap; each command
-//! returns its exit status (0 success, 1 the thing checked is wrong, 2 bad usage or input).
+//! The command line (docs/cli.md): `serve`, `sim`, `check`, `explain`. Parsing with clap; each
+//! command returns its exit status (0 success, 1 the thing checked is wrong, 2 bad usage or input).
 
 pub mod inspect;
 pub mod options;
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 pub use options::ServeArgs;
 
@@ -19,6 +19,35 @@ pub use options::ServeArgs;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// Parses the process arguments and environment; on bad usage prints clap's message and exits
+    /// (status 2; 0 for `--help` and `--version`).
+    pub fn parse_args() -> Cli {
+        Self::from_matches(&Cli::command().get_matches()).unwrap_or_else(|e| e.exit())
+    }
+
+    /// [`parse_args`](Self::parse_args) on given arguments (the first is the program name).
+    pub fn try_parse_args_from<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        Self::from_matches(&Cli::command().try_get_matches_from(args)?)
+    }
+
+    /// Unlike `Cli::parse`, remembers which `serve` options were flags: their errors name the flag,
+    /// the others' the environment variable.
+    fn from_matches(matches: &ArgMatches) -> Result<Cli, clap::Error> {
+        let mut cli = Cli::from_arg_matches(matches)?;
+        if let (Command::Serve(args), Some(("serve", sub))) =
+            (&mut cli.command, matches.subcommand())
+        {
+            args.note_flags(sub);
+        }
+        Ok(cli)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -40,17 +69,24 @@ pub enum Command {
         #[arg(required = true, value_name = "PATH")]
         paths: Vec<PathBuf>,
     },
-    /// Validate WasmPlugin manifests (behavior.md §1).
+    /// Validate WasmPlugin manifests as `serve` would (docs/behavior.md §1): one line per
+    /// problem, exit status 1 when there is one.
     Check {
+        /// Print the problems as one JSON array of {file, plugin, field, message}.
         #[arg(long)]
         json: bool,
+        /// Manifest files or directories (every *.yaml, *.yml and *.json below them).
         #[arg(required = true, value_name = "PATH")]
         paths: Vec<PathBuf>,
     },
-    /// Show each plugin's effective pull policy and the rule that decided it.
+    /// Show each plugin's effective pull policy and the rule that decided it (docs/behavior.md
+    /// §2); an invalid plugin is shown as invalid, with its problems, and makes the exit status 1.
     Explain {
+        /// Print one JSON array: per plugin {plugin, policy, rule, explanation, module, checksum,
+        /// resource}, or {plugin, file, invalid: [{field, message}]} when it is invalid.
         #[arg(long)]
         json: bool,
+        /// Manifest files or directories (every *.yaml, *.yml and *.json below them).
         #[arg(required = true, value_name = "PATH")]
         paths: Vec<PathBuf>,
     },

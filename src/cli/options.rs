@@ -1,139 +1,393 @@
-//! `serve` flags and their environment variables (behavior.md §9, cli.md): flags win over env,
-//! a bad value is a startup error naming the variable.
+//! `serve` flags and their environment variables (docs/behavior.md §9, docs/cli.md): every option
+//! is a flag and a variable, a flag wins over the variable, and a bad value is a one-line startup
+//! error naming the flag when it came from one (`--module-expiry: invalid duration "1d": ...`),
+//! otherwise the variable (`WASM_MODULE_EXPIRY=1d: ...`). Values other than paths are read as
+//! plain text by clap and parsed here, so that both kinds of error are ours.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Args, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args};
 
 use crate::config::{self, Config, Delivery, OptionError};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum DeliveryArg {
-    File,
-    Inline,
-    Http,
-}
+/// `--xds-address` when none is given.
+pub const DEFAULT_XDS_ADDRESS: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 18000);
+/// `--admin-address` when none is given.
+pub const DEFAULT_ADMIN_ADDRESS: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15020);
 
 #[derive(Debug, Args)]
+#[command(after_help = "\
+Every option is also an environment variable (shown as [env: ...]); a flag wins over its variable. \
+Durations are Go durations, as in Istio: 90s, 1h30m, 1.5h, 300ms, 0 (not 1d or 5min). \
+Sizes are bytes or a quantity such as 256Mi. See docs/cli.md and docs/behavior.md §9.")]
 pub struct ServeArgs {
-    /// Manifest files or directories (WasmPlugin, dockerconfigjson Secret); watched.
-    #[arg(long = "plugins", value_name = "PATH")]
+    /// Manifest files or directories (WasmPlugin, dockerconfigjson Secret), watched for changes.
+    /// Repeat the flag for several paths (comma separated in the variable). Without any, nothing
+    /// is served. A path missing at startup is a warning, not an error (but its directory must
+    /// exist, to be watched): it serves nothing until it appears.
+    #[arg(
+        long = "plugins",
+        value_name = "PATH",
+        env = "WASM_ECDS_PLUGINS",
+        value_delimiter = ','
+    )]
     pub plugins: Vec<PathBuf>,
     /// gRPC listen address for ECDS and ADS (port 0 picks one).
-    #[arg(long, default_value = "127.0.0.1:18000")]
+    #[arg(
+        long = "xds-address",
+        id = "xds_address",
+        value_name = "ADDR",
+        env = "WASM_ECDS_XDS_ADDRESS",
+        default_value = "127.0.0.1:18000"
+    )]
+    xds_address_text: String,
+    /// `--xds-address`, parsed by [`resolve`](Self::resolve).
+    #[arg(skip = DEFAULT_XDS_ADDRESS)]
     pub xds_address: SocketAddr,
     /// HTTP admin address: metrics, health, debug, refresh, module endpoint.
-    #[arg(long, default_value = "127.0.0.1:15020")]
+    #[arg(
+        long = "admin-address",
+        id = "admin_address",
+        value_name = "ADDR",
+        env = "WASM_ECDS_ADMIN_ADDRESS",
+        default_value = "127.0.0.1:15020"
+    )]
+    admin_address_text: String,
+    /// `--admin-address`, parsed by [`resolve`](Self::resolve).
+    #[arg(skip = DEFAULT_ADMIN_ADDRESS)]
     pub admin_address: SocketAddr,
-    /// How module code reaches Envoy.
-    #[arg(long, value_enum, default_value = "file")]
-    pub delivery: DeliveryArg,
+    /// How module code reaches Envoy: file (a path on this host), inline (the bytes inside the
+    /// ECDS resource) or http (Envoy downloads it from the admin address).
+    #[arg(
+        long,
+        value_name = "file|inline|http",
+        env = "WASM_ECDS_DELIVERY",
+        default_value = "file"
+    )]
+    pub delivery: String,
     /// Where modules are stored.
-    #[arg(long, env = "WASM_CACHE_DIR")]
-    pub cache_dir: Option<PathBuf>,
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "WASM_CACHE_DIR",
+        default_value_os_t = config::default_cache_dir()
+    )]
+    pub cache_dir: PathBuf,
     /// Purge modules unused for this long (Go duration).
-    #[arg(long, env = "WASM_MODULE_EXPIRY", default_value = "24h")]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "WASM_MODULE_EXPIRY",
+        default_value = "24h"
+    )]
     pub module_expiry: String,
-    /// How often a purge pass runs (Go duration).
-    #[arg(long, env = "WASM_PURGE_INTERVAL", default_value = "1h")]
+    /// How often a purge pass runs (Go duration, more than 0).
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "WASM_PURGE_INTERVAL",
+        default_value = "1h"
+    )]
     pub purge_interval: String,
     /// Per-attempt HTTP timeout (Go duration).
-    #[arg(long, env = "WASM_HTTP_REQUEST_TIMEOUT", default_value = "15s")]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "WASM_HTTP_REQUEST_TIMEOUT",
+        default_value = "15s"
+    )]
     pub http_request_timeout: String,
-    /// Attempts per request in total.
-    #[arg(long, env = "WASM_HTTP_REQUEST_MAX_RETRIES", default_value = "5")]
+    /// Attempts per request in total (at least 1).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "WASM_HTTP_REQUEST_MAX_RETRIES",
+        default_value = "5"
+    )]
     pub http_request_max_retries: String,
-    /// Registries reached over plain HTTP / without certificate checks (`host:port`, comma separated, `*`).
-    #[arg(long, env = "WASM_INSECURE_REGISTRIES", default_value = "")]
+    /// Registries reached over plain HTTP / without certificate checks (`host:port`, comma
+    /// separated, `*` for all).
+    #[arg(
+        long,
+        value_name = "HOSTS",
+        env = "WASM_INSECURE_REGISTRIES",
+        default_value = ""
+    )]
     pub insecure_registries: String,
     /// CIDRs never connected to (comma separated), besides link-local and metadata addresses.
-    #[arg(long, env = "BLOCKED_CIDRS_IN_WASM_FETCH", default_value = "")]
+    #[arg(
+        long,
+        value_name = "CIDRS",
+        env = "BLOCKED_CIDRS_IN_WASM_FETCH",
+        default_value = ""
+    )]
     pub blocked_cidrs: String,
-    /// Largest module accepted, in bytes (or 256Mi).
-    #[arg(long, env = "WASM_MAX_BINARY_SIZE_BYTES", default_value = "268435456")]
+    /// Largest module accepted, in bytes (or a quantity such as 256Mi).
+    #[arg(
+        long,
+        value_name = "SIZE",
+        env = "WASM_MAX_BINARY_SIZE_BYTES",
+        default_value = "268435456"
+    )]
     pub max_binary_size: String,
+    /// Ids of the options given as flags (not variables, not defaults): their errors name the flag.
+    #[arg(skip)]
+    from_flags: BTreeSet<String>,
 }
 
 impl ServeArgs {
-    /// Builds the validated configuration.
-    pub fn config(&self) -> Result<Config, OptionError> {
-        let retries: u32 =
-            self.http_request_max_retries
-                .trim()
-                .parse()
-                .map_err(|_| OptionError {
-                    name: "WASM_HTTP_REQUEST_MAX_RETRIES".into(),
-                    value: self.http_request_max_retries.clone(),
-                    why: "want a positive integer".into(),
-                })?;
+    /// Records which options were given as flags; `matches` are those of the `serve` subcommand.
+    pub fn note_flags(&mut self, matches: &ArgMatches) {
+        self.from_flags = matches
+            .ids()
+            .filter(|id| matches.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+            .map(|id| id.as_str().to_string())
+            .collect();
+    }
+
+    /// Parses every value: fills [`xds_address`](Self::xds_address) and
+    /// [`admin_address`](Self::admin_address) and returns the validated configuration.
+    pub fn resolve(&mut self) -> Result<Config, OptionError> {
+        self.xds_address = self.address(
+            "xds_address",
+            "WASM_ECDS_XDS_ADDRESS",
+            &self.xds_address_text,
+        )?;
+        self.admin_address = self.address(
+            "admin_address",
+            "WASM_ECDS_ADMIN_ADDRESS",
+            &self.admin_address_text,
+        )?;
+        let retries = &self.http_request_max_retries;
+        let retries_error = |why: &str| {
+            self.name_source(
+                "http_request_max_retries",
+                OptionError::new("WASM_HTTP_REQUEST_MAX_RETRIES", "count", retries, why),
+            )
+        };
+        let retries: u32 = retries
+            .parse()
+            .map_err(|_| retries_error("want a whole number such as 5"))?;
         if retries == 0 {
-            return Err(OptionError {
-                name: "WASM_HTTP_REQUEST_MAX_RETRIES".into(),
-                value: self.http_request_max_retries.clone(),
-                why: "must be at least 1".into(),
-            });
+            return Err(retries_error("must be at least 1"));
         }
-        let purge_interval =
-            config::parse_go_duration("WASM_PURGE_INTERVAL", &self.purge_interval)?;
+        if let Some(p) = self
+            .plugins
+            .iter()
+            .find(|p| !p.exists() && !parent_exists(p))
+        {
+            return Err(self.name_source(
+                "plugins",
+                OptionError::new(
+                    "WASM_ECDS_PLUGINS",
+                    "path",
+                    p.display().to_string(),
+                    "neither it nor its directory exists",
+                ),
+            ));
+        }
+        let purge_interval = self.duration(
+            "purge_interval",
+            "WASM_PURGE_INTERVAL",
+            &self.purge_interval,
+        )?;
         if purge_interval.is_zero() {
-            return Err(OptionError {
-                name: "WASM_PURGE_INTERVAL".into(),
-                value: self.purge_interval.clone(),
-                why: "must be positive".into(),
-            });
+            return Err(self.name_source(
+                "purge_interval",
+                OptionError::new(
+                    "WASM_PURGE_INTERVAL",
+                    "duration",
+                    &self.purge_interval,
+                    "must be more than 0",
+                ),
+            ));
         }
+        let delivery = match self.delivery.as_str() {
+            "file" => Delivery::File,
+            "inline" => Delivery::Inline,
+            "http" => Delivery::Http,
+            _ => {
+                return Err(self.name_source(
+                    "delivery",
+                    OptionError::new(
+                        "WASM_ECDS_DELIVERY",
+                        "delivery",
+                        &self.delivery,
+                        "want file, inline or http",
+                    ),
+                ))
+            }
+        };
         Ok(Config {
-            module_expiry: config::parse_go_duration("WASM_MODULE_EXPIRY", &self.module_expiry)?,
+            module_expiry: self.duration(
+                "module_expiry",
+                "WASM_MODULE_EXPIRY",
+                &self.module_expiry,
+            )?,
             purge_interval,
-            http_request_timeout: config::parse_go_duration(
+            http_request_timeout: self.duration(
+                "http_request_timeout",
                 "WASM_HTTP_REQUEST_TIMEOUT",
                 &self.http_request_timeout,
             )?,
             http_request_max_retries: retries,
             insecure_registries: config::parse_list(&self.insecure_registries),
-            blocked_cidrs: config::parse_cidrs("BLOCKED_CIDRS_IN_WASM_FETCH", &self.blocked_cidrs)?,
+            blocked_cidrs: config::parse_cidrs("BLOCKED_CIDRS_IN_WASM_FETCH", &self.blocked_cidrs)
+                .map_err(|e| self.name_source("blocked_cidrs", e))?,
             max_binary_size: config::parse_size(
                 "WASM_MAX_BINARY_SIZE_BYTES",
                 &self.max_binary_size,
-            )?,
-            cache_dir: self
-                .cache_dir
-                .clone()
-                .unwrap_or_else(config::default_cache_dir),
-            delivery: match self.delivery {
-                DeliveryArg::File => Delivery::File,
-                DeliveryArg::Inline => Delivery::Inline,
-                DeliveryArg::Http => Delivery::Http,
-            },
+            )
+            .map_err(|e| self.name_source("max_binary_size", e))?,
+            cache_dir: self.cache_dir.clone(),
+            delivery,
         })
+    }
+
+    /// One line each for what is probably a mistake but not an error: no `--plugins` at all, or a
+    /// path that does not exist (yet).
+    pub fn warnings(&self) -> Vec<String> {
+        if self.plugins.is_empty() {
+            return vec![
+                "no --plugins (or WASM_ECDS_PLUGINS) given: no plugin will be served".to_string(),
+            ];
+        }
+        let source = if self.from_flags.contains("plugins") {
+            "--plugins"
+        } else {
+            "WASM_ECDS_PLUGINS"
+        };
+        self.plugins
+            .iter()
+            .filter(|p| !p.exists())
+            .map(|p| {
+                format!(
+                    "{source} {}: no such file or directory: it serves nothing until it appears",
+                    p.display()
+                )
+            })
+            .collect()
+    }
+
+    /// `error` naming the flag of option `id` when the value came from the command line.
+    fn name_source(&self, id: &str, error: OptionError) -> OptionError {
+        if self.from_flags.contains(id) {
+            error.for_flag(format!("--{}", id.replace('_', "-")))
+        } else {
+            error
+        }
+    }
+
+    fn duration(
+        &self,
+        id: &str,
+        var: &str,
+        value: &str,
+    ) -> Result<std::time::Duration, OptionError> {
+        config::parse_go_duration(var, value).map_err(|e| self.name_source(id, e))
+    }
+
+    fn address(&self, id: &str, var: &str, value: &str) -> Result<SocketAddr, OptionError> {
+        value.parse().map_err(|_| {
+            self.name_source(
+                id,
+                OptionError::new(
+                    var,
+                    "address",
+                    value,
+                    "want IP:PORT such as 127.0.0.1:18000",
+                ),
+            )
+        })
+    }
+}
+
+/// Whether the directory holding `path` exists (the current directory for a bare name).
+fn parent_exists(path: &std::path::Path) -> bool {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.is_dir(),
+        _ => true,
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
     use crate::cli::{Cli, Command};
 
-    fn parse(args: &[&str]) -> Result<Config, OptionError> {
-        let cli = Cli::try_parse_from(["wasm-ecds", "serve"].iter().chain(args)).unwrap();
+    fn args(args: &[&str]) -> ServeArgs {
+        let cli = Cli::try_parse_args_from(["wasm-ecds", "serve"].iter().chain(args)).unwrap();
         let Command::Serve(a) = cli.command else {
             panic!()
         };
-        a.config()
+        *a
+    }
+
+    fn parse(a: &[&str]) -> Result<Config, OptionError> {
+        args(a).resolve()
     }
 
     #[test]
     fn defaults_and_flags() {
-        let c = parse(&["--module-expiry", "1h30m", "--max-binary-size", "1Mi"]).unwrap();
+        let mut a = args(&["--module-expiry", "1h30m", "--max-binary-size", "1Mi"]);
+        let c = a.resolve().unwrap();
         assert_eq!(c.module_expiry.as_secs(), 5400);
         assert_eq!(c.max_binary_size, 1 << 20);
         assert_eq!(c.http_request_max_retries, 5);
+        assert_eq!(c.cache_dir, config::default_cache_dir());
+        assert_eq!(c.delivery, Delivery::File);
+        assert_eq!(a.xds_address, DEFAULT_XDS_ADDRESS);
+        assert_eq!(a.admin_address, DEFAULT_ADMIN_ADDRESS);
+        let mut a = args(&["--xds-address", "0.0.0.0:0", "--delivery", "inline"]);
+        assert_eq!(a.resolve().unwrap().delivery, Delivery::Inline);
+        assert_eq!(a.xds_address, "0.0.0.0:0".parse().unwrap());
+    }
+
+    #[test]
+    fn flag_errors_name_the_flag() {
         let e = parse(&["--purge-interval", "often"]).unwrap_err();
-        assert_eq!(e.name, "WASM_PURGE_INTERVAL");
-        let e = parse(&["--blocked-cidrs", "10.0.0.0/33"]).unwrap_err();
-        assert_eq!(e.name, "BLOCKED_CIDRS_IN_WASM_FETCH");
+        assert_eq!(
+            (e.name.as_str(), e.flag.as_deref()),
+            ("WASM_PURGE_INTERVAL", Some("--purge-interval"))
+        );
+        let e = parse(&["--module-expiry", "1d"]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            r#"--module-expiry: invalid duration "1d": unknown unit "d" (ns, us, µs, ms, s, m, h)"#
+        );
+        for (flag, value) in [
+            ("--blocked-cidrs", "10.0.0.0/33"),
+            ("--purge-interval", "0"),
+            ("--http-request-max-retries", "0"),
+            ("--http-request-max-retries", "many"),
+            ("--xds-address", "localhost"),
+            ("--admin-address", ":80"),
+            ("--delivery", "carrier-pigeon"),
+            ("--max-binary-size", "big"),
+            ("--http-request-timeout", "5min"),
+        ] {
+            let e = parse(&[flag, value]).unwrap_err();
+            assert_eq!(e.flag.as_deref(), Some(flag), "{e}");
+            assert!(e.to_string().starts_with(&format!("{flag}: ")), "{e}");
+        }
+    }
+
+    #[test]
+    fn warns_about_missing_plugin_paths() {
+        assert_eq!(args(&[]).warnings().len(), 1);
+        let here = env!("CARGO_MANIFEST_DIR");
+        assert!(args(&["--plugins", here]).warnings().is_empty());
+        let missing = format!("{here}/does-not-exist.yaml");
+        let w = args(&["--plugins", here, "--plugins", &missing]).warnings();
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("does-not-exist.yaml"), "{w:?}");
+        let e = parse(&["--plugins", "/does/not/exist"]).unwrap_err();
+        assert_eq!(e.flag.as_deref(), Some("--plugins"), "{e}");
+        assert!(args(&["--plugins", "nothing-here.yaml"]).resolve().is_ok());
     }
 }

@@ -1,7 +1,8 @@
 //! The admin HTTP server (cli.md): `/metrics`, `/healthz`, `/readyz`, `/debug/plugins`,
 //! `/debug/cache`, `POST /refresh?plugin=ns/name`, and the module endpoint `/modules/<sha256>.wasm`
 //! used by `--delivery http`. It only reads the controller's [`AdminView`](super::AdminView) and
-//! sends it commands; it never touches the engine.
+//! the shared [`Metrics`](crate::metrics::Metrics) (engine and xDS series, one registry), and
+//! sends the controller commands; it never touches the engine.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -72,16 +73,12 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
             }
         }
-        (&Method::GET, "/metrics") => {
-            let mut body = shared
-                .view
-                .read()
-                .expect("view lock")
-                .engine_metrics
-                .clone();
-            body.push_str(&shared.resources.metrics_text());
-            reply(StatusCode::OK, "text/plain; version=0.0.4", body)
-        }
+        // One registry: the engine's Istio series and the xDS series, as they are now.
+        (&Method::GET, "/metrics") => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            shared.metrics.render(),
+        ),
         (&Method::GET, "/debug/plugins") => {
             let v = shared.view.read().expect("view lock").plugins.clone();
             reply(

@@ -25,6 +25,7 @@ use crate::driver::{Driver, DriverParts, ModuleIndex};
 use crate::engine::EngineParts;
 use crate::engine::Serving;
 use crate::fetch::{FetchConfig, Transport};
+use crate::metrics::Metrics;
 use crate::plugin::ObjectKey;
 use crate::store::{DiskStore, OsFiles};
 use crate::xds::ResourceStore;
@@ -39,7 +40,6 @@ pub struct AdminView {
     pub ready: bool,
     pub plugins: Value,
     pub cache: Value,
-    pub engine_metrics: String,
     /// The modules of the module endpoint (`None` until the first refresh).
     pub modules: Option<ModuleIndex>,
 }
@@ -50,6 +50,8 @@ pub struct Shared {
     pub view: RwLock<AdminView>,
     pub commands: mpsc::Sender<Command>,
     pub resources: ResourceStore,
+    /// The engine's series and the resource store's: `/metrics` renders them live.
+    pub metrics: Metrics,
 }
 
 /// Requests to the controller.
@@ -116,12 +118,14 @@ pub async fn start(setup: ServeSetup) -> anyhow::Result<ServerHandle> {
         module_endpoint: format!("http://{admin_address}"),
     })?;
     tracing::info!(kept = report.kept, removed = report.removed.len(), dir = %setup.config.cache_dir.display(), "cache indexed");
+    let metrics = driver.engine().metrics().clone();
     let resources = driver.resources().clone();
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let shared = Arc::new(Shared {
         view: RwLock::new(AdminView::default()),
         commands: cmd_tx.clone(),
         resources: resources.clone(),
+        metrics,
     });
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
 
@@ -339,7 +343,6 @@ impl Controller {
             ready,
             plugins: json!({"plugins": plugins, "refused": refused, "fileErrors": self.file_errors}),
             cache: json!({"modules": cache}),
-            engine_metrics: engine.metrics().render(),
             modules: Some(self.driver.modules()),
         }
     }

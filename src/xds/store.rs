@@ -7,6 +7,12 @@
 //! of open streams ([`StreamInfo`]). It does not know about gRPC: `server` reads it, the caller
 //! (the controller, `sim`, a load tool) writes it.
 //!
+//! # Metrics
+//! The counters are Prometheus series (`wasm_ecds_xds_*`, [`XdsSeries`]). A store made with
+//! [`ResourceStore::with_metrics`] registers them in the process's [`Metrics`], so that one
+//! [`Metrics::render`] shows them next to the engine's Istio series; [`ResourceStore::new`] keeps
+//! them in a private registry, read through [`ResourceStore::stats`].
+//!
 //! # Versions
 //! Every effective change bumps the global revision by one. A resource's version is
 //! `<revision of its last change>-<first 12 hex digits of the sha256 of its encoding>`: the leading
@@ -28,18 +34,19 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig;
 use envoy_types::pb::google::protobuf::Any;
+use prometheus::{IntCounter, IntGauge, Registry};
 use prost::Message;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, watch};
 
 use super::ECDS_TYPE_URL;
+use crate::metrics::Metrics;
 
 /// How many [`StreamEvent`]s a slow [`ResourceStore::events`] receiver may fall behind before it
 /// loses the oldest ones (it then gets `RecvError::Lagged`).
@@ -49,7 +56,8 @@ pub const EVENT_CAPACITY: usize = 4096;
 /// encodings of one resource never share a version in practice.
 const VERSION_DIGEST_HEX: usize = 12;
 
-/// Prometheus names of the xDS series rendered by [`ResourceStore::metrics_text`].
+/// Prometheus names of the xDS series ([`XdsSeries`]); counters without a `_total` suffix, like the
+/// Istio series of [`crate::metrics`].
 pub const METRIC_CONNECTED_STREAMS: &str = "wasm_ecds_xds_connected_streams";
 pub const METRIC_STREAM_COUNT: &str = "wasm_ecds_xds_stream_count";
 pub const METRIC_PUSH_COUNT: &str = "wasm_ecds_xds_push_count";
@@ -144,7 +152,7 @@ pub struct StreamEvent {
     pub kind: StreamEventKind,
 }
 
-/// A snapshot of the xDS counters (exported as Prometheus series by [`ResourceStore::metrics_text`]).
+/// A snapshot of the xDS counters (also exported as the Prometheus series [`XdsSeries`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct XdsStats {
     /// Streams open now.
@@ -196,20 +204,54 @@ struct State {
     revision: u64,
 }
 
-#[derive(Default)]
-struct Counters {
-    connected_streams: AtomicU64,
-    streams_total: AtomicU64,
-    pushes: AtomicU64,
-    acks: AtomicU64,
-    nacks: AtomicU64,
+/// The xDS series of one registry. Handles are shared: clones count into the same series.
+#[derive(Clone, Debug)]
+pub struct XdsSeries {
+    connected_streams: IntGauge,
+    streams_total: IntCounter,
+    pushes: IntCounter,
+    acks: IntCounter,
+    nacks: IntCounter,
+    resources: IntGauge,
+}
+
+impl XdsSeries {
+    /// Creates the series and registers them in `registry`.
+    ///
+    /// # Panics
+    /// If `registry` already has them: [`Metrics`] registers them once and hands out clones.
+    pub(crate) fn register(registry: &Registry) -> Self {
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
+        let series = XdsSeries {
+            connected_streams: gauge(METRIC_CONNECTED_STREAMS, "xDS streams open now."),
+            streams_total: counter(METRIC_STREAM_COUNT, "xDS streams opened."),
+            pushes: counter(METRIC_PUSH_COUNT, "ECDS responses sent to proxies."),
+            acks: counter(METRIC_ACK_COUNT, "ECDS responses ACKed by proxies."),
+            nacks: counter(METRIC_NACK_COUNT, "ECDS responses NACKed by proxies."),
+            resources: gauge(METRIC_RESOURCES, "ECDS resources served."),
+        };
+        for c in [
+            Box::new(series.connected_streams.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(series.streams_total.clone()),
+            Box::new(series.pushes.clone()),
+            Box::new(series.acks.clone()),
+            Box::new(series.nacks.clone()),
+            Box::new(series.resources.clone()),
+        ] {
+            registry
+                .register(c)
+                .expect("xDS series registered once per registry");
+        }
+        series
+    }
 }
 
 struct Inner {
     state: RwLock<State>,
     revisions: watch::Sender<u64>,
     events: broadcast::Sender<StreamEvent>,
-    counters: Counters,
+    series: XdsSeries,
     streams: Mutex<BTreeMap<StreamId, StreamInfo>>,
     next_stream: AtomicU64,
 }
@@ -242,7 +284,20 @@ struct Prepared {
 }
 
 impl ResourceStore {
+    /// A store whose counters live in a private registry (tests, load tools): read them with
+    /// [`stats`](Self::stats).
     pub fn new() -> Self {
+        Self::with_series(XdsSeries::register(&Registry::new()))
+    }
+
+    /// A store whose counters are series of `metrics`, rendered by its [`Metrics::render`] with
+    /// whatever else `metrics` holds (the engine's series). Stores made with the same `metrics`
+    /// (or a clone) share the series.
+    pub fn with_metrics(metrics: &Metrics) -> Self {
+        Self::with_series(metrics.xds_series())
+    }
+
+    fn with_series(series: XdsSeries) -> Self {
         let (revisions, _) = watch::channel(0);
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         ResourceStore {
@@ -250,7 +305,7 @@ impl ResourceStore {
                 state: RwLock::new(State::default()),
                 revisions,
                 events,
-                counters: Counters::default(),
+                series,
                 streams: Mutex::new(BTreeMap::new()),
                 next_stream: AtomicU64::new(1),
             }),
@@ -300,6 +355,7 @@ impl ResourceStore {
         if version.is_some() {
             // Sent under the lock so that the watched revision never goes backwards.
             self.inner.revisions.send_replace(state.revision);
+            self.count_resources(&state);
         }
         version
     }
@@ -328,6 +384,7 @@ impl ResourceStore {
             .count();
         if changed > 0 {
             self.inner.revisions.send_replace(state.revision);
+            self.count_resources(&state);
         }
         changed
     }
@@ -371,7 +428,16 @@ impl ResourceStore {
         }
         state.revision += 1;
         self.inner.revisions.send_replace(state.revision);
+        self.count_resources(&state);
         true
+    }
+
+    /// Called under the write lock, so that the gauge follows the changes in order.
+    fn count_resources(&self, state: &State) {
+        self.inner
+            .series
+            .resources
+            .set(state.resources.len() as i64);
     }
 
     /// The stored resource, decoded.
@@ -432,17 +498,17 @@ impl ResourceStore {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> XdsStats {
-        let c = &self.inner.counters;
+        let c = &self.inner.series;
         let (resources, revision) = {
             let state = self.read();
             (state.resources.len(), state.revision)
         };
         XdsStats {
-            connected_streams: c.connected_streams.load(Ordering::Relaxed),
-            streams_total: c.streams_total.load(Ordering::Relaxed),
-            pushes: c.pushes.load(Ordering::Relaxed),
-            acks: c.acks.load(Ordering::Relaxed),
-            nacks: c.nacks.load(Ordering::Relaxed),
+            connected_streams: c.connected_streams.get().max(0) as u64,
+            streams_total: c.streams_total.get(),
+            pushes: c.pushes.get(),
+            acks: c.acks.get(),
+            nacks: c.nacks.get(),
             resources,
             revision,
         }
@@ -473,55 +539,6 @@ impl ResourceStore {
             .collect()
     }
 
-    /// The counters as Prometheus text (no `_total` suffix, like the Istio series in `metrics`).
-    pub fn metrics_text(&self) -> String {
-        let s = self.stats();
-        let mut out = String::new();
-        let mut series = |name: &str, kind: &str, help: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        };
-        series(
-            METRIC_CONNECTED_STREAMS,
-            "gauge",
-            "xDS streams open now.",
-            s.connected_streams,
-        );
-        series(
-            METRIC_STREAM_COUNT,
-            "counter",
-            "xDS streams opened.",
-            s.streams_total,
-        );
-        series(
-            METRIC_PUSH_COUNT,
-            "counter",
-            "ECDS responses sent to proxies.",
-            s.pushes,
-        );
-        series(
-            METRIC_ACK_COUNT,
-            "counter",
-            "ECDS responses ACKed by proxies.",
-            s.acks,
-        );
-        series(
-            METRIC_NACK_COUNT,
-            "counter",
-            "ECDS responses NACKed by proxies.",
-            s.nacks,
-        );
-        series(
-            METRIC_RESOURCES,
-            "gauge",
-            "ECDS resources served.",
-            s.resources as u64,
-        );
-        out
-    }
-
     // ----- used by the stream state machines and the server -----
 
     /// The stored entries for `names` that exist, sorted by name (duplicates collapse).
@@ -542,14 +559,8 @@ impl ResourceStore {
 
     pub(crate) fn open_stream(&self, api: Api, protocol: Protocol) -> StreamId {
         let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
-        self.inner
-            .counters
-            .connected_streams
-            .fetch_add(1, Ordering::Relaxed);
-        self.inner
-            .counters
-            .streams_total
-            .fetch_add(1, Ordering::Relaxed);
+        self.inner.series.connected_streams.inc();
+        self.inner.series.streams_total.inc();
         self.record_stream(StreamInfo {
             id,
             node_id: String::new(),
@@ -563,10 +574,7 @@ impl ResourceStore {
     }
 
     pub(crate) fn close_stream(&self, id: StreamId) {
-        self.inner
-            .counters
-            .connected_streams
-            .fetch_sub(1, Ordering::Relaxed);
+        self.inner.series.connected_streams.dec();
         self.inner
             .streams
             .lock()
@@ -583,16 +591,18 @@ impl ResourceStore {
     }
 
     pub(crate) fn count_push(&self) {
-        self.inner.counters.pushes.fetch_add(1, Ordering::Relaxed);
+        self.inner.series.pushes.inc();
     }
 
     pub(crate) fn count_ack(&self) {
-        self.inner.counters.acks.fetch_add(1, Ordering::Relaxed);
+        self.inner.series.acks.inc();
     }
 
-    /// Returns the NACK count including this one (logged with the NACK).
+    /// Returns the NACK count including this one (logged with the NACK; concurrent NACKs may make
+    /// it larger).
     pub(crate) fn count_nack(&self) -> u64 {
-        self.inner.counters.nacks.fetch_add(1, Ordering::Relaxed) + 1
+        self.inner.series.nacks.inc();
+        self.inner.series.nacks.get()
     }
 
     /// Publishes an event; `make` runs only when someone listens.
@@ -727,10 +737,76 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn metrics_text_names_every_series() {
-        let store = ResourceStore::new();
+    fn counters_are_series_of_the_shared_metrics() {
+        let metrics = Metrics::new();
+        let store = ResourceStore::with_metrics(&metrics);
         store.set("a", config("1"));
-        let text = store.metrics_text();
+        store.set("b", config("2"));
+        store.remove("b");
+        let id = store.open_stream(Api::Ecds, Protocol::Sotw);
+        store.count_push();
+        store.count_ack();
+        assert_eq!(store.count_nack(), 1);
+        store.close_stream(id);
+        let s = metrics.samples();
+        for (name, want) in [
+            (METRIC_CONNECTED_STREAMS, 0.0),
+            (METRIC_STREAM_COUNT, 1.0),
+            (METRIC_PUSH_COUNT, 1.0),
+            (METRIC_ACK_COUNT, 1.0),
+            (METRIC_NACK_COUNT, 1.0),
+            (METRIC_RESOURCES, 1.0),
+        ] {
+            assert_eq!(s.get(name), Some(&want), "{name} in {s:?}");
+        }
+        // A second store on the same metrics shares the series instead of registering again.
+        let again = ResourceStore::with_metrics(&metrics.clone());
+        again.count_push();
+        assert_eq!(store.stats().pushes, 2);
+        // A store of its own counts apart.
+        let own = ResourceStore::new();
+        own.count_push();
+        assert_eq!(own.stats().pushes, 1);
+        assert_eq!(metrics.samples()[METRIC_PUSH_COUNT], 2.0);
+    }
+
+    /// A real push and ACK over gRPC, then one rendering with the engine's series and the xDS
+    /// series, each with one HELP and one TYPE line.
+    #[tokio::test]
+    async fn a_push_and_its_ack_show_in_the_rendered_metrics() {
+        use crate::xds::client::{self, SotwSession};
+        let metrics = Metrics::new();
+        let store = ResourceStore::with_metrics(&metrics);
+        store.set("a", config("1"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(crate::xds::serve(listener, store.clone(), async {
+            let _ = stopped.await;
+        }));
+        let mut events = store.events();
+        let names = vec!["a".to_string()];
+        let channel = client::connect(addr).await.unwrap();
+        let mut session =
+            SotwSession::open(channel, Api::Ecds, client::sotw_subscribe("node-1", &names))
+                .await
+                .unwrap();
+        let response = session.recv().await.unwrap().expect("a response");
+        session
+            .send(client::sotw_ack(&names, &response))
+            .await
+            .unwrap();
+        while !matches!(events.recv().await.unwrap().kind, StreamEventKind::Acked(_)) {}
+
+        let text = metrics.render();
+        let s = crate::metrics::parse_samples(&text);
+        assert_eq!(s[METRIC_PUSH_COUNT], 1.0, "{text}");
+        assert_eq!(s[METRIC_ACK_COUNT], 1.0, "{text}");
+        assert_eq!(s[METRIC_NACK_COUNT], 0.0, "{text}");
+        assert_eq!(s[METRIC_CONNECTED_STREAMS], 1.0, "{text}");
+        assert_eq!(s[METRIC_STREAM_COUNT], 1.0, "{text}");
+        assert_eq!(s[METRIC_RESOURCES], 1.0, "{text}");
+        assert!(s.contains_key(crate::metrics::CACHE_ENTRIES), "{text}");
         for name in [
             METRIC_CONNECTED_STREAMS,
             METRIC_STREAM_COUNT,
@@ -738,12 +814,21 @@ pub(crate) mod tests {
             METRIC_ACK_COUNT,
             METRIC_NACK_COUNT,
             METRIC_RESOURCES,
+            crate::metrics::CACHE_ENTRIES,
+            crate::metrics::CONFIG_CONVERSION_DURATION,
         ] {
-            assert!(
-                text.contains(&format!("# TYPE {name} ")),
-                "{name} missing from {text}"
-            );
+            for prefix in ["# HELP", "# TYPE"] {
+                let lines = text
+                    .lines()
+                    .filter(|l| l.starts_with(&format!("{prefix} {name} ")))
+                    .count();
+                assert_eq!(lines, 1, "{prefix} {name} in {text}");
+            }
         }
-        assert!(text.contains("wasm_ecds_xds_resources 1\n"));
+        assert!(text.contains(&format!("# TYPE {METRIC_PUSH_COUNT} counter\n")));
+        assert!(text.contains(&format!("# TYPE {METRIC_CONNECTED_STREAMS} gauge\n")));
+        drop(session);
+        let _ = stop.send(());
+        server.await.unwrap();
     }
 }

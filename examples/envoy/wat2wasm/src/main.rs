@@ -1,9 +1,11 @@
-//! Assembles WebAssembly text into a binary: `cargo run --example wat2wasm -- IN.wat OUT.wasm`.
+//! Assembles WebAssembly text into a binary:
+//! `cargo run --manifest-path examples/envoy/wat2wasm/Cargo.toml -- IN.wat OUT.wasm`.
 //!
-//! A few lines around the `wat` crate (the assembler the tests use), so the Envoy example
-//! (`examples/envoy/run.sh`) can build its proxy-wasm module from `examples/envoy/module.wat`
-//! without a Wasm toolchain and without anything of `wasm-ecds` itself. Exit status 2 on bad usage,
-//! 1 when the text does not assemble or the output cannot be written.
+//! A few lines around the `wat` crate (the assembler the tests use), in a package of its own, so
+//! that the Envoy example (`examples/envoy/run.sh`) builds its proxy-wasm module from
+//! `examples/envoy/module.wat` without a Wasm toolchain, without anything of `wasm-ecds` itself and
+//! without compiling `wasm-ecds`' dev-dependencies. Exit status 2 on bad usage, 1 when the text
+//! does not assemble or the output cannot be written.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
