@@ -132,12 +132,15 @@ impl Dispatcher {
         Some((flight, Err(failure.into())))
     }
 
-    /// Commits a finished job for every processing waiting on it, then begins what that queued.
-    /// Returns the ids of the processings that finished.
+    /// Commits a finished job for every processing waiting on it. The download is committed by
+    /// the first waiter that is still current (the plugin may have changed or gone while it ran);
+    /// the others are served what it committed. Returns the ids of the processings that finished.
     pub fn complete(&mut self, engine: &mut Engine, (flight, result): Completion) -> Vec<u64> {
         let waiters = self.inflight.remove(&flight).unwrap_or_default();
         let ids = waiters.iter().map(|p| p.id).collect();
-        let mut waiters = waiters.into_iter();
+        let (current, stale): (Vec<_>, Vec<_>) =
+            waiters.into_iter().partition(|p| engine.is_current(p));
+        let mut waiters = current.into_iter().chain(stale);
         if let Some(first) = waiters.next() {
             let shared: Vec<_> = waiters.map(|p| (p, share_result(&result))).collect();
             engine.finish(first, result);

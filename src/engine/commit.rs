@@ -19,6 +19,11 @@ use crate::plugin::ObjectKey;
 use crate::url::ModuleUrl;
 
 impl Engine {
+    /// Whether `pending` is for the plugin's current version (its result would be committed).
+    pub fn is_current(&self, pending: &Pending) -> bool {
+        self.plugins.get(&pending.key).map(|s| s.version) == Some(pending.version)
+    }
+
     /// Phase 3: commits a result obtained for `pending`. A result for a version that is no longer
     /// current is dropped (the plugin changed or went away while it was fetched).
     pub fn finish(&mut self, pending: Pending, result: Result<Obtained, Failure>) {

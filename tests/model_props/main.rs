@@ -444,14 +444,11 @@ fn a_revalidation_whose_module_was_purged_meanwhile_is_retried() {
     assert_eq!(outcomes(&events[9]), [outcome(90_002_438, 1, "pulled")]);
 }
 
-/// Product bug (single flight): a job's download is handed to the first processing that waited
-/// for it even when that plugin has changed since; that processing is dropped together with the
-/// module, and the current version, waiting for the same job, is rejected (`download_failure`,
-/// "module left the cache") although the module was just downloaded. It falls back and downloads
-/// it again 1 s later. The model follows the product while
-/// `STALE_FIRST_WAITER_LOSES_THE_DOWNLOAD` (model.rs) is true; this test states the spec.
+/// Single flight: a job's download is committed by the first processing waiting for it that is
+/// still current. The processing that started the job may be stale by then (its plugin was edited
+/// while the pull ran); the download must not be lost with it — the current version, which joined
+/// the same job, is served the module.
 #[test]
-#[ignore = "product bug: a download is lost when the first processing waiting for it is stale"]
 fn a_download_is_kept_when_the_processing_that_started_it_is_gone() {
     let steps = [
         Step::Fail { host: 0 },

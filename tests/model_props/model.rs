@@ -34,15 +34,6 @@ const PURGE_INTERVAL: Duration = Duration::from_secs(3600);
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(300);
 
-/// Known product bug (see `a_download_is_kept_when_the_processing_that_started_it_is_gone` in
-/// main.rs): the engine gives a job's download to the first processing that waited for it even when
-/// that plugin changed or went away meanwhile; that processing is dropped with the module, and every
-/// other waiter is told "module left the cache" (`rejected`/`download_failure`) although the module
-/// was downloaded. While this is true the model does the same, so that the property test checks
-/// everything else; set it to false once the engine is fixed (the spec: the first *current* waiter
-/// commits the download).
-const STALE_FIRST_WAITER_LOSES_THE_DOWNLOAD: bool = true;
-
 /// (module name, checksum): a cache identity (§5).
 type MKey = (String, String);
 

@@ -146,7 +146,6 @@ impl Model<'_> {
         for w in job.waiters {
             let current = self.plugins.get(&w.p).map(|st| st.version) == Some(w.version);
             if !current {
-                first &= !STALE_FIRST_WAITER_LOSES_THE_DOWNLOAD;
                 continue;
             }
             let got = match &result {
