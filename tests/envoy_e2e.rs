@@ -10,6 +10,9 @@
 //! Every wait is bounded (a hung step fails the test with what was last seen); nothing asserts a
 //! duration. The time from a plugin-file edit to Envoy serving the new configuration is measured
 //! and printed, not asserted.
+//!
+//! Length: one suite per real-Envoy scenario family, sharing one Envoy/server fixture; the helpers
+//! live in `tests/support/envoy.rs`, what remains is the tests themselves.
 
 #![allow(clippy::disallowed_methods)] // bounded waits and latency figures use wall time
 

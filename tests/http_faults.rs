@@ -8,6 +8,9 @@
 //! backoffs between attempts are skipped by [`SkipSleepClock`] (real time otherwise), so no test
 //! waits on the wall clock for a retry and none asserts a duration. No external binaries: nothing
 //! here skips.
+//!
+//! Length: a table of fault cases (one test each) over the same real-socket fixtures; splitting it
+//! would only scatter the table.
 
 mod support;
 

@@ -20,6 +20,9 @@
 //!   simulated hosts' request counts; purge/expiry: virtual time and purge passes.
 //! - Rules marked improvement in behavior.md are tested as specified, in tests whose name says
 //!   `improvement`.
+//!
+//! Length: the 25 ported cases of Istio's table, one test each, over one fixture; kept together so
+//! the port can be read against the original side by side.
 
 mod common;
 

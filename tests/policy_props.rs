@@ -9,6 +9,8 @@
 //!   secret change or background work never pulls again) and every new version pulls exactly once
 //!   when the source is healthy;
 //! - resource versions are monotonic and change exactly when the stored object changes.
+//!
+//! Length: the policy table, its property tests and their generators belong together.
 
 mod common;
 

@@ -3,6 +3,8 @@
 //! into a failure; nothing here measures speed. "No message arrives" is checked under tokio's paused
 //! clock (the runtime advances virtual time only when every task is idle), followed by a sentinel
 //! update that must be the next message.
+//!
+//! Length: one test per protocol rule over one in-process server fixture.
 
 use std::collections::HashMap;
 use std::future::Future;

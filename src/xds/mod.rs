@@ -7,7 +7,8 @@
 //! The split is go-control-plane's (style guide §1): a cache the rest of the program writes, and a
 //! server that only reads it.
 //! - [`store`]: [`ResourceStore`], the versioned `TypedExtensionConfig` resources (one type URL,
-//!   [`ECDS_TYPE_URL`]), change notification, stream events, counters;
+//!   [`ECDS_TYPE_URL`]), change notification; it records what `report` defines: stream events,
+//!   stream snapshots, counters and their Prometheus series;
 //! - `sotw` and `delta` (private): the per-stream protocol state machines, free of I/O;
 //! - [`server`]: the tonic services, one task per stream, and [`serve`];
 //! - [`client`]: the proxy's side of the protocol, for tests and load tools.
@@ -20,6 +21,7 @@ use tonic::Status;
 #[cfg(any(test, feature = "testing"))]
 pub mod client;
 mod delta;
+mod report;
 pub mod server;
 mod sotw;
 pub mod store;

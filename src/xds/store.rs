@@ -31,6 +31,8 @@
 //! Every method takes `&self` and may be called from any thread; locks are never held across an
 //! `.await` (none of these methods is async). Writers pay the encoding and hashing cost before
 //! taking the write lock.
+//!
+//! Length: about 460 lines of code; the rest is its unit tests, kept beside the code they test.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -39,12 +41,11 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig;
 use envoy_types::pb::google::protobuf::Any;
-use prometheus::{IntCounter, IntGauge, Registry};
 use prost::Message;
-use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, watch};
 
+pub use super::report::*;
 use super::ECDS_TYPE_URL;
 use crate::metrics::Metrics;
 
@@ -55,137 +56,6 @@ pub const EVENT_CAPACITY: usize = 4096;
 /// Hex digits of the content digest in a resource version: 48 bits, enough that two different
 /// encodings of one resource never share a version in practice.
 const VERSION_DIGEST_HEX: usize = 12;
-
-/// Prometheus names of the xDS series ([`XdsSeries`]); counters without a `_total` suffix, like the
-/// Istio series of [`crate::metrics`].
-pub const METRIC_CONNECTED_STREAMS: &str = "wasm_ecds_xds_connected_streams";
-pub const METRIC_STREAM_COUNT: &str = "wasm_ecds_xds_stream_count";
-pub const METRIC_PUSH_COUNT: &str = "wasm_ecds_xds_push_count";
-pub const METRIC_ACK_COUNT: &str = "wasm_ecds_xds_ack_count";
-pub const METRIC_NACK_COUNT: &str = "wasm_ecds_xds_nack_count";
-pub const METRIC_RESOURCES: &str = "wasm_ecds_xds_resources";
-
-/// Identifies one gRPC stream for the lifetime of the process (assigned in opening order).
-pub type StreamId = u64;
-
-/// Which gRPC service a stream was opened on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Api {
-    /// `envoy.service.extension.v3.ExtensionConfigDiscoveryService`.
-    Ecds,
-    /// `envoy.service.discovery.v3.AggregatedDiscoveryService` (only the ECDS type is served).
-    Ads,
-}
-
-impl fmt::Display for Api {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Api::Ecds => "ecds",
-            Api::Ads => "ads",
-        })
-    }
-}
-
-/// The xDS protocol variant of a stream.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Protocol {
-    /// State of the world: every response carries all subscribed resources.
-    Sotw,
-    /// Incremental: responses carry what changed and what was removed.
-    Delta,
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Protocol::Sotw => "sotw",
-            Protocol::Delta => "delta",
-        })
-    }
-}
-
-/// A resource name with the version of it that was sent, ACKed or NACKed.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub struct ResourceVersion {
-    pub name: String,
-    pub version: String,
-}
-
-/// One response sent on a stream, as reported in [`StreamEventKind`].
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Delivery {
-    pub nonce: String,
-    /// `version_info` (SotW) or `system_version_info` (delta) of the response.
-    pub version: String,
-    /// The resources the response carried, sorted by name.
-    pub resources: Vec<ResourceVersion>,
-    /// Delta only: names sent in `removed_resources`.
-    pub removed: Vec<String>,
-}
-
-/// What happened on a stream.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum StreamEventKind {
-    /// The first request arrived (the node id is known from here on).
-    Connected,
-    /// A response was handed to the stream.
-    Pushed(Delivery),
-    /// The proxy accepted a response.
-    Acked(Delivery),
-    /// The proxy rejected a response with `error_detail`; it keeps what it had before, and the
-    /// server does not send the same resources again until they change.
-    Nacked { delivery: Delivery, message: String },
-    /// The stream ended (client gone, error, or server shutdown).
-    Disconnected,
-}
-
-/// An event of [`ResourceStore::events`]: "resource R version V was delivered to / ACKed by /
-/// NACKed by proxy N".
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StreamEvent {
-    pub stream: StreamId,
-    pub node_id: String,
-    pub api: Api,
-    pub protocol: Protocol,
-    pub kind: StreamEventKind,
-}
-
-/// A snapshot of the xDS counters (also exported as the Prometheus series [`XdsSeries`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct XdsStats {
-    /// Streams open now.
-    pub connected_streams: u64,
-    /// Streams opened since start.
-    pub streams_total: u64,
-    /// Responses sent.
-    pub pushes: u64,
-    /// Responses ACKed.
-    pub acks: u64,
-    /// Responses NACKed.
-    pub nacks: u64,
-    /// Resources in the store.
-    pub resources: usize,
-    /// The store's global revision.
-    pub revision: u64,
-}
-
-/// What one open stream subscribes to and holds, for `/debug` and for "is this module still sent
-/// to a connected proxy" questions.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct StreamInfo {
-    pub id: StreamId,
-    pub node_id: String,
-    pub api: Api,
-    pub protocol: Protocol,
-    /// Subscribed resource names, sorted.
-    pub subscribed: Vec<String>,
-    /// Per resource, the version last sent on this stream.
-    pub sent: BTreeMap<String, String>,
-    /// Per resource, the version the proxy last ACKed on this stream.
-    pub acked: BTreeMap<String, String>,
-}
 
 /// One stored resource. Immutable once stored; replaced as a whole on change.
 #[derive(Debug)]
@@ -202,49 +72,6 @@ pub(crate) struct Entry {
 struct State {
     resources: BTreeMap<String, Arc<Entry>>,
     revision: u64,
-}
-
-/// The xDS series of one registry. Handles are shared: clones count into the same series.
-#[derive(Clone, Debug)]
-pub struct XdsSeries {
-    connected_streams: IntGauge,
-    streams_total: IntCounter,
-    pushes: IntCounter,
-    acks: IntCounter,
-    nacks: IntCounter,
-    resources: IntGauge,
-}
-
-impl XdsSeries {
-    /// Creates the series and registers them in `registry`.
-    ///
-    /// # Panics
-    /// If `registry` already has them: [`Metrics`] registers them once and hands out clones.
-    pub(crate) fn register(registry: &Registry) -> Self {
-        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
-        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
-        let series = XdsSeries {
-            connected_streams: gauge(METRIC_CONNECTED_STREAMS, "xDS streams open now."),
-            streams_total: counter(METRIC_STREAM_COUNT, "xDS streams opened."),
-            pushes: counter(METRIC_PUSH_COUNT, "ECDS responses sent to proxies."),
-            acks: counter(METRIC_ACK_COUNT, "ECDS responses ACKed by proxies."),
-            nacks: counter(METRIC_NACK_COUNT, "ECDS responses NACKed by proxies."),
-            resources: gauge(METRIC_RESOURCES, "ECDS resources served."),
-        };
-        for c in [
-            Box::new(series.connected_streams.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(series.streams_total.clone()),
-            Box::new(series.pushes.clone()),
-            Box::new(series.acks.clone()),
-            Box::new(series.nacks.clone()),
-            Box::new(series.resources.clone()),
-        ] {
-            registry
-                .register(c)
-                .expect("xDS series registered once per registry");
-        }
-        series
-    }
 }
 
 struct Inner {
@@ -287,7 +114,7 @@ impl ResourceStore {
     /// A store whose counters live in a private registry (tests, load tools): read them with
     /// [`stats`](Self::stats).
     pub fn new() -> Self {
-        Self::with_series(XdsSeries::register(&Registry::new()))
+        Self::with_series(XdsSeries::register(&prometheus::Registry::new()))
     }
 
     /// A store whose counters are series of `metrics`, rendered by its [`Metrics::render`] with
