@@ -15,6 +15,8 @@
 //! - [`metrics`]: Istio-compatible Prometheus series;
 //! - [`sim`] (in `sim/`): the simulated world and scenario runner.
 //!
+//! Comments citing `behavior.md §N` or `scenarios.md` refer to the user documentation in `docs/`.
+//!
 //! Only [`clock::SystemClock`] reads the OS clock and only [`fetch::hyper_transport`] touches the
 //! network, so `sim` drives everything else unchanged.
 

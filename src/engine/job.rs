@@ -9,7 +9,7 @@ use crate::fetch::http::{HttpPull, Validators};
 use crate::fetch::{FetchError, Fetcher, StagedModule};
 use crate::outcome::Reason;
 use crate::plugin::{Credentials, ObjectKey};
-use crate::url::OciRef;
+use crate::url::{HttpUrl, OciRef};
 
 /// What must be fetched for one plugin version.
 #[derive(Clone, Debug)]
@@ -21,7 +21,7 @@ pub enum Job {
     /// `conditional`: the cached module the url resolves to and its validators, for a conditional
     /// request (a `304` makes the outcome `revalidated`).
     Http {
-        url: String,
+        url: HttpUrl,
         expected: Option<String>,
         conditional: Option<(ModuleKey, Validators)>,
     },
@@ -41,7 +41,7 @@ impl Job {
     pub fn flight_key(&self) -> String {
         match self {
             Job::File { path, expected } => format!("file:{path}#{expected:?}"),
-            Job::Http { url, expected, .. } => format!("http:{url}#{expected:?}"),
+            Job::Http { url, expected, .. } => format!("http:{}#{expected:?}", url.as_str()),
             Job::Oci {
                 reference,
                 credentials,
@@ -152,11 +152,12 @@ pub async fn run_job(fetcher: &Fetcher, job: &Job) -> Result<Obtained, Failure> 
                     return Ok(Obtained::Revalidated(key.clone()))
                 }
                 (HttpPull::NotModified, None) => {
-                    return Err(FetchError::Download(format!("{url}: unexpected 304")).into())
+                    let url = url.as_str();
+                    return Err(FetchError::Download(format!("{url}: unexpected 304")).into());
                 }
             };
             check_expected(expected.as_deref(), &staged.sha256)?;
-            let key = ModuleKey::new(url.clone(), staged.sha256.clone());
+            let key = ModuleKey::new(url.as_str(), staged.sha256.clone());
             Ok(Obtained::Fetched {
                 key,
                 staged,

@@ -67,8 +67,8 @@ impl Engine {
                     expected,
                 })
             }
-            ModuleUrl::Http(_) => None,
-            ModuleUrl::Oci(r) => Some(r.clone()),
+            ModuleUrl::Http(u) => Err(u.clone()),
+            ModuleUrl::Oci(r) => Ok(r.clone()),
         };
         let credentials = match &st.plugin.spec.image_pull_secret {
             Some(name) => {
@@ -98,7 +98,7 @@ impl Engine {
             }
         }
         Plan::Fetch(match reference {
-            Some(reference) => {
+            Ok(reference) => {
                 let name = st.url.module_name();
                 let cached = self
                     .cache
@@ -115,7 +115,7 @@ impl Engine {
                     cached: Arc::new(cached),
                 }
             }
-            None => {
+            Err(url) => {
                 // A conditional request when the url resolves to a cached module fitting the pin.
                 let conditional = self
                     .cache
@@ -126,7 +126,7 @@ impl Engine {
                         Some((k.clone(), v.clone()))
                     });
                 Job::Http {
-                    url: url_str,
+                    url,
                     expected,
                     conditional,
                 }

@@ -73,7 +73,9 @@ impl Fetcher {
         url: &str,
         budget: PullBudget,
     ) -> Result<StagedModule, FetchError> {
-        match self.fetch_http_conditional(url, budget, None).await? {
+        let parsed = HttpUrl::parse(url)
+            .map_err(|why| FetchError::Download(format!("{url}: invalid url: {why}")))?;
+        match self.fetch_http_conditional(&parsed, budget, None).await? {
             HttpPull::Fetched(m, _) => Ok(m),
             HttpPull::NotModified => Err(FetchError::Download(format!(
                 "{url}: 304 Not Modified to an unconditional request"
@@ -85,13 +87,11 @@ impl Fetcher {
     /// known (behavior.md §6: a real HTTP server answering 304 makes the outcome `revalidated`).
     pub async fn fetch_http_conditional(
         &self,
-        url: &str,
+        url: &HttpUrl,
         budget: PullBudget,
         validators: Option<&Validators>,
     ) -> Result<HttpPull, FetchError> {
-        let parsed = HttpUrl::parse(url)
-            .map_err(|why| FetchError::Download(format!("{url}: invalid url: {why}")))?;
-        let url = parsed.url().as_str();
+        let url = url.url().as_str();
         let attempt = with_retries(self, budget, |timeout| async move {
             self.download_attempt(url, timeout, validators).await
         })
