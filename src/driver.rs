@@ -444,6 +444,10 @@ impl Driver {
     /// only moves when every task waits, so yielding never moves it.
     async fn settle_instant(&mut self) {
         for _ in 0..SETTLE_YIELDS {
+            // Without a job in flight no task can run (due work already ran): nothing to wait for.
+            if self.dispatcher.in_flight() == 0 {
+                return;
+            }
             tokio::task::yield_now().await;
             self.run_ready();
         }
