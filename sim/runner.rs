@@ -17,7 +17,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use serde::Serialize;
-use serde_json::Value;
 
 use super::scenario::{
     DeleteTarget, Expect, RequestExpect, Scenario, Step, Target, OUTCOME_NONE, SERVES_ABSENT,
@@ -206,7 +205,7 @@ impl<'a> Runner<'a> {
                     return vec![step_error(n, e)];
                 }
             };
-            self.log(self.now(), format!("step {n}: {}", describe(&step)));
+            self.log(self.now(), format!("step {n}: {}", step.describe()));
             let result = self.step(n, step).await;
             self.drain();
             if let Err(failures) = result {
@@ -549,58 +548,5 @@ fn number(v: f64) -> String {
         format!("{}", v as i64)
     } else {
         format!("{v}")
-    }
-}
-
-/// One line describing a step for the trace (credentials left out).
-fn describe(step: &Step) -> String {
-    match step {
-        Step::Publish {
-            target,
-            module,
-            format,
-            encoding,
-        } => match target {
-            Target::Oci(_) => format!("publish {module} at {target} ({})", format.as_str()),
-            _ => format!("publish {module} at {target} ({})", encoding.as_str()),
-        },
-        Step::Unpublish { target } => format!("unpublish {target}"),
-        Step::Apply(v) => {
-            let kind = v.get("kind").and_then(Value::as_str).unwrap_or("?");
-            let meta = v.get("metadata");
-            let name = meta
-                .and_then(|m| m.get("name"))
-                .and_then(Value::as_str)
-                .unwrap_or("?");
-            let ns = meta
-                .and_then(|m| m.get("namespace"))
-                .and_then(Value::as_str)
-                .unwrap_or(crate::plugin::DEFAULT_NAMESPACE);
-            format!("apply {kind} {ns}/{name}")
-        }
-        Step::Edit { plugin, patch } => format!("edit {plugin} {patch}"),
-        Step::Delete(DeleteTarget::Plugin(k)) => format!("delete plugin {k}"),
-        Step::Delete(DeleteTarget::Secret(k)) => format!("delete secret {k}"),
-        Step::Fail(r) => {
-            let times = r
-                .times
-                .map_or_else(|| "until recover".to_string(), |t| format!("{t} times"));
-            format!(
-                "fail {} {} requests with {} ({times})",
-                r.host,
-                r.kind.as_str(),
-                r.mode
-            )
-        }
-        Step::Recover { host } => format!("recover {host}"),
-        Step::RequireAuth {
-            host,
-            username,
-            scheme,
-            ..
-        } => format!("require_auth {host} ({}, user {username})", scheme.as_str()),
-        Step::Advance(d) => format!("advance {}", humantime::format_duration(*d)),
-        Step::Restart { keep_cache } => format!("restart (keepCache: {keep_cache})"),
-        Step::Expect(e) => format!("expect ({} checks)", e.check_count()),
     }
 }
