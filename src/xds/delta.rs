@@ -20,77 +20,37 @@
 //! - At most one response is outstanding, as in `sotw.rs`. ACK/NACK count only for the latest
 //!   nonce; a NACKed version counts as held, so it is not resent in a loop.
 
-use std::collections::{BTreeMap, BTreeSet};
-
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
 
 use super::store::{
     set_version, Api, Delivery, Protocol, ResourceStore, ResourceVersion, StreamEvent,
-    StreamEventKind, StreamId, StreamInfo,
+    StreamEventKind, StreamId,
 };
-use super::{accepts_type_url, ECDS_TYPE_URL};
+use super::stream::StreamCore;
+use super::ECDS_TYPE_URL;
 
 /// An incremental stream (module docs).
 #[derive(Debug)]
 pub(crate) struct DeltaStream {
-    id: StreamId,
-    api: Api,
-    node_id: String,
-    started: bool,
-    subscribed: BTreeSet<String>,
-    /// Per subscribed resource, the version the client holds (or was last sent).
-    known: BTreeMap<String, String>,
-    /// Per resource, the version the client last ACKed.
-    acked: BTreeMap<String, String>,
-    nonce_counter: u64,
-    outstanding: Option<Delivery>,
+    core: StreamCore,
 }
 
 impl DeltaStream {
     pub(crate) fn new(id: StreamId, api: Api) -> Self {
         DeltaStream {
-            id,
-            api,
-            node_id: String::new(),
-            started: false,
-            subscribed: BTreeSet::new(),
-            known: BTreeMap::new(),
-            acked: BTreeMap::new(),
-            nonce_counter: 0,
-            outstanding: None,
+            core: StreamCore::new(id, api, Protocol::Delta),
         }
     }
 
-    pub(crate) fn node_id(&self) -> &str {
-        &self.node_id
-    }
-
-    pub(crate) fn awaiting_ack(&self) -> bool {
-        self.outstanding.is_some()
-    }
-
-    pub(crate) fn info(&self) -> StreamInfo {
-        StreamInfo {
-            id: self.id,
-            node_id: self.node_id.clone(),
-            api: self.api,
-            protocol: Protocol::Delta,
-            subscribed: self.subscribed.iter().cloned().collect(),
-            sent: self.known.clone(),
-            acked: self.acked.clone(),
-        }
+    /// What this stream shares with streams of the other protocol.
+    pub(crate) fn core(&self) -> &StreamCore {
+        &self.core
     }
 
     fn event(&self, kind: StreamEventKind) -> StreamEvent {
-        StreamEvent {
-            stream: self.id,
-            node_id: self.node_id.clone(),
-            api: self.api,
-            protocol: Protocol::Delta,
-            kind,
-        }
+        self.core.event(kind)
     }
 
     /// Handles one request; returns the response to send, if any.
@@ -99,49 +59,39 @@ impl DeltaStream {
         req: DeltaDiscoveryRequest,
         store: &ResourceStore,
     ) -> Option<DeltaDiscoveryResponse> {
-        if self.node_id.is_empty() {
-            if let Some(node) = &req.node {
-                self.node_id.clone_from(&node.id);
-            }
-        }
-        let first = !self.started;
-        if first {
-            self.started = true;
-            store.emit(|| self.event(StreamEventKind::Connected));
-        }
-        if !accepts_type_url(self.api, &req.type_url) {
-            tracing::debug!(type_url = %req.type_url, "ignoring request for a type this server does not serve");
-            return None;
-        }
+        let first = self
+            .core
+            .begin_request(req.node.as_ref(), &req.type_url, store)?;
         if !req.response_nonce.is_empty() {
             if self
+                .core
                 .outstanding
                 .as_ref()
                 .is_some_and(|d| d.nonce == req.response_nonce)
             {
-                let delivery = self.outstanding.take().expect("checked just above");
+                let delivery = self.core.outstanding.take().expect("checked just above");
                 self.on_reply(delivery, &req, store);
             } else {
                 tracing::debug!(nonce = %req.response_nonce, "stale nonce: not an ACK or NACK");
             }
         }
         for name in req.resource_names_subscribe {
-            if !self.subscribed.insert(name.clone()) {
+            if !self.core.subscribed.insert(name.clone()) {
                 // Explicitly asked again: the client may have dropped it.
-                self.known.remove(&name);
+                self.core.held.remove(&name);
             }
         }
         for name in &req.resource_names_unsubscribe {
-            self.subscribed.remove(name);
-            self.known.remove(name);
-            self.acked.remove(name);
+            self.core.subscribed.remove(name);
+            self.core.held.remove(name);
+            self.core.acked.remove(name);
         }
         if first {
             // Only meaningful on the first request of a stream (xDS protocol, "Incremental xDS").
             for (name, version) in req.initial_resource_versions {
-                if self.subscribed.contains(&name) {
-                    self.acked.insert(name.clone(), version.clone());
-                    self.known.insert(name, version);
+                if self.core.subscribed.contains(&name) {
+                    self.core.acked.insert(name.clone(), version.clone());
+                    self.core.held.insert(name, version);
                 }
             }
         }
@@ -153,7 +103,7 @@ impl DeltaStream {
             Some(status) => {
                 let nacks = store.count_nack();
                 tracing::warn!(
-                    node = %self.node_id,
+                    node = %self.core.node_id,
                     version = %delivery.version,
                     nonce = %delivery.nonce,
                     resources = ?delivery.resources.iter().map(|r| format!("{}@{}", r.name, r.version)).collect::<Vec<_>>(),
@@ -169,12 +119,12 @@ impl DeltaStream {
                 store.count_ack();
                 tracing::debug!(version = %delivery.version, nonce = %delivery.nonce, "ACK");
                 for r in &delivery.resources {
-                    if self.subscribed.contains(&r.name) {
-                        self.acked.insert(r.name.clone(), r.version.clone());
+                    if self.core.subscribed.contains(&r.name) {
+                        self.core.acked.insert(r.name.clone(), r.version.clone());
                     }
                 }
                 for name in &delivery.removed {
-                    self.acked.remove(name);
+                    self.core.acked.remove(name);
                 }
                 store.emit(|| self.event(StreamEventKind::Acked(delivery)));
             }
@@ -187,20 +137,21 @@ impl DeltaStream {
     }
 
     fn push(&mut self, store: &ResourceStore) -> Option<DeltaDiscoveryResponse> {
-        if self.outstanding.is_some() {
+        if self.core.outstanding.is_some() {
             return None;
         }
-        let current = store.lookup(&self.subscribed);
+        let current = store.lookup(&self.core.subscribed);
         let changed: Vec<_> = current
             .iter()
-            .filter(|e| self.known.get(&e.name) != Some(&e.version))
+            .filter(|e| self.core.held.get(&e.name) != Some(&e.version))
             .cloned()
             .collect();
         let removed: Vec<String> = self
-            .known
+            .core
+            .held
             .keys()
             .filter(|n| {
-                self.subscribed.contains(*n)
+                self.core.subscribed.contains(*n)
                     && current
                         .binary_search_by(|e| e.name.as_str().cmp(n))
                         .is_err()
@@ -210,8 +161,7 @@ impl DeltaStream {
         if changed.is_empty() && removed.is_empty() {
             return None;
         }
-        self.nonce_counter += 1;
-        let nonce = self.nonce_counter.to_string();
+        let nonce = self.core.next_nonce();
         let system_version = if changed.is_empty() {
             store.revision().to_string()
         } else {
@@ -252,14 +202,14 @@ impl DeltaStream {
             "push"
         );
         for e in &changed {
-            self.known.insert(e.name.clone(), e.version.clone());
+            self.core.held.insert(e.name.clone(), e.version.clone());
         }
         for name in &delivery.removed {
-            self.known.remove(name);
+            self.core.held.remove(name);
         }
         store.count_push();
         store.emit(|| self.event(StreamEventKind::Pushed(delivery.clone())));
-        self.outstanding = Some(delivery);
+        self.core.outstanding = Some(delivery);
         Some(response)
     }
 }
@@ -373,7 +323,7 @@ mod tests {
             ..ack(&r1)
         };
         assert!(s.on_request(stale, &store).is_none());
-        assert!(s.awaiting_ack());
+        assert!(s.core().awaiting_ack());
         let nack = DeltaDiscoveryRequest {
             error_detail: Some(RpcStatus {
                 code: 13,
@@ -415,7 +365,7 @@ mod tests {
             ..subscribe(&["a"])
         };
         assert!(s.on_request(other, &store).is_none());
-        assert!(s.info().subscribed.is_empty());
+        assert!(s.core().info().subscribed.is_empty());
         assert!(s.on_request(subscribe(&["a"]), &store).is_some());
     }
 }

@@ -25,6 +25,7 @@ mod report;
 pub mod server;
 mod sotw;
 pub mod store;
+mod stream;
 
 pub use server::{serve, serve_with_options, ServeOptions, XdsServer, MAX_MESSAGE_SIZE};
 pub use store::{

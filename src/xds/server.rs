@@ -33,9 +33,8 @@ use tracing::Instrument as _;
 
 use super::delta::DeltaStream;
 use super::sotw::{fetch_response, SotwStream};
-use super::store::{
-    Api, Protocol, ResourceStore, StreamEvent, StreamEventKind, StreamId, StreamInfo,
-};
+use super::store::{Api, Protocol, ResourceStore, StreamEvent, StreamEventKind, StreamId};
+use super::stream::StreamCore;
 use super::{accepts_type_url, Error, ECDS_TYPE_URL};
 
 /// Largest gRPC message accepted or sent: inline modules make ECDS resources tens of MiB.
@@ -199,9 +198,7 @@ trait StreamProtocol: Send + 'static {
     fn new(id: StreamId, api: Api) -> Self;
     fn on_request(&mut self, req: Self::Request, store: &ResourceStore) -> Option<Self::Response>;
     fn on_change(&mut self, store: &ResourceStore) -> Option<Self::Response>;
-    fn awaiting_ack(&self) -> bool;
-    fn node_id(&self) -> &str;
-    fn info(&self) -> StreamInfo;
+    fn core(&self) -> &StreamCore;
 }
 
 impl StreamProtocol for SotwStream {
@@ -221,14 +218,8 @@ impl StreamProtocol for SotwStream {
     fn on_change(&mut self, store: &ResourceStore) -> Option<DiscoveryResponse> {
         SotwStream::on_change(self, store)
     }
-    fn awaiting_ack(&self) -> bool {
-        SotwStream::awaiting_ack(self)
-    }
-    fn node_id(&self) -> &str {
-        SotwStream::node_id(self)
-    }
-    fn info(&self) -> StreamInfo {
-        SotwStream::info(self)
+    fn core(&self) -> &StreamCore {
+        SotwStream::core(self)
     }
 }
 
@@ -249,14 +240,8 @@ impl StreamProtocol for DeltaStream {
     fn on_change(&mut self, store: &ResourceStore) -> Option<DeltaDiscoveryResponse> {
         DeltaStream::on_change(self, store)
     }
-    fn awaiting_ack(&self) -> bool {
-        DeltaStream::awaiting_ack(self)
-    }
-    fn node_id(&self) -> &str {
-        DeltaStream::node_id(self)
-    }
-    fn info(&self) -> StreamInfo {
-        DeltaStream::info(self)
+    fn core(&self) -> &StreamCore {
+        DeltaStream::core(self)
     }
 }
 
@@ -289,7 +274,7 @@ impl<P: StreamProtocol> StreamTask<P> {
         tracing::debug!("stream opened");
         let mut node_recorded = false;
         loop {
-            let awaiting = self.state.awaiting_ack();
+            let awaiting = self.state.core().awaiting_ack();
             let reply = tokio::select! {
                 _ = closed(&mut self.closing) => {
                     tracing::debug!("closing stream: server shutting down");
@@ -305,12 +290,12 @@ impl<P: StreamProtocol> StreamTask<P> {
                         // point wakes us again, so none is lost.
                         revisions.borrow_and_update();
                         let reply = self.state.on_request(req, &self.store);
-                        if !node_recorded && !self.state.node_id().is_empty() {
+                        if !node_recorded && !self.state.core().node_id.is_empty() {
                             node_recorded = true;
-                            tracing::Span::current().record("node", self.state.node_id());
-                            tracing::info!(node = %self.state.node_id(), "proxy connected");
+                            tracing::Span::current().record("node", self.state.core().node_id.as_str());
+                            tracing::info!(node = %self.state.core().node_id.as_str(), "proxy connected");
                         }
-                        self.store.record_stream(self.state.info());
+                        self.store.record_stream(self.state.core().info());
                         reply
                     }
                     Some(Err(status)) => {
@@ -329,7 +314,7 @@ impl<P: StreamProtocol> StreamTask<P> {
                     revisions.borrow_and_update();
                     let reply = self.state.on_change(&self.store);
                     if reply.is_some() {
-                        self.store.record_stream(self.state.info());
+                        self.store.record_stream(self.state.core().info());
                     }
                     reply
                 }
@@ -342,7 +327,11 @@ impl<P: StreamProtocol> StreamTask<P> {
             }
         }
         self.store.close_stream(self.id);
-        let (api, protocol, node_id) = (self.api, P::PROTOCOL, self.state.node_id().to_string());
+        let (api, protocol, node_id) = (
+            self.api,
+            P::PROTOCOL,
+            self.state.core().node_id.as_str().to_string(),
+        );
         if node_recorded {
             tracing::info!(node = %node_id, "proxy disconnected");
         }

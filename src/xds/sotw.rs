@@ -32,73 +32,33 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 
 use super::store::{
     set_version, Api, Delivery, Entry, Protocol, ResourceStore, ResourceVersion, StreamEvent,
-    StreamEventKind, StreamId, StreamInfo,
+    StreamEventKind, StreamId,
 };
-use super::{accepts_type_url, ECDS_TYPE_URL};
+use super::stream::StreamCore;
+use super::ECDS_TYPE_URL;
 
 /// A state-of-the-world stream (module docs).
 #[derive(Debug)]
 pub(crate) struct SotwStream {
-    id: StreamId,
-    api: Api,
-    node_id: String,
-    started: bool,
-    subscribed: BTreeSet<String>,
-    /// Per resource, the version carried by the last response (what the proxy was last offered).
-    sent: BTreeMap<String, String>,
-    /// Per resource, the version the proxy last ACKed.
-    acked: BTreeMap<String, String>,
-    nonce_counter: u64,
+    core: StreamCore,
     last_nonce: Option<String>,
-    /// The last response while it awaits its ACK or NACK.
-    outstanding: Option<Delivery>,
 }
 
 impl SotwStream {
     pub(crate) fn new(id: StreamId, api: Api) -> Self {
         SotwStream {
-            id,
-            api,
-            node_id: String::new(),
-            started: false,
-            subscribed: BTreeSet::new(),
-            sent: BTreeMap::new(),
-            acked: BTreeMap::new(),
-            nonce_counter: 0,
+            core: StreamCore::new(id, api, Protocol::Sotw),
             last_nonce: None,
-            outstanding: None,
         }
     }
 
-    pub(crate) fn node_id(&self) -> &str {
-        &self.node_id
-    }
-
-    /// Whether a response awaits its ACK/NACK (no push until it arrives).
-    pub(crate) fn awaiting_ack(&self) -> bool {
-        self.outstanding.is_some()
-    }
-
-    pub(crate) fn info(&self) -> StreamInfo {
-        StreamInfo {
-            id: self.id,
-            node_id: self.node_id.clone(),
-            api: self.api,
-            protocol: Protocol::Sotw,
-            subscribed: self.subscribed.iter().cloned().collect(),
-            sent: self.sent.clone(),
-            acked: self.acked.clone(),
-        }
+    /// What this stream shares with streams of the other protocol.
+    pub(crate) fn core(&self) -> &StreamCore {
+        &self.core
     }
 
     fn event(&self, kind: StreamEventKind) -> StreamEvent {
-        StreamEvent {
-            stream: self.id,
-            node_id: self.node_id.clone(),
-            api: self.api,
-            protocol: Protocol::Sotw,
-            kind,
-        }
+        self.core.event(kind)
     }
 
     /// Handles one request; returns the response to send, if any.
@@ -107,19 +67,8 @@ impl SotwStream {
         req: DiscoveryRequest,
         store: &ResourceStore,
     ) -> Option<DiscoveryResponse> {
-        if self.node_id.is_empty() {
-            if let Some(node) = &req.node {
-                self.node_id.clone_from(&node.id);
-            }
-        }
-        if !self.started {
-            self.started = true;
-            store.emit(|| self.event(StreamEventKind::Connected));
-        }
-        if !accepts_type_url(self.api, &req.type_url) {
-            tracing::debug!(type_url = %req.type_url, "ignoring request for a type this server does not serve");
-            return None;
-        }
+        self.core
+            .begin_request(req.node.as_ref(), &req.type_url, store)?;
         if let Some(latest) = &self.last_nonce {
             if req.response_nonce != *latest {
                 // go-control-plane sotw/v3/xds.go: a request for an older response is superseded by
@@ -128,12 +77,12 @@ impl SotwStream {
                 return None;
             }
         }
-        if let Some(delivery) = self.outstanding.take() {
+        if let Some(delivery) = self.core.outstanding.take() {
             match &req.error_detail {
                 Some(status) => {
                     let nacks = store.count_nack();
                     tracing::warn!(
-                        node = %self.node_id,
+                        node = %self.core.node_id,
                         version = %delivery.version,
                         nonce = %delivery.nonce,
                         code = status.code,
@@ -148,7 +97,7 @@ impl SotwStream {
                     store.count_ack();
                     tracing::debug!(version = %delivery.version, nonce = %delivery.nonce, "ACK");
                     for r in &delivery.resources {
-                        self.acked.insert(r.name.clone(), r.version.clone());
+                        self.core.acked.insert(r.name.clone(), r.version.clone());
                     }
                     store.emit(|| self.event(StreamEventKind::Acked(delivery)));
                 }
@@ -156,11 +105,11 @@ impl SotwStream {
         }
         self.subscribe(req.resource_names);
         if self.last_nonce.is_none() && !req.version_info.is_empty() {
-            let current = store.lookup(&self.subscribed);
+            let current = store.lookup(&self.core.subscribed);
             if !current.is_empty() && set_version(&current) == req.version_info {
                 tracing::debug!(version = %req.version_info, "proxy already holds this version");
-                self.sent = versions(&current);
-                self.acked.clone_from(&self.sent);
+                self.core.held = versions(&current);
+                self.core.acked.clone_from(&self.core.held);
                 return None;
             }
         }
@@ -170,11 +119,11 @@ impl SotwStream {
     /// Replaces the subscription; forgets what was sent for names no longer subscribed.
     fn subscribe(&mut self, names: Vec<String>) {
         let names: BTreeSet<String> = names.into_iter().collect();
-        if names != self.subscribed {
+        if names != self.core.subscribed {
             tracing::debug!(subscribed = ?names, "subscription changed");
-            self.sent.retain(|n, _| names.contains(n));
-            self.acked.retain(|n, _| names.contains(n));
-            self.subscribed = names;
+            self.core.held.retain(|n, _| names.contains(n));
+            self.core.acked.retain(|n, _| names.contains(n));
+            self.core.subscribed = names;
         }
     }
 
@@ -184,18 +133,17 @@ impl SotwStream {
     }
 
     fn push(&mut self, store: &ResourceStore) -> Option<DiscoveryResponse> {
-        if self.outstanding.is_some() {
+        if self.core.outstanding.is_some() {
             return None;
         }
-        let current = store.lookup(&self.subscribed);
+        let current = store.lookup(&self.core.subscribed);
         if current
             .iter()
-            .all(|e| self.sent.get(&e.name) == Some(&e.version))
+            .all(|e| self.core.held.get(&e.name) == Some(&e.version))
         {
             return None;
         }
-        self.nonce_counter += 1;
-        let nonce = self.nonce_counter.to_string();
+        let nonce = self.core.next_nonce();
         let delivery = Delivery {
             nonce: nonce.clone(),
             version: set_version(&current),
@@ -218,9 +166,9 @@ impl SotwStream {
         tracing::debug!(version = %delivery.version, nonce = %nonce, resources = current.len(), "push");
         store.count_push();
         store.emit(|| self.event(StreamEventKind::Pushed(delivery.clone())));
-        self.sent = versions(&current);
+        self.core.held = versions(&current);
         self.last_nonce = Some(nonce);
-        self.outstanding = Some(delivery);
+        self.core.outstanding = Some(delivery);
         Some(response)
     }
 }
@@ -296,7 +244,7 @@ mod tests {
         assert_eq!(resp.version_info, store.version_of("a").unwrap());
         assert_eq!(resp.type_url, ECDS_TYPE_URL);
         assert_eq!(resp.nonce, "1");
-        assert_eq!(s.node_id(), "node-1");
+        assert_eq!(s.core().node_id, "node-1");
     }
 
     #[test]
@@ -324,7 +272,7 @@ mod tests {
         let r1 = s.on_request(request(&["a"], "", ""), &store).unwrap();
         store.set("a", config("2"));
         store.set("a", config("3"));
-        assert!(s.awaiting_ack());
+        assert!(s.core().awaiting_ack());
         assert!(
             s.on_change(&store).is_none(),
             "one response outstanding at a time"
@@ -335,7 +283,10 @@ mod tests {
         assert_eq!(r2.version_info, store.version_of("a").unwrap());
         assert_eq!(r2.nonce, "2");
         assert!(s.on_request(ack(&["a"], &r2), &store).is_none());
-        assert_eq!(s.info().acked.get("a"), store.version_of("a").as_ref());
+        assert_eq!(
+            s.core().info().acked.get("a"),
+            store.version_of("a").as_ref()
+        );
         assert_eq!(store.stats().acks, 2);
     }
 
@@ -359,7 +310,7 @@ mod tests {
         );
         assert_eq!(store.stats().nacks, 1);
         assert_eq!(
-            s.info().acked.get("a"),
+            s.core().info().acked.get("a"),
             Some(&r1.version_info),
             "last accepted version kept"
         );
@@ -378,9 +329,9 @@ mod tests {
         assert!(s
             .on_request(request(&["a", "b"], "", "0"), &store)
             .is_none());
-        assert!(s.awaiting_ack(), "a stale request is no ACK");
+        assert!(s.core().awaiting_ack(), "a stale request is no ACK");
         assert_eq!(
-            s.info().subscribed,
+            s.core().info().subscribed,
             vec!["a".to_string()],
             "nor a subscription change"
         );
@@ -434,7 +385,7 @@ mod tests {
         assert!(s
             .on_request(request(&["a"], &version, "7"), &store)
             .is_none());
-        assert_eq!(s.info().acked.get("a"), Some(&version));
+        assert_eq!(s.core().info().acked.get("a"), Some(&version));
         store.set("a", config("2"));
         assert!(s.on_change(&store).is_some());
     }

@@ -1,0 +1,106 @@
+//! What every per-stream state machine keeps, whatever its protocol (`sotw`, `delta`): identity,
+//! subscriptions, what the proxy holds and ACKed, nonces and the response awaiting its ACK, and
+//! the reports built from them ([`StreamInfo`], [`StreamEvent`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+
+use super::accepts_type_url;
+use super::store::{
+    Api, Delivery, Protocol, ResourceStore, StreamEvent, StreamEventKind, StreamId, StreamInfo,
+};
+
+#[derive(Debug)]
+pub(crate) struct StreamCore {
+    pub(crate) id: StreamId,
+    pub(crate) api: Api,
+    protocol: Protocol,
+    pub(crate) node_id: String,
+    pub(crate) started: bool,
+    pub(crate) subscribed: BTreeSet<String>,
+    /// Per resource, the version the proxy holds: the one carried by the last response that had it
+    /// (or, for delta, the one the proxy said it holds when it connected).
+    pub(crate) held: BTreeMap<String, String>,
+    /// Per resource, the version the proxy last ACKed.
+    pub(crate) acked: BTreeMap<String, String>,
+    nonce_counter: u64,
+    /// The last response while it awaits its ACK or NACK (no push until it arrives).
+    pub(crate) outstanding: Option<Delivery>,
+}
+
+impl StreamCore {
+    pub(crate) fn new(id: StreamId, api: Api, protocol: Protocol) -> Self {
+        StreamCore {
+            id,
+            api,
+            protocol,
+            node_id: String::new(),
+            started: false,
+            subscribed: BTreeSet::new(),
+            held: BTreeMap::new(),
+            acked: BTreeMap::new(),
+            nonce_counter: 0,
+            outstanding: None,
+        }
+    }
+
+    /// The start of every request: records the proxy's node id, reports the stream as connected on
+    /// its first request, and checks the type URL. `None` when the request is for a type this server
+    /// does not serve (it is ignored); otherwise whether this was the stream's first request.
+    pub(crate) fn begin_request(
+        &mut self,
+        node: Option<&Node>,
+        type_url: &str,
+        store: &ResourceStore,
+    ) -> Option<bool> {
+        if self.node_id.is_empty() {
+            if let Some(node) = node {
+                self.node_id.clone_from(&node.id);
+            }
+        }
+        let first = !self.started;
+        if first {
+            self.started = true;
+            store.emit(|| self.event(StreamEventKind::Connected));
+        }
+        if !accepts_type_url(self.api, type_url) {
+            tracing::debug!(%type_url, "ignoring request for a type this server does not serve");
+            return None;
+        }
+        Some(first)
+    }
+
+    /// Whether a response awaits its ACK/NACK (no push until it arrives).
+    pub(crate) fn awaiting_ack(&self) -> bool {
+        self.outstanding.is_some()
+    }
+
+    /// The nonce of the next response: a counter, unique on the stream.
+    pub(crate) fn next_nonce(&mut self) -> String {
+        self.nonce_counter += 1;
+        self.nonce_counter.to_string()
+    }
+
+    pub(crate) fn info(&self) -> StreamInfo {
+        StreamInfo {
+            id: self.id,
+            node_id: self.node_id.clone(),
+            api: self.api,
+            protocol: self.protocol,
+            subscribed: self.subscribed.iter().cloned().collect(),
+            sent: self.held.clone(),
+            acked: self.acked.clone(),
+        }
+    }
+
+    pub(crate) fn event(&self, kind: StreamEventKind) -> StreamEvent {
+        StreamEvent {
+            stream: self.id,
+            node_id: self.node_id.clone(),
+            api: self.api,
+            protocol: self.protocol,
+            kind,
+        }
+    }
+}
