@@ -163,8 +163,8 @@ fn engine_with(rt: &tokio::runtime::Runtime, n: usize) -> (Engine, Dispatcher, V
 /// One processing of a plugin whose module is cached: it begins and commits inside `dispatch`.
 fn process(engine: &mut Engine, dispatcher: &mut Dispatcher, key: &ObjectKey) {
     engine.queue(key, Trigger::Secret);
-    let waiting = dispatcher.dispatch(engine);
-    debug_assert!(waiting.is_empty(), "a cache hit fetches nothing");
+    let dispatched = dispatcher.dispatch(engine);
+    debug_assert!(dispatched.waiting.is_empty(), "a cache hit fetches nothing");
 }
 
 fn bench_policy(c: &mut Criterion) {

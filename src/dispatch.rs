@@ -5,30 +5,46 @@
 //! feeds each [`Dispatcher::next_completion`] back through [`Dispatcher::complete`]. Jobs run as
 //! tokio tasks that borrow nothing of the engine; only their results come back to it. Identical
 //! jobs in flight at the same time (same URL, same expected checksum, same credentials) share one
-//! task: the first waiter commits the downloaded module, the others are served it from the cache.
-//! Dropping the dispatcher aborts the jobs in flight (a restarting server abandons them).
+//! task: the first waiter still current commits the downloaded module, the others are served it
+//! from the cache. A job no current processing waits for any more (its plugins changed or went
+//! away) is aborted at once, and dropping the dispatcher aborts every job (a restarting server
+//! abandons them).
 
 use std::collections::{BTreeMap, HashMap};
 
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 
 use crate::engine::{run_job, share_result, Begun, Engine, Failure, Obtained, Pending};
 
-/// A finished job: its flight key and result.
-pub type Completion = (String, Result<Obtained, Failure>);
+/// Identifies one job (one task) for the life of the dispatcher.
+type JobId = u64;
+
+/// A finished job: which one, and its result.
+pub type Completion = (JobId, Result<Obtained, Failure>);
+
+/// One job in flight.
+struct Flight {
+    /// Its single-flight key ([`crate::engine::Job::flight_key`]).
+    key: String,
+    waiters: Vec<Pending>,
+    task: AbortHandle,
+}
 
 /// Jobs in flight and the processings waiting for each.
 pub struct Dispatcher {
-    inflight: BTreeMap<String, Vec<Pending>>,
+    flights: BTreeMap<JobId, Flight>,
+    /// Single-flight key → the job in flight under it.
+    by_key: BTreeMap<String, JobId>,
     tasks: JoinSet<Completion>,
-    /// The flight each task runs, to fail its waiters if the task panics.
-    flights: HashMap<tokio::task::Id, String>,
+    /// The job each task runs, to fail its waiters if the task panics.
+    task_jobs: HashMap<tokio::task::Id, JobId>,
+    last_job: JobId,
 }
 
 impl std::fmt::Debug for Dispatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Dispatcher")
-            .field("inflight", &self.inflight.len())
+            .field("in_flight", &self.flights.len())
             .finish()
     }
 }
@@ -42,26 +58,29 @@ impl Default for Dispatcher {
 impl Dispatcher {
     pub fn new() -> Self {
         Dispatcher {
-            inflight: BTreeMap::new(),
+            flights: BTreeMap::new(),
+            by_key: BTreeMap::new(),
             tasks: JoinSet::new(),
-            flights: HashMap::new(),
+            task_jobs: HashMap::new(),
+            last_job: 0,
         }
     }
 
     /// Jobs running now.
     pub fn in_flight(&self) -> usize {
-        self.inflight.len()
+        self.flights.len()
     }
 
     /// Begins every processing the engine queued: results known at once are committed now;
-    /// fetches run as tasks (joining an identical one already in flight). Returns the ids of the
-    /// processings left waiting for a fetch.
-    pub fn dispatch(&mut self, engine: &mut Engine) -> Vec<u64> {
+    /// fetches run as tasks (joining an identical one already in flight). Then aborts the jobs no
+    /// current processing waits for any more. Returns the ids of the processings left waiting for a
+    /// fetch, and of those whose job was aborted (they are over).
+    pub fn dispatch(&mut self, engine: &mut Engine) -> Dispatched {
         let mut waiting = Vec::new();
         loop {
             let queue = engine.take_queue();
             if queue.is_empty() {
-                return waiting;
+                break;
             }
             for (key, trigger) in queue {
                 match engine.begin(&key, trigger) {
@@ -69,36 +88,72 @@ impl Dispatcher {
                     Some(Begun::Done(pending, result)) => engine.finish(pending, result),
                     Some(Begun::Fetch(pending, job)) => {
                         waiting.push(pending.id);
-                        let flight = job.flight_key();
-                        if let Some(waiters) = self.inflight.get_mut(&flight) {
-                            waiters.push(pending);
+                        let key = job.flight_key();
+                        if let Some(flight) = self
+                            .by_key
+                            .get(&key)
+                            .and_then(|id| self.flights.get_mut(id))
+                        {
+                            flight.waiters.push(pending);
                             continue;
                         }
-                        self.inflight.insert(flight.clone(), vec![pending]);
+                        self.last_job += 1;
+                        let id = self.last_job;
                         let fetcher = engine.fetcher().clone();
-                        let name = flight.clone();
-                        let task = self.tasks.spawn(async move {
-                            let result = run_job(&fetcher, &job).await;
-                            (name, result)
-                        });
-                        self.flights.insert(task.id(), flight);
+                        let task = self
+                            .tasks
+                            .spawn(async move { (id, run_job(&fetcher, &job).await) });
+                        self.task_jobs.insert(task.id(), id);
+                        self.by_key.insert(key.clone(), id);
+                        self.flights.insert(
+                            id,
+                            Flight {
+                                key,
+                                waiters: vec![pending],
+                                task,
+                            },
+                        );
                     }
                 }
             }
         }
+        let aborted = self.abort_stale(engine);
+        Dispatched { waiting, aborted }
+    }
+
+    /// Aborts the jobs whose every waiter is stale: nothing would commit their result, and their
+    /// requests would only load the source. Returns the ids of those waiters.
+    fn abort_stale(&mut self, engine: &Engine) -> Vec<u64> {
+        let stale: Vec<JobId> = self
+            .flights
+            .iter()
+            .filter(|(_, f)| f.waiters.iter().all(|p| !engine.is_current(p)))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut ids = Vec::new();
+        for id in stale {
+            if let Some(flight) = self.remove(id) {
+                flight.task.abort();
+                ids.extend(flight.waiters.iter().map(|p| p.id));
+            }
+        }
+        ids
+    }
+
+    fn remove(&mut self, id: JobId) -> Option<Flight> {
+        let flight = self.flights.remove(&id)?;
+        if self.by_key.get(&flight.key) == Some(&id) {
+            self.by_key.remove(&flight.key);
+        }
+        Some(flight)
     }
 
     /// The next finished job. Pending forever while nothing is in flight. Cancel-safe.
     pub async fn next_completion(&mut self) -> Completion {
         loop {
             match self.tasks.join_next_with_id().await {
-                Some(Ok((id, c))) => {
-                    self.flights.remove(&id);
-                    return c;
-                }
-                // A job that panicked fails its waiters rather than leaving them waiting forever.
-                Some(Err(e)) => {
-                    if let Some(c) = self.panicked(&e) {
+                Some(joined) => {
+                    if let Some(c) = self.completion(joined) {
                         return c;
                     }
                 }
@@ -110,36 +165,49 @@ impl Dispatcher {
     /// A job that has finished already, if any (never waits).
     pub fn try_completion(&mut self) -> Option<Completion> {
         loop {
-            match self.tasks.try_join_next_with_id()? {
-                Ok((id, c)) => {
-                    self.flights.remove(&id);
-                    return Some(c);
-                }
-                Err(e) => {
-                    if let Some(c) = self.panicked(&e) {
-                        return Some(c);
-                    }
-                }
+            let joined = self.tasks.try_join_next_with_id()?;
+            if let Some(c) = self.completion(joined) {
+                return Some(c);
             }
         }
     }
 
-    /// The completion that fails the waiters of a task that panicked.
-    fn panicked(&mut self, e: &tokio::task::JoinError) -> Option<Completion> {
-        let flight = self.flights.remove(&e.id())?;
-        let failure =
-            crate::fetch::FetchError::Download(format!("internal error while fetching: {e}"));
-        Some((flight, Err(failure.into())))
+    /// What a joined task yields: its result; a failure for its waiters if it panicked; nothing if
+    /// it was aborted.
+    fn completion(
+        &mut self,
+        joined: Result<(tokio::task::Id, Completion), tokio::task::JoinError>,
+    ) -> Option<Completion> {
+        match joined {
+            Ok((task, c)) => {
+                self.task_jobs.remove(&task);
+                Some(c)
+            }
+            Err(e) => {
+                let job = self.task_jobs.remove(&e.id())?;
+                e.is_panic().then(|| {
+                    let failure = crate::fetch::FetchError::Download(format!(
+                        "internal error while fetching: {e}"
+                    ));
+                    (job, Err(failure.into()))
+                })
+            }
+        }
     }
 
     /// Commits a finished job for every processing waiting on it. The download is committed by
     /// the first waiter that is still current (the plugin may have changed or gone while it ran);
     /// the others are served what it committed. Returns the ids of the processings that finished.
-    pub fn complete(&mut self, engine: &mut Engine, (flight, result): Completion) -> Vec<u64> {
-        let waiters = self.inflight.remove(&flight).unwrap_or_default();
-        let ids = waiters.iter().map(|p| p.id).collect();
-        let (current, stale): (Vec<_>, Vec<_>) =
-            waiters.into_iter().partition(|p| engine.is_current(p));
+    pub fn complete(&mut self, engine: &mut Engine, (job, result): Completion) -> Vec<u64> {
+        let Some(flight) = self.remove(job) else {
+            // Aborted meanwhile: its waiters are over already.
+            return Vec::new();
+        };
+        let ids = flight.waiters.iter().map(|p| p.id).collect();
+        let (current, stale): (Vec<_>, Vec<_>) = flight
+            .waiters
+            .into_iter()
+            .partition(|p| engine.is_current(p));
         let mut waiters = current.into_iter().chain(stale);
         if let Some(first) = waiters.next() {
             let shared: Vec<_> = waiters.map(|p| (p, share_result(&result))).collect();
@@ -150,4 +218,13 @@ impl Dispatcher {
         }
         ids
     }
+}
+
+/// What [`Dispatcher::dispatch`] left running and what it aborted.
+#[derive(Debug, Default)]
+pub struct Dispatched {
+    /// Processings now waiting for a fetch.
+    pub waiting: Vec<u64>,
+    /// Processings whose job was aborted because none of its waiters was current any more.
+    pub aborted: Vec<u64>,
 }

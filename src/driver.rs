@@ -349,10 +349,13 @@ impl Driver {
 
     /// Begins what the engine queued and publishes what changed.
     fn dispatch(&mut self) -> Ticket {
-        let waiting = self.dispatcher.dispatch(&mut self.engine);
-        self.outstanding.extend(waiting.iter().copied());
+        let dispatched = self.dispatcher.dispatch(&mut self.engine);
+        self.outstanding.extend(dispatched.waiting.iter().copied());
+        for id in &dispatched.aborted {
+            self.outstanding.remove(id);
+        }
         self.publish();
-        Ticket(waiting.into_iter().collect())
+        Ticket(dispatched.waiting.into_iter().collect())
     }
 
     fn complete(&mut self, completion: Completion) {

@@ -7,7 +7,9 @@
 //! concurrently, each with the time of its next attempt; a processing whose job is identical to
 //! one in flight (same url, same expected checksum) waits for that one (§5 single flight). A job
 //! ends with its result, which is committed to every processing waiting for it (dropped for a
-//! plugin that changed or went away meanwhile).
+//! plugin that changed or went away meanwhile). A job none of whose processings is current any more
+//! (every plugin waiting for it changed or went away) is abandoned at that instant: it makes no
+//! further request.
 //!
 //! Time moves from one instant to the next. At each instant: first the background deadlines
 //! (purge passes before retries due at the same time, retries in plugin order, each beginning a
@@ -354,10 +356,21 @@ impl<'a> Model<'a> {
     // -----------------------------------------------------------------------------------------
     // Steps
 
+    /// A job whose every waiting processing is stale makes no further request.
+    fn abandon_stale_jobs(&mut self) {
+        let plugins = &self.plugins;
+        self.jobs.retain(|j| {
+            j.waiters
+                .iter()
+                .any(|w| plugins.get(&w.p).is_some_and(|st| st.version == w.version))
+        });
+    }
+
     pub fn step(&mut self, index: usize, s: &Step) {
         match s {
             Step::Apply { p, obj } => {
                 let ticket = self.apply(*p, obj.clone());
+                self.abandon_stale_jobs();
                 self.run_until(Until::Done(ticket));
             }
             Step::Edit { p } => {
@@ -367,6 +380,7 @@ impl<'a> Model<'a> {
                         ..obj.clone()
                     };
                     let ticket = self.apply(*p, obj);
+                    self.abandon_stale_jobs();
                     self.run_until(Until::Done(ticket));
                 }
             }
@@ -386,6 +400,7 @@ impl<'a> Model<'a> {
                             serving: "absent".into(),
                         });
                     }
+                    self.abandon_stale_jobs();
                 }
             }
             Step::Invalid { p } => {
