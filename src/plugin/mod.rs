@@ -244,6 +244,16 @@ pub struct ParseError {
 /// own, so one bad document does not hide the others. Empty documents are skipped; `kind: List`
 /// documents are flattened.
 pub fn parse_manifests(text: &str) -> Vec<Result<Manifest, ParseError>> {
+    documents(text)
+        .into_iter()
+        .map(|d| d.and_then(|(index, value)| parse_object(index, value)))
+        .collect()
+}
+
+/// The objects of a YAML or JSON text, each with the index of its document: empty documents are
+/// skipped and `kind: List` documents flattened into their items. A syntax error ends the text
+/// (the YAML stream cannot be resynchronised after it).
+pub fn documents(text: &str) -> Vec<Result<(usize, Value), ParseError>> {
     let mut out = Vec::new();
     for (index, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let value = match Value::deserialize(doc) {
@@ -255,23 +265,16 @@ pub fn parse_manifests(text: &str) -> Vec<Result<Manifest, ParseError>> {
                     field: "(document)".into(),
                     message: format!("malformed yaml: {}", one_line(&e.to_string())),
                 }));
-                // The YAML stream cannot be resynchronised after a syntax error.
                 break;
             }
         };
         match value {
             Value::Null => {}
             Value::Object(ref m) if m.get("kind").and_then(Value::as_str) == Some("List") => {
-                for item in m
-                    .get("items")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default()
-                {
-                    out.push(parse_object(index, item));
-                }
+                let items = m.get("items").and_then(Value::as_array);
+                out.extend(items.into_iter().flatten().map(|v| Ok((index, v.clone()))));
             }
-            v => out.push(parse_object(index, v)),
+            v => out.push(Ok((index, v))),
         }
     }
     out

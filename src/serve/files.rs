@@ -113,12 +113,8 @@ impl FileSource {
 fn read_objects(file: &Path) -> Result<Vec<Value>, String> {
     let text = std::fs::read_to_string(file).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
-    for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
-        let v = <Value as serde::Deserialize>::deserialize(doc)
-            .map_err(|e| format!("document {}: malformed yaml: {e}", i + 1))?;
-        if v.is_null() {
-            continue;
-        }
+    for doc in plugin::documents(&text) {
+        let (i, v) = doc.map_err(|e| format!("document {}: {}", e.document + 1, e.message))?;
         match plugin::parse_object(i, v.clone()) {
             Ok(Manifest::Plugin(_)) | Ok(Manifest::Secret(_)) => out.push(v),
             Err(e)
@@ -138,6 +134,22 @@ mod tests {
     use super::*;
 
     const PLUGIN: &str = "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: a}\nspec: {url: 'r/a:v1'}\n";
+
+    #[test]
+    fn a_list_document_is_read_as_its_items() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("list.yaml");
+        let list = format!(
+            "apiVersion: v1\nkind: List\nitems:\n- {}\n- {}\n",
+            "{apiVersion: extensions.istio.io/v1alpha1, kind: WasmPlugin, metadata: {name: a}, spec: {url: 'r/a:v1'}}",
+            "{apiVersion: extensions.istio.io/v1alpha1, kind: WasmPlugin, metadata: {name: b}, spec: {url: 'r/b:v1'}}",
+        );
+        std::fs::write(&f, list).unwrap();
+        let d = FileSource::new(vec![dir.path().to_path_buf()]).scan();
+        assert!(d.errors.is_empty(), "{:?}", d.errors);
+        let names: Vec<String> = d.plugins.keys().map(|k| k.to_string()).collect();
+        assert_eq!(names, ["default/a", "default/b"]);
+    }
 
     #[test]
     fn bad_file_keeps_last_good_content() {
