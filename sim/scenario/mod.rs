@@ -288,6 +288,12 @@ fn build_config(o: &RawOptions) -> Result<Config, LoadError> {
         return Err(top_error("options.purgeInterval: must be at least 1ms"));
     }
     if let Some(n) = o.http_request_max_retries {
+        if n == 0 {
+            // As for `serve`: a pull makes at least one attempt.
+            return Err(top_error(
+                "options.httpRequestMaxRetries: must be at least 1",
+            ));
+        }
         c.http_request_max_retries = n;
     }
     if let Some(list) = &o.insecure_registries {

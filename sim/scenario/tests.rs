@@ -117,6 +117,14 @@ fn options_are_parsed_and_validated() {
     let unknown = parse_scenario("name: t\noptions: {moduleExpiri: 1h}\nmodules: {}\nsteps: []\n")
         .unwrap_err();
     assert!(unknown.message.contains("moduleExpiri"), "{unknown}");
+    let zero =
+        parse_scenario("name: t\noptions: {httpRequestMaxRetries: 0}\nmodules: {}\nsteps: []\n")
+            .unwrap_err();
+    assert!(
+        zero.message
+            .contains("options.httpRequestMaxRetries: must be at least 1"),
+        "{zero}"
+    );
 }
 
 #[test]
