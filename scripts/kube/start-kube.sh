@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# start-kube.sh STATE_DIR [start|stop]
+# Starts etcd + kube-apiserver on 127.0.0.1 (free ports chosen automatically), waits for /readyz,
+# writes STATE_DIR/kubeconfig (CA + admin client cert embedded, plus a token user), and
+# STATE_DIR/env (KUBECONFIG=..., KUBE_PORT=...). `stop` kills the PIDs it recorded.
+set -euo pipefail
+STATE=${1:?state dir}; CMD=${2:-start}
+KUBE_BIN=${KUBE_BIN:-${KUBE_CACHE:-/var/cache/wasm-ecds/kube}/bin}
+mkdir -p "$STATE"; STATE=$(cd "$STATE" && pwd)
+
+if [ "$CMD" = stop ]; then
+  for p in apiserver etcd; do
+    [ -f "$STATE/$p.pid" ] && kill "$(cat "$STATE/$p.pid")" 2>/dev/null || true
+  done
+  for p in apiserver etcd; do
+    [ -f "$STATE/$p.pid" ] || continue
+    pid=$(cat "$STATE/$p.pid"); for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true; rm -f "$STATE/$p.pid"
+  done
+  exit 0
+fi
+
+free_port() {  # random unused loopback port
+  local p
+  while :; do
+    p=$(( 20000 + RANDOM % 30000 ))
+    (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null || { echo $p; return; }
+  done
+}
+ETCD_PORT=$(free_port); ETCD_PEER=$(free_port); API_PORT=$(free_port)
+
+# --- PKI (openssl): CA, serving cert for 127.0.0.1/localhost, admin client cert (system:masters), SA keys
+P="$STATE/pki"; mkdir -p "$P"
+if [ ! -f "$P/admin.crt" ]; then
+  ( cd "$P"
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 3650 -subj "/CN=wasm-ecds-test-ca" 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\nbasicConstraints=CA:FALSE\n' > server.ext
+    printf 'extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature,keyEncipherment\nbasicConstraints=CA:FALSE\n' > client.ext
+    openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj "/CN=kube-apiserver" 2>/dev/null
+    openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 3650 -extfile server.ext 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -keyout admin.key -out admin.csr -subj "/O=system:masters/CN=admin" 2>/dev/null
+    openssl x509 -req -in admin.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out admin.crt -days 3650 -extfile client.ext 2>/dev/null
+    openssl genrsa -out sa.key 2048 2>/dev/null
+    openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+    echo "wasm-ecds-test-token,admin,admin,system:masters" > tokens.csv )
+fi
+
+rm -rf "$STATE/etcd-data"
+"$KUBE_BIN/etcd" --name test --data-dir "$STATE/etcd-data" \
+  --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+  --listen-peer-urls "http://127.0.0.1:$ETCD_PEER" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER" \
+  --initial-cluster "test=http://127.0.0.1:$ETCD_PEER" --unsafe-no-fsync \
+  > "$STATE/etcd.log" 2>&1 &
+echo $! > "$STATE/etcd.pid"
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$ETCD_PORT/health" >/dev/null && break; sleep 0.1; done
+
+"$KUBE_BIN/kube-apiserver" \
+  --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
+  --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$API_PORT" --insecure-port=0 \
+  --cert-dir="$STATE/apiserver-certs" \
+  --tls-cert-file="$P/server.crt" --tls-private-key-file="$P/server.key" \
+  --client-ca-file="$P/ca.crt" --token-auth-file="$P/tokens.csv" \
+  --service-account-key-file="$P/sa.pub" --service-account-signing-key-file="$P/sa.key" \
+  --service-account-issuer=https://kubernetes.default.svc.cluster.local \
+  --service-cluster-ip-range=10.0.0.0/24 --endpoint-reconciler-type=none \
+  --authorization-mode=RBAC \
+  > "$STATE/apiserver.log" 2>&1 &
+echo $! > "$STATE/apiserver.pid"
+
+ok=""
+for _ in $(seq 600); do   # up to 60 s (observed: ~4 s)
+  if [ "$(curl -s --cacert "$P/ca.crt" "https://127.0.0.1:$API_PORT/readyz" 2>/dev/null)" = ok ]; then ok=1; break; fi
+  kill -0 "$(cat "$STATE/apiserver.pid")" 2>/dev/null || break
+  sleep 0.1
+done
+if [ -z "$ok" ]; then echo "kube-apiserver did not become ready; see $STATE/apiserver.log" >&2; tail -20 "$STATE/apiserver.log" >&2; exit 1; fi
+
+b64() { base64 -w0 < "$1"; }
+cat > "$STATE/kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: test
+  cluster:
+    server: https://127.0.0.1:$API_PORT
+    certificate-authority-data: $(b64 "$P/ca.crt")
+users:
+- name: admin
+  user:
+    client-certificate-data: $(b64 "$P/admin.crt")
+    client-key-data: $(b64 "$P/admin.key")
+- name: admin-token
+  user:
+    token: wasm-ecds-test-token
+contexts:
+- name: test
+  context: {cluster: test, user: admin, namespace: default}
+- name: test-token
+  context: {cluster: test, user: admin-token, namespace: default}
+current-context: test
+EOF
+printf 'KUBECONFIG=%s\nKUBE_PORT=%s\nETCD_PORT=%s\n' "$STATE/kubeconfig" "$API_PORT" "$ETCD_PORT" > "$STATE/env"
+echo "ready: https://127.0.0.1:$API_PORT  KUBECONFIG=$STATE/kubeconfig" >&2
