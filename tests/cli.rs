@@ -259,24 +259,30 @@ fn help_texts_document_the_arguments_and_point_inside_the_repository() {
     }
 }
 
+/// `wasm-ecds serve` on free loopback ports with its cache in `cache`, stderr piped.
+fn serve_command(cache: &std::path::Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wasm-ecds"));
+    cmd.args([
+        "serve",
+        "--xds-address",
+        "127.0.0.1:0",
+        "--admin-address",
+        "127.0.0.1:0",
+    ])
+    .arg("--cache-dir")
+    .arg(cache)
+    .stderr(Stdio::piped());
+    cmd
+}
+
 /// Starts `serve`, reads its stderr until it says where it listens, kills it; returns what it read.
 fn serve_startup(args: &[&str]) -> String {
     let cache = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wasm-ecds"))
-        .args([
-            "serve",
-            "--xds-address",
-            "127.0.0.1:0",
-            "--admin-address",
-            "127.0.0.1:0",
-        ])
+    let mut child = serve_command(cache.path())
         .args(args)
-        .arg("--cache-dir")
-        .arg(cache.path())
         .env("RUST_LOG", "info")
         .env_remove("WASM_ECDS_PLUGINS")
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
@@ -367,20 +373,10 @@ fn serve_exits_0_on_sigterm() {
     use std::io::{BufRead, BufReader};
     let cache = tempfile::tempdir().unwrap();
     let plugins = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wasm-ecds"))
-        .args([
-            "serve",
-            "--xds-address",
-            "127.0.0.1:0",
-            "--admin-address",
-            "127.0.0.1:0",
-        ])
+    let mut child = serve_command(cache.path())
         .arg("--plugins")
         .arg(plugins.path())
-        .arg("--cache-dir")
-        .arg(cache.path())
         .env("RUST_LOG", "off")
-        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     // "wasm-ecds: xds on ADDR, admin on ADDR"
