@@ -25,7 +25,7 @@ use crate::clock::Timestamp;
 use crate::config::Config;
 use crate::dispatch::{Completion, Dispatcher};
 use crate::engine::{Engine, EngineParts, Event, Serving};
-use crate::plugin::ObjectKey;
+use crate::plugin::{FieldError, ObjectKey};
 use crate::source::{Change, ObjectStore};
 use crate::store::{FileSource, ModuleStore};
 use crate::xds::ResourceStore;
@@ -117,8 +117,8 @@ pub struct Driver {
     published: BTreeSet<ObjectKey>,
     /// Processings waiting for a fetch.
     outstanding: BTreeSet<u64>,
-    /// The last refused object per plugin (see [`Driver::sync`]).
-    refused: BTreeMap<ObjectKey, Value>,
+    /// The last refused object per plugin and why (see [`Driver::sync`]).
+    refused: BTreeMap<ObjectKey, (Value, FieldError)>,
     /// Engine events not yet taken by the shell.
     events: Vec<Event>,
 }
@@ -171,6 +171,11 @@ impl Driver {
     /// Plugins whose last applied object was refused.
     pub fn refused(&self) -> impl Iterator<Item = &ObjectKey> {
         self.refused.keys()
+    }
+
+    /// The object a plugin was last refused for (`Null` after an edit) and why.
+    pub fn refusal(&self, key: &ObjectKey) -> Option<(&Value, &FieldError)> {
+        self.refused.get(key).map(|(v, e)| (v, e))
     }
 
     pub fn now(&self) -> Timestamp {
@@ -234,7 +239,7 @@ impl Driver {
             ticket.join(self.apply(value.clone()).ticket);
         }
         for (key, value) in plugins {
-            if self.refused.get(key) != Some(value) {
+            if self.refused.get(key).map(|r| &r.0) != Some(value) {
                 ticket.join(self.apply(value.clone()).ticket);
             }
         }
@@ -301,9 +306,9 @@ impl Driver {
             Change::Refused {
                 key: Some(k),
                 is_plugin: true,
-                ..
+                error,
             } => {
-                self.refused.insert(k.clone(), object);
+                self.refused.insert(k.clone(), (object, error.clone()));
             }
             Change::PluginCreated(k) | Change::PluginChanged(k) | Change::PluginDeleted(k) => {
                 self.refused.remove(k);

@@ -12,6 +12,8 @@
 //! - [`convert`]: serving state → the ECDS resource Envoy receives;
 //! - [`driver`]: the one loop around them — admission, engine, dispatcher, published resources —
 //!   shared by [`serve`], [`sim`] and the tests;
+//! - [`k8s`]: the Kubernetes source (watches, status conditions, Lease election), used by
+//!   [`serve`] only;
 //! - [`metrics`]: Istio-compatible Prometheus series;
 //! - [`sim`] (in `sim/`): the simulated world and scenario runner.
 //!
@@ -30,6 +32,7 @@ pub mod dispatch;
 pub mod driver;
 pub mod engine;
 pub mod fetch;
+pub mod k8s;
 pub mod metrics;
 pub mod outcome;
 pub mod plugin;

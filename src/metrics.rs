@@ -15,6 +15,7 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
+use crate::k8s::KubeSeries;
 use crate::outcome::FetchResult;
 use crate::xds::store::XdsSeries;
 
@@ -60,6 +61,8 @@ pub struct Metrics {
     processing: IntCounterVec,
     /// Registered on first use by a resource store.
     xds: Arc<OnceLock<XdsSeries>>,
+    /// Registered on first use by the Kubernetes source.
+    kube: Arc<OnceLock<KubeSeries>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -135,6 +138,7 @@ impl Metrics {
             expired,
             processing,
             xds: Arc::new(OnceLock::new()),
+            kube: Arc::new(OnceLock::new()),
         }
     }
 
@@ -142,6 +146,13 @@ impl Metrics {
     pub(crate) fn xds_series(&self) -> XdsSeries {
         self.xds
             .get_or_init(|| XdsSeries::register(&self.registry))
+            .clone()
+    }
+
+    /// The Kubernetes source's series in this registry, registered by the first call.
+    pub fn kube_series(&self) -> KubeSeries {
+        self.kube
+            .get_or_init(|| KubeSeries::register(&self.registry))
             .clone()
     }
 

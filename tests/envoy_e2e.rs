@@ -323,6 +323,7 @@ impl Server {
             admin_listener,
             transport,
             fetch_config: None,
+            kube: None,
         })
         .await
         .expect("server starts");

@@ -1,24 +1,64 @@
 #!/usr/bin/env bash
-# start-kube.sh STATE_DIR [start|stop]
-# Starts etcd + kube-apiserver on 127.0.0.1 (free ports chosen automatically), waits for /readyz,
-# writes STATE_DIR/kubeconfig (CA + admin client cert embedded, plus a token user), and
-# STATE_DIR/env (KUBECONFIG=..., KUBE_PORT=...). `stop` kills the PIDs it recorded.
+# start-kube.sh STATE_DIR [start|stop|stop-apiserver|start-apiserver]
+# start: starts etcd + kube-apiserver on 127.0.0.1 (free ports chosen automatically), waits for
+#   /readyz, writes STATE_DIR/kubeconfig (CA + admin client cert embedded, plus a token user),
+#   STATE_DIR/wasm-ecds.kubeconfig (the token of the ServiceAccount-like user
+#   system:serviceaccount:wasm-ecds:wasm-ecds, which can do only what RBAC grants it) and
+#   STATE_DIR/env (KUBECONFIG=..., API_PORT=..., ETCD_PORT=...).
+# stop: kills the PIDs it recorded.
+# stop-apiserver / start-apiserver: stop or start the API server alone, on the same port (etcd
+#   keeps the data): an outage the watches must survive.
 set -euo pipefail
 STATE=${1:?state dir}; CMD=${2:-start}
 KUBE_BIN=${KUBE_BIN:-${KUBE_CACHE:-/var/cache/wasm-ecds/kube}/bin}
 mkdir -p "$STATE"; STATE=$(cd "$STATE" && pwd)
+P="$STATE/pki"
 
-if [ "$CMD" = stop ]; then
-  for p in apiserver etcd; do
+stop_pids() {
+  for p in "$@"; do
     [ -f "$STATE/$p.pid" ] && kill "$(cat "$STATE/$p.pid")" 2>/dev/null || true
   done
-  for p in apiserver etcd; do
+  for p in "$@"; do
     [ -f "$STATE/$p.pid" ] || continue
     pid=$(cat "$STATE/$p.pid"); for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$pid" 2>/dev/null || true; rm -f "$STATE/$p.pid"
   done
-  exit 0
-fi
+}
+
+start_apiserver() {
+  "$KUBE_BIN/kube-apiserver" \
+    --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
+    --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$API_PORT" --insecure-port=0 \
+    --cert-dir="$STATE/apiserver-certs" \
+    --tls-cert-file="$P/server.crt" --tls-private-key-file="$P/server.key" \
+    --client-ca-file="$P/ca.crt" --token-auth-file="$P/tokens.csv" \
+    --service-account-key-file="$P/sa.pub" --service-account-signing-key-file="$P/sa.key" \
+    --service-account-issuer=https://kubernetes.default.svc.cluster.local \
+    --service-cluster-ip-range=10.0.0.0/24 --endpoint-reconciler-type=none \
+    --authorization-mode=RBAC \
+    >> "$STATE/apiserver.log" 2>&1 &
+  echo $! > "$STATE/apiserver.pid"
+  local ok=""
+  for _ in $(seq 600); do   # up to 60 s (observed: ~4 s)
+    if [ "$(curl -s --cacert "$P/ca.crt" "https://127.0.0.1:$API_PORT/readyz" 2>/dev/null)" = ok ]; then ok=1; break; fi
+    kill -0 "$(cat "$STATE/apiserver.pid")" 2>/dev/null || break
+    sleep 0.1
+  done
+  if [ -z "$ok" ]; then
+    echo "kube-apiserver did not become ready; see $STATE/apiserver.log" >&2
+    tail -20 "$STATE/apiserver.log" >&2; exit 1
+  fi
+}
+
+case "$CMD" in
+  stop) stop_pids apiserver etcd; exit 0 ;;
+  stop-apiserver) stop_pids apiserver; exit 0 ;;
+  start-apiserver)
+    # shellcheck disable=SC1091
+    . "$STATE/env"; start_apiserver; exit 0 ;;
+  start) ;;
+  *) echo "usage: $0 STATE_DIR [start|stop|stop-apiserver|start-apiserver]" >&2; exit 2 ;;
+esac
 
 free_port() {  # random unused loopback port
   local p
@@ -30,7 +70,7 @@ free_port() {  # random unused loopback port
 ETCD_PORT=$(free_port); ETCD_PEER=$(free_port); API_PORT=$(free_port)
 
 # --- PKI (openssl): CA, serving cert for 127.0.0.1/localhost, admin client cert (system:masters), SA keys
-P="$STATE/pki"; mkdir -p "$P"
+mkdir -p "$P"
 if [ ! -f "$P/admin.crt" ]; then
   ( cd "$P"
     openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 3650 -subj "/CN=wasm-ecds-test-ca" 2>/dev/null
@@ -42,7 +82,9 @@ if [ ! -f "$P/admin.crt" ]; then
     openssl x509 -req -in admin.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out admin.crt -days 3650 -extfile client.ext 2>/dev/null
     openssl genrsa -out sa.key 2048 2>/dev/null
     openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
-    echo "wasm-ecds-test-token,admin,admin,system:masters" > tokens.csv )
+    { echo "wasm-ecds-test-token,admin,admin,system:masters"
+      echo 'wasm-ecds-sa-token,system:serviceaccount:wasm-ecds:wasm-ecds,wasm-ecds-sa,"system:serviceaccounts,system:serviceaccounts:wasm-ecds"'
+    } > tokens.csv )
 fi
 
 rm -rf "$STATE/etcd-data"
@@ -54,26 +96,7 @@ rm -rf "$STATE/etcd-data"
 echo $! > "$STATE/etcd.pid"
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$ETCD_PORT/health" >/dev/null && break; sleep 0.1; done
 
-"$KUBE_BIN/kube-apiserver" \
-  --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
-  --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$API_PORT" --insecure-port=0 \
-  --cert-dir="$STATE/apiserver-certs" \
-  --tls-cert-file="$P/server.crt" --tls-private-key-file="$P/server.key" \
-  --client-ca-file="$P/ca.crt" --token-auth-file="$P/tokens.csv" \
-  --service-account-key-file="$P/sa.pub" --service-account-signing-key-file="$P/sa.key" \
-  --service-account-issuer=https://kubernetes.default.svc.cluster.local \
-  --service-cluster-ip-range=10.0.0.0/24 --endpoint-reconciler-type=none \
-  --authorization-mode=RBAC \
-  > "$STATE/apiserver.log" 2>&1 &
-echo $! > "$STATE/apiserver.pid"
-
-ok=""
-for _ in $(seq 600); do   # up to 60 s (observed: ~4 s)
-  if [ "$(curl -s --cacert "$P/ca.crt" "https://127.0.0.1:$API_PORT/readyz" 2>/dev/null)" = ok ]; then ok=1; break; fi
-  kill -0 "$(cat "$STATE/apiserver.pid")" 2>/dev/null || break
-  sleep 0.1
-done
-if [ -z "$ok" ]; then echo "kube-apiserver did not become ready; see $STATE/apiserver.log" >&2; tail -20 "$STATE/apiserver.log" >&2; exit 1; fi
+start_apiserver
 
 b64() { base64 -w0 < "$1"; }
 cat > "$STATE/kubeconfig" <<EOF
@@ -99,5 +122,22 @@ contexts:
   context: {cluster: test, user: admin-token, namespace: default}
 current-context: test
 EOF
-printf 'KUBECONFIG=%s\nKUBE_PORT=%s\nETCD_PORT=%s\n' "$STATE/kubeconfig" "$API_PORT" "$ETCD_PORT" > "$STATE/env"
+cat > "$STATE/wasm-ecds.kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: test
+  cluster:
+    server: https://127.0.0.1:$API_PORT
+    certificate-authority-data: $(b64 "$P/ca.crt")
+users:
+- name: wasm-ecds
+  user:
+    token: wasm-ecds-sa-token
+contexts:
+- name: wasm-ecds
+  context: {cluster: test, user: wasm-ecds, namespace: wasm-ecds}
+current-context: wasm-ecds
+EOF
+printf 'KUBECONFIG=%s\nAPI_PORT=%s\nETCD_PORT=%s\n' "$STATE/kubeconfig" "$API_PORT" "$ETCD_PORT" > "$STATE/env"
 echo "ready: https://127.0.0.1:$API_PORT  KUBECONFIG=$STATE/kubeconfig" >&2

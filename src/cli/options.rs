@@ -12,6 +12,7 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args};
 
 use crate::config::{self, Config, Delivery, OptionError};
+use crate::k8s::{KubeOptions, LeaseOptions};
 
 /// `--xds-address` when none is given.
 pub const DEFAULT_XDS_ADDRESS: SocketAddr =
@@ -135,6 +136,61 @@ pub struct ServeArgs {
         default_value = "268435456"
     )]
     pub max_binary_size: String,
+    /// Where plugins come from besides `--plugins` files: `files` (only them) or `kubernetes`
+    /// (also WasmPlugin resources and pull Secrets from the API server; docs/kubernetes.md).
+    #[arg(
+        long,
+        value_name = "files|kubernetes",
+        env = "WASM_ECDS_SOURCE",
+        default_value = "files"
+    )]
+    pub source: String,
+    /// Kubernetes: a kubeconfig file. Without it: KUBECONFIG, ~/.kube/config, then the pod's
+    /// service account.
+    #[arg(long, value_name = "FILE", env = "WASM_ECDS_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubernetes: namespaces whose WasmPlugins are read (comma separated); all when empty.
+    #[arg(
+        long,
+        value_name = "NS",
+        env = "WASM_ECDS_NAMESPACES",
+        value_delimiter = ','
+    )]
+    pub namespaces: Vec<String>,
+    /// Kubernetes: a label selector WasmPlugins must match, e.g. `istio.io/rev=wasm-ecds`.
+    #[arg(long, value_name = "SELECTOR", env = "WASM_ECDS_SELECTOR")]
+    pub selector: Option<String>,
+    /// Kubernetes: write conditions to WasmPlugin status (the Lease holder only).
+    #[arg(
+        long,
+        value_name = "true|false",
+        env = "WASM_ECDS_WRITE_STATUS",
+        default_value = "true"
+    )]
+    pub write_status: String,
+    /// Kubernetes: name of the Lease that elects the status writer.
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "WASM_ECDS_LEASE_NAME",
+        default_value = "wasm-ecds"
+    )]
+    pub lease_name: String,
+    /// Kubernetes: namespace of the Lease; the client's own namespace when not given.
+    #[arg(long, value_name = "NS", env = "WASM_ECDS_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// Kubernetes: how long the Lease holds without renewal (Go duration, whole seconds, at
+    /// least 2s): the longest a dead leader blocks status writes.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "WASM_ECDS_LEASE_DURATION",
+        default_value = "15s"
+    )]
+    pub lease_duration: String,
+    /// Kubernetes: this replica's identity in the Lease (default: POD_NAME, else host-pid).
+    #[arg(long, value_name = "ID", env = "WASM_ECDS_IDENTITY")]
+    pub identity: Option<String>,
     /// Ids of the options given as flags (not variables, not defaults): their errors name the flag.
     #[arg(skip)]
     from_flags: BTreeSet<String>,
@@ -249,9 +305,80 @@ impl ServeArgs {
         })
     }
 
+    /// The Kubernetes source's options, `None` with `--source files`.
+    pub fn kube_options(&self) -> Result<Option<KubeOptions>, OptionError> {
+        match self.source.as_str() {
+            "files" => return Ok(None),
+            "kubernetes" => {}
+            _ => {
+                return Err(self.name_source(
+                    "source",
+                    OptionError::new(
+                        "WASM_ECDS_SOURCE",
+                        "source",
+                        &self.source,
+                        "want files or kubernetes",
+                    ),
+                ))
+            }
+        }
+        let write_status = match self.write_status.as_str() {
+            "true" => true,
+            "false" => false,
+            _ => {
+                return Err(self.name_source(
+                    "write_status",
+                    OptionError::new(
+                        "WASM_ECDS_WRITE_STATUS",
+                        "boolean",
+                        &self.write_status,
+                        "want true or false",
+                    ),
+                ))
+            }
+        };
+        let duration = self.duration(
+            "lease_duration",
+            "WASM_ECDS_LEASE_DURATION",
+            &self.lease_duration,
+        )?;
+        if duration.as_secs() < 2 || duration.subsec_nanos() != 0 {
+            return Err(self.name_source(
+                "lease_duration",
+                OptionError::new(
+                    "WASM_ECDS_LEASE_DURATION",
+                    "duration",
+                    &self.lease_duration,
+                    "want whole seconds, at least 2s",
+                ),
+            ));
+        }
+        let namespaces: Vec<String> = (self.namespaces.iter())
+            .map(|n| n.trim().to_string())
+            .filter(|n| !n.is_empty())
+            .collect();
+        Ok(Some(KubeOptions {
+            kubeconfig: self.kubeconfig.clone(),
+            namespaces,
+            selector: self.selector.clone().filter(|s| !s.trim().is_empty()),
+            write_status,
+            lease: LeaseOptions {
+                name: self.lease_name.clone(),
+                namespace: self.lease_namespace.clone().filter(|n| !n.is_empty()),
+                duration,
+                identity: (self.identity.clone())
+                    .filter(|i| !i.is_empty())
+                    .unwrap_or_else(crate::k8s::default_identity),
+            },
+        }))
+    }
+
     /// One line each for what is probably a mistake but not an error: no `--plugins` at all, or a
     /// path that does not exist (yet).
     pub fn warnings(&self) -> Vec<String> {
+        if self.plugins.is_empty() && self.source == "kubernetes" {
+            return Vec::new();
+        }
         if self.plugins.is_empty() {
             return vec![
                 "no --plugins (or WASM_ECDS_PLUGINS) given: no plugin will be served".to_string(),
@@ -389,5 +516,42 @@ mod tests {
         let e = parse(&["--plugins", "/does/not/exist"]).unwrap_err();
         assert_eq!(e.flag.as_deref(), Some("--plugins"), "{e}");
         assert!(args(&["--plugins", "nothing-here.yaml"]).resolve().is_ok());
+        assert!(args(&["--source", "kubernetes"]).warnings().is_empty());
+    }
+
+    #[test]
+    fn kubernetes_options() {
+        assert_eq!(args(&[]).kube_options().unwrap(), None);
+        let k = args(&[
+            "--source",
+            "kubernetes",
+            "--namespaces",
+            "a,b",
+            "--selector",
+            "istio.io/rev=x",
+            "--lease-duration",
+            "4s",
+            "--identity",
+            "r1",
+        ])
+        .kube_options()
+        .unwrap()
+        .unwrap();
+        assert_eq!(k.namespaces, ["a", "b"]);
+        assert_eq!(k.selector.as_deref(), Some("istio.io/rev=x"));
+        assert_eq!(k.lease.duration.as_secs(), 4);
+        assert_eq!(k.lease.identity, "r1");
+        assert!(k.write_status);
+        for (flag, value) in [
+            ("--source", "etcd"),
+            ("--write-status", "yes"),
+            ("--lease-duration", "1s"),
+            ("--lease-duration", "2500ms"),
+        ] {
+            let e = args(&["--source", "kubernetes", flag, value])
+                .kube_options()
+                .unwrap_err();
+            assert!(e.to_string().starts_with(&format!("{flag}: ")), "{e}");
+        }
     }
 }

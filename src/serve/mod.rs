@@ -9,7 +9,9 @@
 
 pub mod admin;
 pub mod files;
+pub mod sources;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -25,6 +27,7 @@ use crate::driver::{Driver, DriverParts, ModuleIndex};
 use crate::engine::EngineParts;
 use crate::engine::Serving;
 use crate::fetch::{FetchConfig, Transport};
+use crate::k8s::{self, status, KubeOptions, Snapshot};
 use crate::metrics::Metrics;
 use crate::plugin::ObjectKey;
 use crate::store::{DiskStore, OsFiles};
@@ -71,6 +74,8 @@ pub struct ServeSetup {
     pub admin_listener: tokio::net::TcpListener,
     pub transport: Arc<dyn Transport>,
     pub fetch_config: Option<FetchConfig>,
+    /// `--source kubernetes`.
+    pub kube: Option<KubeOptions>,
 }
 
 /// A running server.
@@ -80,9 +85,19 @@ pub struct ServerHandle {
     pub shared: Arc<Shared>,
     shutdown: Option<tokio::sync::watch::Sender<bool>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    fatal: mpsc::Receiver<String>,
 }
 
 impl ServerHandle {
+    /// Completes with the reason when the server cannot go on (a start-up conflict between the
+    /// plugin files and Kubernetes); never otherwise.
+    pub async fn failed(&mut self) -> String {
+        match self.fatal.recv().await {
+            Some(why) => why,
+            None => std::future::pending().await,
+        }
+    }
+
     /// Stops accepting, closes streams, waits for the tasks.
     pub async fn shutdown(mut self) {
         if let Some(tx) = self.shutdown.take() {
@@ -130,12 +145,25 @@ pub async fn start(setup: ServeSetup) -> anyhow::Result<ServerHandle> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
 
     let mut tasks = Vec::new();
+    let kube = match &setup.kube {
+        Some(options) => {
+            let (link, kube_tasks) =
+                start_kube(options, &shared.metrics, shutdown_tx.subscribe()).await?;
+            tasks.extend(kube_tasks);
+            Some(link)
+        }
+        None => None,
+    };
+    let (fatal_tx, fatal) = mpsc::channel(1);
     let (ready_tx, ready_rx) = oneshot::channel();
     let controller = Controller {
         driver,
         files: files::FileSource::new(setup.plugin_paths.clone()),
         shared: shared.clone(),
-        file_errors: Vec::new(),
+        sources: sources::Sources::default(),
+        kube,
+        generations: BTreeMap::new(),
+        fatal: fatal_tx,
     };
     tasks.push(tokio::spawn(controller.run(
         cmd_rx,
@@ -176,6 +204,62 @@ pub async fn start(setup: ServeSetup) -> anyhow::Result<ServerHandle> {
         shared,
         shutdown: Some(shutdown_tx),
         tasks,
+        fatal,
+    })
+}
+
+/// The controller's side of the Kubernetes source.
+struct KubeLink {
+    snapshots: tokio::sync::watch::Receiver<Option<Arc<Snapshot>>>,
+    /// Where desired statuses go, when status is written.
+    statuses: Option<tokio::sync::watch::Sender<status::Desired>>,
+}
+
+/// Connects to the API server and starts the watches and, with status writes, the Lease election
+/// and the status writer.
+async fn start_kube(
+    options: &KubeOptions,
+    metrics: &Metrics,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<(KubeLink, Vec<tokio::task::JoinHandle<()>>)> {
+    let client = k8s::client(options).await?;
+    let series = metrics.kube_series();
+    let (snapshots, watch_task) = k8s::watch::spawn(client.clone(), options, series.clone());
+    let mut tasks = vec![stop_on_shutdown(watch_task, shutdown.clone())];
+    let mut statuses = None;
+    if options.write_status {
+        let (leading, lease_task) = k8s::leader::spawn(
+            client.clone(),
+            options.lease.clone(),
+            series.clone(),
+            wait_shutdown(shutdown.clone()),
+        );
+        tasks.push(lease_task);
+        let (tx, rx) = tokio::sync::watch::channel(status::Desired::default());
+        let writer = status::spawn_writer(client, series, rx, snapshots.clone(), leading);
+        tasks.push(stop_on_shutdown(writer, shutdown));
+        statuses = Some(tx);
+    }
+    Ok((
+        KubeLink {
+            snapshots,
+            statuses,
+        },
+        tasks,
+    ))
+}
+
+/// A task that aborts `task` at shutdown.
+fn stop_on_shutdown(
+    task: tokio::task::JoinHandle<()>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let abort = task.abort_handle();
+        tokio::select! {
+            _ = wait_shutdown(shutdown) => abort.abort(),
+            _ = task => {}
+        }
     })
 }
 
@@ -231,7 +315,22 @@ struct Controller {
     driver: Driver,
     files: files::FileSource,
     shared: Arc<Shared>,
-    file_errors: Vec<files::FileError>,
+    sources: sources::Sources,
+    kube: Option<KubeLink>,
+    /// Per Kubernetes plugin: the object version in the driver and the `metadata.generation` it
+    /// was accepted at.
+    generations: BTreeMap<ObjectKey, (u64, Option<i64>)>,
+    fatal: mpsc::Sender<String>,
+}
+
+/// The next Kubernetes snapshot; never completes without the Kubernetes source (or once it ended).
+async fn next_snapshot(kube: &mut Option<KubeLink>) -> Option<Arc<Snapshot>> {
+    if let Some(link) = kube {
+        if link.snapshots.changed().await.is_ok() {
+            return link.snapshots.borrow_and_update().clone();
+        }
+    }
+    std::future::pending().await
 }
 
 impl Controller {
@@ -241,17 +340,38 @@ impl Controller {
         shutdown: tokio::sync::watch::Receiver<bool>,
         ready: oneshot::Sender<()>,
     ) {
-        // Ready once the initial plugin set has been loaded and processed.
-        let mut ready = Some((ready, self.reload()));
+        // Ready once the initial plugin set — the files' and, with Kubernetes, the first complete
+        // list — has been loaded and processed.
+        let mut ready_tx = Some(ready);
+        let mut ready_ticket = None;
+        self.scan_files();
+        if self.kube.is_none() {
+            ready_ticket = Some(self.resync());
+        }
         loop {
-            if ready.as_ref().is_some_and(|(_, t)| self.driver.is_done(t)) {
-                if let Some((tx, _)) = ready.take() {
+            if ready_ticket
+                .as_ref()
+                .is_some_and(|t| self.driver.is_done(t))
+            {
+                if let Some(tx) = ready_tx.take() {
                     let _ = tx.send(());
                 }
             }
-            self.refresh_view(ready.is_none());
+            self.refresh_view(ready_tx.is_none());
+            self.publish_statuses();
             tokio::select! {
                 _ = wait_shutdown(shutdown.clone()) => break,
+                snapshot = next_snapshot(&mut self.kube) => {
+                    self.sources.kube = snapshot;
+                    let ticket = self.resync();
+                    if ready_ticket.is_none() {
+                        if !self.sources.conflicts.is_empty() {
+                            let list: Vec<&str> = self.sources.conflicts.values().map(|c| c.message.as_str()).collect();
+                            let _ = self.fatal.try_send(list.join("; "));
+                        }
+                        ready_ticket = Some(ticket);
+                    }
+                }
                 cmd = commands.recv() => match cmd {
                     None => break,
                     Some(Command::Reload) => {
@@ -263,7 +383,8 @@ impl Controller {
                                 refreshes.push((key, reply));
                             }
                         }
-                        self.reload();
+                        self.scan_files();
+                        self.resync();
                         for (key, reply) in refreshes {
                             let _ = reply.send(self.driver.refresh(&key).is_some());
                         }
@@ -278,12 +399,80 @@ impl Controller {
         self.driver.flush();
     }
 
-    /// Makes the driver's objects what the files say now; returns what that caused.
-    fn reload(&mut self) -> crate::driver::Ticket {
+    fn scan_files(&mut self) {
         tracing::debug!("rescanning plugin files");
-        let desired = self.files.scan();
-        self.file_errors = desired.errors;
-        self.driver.sync(&desired.plugins, &desired.secrets)
+        self.sources.files = self.files.scan();
+    }
+
+    /// Makes the driver's objects what the sources say now; returns what that caused.
+    fn resync(&mut self) -> crate::driver::Ticket {
+        let before: Vec<String> = self
+            .sources
+            .conflicts
+            .values()
+            .map(|c| c.message.clone())
+            .collect();
+        let (plugins, secrets) = self.sources.merged();
+        for c in self.sources.conflicts.values() {
+            if !before.contains(&c.message) {
+                tracing::error!(object = %c.object, "{}", c.message);
+            }
+        }
+        let ticket = self.driver.sync(&plugins, &secrets);
+        self.note_generations();
+        ticket
+    }
+
+    /// Remembers the generation of each Kubernetes plugin object the driver took as a new version.
+    fn note_generations(&mut self) {
+        let Some(snapshot) = &self.sources.kube else {
+            return;
+        };
+        let objects = self.driver.objects();
+        self.generations
+            .retain(|k, _| snapshot.meta.contains_key(k));
+        for (k, meta) in &snapshot.meta {
+            let Some(vp) = objects.plugin(k) else {
+                continue;
+            };
+            if self
+                .generations
+                .get(k)
+                .is_none_or(|(v, _)| *v != vp.version)
+            {
+                self.generations
+                    .insert(k.clone(), (vp.version, meta.generation));
+            }
+        }
+    }
+
+    /// Hands the status writer what each Kubernetes plugin's conditions should be now.
+    fn publish_statuses(&self) {
+        let (Some(tx), Some(snapshot)) = (
+            self.kube.as_ref().and_then(|k| k.statuses.as_ref()),
+            self.sources.kube.as_ref(),
+        ) else {
+            return;
+        };
+        let desired: BTreeMap<ObjectKey, status::PluginStatus> = (snapshot.meta.iter())
+            .filter_map(|(k, meta)| {
+                let generations = status::Generations {
+                    accepted: self.generations.get(k).and_then(|g| g.1),
+                    current: meta.generation,
+                };
+                let conflict = self.sources.kube_conflict(k);
+                let s = status::desired(&self.driver, k, generations, conflict)?;
+                Some((k.clone(), s))
+            })
+            .collect();
+        tx.send_if_modified(|cur| {
+            if **cur == desired {
+                false
+            } else {
+                *cur = Arc::new(desired);
+                true
+            }
+        });
     }
 
     fn refresh_view(&self, ready: bool) {
@@ -341,7 +530,8 @@ impl Controller {
             .collect();
         AdminView {
             ready,
-            plugins: json!({"plugins": plugins, "refused": refused, "fileErrors": self.file_errors}),
+            plugins: json!({"plugins": plugins, "refused": refused, "fileErrors": self.sources.files.errors,
+                            "conflicts": self.sources.conflicts.values().collect::<Vec<_>>()}),
             cache: json!({"modules": cache}),
             modules: Some(self.driver.modules()),
         }
@@ -378,17 +568,19 @@ async fn run_until_signal(args: crate::cli::ServeArgs, config: Config) -> anyhow
     let admin_listener = tokio::net::TcpListener::bind(args.admin_address)
         .await
         .with_context(|| format!("--admin-address {}", args.admin_address))?;
+    let kube = args.kube_options()?;
     let transport = Arc::new(crate::fetch::hyper_transport::HyperTransport::new(
         &config,
         Vec::new(),
     )?);
-    let handle = start(ServeSetup {
+    let mut handle = start(ServeSetup {
         config,
         plugin_paths: args.plugins.clone(),
         xds_listener,
         admin_listener,
         transport,
         fetch_config: None,
+        kube,
     })
     .await?;
     eprintln!(
@@ -396,13 +588,17 @@ async fn run_until_signal(args: crate::cli::ServeArgs, config: Config) -> anyhow
         handle.xds_address, handle.admin_address
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
+    let failed = tokio::select! {
+        _ = tokio::signal::ctrl_c() => None,
+        _ = term.recv() => None,
+        why = handle.failed() => Some(why),
+    };
     tracing::info!("shutting down");
     tokio::time::timeout(Duration::from_secs(5), handle.shutdown())
         .await
         .ok();
-    Ok(())
+    match failed {
+        Some(why) => Err(anyhow::anyhow!(why)),
+        None => Ok(()),
+    }
 }

@@ -1,0 +1,422 @@
+//! Lists and watches `WasmPlugin`s (all namespaces or the chosen ones, optionally by label
+//! selector) and the `kubernetes.io/dockerconfigjson` Secrets of the namespaces that have plugins,
+//! and publishes the whole current set as a [`Snapshot`] on a `watch` channel (the newest one
+//! wins; the controller never falls behind a queue).
+//!
+//! Relists never flap anything (docs/kubernetes.md "Watches"): a list (initial, after `410 Gone`,
+//! after a lost connection or an API server restart) is buffered until it completes and then
+//! replaces that watch's objects at once, so objects deleted during an outage disappear exactly
+//! then, and a relist that returns the same objects publishes the same snapshot, which the driver
+//! treats as no change. Nothing is published before every plugin watch has listed once and the
+//! Secrets of every namespace with plugins are listed (or [`SECRET_LIST_GRACE`] passed), so the
+//! first processing sees the Secrets it needs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::{self, BoxStream, StreamExt};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DynamicObject};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt as _;
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::{KubeOptions, KubeSeries};
+use crate::plugin::secret::DOCKER_CONFIG_JSON_TYPE;
+use crate::plugin::ObjectKey;
+
+/// How long the first snapshot with a new namespace's plugins waits for that namespace's Secrets.
+pub const SECRET_LIST_GRACE: Duration = Duration::from_secs(5);
+
+/// The objects as last listed and watched.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    /// Plugins as admission sees them: without `status`, `metadata.resourceVersion` and
+    /// `metadata.managedFields`, which change with every status write (a status write is not a
+    /// change of the plugin: under `Always` it would pull again after every one).
+    pub plugins: BTreeMap<ObjectKey, Value>,
+    /// Pull Secrets, likewise stripped.
+    pub secrets: BTreeMap<ObjectKey, Value>,
+    /// What the status writer needs of each plugin object.
+    pub meta: BTreeMap<ObjectKey, ObjectMeta>,
+}
+
+/// The server-managed part of a plugin object.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ObjectMeta {
+    pub resource_version: String,
+    pub generation: Option<i64>,
+    /// `status.conditions` as stored.
+    pub conditions: Vec<Value>,
+}
+
+/// One list-and-watch: its objects, and a relist in progress.
+#[derive(Default)]
+struct Listing {
+    objects: BTreeMap<ObjectKey, Value>,
+    relist: Option<BTreeMap<ObjectKey, Value>>,
+    listed: bool,
+}
+
+impl Listing {
+    /// Applies one event; true when the current objects changed.
+    fn apply(&mut self, event: Event<Value>) -> bool {
+        match event {
+            Event::Init => {
+                self.relist = Some(BTreeMap::new());
+                false
+            }
+            Event::InitApply(v) => {
+                if let (Some(buf), Some(k)) = (self.relist.as_mut(), key_of(&v)) {
+                    buf.insert(k, v);
+                }
+                false
+            }
+            Event::InitDone => {
+                self.listed = true;
+                let listed = self.relist.take().unwrap_or_default();
+                let changed = listed != self.objects;
+                self.objects = listed;
+                changed
+            }
+            Event::Apply(v) => {
+                key_of(&v).is_some_and(|k| self.objects.insert(k, v.clone()) != Some(v))
+            }
+            Event::Delete(v) => key_of(&v).is_some_and(|k| self.objects.remove(&k).is_some()),
+        }
+    }
+}
+
+fn key_of(v: &Value) -> Option<ObjectKey> {
+    let meta = v.get("metadata")?;
+    Some(ObjectKey::new(
+        meta.get("namespace")?.as_str()?,
+        meta.get("name")?.as_str()?,
+    ))
+}
+
+/// The object without the fields that change with every write of any kind.
+fn admission_view(v: &Value) -> Value {
+    let mut v = v.clone();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("status");
+        if let Some(m) = o.get_mut("metadata").and_then(Value::as_object_mut) {
+            m.remove("resourceVersion");
+            m.remove("managedFields");
+        }
+    }
+    v
+}
+
+fn meta_of(v: &Value) -> ObjectMeta {
+    let m = v.get("metadata");
+    ObjectMeta {
+        resource_version: m
+            .and_then(|m| m.get("resourceVersion"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+        generation: m.and_then(|m| m.get("generation")).and_then(Value::as_i64),
+        conditions: v
+            .pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default(),
+    }
+}
+
+enum Input {
+    Plugins(usize, Result<Event<Value>, watcher::Error>),
+    Secrets(String, Result<Event<Value>, watcher::Error>),
+}
+
+/// Starts the watches; the receiver holds `None` until the first complete snapshot.
+pub fn spawn(
+    client: kube::Client,
+    options: &KubeOptions,
+    series: KubeSeries,
+) -> (watch::Receiver<Option<Arc<Snapshot>>>, JoinHandle<()>) {
+    let (tx, rx) = watch::channel(None);
+    let resource = super::wasmplugin_resource();
+    let mut config = watcher::Config::default();
+    if let Some(sel) = &options.selector {
+        config = config.labels(sel);
+    }
+    let apis: Vec<Api<DynamicObject>> = if options.namespaces.is_empty() {
+        vec![Api::all_with(client.clone(), &resource)]
+    } else {
+        (options.namespaces.iter())
+            .map(|ns| Api::namespaced_with(client.clone(), ns, &resource))
+            .collect()
+    };
+    let streams: Vec<BoxStream<'static, Input>> = apis
+        .into_iter()
+        .enumerate()
+        .map(|(i, api)| {
+            watcher::watcher(api, config.clone())
+                .default_backoff()
+                .map(move |r| Input::Plugins(i, r.map(event_json)))
+                .boxed()
+        })
+        .collect();
+    let watches = Watches {
+        client,
+        series,
+        plugins: (0..streams.len()).map(|_| Listing::default()).collect(),
+        secrets: BTreeMap::new(),
+        tx,
+        last_error: None,
+    };
+    (rx, tokio::spawn(watches.run(stream::select_all(streams))))
+}
+
+/// The event with its object as JSON (admission reads objects as JSON, from files or here).
+fn event_json<K: serde::Serialize>(event: Event<K>) -> Event<Value> {
+    let json = |o: K| serde_json::to_value(o).unwrap_or(Value::Null);
+    match event {
+        Event::Apply(o) => Event::Apply(json(o)),
+        Event::Delete(o) => Event::Delete(json(o)),
+        Event::Init => Event::Init,
+        Event::InitApply(o) => Event::InitApply(json(o)),
+        Event::InitDone => Event::InitDone,
+    }
+}
+
+/// A namespace's Secret watch.
+struct SecretWatch {
+    listing: Listing,
+    started: tokio::time::Instant,
+    task: JoinHandle<()>,
+}
+
+impl Drop for SecretWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Watches {
+    client: kube::Client,
+    series: KubeSeries,
+    plugins: Vec<Listing>,
+    secrets: BTreeMap<String, SecretWatch>,
+    tx: watch::Sender<Option<Arc<Snapshot>>>,
+    /// The last watch error logged (the same error repeating is logged once).
+    last_error: Option<String>,
+}
+
+impl Watches {
+    async fn run(mut self, mut plugin_events: stream::SelectAll<BoxStream<'static, Input>>) {
+        let (secret_tx, mut secret_rx) = mpsc::channel::<Input>(256);
+        let mut dirty = false;
+        loop {
+            let grace_end = self.secrets_pending_until();
+            let input = tokio::select! {
+                i = plugin_events.next() => match i { Some(i) => Some(i), None => return },
+                i = secret_rx.recv() => i,
+                _ = tokio::time::sleep_until(grace_end.unwrap_or_else(far_future)), if grace_end.is_some() => None,
+            };
+            if let Some(input) = input {
+                dirty |= self.handle(input);
+            }
+            // Drain what is already waiting, so a burst (a relist's end, many edits) is one snapshot.
+            loop {
+                let next = match plugin_events.next().now_or_never_ready() {
+                    Some(i) => i,
+                    None => match secret_rx.try_recv() {
+                        Ok(i) => i,
+                        Err(_) => break,
+                    },
+                };
+                dirty |= self.handle(next);
+            }
+            self.follow_namespaces(&secret_tx);
+            if dirty && self.complete() {
+                dirty = false;
+                let snapshot = self.snapshot();
+                self.tx.send_if_modified(|cur| {
+                    if cur.as_deref() == Some(&snapshot) {
+                        false
+                    } else {
+                        *cur = Some(Arc::new(snapshot));
+                        true
+                    }
+                });
+            }
+        }
+    }
+
+    /// Applies one input; true when objects changed.
+    fn handle(&mut self, input: Input) -> bool {
+        let (listing, result, what) = match input {
+            Input::Plugins(i, r) => (self.plugins.get_mut(i), r, "wasmplugins"),
+            Input::Secrets(ns, r) => (
+                self.secrets.get_mut(&ns).map(|s| &mut s.listing),
+                r,
+                "secrets",
+            ),
+        };
+        match result {
+            Ok(event) => {
+                if what == "wasmplugins" && matches!(event, Event::InitDone) {
+                    self.series.relists.inc();
+                }
+                if self.last_error.take().is_some() {
+                    tracing::info!("Kubernetes watch recovered");
+                }
+                listing.is_some_and(|l| l.apply(event))
+            }
+            Err(e) => {
+                self.series.watch_errors.inc();
+                let message = format!("watching {what}: {e}");
+                if self.last_error.as_deref() != Some(message.as_str()) {
+                    tracing::warn!(error = %message, "Kubernetes watch failed; retrying with backoff, serving the last known objects");
+                    self.last_error = Some(message);
+                }
+                false
+            }
+        }
+    }
+
+    /// Starts a Secret watch for every namespace that has plugins and stops the others.
+    fn follow_namespaces(&mut self, tx: &mpsc::Sender<Input>) {
+        let wanted: BTreeSet<String> = (self.plugins.iter())
+            .flat_map(|l| l.objects.keys().map(|k| k.namespace.clone()))
+            .collect();
+        self.secrets.retain(|ns, _| wanted.contains(ns));
+        for ns in wanted {
+            if self.secrets.contains_key(&ns) {
+                continue;
+            }
+            let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+            let config =
+                watcher::Config::default().fields(&format!("type={DOCKER_CONFIG_JSON_TYPE}"));
+            let tx = tx.clone();
+            let name = ns.clone();
+            let task = tokio::spawn(async move {
+                let mut events = watcher::watcher(api, config).default_backoff().boxed();
+                while let Some(r) = events.next().await {
+                    let input = Input::Secrets(name.clone(), r.map(event_json));
+                    if tx.send(input).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            self.secrets.insert(
+                ns,
+                SecretWatch {
+                    listing: Listing::default(),
+                    started: tokio::time::Instant::now(),
+                    task,
+                },
+            );
+        }
+    }
+
+    /// When the wait for unlisted Secret namespaces ends, if any is unlisted.
+    fn secrets_pending_until(&self) -> Option<tokio::time::Instant> {
+        (self.secrets.values())
+            .filter(|s| !s.listing.listed)
+            .map(|s| s.started + SECRET_LIST_GRACE)
+            .min()
+    }
+
+    /// Every plugin watch has listed, and every Secret watch has listed or waited long enough.
+    fn complete(&self) -> bool {
+        self.plugins.iter().all(|l| l.listed)
+            && self
+                .secrets_pending_until()
+                .is_none_or(|t| t <= tokio::time::Instant::now())
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let mut s = Snapshot::default();
+        for (k, v) in self.plugins.iter().flat_map(|l| l.objects.iter()) {
+            s.plugins.insert(k.clone(), admission_view(v));
+            s.meta.insert(k.clone(), meta_of(v));
+        }
+        for (k, v) in self.secrets.values().flat_map(|w| w.listing.objects.iter()) {
+            s.secrets.insert(k.clone(), admission_view(v));
+        }
+        s
+    }
+}
+
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(3600)
+}
+
+/// `now_or_never` for a stream's next item: `Some` only when one is ready at once.
+trait NowOrNever {
+    fn now_or_never_ready(self) -> Option<Input>;
+}
+
+impl<F: std::future::Future<Output = Option<Input>>> NowOrNever for F {
+    fn now_or_never_ready(self) -> Option<Input> {
+        futures_util::FutureExt::now_or_never(self).flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn plugin(name: &str, rv: &str, label: &str) -> Value {
+        json!({"apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin",
+               "metadata": {"name": name, "namespace": "ns", "resourceVersion": rv, "generation": 1,
+                            "labels": {"l": label}, "managedFields": [{"manager": "kubectl"}]},
+               "spec": {"url": "oci://r/a:v1"},
+               "status": {"conditions": [{"type": "Ready", "status": "True"}]}})
+    }
+
+    #[test]
+    fn a_relist_replaces_objects_at_its_end_and_same_objects_are_no_change() {
+        let mut l = Listing::default();
+        l.apply(Event::Init);
+        l.apply(Event::InitApply(plugin("a", "1", "x")));
+        l.apply(Event::InitApply(plugin("b", "2", "x")));
+        assert!(l.objects.is_empty(), "nothing until the list completes");
+        assert!(l.apply(Event::InitDone));
+        assert_eq!(l.objects.len(), 2);
+        // A relist returning the same objects changes nothing.
+        l.apply(Event::Init);
+        l.apply(Event::InitApply(plugin("a", "1", "x")));
+        l.apply(Event::InitApply(plugin("b", "2", "x")));
+        assert_eq!(l.objects.len(), 2, "kept while relisting");
+        assert!(!l.apply(Event::InitDone));
+        // b deleted during an outage: gone when the relist completes.
+        l.apply(Event::Init);
+        l.apply(Event::InitApply(plugin("a", "1", "x")));
+        assert_eq!(l.objects.len(), 2);
+        assert!(l.apply(Event::InitDone));
+        assert_eq!(
+            l.objects
+                .keys()
+                .map(|k| k.name.as_str())
+                .collect::<Vec<_>>(),
+            ["a"]
+        );
+        assert!(!l.apply(Event::Apply(plugin("a", "1", "x"))));
+        assert!(l.apply(Event::Apply(plugin("a", "3", "y"))));
+        assert!(l.apply(Event::Delete(plugin("a", "3", "y"))));
+        assert!(!l.apply(Event::Delete(plugin("a", "3", "y"))));
+    }
+
+    #[test]
+    fn admission_ignores_status_and_write_bookkeeping() {
+        let a = admission_view(&plugin("a", "1", "x"));
+        let status_written = admission_view(&plugin("a", "7", "x"));
+        assert_eq!(a, status_written, "a status write is not a change");
+        assert_ne!(a, admission_view(&plugin("a", "8", "y")), "a label is");
+        assert!(a.get("status").is_none());
+        let m = meta_of(&plugin("a", "7", "x"));
+        assert_eq!(m.resource_version, "7");
+        assert_eq!(m.generation, Some(1));
+        assert_eq!(m.conditions.len(), 1);
+    }
+}
