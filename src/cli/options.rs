@@ -542,8 +542,9 @@ mod tests {
         assert_eq!(k.lease.duration.as_secs(), 4);
         assert_eq!(k.lease.identity, "r1");
         assert!(k.write_status);
+        let e = args(&["--source", "etcd"]).kube_options().unwrap_err();
+        assert!(e.to_string().starts_with("--source: "), "{e}");
         for (flag, value) in [
-            ("--source", "etcd"),
             ("--write-status", "yes"),
             ("--lease-duration", "1s"),
             ("--lease-duration", "2500ms"),
