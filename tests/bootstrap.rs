@@ -335,8 +335,8 @@ impl Drop for Serve {
 }
 
 impl Serve {
-    /// Starts `serve --plugins DIR` on free loopback ports and waits for `/readyz`.
-    fn start(plugins: &Path) -> Serve {
+    /// Starts `serve --plugins DIR --delivery MODE` on free loopback ports and waits for `/readyz`.
+    fn start(plugins: &Path, delivery: &str) -> Serve {
         let cache = tempfile::tempdir().unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_wasm-ecds"))
             .args([
@@ -350,6 +350,7 @@ impl Serve {
             .arg(plugins)
             .arg("--cache-dir")
             .arg(cache.path())
+            .args(["--delivery", delivery])
             .env("RUST_LOG", "off")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -481,6 +482,8 @@ async fn probe(envoy: &Envoy) -> Result<(u16, Option<String>, Option<String>), S
     ))
 }
 
+/// For file delivery over per-filter streams, delta ADS, and http delivery (Envoy downloads the
+/// module from the server's admin address through the cluster `--full` adds).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_started_with_the_full_bootstrap_receives_the_plugin_from_serve() {
     let Some(bin) = support::require_envoy() else {
@@ -502,52 +505,76 @@ async fn envoy_started_with_the_full_bootstrap_receives_the_plugin_from_serve() 
         "other",
         json!({"url": url, "selector": {"matchLabels": {"app": "other"}}}),
     );
-    let serve = Serve::start(plugins.path());
     let upstream = start_upstream();
-    let bootstrap = full_bootstrap(plugins.path(), &serve.xds, upstream, &[]);
-    let envoy = Envoy::start_with(&bin, EnvoyConfig::given(XdsTransport::Sotw, bootstrap)).await;
-    envoy.wait_ready().await;
-
     let resource = format!("{RESOURCE_PREFIX}shop.cart-headers");
-    let dump = wait_for("the ECDS filter in /config_dump", CONVERGE, || async {
-        let r = envoy.admin("/config_dump?resource=ecds_filters").await?;
-        let v: Value = serde_json::from_slice(&r.body).map_err(|e| e.to_string())?;
-        let filters: Vec<Value> = v["configs"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|c| c.get("ecds_filter").is_some())
-            .cloned()
-            .collect();
-        (!filters.is_empty()).then_some(filters).ok_or(r.text())
-    })
-    .await;
-    assert_eq!(dump.len(), 1, "{dump:#?}");
-    let filter = &dump[0]["ecds_filter"];
-    assert_eq!(filter["name"], resource.as_str());
-    let typed = &filter["typed_config"];
-    assert_eq!(
-        typed["@type"],
-        "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
-    );
-    assert_eq!(typed["config"]["name"], "shop.cart-headers");
-    assert!(!dump[0]["version_info"].as_str().unwrap_or("").is_empty());
+    for (delivery, flags) in [
+        ("file", &[][..]),
+        ("file", &["--ads", "--delta"][..]),
+        ("http", &["--delivery", "http"][..]),
+    ] {
+        let serve = Serve::start(plugins.path(), delivery);
+        let mut extra = flags.to_vec();
+        if delivery == "http" {
+            extra.extend(["--admin-address", serve.admin.as_str()]);
+        }
+        let bootstrap = full_bootstrap(plugins.path(), &serve.xds, upstream, &extra);
+        let envoy =
+            Envoy::start_with(&bin, EnvoyConfig::given(XdsTransport::Sotw, bootstrap)).await;
+        envoy.wait_ready().await;
 
-    let want = (
-        200,
-        Some(r#"{"who":"cart"}"#.to_string()),
-        Some("bootstrap".to_string()),
-    );
-    wait_for(
-        "the module answering through the listener",
-        CONVERGE,
-        || async {
-            let got = probe(&envoy).await?;
-            (got == want).then_some(()).ok_or(format!("{got:?}"))
-        },
-    )
-    .await;
-    assert_eq!(envoy.ecds_counter(&resource, "update_success").await, 1);
+        let dump = wait_for("the ECDS filter in /config_dump", CONVERGE, || async {
+            let r = envoy.admin("/config_dump?resource=ecds_filters").await?;
+            let v: Value = serde_json::from_slice(&r.body).map_err(|e| e.to_string())?;
+            let filters: Vec<Value> = v["configs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|c| c.get("ecds_filter").is_some())
+                .cloned()
+                .collect();
+            (!filters.is_empty()).then_some(filters).ok_or(r.text())
+        })
+        .await;
+        assert_eq!(dump.len(), 1, "{flags:?}: {dump:#?}");
+        let filter = &dump[0]["ecds_filter"];
+        assert_eq!(filter["name"], resource.as_str());
+        let typed = &filter["typed_config"];
+        assert_eq!(
+            typed["@type"],
+            "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
+        );
+        assert_eq!(typed["config"]["name"], "shop.cart-headers");
+        let code = &typed["config"]["vm_config"]["code"];
+        if delivery == "http" {
+            assert_eq!(
+                code["remote"]["http_uri"]["cluster"], "wasm_ecds_modules",
+                "{code:#}"
+            );
+        } else {
+            assert!(code["local"]["filename"].is_string(), "{code:#}");
+        }
+        assert!(!dump[0]["version_info"].as_str().unwrap_or("").is_empty());
+
+        let want = (
+            200,
+            Some(r#"{"who":"cart"}"#.to_string()),
+            Some("bootstrap".to_string()),
+        );
+        wait_for(
+            "the module answering through the listener",
+            CONVERGE,
+            || async {
+                let got = probe(&envoy).await?;
+                (got == want).then_some(()).ok_or(format!("{got:?}"))
+            },
+        )
+        .await;
+        assert_eq!(
+            envoy.ecds_counter(&resource, "update_success").await,
+            1,
+            "{flags:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
