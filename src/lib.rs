@@ -10,6 +10,7 @@
 //! - [`engine`]: processes plugin versions into outcomes, retries rejected plugins, purges;
 //! - [`dispatch`]: runs the engine's processings as concurrent jobs, one download per module;
 //! - [`convert`]: serving state → the ECDS resource Envoy receives;
+//! - [`bootstrap`]: the Envoy filters (or whole bootstrap) that subscribe a workload to its plugins;
 //! - [`driver`]: the one loop around them — admission, engine, dispatcher, published resources —
 //!   shared by [`serve`], [`sim`] and the tests;
 //! - [`k8s`]: the Kubernetes source (watches, status conditions, Lease election), used by
@@ -23,6 +24,7 @@
 //! network, so `sim` drives everything else unchanged.
 
 pub mod backoff;
+pub mod bootstrap;
 pub mod cache;
 pub mod cli;
 pub mod clock;

@@ -2,7 +2,7 @@
 
 use std::io::IsTerminal;
 
-use wasm_ecds::cli::{inspect, Cli, Command};
+use wasm_ecds::cli::{bootstrap, inspect, Cli, Command};
 
 fn main() {
     let cli = Cli::parse_args();
@@ -25,6 +25,7 @@ fn main() {
     let code = match cli.command {
         Command::Check { json, paths } => inspect::run_check(&paths, json),
         Command::Explain { json, paths } => inspect::run_explain(&paths, json),
+        Command::Bootstrap(args) => bootstrap::run(&args),
         Command::Sim {
             trace,
             json,

@@ -54,7 +54,7 @@ pub struct Explanation {
 }
 
 /// Reads every manifest file; an unreadable file is an `Err` naming it.
-fn read_all(paths: &[PathBuf]) -> Result<Vec<(PathBuf, String)>, String> {
+pub(super) fn read_all(paths: &[PathBuf]) -> Result<Vec<(PathBuf, String)>, String> {
     let files =
         super::expand_paths(paths, &["yaml", "yml", "json"]).map_err(|e| format!("error: {e}"))?;
     files

@@ -1,6 +1,8 @@
-//! The command line (docs/cli.md): `serve`, `sim`, `check`, `explain`. Parsing with clap; each
-//! command returns its exit status (0 success, 1 the thing checked is wrong, 2 bad usage or input).
+//! The command line (docs/cli.md): `serve`, `sim`, `check`, `explain`, `bootstrap`. Parsing with
+//! clap; each command returns its exit status (0 success, 1 the thing checked is wrong, 2 bad usage
+//! or input).
 
+pub mod bootstrap;
 pub mod inspect;
 pub mod options;
 
@@ -8,6 +10,7 @@ use std::path::PathBuf;
 
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
+pub use bootstrap::BootstrapArgs;
 pub use options::ServeArgs;
 
 #[derive(Debug, Parser)]
@@ -90,6 +93,9 @@ pub enum Command {
         #[arg(required = true, value_name = "PATH")]
         paths: Vec<PathBuf>,
     },
+    /// Print the Envoy filters that subscribe one workload to the plugins that apply to it, in
+    /// Istio's order, or with --full a whole Envoy bootstrap.
+    Bootstrap(Box<BootstrapArgs>),
 }
 
 /// Files named by the user: files as given, directories expanded to every `*.yaml`, `*.yml` and

@@ -113,6 +113,9 @@ pub struct EnvoyConfig {
     pub retry_base: Duration,
     pub retry_max: Duration,
     pub node_id: String,
+    /// A bootstrap given whole (JSON), e.g. by `wasm-ecds bootstrap --full --json`: used as is
+    /// instead of one generated from the fields above.
+    pub given: Option<String>,
 }
 
 impl EnvoyConfig {
@@ -126,7 +129,15 @@ impl EnvoyConfig {
             retry_base: Duration::from_millis(100),
             retry_max: Duration::from_secs(1),
             node_id: format!("e2e-{}", transport.name()),
+            given: None,
         }
+    }
+
+    /// Envoy runs `bootstrap` (JSON) as is; `transport` only names it in messages.
+    pub fn given(transport: XdsTransport, bootstrap: String) -> Self {
+        let mut c = Self::new(transport, "127.0.0.1:0".parse().expect("address"));
+        c.given = Some(bootstrap);
+        c
     }
 
     /// Points the `wasm_ecds_modules` cluster at the server's admin address (`--delivery http`).
@@ -151,6 +162,9 @@ impl EnvoyConfig {
 
     /// The bootstrap (JSON, which Envoy reads as YAML).
     pub fn bootstrap(&self) -> String {
+        if let Some(given) = &self.given {
+            return given.clone();
+        }
         let secs = |d: Duration| format!("{}s", d.as_secs_f64());
         let grpc_services = json!([{"envoy_grpc": {
             "cluster_name": XDS_CLUSTER,
