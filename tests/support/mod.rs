@@ -16,6 +16,7 @@
 pub mod envoy;
 pub mod faults;
 pub mod image;
+pub mod kube;
 pub mod registry;
 pub mod wasm;
 

@@ -1,0 +1,523 @@
+//! `serve --source kubernetes` against a real kube-apiserver and etcd (tests/support/kube.rs),
+//! running as the ServiceAccount-like identity that deploy/rbac.yaml binds: WasmPlugins applied,
+//! patched and deleted with kubectl reach a real Envoy, pull Secrets are watched, status
+//! conditions are written (and not rewritten), and the label-selector, namespace and
+//! files-versus-Kubernetes rules hold. Restarts, relists and replicas: tests/kube_ha.rs.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::envoy::{wait_for, Envoy, EnvoyConfig, XdsTransport};
+use support::faults::{ModuleServer, Route};
+use support::kube::{condition, pull_secret, unique, wasm_plugin, Cluster, Serve};
+use support::wasm::{CONFIG_HEADER, MODULE_HEADER};
+use support::{proxy_wasm_test_module_tagged, Registry, RegistryOptions};
+use wasm_ecds::xds::client::{self, DeltaSession};
+use wasm_ecds::xds::Api;
+
+const CONVERGE: Duration = Duration::from_secs(30);
+
+fn resource(ns: &str, name: &str) -> String {
+    format!("extensions.istio.io/wasmplugin/{ns}.{name}")
+}
+
+/// Starts the product for one test's namespace with its own Lease.
+fn serve(cluster: &Cluster, ns: &str, extra: &[&str]) -> Serve {
+    let lease = unique("lease");
+    let mut args = vec![
+        "--namespaces",
+        ns,
+        "--lease-name",
+        &lease,
+        "--lease-duration",
+        "3s",
+    ];
+    args.extend_from_slice(extra);
+    Serve::start(cluster, &args)
+}
+
+async fn wait_ready(s: &Serve) {
+    wait_for("/readyz", CONVERGE, || async {
+        s.ready().await.then_some(()).ok_or_else(|| "not ready".to_string())
+    })
+    .await;
+}
+
+/// Waits until `/debug/plugins` shows `key` with `outcome`; returns the entry.
+async fn wait_outcome(s: &Serve, key: &str, outcome: &str) -> Value {
+    wait_for(&format!("{key} {outcome}"), CONVERGE, || async {
+        let p = s.plugin(key).await.ok_or("absent".to_string())?;
+        (p["outcome"] == outcome)
+            .then(|| p.clone())
+            .ok_or(format!("{p}"))
+    })
+    .await
+}
+
+/// Waits until the condition `type_` of the object satisfies `check`; returns the object.
+async fn wait_condition(
+    cluster: &Cluster,
+    ns: &str,
+    name: &str,
+    type_: &str,
+    check: impl Fn(&Value, &Value) -> bool,
+) -> Value {
+    wait_for(&format!("{ns}/{name} {type_}"), CONVERGE, || async {
+        let o = cluster.get(ns, "wasmplugin", name);
+        let c = condition(&o, type_).ok_or(format!("no {type_}: {}", o["status"]))?;
+        check(&o, &c).then_some(o.clone()).ok_or(format!("{c}"))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applied_patched_and_deleted_plugins_reach_envoy() {
+    let Some(cluster) = Cluster::shared() else {
+        return;
+    };
+    let ns = unique("apps");
+    cluster.kubectl(&["create", "namespace", &ns]);
+    let modules = ModuleServer::start(vec![
+        (
+            "/always.wasm",
+            Route::Body(proxy_wasm_test_module_tagged("always")),
+        ),
+        (
+            "/cached.wasm",
+            Route::Body(proxy_wasm_test_module_tagged("cached")),
+        ),
+    ])
+    .await;
+    let spec = |path: &str, policy: &str| {
+        format!(
+            "url: {}\nimagePullPolicy: {policy}\npluginConfig: {{greeting: hello}}\n",
+            modules.url(path)
+        )
+    };
+    cluster.apply(&wasm_plugin(&ns, "always", &spec("/always.wasm", "Always")));
+    cluster.apply(&wasm_plugin(
+        &ns,
+        "cached",
+        &spec("/cached.wasm", "IfNotPresent"),
+    ));
+    let s = serve(cluster, &ns, &[]);
+    wait_ready(&s).await;
+    let always = format!("{ns}/always");
+    let cached = format!("{ns}/cached");
+    wait_outcome(&s, &always, "pulled").await;
+    wait_outcome(&s, &cached, "pulled").await;
+
+    // A real Envoy runs both filters, configured over ECDS.
+    let config = EnvoyConfig::new(XdsTransport::Delta, s.xds)
+        .listener("l", &[resource(&ns, "always"), resource(&ns, "cached")]);
+    let Some(envoy) = Envoy::start(config).await else {
+        return;
+    };
+    wait_for("envoy runs the plugins", CONVERGE, || async {
+        let r = envoy.get("l", "/").await?;
+        let got = (
+            r.status,
+            r.header(CONFIG_HEADER).map(str::to_string),
+            r.header(MODULE_HEADER).map(str::to_string),
+        );
+        (got.0 == 200 && got.1.as_deref() == Some(r#"{"greeting":"hello"}"#) && got.2.is_some())
+            .then_some(())
+            .ok_or(format!("{got:?}"))
+    })
+    .await;
+
+    // A merge patch of a label is a new resourceVersion: Always pulls again, IfNotPresent not.
+    let (always_hits, cached_hits) = (modules.hits("/always.wasm"), modules.hits("/cached.wasm"));
+    let before = s.plugin(&cached).await.unwrap()["resourceVersion"].clone();
+    for name in ["always", "cached"] {
+        cluster.kubectl(&[
+            "-n",
+            &ns,
+            "patch",
+            "wasmplugin",
+            name,
+            "--type",
+            "merge",
+            "-p",
+            r#"{"metadata":{"labels":{"team":"edge"}}}"#,
+        ]);
+    }
+    wait_for("always pulled again", CONVERGE, || async {
+        (modules.hits("/always.wasm") > always_hits)
+            .then_some(())
+            .ok_or_else(|| "no request".to_string())
+    })
+    .await;
+    let after = wait_for("cached reprocessed", CONVERGE, || async {
+        let p = s.plugin(&cached).await.ok_or_else(|| "absent".to_string())?;
+        (p["resourceVersion"] != before && p["outcome"] == "cached")
+            .then_some(p.clone())
+            .ok_or(format!("{p}"))
+    })
+    .await;
+    assert_eq!(
+        modules.hits("/cached.wasm"),
+        cached_hits,
+        "IfNotPresent does not pull: {after}"
+    );
+
+    // A spec change reaches the running Envoy.
+    cluster.kubectl(&[
+        "-n",
+        &ns,
+        "patch",
+        "wasmplugin",
+        "cached",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"pluginConfig":{"greeting":"bonjour"}}}"#,
+    ]);
+    wait_for("envoy sees the new configuration", CONVERGE, || async {
+        let r = envoy.get("l", "/").await?;
+        let c = r.header(CONFIG_HEADER).map(str::to_string);
+        (c.as_deref() == Some(r#"{"greeting":"bonjour"}"#))
+            .then_some(())
+            .ok_or(format!("{c:?}"))
+    })
+    .await;
+
+    // Delete: the resource is removed from what proxies are served.
+    let channel = client::connect(s.xds).await.unwrap();
+    let names = vec![resource(&ns, "always")];
+    let mut delta = DeltaSession::open(
+        channel,
+        Api::Ecds,
+        client::delta_subscribe("t", &names, Default::default()),
+    )
+    .await
+    .unwrap();
+    let first = delta.recv().await.unwrap().unwrap();
+    assert_eq!(first.resources.len(), 1);
+    delta.send(client::delta_ack(&first)).await.unwrap();
+    cluster.kubectl(&["-n", &ns, "delete", "wasmplugin", "always"]);
+    let removed = tokio::time::timeout(CONVERGE, delta.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(removed.removed_resources, names);
+    wait_for("gone from /debug/plugins", CONVERGE, || async {
+        s.plugin(&always)
+            .await
+            .is_none()
+            .then_some(())
+            .ok_or_else(|| "still there".to_string())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_secrets_are_watched_rotated_and_filtered_by_type() {
+    let Some(cluster) = Cluster::shared() else {
+        return;
+    };
+    let Some(registry) =
+        Registry::start(RegistryOptions::plain().basic_auth("puller", "right")).await
+    else {
+        return;
+    };
+    let module = proxy_wasm_test_module_tagged("private");
+    registry
+        .push(
+            "team/filter",
+            "v1",
+            support::ImageFormat::OciCompat,
+            &module,
+        )
+        .await;
+    let ns = unique("secrets");
+    cluster.kubectl(&["create", "namespace", &ns]);
+    let spec = format!(
+        "url: oci://{}/team/filter:v1\nimagePullSecret: pull\nfailStrategy: FAIL_OPEN\n",
+        registry.host()
+    );
+    cluster.apply(&wasm_plugin(&ns, "private", &spec));
+    let s = serve(cluster, &ns, &["--insecure-registries", &registry.host()]);
+    let key = format!("{ns}/private");
+    let p = wait_outcome(&s, &key, "rejected").await;
+    assert_eq!(p["reason"], "missing_secret");
+    let o = wait_condition(cluster, &ns, "private", "Ready", |_, c| {
+        c["reason"] == "MissingSecret"
+    })
+    .await;
+    let ready = condition(&o, "Ready").unwrap();
+    assert_eq!(ready["status"], "False");
+    assert!(
+        ready["message"].as_str().unwrap().contains("allow-all"),
+        "{ready}"
+    );
+
+    // A Secret of another type with that name is not a pull secret.
+    let config = support::docker_config_json(&registry.host(), "puller", "right");
+    cluster.apply(&pull_secret(&ns, "pull", "Opaque", &config));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(s.plugin(&key).await.unwrap()["reason"], "missing_secret");
+    cluster.kubectl(&["-n", &ns, "delete", "secret", "pull"]);
+
+    // The right type with the wrong password: unauthorized; rotated to the right one: pulled.
+    let wrong = support::docker_config_json(&registry.host(), "puller", "wrong");
+    cluster.apply(&pull_secret(
+        &ns,
+        "pull",
+        "kubernetes.io/dockerconfigjson",
+        &wrong,
+    ));
+    wait_for("unauthorized", CONVERGE, || async {
+        let p = s.plugin(&key).await.ok_or_else(|| "absent".to_string())?;
+        (p["reason"] == "unauthorized")
+            .then_some(())
+            .ok_or(format!("{p}"))
+    })
+    .await;
+    cluster.apply(&pull_secret(
+        &ns,
+        "pull",
+        "kubernetes.io/dockerconfigjson",
+        &config,
+    ));
+    wait_outcome(&s, &key, "pulled").await;
+    let o = wait_condition(cluster, &ns, "private", "Ready", |_, c| {
+        c["status"] == "True"
+    })
+    .await;
+    assert!(
+        s.log().find("\"right\"").is_none() && !s.log().contains(&config),
+        "secrets never logged"
+    );
+    assert_eq!(condition(&o, "Ready").unwrap()["reason"], "Pulled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_conditions_are_written_once_per_change() {
+    let Some(cluster) = Cluster::shared() else {
+        return;
+    };
+    let ns = unique("status");
+    cluster.kubectl(&["create", "namespace", &ns]);
+    let modules = ModuleServer::start(vec![(
+        "/ok.wasm",
+        Route::Body(proxy_wasm_test_module_tagged("ok")),
+    )])
+    .await;
+    cluster.apply(&wasm_plugin(
+        &ns,
+        "good",
+        &format!("url: {}\n", modules.url("/ok.wasm")),
+    ));
+    cluster.apply(&wasm_plugin(
+        &ns,
+        "invalid",
+        &format!("url: {}\nsha256: nope\n", modules.url("/ok.wasm")),
+    ));
+    cluster.apply(&wasm_plugin(
+        &ns,
+        "missing",
+        &format!(
+            "url: {}\nfailStrategy: FAIL_CLOSE\n",
+            modules.url("/missing.wasm")
+        ),
+    ));
+    let s = serve(cluster, &ns, &["--http-request-max-retries", "1"]);
+    wait_ready(&s).await;
+
+    let good = wait_condition(cluster, &ns, "good", "Ready", |_, c| c["status"] == "True").await;
+    let accepted = condition(&good, "Accepted").unwrap();
+    let ready = condition(&good, "Ready").unwrap();
+    assert_eq!(
+        (accepted["status"].as_str(), accepted["reason"].as_str()),
+        (Some("True"), Some("Accepted"))
+    );
+    assert_eq!(ready["reason"], "Pulled");
+    let sha = s.plugin(&format!("{ns}/good")).await.unwrap()["serves"]["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(ready["message"].as_str().unwrap().contains(&sha), "{ready}");
+    assert_eq!(ready["observedGeneration"], good["metadata"]["generation"]);
+    assert!(ready["lastTransitionTime"].is_string());
+
+    let invalid = wait_condition(cluster, &ns, "invalid", "Accepted", |_, c| {
+        c["status"] == "False"
+    })
+    .await;
+    let c = condition(&invalid, "Accepted").unwrap();
+    assert_eq!(c["reason"], "Invalid");
+    assert!(
+        c["message"].as_str().unwrap().starts_with("spec.sha256: "),
+        "{c}"
+    );
+    assert_eq!(condition(&invalid, "Ready").unwrap()["status"], "False");
+
+    let missing = wait_condition(cluster, &ns, "missing", "Ready", |_, c| {
+        c["status"] == "False"
+    })
+    .await;
+    let c = condition(&missing, "Ready").unwrap();
+    assert_eq!(c["reason"], "DownloadFailure");
+    assert!(c["message"].as_str().unwrap().contains("deny-all"), "{c}");
+
+    // Nothing changes for a while (the failing plugin retries in the background with the same
+    // result): no status write reaches the API server.
+    let writes = |c: &Cluster| c.request_count("PATCH", "wasmplugins", "status");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let quiet = writes(cluster);
+    let ours = s
+        .metric("wasm_ecds_kube_status_writes{result=\"ok\"}")
+        .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        s.plugin(&format!("{ns}/missing")).await.unwrap()["lastProcessedUnixMs"]
+            .as_u64()
+            .is_some()
+    );
+    assert_eq!(
+        s.metric("wasm_ecds_kube_status_writes{result=\"ok\"}")
+            .await,
+        ours,
+        "no write without a change"
+    );
+    // (The API server's count covers every test sharing it, so only ours is compared exactly.)
+    let _ = quiet;
+
+    // A spec change: a new generation, observed once processed, in one write.
+    cluster.kubectl(&[
+        "-n",
+        &ns,
+        "patch",
+        "wasmplugin",
+        "good",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"pluginConfig":{"v":2}}}"#,
+    ]);
+    let o = wait_condition(cluster, &ns, "good", "Ready", |o, c| {
+        c["observedGeneration"] == o["metadata"]["generation"] && o["metadata"]["generation"] == 2
+    })
+    .await;
+    let c = condition(&o, "Ready").unwrap();
+    assert_eq!(
+        c["lastTransitionTime"], ready["lastTransitionTime"],
+        "status stayed True"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let per_change = s
+        .metric("wasm_ecds_kube_status_writes{result=\"ok\"}")
+        .await
+        - ours;
+    eprintln!("status writes for one spec change: {per_change}");
+    assert_eq!(per_change, 1.0);
+
+    // Fixing the invalid plugin: Accepted turns True.
+    cluster.kubectl(&[
+        "-n",
+        &ns,
+        "patch",
+        "wasmplugin",
+        "invalid",
+        "--type",
+        "json",
+        "-p",
+        r#"[{"op":"remove","path":"/spec/sha256"}]"#,
+    ]);
+    wait_condition(cluster, &ns, "invalid", "Ready", |_, c| {
+        c["status"] == "True"
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selector_namespaces_and_file_conflicts() {
+    let Some(cluster) = Cluster::shared() else {
+        return;
+    };
+    let (ns, other) = (unique("sel"), unique("other"));
+    for n in [&ns, &other] {
+        cluster.kubectl(&["create", "namespace", n]);
+    }
+    let modules = ModuleServer::start(vec![(
+        "/m.wasm",
+        Route::Body(proxy_wasm_test_module_tagged("m")),
+    )])
+    .await;
+    let url = format!("url: {}\n", modules.url("/m.wasm"));
+    let labelled = |n: &str, name: &str, rev: &str| {
+        wasm_plugin(n, name, &url).replace(
+            "metadata:\n",
+            &format!("metadata:\n  labels: {{rev: {rev}}}\n"),
+        )
+    };
+    cluster.apply(&labelled(&ns, "mine", "a"));
+    cluster.apply(&labelled(&ns, "theirs", "b"));
+    cluster.apply(&labelled(&other, "elsewhere", "a"));
+
+    // A name defined both in the plugin files and in Kubernetes at start-up: an error.
+    let files = tempfile::tempdir().unwrap();
+    std::fs::write(files.path().join("p.yaml"), labelled(&ns, "mine", "a")).unwrap();
+    let plugins_arg = files.path().to_str().unwrap().to_string();
+    let started = Serve::try_start(
+        cluster,
+        &[
+            "--namespaces",
+            &ns,
+            "--selector",
+            "rev=a",
+            "--plugins",
+            &plugins_arg,
+            "--write-status",
+            "false",
+        ],
+    );
+    let (code, log) = started.expect("starts, then stops").wait_exit(CONVERGE);
+    assert_eq!(code, Some(2), "{log}");
+    assert!(
+        log.contains(&format!(
+            "WasmPlugin {ns}/mine is defined both in the plugin files and in Kubernetes"
+        )),
+        "{log}"
+    );
+
+    // Selector and namespace: only rev=a plugins of `ns`.
+    std::fs::write(files.path().join("p.yaml"), labelled(&ns, "from-file", "a")).unwrap();
+    let s = serve(
+        cluster,
+        &ns,
+        &["--selector", "rev=a", "--plugins", &plugins_arg],
+    );
+    wait_ready(&s).await;
+    let served: Vec<String> = s.debug_plugins().await["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["plugin"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(served, [format!("{ns}/from-file"), format!("{ns}/mine")]);
+
+    // A Kubernetes plugin later taking a file plugin's name: the file keeps it, the Kubernetes
+    // object says why it is not used.
+    let file_url = s.plugin(&format!("{ns}/from-file")).await.unwrap()["url"].clone();
+    cluster.apply(&labelled(&ns, "from-file", "a").replace("m.wasm", "other.wasm"));
+    let o = wait_condition(cluster, &ns, "from-file", "Accepted", |_, c| {
+        c["reason"] == "Conflict"
+    })
+    .await;
+    assert!(condition(&o, "Accepted").unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .contains("plugin files' object"));
+    let conflicts = s.debug_plugins().await["conflicts"].clone();
+    assert_eq!(conflicts.as_array().map(Vec::len), Some(1), "{conflicts}");
+    assert_eq!(
+        s.plugin(&format!("{ns}/from-file")).await.unwrap()["url"],
+        file_url
+    );
+    assert_eq!(json!(served.len()), json!(2));
+}
