@@ -1,6 +1,7 @@
-//! Exponential backoff, the one mechanism behind both kinds of waiting for another try
-//! (behavior.md §4.1, §7): the retries of one request inside a pull ([`FETCH`]) and the background
-//! retries of a rejected plugin ([`BACKGROUND_RETRY`]).
+//! Exponential backoff, the one mechanism behind every wait for another try (behavior.md §4.1,
+//! §7): the retries of one request inside a pull ([`FETCH`]), the background retries of a
+//! rejected plugin and of a status write ([`BACKGROUND_RETRY`]), and the reconnects of the
+//! Kubernetes watches ([`WATCH`]).
 //!
 //! Jitter is optional and seeded, so the simulator is reproducible.
 
@@ -32,6 +33,15 @@ pub const BACKGROUND_RETRY: BackoffPolicy = BackoffPolicy {
     max: Duration::from_secs(5 * 60),
 };
 
+/// Between the reconnects of a Kubernetes watch (API server restarts, lost connections): 500 ms,
+/// doubling, at most 5 s, so serving catches up with the cluster soon after an outage (one list
+/// per watch every 5 s at worst is nothing to an API server).
+pub const WATCH: BackoffPolicy = BackoffPolicy {
+    initial: Duration::from_millis(500),
+    factor: 2.0,
+    max: Duration::from_secs(5),
+};
+
 /// A running backoff sequence; [`Backoff::next_delay`] gives the next wait.
 #[derive(Clone, Debug)]
 pub struct Backoff {
@@ -48,6 +58,11 @@ impl Backoff {
             next: policy.initial,
             rng: jitter_seed.map(fastrand::Rng::with_seed),
         }
+    }
+
+    /// Starts the sequence again from `initial` (after a success).
+    pub fn reset(&mut self) {
+        self.next = self.policy.initial;
     }
 
     pub fn next_delay(&mut self) -> Duration {

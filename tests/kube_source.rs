@@ -40,7 +40,10 @@ fn serve(cluster: &Cluster, ns: &str, extra: &[&str]) -> Serve {
 
 async fn wait_ready(s: &Serve) {
     wait_for("/readyz", CONVERGE, || async {
-        s.ready().await.then_some(()).ok_or_else(|| "not ready".to_string())
+        s.ready()
+            .await
+            .then_some(())
+            .ok_or_else(|| "not ready".to_string())
     })
     .await;
 }
@@ -151,7 +154,10 @@ async fn applied_patched_and_deleted_plugins_reach_envoy() {
     })
     .await;
     let after = wait_for("cached reprocessed", CONVERGE, || async {
-        let p = s.plugin(&cached).await.ok_or_else(|| "absent".to_string())?;
+        let p = s
+            .plugin(&cached)
+            .await
+            .ok_or_else(|| "absent".to_string())?;
         (p["resourceVersion"] != before && p["outcome"] == "cached")
             .then_some(p.clone())
             .ok_or(format!("{p}"))

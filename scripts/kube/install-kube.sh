@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# install-kube.sh — provide etcd + kube-apiserver for the Kubernetes-source tests (work in progress:
-# not run by scripts/test.sh yet),
+# install-kube.sh — provide etcd, etcdctl, kubectl and kube-apiserver for the Kubernetes-source
+# tests (scripts/test.sh runs it),
 # using ONLY Debian bookworm packages (no GitHub downloads, no Go module proxy).
 #
 #   etcd           : Debian binary package etcd-server (3.4.23)
@@ -23,7 +23,7 @@ log() { echo "[install-kube] $*" >&2; }
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 
 need_pkgs=()
-for p in etcd-server golang-go golang-github-modern-go-reflect2-dev make rsync jq dpkg-dev openssl curl; do
+for p in etcd-server etcd-client golang-go golang-github-modern-go-reflect2-dev make rsync jq dpkg-dev openssl curl; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
@@ -34,11 +34,11 @@ fi
 
 mkdir -p "$BIN"
 ln -sf /usr/bin/etcd "$BIN/etcd"
-ln -sf /usr/bin/etcdctl "$BIN/etcdctl" 2>/dev/null || true
+ln -sf /usr/bin/etcdctl "$BIN/etcdctl"
 
 # kubectl 1.20.2 from Debian's kubernetes-client .deb, unpacked into the cache (not installed, so it
-# never clashes with another /usr/bin/kubectl). Optional: tests can use kube-rs alone.
-if [ "${WITH_KUBECTL:-1}" = 1 ] && ! [ -x "$BIN/kubectl" ]; then
+# never clashes with another /usr/bin/kubectl). The tests apply manifests and patch with it.
+if ! [ -x "$BIN/kubectl" ]; then
   tmp=$(mktemp -d); chmod 755 "$tmp"
   ( cd "$tmp" && apt-get download kubernetes-client >&2 && dpkg-deb -x kubernetes-client_*.deb x ) \
     && install -m 0755 "$tmp/x/usr/bin/kubectl" "$BIN/kubectl" || log "warning: no Debian kubectl"

@@ -6,17 +6,18 @@
 #   system:serviceaccount:wasm-ecds:wasm-ecds, which can do only what RBAC grants it) and
 #   STATE_DIR/env (KUBECONFIG=..., API_PORT=..., ETCD_PORT=...).
 # stop: kills the PIDs it recorded.
-# stop-apiserver / start-apiserver: stop or start the API server alone, on the same port (etcd
-#   keeps the data): an outage the watches must survive.
+# stop-apiserver / start-apiserver: kill (SIGKILL) or start the API server alone, on the same port
+#   (etcd keeps the data): an outage the watches must survive.
 set -euo pipefail
 STATE=${1:?state dir}; CMD=${2:-start}
 KUBE_BIN=${KUBE_BIN:-${KUBE_CACHE:-/var/cache/wasm-ecds/kube}/bin}
 mkdir -p "$STATE"; STATE=$(cd "$STATE" && pwd)
 P="$STATE/pki"
 
-stop_pids() {
+stop_pids() {  # SIGNAL NAME...
+  local sig=$1; shift
   for p in "$@"; do
-    [ -f "$STATE/$p.pid" ] && kill "$(cat "$STATE/$p.pid")" 2>/dev/null || true
+    [ -f "$STATE/$p.pid" ] && kill "-$sig" "$(cat "$STATE/$p.pid")" 2>/dev/null || true
   done
   for p in "$@"; do
     [ -f "$STATE/$p.pid" ] || continue
@@ -51,8 +52,9 @@ start_apiserver() {
 }
 
 case "$CMD" in
-  stop) stop_pids apiserver etcd; exit 0 ;;
-  stop-apiserver) stop_pids apiserver; exit 0 ;;
+  stop) stop_pids TERM apiserver etcd; exit 0 ;;
+  # A crash, not a graceful shutdown: connections just break.
+  stop-apiserver) stop_pids KILL apiserver; exit 0 ;;
   start-apiserver)
     # shellcheck disable=SC1091
     . "$STATE/env"; start_apiserver; exit 0 ;;

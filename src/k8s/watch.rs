@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::{KubeOptions, KubeSeries};
+use crate::backoff::{Backoff, WATCH};
 use crate::plugin::secret::DOCKER_CONFIG_JSON_TYPE;
 use crate::plugin::ObjectKey;
 
@@ -157,7 +158,7 @@ pub fn spawn(
         .enumerate()
         .map(|(i, api)| {
             watcher::watcher(api, config.clone())
-                .default_backoff()
+                .backoff(WatchBackoff::new())
                 .map(move |r| Input::Plugins(i, r.map(event_json)))
                 .boxed()
         })
@@ -297,7 +298,9 @@ impl Watches {
             let tx = tx.clone();
             let name = ns.clone();
             let task = tokio::spawn(async move {
-                let mut events = watcher::watcher(api, config).default_backoff().boxed();
+                let mut events = (watcher::watcher(api, config))
+                    .backoff(WatchBackoff::new())
+                    .boxed();
                 while let Some(r) = events.next().await {
                     let input = Input::Secrets(name.clone(), r.map(event_json));
                     if tx.send(input).await.is_err() {
@@ -342,6 +345,30 @@ impl Watches {
             s.secrets.insert(k.clone(), admission_view(v));
         }
         s
+    }
+}
+
+/// The crate's one backoff ([`crate::backoff::WATCH`], jittered) as kube-runtime's watch backoff;
+/// kube resets it after every successful event.
+struct WatchBackoff(Backoff);
+
+impl WatchBackoff {
+    fn new() -> Self {
+        WatchBackoff(Backoff::new(WATCH, Some(fastrand::u64(..))))
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        Some(self.0.next_delay())
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.0.reset();
     }
 }
 

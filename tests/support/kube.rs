@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -85,13 +85,14 @@ impl Cluster {
                 cluster.state.path().display(),
                 pid = std::process::id()
             );
-            Command::new("sh")
+            let mut watchdog = Command::new("sh")
                 .args(["-c", &script])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("watchdog");
+            std::thread::spawn(move || watchdog.wait());
         }
         cluster.kubectl(&["create", "namespace", "wasm-ecds"]);
         cluster.kubectl(&[
@@ -333,13 +334,13 @@ impl Serve {
 
     /// Waits for the process to exit (it must, e.g. on a start-up error); its status and log.
     pub fn wait_exit(mut self, timeout: Duration) -> (Option<i32>, String) {
-        let start = Instant::now();
-        while start.elapsed() < timeout {
+        let step = Duration::from_millis(50);
+        for _ in 0..(timeout.as_millis() / step.as_millis()) {
             if let Ok(Some(status)) = self.child.try_wait() {
                 std::thread::sleep(Duration::from_millis(100));
                 return (status.code(), self.log());
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(step);
         }
         (None, self.log())
     }
