@@ -207,6 +207,51 @@ impl Cluster {
             .sum::<f64>() as u64
     }
 
+    /// A kube-rs client with the admin identity.
+    pub async fn admin_client(&self) -> kube::Client {
+        let options = wasm_ecds::k8s::KubeOptions {
+            kubeconfig: Some(self.admin_kubeconfig()),
+            namespaces: Vec::new(),
+            selector: None,
+            write_status: false,
+            lease: Default::default(),
+        };
+        wasm_ecds::k8s::client(&options)
+            .await
+            .expect("admin client")
+    }
+
+    /// Counts, from now on, the writes the API server applies to one WasmPlugin (its `MODIFIED`
+    /// watch events): the API server's own account, independent of what wasm-ecds reports.
+    pub async fn count_writes(&self, namespace: &str, name: &str) -> WriteCounter {
+        use futures_util::StreamExt as _;
+        use kube::api::{Api, DynamicObject, WatchEvent, WatchParams};
+        let api: Api<DynamicObject> = Api::namespaced_with(
+            self.admin_client().await,
+            namespace,
+            &wasm_ecds::k8s::wasmplugin_resource(),
+        );
+        let rv = api
+            .get(name)
+            .await
+            .expect("object")
+            .metadata
+            .resource_version
+            .expect("rv");
+        let params = WatchParams::default().fields(&format!("metadata.name={name}"));
+        let mut events = api.watch(&params, &rv).await.expect("watch").boxed();
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = count.clone();
+        let task = tokio::spawn(async move {
+            while let Some(Ok(event)) = events.next().await {
+                if let WatchEvent::Modified(_) = event {
+                    seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        });
+        WriteCounter { count, task }
+    }
+
     /// Stops the API server alone (etcd keeps running).
     pub fn stop_apiserver(&self) {
         self.script("stop-apiserver");
@@ -241,6 +286,24 @@ impl Drop for Cluster {
         if !self.shared {
             self.script("stop");
         }
+    }
+}
+
+/// Writes seen by [`Cluster::count_writes`].
+pub struct WriteCounter {
+    count: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl WriteCounter {
+    pub fn get(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for WriteCounter {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
