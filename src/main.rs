@@ -7,9 +7,10 @@ use wasm_ecds::cli::{bootstrap, inspect, Cli, Command};
 fn main() {
     let cli = Cli::parse_args();
     // `serve` logs at info by default; the offline commands report through their own output and
-    // stay quiet unless RUST_LOG asks for logs.
+    // stay quiet unless RUST_LOG asks for logs. The Kubernetes client logs every failed attempt of
+    // a watch at error level; the source logs each distinct watch error once itself.
     let default_level = if matches!(cli.command, Command::Serve(_)) {
-        "info"
+        "info,kube_client=off,kube_runtime=warn"
     } else {
         "off"
     };

@@ -169,7 +169,7 @@ pub fn spawn(
         plugins: (0..streams.len()).map(|_| Listing::default()).collect(),
         secrets: BTreeMap::new(),
         tx,
-        last_error: None,
+        last_error: BTreeMap::new(),
     };
     (rx, tokio::spawn(watches.run(stream::select_all(streams))))
 }
@@ -205,8 +205,8 @@ struct Watches {
     plugins: Vec<Listing>,
     secrets: BTreeMap<String, SecretWatch>,
     tx: watch::Sender<Option<Arc<Snapshot>>>,
-    /// The last watch error logged (the same error repeating is logged once).
-    last_error: Option<String>,
+    /// The last error logged per watch (the same error repeating is logged once).
+    last_error: BTreeMap<String, String>,
 }
 
 impl Watches {
@@ -252,30 +252,29 @@ impl Watches {
 
     /// Applies one input; true when objects changed.
     fn handle(&mut self, input: Input) -> bool {
-        let (listing, result, what) = match input {
-            Input::Plugins(i, r) => (self.plugins.get_mut(i), r, "wasmplugins"),
-            Input::Secrets(ns, r) => (
-                self.secrets.get_mut(&ns).map(|s| &mut s.listing),
-                r,
-                "secrets",
-            ),
+        let (listing, result, watch) = match input {
+            Input::Plugins(i, r) => (self.plugins.get_mut(i), r, format!("wasmplugins#{i}")),
+            Input::Secrets(ns, r) => {
+                let l = self.secrets.get_mut(&ns).map(|s| &mut s.listing);
+                (l, r, format!("secrets in {ns}"))
+            }
         };
         match result {
             Ok(event) => {
-                if what == "wasmplugins" && matches!(event, Event::InitDone) {
+                if watch.starts_with("wasmplugins") && matches!(event, Event::InitDone) {
                     self.series.relists.inc();
                 }
-                if self.last_error.take().is_some() {
-                    tracing::info!("Kubernetes watch recovered");
+                if self.last_error.remove(&watch).is_some() {
+                    tracing::info!(watch = %watch, "Kubernetes watch recovered");
                 }
                 listing.is_some_and(|l| l.apply(event))
             }
             Err(e) => {
                 self.series.watch_errors.inc();
-                let message = format!("watching {what}: {e}");
-                if self.last_error.as_deref() != Some(message.as_str()) {
-                    tracing::warn!(error = %message, "Kubernetes watch failed; retrying with backoff, serving the last known objects");
-                    self.last_error = Some(message);
+                let message = e.to_string();
+                if self.last_error.get(&watch) != Some(&message) {
+                    tracing::warn!(watch = %watch, error = %message, "Kubernetes watch failed; retrying with backoff, serving the last known objects");
+                    self.last_error.insert(watch, message);
                 }
                 false
             }
@@ -288,6 +287,10 @@ impl Watches {
             .flat_map(|l| l.objects.keys().map(|k| k.namespace.clone()))
             .collect();
         self.secrets.retain(|ns, _| wanted.contains(ns));
+        (self.last_error).retain(|w, _| {
+            w.strip_prefix("secrets in ")
+                .is_none_or(|ns| wanted.contains(ns))
+        });
         for ns in wanted {
             if self.secrets.contains_key(&ns) {
                 continue;
