@@ -265,5 +265,47 @@ async fn two_replicas_serve_and_one_writes_status() {
         replicas[follower].metric(ok).await >= 1.0,
         "the new leader wrote it"
     );
+
+    // Someone else takes the Lease: status writes stop, though the plugin changes.
+    let now = humantime::format_rfc3339_micros(std::time::SystemTime::now());
+    let steal = format!(
+        r#"{{"spec":{{"holderIdentity":"intruder","renewTime":"{now}","leaseDurationSeconds":3600}}}}"#
+    );
+    cluster.kubectl(&[
+        "-n",
+        "wasm-ecds",
+        "patch",
+        "lease",
+        "wasm-ecds",
+        "--type",
+        "merge",
+        "-p",
+        &steal,
+    ]);
+    wait_for("leadership lost", CONVERGE, || async {
+        let l = replicas[follower].metric("wasm_ecds_kube_leader").await;
+        (l == 0.0).then_some(()).ok_or(format!("{l}"))
+    })
+    .await;
+    let writes = replicas[follower].metric(ok).await;
+    cluster.kubectl(&[
+        "-n",
+        &ns,
+        "patch",
+        "wasmplugin",
+        "p",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"pluginConfig":{"v":3}}}"#,
+    ]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let o = cluster.get(&ns, "wasmplugin", "p");
+    assert_eq!(
+        condition(&o, "Ready").unwrap()["observedGeneration"],
+        2,
+        "not written"
+    );
+    assert_eq!(replicas[follower].metric(ok).await, writes);
     replicas.clear();
 }

@@ -90,3 +90,54 @@ pub fn spawn(
     });
     (rx, task)
 }
+
+/// The status writer's own check, before it writes, that this replica still holds the Lease as
+/// the API server has it: the holder is this identity and `renewTime + leaseDurationSeconds` is
+/// still ahead. The election above keeps saying "leading" while it merely fails to renew (a
+/// partition), so without this check a cut-off leader would go on writing; with it, writes stop at
+/// the latest when the Lease expires. A confirmation is trusted for at most a second.
+pub struct LeaseGuard {
+    api: kube::Api<k8s_openapi::api::coordination::v1::Lease>,
+    name: String,
+    identity: String,
+    confirmed_until: Option<tokio::time::Instant>,
+}
+
+impl LeaseGuard {
+    pub fn new(client: kube::Client, options: &LeaseOptions) -> LeaseGuard {
+        let namespace =
+            (options.namespace.clone()).unwrap_or_else(|| client.default_namespace().to_string());
+        LeaseGuard {
+            api: kube::Api::namespaced(client, &namespace),
+            name: options.name.clone(),
+            identity: options.identity.clone(),
+            confirmed_until: None,
+        }
+    }
+
+    pub async fn holds(&mut self) -> bool {
+        use crate::clock::Clock as _;
+        let now = tokio::time::Instant::now();
+        if self.confirmed_until.is_some_and(|t| t > now) {
+            return true;
+        }
+        self.confirmed_until = None;
+        let Ok(lease) = self.api.get(&self.name).await else {
+            return false;
+        };
+        let spec = lease.spec.unwrap_or_default();
+        let (Some(renewed), Some(secs)) = (spec.renew_time, spec.lease_duration_seconds) else {
+            return false;
+        };
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return false;
+        }
+        let expires = renewed.0.as_millisecond() + i64::from(secs) * 1000;
+        let left = expires - crate::clock::SystemClock.now().as_millis() as i64;
+        if left <= 0 {
+            return false;
+        }
+        self.confirmed_until = Some(now + std::time::Duration::from_millis(left.min(1000) as u64));
+        true
+    }
+}

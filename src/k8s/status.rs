@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::leader::LeaseGuard;
 use super::{KubeSeries, Snapshot};
 use crate::backoff::{Backoff, BACKGROUND_RETRY};
 use crate::clock::Clock as _;
@@ -221,6 +222,7 @@ struct Hold {
 /// Starts the status writer.
 pub fn spawn_writer(
     client: kube::Client,
+    guard: LeaseGuard,
     series: KubeSeries,
     desired: watch::Receiver<Desired>,
     snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
@@ -229,6 +231,7 @@ pub fn spawn_writer(
     tokio::spawn(
         Writer {
             client,
+            guard,
             series,
             written: BTreeMap::new(),
             holds: BTreeMap::new(),
@@ -240,6 +243,7 @@ pub fn spawn_writer(
 
 struct Writer {
     client: kube::Client,
+    guard: LeaseGuard,
     series: KubeSeries,
     /// What was last written per plugin, and the resource version the write produced: until the
     /// watch shows a newer object, it is not written again.
@@ -305,9 +309,13 @@ impl Writer {
                     continue;
                 }
             }
-            // Lost the Lease meanwhile: stop at once.
+            // Lost the Lease meanwhile: stop at once. Not confirmed by the API server: look again
+            // in a second.
             if !*leader.borrow() {
                 return None;
+            }
+            if !self.guard.holds().await {
+                return Some(Instant::now() + Duration::from_secs(1));
             }
             tokio::time::sleep_until(self.next_write).await;
             self.next_write = Instant::now() + Duration::from_secs(1) / WRITES_PER_SECOND;

@@ -236,7 +236,8 @@ async fn start_kube(
         );
         tasks.push(lease_task);
         let (tx, rx) = tokio::sync::watch::channel(status::Desired::default());
-        let writer = status::spawn_writer(client, series, rx, snapshots.clone(), leading);
+        let guard = k8s::leader::LeaseGuard::new(client.clone(), &options.lease);
+        let writer = status::spawn_writer(client, guard, series, rx, snapshots.clone(), leading);
         tasks.push(stop_on_shutdown(writer, shutdown));
         statuses = Some(tx);
     }
