@@ -267,6 +267,7 @@ async fn two_replicas_serve_and_one_writes_status() {
     );
 
     // Someone else takes the Lease: status writes stop, though the plugin changes.
+    #[allow(clippy::disallowed_methods)] // a timestamp for the API server, not for logic
     let now = humantime::format_rfc3339_micros(std::time::SystemTime::now());
     let steal = format!(
         r#"{{"spec":{{"holderIdentity":"intruder","renewTime":"{now}","leaseDurationSeconds":3600}}}}"#
