@@ -410,8 +410,13 @@ impl Driver {
     }
 
     /// Handles the next event (a finished job or a deadline): `serve`'s loop, beside its commands.
+    /// Returns as soon as something was handled — also work that finished while the caller was
+    /// busy elsewhere (this future is dropped whenever a command wins the caller's `select!`), so
+    /// the caller sees every change and publishes what it derives from the driver's state.
     pub async fn next(&mut self) {
-        self.run_ready();
+        if self.run_ready() > 0 {
+            return;
+        }
         self.wait_next(None).await;
     }
 

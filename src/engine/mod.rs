@@ -217,6 +217,7 @@ impl Engine {
                         last_processed: None,
                         last_pull: None,
                         pulled_version: None,
+                        processed_version: None,
                         referenced: None,
                         retry: None,
                         retry_backoff: Backoff::new(BACKGROUND_RETRY, None),

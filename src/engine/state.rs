@@ -86,6 +86,9 @@ pub struct PluginState {
     pub last_pull: Option<Timestamp>,
     /// The resource version of the last successful pull (Always bookkeeping, behavior.md §2).
     pub pulled_version: Option<u64>,
+    /// The resource version the last finished processing was for: `version` once the current
+    /// version has an outcome (`last_outcome` may still be the previous version's before).
+    pub processed_version: Option<u64>,
     /// The cached module this plugin resolves to, which it protects from expiry (behavior.md §5):
     /// the module it serves, or — after a failure that made it fall back — the module its URL
     /// (or pin) still resolves to in the cache.

@@ -133,7 +133,7 @@ pub fn desired(
         });
     }
     let (vp, st) = (stored?, state?);
-    if st.version != vp.version {
+    if st.version != vp.version || st.processed_version != Some(vp.version) {
         return None;
     }
     Some(PluginStatus {

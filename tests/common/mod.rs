@@ -90,6 +90,11 @@ impl Harness {
         }
     }
 
+    /// The runtime and the driver, for tests that drive the loop step by step.
+    pub fn parts(&mut self) -> (&tokio::runtime::Runtime, &mut Driver) {
+        (&self.rt, &mut self.driver)
+    }
+
     /// The virtual time (read inside the runtime: outside it tokio's clock is the real one).
     pub fn now(&self) -> Timestamp {
         let _context = self.rt.enter();
