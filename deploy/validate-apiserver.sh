@@ -113,7 +113,7 @@ wait_for 10 "the module server" curl -sf "http://127.0.0.1:$MODULE_PORT/module.w
 admin -n apps patch wasmplugin hello --type merge \
     -p "{\"spec\":{\"url\":\"http://127.0.0.1:$MODULE_PORT/module.wasm\"}}"
 pulled() { [[ "$(ready_reason)" == Pulled ]]; }
-# Known to fail now and then (3 of 59 runs here): the status keeps the previous outcome, stamped
+# Known to fail now and then (3 of 61 runs here): the status keeps the previous outcome, stamped
 # with the new generation (deploy/README.md, "What was tested").
 wait_for 60 "READY True, REASON Pulled" pulled
 admin get wasmplugins -A
