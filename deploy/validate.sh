@@ -1,36 +1,151 @@
 #!/usr/bin/env bash
-# Offline checks of deploy/ (no cluster needed): renders the kustomization, extracts the Envoy
-# bootstraps and the WasmPlugins from their ConfigMaps, runs `envoy --mode validate` on each
-# bootstrap and `wasm-ecds check` on the plugins. It does NOT prove the manifests work on a cluster.
-# Needs: kubectl (for kustomize), python3 with PyYAML, Envoy (ENVOY_BIN or .tools/), cargo.
+# deploy/validate.sh [--apiserver] [--write-bootstraps]
+#
+# Checks of deploy/ and deploy/files/ without a cluster:
+#  - both kustomizations render (`kubectl kustomize`; KUBECTL picks the kubectl, default `kubectl`);
+#  - every namespaced object names its namespace (deploy/ sets no kustomize `namespace:`);
+#  - the two Envoy bootstraps are what `wasm-ecds bootstrap --full` prints today (same commands as
+#    in the comments of envoy-gateway.yaml and files/envoy-sidecar.yaml; --write-bootstraps
+#    rewrites the files instead), every ECDS filter they name is a plugin of the same rendering,
+#    and `envoy --mode validate` accepts them as rendered into their ConfigMaps;
+#  - `wasm-ecds check` accepts every WasmPlugin: the objects, and the files of the files example.
+# With --apiserver, also against a real etcd + kube-apiserver (scripts/kube/, 1.20):
+#  - server-side dry-run, then a real apply, of everything rendered (the WasmPlugins after the CRD
+#    is Established); Deployments get no pods: there is no scheduler or kubelet;
+#  - the RBAC of rbac.yaml, as the wasm-ecds ServiceAccount's user (`kubectl auth can-i`);
+#  - two `wasm-ecds serve --source kubernetes` replicas on this host with that user: one holds the
+#    Lease and writes the demo plugin's status (first DownloadFailure: the module server's cluster
+#    DNS name does not resolve here); with the URL patched to a module server on this host, Pulled;
+#    after `kubectl label`, Revalidated, with a 304 for each replica (Always); the holder stops
+#    and the other replica takes the Lease.
+# It does NOT prove the manifests work on a cluster: no image is built and no pod runs.
+# Needs: kubectl, python3 with PyYAML, Envoy (ENVOY_BIN or .tools/, scripts/install-test-deps.sh),
+# cargo; for --apiserver, scripts/kube/install-kube.sh (cached) and curl. KEEP_OUT=1 keeps the
+# work directory (renderings, serve logs); SERVE_LOG is the serve processes' RUST_LOG.
 set -euo pipefail
 exec </dev/null
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+APISERVER=0 WRITE=0
+for a in "$@"; do
+    case "$a" in
+        --apiserver) APISERVER=1 ;;
+        --write-bootstraps) WRITE=1 ;;
+        *) echo "usage: deploy/validate.sh [--apiserver] [--write-bootstraps]" >&2; exit 2 ;;
+    esac
+done
+KUBECTL="${KUBECTL:-kubectl}"
 ENVOY="${ENVOY_BIN:-}"
 if [[ -z "$ENVOY" && -x .tools/envoy/envoy/_bin/envoy ]]; then ENVOY="$PWD/.tools/envoy/envoy/_bin/envoy"; fi
 if [[ -z "$ENVOY" ]]; then ENVOY="$(command -v envoy || true)"; fi
-[[ -x "$ENVOY" ]] || { echo "error: no Envoy: set ENVOY_BIN" >&2; exit 2; }
+[[ -x "$ENVOY" ]] || { echo "error: no Envoy: set ENVOY_BIN (scripts/install-test-deps.sh)" >&2; exit 2; }
 OUT="$(mktemp -d)"
-trap 'rm -rf "$OUT"' EXIT
+PIDS=() STATE=""
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    if [[ -n "$STATE" ]]; then bash scripts/kube/start-kube.sh "$STATE" stop || true; fi
+    if [[ "${KEEP_OUT:-0}" == 1 ]]; then echo "kept $OUT"; else rm -rf "$OUT"; fi
+}
+trap cleanup EXIT
+step() { printf '== %s\n' "$*"; }
 
-kubectl kustomize deploy/ >"$OUT/rendered.yaml"
+cargo build --quiet --bin wasm-ecds
+WASM_ECDS="${CARGO_TARGET_DIR:-target}/debug/wasm-ecds"
+
+step "bootstraps as printed by wasm-ecds bootstrap"
+gen_gateway() {
+    "$WASM_ECDS" bootstrap --full --plugins deploy/plugins.yaml \
+        --namespace apps --labels app=envoy-gateway --node-id envoy-gateway \
+        --xds-address wasm-ecds.wasm-ecds.svc.cluster.local:18000 \
+        --delivery http --admin-address wasm-ecds.wasm-ecds.svc.cluster.local:15020 \
+        --upstream backend.apps.svc.cluster.local:8080
+}
+gen_sidecar() {
+    "$WASM_ECDS" bootstrap --full --plugins deploy/files/hello.yaml \
+        --namespace wasm-ecds --labels app=envoy-sidecar --node-id envoy-sidecar --delta \
+        --upstream backend.apps.svc.cluster.local:8080
+}
+for pair in gateway:deploy/envoy-gateway.bootstrap.yaml sidecar:deploy/files/envoy-sidecar.bootstrap.yaml; do
+    gen="gen_${pair%%:*}" file="${pair#*:}"
+    if [[ "$WRITE" == 1 ]]; then "$gen" >"$file"; echo "wrote $file"; continue; fi
+    "$gen" >"$OUT/generated.yaml"
+    diff -u "$file" "$OUT/generated.yaml" || {
+        echo "error: $file is not what wasm-ecds bootstrap prints now (deploy/validate.sh --write-bootstraps)" >&2
+        exit 1
+    }
+    echo "$file: up to date"
+done
+
+step "render ($("$KUBECTL" version --client 2>/dev/null | head -1))"
+"$KUBECTL" kustomize deploy/ >"$OUT/deploy.yaml"
+"$KUBECTL" kustomize deploy/files/ >"$OUT/files.yaml"
 python3 - "$OUT" <<'PY'
 import os, sys, yaml
 out = sys.argv[1]
-for doc in yaml.safe_load_all(open(os.path.join(out, "rendered.yaml"))):
-    if not doc or doc.get("kind") != "ConfigMap":
-        continue
-    name = doc["metadata"]["name"]
-    for key, text in (doc.get("data") or {}).items():
-        kind = "envoy" if key == "bootstrap.yaml" else "plugins"
-        path = os.path.join(out, kind, f"{name}-{key}")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        open(path, "w").write(text)
-        print(f"extracted {kind}: {name}/{key}")
+CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
+PREFIX = "extensions.istio.io/wasmplugin/"
+errors = []
+os.makedirs(os.path.join(out, "plugins"))
+os.makedirs(os.path.join(out, "envoy"))
+
+def ecds_filters(node):
+    """Names of the filters with config_discovery anywhere in a bootstrap."""
+    if isinstance(node, dict):
+        if "config_discovery" in node and "name" in node:
+            yield node["name"]
+        for v in node.values():
+            yield from ecds_filters(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from ecds_filters(v)
+
+for rendering in ("deploy", "files"):
+    docs = [d for d in yaml.safe_load_all(open(os.path.join(out, rendering + ".yaml"))) if d]
+    plugins, bootstraps = set(), {}
+    for doc in docs:
+        kind, meta = doc["kind"], doc["metadata"]
+        what = f"{rendering}: {kind} {meta.get('namespace', '-')}/{meta['name']}"
+        if kind not in CLUSTER_SCOPED and not meta.get("namespace"):
+            errors.append(f"{what}: no metadata.namespace")
+        if kind == "WasmPlugin":
+            plugins.add(f"{meta['namespace']}.{meta['name']}")
+            path = os.path.join(out, "plugins", f"{meta['namespace']}.{meta['name']}.yaml")
+            yaml.safe_dump(doc, open(path, "w"))
+            print(f"{what}: WasmPlugin object")
+        for key, text in (doc.get("data") or {}).items() if kind == "ConfigMap" else ():
+            if key == "bootstrap.yaml":
+                bootstraps[meta["name"]] = yaml.safe_load(text)
+                open(os.path.join(out, "envoy", f"{rendering}-{meta['name']}.yaml"), "w").write(text)
+                print(f"{what}: Envoy bootstrap")
+                continue
+            for p in yaml.safe_load_all(text):
+                if isinstance(p, dict) and p.get("kind") == "WasmPlugin":
+                    m = p["metadata"]
+                    plugins.add(f"{m['namespace']}.{m['name']}")
+                    open(os.path.join(out, "plugins", f"{rendering}-{meta['name']}-{key}"), "w").write(text)
+                    print(f"{what}: plugin file {key}")
+    for name, bootstrap in bootstraps.items():
+        for f in ecds_filters(bootstrap):
+            if not f.startswith(PREFIX) or f[len(PREFIX):] not in plugins:
+                errors.append(f"{rendering}: bootstrap {name}: filter {f} is no served plugin of {sorted(plugins)}")
+            else:
+                print(f"{rendering}: bootstrap {name}: filter {f} -> a plugin of this rendering")
+for e in errors:
+    print("error:", e, file=sys.stderr)
+sys.exit(1 if errors else 0)
 PY
+
+step "envoy --mode validate ($("$ENVOY" --version | grep -o 'version: [^ ]*' | head -1))"
 for f in "$OUT"/envoy/*.yaml; do
-    echo "envoy --mode validate $(basename "$f")"
-    "$ENVOY" --mode validate -c "$f" --disable-hot-restart -l error
+    "$ENVOY" --mode validate -c "$f" --disable-hot-restart -l error >/dev/null
+    echo "$(basename "$f"): valid"
 done
-cargo run --quiet --bin wasm-ecds -- check "$OUT"/plugins/
-echo "deploy/: rendered, bootstraps valid, plugins valid (not tested on a cluster)"
+
+step "wasm-ecds check"
+"$WASM_ECDS" check "$OUT"/plugins/
+for f in "$OUT"/plugins/*; do echo "$(basename "$f"): valid"; done
+
+if [[ "$APISERVER" == 1 ]]; then
+    # shellcheck source=deploy/validate-apiserver.sh
+    . deploy/validate-apiserver.sh
+fi
+echo "deploy/: all checks passed$([[ "$APISERVER" == 1 ]] && echo ", including the API server ones") (not run on a cluster)"
