@@ -18,10 +18,13 @@ export ENVOY_BIN="${ENVOY_BIN:-$PWD/.tools/envoy/envoy/_bin/envoy}"
 
 # The kube-apiserver build (about 4.5 min cold, under a second cached) runs beside the Rust
 # builds below, which leave a core idle for part of their time; the tests wait for it.
-log="$(mktemp)"; kube_log="$(mktemp)"
+# Logs live in the target directory: the clone's own, where no one else cleans up.
+logs="${CARGO_TARGET_DIR:-target}/test-logs"
+mkdir -p "$logs"
+log="$logs/cargo-test.log"; kube_log="$logs/install-kube.log"
 bash scripts/kube/install-kube.sh >"$kube_log" 2>&1 &
 kube_pid=$!
-trap 'kill "$kube_pid" 2>/dev/null || true; rm -f "$log" "$kube_log"' EXIT
+trap 'kill "$kube_pid" 2>/dev/null || true' EXIT
 
 # Build sharing (2 cores): clippy needs its own check build of the dependencies, but everything
 # else — library, binary, tests, benches, examples — comes from ONE `cargo test --all-targets`
