@@ -10,36 +10,10 @@ use std::time::Duration;
 
 use support::envoy::wait_for;
 use support::faults::{ModuleServer, Route};
-use support::kube::{condition, unique, wasm_plugin, Cluster, Serve};
+use support::kube::{condition, resource, unique, wasm_plugin, Cluster, Serve, CONVERGE};
 use support::proxy_wasm_test_module_tagged;
 use wasm_ecds::xds::client::{self, DeltaSession, SotwSession};
 use wasm_ecds::xds::Api;
-
-const CONVERGE: Duration = Duration::from_secs(40);
-
-fn resource(ns: &str, name: &str) -> String {
-    format!("extensions.istio.io/wasmplugin/{ns}.{name}")
-}
-
-async fn wait_ready(s: &Serve) {
-    wait_for("/readyz", CONVERGE, || async {
-        s.ready()
-            .await
-            .then_some(())
-            .ok_or_else(|| "not ready".to_string())
-    })
-    .await;
-}
-
-async fn wait_pulled(s: &Serve, key: &str) {
-    wait_for(&format!("{key} pulled"), CONVERGE, || async {
-        let p = s.plugin(key).await.ok_or("absent")?;
-        (p["outcome"] == "pulled")
-            .then_some(())
-            .ok_or(format!("{p}"))
-    })
-    .await;
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_apiserver_restart_relists_without_flapping() {
@@ -61,9 +35,9 @@ async fn an_apiserver_restart_relists_without_flapping() {
         cluster.apply(&wasm_plugin(&ns, name, &spec));
     }
     let s = Serve::start(&cluster, &["--namespaces", &ns, "--lease-duration", "3s"]);
-    wait_ready(&s).await;
-    wait_pulled(&s, &format!("{ns}/a")).await;
-    wait_pulled(&s, &format!("{ns}/b")).await;
+    s.wait_ready().await;
+    s.wait_outcome(&format!("{ns}/a"), "pulled").await;
+    s.wait_outcome(&format!("{ns}/b"), "pulled").await;
     let names = vec![resource(&ns, "a"), resource(&ns, "b")];
     let channel = client::connect(s.xds).await.unwrap();
     let mut delta = DeltaSession::open(
@@ -185,8 +159,8 @@ async fn two_replicas_serve_and_one_writes_status() {
     ];
     let key = format!("{ns}/p");
     for r in &replicas {
-        wait_ready(r).await;
-        wait_pulled(r, &key).await;
+        r.wait_ready().await;
+        r.wait_outcome(&key, "pulled").await;
         // Each serves ECDS on its own.
         let channel = client::connect(r.xds).await.unwrap();
         let mut s = SotwSession::open(

@@ -11,17 +11,13 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use support::envoy::{wait_for, Envoy, EnvoyConfig, XdsTransport};
 use support::faults::{ModuleServer, Route};
-use support::kube::{condition, pull_secret, unique, wasm_plugin, Cluster, Serve};
+use support::kube::{
+    condition, pull_secret, resource, unique, wasm_plugin, Cluster, Serve, CONVERGE,
+};
 use support::wasm::{CONFIG_HEADER, MODULE_HEADER};
 use support::{proxy_wasm_test_module_tagged, Registry, RegistryOptions};
 use wasm_ecds::xds::client::{self, DeltaSession};
 use wasm_ecds::xds::Api;
-
-const CONVERGE: Duration = Duration::from_secs(30);
-
-fn resource(ns: &str, name: &str) -> String {
-    format!("extensions.istio.io/wasmplugin/{ns}.{name}")
-}
 
 /// Starts the product for one test's namespace with its own Lease.
 fn serve(cluster: &Cluster, ns: &str, extra: &[&str]) -> Serve {
@@ -36,27 +32,6 @@ fn serve(cluster: &Cluster, ns: &str, extra: &[&str]) -> Serve {
     ];
     args.extend_from_slice(extra);
     Serve::start(cluster, &args)
-}
-
-async fn wait_ready(s: &Serve) {
-    wait_for("/readyz", CONVERGE, || async {
-        s.ready()
-            .await
-            .then_some(())
-            .ok_or_else(|| "not ready".to_string())
-    })
-    .await;
-}
-
-/// Waits until `/debug/plugins` shows `key` with `outcome`; returns the entry.
-async fn wait_outcome(s: &Serve, key: &str, outcome: &str) -> Value {
-    wait_for(&format!("{key} {outcome}"), CONVERGE, || async {
-        let p = s.plugin(key).await.ok_or("absent".to_string())?;
-        (p["outcome"] == outcome)
-            .then(|| p.clone())
-            .ok_or(format!("{p}"))
-    })
-    .await
 }
 
 /// Waits until the condition `type_` of the object satisfies `check`; returns the object.
@@ -106,11 +81,11 @@ async fn applied_patched_and_deleted_plugins_reach_envoy() {
         &spec("/cached.wasm", "IfNotPresent"),
     ));
     let s = serve(cluster, &ns, &[]);
-    wait_ready(&s).await;
+    s.wait_ready().await;
     let always = format!("{ns}/always");
     let cached = format!("{ns}/cached");
-    wait_outcome(&s, &always, "pulled").await;
-    wait_outcome(&s, &cached, "pulled").await;
+    s.wait_outcome(&always, "pulled").await;
+    s.wait_outcome(&cached, "pulled").await;
 
     // A real Envoy runs both filters, configured over ECDS.
     let config = EnvoyConfig::new(XdsTransport::Delta, s.xds)
@@ -248,7 +223,7 @@ async fn pull_secrets_are_watched_rotated_and_filtered_by_type() {
     cluster.apply(&wasm_plugin(&ns, "private", &spec));
     let s = serve(cluster, &ns, &["--insecure-registries", &registry.host()]);
     let key = format!("{ns}/private");
-    let p = wait_outcome(&s, &key, "rejected").await;
+    let p = s.wait_outcome(&key, "rejected").await;
     assert_eq!(p["reason"], "missing_secret");
     let o = wait_condition(cluster, &ns, "private", "Ready", |_, c| {
         c["reason"] == "MissingSecret"
@@ -289,7 +264,7 @@ async fn pull_secrets_are_watched_rotated_and_filtered_by_type() {
         "kubernetes.io/dockerconfigjson",
         &config,
     ));
-    wait_outcome(&s, &key, "pulled").await;
+    s.wait_outcome(&key, "pulled").await;
     let o = wait_condition(cluster, &ns, "private", "Ready", |_, c| {
         c["status"] == "True"
     })
@@ -332,7 +307,7 @@ async fn status_conditions_are_written_once_per_change() {
         ),
     ));
     let s = serve(cluster, &ns, &["--http-request-max-retries", "1"]);
-    wait_ready(&s).await;
+    s.wait_ready().await;
 
     let good = wait_condition(cluster, &ns, "good", "Ready", |_, c| c["status"] == "True").await;
     let accepted = condition(&good, "Accepted").unwrap();
@@ -507,7 +482,7 @@ async fn selector_namespaces_and_file_conflicts() {
         &ns,
         &["--selector", "rev=a", "--plugins", &plugins_arg],
     );
-    wait_ready(&s).await;
+    s.wait_ready().await;
     let served: Vec<String> = s.debug_plugins().await["plugins"]
         .as_array()
         .unwrap()

@@ -15,10 +15,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::envoy::http_request;
+use super::envoy::{http_request, wait_for};
 use super::require_tool;
 
 const CRATE: &str = env!("CARGO_MANIFEST_DIR");
+/// How long the Kubernetes tests wait for something to converge.
+pub const CONVERGE: Duration = Duration::from_secs(40);
 
 fn kube_bin() -> Option<PathBuf> {
     let dir = std::env::var_os("KUBE_BIN")
@@ -425,6 +427,28 @@ impl Serve {
         String::from_utf8_lossy(&r.body).into_owned()
     }
 
+    /// Waits (bounded) until `/readyz` answers 200.
+    pub async fn wait_ready(&self) {
+        wait_for("/readyz", CONVERGE, || async {
+            self.ready()
+                .await
+                .then_some(())
+                .ok_or_else(|| "not ready".to_string())
+        })
+        .await;
+    }
+
+    /// Waits until `/debug/plugins` shows `key` with `outcome`; returns the entry.
+    pub async fn wait_outcome(&self, key: &str, outcome: &str) -> Value {
+        wait_for(&format!("{key} {outcome}"), CONVERGE, || async {
+            let p = self.plugin(key).await.ok_or("absent".to_string())?;
+            (p["outcome"] == outcome)
+                .then(|| p.clone())
+                .ok_or(format!("{p}"))
+        })
+        .await
+    }
+
     pub async fn ready(&self) -> bool {
         http_request("GET", &format!("http://{}/readyz", self.admin))
             .await
@@ -467,6 +491,11 @@ impl Drop for Serve {
                 .write_all(format!("\n--- wasm-ecds log tail ---\n{tail}\n---\n").as_bytes());
         }
     }
+}
+
+/// The ECDS resource name of plugin `ns/name`.
+pub fn resource(ns: &str, name: &str) -> String {
+    format!("extensions.istio.io/wasmplugin/{ns}.{name}")
 }
 
 /// A WasmPlugin manifest.
