@@ -214,7 +214,10 @@ impl Watches {
         let (secret_tx, mut secret_rx) = mpsc::channel::<Input>(256);
         let mut dirty = false;
         loop {
-            let grace_end = self.secrets_pending_until();
+            // Wake when a grace period ends; one that has ended already (a namespace whose Secrets
+            // cannot be listed at all) must not wake the loop again and again.
+            let now = tokio::time::Instant::now();
+            let grace_end = self.secrets_pending_until().filter(|t| *t > now);
             let input = tokio::select! {
                 i = plugin_events.next() => match i { Some(i) => Some(i), None => return },
                 i = secret_rx.recv() => i,
