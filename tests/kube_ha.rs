@@ -216,17 +216,7 @@ async fn two_replicas_serve_and_one_writes_status() {
         (l == 1.0).then_some(()).ok_or(format!("{l}"))
     })
     .await;
-    cluster.kubectl(&[
-        "-n",
-        &ns,
-        "patch",
-        "wasmplugin",
-        "p",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"pluginConfig":{"v":2}}}"#,
-    ]);
+    cluster.merge_patch(&ns, "p", r#"{"spec":{"pluginConfig":{"v":2}}}"#);
     wait_for("generation 2 observed", CONVERGE, || async {
         let o = cluster.get(&ns, "wasmplugin", "p");
         let c = condition(&o, "Ready").ok_or("no Ready")?;
@@ -263,17 +253,7 @@ async fn two_replicas_serve_and_one_writes_status() {
     })
     .await;
     let writes = replicas[follower].metric(ok).await;
-    cluster.kubectl(&[
-        "-n",
-        &ns,
-        "patch",
-        "wasmplugin",
-        "p",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"pluginConfig":{"v":3}}}"#,
-    ]);
+    cluster.merge_patch(&ns, "p", r#"{"spec":{"pluginConfig":{"v":3}}}"#);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let o = cluster.get(&ns, "wasmplugin", "p");
     assert_eq!(

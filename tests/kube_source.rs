@@ -110,17 +110,7 @@ async fn applied_patched_and_deleted_plugins_reach_envoy() {
     let (always_hits, cached_hits) = (modules.hits("/always.wasm"), modules.hits("/cached.wasm"));
     let before = s.plugin(&cached).await.unwrap()["resourceVersion"].clone();
     for name in ["always", "cached"] {
-        cluster.kubectl(&[
-            "-n",
-            &ns,
-            "patch",
-            "wasmplugin",
-            name,
-            "--type",
-            "merge",
-            "-p",
-            r#"{"metadata":{"labels":{"team":"edge"}}}"#,
-        ]);
+        cluster.merge_patch(&ns, name, r#"{"metadata":{"labels":{"team":"edge"}}}"#);
     }
     wait_for("always pulled again", CONVERGE, || async {
         (modules.hits("/always.wasm") > always_hits)
@@ -145,17 +135,11 @@ async fn applied_patched_and_deleted_plugins_reach_envoy() {
     );
 
     // A spec change reaches the running Envoy.
-    cluster.kubectl(&[
-        "-n",
+    cluster.merge_patch(
         &ns,
-        "patch",
-        "wasmplugin",
         "cached",
-        "--type",
-        "merge",
-        "-p",
         r#"{"spec":{"pluginConfig":{"greeting":"bonjour"}}}"#,
-    ]);
+    );
     wait_for("envoy sees the new configuration", CONVERGE, || async {
         let r = envoy.get("l", "/").await?;
         let c = r.header(CONFIG_HEADER).map(str::to_string);
@@ -377,17 +361,7 @@ async fn status_conditions_are_written_once_per_change() {
 
     // A spec change: a new generation, observed once processed, in exactly one status write (the
     // API server applies two writes in all: the patch and the status).
-    cluster.kubectl(&[
-        "-n",
-        &ns,
-        "patch",
-        "wasmplugin",
-        "good",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"pluginConfig":{"v":2}}}"#,
-    ]);
+    cluster.merge_patch(&ns, "good", r#"{"spec":{"pluginConfig":{"v":2}}}"#);
     let o = wait_condition(cluster, &ns, "good", "Ready", |o, c| {
         c["observedGeneration"] == o["metadata"]["generation"] && o["metadata"]["generation"] == 2
     })

@@ -187,6 +187,21 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `kubectl patch wasmplugin NAME --type merge -p PATCH` in `namespace`.
+    pub fn merge_patch(&self, namespace: &str, name: &str, patch: &str) {
+        self.kubectl(&[
+            "-n",
+            namespace,
+            "patch",
+            "wasmplugin",
+            name,
+            "--type",
+            "merge",
+            "-p",
+            patch,
+        ]);
+    }
+
     /// An object as JSON.
     pub fn get(&self, namespace: &str, kind: &str, name: &str) -> Value {
         serde_json::from_str(&self.kubectl(&["-n", namespace, "get", kind, name, "-o", "json"]))
