@@ -47,34 +47,44 @@ impl Sources {
         let (kp, ks) = kube
             .as_deref()
             .map_or((&empty, &empty), |s| (&s.plugins, &s.secrets));
-        let plugins = self.merge_kind(true, &self.files.plugins.clone(), kp);
-        let secrets = self.merge_kind(false, &self.files.secrets.clone(), ks);
+        let (origins, conflicts) = (&mut self.origins, &mut self.conflicts);
+        let plugins = merge_kind(origins, conflicts, true, &self.files.plugins, kp);
+        let secrets = merge_kind(origins, conflicts, false, &self.files.secrets, ks);
         (plugins, secrets)
     }
 
-    fn merge_kind(
-        &mut self,
-        is_plugin: bool,
-        files: &BTreeMap<ObjectKey, Value>,
-        kube: &BTreeMap<ObjectKey, Value>,
-    ) -> BTreeMap<ObjectKey, Value> {
-        let mut out = BTreeMap::new();
-        let kind = if is_plugin { "WasmPlugin" } else { "Secret" };
-        for (k, v) in files {
-            if !kube.contains_key(k) {
-                self.origins.insert((is_plugin, k.clone()), Origin::Files);
-                out.insert(k.clone(), v.clone());
-            }
+    /// Why a Kubernetes plugin is not used, if it is not because of a conflict.
+    pub fn kube_conflict(&self, key: &ObjectKey) -> Option<&str> {
+        let id = (true, key.clone());
+        let c = self.conflicts.get(&id)?;
+        (self.origins.get(&id) != Some(&Origin::Kubernetes)).then_some(c.message.as_str())
+    }
+}
+
+/// One kind's merge: what is used, recording owners and conflicts.
+fn merge_kind(
+    origins: &mut BTreeMap<(bool, ObjectKey), Origin>,
+    conflicts: &mut BTreeMap<(bool, ObjectKey), Conflict>,
+    is_plugin: bool,
+    files: &BTreeMap<ObjectKey, Value>,
+    kube: &BTreeMap<ObjectKey, Value>,
+) -> BTreeMap<ObjectKey, Value> {
+    let mut out = BTreeMap::new();
+    let kind = if is_plugin { "WasmPlugin" } else { "Secret" };
+    for (k, v) in files {
+        if !kube.contains_key(k) {
+            origins.insert((is_plugin, k.clone()), Origin::Files);
+            out.insert(k.clone(), v.clone());
         }
-        for (k, v) in kube {
-            let Some(fv) = files.get(k) else {
-                self.origins
-                    .insert((is_plugin, k.clone()), Origin::Kubernetes);
-                out.insert(k.clone(), v.clone());
-                continue;
-            };
-            let id = (is_plugin, k.clone());
-            let message = match self.origins.get(&id) {
+    }
+    for (k, v) in kube {
+        let Some(fv) = files.get(k) else {
+            origins.insert((is_plugin, k.clone()), Origin::Kubernetes);
+            out.insert(k.clone(), v.clone());
+            continue;
+        };
+        let id = (is_plugin, k.clone());
+        let message = match origins.get(&id) {
                 Some(Origin::Files) => {
                     out.insert(k.clone(), fv.clone());
                     format!("{kind} {k} is defined both in the plugin files and in Kubernetes; the plugin files' object, which came first, is used")
@@ -85,26 +95,17 @@ impl Sources {
                 }
                 None => format!("{kind} {k} is defined both in the plugin files and in Kubernetes; neither is used until one is removed"),
             };
-            self.conflicts.insert(
-                id,
-                Conflict {
-                    object: k.to_string(),
-                    kind,
-                    message,
-                },
-            );
-        }
-        self.origins
-            .retain(|(p, k), _| *p != is_plugin || files.contains_key(k) || kube.contains_key(k));
-        out
+        conflicts.insert(
+            id,
+            Conflict {
+                object: k.to_string(),
+                kind,
+                message,
+            },
+        );
     }
-
-    /// Why a Kubernetes plugin is not used, if it is not because of a conflict.
-    pub fn kube_conflict(&self, key: &ObjectKey) -> Option<&str> {
-        let id = (true, key.clone());
-        let c = self.conflicts.get(&id)?;
-        (self.origins.get(&id) != Some(&Origin::Kubernetes)).then_some(c.message.as_str())
-    }
+    origins.retain(|(p, k), _| *p != is_plugin || files.contains_key(k) || kube.contains_key(k));
+    out
 }
 
 #[cfg(test)]
