@@ -69,7 +69,6 @@ free_port() {  # random unused loopback port
     (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null || { echo $p; return; }
   done
 }
-ETCD_PORT=$(free_port); ETCD_PEER=$(free_port); API_PORT=$(free_port)
 
 # --- PKI (openssl): CA, serving cert for 127.0.0.1/localhost, admin client cert (system:masters), SA keys
 mkdir -p "$P"
@@ -89,14 +88,29 @@ if [ ! -f "$P/admin.crt" ]; then
     } > tokens.csv )
 fi
 
-rm -rf "$STATE/etcd-data"
-"$KUBE_BIN/etcd" --name test --data-dir "$STATE/etcd-data" \
-  --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
-  --listen-peer-urls "http://127.0.0.1:$ETCD_PEER" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER" \
-  --initial-cluster "test=http://127.0.0.1:$ETCD_PEER" --unsafe-no-fsync \
-  > "$STATE/etcd.log" 2>&1 &
-echo $! > "$STATE/etcd.pid"
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$ETCD_PORT/health" >/dev/null && break; sleep 0.1; done
+# etcd on free ports; a port taken between the check and the bind (another test starting its own
+# cluster) is retried on new ports.
+etcd_ok=""
+for attempt in 1 2 3; do
+  ETCD_PORT=$(free_port); ETCD_PEER=$(free_port)
+  rm -rf "$STATE/etcd-data"
+  "$KUBE_BIN/etcd" --name test --data-dir "$STATE/etcd-data" \
+    --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+    --listen-peer-urls "http://127.0.0.1:$ETCD_PEER" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER" \
+    --initial-cluster "test=http://127.0.0.1:$ETCD_PEER" --unsafe-no-fsync \
+    > "$STATE/etcd.log" 2>&1 &
+  echo $! > "$STATE/etcd.pid"
+  for _ in $(seq 200); do   # up to 20 s
+    if curl -sf "http://127.0.0.1:$ETCD_PORT/health" >/dev/null; then etcd_ok=1; break; fi
+    kill -0 "$(cat "$STATE/etcd.pid")" 2>/dev/null || break
+    sleep 0.1
+  done
+  [ -n "$etcd_ok" ] && break
+  echo "etcd did not start (attempt $attempt):" >&2; tail -5 "$STATE/etcd.log" >&2
+  stop_pids KILL etcd
+done
+[ -n "$etcd_ok" ] || { echo "etcd did not start; see $STATE/etcd.log" >&2; exit 1; }
+API_PORT=$(free_port)
 
 start_apiserver
 
