@@ -99,7 +99,12 @@ fn plugin(i: usize, policy: ImagePullPolicy) -> VersionedPlugin {
     });
     VersionedPlugin {
         url: ModuleUrl::parse(&spec.url).expect("url"),
-        plugin: WasmPlugin { key, object, spec },
+        plugin: WasmPlugin {
+            key,
+            object,
+            spec,
+            extension: None,
+        },
         version: 1,
     }
 }

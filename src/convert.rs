@@ -23,6 +23,7 @@ use envoy_types::pb::envoy::extensions::wasm::v3::{
 use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, StringValue};
 use prost::Message;
 
+use crate::extension::{FilterKind, Template};
 use crate::plugin::{EnvValueSource, FailStrategy, PluginType, WasmPlugin};
 
 pub const HTTP_WASM_TYPE_URL: &str =
@@ -74,45 +75,16 @@ fn any<M: Message>(type_url: &str, m: &M) -> Any {
 
 /// Builds the ECDS resource for a plugin.
 pub fn extension_config(plugin: &WasmPlugin, filter: Filter) -> TypedExtensionConfig {
+    if let Some(template) = &plugin.extension {
+        return from_template(template, filter);
+    }
     let network = plugin.spec.plugin_type == PluginType::Network;
     let typed_config = match filter {
         Filter::Wasm(code) => {
             let config = Some(plugin_config(plugin, code));
-            if network {
-                any(NETWORK_WASM_TYPE_URL, &NetworkWasm { config })
-            } else {
-                any(HTTP_WASM_TYPE_URL, &HttpWasm { config })
-            }
+            wasm_any(network, config)
         }
-        Filter::AllowAll | Filter::DenyAll => {
-            let deny = filter == Filter::DenyAll;
-            // ALLOW with no policies denies everything; no rules at all allows everything.
-            let rules = deny.then(RbacRules::default);
-            let prefix = if deny {
-                DENY_STAT_PREFIX
-            } else {
-                ALLOW_STAT_PREFIX
-            };
-            if network {
-                any(
-                    NETWORK_RBAC_TYPE_URL,
-                    &NetworkRbac {
-                        rules,
-                        stat_prefix: prefix.into(),
-                        ..Default::default()
-                    },
-                )
-            } else {
-                any(
-                    HTTP_RBAC_TYPE_URL,
-                    &HttpRbac {
-                        rules,
-                        rules_stat_prefix: prefix.into(),
-                        ..Default::default()
-                    },
-                )
-            }
-        }
+        Filter::AllowAll | Filter::DenyAll => fallback(network, filter == Filter::DenyAll),
     };
     TypedExtensionConfig {
         name: plugin.resource_name(),
@@ -120,19 +92,73 @@ pub fn extension_config(plugin: &WasmPlugin, filter: Filter) -> TypedExtensionCo
     }
 }
 
-fn plugin_config(plugin: &WasmPlugin, code: Code) -> PluginConfig {
-    let spec = &plugin.spec;
-    let configuration = spec.plugin_config.as_ref().map(|c| {
-        let json = serde_json::to_string(c).expect("a JSON map serializes");
-        any(STRING_VALUE_TYPE_URL, &StringValue { value: json })
-    });
-    // Envoy keys a remote module's VM before fetching it, on `vm_id` and the (still empty) code:
-    // without a `vm_id` naming the module, every remote module after the first would run the
-    // first one's code (`createWasm` in Envoy's `source/extensions/common/wasm/wasm.cc`).
-    let vm_id = match &code {
-        Code::Remote { sha256, .. } => sha256.clone(),
-        Code::File(_) | Code::Inline(_) => String::new(),
+/// Builds the resource of a remote-load extension config: its own filter config with the code
+/// replaced (nothing else changes), or the RBAC fallback under its name.
+pub fn from_template(template: &Template, filter: Filter) -> TypedExtensionConfig {
+    let network = template.kind == FilterKind::Network;
+    let typed_config = match filter {
+        Filter::Wasm(code) => {
+            let mut config = template.config.clone();
+            if let Some(plugin_config::Vm::VmConfig(vm)) = config.vm.as_mut() {
+                // Envoy keys a remote module's VM on `vm_id` before fetching it (see
+                // `plugin_config`): a config that sets none gets the module's sha256.
+                if let Code::Remote { sha256, .. } = &code {
+                    if vm.vm_id.is_empty() {
+                        vm.vm_id = sha256.clone();
+                    }
+                }
+                vm.code = Some(code_source(code));
+            }
+            wasm_any(network, Some(config))
+        }
+        Filter::AllowAll | Filter::DenyAll => fallback(network, filter == Filter::DenyAll),
     };
+    TypedExtensionConfig {
+        name: template.name.clone(),
+        typed_config: Some(typed_config),
+    }
+}
+
+fn wasm_any(network: bool, config: Option<PluginConfig>) -> Any {
+    if network {
+        any(NETWORK_WASM_TYPE_URL, &NetworkWasm { config })
+    } else {
+        any(HTTP_WASM_TYPE_URL, &HttpWasm { config })
+    }
+}
+
+/// The RBAC allow-all or deny-all filter standing in for a Wasm filter.
+fn fallback(network: bool, deny: bool) -> Any {
+    // ALLOW with no policies denies everything; no rules at all allows everything.
+    let rules = deny.then(RbacRules::default);
+    let prefix = if deny {
+        DENY_STAT_PREFIX
+    } else {
+        ALLOW_STAT_PREFIX
+    };
+    if network {
+        any(
+            NETWORK_RBAC_TYPE_URL,
+            &NetworkRbac {
+                rules,
+                stat_prefix: prefix.into(),
+                ..Default::default()
+            },
+        )
+    } else {
+        any(
+            HTTP_RBAC_TYPE_URL,
+            &HttpRbac {
+                rules,
+                rules_stat_prefix: prefix.into(),
+                ..Default::default()
+            },
+        )
+    }
+}
+
+/// `vm_config.code` for a delivery.
+fn code_source(code: Code) -> AsyncDataSource {
     let specifier = match code {
         Code::File(path) => async_data_source::Specifier::Local(DataSource {
             specifier: Some(data_source::Specifier::Filename(
@@ -165,6 +191,24 @@ fn plugin_config(plugin: &WasmPlugin, code: Code) -> PluginConfig {
             ..Default::default()
         }),
     };
+    AsyncDataSource {
+        specifier: Some(specifier),
+    }
+}
+
+fn plugin_config(plugin: &WasmPlugin, code: Code) -> PluginConfig {
+    let spec = &plugin.spec;
+    let configuration = spec.plugin_config.as_ref().map(|c| {
+        let json = serde_json::to_string(c).expect("a JSON map serializes");
+        any(STRING_VALUE_TYPE_URL, &StringValue { value: json })
+    });
+    // Envoy keys a remote module's VM before fetching it, on `vm_id` and the (still empty) code:
+    // without a `vm_id` naming the module, every remote module after the first would run the
+    // first one's code (`createWasm` in Envoy's `source/extensions/common/wasm/wasm.cc`).
+    let vm_id = match &code {
+        Code::Remote { sha256, .. } => sha256.clone(),
+        Code::File(_) | Code::Inline(_) => String::new(),
+    };
     let env = spec
         .vm_config
         .as_ref()
@@ -188,9 +232,7 @@ fn plugin_config(plugin: &WasmPlugin, code: Code) -> PluginConfig {
     let vm = VmConfig {
         vm_id,
         runtime: WASM_RUNTIME_V8.to_string(),
-        code: Some(AsyncDataSource {
-            specifier: Some(specifier),
-        }),
+        code: Some(code_source(code)),
         environment_variables: env,
         ..Default::default()
     };

@@ -33,6 +33,7 @@ pub mod convert;
 pub mod dispatch;
 pub mod driver;
 pub mod engine;
+pub mod extension;
 pub mod fetch;
 pub mod k8s;
 pub mod metrics;

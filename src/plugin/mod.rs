@@ -68,6 +68,10 @@ pub struct WasmPlugin {
     pub key: ObjectKey,
     pub object: Value,
     pub spec: WasmPluginSpec,
+    /// Set for a plugin that stands for a remote-load extension config (an `EnvoyFilter`
+    /// `EXTENSION_CONFIG` patch): its resource name and the filter config to preserve, of which
+    /// only the code is replaced. `spec` is derived from it.
+    pub extension: Option<std::sync::Arc<crate::extension::Template>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -105,7 +109,7 @@ pub struct WasmPluginSpec {
     pub match_: Vec<TrafficSelector>,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ImagePullPolicy {
     #[default]
     #[serde(rename = "UNSPECIFIED_POLICY")]
@@ -376,7 +380,12 @@ pub fn parse_object(document: usize, value: Value) -> Result<Manifest, ParseErro
                     };
                     err(Some(key.clone()), &field, one_line(&e.inner().to_string()))
                 })?;
-            Ok(Manifest::Plugin(WasmPlugin { key, object, spec }))
+            Ok(Manifest::Plugin(WasmPlugin {
+                key,
+                object,
+                spec,
+                extension: None,
+            }))
         }
         "Secret" => PullSecret::from_object(key.clone(), &Value::Object(obj))
             .map(Manifest::Secret)
@@ -424,8 +433,13 @@ impl WasmPlugin {
         }
     }
 
+    /// The ECDS resource name: the extension config's own name, else
+    /// `extensions.istio.io/wasmplugin/<namespace>.<name>`.
     pub fn resource_name(&self) -> String {
-        self.key.resource_name()
+        match &self.extension {
+            Some(t) => t.name.clone(),
+            None => self.key.resource_name(),
+        }
     }
 
     /// `config.name` of the Envoy filter: `<namespace>.<name>`.
