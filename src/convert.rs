@@ -405,9 +405,21 @@ pub fn resource_for(
     module_url: impl FnOnce(&str) -> String,
     read: impl FnOnce(&crate::engine::ServedModule) -> std::io::Result<Vec<u8>>,
 ) -> std::io::Result<Option<TypedExtensionConfig>> {
+    let filter = filter_for(serving, delivery, module_url, read)?;
+    Ok(filter.map(|f| extension_config(plugin, f)))
+}
+
+/// What a serving state puts in a resource: the module's code as `delivery` says, or a fallback;
+/// `None` when there is nothing to serve yet.
+pub fn filter_for(
+    serving: &crate::engine::Serving,
+    delivery: crate::config::Delivery,
+    module_url: impl FnOnce(&str) -> String,
+    read: impl FnOnce(&crate::engine::ServedModule) -> std::io::Result<Vec<u8>>,
+) -> std::io::Result<Option<Filter>> {
     use crate::config::Delivery;
     use crate::engine::Serving;
-    let filter = match serving {
+    Ok(Some(match serving {
         Serving::Nothing => return Ok(None),
         Serving::DenyAll => Filter::DenyAll,
         Serving::AllowAll => Filter::AllowAll,
@@ -420,8 +432,7 @@ pub fn resource_for(
                 sha256: m.sha256.clone(),
             },
         }),
-    };
-    Ok(Some(extension_config(plugin, filter)))
+    }))
 }
 
 /// Decodes what a resource delivers: the module code, or an RBAC fallback.

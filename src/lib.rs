@@ -40,6 +40,7 @@ pub mod metrics;
 pub mod outcome;
 pub mod plugin;
 pub mod policy;
+pub mod proxy;
 pub mod serve;
 pub mod source;
 pub mod store;

@@ -9,7 +9,7 @@ fn main() {
     // `serve` logs at info by default; the offline commands report through their own output and
     // stay quiet unless RUST_LOG asks for logs. The Kubernetes client logs every failed attempt of
     // a watch at error level; the source logs each distinct watch error once itself.
-    let default_level = if matches!(cli.command, Command::Serve(_)) {
+    let default_level = if matches!(cli.command, Command::Serve(_) | Command::Proxy(_)) {
         "info,kube_client=off,kube_runtime=warn"
     } else {
         "off"
@@ -38,7 +38,22 @@ fn main() {
                 for warning in args.warnings() {
                     eprintln!("warning: {warning}");
                 }
-                wasm_ecds::serve::run_blocking(*args, config)
+                wasm_ecds::serve::run_blocking(*args, config, None)
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                2
+            }
+        },
+        Command::Proxy(mut args) => match args
+            .check()
+            .and_then(|()| args.serve.resolve().map_err(|e| e.to_string()))
+        {
+            Ok(config) => {
+                let upstream = wasm_ecds::proxy::UpstreamOptions {
+                    address: args.upstream.clone(),
+                };
+                wasm_ecds::serve::run_blocking(args.serve, config, Some(upstream))
             }
             Err(e) => {
                 eprintln!("error: {e}");

@@ -35,6 +35,12 @@ pub enum ConversionResult {
     NoRemoteLoad,
     /// The module could not be obtained (a missing pull secret included); a fallback is served.
     FetchFailure,
+    /// Proxy: remote code without `http_uri`; a fallback is served.
+    MissRemoteFetchHint,
+    /// Proxy: the converted response cannot be sent; it is NACKed upstream.
+    MarshalFailure,
+    /// Proxy: a resource cannot be read; the response is NACKed upstream.
+    UnmarshalFailure,
 }
 
 impl ConversionResult {
@@ -43,6 +49,9 @@ impl ConversionResult {
             ConversionResult::Success => "success",
             ConversionResult::NoRemoteLoad => "no_remote_load",
             ConversionResult::FetchFailure => "fetch_failure",
+            ConversionResult::MissRemoteFetchHint => "miss_remote_fetch_hint",
+            ConversionResult::MarshalFailure => "marshal_failure",
+            ConversionResult::UnmarshalFailure => "unmarshal_failure",
         }
     }
 }

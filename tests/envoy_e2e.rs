@@ -324,6 +324,7 @@ impl Server {
             transport,
             fetch_config: None,
             kube: None,
+            proxy: None,
         })
         .await
         .expect("server starts");

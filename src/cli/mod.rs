@@ -44,10 +44,10 @@ impl Cli {
     /// the others' the environment variable.
     fn from_matches(matches: &ArgMatches) -> Result<Cli, clap::Error> {
         let mut cli = Cli::from_arg_matches(matches)?;
-        if let (Command::Serve(args), Some(("serve", sub))) =
-            (&mut cli.command, matches.subcommand())
-        {
-            args.note_flags(sub);
+        match (&mut cli.command, matches.subcommand()) {
+            (Command::Serve(args), Some(("serve", sub))) => args.note_flags(sub),
+            (Command::Proxy(args), Some(("proxy", sub))) => args.serve.note_flags(sub),
+            _ => {}
         }
         Ok(cli)
     }
@@ -57,6 +57,9 @@ impl Cli {
 pub enum Command {
     /// Run the ECDS server.
     Serve(Box<ServeArgs>),
+    /// Run an xDS proxy in front of Envoy that converts remote-load Wasm configs from an upstream
+    /// control plane (as Istio's agent does; docs/behavior.md §11).
+    Proxy(Box<ProxyArgs>),
     /// Run scenario files against the real policy and cache code on a virtual clock.
     Sim {
         /// Print every event with its virtual time.
@@ -96,6 +99,35 @@ pub enum Command {
     /// Print the Envoy filters that subscribe one workload to the plugins that apply to it, in
     /// Istio's order, or with --full a whole Envoy bootstrap.
     Bootstrap(Box<BootstrapArgs>),
+}
+
+/// `proxy`: the upstream, and `serve`'s options for the cache, fetching and delivery.
+#[derive(Debug, clap::Args)]
+pub struct ProxyArgs {
+    /// The upstream xDS server: `host:port` or `http://host:port`, `https://host:port` for TLS
+    /// (checked against the web PKI roots).
+    #[arg(long, value_name = "ADDR", env = "WASM_ECDS_UPSTREAM")]
+    pub upstream: String,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+impl ProxyArgs {
+    /// Checks the options `proxy` takes no part of: its resources come from the upstream.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.serve.plugins.is_empty() {
+            return Err(
+                "--plugins: proxy takes its resources from --upstream, not from files".into(),
+            );
+        }
+        if self.serve.source != "files" {
+            return Err(format!(
+                "--source {}: proxy takes its resources from --upstream",
+                self.serve.source
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Files named by the user: files as given, directories expanded to every `*.yaml`, `*.yml` and

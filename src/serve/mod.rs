@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod files;
+pub mod proxied;
 pub mod sources;
 
 use std::collections::BTreeMap;
@@ -76,6 +77,9 @@ pub struct ServeSetup {
     pub fetch_config: Option<FetchConfig>,
     /// `--source kubernetes`.
     pub kube: Option<KubeOptions>,
+    /// `proxy --upstream`: the xDS port proxies to this control plane, converting remote-load
+    /// configs (docs/behavior.md §11), instead of serving the plugins' resources.
+    pub proxy: Option<crate::proxy::UpstreamOptions>,
 }
 
 /// A running server.
@@ -156,7 +160,10 @@ pub async fn start(setup: ServeSetup) -> anyhow::Result<ServerHandle> {
     };
     let (fatal_tx, fatal) = mpsc::channel(1);
     let (ready_tx, ready_rx) = oneshot::channel();
+    let hub = setup.proxy.as_ref().map(|_| crate::proxy::Hub::new());
     let controller = Controller {
+        proxy: hub.clone().map(proxied::ProxyLink::new),
+        module_endpoint: format!("http://{admin_address}"),
         driver,
         files: files::FileSource::new(setup.plugin_paths.clone()),
         shared: shared.clone(),
@@ -176,21 +183,37 @@ pub async fn start(setup: ServeSetup) -> anyhow::Result<ServerHandle> {
         let _keep = _watcher;
         wait_shutdown(shutdown_rx).await;
     }));
-    // ECDS is served once the initial plugin set is processed: a delta proxy reconnecting after a
-    // restart would otherwise be told its resources were removed. The listener is bound already,
-    // so proxies connecting earlier just wait.
     let rx = shutdown_tx.subscribe();
     let xds_listener = setup.xds_listener;
-    tasks.push(tokio::spawn(async move {
-        tokio::select! {
-            _ = wait_shutdown(rx.clone()) => {}
-            ready = ready_rx => {
-                if ready.is_ok() {
-                    crate::xds::serve(xds_listener, resources, wait_shutdown(rx)).await;
-                }
-            }
+    match (&setup.proxy, hub) {
+        (Some(upstream), Some(hub)) => {
+            // A proxy has no plugin set of its own to wait for: streams are forwarded at once.
+            let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
+            let server =
+                crate::proxy::ProxyServer::new(hub, shared.metrics.clone(), upstream, closing_rx)?;
+            tasks.push(tokio::spawn(crate::proxy::serve(
+                xds_listener,
+                server,
+                closing_tx,
+                wait_shutdown(rx),
+            )));
         }
-    }));
+        _ => {
+            // ECDS is served once the initial plugin set is processed: a delta proxy
+            // reconnecting after a restart would otherwise be told its resources were removed.
+            // The listener is bound already, so proxies connecting earlier just wait.
+            tasks.push(tokio::spawn(async move {
+                tokio::select! {
+                    _ = wait_shutdown(rx.clone()) => {}
+                    ready = ready_rx => {
+                        if ready.is_ok() {
+                            crate::xds::serve(xds_listener, resources, wait_shutdown(rx)).await;
+                        }
+                    }
+                }
+            }));
+        }
+    }
     let rx = shutdown_tx.subscribe();
     tasks.push(tokio::spawn(admin::serve(
         setup.admin_listener,
@@ -322,6 +345,28 @@ struct Controller {
     /// was accepted at.
     generations: BTreeMap<ObjectKey, (u64, Option<i64>)>,
     fatal: mpsc::Sender<String>,
+    /// `proxy` mode: the identities proxied streams want, and where their results go.
+    proxy: Option<proxied::ProxyLink>,
+    /// Where proxies fetch modules with `--delivery http`.
+    module_endpoint: String,
+}
+
+/// The next change of what proxied streams want; never completes outside `proxy` mode.
+async fn next_wanted(proxy: &mut Option<proxied::ProxyLink>) {
+    if let Some(link) = proxy {
+        if link.wanted.changed().await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
+}
+
+/// Sleeps until `due`, or forever.
+async fn sleep_until(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The next Kubernetes snapshot; never completes without the Kubernetes source (or once it ended).
@@ -360,8 +405,21 @@ impl Controller {
             }
             self.refresh_view(ready_tx.is_none());
             self.publish_statuses();
+            // Events are only read by the proxy link; taking them also keeps them from piling up.
+            let events = self.driver.take_events();
+            let sweep = match &self.proxy {
+                Some(link) => {
+                    link.report(&self.driver, &events, &self.module_endpoint);
+                    link.hub.sweep()
+                }
+                None => None,
+            };
             tokio::select! {
                 _ = wait_shutdown(shutdown.clone()) => break,
+                () = next_wanted(&mut self.proxy) => {
+                    self.resync();
+                }
+                () = sleep_until(sweep) => {}
                 snapshot = next_snapshot(&mut self.kube) => {
                     self.sources.kube = snapshot;
                     let ticket = self.resync();
@@ -413,7 +471,12 @@ impl Controller {
             .values()
             .map(|c| c.message.clone())
             .collect();
-        let (plugins, secrets) = self.sources.merged();
+        let (mut plugins, mut secrets) = self.sources.merged();
+        if let Some(link) = &mut self.proxy {
+            let wanted = link.current();
+            plugins.extend(wanted.plugins.iter().map(|(k, v)| (k.clone(), v.clone())));
+            secrets.extend(wanted.secrets.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
         for c in self.sources.conflicts.values() {
             if !before.contains(&c.message) {
                 tracing::error!(object = %c.object, "{}", c.message);
@@ -540,7 +603,12 @@ impl Controller {
 }
 
 /// Runs `serve` until SIGTERM/SIGINT. Returns the exit status.
-pub fn run_blocking(args: crate::cli::ServeArgs, config: Config) -> i32 {
+/// With `proxy`, the xDS port proxies to it (`wasm-ecds proxy`).
+pub fn run_blocking(
+    args: crate::cli::ServeArgs,
+    config: Config,
+    proxy: Option<crate::proxy::UpstreamOptions>,
+) -> i32 {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -552,7 +620,7 @@ pub fn run_blocking(args: crate::cli::ServeArgs, config: Config) -> i32 {
         }
     };
     rt.block_on(async move {
-        match run_until_signal(args, config).await {
+        match run_until_signal(args, config, proxy).await {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -562,7 +630,11 @@ pub fn run_blocking(args: crate::cli::ServeArgs, config: Config) -> i32 {
     })
 }
 
-async fn run_until_signal(args: crate::cli::ServeArgs, config: Config) -> anyhow::Result<()> {
+async fn run_until_signal(
+    args: crate::cli::ServeArgs,
+    config: Config,
+    proxy: Option<crate::proxy::UpstreamOptions>,
+) -> anyhow::Result<()> {
     let xds_listener = tokio::net::TcpListener::bind(args.xds_address)
         .await
         .with_context(|| format!("--xds-address {}", args.xds_address))?;
@@ -582,6 +654,7 @@ async fn run_until_signal(args: crate::cli::ServeArgs, config: Config) -> anyhow
         transport,
         fetch_config: None,
         kube,
+        proxy,
     })
     .await?;
     eprintln!(

@@ -1,0 +1,211 @@
+//! `wasm-ecds proxy --upstream ADDR` (behavior.md §11): an xDS proxy between Envoys and any
+//! control plane that converts remote-load Wasm configs on their way, as Istio's per-pod agent
+//! does, but per node and on the same driver, cache, policy and metrics as `serve`.
+//!
+//! Envoy's ADS and ECDS streams (SotW and delta) each get their own upstream stream
+//! ([`stream`]); the remote-load configs in ECDS responses are reduced to identities that the
+//! controller of `serve` processes as plugins ([`hub`]); the converted resources go to Envoy
+//! ([`convert`]).
+
+pub mod convert;
+pub mod hub;
+pub mod stream;
+pub mod wire;
+
+use std::future::Future;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::envoy::service::extension::v3::extension_config_discovery_service_server::{
+    ExtensionConfigDiscoveryService, ExtensionConfigDiscoveryServiceServer,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status, Streaming};
+
+pub use hub::{Conversion, Hub, Wanted};
+pub use stream::Context;
+
+use crate::xds::{Api, MAX_MESSAGE_SIZE};
+use wire::{Delta, Sotw, Wire};
+
+/// Responses queued per Envoy stream before the stream waits for Envoy to read.
+const STREAM_BUFFER: usize = 4;
+
+/// Where the upstream control plane is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamOptions {
+    /// `host:port`, or a URL (`http://…`, `https://…` for TLS with the system's web roots).
+    pub address: String,
+}
+
+impl UpstreamOptions {
+    /// The URL of the upstream (`http://` added to a bare `host:port`).
+    pub fn url(&self) -> String {
+        if self.address.contains("://") {
+            self.address.clone()
+        } else {
+            format!("http://{}", self.address)
+        }
+    }
+
+    /// A channel connecting (and reconnecting) on demand; every proxied stream shares it.
+    pub fn channel(&self) -> anyhow::Result<Channel> {
+        let url = self.url();
+        let mut endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| anyhow::anyhow!("--upstream {url}: {e}"))?
+            .tcp_nodelay(true)
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .http2_keep_alive_interval(crate::xds::server::KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(crate::xds::server::KEEPALIVE_TIMEOUT);
+        if url.starts_with("https://") {
+            endpoint = endpoint
+                .tls_config(tonic::transport::ClientTlsConfig::new().with_webpki_roots())
+                .map_err(|e| anyhow::anyhow!("--upstream {url}: {e}"))?;
+        }
+        Ok(endpoint.connect_lazy())
+    }
+}
+
+/// The ADS and ECDS services of the proxy.
+#[derive(Clone)]
+pub struct ProxyServer {
+    ctx: Arc<Context>,
+    closing: watch::Receiver<bool>,
+}
+
+impl ProxyServer {
+    pub fn new(
+        hub: Arc<Hub>,
+        metrics: crate::metrics::Metrics,
+        upstream: &UpstreamOptions,
+        closing: watch::Receiver<bool>,
+    ) -> anyhow::Result<ProxyServer> {
+        Ok(ProxyServer {
+            ctx: Arc::new(Context {
+                hub,
+                metrics,
+                upstream: upstream.channel()?,
+                upstream_name: upstream.url(),
+                max_message_size: MAX_MESSAGE_SIZE,
+                next_stream: AtomicU64::new(1),
+            }),
+            closing,
+        })
+    }
+
+    fn spawn<W: Wire>(
+        &self,
+        api: Api,
+        requests: Streaming<W::Req>,
+    ) -> ReceiverStream<Result<W::Resp, Status>> {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let ctx = self.ctx.clone();
+        let mut closing = self.closing.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = closing.wait_for(|c| *c) => {}
+                _ = stream::run::<W>(ctx, api, requests, tx) => {}
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
+type Out<T> = ReceiverStream<Result<T, Status>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for ProxyServer {
+    type StreamAggregatedResourcesStream = Out<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = Out<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        Ok(Response::new(
+            self.spawn::<Sotw>(Api::Ads, request.into_inner()),
+        ))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        Ok(Response::new(
+            self.spawn::<Delta>(Api::Ads, request.into_inner()),
+        ))
+    }
+}
+
+#[tonic::async_trait]
+impl ExtensionConfigDiscoveryService for ProxyServer {
+    type StreamExtensionConfigsStream = Out<DiscoveryResponse>;
+    type DeltaExtensionConfigsStream = Out<DeltaDiscoveryResponse>;
+
+    async fn stream_extension_configs(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamExtensionConfigsStream>, Status> {
+        Ok(Response::new(
+            self.spawn::<Sotw>(Api::Ecds, request.into_inner()),
+        ))
+    }
+
+    async fn delta_extension_configs(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaExtensionConfigsStream>, Status> {
+        Ok(Response::new(
+            self.spawn::<Delta>(Api::Ecds, request.into_inner()),
+        ))
+    }
+
+    async fn fetch_extension_configs(
+        &self,
+        _request: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        Err(Status::unimplemented(
+            "the proxy forwards streams only: use StreamExtensionConfigs",
+        ))
+    }
+}
+
+/// Serves the proxy's xDS services on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    server: ProxyServer,
+    closing: watch::Sender<bool>,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(crate::xds::server::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(crate::xds::server::KEEPALIVE_TIMEOUT))
+        .add_service(
+            AggregatedDiscoveryServiceServer::new(server.clone())
+                .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(MAX_MESSAGE_SIZE),
+        )
+        .add_service(
+            ExtensionConfigDiscoveryServiceServer::new(server)
+                .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(MAX_MESSAGE_SIZE),
+        )
+        .serve_with_incoming_shutdown(incoming, async move {
+            shutdown.await;
+            let _ = closing.send(true);
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "proxy xds server failed");
+    }
+}

@@ -1,0 +1,229 @@
+//! One proxied Envoy stream (behavior.md §11): its own upstream stream of the same kind, every
+//! message forwarded at once but ECDS responses, which wait for their conversion.
+//!
+//! - Requests (ACKs and NACKs included) go upstream as they come. Envoy's ACK of a response the
+//!   proxy pushed itself (a re-push, below) names a nonce the upstream never sent: it goes up
+//!   with the nonce of the last upstream response of that type instead.
+//! - ECDS responses are converted; meanwhile other types keep flowing both ways. A newer SotW
+//!   response replaces one still converting (it is the whole state); delta responses are
+//!   forwarded in order. A response that cannot be converted is NACKed upstream with the last
+//!   version Envoy accepted on this stream, and Envoy never sees it.
+//! - When an identity's result changes later (a background retry succeeded), the resources using
+//!   it are pushed again with a nonce of the proxy's own.
+//! - A lost upstream stream is opened again with backoff, replaying what Envoy asked for; Envoy's
+//!   stream stays open and Envoy keeps its config meanwhile.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Status, Streaming};
+
+use super::convert::{self, Converting};
+use super::hub::Hub;
+use super::wire::Wire;
+use crate::backoff::{Backoff, WATCH};
+use crate::metrics::{ConversionResult, Metrics};
+use crate::xds::{Api, ECDS_TYPE_URL};
+
+/// Prefix of the nonces of the proxy's own pushes.
+const OWN_NONCE: &str = "wasm-ecds-proxy/";
+
+/// What every proxied stream shares.
+pub struct Context {
+    pub hub: Arc<Hub>,
+    pub metrics: Metrics,
+    pub upstream: Channel,
+    pub upstream_name: String,
+    pub max_message_size: usize,
+    pub next_stream: AtomicU64,
+}
+
+/// An upstream stream being opened, or open.
+enum Upstream<W: Wire> {
+    Opening(BoxFuture<'static, Result<Streaming<W::Resp>, Status>>),
+    Waiting(std::pin::Pin<Box<tokio::time::Sleep>>),
+    Open(Box<Streaming<W::Resp>>),
+}
+
+/// Runs one Envoy stream until Envoy goes away (or `out` is closed).
+pub async fn run<W: Wire>(
+    ctx: Arc<Context>,
+    api: Api,
+    mut downstream: Streaming<W::Req>,
+    out: mpsc::Sender<Result<W::Resp, Status>>,
+) {
+    let id = ctx.next_stream.fetch_add(1, Ordering::Relaxed);
+    let mut memory = W::Memory::default();
+    let mut sent = W::Sent::default();
+    // Per type: the last upstream nonce forwarded (to answer for the proxy's own pushes).
+    let mut last_nonce: BTreeMap<String, String> = BTreeMap::new();
+    // The last ECDS version Envoy accepted on this stream (for NACKs sent on its behalf).
+    let mut accepted = String::new();
+    let mut converting: VecDeque<(W::Resp, Converting)> = VecDeque::new();
+    let mut own_pushes = 0u64;
+    let mut epoch = ctx.hub.epoch();
+    let mut backoff = Backoff::new(WATCH, Some(id));
+    let (mut to_upstream, mut upstream) = open::<W>(&ctx, api, &memory);
+    loop {
+        tokio::select! {
+            req = downstream.message() => {
+                let mut req = match req {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(stream = id, error = %e, "envoy stream ended");
+                        break;
+                    }
+                };
+                let type_url = W::req_type(&req).to_string();
+                if type_url == ECDS_TYPE_URL {
+                    if let Some(v) = W::req_accepted(&req) {
+                        accepted = v.to_string();
+                    }
+                }
+                if W::req_nonce(&mut req).starts_with(OWN_NONCE) {
+                    *W::req_nonce(&mut req) = last_nonce.get(&type_url).cloned().unwrap_or_default();
+                }
+                W::remember_request(&mut memory, &req);
+                let _ = to_upstream.send(req);
+            }
+            event = next_upstream::<W>(&mut upstream) => match event {
+                UpstreamEvent::Reopen => {
+                    (to_upstream, upstream) = open::<W>(&ctx, api, &memory);
+                }
+                UpstreamEvent::Response(resp) => {
+                    backoff.reset();
+                    let type_url = W::resp_type(&resp).to_string();
+                    last_nonce.insert(type_url.clone(), W::resp_nonce(&resp).to_string());
+                    if type_url != ECDS_TYPE_URL {
+                        W::remember_response(&mut memory, &resp);
+                        if out.send(Ok(resp)).await.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                    match convert::start(&ctx.hub, &ctx.metrics, &W::resources(&resp)) {
+                        Ok(c) => {
+                            if W::SUPERSEDES {
+                                converting.clear();
+                            }
+                            converting.push_back((resp, c));
+                        }
+                        Err(e) => {
+                            tracing::warn!(stream = id, error = %e, "ECDS response refused: NACKed upstream");
+                            let _ = to_upstream.send(W::nack(&memory, &resp, &accepted, e));
+                        }
+                    }
+                }
+                UpstreamEvent::Lost(e) => {
+                    tracing::warn!(stream = id, upstream = %ctx.upstream_name, error = %e, "upstream stream lost; reconnecting");
+                    upstream = Upstream::Waiting(Box::pin(tokio::time::sleep(backoff.next_delay())));
+                }
+            },
+            () = head_ready(&mut converting) => {
+                let (resp, mut c) = converting.pop_front().expect("a head is ready");
+                match c.render(ctx.max_message_size) {
+                    Ok(resources) => {
+                        for e in c.errors() {
+                            tracing::warn!(stream = id, "serving a fallback for {e}");
+                        }
+                        let nonce = W::resp_nonce(&resp).to_string();
+                        let forwarded = W::rebuild(&resp, resources, nonce);
+                        W::remember_response(&mut memory, &forwarded);
+                        W::sent(&mut sent, resp, c);
+                        if out.send(Ok(forwarded)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        ctx.metrics.record_conversion(ConversionResult::MarshalFailure, 0.0);
+                        tracing::warn!(stream = id, error = %e, "ECDS response cannot be sent: NACKed upstream");
+                        let _ = to_upstream.send(W::nack(&memory, &resp, &accepted, e));
+                    }
+                }
+            }
+            changed = epoch.changed() => {
+                if changed.is_err() {
+                    continue;
+                }
+                own_pushes += 1;
+                let nonce = format!("{OWN_NONCE}{id}/{own_pushes}");
+                match W::repush(&mut sent, nonce, ctx.max_message_size) {
+                    None => {}
+                    Some(Ok(resp)) => {
+                        tracing::info!(stream = id, "pushing converted resources again: their module or fallback changed");
+                        W::remember_response(&mut memory, &resp);
+                        if out.send(Ok(resp)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(Err(e)) => tracing::warn!(stream = id, error = %e, "cannot push converted resources again"),
+                }
+            }
+        }
+    }
+}
+
+/// Opens an upstream stream, queueing the replay of what Envoy asked for so far.
+fn open<W: Wire>(
+    ctx: &Context,
+    api: Api,
+    memory: &W::Memory,
+) -> (mpsc::UnboundedSender<W::Req>, Upstream<W>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    for req in W::replay(memory) {
+        let _ = tx.send(req);
+    }
+    let call = W::open(
+        ctx.upstream.clone(),
+        api,
+        ctx.max_message_size,
+        UnboundedReceiverStream::new(rx),
+    );
+    (tx, Upstream::Opening(call))
+}
+
+/// What the upstream side has next.
+enum UpstreamEvent<R> {
+    Response(R),
+    /// The stream is lost: wait, then open it again.
+    Lost(Status),
+    /// The wait after a loss is over.
+    Reopen,
+}
+
+/// The next upstream event. Cancel-safe: an opening call or a wait is resumed where it was.
+async fn next_upstream<W: Wire>(upstream: &mut Upstream<W>) -> UpstreamEvent<W::Resp> {
+    match upstream {
+        Upstream::Waiting(sleep) => {
+            sleep.await;
+            return UpstreamEvent::Reopen;
+        }
+        Upstream::Opening(call) => match call.await {
+            Ok(opened) => *upstream = Upstream::Open(Box::new(opened)),
+            Err(e) => return UpstreamEvent::Lost(e),
+        },
+        Upstream::Open(_) => {}
+    }
+    let Upstream::Open(s) = upstream else {
+        unreachable!("opened above")
+    };
+    match s.message().await {
+        Ok(Some(r)) => UpstreamEvent::Response(r),
+        Ok(None) => UpstreamEvent::Lost(Status::unavailable("upstream closed the stream")),
+        Err(e) => UpstreamEvent::Lost(e),
+    }
+}
+
+/// Completes when the oldest response being converted has all its results.
+async fn head_ready<R>(converting: &mut VecDeque<(R, Converting)>) {
+    match converting.front_mut() {
+        Some((_, c)) => c.ready().await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,316 @@
+//! `proxy` mode against a real upstream that is not wasm-ecds (the Python xDS server of
+//! `tests/support/upstream_ads.py`) and real HTTP module servers, with the crate's tonic client in
+//! Envoy's place: conversion of remote-load configs (direct and TypedStruct), other types passed
+//! through, NACKs upstream for unreadable resources, fallbacks pushed again once a background
+//! retry succeeds, Always and IfNotPresent on resource-version bumps, delta, upstream restarts and
+//! one download shared by many streams.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig;
+use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
+use envoy_types::pb::envoy::extensions::wasm::v3::plugin_config::Vm;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use prost::Message;
+use serde_json::{json, Value};
+use tokio::time::timeout;
+use wasm_ecds::config::{Config, Delivery};
+use wasm_ecds::convert::{decode_delivered, Code, Delivered};
+use wasm_ecds::fetch::hyper_transport::HyperTransport;
+use wasm_ecds::proxy::UpstreamOptions;
+use wasm_ecds::serve::{self, ServeSetup, ServerHandle};
+use wasm_ecds::xds::client::{self, SotwSession};
+use wasm_ecds::xds::Api;
+
+use support::faults::{ModuleServer, RawReply, RawServer, Route};
+use support::upstream::{ecds_resource, Upstream, ECDS_TYPE_URL, LDS_TYPE_URL};
+
+const WAIT: Duration = Duration::from_secs(30);
+const AUTH: &str = "istio.basic_auth";
+const WASM: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+
+struct Proxy {
+    handle: ServerHandle,
+    _cache: tempfile::TempDir,
+}
+
+impl Proxy {
+    async fn start(upstream: SocketAddr) -> Proxy {
+        let cache = tempfile::tempdir().unwrap();
+        let config = Config {
+            cache_dir: cache.path().to_path_buf(),
+            delivery: Delivery::File,
+            http_request_max_retries: 1,
+            ..Config::default()
+        };
+        let transport = Arc::new(HyperTransport::new(&config, Vec::new()).unwrap());
+        let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+        let handle = serve::start(ServeSetup {
+            config,
+            plugin_paths: Vec::new(),
+            xds_listener: bind().await.unwrap(),
+            admin_listener: bind().await.unwrap(),
+            transport,
+            fetch_config: None,
+            kube: None,
+            proxy: Some(UpstreamOptions {
+                address: upstream.to_string(),
+            }),
+        })
+        .await
+        .unwrap();
+        Proxy {
+            handle,
+            _cache: cache,
+        }
+    }
+
+    async fn ads(&self, first: DiscoveryRequest) -> SotwSession {
+        let channel = client::connect(self.handle.xds_address).await.unwrap();
+        SotwSession::open(channel, Api::Ads, first).await.unwrap()
+    }
+
+    fn metric(&self, series: &str) -> f64 {
+        self.handle
+            .shared
+            .metrics
+            .samples()
+            .get(series)
+            .copied()
+            .unwrap_or(0.0)
+    }
+}
+
+/// A remote-load config as Istio's control plane sends it: TypedStruct-wrapped or direct.
+fn remote(url: &str, sha: &str, env: Value, typed_struct: bool, fail_open: bool) -> Value {
+    let config = json!({
+        "root_id": "auth_root",
+        "failure_policy": if fail_open { "FAIL_OPEN" } else { "FAIL_CLOSED" },
+        "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": "{\"users\":1}"},
+        "vm_config": {"vm_id": "auth", "runtime": "envoy.wasm.runtime.v8",
+            "environment_variables": {"key_values": env},
+            "code": {"remote": {"http_uri": {"uri": url, "cluster": "_", "timeout": "10s"}, "sha256": sha}}}
+    });
+    let typed = if typed_struct {
+        json!({"@type": "type.googleapis.com/udpa.type.v1.TypedStruct", "type_url": WASM, "value": {"config": config}})
+    } else {
+        json!({"@type": WASM, "config": config})
+    };
+    ecds_resource(AUTH, typed)
+}
+
+fn listener() -> Value {
+    json!({"@type": LDS_TYPE_URL, "name": "in",
+           "address": {"socket_address": {"address": "127.0.0.1", "port_value": 10000}}})
+}
+
+async fn recv(s: &mut SotwSession) -> DiscoveryResponse {
+    timeout(WAIT, s.recv())
+        .await
+        .expect("no response in time")
+        .expect("stream failed")
+        .expect("stream ended")
+}
+
+fn first_config(r: &DiscoveryResponse) -> TypedExtensionConfig {
+    TypedExtensionConfig::decode(r.resources[0].value.as_slice()).unwrap()
+}
+
+/// Subscribes an ADS stream to LDS (wildcard) and the auth resource; returns the ECDS response.
+async fn subscribe(proxy: &Proxy) -> (SotwSession, DiscoveryResponse) {
+    let mut s = proxy
+        .ads(DiscoveryRequest {
+            type_url: LDS_TYPE_URL.into(),
+            ..client::sotw_subscribe("n1", &[])
+        })
+        .await;
+    let lds = recv(&mut s).await;
+    assert_eq!(lds.type_url, LDS_TYPE_URL);
+    s.send(DiscoveryRequest {
+        node: None,
+        ..client::sotw_subscribe("n1", &[AUTH.to_string()])
+    })
+    .await
+    .unwrap();
+    let ecds = recv(&mut s).await;
+    assert_eq!(ecds.type_url, ECDS_TYPE_URL);
+    (s, ecds)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn converts_remote_configs_keeping_the_rest_and_passes_other_types() {
+    let Some(up) = Upstream::start() else { return };
+    let module = support::proxy_wasm_test_module();
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&module));
+    let http = ModuleServer::start(vec![("/auth.wasm", Route::Body(module.clone()))]).await;
+    let env = json!({"ISTIO_META_WASM_IMAGE_PULL_POLICY": "IfNotPresent",
+                     "ISTIO_META_WASM_PLUGIN_RESOURCE_VERSION": "7", "KEEP": "me"});
+    for typed_struct in [true, false] {
+        up.set(LDS_TYPE_URL, "l1", vec![listener()]);
+        let url = http.url("/auth.wasm");
+        up.set(
+            ECDS_TYPE_URL,
+            "e1",
+            vec![remote(&url, &sha, env.clone(), typed_struct, false)],
+        );
+        let proxy = Proxy::start(up.addr()).await;
+        let (s, ecds) = subscribe(&proxy).await;
+        assert_eq!(ecds.version_info, "e1");
+        let config = first_config(&ecds);
+        assert_eq!(config.name, AUTH);
+        let Some(Delivered::Module(Code::File(path))) = decode_delivered(&config) else {
+            panic!("not converted to a file: {config:?}")
+        };
+        assert_eq!(std::fs::read(&path).unwrap(), module);
+        let tc = config.typed_config.unwrap();
+        assert_eq!(
+            tc.type_url, WASM,
+            "TypedStruct unwrapped to the real message"
+        );
+        let pc = Wasm::decode(tc.value.as_slice()).unwrap().config.unwrap();
+        assert_eq!(pc.root_id, "auth_root");
+        assert!(pc.configuration.is_some());
+        let Some(Vm::VmConfig(vm)) = pc.vm else {
+            panic!()
+        };
+        assert_eq!(vm.vm_id, "auth");
+        let env = vm.environment_variables.unwrap().key_values;
+        assert_eq!(env.len(), 1, "ISTIO_META_* stripped: {env:?}");
+        assert_eq!(env["KEEP"], "me");
+        // The ACK reaches the upstream as Envoy sent it.
+        s.send(client::sotw_ack(&[AUTH.to_string()], &ecds))
+            .await
+            .unwrap();
+        let nonce = ecds.nonce.clone();
+        up.wait_event(WAIT, |e| {
+            e["event"] == "request"
+                && e["type_url"] == ECDS_TYPE_URL
+                && e["response_nonce"] == nonce.as_str()
+                && e["version_info"] == "e1"
+                && e["error_detail"].is_null()
+        })
+        .await;
+        assert_eq!(
+            proxy.metric(r#"istio_agent_wasm_config_conversion_count{result="success"}"#),
+            1.0
+        );
+        proxy.handle.shutdown().await;
+    }
+    assert_eq!(http.hits("/auth.wasm"), 2, "one pull per fresh cache");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_resources_are_nacked_upstream_and_never_reach_envoy() {
+    let Some(up) = Upstream::start() else { return };
+    let module = support::proxy_wasm_test_module();
+    let http = ModuleServer::start(vec![("/auth.wasm", Route::Body(module))]).await;
+    let url = http.url("/auth.wasm");
+    up.set(LDS_TYPE_URL, "l1", vec![listener()]);
+    up.set(
+        ECDS_TYPE_URL,
+        "e1",
+        vec![remote(&url, "", json!({}), true, false)],
+    );
+    let proxy = Proxy::start(up.addr()).await;
+    let (mut s, ecds) = subscribe(&proxy).await;
+    s.send(client::sotw_ack(&[AUTH.to_string()], &ecds))
+        .await
+        .unwrap();
+    // A garbage TypedExtensionConfig: NACKed upstream with the version Envoy accepted.
+    up.set_raw(ECDS_TYPE_URL, "e2", AUTH, &[0xff, 0xff, 0x01]);
+    let nack = up
+        .wait_event(WAIT, |e| {
+            e["event"] == "request"
+                && e["type_url"] == ECDS_TYPE_URL
+                && !e["error_detail"].is_null()
+        })
+        .await;
+    assert_eq!(nack["version_info"], "e1", "{nack}");
+    assert!(
+        nack["error_detail"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("failed to unmarshal"),
+        "{nack}"
+    );
+    // Envoy's next message is the next good version, not the broken one.
+    up.set(
+        ECDS_TYPE_URL,
+        "e3",
+        vec![remote(&url, "", json!({}), false, false)],
+    );
+    let next = recv(&mut s).await;
+    assert_eq!(next.version_info, "e3");
+    assert_eq!(
+        proxy.metric(r#"istio_agent_wasm_config_conversion_count{result="unmarshal_failure"}"#),
+        1.0
+    );
+    proxy.handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_download_serves_the_fallback_then_the_module_once_a_retry_succeeds() {
+    let Some(up) = Upstream::start() else { return };
+    let module = support::proxy_wasm_test_module();
+    let up_now = Arc::new(AtomicBool::new(false));
+    let flag = up_now.clone();
+    let body = module.clone();
+    let http = RawServer::start(move |_, _| {
+        if flag.load(Ordering::SeqCst) {
+            RawReply::ok(body.clone())
+        } else {
+            RawReply::Full {
+                status: 503,
+                headers: Vec::new(),
+                body: Vec::new(),
+            }
+        }
+    })
+    .await;
+    up.set(LDS_TYPE_URL, "l1", vec![listener()]);
+    for (fail_open, fallback) in [(false, Delivered::DenyAll), (true, Delivered::AllowAll)] {
+        let path = format!("/m-{fail_open}.wasm");
+        up_now.store(false, Ordering::SeqCst);
+        up.set(
+            ECDS_TYPE_URL,
+            "e1",
+            vec![remote(&http.url(&path), "", json!({}), true, fail_open)],
+        );
+        let proxy = Proxy::start(up.addr()).await;
+        let (mut s, ecds) = subscribe(&proxy).await;
+        assert_eq!(decode_delivered(&first_config(&ecds)), Some(fallback));
+        s.send(client::sotw_ack(&[AUTH.to_string()], &ecds))
+            .await
+            .unwrap();
+        // The server comes back: the background retry pulls, the proxy pushes on its own.
+        up_now.store(true, Ordering::SeqCst);
+        let again = recv(&mut s).await;
+        assert!(
+            again.nonce.starts_with("wasm-ecds-proxy/"),
+            "{}",
+            again.nonce
+        );
+        assert_eq!(again.version_info, "e1");
+        let Some(Delivered::Module(Code::File(_))) = decode_delivered(&first_config(&again)) else {
+            panic!("no module after the retry")
+        };
+        // Envoy's ACK of the proxy's own push goes upstream under the upstream's nonce.
+        let mark = up.mark();
+        s.send(client::sotw_ack(&[AUTH.to_string()], &again))
+            .await
+            .unwrap();
+        let ack = up
+            .wait_event_after(mark, WAIT, |e| {
+                e["event"] == "request" && e["type_url"] == ECDS_TYPE_URL
+            })
+            .await;
+        assert_eq!(ack["response_nonce"], ecds.nonce.as_str(), "{ack}");
+        assert!(ack["error_detail"].is_null());
+        proxy.handle.shutdown().await;
+    }
+}
