@@ -221,6 +221,13 @@ async fn unreadable_resources_are_nacked_upstream_and_never_reach_envoy() {
     s.send(client::sotw_ack(&[AUTH.to_string()], &ecds))
         .await
         .unwrap();
+    let nonce = ecds.nonce.clone();
+    up.wait_event(WAIT, |e| {
+        e["event"] == "request"
+            && e["response_nonce"] == nonce.as_str()
+            && e["version_info"] == "e1"
+    })
+    .await;
     // A garbage TypedExtensionConfig: NACKed upstream with the version Envoy accepted.
     up.set_raw(ECDS_TYPE_URL, "e2", AUTH, &[0xff, 0xff, 0x01]);
     let nack = up
@@ -313,4 +320,135 @@ async fn a_failed_download_serves_the_fallback_then_the_module_once_a_retry_succ
         assert!(ack["error_detail"].is_null());
         proxy.handle.shutdown().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn always_pulls_again_on_a_resource_version_bump_if_not_present_does_not() {
+    let Some(up) = Upstream::start() else { return };
+    let module = support::proxy_wasm_test_module();
+    let http = ModuleServer::start(vec![
+        ("/always.wasm", Route::Body(module.clone())),
+        ("/ifnp.wasm", Route::Body(module)),
+    ])
+    .await;
+    up.set(LDS_TYPE_URL, "l1", vec![listener()]);
+    for (policy, path, pulls) in [
+        ("Always", "/always.wasm", 2),
+        ("IfNotPresent", "/ifnp.wasm", 1),
+    ] {
+        let env = |rv: &str| {
+            json!({"ISTIO_META_WASM_IMAGE_PULL_POLICY": policy,
+                   "ISTIO_META_WASM_PLUGIN_RESOURCE_VERSION": rv})
+        };
+        let url = http.url(path);
+        up.set(
+            ECDS_TYPE_URL,
+            "e1",
+            vec![remote(&url, "", env("1"), true, false)],
+        );
+        let proxy = Proxy::start(up.addr()).await;
+        let (mut s, ecds) = subscribe(&proxy).await;
+        s.send(client::sotw_ack(&[AUTH.to_string()], &ecds))
+            .await
+            .unwrap();
+        // The same resource version again (an unrelated push): no pull whatever the policy.
+        up.set(
+            ECDS_TYPE_URL,
+            "e2",
+            vec![remote(&url, "", env("1"), true, false)],
+        );
+        let same = recv(&mut s).await;
+        s.send(client::sotw_ack(&[AUTH.to_string()], &same))
+            .await
+            .unwrap();
+        assert_eq!(http.hits(path), 1, "{policy}: same resource version");
+        up.set(
+            ECDS_TYPE_URL,
+            "e3",
+            vec![remote(&url, "", env("2"), true, false)],
+        );
+        let bumped = recv(&mut s).await;
+        assert_eq!(bumped.version_info, "e3");
+        assert_eq!(http.hits(path), pulls, "{policy}: resource version bumped");
+        proxy.handle.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_restart_keeps_the_envoy_stream_and_resumes() {
+    let Some(up) = Upstream::start() else { return };
+    let port = up.port();
+    let module = support::proxy_wasm_test_module();
+    let http = ModuleServer::start(vec![("/auth.wasm", Route::Body(module))]).await;
+    let url = http.url("/auth.wasm");
+    up.set(LDS_TYPE_URL, "l1", vec![listener()]);
+    up.set(
+        ECDS_TYPE_URL,
+        "e1",
+        vec![remote(&url, "", json!({}), true, false)],
+    );
+    let proxy = Proxy::start(up.addr()).await;
+    let (mut s, ecds) = subscribe(&proxy).await;
+    s.send(client::sotw_ack(&[AUTH.to_string()], &ecds))
+        .await
+        .unwrap();
+    up.kill();
+    drop(up);
+    let up = Upstream::start_on(port).expect("upstream restarts");
+    up.set(LDS_TYPE_URL, "l2", vec![listener()]);
+    up.set(
+        ECDS_TYPE_URL,
+        "e2",
+        vec![remote(&url, "", json!({}), true, false)],
+    );
+    // The proxy reconnects on its own and replays the subscriptions, the node first.
+    let open = up.wait_event(WAIT, |e| e["event"] == "stream_open").await;
+    assert_eq!(open["node"], "n1", "{open}");
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let r = recv(&mut s).await;
+        got.push((r.type_url.clone(), r.version_info.clone()));
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            (ECDS_TYPE_URL.to_string(), "e2".to_string()),
+            (LDS_TYPE_URL.to_string(), "l2".to_string())
+        ]
+    );
+    assert_eq!(http.hits("/auth.wasm"), 1, "the converted module is reused");
+    proxy.handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_streams_share_one_download() {
+    let Some(up) = Upstream::start() else { return };
+    let module = support::proxy_wasm_test_module();
+    let http = ModuleServer::start(vec![("/auth.wasm", Route::Body(module))]).await;
+    let url = http.url("/auth.wasm");
+    up.set(
+        ECDS_TYPE_URL,
+        "e1",
+        vec![remote(&url, "", json!({}), true, false)],
+    );
+    let proxy = Proxy::start(up.addr()).await;
+    let channel = client::connect(proxy.handle.xds_address).await.unwrap();
+    let mut streams = Vec::new();
+    for i in 0..200 {
+        let first = client::sotw_subscribe(&format!("n{i}"), &[AUTH.to_string()]);
+        streams.push(
+            SotwSession::open(channel.clone(), Api::Ecds, first)
+                .await
+                .unwrap(),
+        );
+    }
+    for s in &mut streams {
+        let r = recv(s).await;
+        let Some(Delivered::Module(Code::File(_))) = decode_delivered(&first_config(&r)) else {
+            panic!("not converted")
+        };
+    }
+    assert_eq!(http.hits("/auth.wasm"), 1);
+    proxy.handle.shutdown().await;
 }
