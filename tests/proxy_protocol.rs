@@ -41,13 +41,18 @@ struct Proxy {
 
 impl Proxy {
     async fn start(upstream: SocketAddr) -> Proxy {
+        Self::start_with(upstream, |_| {}).await
+    }
+
+    async fn start_with(upstream: SocketAddr, tune: impl FnOnce(&mut Config)) -> Proxy {
         let cache = tempfile::tempdir().unwrap();
-        let config = Config {
+        let mut config = Config {
             cache_dir: cache.path().to_path_buf(),
             delivery: Delivery::File,
             http_request_max_retries: 1,
             ..Config::default()
         };
+        tune(&mut config);
         let transport = Arc::new(HyperTransport::new(&config, Vec::new()).unwrap());
         let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
         let handle = serve::start(ServeSetup {
@@ -449,6 +454,162 @@ async fn many_streams_share_one_download() {
             panic!("not converted")
         };
     }
+    assert_eq!(http.hits("/auth.wasm"), 1);
+    proxy.handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_response_is_never_overtaken_by_an_older_one_converting_longer() {
+    let Some(up) = Upstream::start() else { return };
+    let module = support::proxy_wasm_test_module();
+    let http = ModuleServer::start(vec![("/fast.wasm", Route::Body(module))]).await;
+    // The slow module: headers and a few bytes, then nothing until the request times out.
+    let slow = RawServer::start(|_, _| RawReply::Stall {
+        announced: 1000,
+        body: b"\0asm".to_vec(),
+    })
+    .await;
+    up.set(LDS_TYPE_URL, "l1", vec![listener()]);
+    up.set(
+        ECDS_TYPE_URL,
+        "e1",
+        vec![remote(&http.url("/fast.wasm"), "", json!({}), true, false)],
+    );
+    let proxy = Proxy::start_with(up.addr(), |c| {
+        c.http_request_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let (mut s, ecds) = subscribe(&proxy).await;
+    s.send(client::sotw_ack(&[AUTH.to_string()], &ecds))
+        .await
+        .unwrap();
+    // e2 waits for the stalled download; e3, sent right after, converts at once.
+    up.set(
+        ECDS_TYPE_URL,
+        "e2",
+        vec![remote(&slow.url("/slow.wasm"), "", json!({}), true, false)],
+    );
+    up.wait_event(WAIT, |e| e["event"] == "response" && e["version"] == "e2")
+        .await;
+    up.set(
+        ECDS_TYPE_URL,
+        "e3",
+        vec![remote(
+            &http.url("/fast.wasm"),
+            "",
+            json!({"X": "3"}),
+            true,
+            false,
+        )],
+    );
+    let next = recv(&mut s).await;
+    assert_eq!(next.version_info, "e3");
+    s.send(client::sotw_ack(&[AUTH.to_string()], &next))
+        .await
+        .unwrap();
+    // The stalled download ends (timed out) after e3 was forwarded; e2 must not follow it.
+    wait_metric(
+        &proxy,
+        r#"istio_agent_wasm_remote_fetch_count{result="download_failure"}"#,
+    )
+    .await;
+    up.set(
+        ECDS_TYPE_URL,
+        "e4",
+        vec![remote(
+            &http.url("/fast.wasm"),
+            "",
+            json!({"X": "4"}),
+            true,
+            false,
+        )],
+    );
+    assert_eq!(
+        recv(&mut s).await.version_info,
+        "e4",
+        "nothing came between e3 and e4"
+    );
+    proxy.handle.shutdown().await;
+}
+
+async fn wait_metric(proxy: &Proxy, series: &str) {
+    timeout(WAIT, async {
+        while proxy.metric(series) < 1.0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "{series} stayed 0: {:?}",
+            proxy.handle.shared.metrics.samples()
+        )
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_converts_per_resource_keeps_versions_and_passes_removals() {
+    use wasm_ecds::xds::client::DeltaSession;
+    let Some(up) = Upstream::start() else { return };
+    let module = support::proxy_wasm_test_module();
+    let http = ModuleServer::start(vec![("/auth.wasm", Route::Body(module))]).await;
+    let url = http.url("/auth.wasm");
+    let other = |v: &str| {
+        ecds_resource(
+            "other",
+            json!({"@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+                   "rules_stat_prefix": v}),
+        )
+    };
+    let mut auth = remote(&url, "", json!({}), true, false);
+    auth["@version"] = json!("a1");
+    let mut o1 = other("o1");
+    o1["@version"] = json!("o1");
+    up.set(ECDS_TYPE_URL, "s1", vec![auth, o1]);
+    let proxy = Proxy::start(up.addr()).await;
+    let channel = client::connect(proxy.handle.xds_address).await.unwrap();
+    let names = [AUTH.to_string(), "other".to_string()];
+    let first = client::delta_subscribe("d1", &names, Default::default());
+    let mut s = DeltaSession::open(channel, Api::Ads, first).await.unwrap();
+    let r = timeout(WAIT, s.recv()).await.unwrap().unwrap().unwrap();
+    let mut versions: Vec<(String, String)> = (r.resources.iter())
+        .map(|x| (x.name.clone(), x.version.clone()))
+        .collect();
+    versions.sort();
+    assert_eq!(
+        versions,
+        [(AUTH.into(), "a1".into()), ("other".into(), "o1".into())]
+    );
+    for (res, config) in r.resources.iter().zip(client::decode_delta(&r).unwrap()) {
+        match res.name.as_str() {
+            AUTH => assert!(matches!(
+                decode_delivered(&config),
+                Some(Delivered::Module(Code::File(_)))
+            )),
+            _ => assert_eq!(
+                decode_delivered(&config),
+                Some(Delivered::AllowAll),
+                "passed as is"
+            ),
+        }
+    }
+    s.send(client::delta_ack(&r)).await.unwrap();
+    // Only `other` changes, then goes: the auth resource is neither resent nor converted again.
+    let mut o2 = other("o2");
+    o2["@version"] = json!("o2");
+    let mut auth = remote(&url, "", json!({}), true, false);
+    auth["@version"] = json!("a1");
+    up.set(ECDS_TYPE_URL, "s2", vec![auth.clone(), o2]);
+    let r = timeout(WAIT, s.recv()).await.unwrap().unwrap().unwrap();
+    let changed: Vec<&str> = r.resources.iter().map(|x| x.name.as_str()).collect();
+    assert_eq!(
+        (changed, r.resources[0].version.as_str()),
+        (vec!["other"], "o2")
+    );
+    s.send(client::delta_ack(&r)).await.unwrap();
+    up.set(ECDS_TYPE_URL, "s3", vec![auth]);
+    let r = timeout(WAIT, s.recv()).await.unwrap().unwrap().unwrap();
+    assert_eq!(r.removed_resources, ["other"]);
     assert_eq!(http.hits("/auth.wasm"), 1);
     proxy.handle.shutdown().await;
 }
