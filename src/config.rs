@@ -29,6 +29,9 @@ pub enum Delivery {
     File,
     Inline,
     Http,
+    /// Nothing is pulled: the module's own URL goes out with the `ISTIO_META_*` variables, for a
+    /// `wasm-ecds proxy` (or Istio's agent) next to Envoy to convert (behavior.md §11).
+    Remote,
 }
 
 /// Everything the pull/cache core needs to know.

@@ -431,8 +431,64 @@ pub fn filter_for(
                 cluster: MODULES_CLUSTER.to_string(),
                 sha256: m.sha256.clone(),
             },
+            // Nothing is pulled with remote delivery: see `remote_resource`.
+            Delivery::Remote => return Ok(None),
         }),
     }))
+}
+
+/// The resource of a plugin under `--delivery remote`: its module's own URL and the variables a
+/// proxy converting it needs, as Istio's control plane sends them to its agent: the pull secret's
+/// docker config JSON (`Some(None)`: named but missing, sent empty), the pull policy when it is
+/// set, and the resource version `Always` pulls again on.
+pub fn remote_resource(
+    plugin: &WasmPlugin,
+    url: &str,
+    secret: Option<Option<String>>,
+    version: u64,
+) -> TypedExtensionConfig {
+    use crate::extension::{ENV_PULL_POLICY, ENV_PULL_SECRET, ENV_RESOURCE_VERSION};
+    use crate::plugin::ImagePullPolicy;
+    let code = Code::Remote {
+        uri: url.to_string(),
+        // Istio's placeholder: the agent fetches the module, no Envoy cluster is involved.
+        cluster: "_".to_string(),
+        sha256: plugin.spec.sha256.clone().unwrap_or_default(),
+    };
+    let mut resource = extension_config(plugin, Filter::Wasm(code));
+    let mut vars = vec![(ENV_RESOURCE_VERSION, version.to_string())];
+    if let Some(s) = secret {
+        vars.push((ENV_PULL_SECRET, s.unwrap_or_default()));
+    }
+    match plugin.spec.image_pull_policy {
+        ImagePullPolicy::Always => vars.push((ENV_PULL_POLICY, "Always".into())),
+        ImagePullPolicy::IfNotPresent => vars.push((ENV_PULL_POLICY, "IfNotPresent".into())),
+        ImagePullPolicy::Unspecified => {}
+    }
+    if let Some(any) = resource.typed_config.as_mut() {
+        let network = any.type_url == NETWORK_WASM_TYPE_URL;
+        let config = if network {
+            NetworkWasm::decode(any.value.as_slice())
+                .ok()
+                .and_then(|w| w.config)
+        } else {
+            HttpWasm::decode(any.value.as_slice())
+                .ok()
+                .and_then(|w| w.config)
+        };
+        if let Some(mut config) = config {
+            if let Some(plugin_config::Vm::VmConfig(vm)) = config.vm.as_mut() {
+                let env = vm
+                    .environment_variables
+                    .get_or_insert_with(Default::default);
+                for (k, v) in vars {
+                    env.key_values.insert(k.to_string(), v);
+                }
+            }
+            *any = wasm_any(network, Some(config));
+        }
+    }
+    resource
 }
 
 /// Decodes what a resource delivers: the module code, or an RBAC fallback.

@@ -22,7 +22,7 @@ use serde_json::Value;
 
 use crate::cache::ReindexReport;
 use crate::clock::Timestamp;
-use crate::config::Config;
+use crate::config::{Config, Delivery};
 use crate::dispatch::{Completion, Dispatcher};
 use crate::engine::{Engine, EngineParts, Event, Serving};
 use crate::plugin::{FieldError, ObjectKey};
@@ -113,8 +113,8 @@ pub struct Driver {
     dispatcher: Dispatcher,
     objects: ObjectStore,
     resources: ResourceStore,
-    /// Plugins that have an ECDS resource.
-    published: BTreeSet<ObjectKey>,
+    /// Plugins that have an ECDS resource, with its name.
+    published: BTreeMap<ObjectKey, String>,
     /// Processings waiting for a fetch.
     outstanding: BTreeSet<u64>,
     /// The last refused object per plugin and why (see [`Driver::sync`]).
@@ -143,7 +143,7 @@ impl Driver {
             engine,
             dispatcher: Dispatcher::new(),
             objects: ObjectStore::new(),
-            published: BTreeSet::new(),
+            published: BTreeMap::new(),
             outstanding: BTreeSet::new(),
             refused: BTreeMap::new(),
             events: Vec::new(),
@@ -289,8 +289,15 @@ impl Driver {
         for secret in self.objects.secrets().values() {
             self.engine.upsert_secret(secret.clone());
         }
-        for vp in self.objects.plugins().values() {
-            self.engine.upsert_plugin(vp);
+        if self.parts.config.delivery == Delivery::Remote {
+            let keys: Vec<ObjectKey> = self.objects.plugins().keys().cloned().collect();
+            for k in keys {
+                self.publish_remote(&k);
+            }
+        } else {
+            for vp in self.objects.plugins().values() {
+                self.engine.upsert_plugin(vp);
+            }
         }
         Ok((report, self.dispatch()))
     }
@@ -319,6 +326,12 @@ impl Driver {
 
     /// Hands an admitted change to the engine and begins what it queued.
     fn hand_over(&mut self, change: Change) -> Applied {
+        if self.parts.config.delivery == Delivery::Remote && self.remote_change(&change) {
+            return Applied {
+                change,
+                ticket: Ticket::default(),
+            };
+        }
         match &change {
             Change::PluginCreated(k) | Change::PluginChanged(k) => {
                 if let Some(vp) = self.objects.plugin(k) {
@@ -505,14 +518,67 @@ impl Driver {
         self.events.extend(events);
     }
 
+    /// `--delivery remote`: nothing is pulled, a change is published as it is (see
+    /// [`crate::convert::remote_resource`]). Returns false for what the engine still handles (a
+    /// refusal).
+    fn remote_change(&mut self, change: &Change) -> bool {
+        match change {
+            Change::PluginCreated(k) | Change::PluginChanged(k) => self.publish_remote(k),
+            Change::PluginDeleted(k) => {
+                if let Some(name) = self.published.remove(k) {
+                    self.resources.remove(&name);
+                }
+            }
+            Change::SecretApplied(s) | Change::SecretDeleted(s) => {
+                let users: Vec<ObjectKey> = (self.objects.plugins().iter())
+                    .filter(|(k, vp)| {
+                        k.namespace == s.namespace
+                            && vp.plugin.spec.image_pull_secret.as_deref() == Some(&s.name)
+                    })
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in users {
+                    self.publish_remote(&k);
+                }
+            }
+            Change::Unchanged(_) => {}
+            Change::Refused { .. } => return false,
+        }
+        true
+    }
+
+    fn publish_remote(&mut self, key: &ObjectKey) {
+        let Some(vp) = self.objects.plugin(key) else {
+            return;
+        };
+        let plugin = &vp.plugin;
+        let resource = match &vp.url {
+            // A local file is named as such, as Istio's control plane does.
+            crate::url::ModuleUrl::File(path) => crate::convert::extension_config(
+                plugin,
+                crate::convert::Filter::Wasm(crate::convert::Code::File(path.into())),
+            ),
+            url => {
+                let secret = plugin.spec.image_pull_secret.as_ref().map(|name| {
+                    let k = ObjectKey::new(&key.namespace, name);
+                    self.objects.secrets().get(&k).map(|s| s.config.to_json())
+                });
+                crate::convert::remote_resource(plugin, &url.to_string(), secret, vp.version)
+            }
+        };
+        let name = plugin.resource_name();
+        self.resources.set(name.clone(), resource);
+        self.published.insert(key.clone(), name);
+    }
+
     fn publish_plugin(&mut self, key: &ObjectKey) {
-        let name = key.resource_name();
         let Some(st) = self.engine.plugin(key) else {
-            if self.published.remove(key) {
+            if let Some(name) = self.published.remove(key) {
                 self.resources.remove(&name);
             }
             return;
         };
+        let name = st.plugin.resource_name();
         let endpoint = &self.parts.module_endpoint;
         let resource = crate::convert::resource_for(
             &st.plugin,
@@ -523,8 +589,8 @@ impl Driver {
         );
         match resource {
             Ok(Some(r)) => {
-                self.resources.set(name, r);
-                self.published.insert(key.clone());
+                self.resources.set(name.clone(), r);
+                self.published.insert(key.clone(), name);
             }
             Ok(None) => {}
             Err(e) => {

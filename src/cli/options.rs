@@ -63,10 +63,11 @@ pub struct ServeArgs {
     #[arg(skip = DEFAULT_ADMIN_ADDRESS)]
     pub admin_address: SocketAddr,
     /// How module code reaches Envoy: file (a path on this host), inline (the bytes inside the
-    /// ECDS resource) or http (Envoy downloads it from the admin address).
+    /// ECDS resource), http (Envoy downloads it from the admin address) or remote (nothing is
+    /// pulled: the module's own URL and pull settings go out for a `wasm-ecds proxy` to convert).
     #[arg(
         long,
-        value_name = "file|inline|http",
+        value_name = "file|inline|http|remote",
         env = "WASM_ECDS_DELIVERY",
         default_value = "file"
     )]
@@ -267,6 +268,7 @@ impl ServeArgs {
             "file" => Delivery::File,
             "inline" => Delivery::Inline,
             "http" => Delivery::Http,
+            "remote" => Delivery::Remote,
             _ => {
                 return Err(self.name_source(
                     "delivery",
@@ -274,7 +276,7 @@ impl ServeArgs {
                         "WASM_ECDS_DELIVERY",
                         "delivery",
                         &self.delivery,
-                        "want file, inline or http",
+                        "want file, inline, http or remote",
                     ),
                 ))
             }

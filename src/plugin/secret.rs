@@ -77,6 +77,19 @@ struct RawAuth {
 }
 
 impl DockerConfig {
+    /// The docker config JSON of these credentials (`auths.<registry>.auth`), as a pull secret
+    /// is passed on to a proxy (behavior.md §11).
+    pub fn to_json(&self) -> String {
+        let auths: serde_json::Map<String, serde_json::Value> = (self.auths.iter())
+            .map(|(registry, c)| {
+                let auth = base64::engine::general_purpose::STANDARD
+                    .encode(format!("{}:{}", c.username, c.password));
+                (registry.clone(), serde_json::json!({ "auth": auth }))
+            })
+            .collect();
+        serde_json::json!({ "auths": auths }).to_string()
+    }
+
     /// Parses docker config JSON text. Errors never quote the secret material.
     pub fn parse(json: &[u8]) -> Result<Self, String> {
         let raw: RawDockerConfig = serde_json::from_slice(json)

@@ -69,8 +69,19 @@ impl Identity {
             PullSecretEnv::Missing => Some(MISSING_SECRET.to_string()),
             PullSecretEnv::Absent => None,
         };
-        let spec = serde_json::to_value(code.spec(template, secret_name)).expect("spec serializes");
-        let version = code.resource_version.clone().unwrap_or_default();
+        let spec = code.spec(template, secret_name);
+        // The resource version only matters to `Always` (as Istio's `shouldIgnoreResourceVersion`):
+        // under any other policy a bump is the same identity, with nothing to do.
+        let always = crate::url::ModuleUrl::parse(&spec.url)
+            .map(|url| {
+                crate::policy::decide(&spec, &url).policy == crate::policy::PullPolicy::Always
+            })
+            .unwrap_or(false);
+        let version = match &code.resource_version {
+            Some(v) if always => v.clone(),
+            _ => String::new(),
+        };
+        let spec = serde_json::to_value(spec).expect("spec serializes");
         let digest = short_hash(format!("{spec}\n{version}").as_bytes());
         let name = format!("{}-{digest}", readable(&template.name));
         let plugin = json!({
