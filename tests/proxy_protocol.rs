@@ -4,6 +4,8 @@
 //! through, NACKs upstream for unreadable resources, fallbacks pushed again once a background
 //! retry succeeds, Always and IfNotPresent on resource-version bumps, delta, upstream restarts and
 //! one download shared by many streams.
+//!
+//! Over 600 lines: one protocol scenario per test, all sharing the setup at the top.
 
 mod support;
 
@@ -611,5 +613,32 @@ async fn delta_converts_per_resource_keeps_versions_and_passes_removals() {
     let r = timeout(WAIT, s.recv()).await.unwrap().unwrap().unwrap();
     assert_eq!(r.removed_resources, ["other"]);
     assert_eq!(http.hits("/auth.wasm"), 1);
+    proxy.handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_uri_timeout_bounds_the_pull() {
+    let Some(up) = Upstream::start() else { return };
+    let slow = RawServer::start(|_, _| RawReply::Stall {
+        announced: 1000,
+        body: b"\0asm".to_vec(),
+    })
+    .await;
+    up.set(LDS_TYPE_URL, "l1", vec![listener()]);
+    let mut r = remote(&slow.url("/slow.wasm"), "", json!({}), true, false);
+    // http_uri.timeout of 300 ms, against a per-request timeout longer than any wait here: only
+    // the former can end the stalled pull.
+    let typed = &mut r["typed_config"]["value"]["config"]["vm_config"]["code"]["remote"];
+    typed["http_uri"]["timeout"] = json!("0.3s");
+    up.set(ECDS_TYPE_URL, "e1", vec![r]);
+    let proxy = Proxy::start_with(up.addr(), |c| {
+        c.http_request_timeout = Duration::from_secs(3600);
+    })
+    .await;
+    let (_s, ecds) = subscribe(&proxy).await;
+    assert_eq!(
+        decode_delivered(&first_config(&ecds)),
+        Some(Delivered::DenyAll)
+    );
     proxy.handle.shutdown().await;
 }

@@ -24,6 +24,8 @@ pub enum Job {
         url: HttpUrl,
         expected: Option<String>,
         conditional: Option<(ModuleKey, Validators)>,
+        /// The plugin's own pull timeout, if it has one.
+        timeout: Option<std::time::Duration>,
     },
     Oci {
         reference: OciRef,
@@ -33,6 +35,8 @@ pub enum Job {
         /// The cached modules of this name when the job was planned: an OCI pull stops after the
         /// manifest when the digest it resolves to is among them.
         cached: Arc<BTreeSet<ModuleKey>>,
+        /// The plugin's own pull timeout, if it has one.
+        timeout: Option<std::time::Duration>,
     },
 }
 
@@ -141,10 +145,11 @@ pub async fn run_job(fetcher: &Fetcher, job: &Job) -> Result<Obtained, Failure> 
             url,
             expected,
             conditional,
+            timeout,
         } => {
             let validators = conditional.as_ref().map(|(_, v)| v);
             let pull = fetcher
-                .fetch_http_conditional(url, fetcher.budget(), validators)
+                .fetch_http_conditional(url, fetcher.budget_within(*timeout), validators)
                 .await?;
             let (staged, validators) = match (pull, conditional) {
                 (HttpPull::Fetched(staged, validators), _) => (staged, validators),
@@ -171,8 +176,9 @@ pub async fn run_job(fetcher: &Fetcher, job: &Job) -> Result<Obtained, Failure> 
             credentials,
             expected,
             cached,
+            timeout,
         } => {
-            let budget = fetcher.budget();
+            let budget = fetcher.budget_within(*timeout);
             let resolved = fetcher
                 .oci_resolve(reference, credentials.as_ref(), budget)
                 .await?;

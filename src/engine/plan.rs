@@ -97,6 +97,7 @@ impl Engine {
                 }
             }
         }
+        let timeout = st.plugin.pull_timeout();
         Plan::Fetch(match reference {
             Ok(reference) => {
                 let name = st.url.module_name();
@@ -113,6 +114,7 @@ impl Engine {
                     credentials,
                     expected,
                     cached: Arc::new(cached),
+                    timeout,
                 }
             }
             Err(url) => {
@@ -129,6 +131,7 @@ impl Engine {
                     url,
                     expected,
                     conditional,
+                    timeout,
                 }
             }
         })

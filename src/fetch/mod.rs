@@ -252,7 +252,13 @@ pub struct Fetcher {
 impl Fetcher {
     /// A budget for one pull: the overall deadline starts now.
     pub fn budget(&self) -> PullBudget {
-        PullBudget::new(self.clock.now() + self.config.pull_deadline)
+        self.budget_within(None)
+    }
+
+    /// The budget of a pull that may take `limit` (a plugin's own timeout) instead of the
+    /// configured deadline.
+    pub fn budget_within(&self, limit: Option<Duration>) -> PullBudget {
+        PullBudget::new(self.clock.now() + limit.unwrap_or(self.config.pull_deadline))
     }
 
     pub fn now(&self) -> Timestamp {

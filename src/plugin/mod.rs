@@ -22,6 +22,9 @@ pub const WASM_PLUGIN_API_GROUP: &str = "extensions.istio.io";
 /// Prefix of ECDS resource names (behavior.md §1).
 pub const ECDS_RESOURCE_PREFIX: &str = "extensions.istio.io/wasmplugin/";
 pub const DEFAULT_NAMESPACE: &str = "default";
+/// Annotation bounding the time a pull of the plugin's module may take (a Go duration), instead
+/// of the 30 s default: how a proxied config's `http_uri.timeout` reaches the engine.
+pub const PULL_TIMEOUT_ANNOTATION: &str = "wasm-ecds.io/pull-timeout";
 
 /// `namespace/name` of an object.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -440,6 +443,13 @@ impl WasmPlugin {
             Some(t) => t.name.clone(),
             None => self.key.resource_name(),
         }
+    }
+
+    /// The [`PULL_TIMEOUT_ANNOTATION`]: how long obtaining this plugin's module may take, if set
+    /// (`None` also when it does not parse: validation refuses that).
+    pub fn pull_timeout(&self) -> Option<std::time::Duration> {
+        let text = self.object["metadata"]["annotations"][PULL_TIMEOUT_ANNOTATION].as_str()?;
+        crate::config::go_duration(text).ok()
     }
 
     /// `config.name` of the Envoy filter: `<namespace>.<name>`.

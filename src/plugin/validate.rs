@@ -39,6 +39,21 @@ pub fn validate(plugin: &WasmPlugin) -> Vec<FieldError> {
         })
     };
 
+    if let Some(t) =
+        plugin.object["metadata"]["annotations"][super::PULL_TIMEOUT_ANNOTATION].as_str()
+    {
+        match crate::config::go_duration(t) {
+            Ok(d) if !d.is_zero() => {}
+            Ok(_) => push(
+                &format!("metadata.annotations.{}", super::PULL_TIMEOUT_ANNOTATION),
+                "must be more than 0".into(),
+            ),
+            Err(e) => push(
+                &format!("metadata.annotations.{}", super::PULL_TIMEOUT_ANNOTATION),
+                format!("invalid duration {t:?}: {e}"),
+            ),
+        }
+    }
     if spec.url.trim().is_empty() {
         push("spec.url", "url field needs to be set".into());
     } else if let Err(e) = ModuleUrl::parse(&spec.url) {
@@ -227,6 +242,29 @@ mod tests {
         ];
         for (spec, want) in cases {
             assert_eq!(fields(&spec), want, "spec {spec}");
+        }
+    }
+
+    #[test]
+    fn pull_timeout_annotation() {
+        let with = |t: &str| {
+            WasmPlugin::from_yaml(&format!(
+                "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {{name: p, annotations: {{wasm-ecds.io/pull-timeout: '{t}'}}}}\nspec: {{url: r/a}}"
+            ))
+            .unwrap()
+        };
+        assert!(validate(&with("1m30s")).is_empty());
+        assert_eq!(
+            with("1m30s").pull_timeout(),
+            Some(std::time::Duration::from_secs(90))
+        );
+        for bad in ["0s", "5 minutes"] {
+            let errs = validate(&with(bad));
+            assert_eq!(errs.len(), 1, "{bad}");
+            assert_eq!(
+                errs[0].field,
+                "metadata.annotations.wasm-ecds.io/pull-timeout"
+            );
         }
     }
 }

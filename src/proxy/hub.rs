@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use crate::convert::Filter;
 use crate::extension::{PullSecretEnv, RemoteCode, Template};
-use crate::plugin::{FailStrategy, ObjectKey};
+use crate::plugin::{FailStrategy, ObjectKey, PULL_TIMEOUT_ANNOTATION};
 
 /// Namespace of the plugins and secrets standing for proxied configs in the driver.
 pub const PROXY_NAMESPACE: &str = "proxied";
@@ -82,9 +82,10 @@ impl Identity {
             _ => String::new(),
         };
         let spec = serde_json::to_value(spec).expect("spec serializes");
-        let digest = short_hash(format!("{spec}\n{version}").as_bytes());
+        let timeout = code.timeout.map(|t| t.as_millis()).unwrap_or_default();
+        let digest = short_hash(format!("{spec}\n{version}\n{timeout}").as_bytes());
         let name = format!("{}-{digest}", readable(&template.name));
-        let plugin = json!({
+        let mut plugin = json!({
             "apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin",
             "metadata": {
                 "name": name, "namespace": PROXY_NAMESPACE,
@@ -92,6 +93,11 @@ impl Identity {
             },
             "spec": spec,
         });
+        // `http_uri.timeout` bounds the pull, as it bounds the reference agent's.
+        if let Some(t) = code.timeout.filter(|t| !t.is_zero()) {
+            plugin["metadata"]["annotations"][PULL_TIMEOUT_ANNOTATION] =
+                json!(format!("{}ms", t.as_millis().max(1)));
+        }
         Identity {
             key: ObjectKey::new(PROXY_NAMESPACE, name),
             plugin,
