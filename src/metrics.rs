@@ -72,6 +72,8 @@ pub struct Metrics {
     xds: Arc<OnceLock<XdsSeries>>,
     /// Registered on first use by the Kubernetes source.
     kube: Arc<OnceLock<KubeSeries>>,
+    /// Registered on first use by `proxy` mode.
+    proxy: Arc<OnceLock<crate::proxy::ProxySeries>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -148,6 +150,7 @@ impl Metrics {
             processing,
             xds: Arc::new(OnceLock::new()),
             kube: Arc::new(OnceLock::new()),
+            proxy: Arc::new(OnceLock::new()),
         }
     }
 
@@ -155,6 +158,13 @@ impl Metrics {
     pub(crate) fn xds_series(&self) -> XdsSeries {
         self.xds
             .get_or_init(|| XdsSeries::register(&self.registry))
+            .clone()
+    }
+
+    /// The Kubernetes source's series in this registry, registered by the first call.
+    pub fn proxy_series(&self) -> crate::proxy::ProxySeries {
+        self.proxy
+            .get_or_init(|| crate::proxy::ProxySeries::register(&self.registry))
             .clone()
     }
 

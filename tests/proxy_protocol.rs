@@ -264,6 +264,8 @@ async fn unreadable_resources_are_nacked_upstream_and_never_reach_envoy() {
         proxy.metric(r#"istio_agent_wasm_config_conversion_count{result="unmarshal_failure"}"#),
         1.0
     );
+    assert_eq!(proxy.metric("wasm_ecds_proxy_nacks"), 1.0);
+    assert_eq!(proxy.metric("wasm_ecds_proxy_streams"), 1.0);
     proxy.handle.shutdown().await;
 }
 
@@ -325,6 +327,7 @@ async fn a_failed_download_serves_the_fallback_then_the_module_once_a_retry_succ
             .await;
         assert_eq!(ack["response_nonce"], ecds.nonce.as_str(), "{ack}");
         assert!(ack["error_detail"].is_null());
+        assert_eq!(proxy.metric("wasm_ecds_proxy_repushes"), 1.0);
         proxy.handle.shutdown().await;
     }
 }
@@ -425,6 +428,8 @@ async fn an_upstream_restart_keeps_the_envoy_stream_and_resumes() {
         ]
     );
     assert_eq!(http.hits("/auth.wasm"), 1, "the converted module is reused");
+    assert!(proxy.metric(r#"wasm_ecds_proxy_upstream_streams{result="lost"}"#) >= 1.0);
+    assert!(proxy.metric(r#"wasm_ecds_proxy_upstream_streams{result="opened"}"#) >= 2.0);
     proxy.handle.shutdown().await;
 }
 

@@ -37,6 +37,65 @@ pub use stream::Context;
 use crate::xds::{Api, MAX_MESSAGE_SIZE};
 use wire::{Delta, Sotw, Wire};
 
+/// The proxy's own series (behavior.md §8); the conversions are counted in
+/// `istio_agent_wasm_config_conversion_count` as the reference agent does.
+#[derive(Clone)]
+pub struct ProxySeries {
+    /// `wasm_ecds_proxy_streams`: Envoy streams open now.
+    pub streams: prometheus::IntGauge,
+    /// `wasm_ecds_proxy_upstream_streams{result="opened|lost"}`.
+    pub upstream: prometheus::IntCounterVec,
+    /// `wasm_ecds_proxy_nacks`: ECDS responses NACKed upstream on Envoy's behalf.
+    pub nacks: prometheus::IntCounter,
+    /// `wasm_ecds_proxy_repushes`: converted resources pushed again by the proxy.
+    pub repushes: prometheus::IntCounter,
+}
+
+impl ProxySeries {
+    pub fn register(registry: &prometheus::Registry) -> ProxySeries {
+        let streams = prometheus::IntGauge::new(
+            "wasm_ecds_proxy_streams",
+            "Envoy xDS streams the proxy forwards now",
+        )
+        .expect("valid metric");
+        let upstream = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "wasm_ecds_proxy_upstream_streams",
+                "Upstream streams opened and lost (each loss is retried with backoff)",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let nacks = prometheus::IntCounter::new(
+            "wasm_ecds_proxy_nacks",
+            "ECDS responses the proxy NACKed upstream because they could not be converted",
+        )
+        .expect("valid metric");
+        let repushes = prometheus::IntCounter::new(
+            "wasm_ecds_proxy_repushes",
+            "Converted ECDS resources pushed again because their module or fallback changed",
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(streams.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(upstream.clone()),
+            Box::new(nacks.clone()),
+            Box::new(repushes.clone()),
+        ] {
+            registry.register(c).expect("unique metric names");
+        }
+        for r in ["opened", "lost"] {
+            upstream.with_label_values(&[r]);
+        }
+        ProxySeries {
+            streams,
+            upstream,
+            nacks,
+            repushes,
+        }
+    }
+}
+
 /// Responses queued per Envoy stream before the stream waits for Envoy to read.
 const STREAM_BUFFER: usize = 4;
 
@@ -92,6 +151,7 @@ impl ProxyServer {
         Ok(ProxyServer {
             ctx: Arc::new(Context {
                 hub,
+                series: metrics.proxy_series(),
                 metrics,
                 upstream: upstream.channel()?,
                 upstream_name: upstream.url(),

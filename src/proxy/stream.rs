@@ -33,10 +33,27 @@ use crate::xds::{Api, ECDS_TYPE_URL};
 /// Prefix of the nonces of the proxy's own pushes.
 const OWN_NONCE: &str = "wasm-ecds-proxy/";
 
+/// Counts an Envoy stream in `wasm_ecds_proxy_streams` while it lives.
+struct OpenStream(prometheus::IntGauge);
+
+impl OpenStream {
+    fn new(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        OpenStream(gauge.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// What every proxied stream shares.
 pub struct Context {
     pub hub: Arc<Hub>,
     pub metrics: Metrics,
+    pub series: super::ProxySeries,
     pub upstream: Channel,
     pub upstream_name: String,
     pub max_message_size: usize,
@@ -58,6 +75,7 @@ pub async fn run<W: Wire>(
     out: mpsc::Sender<Result<W::Resp, Status>>,
 ) {
     let id = ctx.next_stream.fetch_add(1, Ordering::Relaxed);
+    let _open = OpenStream::new(&ctx.series.streams);
     let mut memory = W::Memory::default();
     let mut sent = W::Sent::default();
     // Per type: the last upstream nonce forwarded (to answer for the proxy's own pushes).
@@ -92,7 +110,7 @@ pub async fn run<W: Wire>(
                 W::remember_request(&mut memory, &req);
                 let _ = to_upstream.send(req);
             }
-            event = next_upstream::<W>(&mut upstream) => match event {
+            event = next_upstream::<W>(&mut upstream, &ctx.series) => match event {
                 UpstreamEvent::Reopen => {
                     (to_upstream, upstream) = open::<W>(&ctx, api, &memory);
                 }
@@ -115,12 +133,14 @@ pub async fn run<W: Wire>(
                             converting.push_back((resp, c));
                         }
                         Err(e) => {
+                            ctx.series.nacks.inc();
                             tracing::warn!(stream = id, error = %e, "ECDS response refused: NACKed upstream");
                             let _ = to_upstream.send(W::nack(&memory, &resp, &accepted, e));
                         }
                     }
                 }
                 UpstreamEvent::Lost(e) => {
+                    ctx.series.upstream.with_label_values(&["lost"]).inc();
                     tracing::warn!(stream = id, upstream = %ctx.upstream_name, error = %e, "upstream stream lost; reconnecting");
                     upstream = Upstream::Waiting(Box::pin(tokio::time::sleep(backoff.next_delay())));
                 }
@@ -142,6 +162,7 @@ pub async fn run<W: Wire>(
                     }
                     Err(e) => {
                         ctx.metrics.record_conversion(ConversionResult::MarshalFailure, 0.0);
+                        ctx.series.nacks.inc();
                         tracing::warn!(stream = id, error = %e, "ECDS response cannot be sent: NACKed upstream");
                         let _ = to_upstream.send(W::nack(&memory, &resp, &accepted, e));
                     }
@@ -156,6 +177,7 @@ pub async fn run<W: Wire>(
                 match W::repush(&mut sent, nonce, ctx.max_message_size) {
                     None => {}
                     Some(Ok(resp)) => {
+                        ctx.series.repushes.inc();
                         tracing::info!(stream = id, "pushing converted resources again: their module or fallback changed");
                         W::remember_response(&mut memory, &resp);
                         if out.send(Ok(resp)).await.is_err() {
@@ -198,14 +220,20 @@ enum UpstreamEvent<R> {
 }
 
 /// The next upstream event. Cancel-safe: an opening call or a wait is resumed where it was.
-async fn next_upstream<W: Wire>(upstream: &mut Upstream<W>) -> UpstreamEvent<W::Resp> {
+async fn next_upstream<W: Wire>(
+    upstream: &mut Upstream<W>,
+    series: &super::ProxySeries,
+) -> UpstreamEvent<W::Resp> {
     match upstream {
         Upstream::Waiting(sleep) => {
             sleep.await;
             return UpstreamEvent::Reopen;
         }
         Upstream::Opening(call) => match call.await {
-            Ok(opened) => *upstream = Upstream::Open(Box::new(opened)),
+            Ok(opened) => {
+                series.upstream.with_label_values(&["opened"]).inc();
+                *upstream = Upstream::Open(Box::new(opened));
+            }
             Err(e) => return UpstreamEvent::Lost(e),
         },
         Upstream::Open(_) => {}
