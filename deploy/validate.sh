@@ -2,7 +2,8 @@
 # deploy/validate.sh [--apiserver] [--write-bootstraps]
 #
 # Checks of deploy/ and deploy/files/ without a cluster:
-#  - both kustomizations render (`kubectl kustomize`; KUBECTL picks the kubectl, default `kubectl`);
+#  - the three kustomizations render (`kubectl kustomize`; KUBECTL picks the kubectl, default
+#    `kubectl`), and deploy/proxy/'s central Deployment is deploy/'s with `--delivery=remote` only;
 #  - every namespaced object names its namespace (deploy/ sets no kustomize `namespace:`);
 #  - the two Envoy bootstraps are what `wasm-ecds bootstrap --full` prints today (same commands as
 #    in the comments of envoy-gateway.yaml and files/envoy-sidecar.yaml; --write-bootstraps
@@ -78,6 +79,7 @@ done
 step "render ($("$KUBECTL" version --client 2>/dev/null | head -1))"
 "$KUBECTL" kustomize deploy/ >"$OUT/deploy.yaml"
 "$KUBECTL" kustomize deploy/files/ >"$OUT/files.yaml"
+"$KUBECTL" kustomize deploy/proxy/ >"$OUT/proxy.yaml"
 python3 - "$OUT" <<'PY'
 import os, sys, yaml
 out = sys.argv[1]
@@ -98,7 +100,24 @@ def ecds_filters(node):
         for v in node:
             yield from ecds_filters(v)
 
-for rendering in ("deploy", "files"):
+def deployment(rendering, name):
+    for d in yaml.safe_load_all(open(os.path.join(out, rendering + ".yaml"))):
+        if d and d["kind"] == "Deployment" and d["metadata"]["name"] == name:
+            return d
+
+# deploy/proxy/central.yaml is deploy/'s Deployment with --delivery=remote, nothing else.
+central, base = deployment("proxy", "wasm-ecds"), deployment("deploy", "wasm-ecds")
+args = central["spec"]["template"]["spec"]["containers"][0]["args"]
+if "--delivery=remote" not in args:
+    errors.append("proxy: Deployment wasm-ecds/wasm-ecds does not run --delivery=remote")
+else:
+    args[args.index("--delivery=remote")] = "--delivery=http"
+    if central != base:
+        errors.append("proxy: central.yaml's Deployment differs from deploy/wasm-ecds.yaml's in more than --delivery")
+    else:
+        print("proxy: Deployment wasm-ecds/wasm-ecds = deploy/'s with --delivery=remote")
+
+for rendering in ("deploy", "files", "proxy"):
     docs = [d for d in yaml.safe_load_all(open(os.path.join(out, rendering + ".yaml"))) if d]
     plugins, bootstraps = set(), {}
     for doc in docs:

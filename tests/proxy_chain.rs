@@ -223,3 +223,85 @@ async fn central_serve_sends_the_url_and_the_node_proxy_pulls_with_the_secret() 
     proxy.shutdown().await;
     central.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_envoy_runs_the_module_through_the_chain() {
+    use support::envoy::{wait_for, Envoy, EnvoyConfig, XdsTransport};
+    use support::wasm::{CONFIG_HEADER, MODULE_HEADER};
+    let Some(bin) = support::require_envoy() else {
+        return;
+    };
+    let options = RegistryOptions::plain().basic_auth("puller", "chain-pass");
+    let Some(registry) = Registry::start(options).await else {
+        return;
+    };
+    let module = support::proxy_wasm_test_module_tagged("chain");
+    registry
+        .push("auth", "v1", ImageFormat::Docker, &module)
+        .await;
+    let url = registry.oci_url("auth", "v1");
+    let plugins = tempfile::tempdir().unwrap();
+    write_plugin(
+        plugins.path(),
+        &url,
+        "IfNotPresent",
+        "1",
+        &registry.docker_config_json(),
+    );
+    let central_cache = tempfile::tempdir().unwrap();
+    let central = start(
+        Config {
+            cache_dir: central_cache.path().to_path_buf(),
+            delivery: Delivery::Remote,
+            ..Config::default()
+        },
+        vec![plugins.path().to_path_buf()],
+        None,
+    )
+    .await;
+    let proxy_cache = tempfile::tempdir().unwrap();
+    let proxy = start(
+        Config {
+            cache_dir: proxy_cache.path().to_path_buf(),
+            delivery: Delivery::File,
+            ..registry.config()
+        },
+        Vec::new(),
+        Some(UpstreamOptions {
+            address: central.xds_address.to_string(),
+        }),
+    )
+    .await;
+    for transport in [XdsTransport::Ads, XdsTransport::DeltaAds] {
+        let config = EnvoyConfig::new(transport, proxy.xds_address).listener("in", &[RESOURCE]);
+        let envoy = Envoy::start_with(&bin, config).await;
+        envoy.wait_ready().await;
+        let got = wait_for("the module through the chain", WAIT, || async {
+            let r = envoy.get("in", "/").await?;
+            let headers = (
+                r.status,
+                r.header(MODULE_HEADER).map(str::to_string),
+                r.header(CONFIG_HEADER).map(str::to_string),
+            );
+            (headers.1.as_deref() == Some("chain"))
+                .then_some(headers.clone())
+                .ok_or(format!("{headers:?}"))
+        })
+        .await;
+        assert_eq!(got.0, 200);
+        assert_eq!(got.2.as_deref(), Some(r#"{"realm":"x"}"#));
+        let dump = envoy
+            .admin("/config_dump?resource=ecds_filters")
+            .await
+            .unwrap();
+        let dump = String::from_utf8_lossy(&dump.body);
+        assert!(
+            dump.contains("istio.io"),
+            "the resource is in the dump: {dump}"
+        );
+        assert!(!dump.contains("ISTIO_META"), "{dump}");
+    }
+    assert_eq!(pulls(&central), 0.0);
+    proxy.shutdown().await;
+    central.shutdown().await;
+}
