@@ -132,6 +132,14 @@ pub fn desired(
             ],
         });
     }
+    if driver.config().delivery == crate::config::Delivery::Remote {
+        // Nothing is pulled here: whether the module works is for the node proxies to find out.
+        stored?;
+        return Some(PluginStatus {
+            observed_generation: generations.accepted,
+            conditions: vec![cond("Accepted", true, "Accepted", String::new())],
+        });
+    }
     let (vp, st) = (stored?, state?);
     if st.version != vp.version || st.processed_version != Some(vp.version) {
         return None;
