@@ -57,6 +57,7 @@ over_ads_and_delta_ads!(
     filter_runs_for_every_form_and_source,
     a_broken_ecds_resource_is_nacked_upstream_and_never_reaches_envoy,
     a_failed_download_falls_back_then_the_retry_serves_the_module,
+    the_ack_of_a_push_again_never_acknowledges_a_response_still_converting,
     always_pulls_again_on_a_resource_version_bump_if_not_present_does_not,
     an_upstream_restart_keeps_envoy_serving_and_recovers,
 );
@@ -285,6 +286,43 @@ async fn a_failed_download_falls_back_then_the_retry_serves_the_module(transport
         assert!(ack["error_detail"].is_null(), "{ack}");
     }
     assert_eq!(fx.ecds_counter("update_rejected").await, 0);
+    fx.stop().await;
+}
+
+/// The proxy pushes a resource again (its module's retry succeeded) while a newer upstream
+/// response is still being converted: Envoy's ACK of that push goes upstream under the nonce of a
+/// response Envoy has, never under that of the newer one it has not seen (which the upstream would
+/// take for accepted).
+async fn the_ack_of_a_push_again_never_acknowledges_a_response_still_converting(
+    transport: XdsTransport,
+) {
+    let modules = Modules::start().await;
+    let first = Remote::new(&modules.url("/first.wasm"), "first");
+    let Some(fx) = Fixture::start(transport, &[], &first).await else {
+        return;
+    };
+    fx.wait_probe(Probe::denied(), CONVERGE).await;
+    let e1 = upstream_response(&fx, 0, "e1").await;
+    modules.stall("/second.wasm");
+    let mark = fx.up.mark();
+    let second = Remote::new(&modules.url("/second.wasm"), "second");
+    fx.up.set(ECDS_TYPE_URL, "e2", vec![second.resource()]);
+    let e2 = upstream_response(&fx, mark, "e2").await;
+    wait_for("e2 being converted", CONVERGE, || async {
+        let hits = modules.hits("/second.wasm");
+        (hits > 0).then_some(()).ok_or(format!("{hits} requests"))
+    })
+    .await;
+
+    modules.put("/first.wasm", proxy_wasm_test_module_tagged("first"));
+    fx.wait_probe(Probe::module("first", "first"), RETRY_CONVERGE)
+        .await;
+    let is_ack = |e: &Value| {
+        e["event"] == "request" && e["type_url"] == ECDS_TYPE_URL && e["error_detail"].is_null()
+    };
+    let ack = fx.up.wait_event_after(mark, CONVERGE, is_ack).await;
+    assert_eq!(ack["response_nonce"], e1["nonce"], "{ack}, e2: {e2}");
+    assert_eq!(fx.ecds_version().await.as_deref(), Some("e1"));
     fx.stop().await;
 }
 

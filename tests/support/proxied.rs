@@ -234,6 +234,15 @@ impl Modules {
         self.reply(path, RawReply::ok(bytes));
     }
 
+    /// Answers requests for `path` with a head and then nothing (until the client gives up).
+    pub fn stall(&self, path: &str) {
+        let stall = RawReply::Stall {
+            announced: 1 << 20,
+            body: Vec::new(),
+        };
+        self.reply(path, stall);
+    }
+
     fn reply(&self, path: &str, reply: RawReply) {
         let mut replies = self.replies.lock().expect("modules lock");
         replies.insert(path.to_string(), reply);
