@@ -3,7 +3,9 @@
 //!
 //! - Requests (ACKs and NACKs included) go upstream as they come. Envoy's ACK of a response the
 //!   proxy pushed itself (a re-push, below) names a nonce the upstream never sent: it goes up
-//!   with the nonce of the last upstream response of that type instead.
+//!   with the nonce of the last upstream ECDS response Envoy had been sent when the proxy pushed
+//!   (carried in the proxy's nonce), never with that of a response still being converted, which
+//!   the upstream would take as accepted before Envoy has even seen it.
 //! - ECDS responses are converted; meanwhile other types keep flowing both ways. A newer SotW
 //!   response replaces one still converting (it is the whole state); delta responses are
 //!   forwarded in order. A response that cannot be converted is NACKed upstream with the last
@@ -13,7 +15,7 @@
 //! - A lost upstream stream is opened again with backoff, replaying what Envoy asked for; Envoy's
 //!   stream stays open and Envoy keeps its config meanwhile.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -49,6 +51,18 @@ impl Drop for OpenStream {
     }
 }
 
+/// The nonce of the proxy's own push `n` on stream `id`, made when the last upstream response
+/// Envoy had been sent was `origin`.
+fn own_nonce(id: u64, n: u64, origin: &str) -> String {
+    format!("{OWN_NONCE}{id}/{n}/{origin}")
+}
+
+/// The upstream nonce that answers for an own push's nonce; `None` for other nonces.
+fn origin_of(nonce: &str) -> Option<&str> {
+    let own = nonce.strip_prefix(OWN_NONCE)?;
+    Some(own.splitn(3, '/').nth(2).unwrap_or_default())
+}
+
 /// What every proxied stream shares.
 pub struct Context {
     pub hub: Arc<Hub>,
@@ -78,8 +92,8 @@ pub async fn run<W: Wire>(
     let _open = OpenStream::new(&ctx.series.streams);
     let mut memory = W::Memory::default();
     let mut sent = W::Sent::default();
-    // Per type: the last upstream nonce forwarded (to answer for the proxy's own pushes).
-    let mut last_nonce: BTreeMap<String, String> = BTreeMap::new();
+    // The nonce of the last upstream ECDS response forwarded to Envoy (the origin of own pushes).
+    let mut forwarded = String::new();
     // The last ECDS version Envoy accepted on this stream (for NACKs sent on its behalf).
     let mut accepted = String::new();
     let mut converting: VecDeque<(W::Resp, Converting)> = VecDeque::new();
@@ -104,8 +118,8 @@ pub async fn run<W: Wire>(
                         accepted = v.to_string();
                     }
                 }
-                if W::req_nonce(&mut req).starts_with(OWN_NONCE) {
-                    *W::req_nonce(&mut req) = last_nonce.get(&type_url).cloned().unwrap_or_default();
+                if let Some(origin) = origin_of(W::req_nonce(&mut req)) {
+                    *W::req_nonce(&mut req) = origin.to_string();
                 }
                 W::remember_request(&mut memory, &req);
                 let _ = to_upstream.send(req);
@@ -116,9 +130,7 @@ pub async fn run<W: Wire>(
                 }
                 UpstreamEvent::Response(resp) => {
                     backoff.reset();
-                    let type_url = W::resp_type(&resp).to_string();
-                    last_nonce.insert(type_url.clone(), W::resp_nonce(&resp).to_string());
-                    if type_url != ECDS_TYPE_URL {
+                    if W::resp_type(&resp) != ECDS_TYPE_URL {
                         W::remember_response(&mut memory, &resp);
                         if out.send(Ok(resp)).await.is_err() {
                             break;
@@ -152,11 +164,11 @@ pub async fn run<W: Wire>(
                         for e in c.errors() {
                             tracing::warn!(stream = id, "serving a fallback for {e}");
                         }
-                        let nonce = W::resp_nonce(&resp).to_string();
-                        let forwarded = W::rebuild(&resp, resources, nonce);
-                        W::remember_response(&mut memory, &forwarded);
+                        forwarded = W::resp_nonce(&resp).to_string();
+                        let converted = W::rebuild(&resp, resources, forwarded.clone());
+                        W::remember_response(&mut memory, &converted);
                         W::sent(&mut sent, resp, c);
-                        if out.send(Ok(forwarded)).await.is_err() {
+                        if out.send(Ok(converted)).await.is_err() {
                             break;
                         }
                     }
@@ -173,7 +185,7 @@ pub async fn run<W: Wire>(
                     continue;
                 }
                 own_pushes += 1;
-                let nonce = format!("{OWN_NONCE}{id}/{own_pushes}");
+                let nonce = own_nonce(id, own_pushes, &forwarded);
                 match W::repush(&mut sent, nonce, ctx.max_message_size) {
                     None => {}
                     Some(Ok(resp)) => {
@@ -253,5 +265,19 @@ async fn head_ready<R>(converting: &mut VecDeque<(R, Converting)>) {
     match converting.front_mut() {
         Some((_, c)) => c.ready().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_nonces_carry_the_upstream_nonce_envoy_had() {
+        assert_eq!(origin_of(&own_nonce(3, 7, "42")), Some("42"));
+        assert_eq!(origin_of(&own_nonce(3, 8, "a/b/c")), Some("a/b/c"));
+        assert_eq!(origin_of(&own_nonce(1, 1, "")), Some(""));
+        assert_eq!(origin_of("42"), None);
+        assert_eq!(origin_of(""), None);
     }
 }
