@@ -305,3 +305,66 @@ async fn a_real_envoy_runs_the_module_through_the_chain() {
     proxy.shutdown().await;
     central.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_proxied_streams_share_one_download() {
+    use support::faults::{ModuleServer, Route};
+    let module = support::proxy_wasm_test_module();
+    let http = ModuleServer::start(vec![("/m.wasm", Route::Body(module))]).await;
+    let plugins = tempfile::tempdir().unwrap();
+    std::fs::write(
+        plugins.path().join("p.yaml"),
+        format!(
+            "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {{name: auth}}\nspec: {{url: '{}'}}\n",
+            http.url("/m.wasm")
+        ),
+    )
+    .unwrap();
+    let caches = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let central = start(
+        Config {
+            cache_dir: caches.0.path().to_path_buf(),
+            delivery: Delivery::Remote,
+            ..Config::default()
+        },
+        vec![plugins.path().to_path_buf()],
+        None,
+    )
+    .await;
+    let proxy = start(
+        Config {
+            cache_dir: caches.1.path().to_path_buf(),
+            ..Config::default()
+        },
+        Vec::new(),
+        Some(UpstreamOptions {
+            address: central.xds_address.to_string(),
+        }),
+    )
+    .await;
+    // 1,000 Envoy streams over 20 connections, all opened before any answer is read.
+    let mut channels = Vec::new();
+    for _ in 0..20 {
+        channels.push(client::connect(proxy.xds_address).await.unwrap());
+    }
+    let mut streams = Vec::new();
+    for i in 0..1000 {
+        let first = client::sotw_subscribe(&format!("n{i}"), &[RESOURCE.to_string()]);
+        let channel = channels[i % channels.len()].clone();
+        streams.push(SotwSession::open(channel, Api::Ecds, first).await.unwrap());
+    }
+    for s in &mut streams {
+        let r = timeout(WAIT, s.recv()).await.unwrap().unwrap().unwrap();
+        let config = client::decode_sotw(&r).unwrap().remove(0);
+        assert!(matches!(
+            decode_delivered(&config),
+            Some(Delivered::Module(Code::File(_)))
+        ));
+    }
+    assert_eq!(http.hits("/m.wasm"), 1, "one download for 1,000 streams");
+    let samples = proxy.shared.metrics.samples();
+    assert_eq!(samples["wasm_ecds_proxy_streams"], 1000.0);
+    drop(streams);
+    proxy.shutdown().await;
+    central.shutdown().await;
+}
