@@ -50,9 +50,7 @@ fn main() {
             .and_then(|()| args.serve.resolve().map_err(|e| e.to_string()))
         {
             Ok(config) => {
-                let upstream = wasm_ecds::proxy::UpstreamOptions {
-                    address: args.upstream.clone(),
-                };
+                let upstream = args.upstream_options();
                 wasm_ecds::serve::run_blocking(args.serve, config, Some(upstream))
             }
             Err(e) => {

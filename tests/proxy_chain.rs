@@ -145,6 +145,7 @@ async fn central_serve_sends_the_url_and_the_node_proxy_pulls_with_the_secret() 
         Vec::new(),
         Some(UpstreamOptions {
             address: central.xds_address.to_string(),
+            ..Default::default()
         }),
     )
     .await;
@@ -269,6 +270,7 @@ async fn a_real_envoy_runs_the_module_through_the_chain() {
         Vec::new(),
         Some(UpstreamOptions {
             address: central.xds_address.to_string(),
+            ..Default::default()
         }),
     )
     .await;
@@ -339,6 +341,7 @@ async fn a_thousand_proxied_streams_share_one_download() {
         Vec::new(),
         Some(UpstreamOptions {
             address: central.xds_address.to_string(),
+            ..Default::default()
         }),
     )
     .await;

@@ -67,6 +67,7 @@ impl Proxy {
             kube: None,
             proxy: Some(UpstreamOptions {
                 address: upstream.to_string(),
+                ..Default::default()
             }),
         })
         .await

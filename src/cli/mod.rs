@@ -108,11 +108,40 @@ pub struct ProxyArgs {
     /// (checked against the web PKI roots).
     #[arg(long, value_name = "ADDR", env = "WASM_ECDS_UPSTREAM")]
     pub upstream: String,
+    /// PEM certificates trusted for an https:// upstream instead of the web PKI roots.
+    #[arg(long, value_name = "FILE", env = "WASM_ECDS_UPSTREAM_CA")]
+    pub upstream_ca: Option<PathBuf>,
+    /// PEM certificate chain presented to an https:// upstream that asks for one (mTLS); needs
+    /// --upstream-key.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "WASM_ECDS_UPSTREAM_CERT",
+        requires = "upstream_key"
+    )]
+    pub upstream_cert: Option<PathBuf>,
+    /// The PEM private key of --upstream-cert.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "WASM_ECDS_UPSTREAM_KEY",
+        requires = "upstream_cert"
+    )]
+    pub upstream_key: Option<PathBuf>,
     #[command(flatten)]
     pub serve: ServeArgs,
 }
 
 impl ProxyArgs {
+    /// The upstream and how to trust it.
+    pub fn upstream_options(&self) -> crate::proxy::UpstreamOptions {
+        crate::proxy::UpstreamOptions {
+            address: self.upstream.clone(),
+            ca: self.upstream_ca.clone(),
+            identity: self.upstream_cert.clone().zip(self.upstream_key.clone()),
+        }
+    }
+
     /// Checks the options `proxy` takes no part of: its resources come from the upstream.
     pub fn check(&self) -> Result<(), String> {
         if !self.serve.plugins.is_empty() {

@@ -99,11 +99,15 @@ impl ProxySeries {
 /// Responses queued per Envoy stream before the stream waits for Envoy to read.
 const STREAM_BUFFER: usize = 4;
 
-/// Where the upstream control plane is.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Where the upstream control plane is, and how to trust it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UpstreamOptions {
-    /// `host:port`, or a URL (`http://…`, `https://…` for TLS with the system's web roots).
+    /// `host:port`, or a URL (`http://…`, `https://…` for TLS).
     pub address: String,
+    /// PEM certificates trusted for a TLS upstream instead of the web PKI roots.
+    pub ca: Option<std::path::PathBuf>,
+    /// PEM certificate chain and key presented to a TLS upstream that asks for one (mTLS).
+    pub identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl UpstreamOptions {
@@ -125,9 +129,32 @@ impl UpstreamOptions {
             .connect_timeout(std::time::Duration::from_secs(5))
             .http2_keep_alive_interval(crate::xds::server::KEEPALIVE_INTERVAL)
             .keep_alive_timeout(crate::xds::server::KEEPALIVE_TIMEOUT);
+        let tls = self.ca.is_some() || self.identity.is_some();
+        if tls && !url.starts_with("https://") {
+            anyhow::bail!(
+                "--upstream {url}: --upstream-ca and --upstream-cert need an https:// upstream"
+            );
+        }
         if url.starts_with("https://") {
+            let read = |flag: &str, path: &std::path::Path| {
+                std::fs::read(path).map_err(|e| anyhow::anyhow!("{flag} {}: {e}", path.display()))
+            };
+            let mut config = tonic::transport::ClientTlsConfig::new();
+            config = match &self.ca {
+                Some(ca) => config.ca_certificate(tonic::transport::Certificate::from_pem(read(
+                    "--upstream-ca",
+                    ca,
+                )?)),
+                None => config.with_webpki_roots(),
+            };
+            if let Some((cert, key)) = &self.identity {
+                config = config.identity(tonic::transport::Identity::from_pem(
+                    read("--upstream-cert", cert)?,
+                    read("--upstream-key", key)?,
+                ));
+            }
             endpoint = endpoint
-                .tls_config(tonic::transport::ClientTlsConfig::new().with_webpki_roots())
+                .tls_config(config)
                 .map_err(|e| anyhow::anyhow!("--upstream {url}: {e}"))?;
         }
         Ok(endpoint.connect_lazy())

@@ -298,6 +298,7 @@ impl Fixture {
             kube: None,
             proxy: Some(UpstreamOptions {
                 address: up.addr().to_string(),
+                ..Default::default()
             }),
         })
         .await

@@ -1,0 +1,263 @@
+//! `proxy` to an https:// upstream: the proxy trusts the upstream through `--upstream-ca` and
+//! presents `--upstream-cert`/`--upstream-key` to an upstream that requires client certificates.
+//! The upstream is `serve --delivery remote` behind a real TLS terminator (rustls, HTTP/2 by ALPN,
+//! client certificates checked against a test CA).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use tokio::time::timeout;
+use tokio_rustls::rustls;
+use wasm_ecds::config::{Config, Delivery};
+use wasm_ecds::convert::{decode_delivered, Code, Delivered};
+use wasm_ecds::fetch::hyper_transport::HyperTransport;
+use wasm_ecds::proxy::UpstreamOptions;
+use wasm_ecds::serve::{self, ServeSetup, ServerHandle};
+use wasm_ecds::xds::client::{self, SotwSession};
+use wasm_ecds::xds::Api;
+
+use support::faults::{ModuleServer, Route};
+
+const WAIT: Duration = Duration::from_secs(30);
+const RESOURCE: &str = "extensions.istio.io/wasmplugin/default.auth";
+
+async fn start(
+    config: Config,
+    plugins: Vec<PathBuf>,
+    proxy: Option<UpstreamOptions>,
+) -> ServerHandle {
+    let transport = Arc::new(HyperTransport::new(&config, Vec::new()).unwrap());
+    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+    serve::start(ServeSetup {
+        config,
+        plugin_paths: plugins,
+        xds_listener: bind().await.unwrap(),
+        admin_listener: bind().await.unwrap(),
+        transport,
+        fetch_config: None,
+        kube: None,
+        proxy,
+    })
+    .await
+    .unwrap()
+}
+
+/// A test CA, a server certificate for `localhost` and a client certificate, as PEM files.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca_der: rustls::pki_types::CertificateDer<'static>,
+    server: (
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ),
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf = |name: &str| {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(vec![name.to_string()])
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            (cert, key)
+        };
+        let (server_cert, server_key) = leaf("localhost");
+        let (client_cert, client_key) = leaf("wasm-ecds-proxy");
+        std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).unwrap();
+        std::fs::write(dir.path().join("client.pem"), client_cert.pem()).unwrap();
+        std::fs::write(dir.path().join("client.key"), client_key.serialize_pem()).unwrap();
+        let server_key =
+            rustls::pki_types::PrivateKeyDer::try_from(server_key.serialize_der()).unwrap();
+        Pki {
+            ca_der: ca_cert.der().clone(),
+            server: (vec![server_cert.der().clone()], server_key),
+            dir,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// Terminates TLS (requiring a client certificate from the CA) and forwards the bytes to `to`.
+async fn tls_terminator(pki: &Pki, to: SocketAddr) -> SocketAddr {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca_der.clone()).unwrap();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(pki.server.0.clone(), pki.server.1.clone_key())
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(socket).await else {
+                    return;
+                };
+                let Ok(mut plain) = tokio::net::TcpStream::connect(to).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    addr
+}
+
+fn plugin_dir(url: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("p.yaml"),
+        format!("apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {{name: auth}}\nspec: {{url: '{url}'}}\n"),
+    )
+    .unwrap();
+    dir
+}
+
+async fn subscribe(proxy: &ServerHandle) -> SotwSession {
+    let channel = client::connect(proxy.xds_address).await.unwrap();
+    SotwSession::open(
+        channel,
+        Api::Ads,
+        client::sotw_subscribe("tls", &[RESOURCE.to_string()]),
+    )
+    .await
+    .unwrap()
+}
+
+fn metric(server: &ServerHandle, series: &str) -> f64 {
+    server
+        .shared
+        .metrics
+        .samples()
+        .get(series)
+        .copied()
+        .unwrap_or(0.0)
+}
+
+fn cache(dir: &Path) -> Config {
+    Config {
+        cache_dir: dir.to_path_buf(),
+        ..Config::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_upstream_trusted_by_its_ca_with_a_client_certificate() {
+    let http = ModuleServer::start(vec![(
+        "/m.wasm",
+        Route::Body(support::proxy_wasm_test_module()),
+    )])
+    .await;
+    let plugins = plugin_dir(&http.url("/m.wasm"));
+    let caches = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let central = start(
+        Config {
+            delivery: Delivery::Remote,
+            ..cache(caches.0.path())
+        },
+        vec![plugins.path().to_path_buf()],
+        None,
+    )
+    .await;
+    let pki = Pki::new();
+    let tls = tls_terminator(&pki, central.xds_address).await;
+    let upstream = format!("https://localhost:{}", tls.port());
+
+    let proxy = start(
+        cache(caches.1.path()),
+        Vec::new(),
+        Some(UpstreamOptions {
+            address: upstream.clone(),
+            ca: Some(pki.path("ca.pem")),
+            identity: Some((pki.path("client.pem"), pki.path("client.key"))),
+        }),
+    )
+    .await;
+    let mut s = subscribe(&proxy).await;
+    let r = timeout(WAIT, s.recv()).await.unwrap().unwrap().unwrap();
+    let config = client::decode_sotw(&r).unwrap().remove(0);
+    assert!(matches!(
+        decode_delivered(&config),
+        Some(Delivered::Module(Code::File(_)))
+    ));
+
+    // Without a client certificate the upstream refuses the handshake: the stream keeps trying.
+    let refused = start(
+        cache(caches.2.path()),
+        Vec::new(),
+        Some(UpstreamOptions {
+            address: upstream,
+            ca: Some(pki.path("ca.pem")),
+            identity: None,
+        }),
+    )
+    .await;
+    let _s = subscribe(&refused).await;
+    let lost = r#"wasm_ecds_proxy_upstream_streams{result="lost"}"#;
+    timeout(WAIT, async {
+        while metric(&refused, lost) < 2.0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the refused upstream is retried");
+    assert_eq!(
+        metric(
+            &refused,
+            r#"wasm_ecds_proxy_upstream_streams{result="opened"}"#
+        ),
+        0.0
+    );
+    refused.shutdown().await;
+    proxy.shutdown().await;
+    central.shutdown().await;
+}
+
+#[test]
+fn tls_options_need_an_https_upstream() {
+    let options = UpstreamOptions {
+        address: "127.0.0.1:1".into(),
+        ca: Some("/nonexistent.pem".into()),
+        identity: None,
+    };
+    let e = options.channel().unwrap_err().to_string();
+    assert!(e.contains("need an https:// upstream"), "{e}");
+    let options = UpstreamOptions {
+        address: "https://localhost:1".into(),
+        ca: Some("/nonexistent.pem".into()),
+        identity: None,
+    };
+    let e = options.channel().unwrap_err().to_string();
+    assert!(e.starts_with("--upstream-ca /nonexistent.pem:"), "{e}");
+}
