@@ -635,6 +635,13 @@ async fn run_until_signal(
     config: Config,
     proxy: Option<crate::proxy::UpstreamOptions>,
 ) -> anyhow::Result<()> {
+    // Before anything is announced: a SIGTERM right after start-up must not kill the process
+    // with the default action.
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = (
+        signal(SignalKind::terminate())?,
+        signal(SignalKind::interrupt())?,
+    );
     let xds_listener = tokio::net::TcpListener::bind(args.xds_address)
         .await
         .with_context(|| format!("--xds-address {}", args.xds_address))?;
@@ -661,9 +668,8 @@ async fn run_until_signal(
         "wasm-ecds: xds on {}, admin on {}",
         handle.xds_address, handle.admin_address
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let failed = tokio::select! {
-        _ = tokio::signal::ctrl_c() => None,
+        _ = int.recv() => None,
         _ = term.recv() => None,
         why = handle.failed() => Some(why),
     };
