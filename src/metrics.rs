@@ -35,6 +35,8 @@ pub enum ConversionResult {
     NoRemoteLoad,
     /// The module could not be obtained (a missing pull secret included); a fallback is served.
     FetchFailure,
+    /// Remote code without `http_uri` (behavior.md §10): a fallback is served.
+    MissRemoteFetchHint,
 }
 
 impl ConversionResult {
@@ -43,6 +45,7 @@ impl ConversionResult {
             ConversionResult::Success => "success",
             ConversionResult::NoRemoteLoad => "no_remote_load",
             ConversionResult::FetchFailure => "fetch_failure",
+            ConversionResult::MissRemoteFetchHint => "miss_remote_fetch_hint",
         }
     }
 }

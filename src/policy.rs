@@ -38,6 +38,8 @@ pub enum PolicyRule {
     Default,
     /// `file://` URL.
     File,
+    /// Remote code without `http_uri` (behavior.md §10): nothing to pull.
+    NoHttpUri,
 }
 
 impl fmt::Display for PullPolicy {
@@ -59,6 +61,7 @@ impl PolicyRule {
             PolicyRule::LatestTag => "latest-tag",
             PolicyRule::Default => "default",
             PolicyRule::File => "file",
+            PolicyRule::NoHttpUri => "no-http-uri",
         }
     }
 }
@@ -86,6 +89,10 @@ impl Decision {
                 "imagePullPolicy is unspecified and the url is not an oci `latest` tag".to_string()
             }
             PolicyRule::File => "file:// url: read from the local file system".to_string(),
+            PolicyRule::NoHttpUri => {
+                "remote code without http_uri: nothing to pull, only the fallback is served"
+                    .to_string()
+            }
         };
         format!("{}: {why}", self.policy)
     }
@@ -98,8 +105,12 @@ pub fn decide(spec: &WasmPluginSpec, url: &ModuleUrl) -> Decision {
         rule,
         expected_checksum,
     };
-    if let ModuleUrl::File(_) = url {
-        return decision(PullPolicy::None, PolicyRule::File, spec.sha256.clone());
+    match url {
+        ModuleUrl::File(_) => {
+            return decision(PullPolicy::None, PolicyRule::File, spec.sha256.clone())
+        }
+        ModuleUrl::NoHttpUri => return decision(PullPolicy::None, PolicyRule::NoHttpUri, None),
+        ModuleUrl::Oci(_) | ModuleUrl::Http(_) => {}
     }
     if let Some(sha) = &spec.sha256 {
         return decision(

@@ -388,6 +388,7 @@ pub fn parse_target(s: &str) -> Result<Target, String> {
             url: u.as_str().to_string(),
         },
         ModuleUrl::File(path) => Target::File(path),
+        ModuleUrl::NoHttpUri => return Err(format!("{s:?}: not a reference")),
     })
 }
 
