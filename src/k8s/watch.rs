@@ -39,6 +39,8 @@ pub struct Snapshot {
     /// `metadata.managedFields`, which change with every status write (a status write is not a
     /// change of the plugin: under `Always` it would pull again after every one).
     pub plugins: BTreeMap<ObjectKey, Value>,
+    /// `EnvoyFilter`s, likewise stripped (behavior.md §10).
+    pub envoy_filters: BTreeMap<ObjectKey, Value>,
     /// Pull Secrets, likewise stripped.
     pub secrets: BTreeMap<ObjectKey, Value>,
     /// What the status writer needs of each plugin object.

@@ -413,13 +413,15 @@ impl Controller {
             .values()
             .map(|c| c.message.clone())
             .collect();
-        let (plugins, secrets) = self.sources.merged();
+        let merged = self.sources.merged();
         for c in self.sources.conflicts.values() {
             if !before.contains(&c.message) {
                 tracing::error!(object = %c.object, "{}", c.message);
             }
         }
-        let ticket = self.driver.sync(&plugins, &secrets);
+        let ticket = self
+            .driver
+            .sync(&merged.plugins, &merged.envoy_filters, &merged.secrets);
         self.note_generations();
         ticket
     }
