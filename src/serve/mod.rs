@@ -499,7 +499,8 @@ impl Controller {
                 };
                 json!({
                     "plugin": k.to_string(),
-                    "resource": k.resource_name(),
+                    "resource": st.plugin.resource_name(),
+                    "envoyFilter": crate::plugin::envoyfilter::filter_of(k).map(|f| f.to_string()),
                     "resourceVersion": st.version.to_string(),
                     "url": st.url.to_string(),
                     "policy": st.decision.policy.to_string(),
@@ -514,10 +515,15 @@ impl Controller {
                 })
             })
             .collect();
-        let refused: Vec<Value> = self
-            .driver
-            .refused()
-            .map(|k| json!({"plugin": k.to_string()}))
+        let refused: Vec<Value> = (self.driver.refused())
+            .map(|k| {
+                let (field, error) = self
+                    .driver
+                    .refusal(k)
+                    .map(|(_, e)| (e.field.as_str(), e.message.as_str()))
+                    .unwrap_or_default();
+                json!({"plugin": k.to_string(), "field": field, "error": error})
+            })
             .collect();
         let cache: Vec<Value> = engine
             .cache()
