@@ -470,7 +470,12 @@ impl<'a> Runner<'a> {
     /// What a proxy subscribing to the plugin receives now: the resource the driver published,
     /// decoded, and the module bytes read where the proxy would read them.
     fn serves(&self, k: &ObjectKey) -> String {
-        let Some(resource) = self.driver.resources().get(&k.resource_name()) else {
+        // Another plugin may serve the resource name (an EnvoyFilter patch, behavior.md §10).
+        let name = k.resource_name();
+        if self.driver.objects().resource_owner(&name) != Some(k) {
+            return SERVES_ABSENT.into();
+        }
+        let Some(resource) = self.driver.resources().get(&name) else {
             return SERVES_ABSENT.into();
         };
         let bytes = match crate::convert::decode_delivered(&resource) {

@@ -128,7 +128,9 @@ pub struct Driver {
     objects: ObjectStore,
     resources: ResourceStore,
     /// Plugins that have an ECDS resource.
-    published: BTreeSet<ObjectKey>,
+    /// The plugin each published ECDS resource is from: another plugin may take a name over
+    /// (behavior.md §10 "Conflicts"), and the one that left must not remove it then.
+    published: BTreeMap<String, ObjectKey>,
     /// Processings waiting for a fetch.
     outstanding: BTreeSet<u64>,
     /// The last refused object per plugin and why (see [`Driver::sync`]).
@@ -162,7 +164,7 @@ impl Driver {
             engine,
             dispatcher: Dispatcher::new(),
             objects: ObjectStore::new(),
-            published: BTreeSet::new(),
+            published: BTreeMap::new(),
             outstanding: BTreeSet::new(),
             refused: BTreeMap::new(),
             refused_filters: BTreeMap::new(),
@@ -662,7 +664,8 @@ impl Driver {
     fn publish_plugin(&mut self, key: &ObjectKey) {
         let name = key.resource_name();
         let Some(st) = self.engine.plugin(key) else {
-            if self.published.remove(key) {
+            if self.published.get(&name) == Some(key) {
+                self.published.remove(&name);
                 self.resources.remove(&name);
             }
             return;
@@ -677,8 +680,8 @@ impl Driver {
         );
         match resource {
             Ok(Some(r)) => {
-                self.resources.set(name, r);
-                self.published.insert(key.clone());
+                self.resources.set(name.clone(), r);
+                self.published.insert(name, key.clone());
             }
             Ok(None) => {}
             Err(e) => {
