@@ -246,7 +246,10 @@ fn explain_plugin(p: &WasmPlugin) -> Explained {
         plugin: p.key.to_string(),
         policy: d.policy.to_string(),
         rule: d.rule.as_str().to_string(),
-        explanation: d.explanation(),
+        explanation: match p.extension {
+            Some(_) => d.patch_explanation(),
+            None => d.explanation(),
+        },
         module,
         checksum: d.expected_checksum.clone(),
         resource: p.resource_name(),
