@@ -182,6 +182,19 @@ fn check_and_explain_read_envoy_filters_patch_by_patch() {
         v[1]["message"].as_str().unwrap().contains("apps/a/shared"),
         "{v}"
     );
+
+    // bootstrap selects WasmPlugins only: the EnvoyFilter file neither adds a filter nor fails it.
+    let out = run(&[
+        "bootstrap",
+        "--plugins",
+        "examples/envoy/plugins",
+        "--plugins",
+        example,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("# wasm-ecds bootstrap for namespace default: default/hello\n"));
+    assert!(!text.contains("istio.basic_auth"), "{text}");
 }
 
 #[test]
