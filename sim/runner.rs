@@ -12,6 +12,9 @@
 //!
 //! The trace it records is a pure function of the scenario: times are virtual, collections are
 //! ordered, nothing mentions addresses, wall-clock time or temporary paths.
+//!
+//! Length: a little over 600 lines, kept whole: every step's effect and every check of `expect`
+//! read the same runner state.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

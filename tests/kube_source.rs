@@ -3,6 +3,9 @@
 //! patched and deleted with kubectl reach a real Envoy, pull Secrets are watched, status
 //! conditions are written (and not rewritten), and the label-selector, namespace and
 //! files-versus-Kubernetes rules hold. Restarts, relists and replicas: tests/kube_ha.rs.
+//!
+//! Length: a little over 600 lines, one test per behaviour of the source (each starts its own
+//! server against the shared API server).
 
 mod support;
 

@@ -202,7 +202,15 @@ impl Driver {
             } => {
                 self.refused_filters.remove(key);
                 for c in changes {
-                    self.take(c, object);
+                    match c {
+                        // A patch without a plugin key (no name, or a name given twice).
+                        Change::Refused {
+                            key: None, error, ..
+                        } => {
+                            tracing::warn!(envoy_filter = %key, field = %error.field, error = %error.message, "EnvoyFilter patch refused")
+                        }
+                        c => self.take(c, object),
+                    }
                 }
                 // Refusals of patches the EnvoyFilter no longer has, or no longer refuses.
                 let now: BTreeSet<&ObjectKey> = (changes.iter())

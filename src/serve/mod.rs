@@ -6,6 +6,9 @@
 //! and finished fetches. The driver publishes ECDS resources to its [`ResourceStore`] (which pushes
 //! to streams); the controller refreshes a read-only [`AdminView`] for the admin endpoints.
 //! Streams never wait for the controller.
+//!
+//! Length: a little over 600 lines: start-up, the Kubernetes link and the controller share the
+//! state they set up.
 
 pub mod admin;
 pub mod files;
