@@ -158,6 +158,24 @@ mod tests {
     }
 
     #[test]
+    fn envoy_filters_are_a_kind_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let ef = "apiVersion: networking.istio.io/v1alpha3\nkind: EnvoyFilter\nmetadata: {name: a}\nspec: {configPatches: []}\n";
+        // The same name as the WasmPlugin; and one refused at admission, still read.
+        let bad = "apiVersion: networking.istio.io/v1alpha3\nkind: EnvoyFilter\nmetadata: {name: b}\nspec: {configPatches: 1}\n";
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            format!("{PLUGIN}---\n{ef}---\n{bad}"),
+        )
+        .unwrap();
+        let d = FileSource::new(vec![dir.path().to_path_buf()]).scan();
+        assert!(d.errors.is_empty(), "{:?}", d.errors);
+        assert_eq!(d.plugins.len(), 1);
+        let names: Vec<String> = d.envoy_filters.keys().map(|k| k.to_string()).collect();
+        assert_eq!(names, ["default/a", "default/b"]);
+    }
+
+    #[test]
     fn bad_file_keeps_last_good_content() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("a.yaml");

@@ -182,5 +182,15 @@ mod tests {
         let p = s.merged().plugins;
         assert_eq!(p[&key("c")]["spec"]["url"], "kube-c");
         assert_eq!(s.conflicts.len(), 2);
+        // An EnvoyFilter is a kind of its own: the WasmPlugin "a" of the files is no conflict.
+        let mut snapshot = (**s.kube.as_ref().unwrap()).clone();
+        snapshot
+            .envoy_filters
+            .insert(key("a"), json!({"kind": "EnvoyFilter"}));
+        s.kube = Some(Arc::new(snapshot));
+        let m = s.merged();
+        assert_eq!(m.envoy_filters.len(), 1);
+        assert_eq!(m.plugins[&key("a")]["spec"]["url"], "file-a");
+        assert_eq!(s.conflicts.len(), 2);
     }
 }
