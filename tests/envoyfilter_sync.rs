@@ -92,3 +92,22 @@ fn renames_conflicts_and_takeovers_through_sync() {
     assert!(h.resources().is_empty());
     assert_eq!(h.driver.refused().count(), 0);
 }
+
+#[test]
+fn applying_the_stored_object_again_clears_its_refusal() {
+    let mut h = Harness::new();
+    h.world.publish_http(
+        "files.example",
+        "/m.wasm",
+        b"\0asm\x01\0\0\0module".to_vec(),
+    );
+    let good = filter("ns", "a", "x", "https://files.example/m.wasm");
+    h.apply(good.clone());
+    h.apply(filter("ns", "a", "x", "ftp://files.example/m.wasm"));
+    let refused: Vec<String> = h.driver.refused().map(|k| k.to_string()).collect();
+    assert_eq!(refused, ["ns/a/x"]);
+    // Back to what is stored: nothing to process, and nothing refused any more.
+    h.apply(good);
+    assert_eq!(h.driver.refused().count(), 0);
+    assert_eq!(h.objects().resource_owner("x"), Some(&key("ns/a/x")));
+}

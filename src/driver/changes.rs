@@ -172,7 +172,11 @@ impl Driver {
                 }
             }
             Change::SecretDeleted(k) => self.engine.remove_secret(k),
-            Change::Unchanged(_) => {}
+            // What is stored is what was applied: an earlier refusal no longer stands.
+            Change::Unchanged(k) => {
+                self.refused.remove(k);
+                self.refused_filters.remove(k);
+            }
             Change::Refused {
                 key: Some(k),
                 is_plugin: true,

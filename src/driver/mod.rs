@@ -193,6 +193,12 @@ impl Driver {
         self.refused.get(key).map(|r| (&r.object, &r.error))
     }
 
+    /// The ECDS resource name a refused plugin waits for, when another plugin serves it
+    /// (behavior.md §10 "Conflicts").
+    pub fn waits_for(&self, key: &ObjectKey) -> Option<&str> {
+        self.refused.get(key)?.waits_for.as_deref()
+    }
+
     pub fn now(&self) -> Timestamp {
         self.engine.now()
     }

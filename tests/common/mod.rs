@@ -179,6 +179,11 @@ impl Harness {
             .expect("delete: the plugin exists")
     }
 
+    pub fn delete_envoy_filter(&mut self, key: &ObjectKey) -> Change {
+        self.change(|d| d.delete_envoy_filter(key))
+            .expect("delete: the EnvoyFilter exists")
+    }
+
     pub fn delete_secret(&mut self, key: &ObjectKey) -> Change {
         self.change(|d| d.delete_secret(key))
             .expect("delete: the secret exists")
