@@ -574,6 +574,12 @@ pub fn run_blocking(args: crate::cli::ServeArgs, config: Config) -> i32 {
 }
 
 async fn run_until_signal(args: crate::cli::ServeArgs, config: Config) -> anyhow::Result<()> {
+    // Before anything answers: a SIGTERM right after /readyz turns 200 is a graceful stop too.
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = (
+        signal(SignalKind::terminate())?,
+        signal(SignalKind::interrupt())?,
+    );
     let xds_listener = tokio::net::TcpListener::bind(args.xds_address)
         .await
         .with_context(|| format!("--xds-address {}", args.xds_address))?;
@@ -599,9 +605,8 @@ async fn run_until_signal(args: crate::cli::ServeArgs, config: Config) -> anyhow
         "wasm-ecds: xds on {}, admin on {}",
         handle.xds_address, handle.admin_address
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let failed = tokio::select! {
-        _ = tokio::signal::ctrl_c() => None,
+        _ = int.recv() => None,
         _ = term.recv() => None,
         why = handle.failed() => Some(why),
     };
