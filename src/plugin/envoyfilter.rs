@@ -276,7 +276,7 @@ fn read_patch_kind(
 /// Why a Wasm-less or local-code config is not served.
 fn passthrough_note(typed_config: &Value) -> String {
     let outer = typed_config.get("@type").and_then(Value::as_str);
-    let inner = typed_config.get("type_url").and_then(Value::as_str);
+    let inner = field(typed_config, &["type_url", "typeUrl"]).and_then(Value::as_str);
     let type_url = match outer {
         Some(TYPED_STRUCT_UDPA_TYPE_URL | TYPED_STRUCT_XDS_TYPE_URL) => inner,
         other => other,
