@@ -31,7 +31,7 @@ PY
 step "API server: namespaces and CRD (server-side dry run, then applied)"
 admin apply --dry-run=server -f "$OUT/first.yaml"
 admin apply -f "$OUT/first.yaml"
-admin wait --for=condition=Established --timeout=60s crd/wasmplugins.extensions.istio.io
+admin wait --for=condition=Established --timeout=60s crd/wasmplugins.extensions.istio.io crd/envoyfilters.networking.istio.io
 step "API server: everything else (server-side dry run, then applied)"
 admin apply --dry-run=server -f "$OUT/rest.yaml"
 admin apply -f "$OUT/rest.yaml"
@@ -46,6 +46,9 @@ can() {  # can WANT VERB RESOURCE [ARGS...]
 }
 can yes list wasmplugins.extensions.istio.io -A
 can yes watch wasmplugins.extensions.istio.io -A
+can yes list envoyfilters.networking.istio.io -A
+can yes watch envoyfilters.networking.istio.io -A
+can no update envoyfilters.networking.istio.io -n apps
 can yes patch wasmplugins.extensions.istio.io --subresource=status -n apps
 can no update wasmplugins.extensions.istio.io -n apps
 can yes list secrets -A

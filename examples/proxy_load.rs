@@ -161,7 +161,10 @@ async fn proxy_main(upstream: String) {
         transport,
         fetch_config: None,
         kube: None,
-        proxy: Some(wasm_ecds::proxy::UpstreamOptions { address: upstream }),
+        proxy: Some(wasm_ecds::proxy::UpstreamOptions {
+            address: upstream,
+            ..Default::default()
+        }),
     })
     .await
     .expect("start the proxy");

@@ -12,6 +12,9 @@
 //!
 //! The trace it records is a pure function of the scenario: times are virtual, collections are
 //! ordered, nothing mentions addresses, wall-clock time or temporary paths.
+//!
+//! Length: a little over 600 lines, kept whole: every step's effect and every check of `expect`
+//! read the same runner state.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -19,8 +22,8 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::scenario::{
-    DeleteTarget, Expect, RequestExpect, Scenario, Step, Target, OUTCOME_NONE, SERVES_ABSENT,
-    SERVES_ALLOW_ALL, SERVES_DENY_ALL,
+    DeleteTarget, EditTarget, Expect, RequestExpect, Scenario, Step, Target, OUTCOME_NONE,
+    SERVES_ABSENT, SERVES_ALLOW_ALL, SERVES_DENY_ALL,
 };
 use super::world::SimWorld;
 use crate::clock::{Clock, Timestamp, TokioClock};
@@ -221,6 +224,9 @@ impl<'a> Runner<'a> {
     /// Runs the processing a step caused until it has finished.
     async fn settle(&mut self, n: usize, applied: Applied) -> Result<(), Vec<CheckFailure>> {
         self.log_change(&applied.change);
+        for c in &applied.followups {
+            self.log_change(c);
+        }
         let result = self.driver.run_until_done(&applied.ticket).await;
         result.map_err(|e| vec![step_error(n, e)])
     }
@@ -332,14 +338,30 @@ impl<'a> Runner<'a> {
                 let applied = self.driver.apply(v);
                 self.settle(n, applied).await?;
             }
-            Step::Edit { plugin, patch } => match self.driver.edit(&plugin, &patch) {
+            Step::Edit {
+                target: EditTarget::Plugin(plugin),
+                patch,
+            } => match self.driver.edit(&plugin, &patch) {
                 Some(applied) => self.settle(n, applied).await?,
-                None => return Err(err(format!("edit: there is no plugin {plugin}"))),
+                None => return Err(err(format!("edit: {}", self.no_plugin(&plugin)))),
+            },
+            Step::Edit {
+                target: EditTarget::EnvoyFilter(k),
+                patch,
+            } => match self.driver.edit_envoy_filter(&k, &patch) {
+                Some(applied) => self.settle(n, applied).await?,
+                None => return Err(err(format!("edit: there is no EnvoyFilter {k}"))),
             },
             Step::Delete(DeleteTarget::Plugin(k)) => match self.driver.delete_plugin(&k) {
                 Some(applied) => self.settle(n, applied).await?,
-                None => return Err(err(format!("delete: there is no plugin {k}"))),
+                None => return Err(err(format!("delete: {}", self.no_plugin(&k)))),
             },
+            Step::Delete(DeleteTarget::EnvoyFilter(k)) => {
+                match self.driver.delete_envoy_filter(&k) {
+                    Some(applied) => self.settle(n, applied).await?,
+                    None => return Err(err(format!("delete: there is no EnvoyFilter {k}"))),
+                }
+            }
             Step::Delete(DeleteTarget::Secret(k)) => match self.driver.delete_secret(&k) {
                 Some(applied) => self.settle(n, applied).await?,
                 None => return Err(err(format!("delete: there is no secret {k}"))),
@@ -375,10 +397,37 @@ impl<'a> Runner<'a> {
         Ok(())
     }
 
-    /// One trace line for an admitted change.
+    /// Why an `edit` or `delete` of a plugin cannot run.
+    fn no_plugin(&self, k: &ObjectKey) -> String {
+        match crate::plugin::envoyfilter::filter_of(k) {
+            Some(f) => format!(
+                "{k} is a patch of EnvoyFilter {f}: edit or delete the EnvoyFilter (envoyFilter: {f})"
+            ),
+            None => format!("there is no plugin {k}"),
+        }
+    }
+
+    /// The trace lines of an admitted change.
     fn log_change(&mut self, change: &Change) {
         let now = self.now();
         let text = match change {
+            Change::EnvoyFilter {
+                key,
+                deleted,
+                changes,
+                notes,
+            } => {
+                let what = if *deleted { "deleted" } else { "applied" };
+                self.log(now, format!("EnvoyFilter {key} {what}"));
+                for note in notes {
+                    self.log(now, format!("{key}: {note}"));
+                }
+                for c in changes {
+                    self.log_change(c);
+                }
+                return;
+            }
+            Change::Conflict { key, error, .. } => format!("{key} refused: {error}"),
             Change::PluginCreated(k) | Change::PluginChanged(k) => {
                 let Some(vp) = self.driver.objects().plugin(k) else {
                     return;
@@ -424,7 +473,12 @@ impl<'a> Runner<'a> {
     /// What a proxy subscribing to the plugin receives now: the resource the driver published,
     /// decoded, and the module bytes read where the proxy would read them.
     fn serves(&self, k: &ObjectKey) -> String {
-        let Some(resource) = self.driver.resources().get(&k.resource_name()) else {
+        // Another plugin may serve the resource name (an EnvoyFilter patch, behavior.md §10).
+        let name = k.resource_name();
+        if self.driver.objects().resource_owner(&name) != Some(k) {
+            return SERVES_ABSENT.into();
+        }
+        let Some(resource) = self.driver.resources().get(&name) else {
             return SERVES_ABSENT.into();
         };
         let bytes = match crate::convert::decode_delivered(&resource) {

@@ -73,6 +73,15 @@ fn any<M: Message>(type_url: &str, m: &M) -> Any {
     }
 }
 
+/// The fallback a fail strategy asks for when there is no module (behavior.md §7): allow-all for
+/// `FAIL_OPEN`, deny-all otherwise.
+pub fn fallback_for(fail: FailStrategy) -> Filter {
+    match fail {
+        FailStrategy::FailOpen => Filter::AllowAll,
+        FailStrategy::FailClose | FailStrategy::FailReload => Filter::DenyAll,
+    }
+}
+
 /// Builds the ECDS resource for a plugin.
 pub fn extension_config(plugin: &WasmPlugin, filter: Filter) -> TypedExtensionConfig {
     if let Some(template) = &plugin.extension {

@@ -17,10 +17,12 @@ pub enum Reason {
     Unauthorized,
     TooLarge,
     BlockedAddress,
+    /// Remote code without `http_uri` (behavior.md §10): nothing can be pulled.
+    MissingHttpUri,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 8] = [
+    pub const ALL: [Reason; 9] = [
         Reason::DownloadFailure,
         Reason::ManifestFailure,
         Reason::ChecksumMismatch,
@@ -29,6 +31,7 @@ impl Reason {
         Reason::Unauthorized,
         Reason::TooLarge,
         Reason::BlockedAddress,
+        Reason::MissingHttpUri,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -41,6 +44,7 @@ impl Reason {
             Reason::Unauthorized => "unauthorized",
             Reason::TooLarge => "too_large",
             Reason::BlockedAddress => "blocked_address",
+            Reason::MissingHttpUri => "missing_http_uri",
         }
     }
 
@@ -58,7 +62,7 @@ impl Reason {
             Reason::ManifestFailure | Reason::Unauthorized => Some(FetchResult::ManifestFailure),
             Reason::ChecksumMismatch => Some(FetchResult::ChecksumMismatched),
             Reason::InvalidModule => Some(FetchResult::FetchFailure),
-            Reason::MissingSecret => None,
+            Reason::MissingSecret | Reason::MissingHttpUri => None,
         }
     }
 }

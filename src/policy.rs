@@ -38,6 +38,8 @@ pub enum PolicyRule {
     Default,
     /// `file://` URL.
     File,
+    /// Remote code without `http_uri` (behavior.md §10): nothing to pull.
+    NoHttpUri,
 }
 
 impl fmt::Display for PullPolicy {
@@ -59,6 +61,7 @@ impl PolicyRule {
             PolicyRule::LatestTag => "latest-tag",
             PolicyRule::Default => "default",
             PolicyRule::File => "file",
+            PolicyRule::NoHttpUri => "no-http-uri",
         }
     }
 }
@@ -75,17 +78,33 @@ pub struct Decision {
 impl Decision {
     /// A human sentence: "Always: tag is `latest` and imagePullPolicy is unspecified".
     pub fn explanation(&self) -> String {
+        self.sentence("spec.sha256", "imagePullPolicy", "unspecified")
+    }
+
+    /// The sentence in the terms of an `EnvoyFilter` patch (behavior.md §10): `remote.sha256`
+    /// and the `ISTIO_META_WASM_IMAGE_PULL_POLICY` VM variable.
+    pub fn patch_explanation(&self) -> String {
+        self.sentence(
+            "remote.sha256",
+            "ISTIO_META_WASM_IMAGE_PULL_POLICY",
+            "unset",
+        )
+    }
+
+    fn sentence(&self, sha256: &str, policy: &str, unset: &str) -> String {
         let why = match self.rule {
-            PolicyRule::Sha256 => "pinned by spec.sha256".to_string(),
+            PolicyRule::Sha256 => format!("pinned by {sha256}"),
             PolicyRule::Digest => "pinned by the digest in the url".to_string(),
-            PolicyRule::Explicit => format!("imagePullPolicy is {}", self.policy),
-            PolicyRule::LatestTag => {
-                "tag is `latest` and imagePullPolicy is unspecified".to_string()
-            }
+            PolicyRule::Explicit => format!("{policy} is {}", self.policy),
+            PolicyRule::LatestTag => format!("tag is `latest` and {policy} is {unset}"),
             PolicyRule::Default => {
-                "imagePullPolicy is unspecified and the url is not an oci `latest` tag".to_string()
+                format!("{policy} is {unset} and the url is not an oci `latest` tag")
             }
             PolicyRule::File => "file:// url: read from the local file system".to_string(),
+            PolicyRule::NoHttpUri => {
+                "remote code without http_uri: nothing to pull, only the fallback is served"
+                    .to_string()
+            }
         };
         format!("{}: {why}", self.policy)
     }
@@ -98,8 +117,12 @@ pub fn decide(spec: &WasmPluginSpec, url: &ModuleUrl) -> Decision {
         rule,
         expected_checksum,
     };
-    if let ModuleUrl::File(_) = url {
-        return decision(PullPolicy::None, PolicyRule::File, spec.sha256.clone());
+    match url {
+        ModuleUrl::File(_) => {
+            return decision(PullPolicy::None, PolicyRule::File, spec.sha256.clone())
+        }
+        ModuleUrl::NoHttpUri => return decision(PullPolicy::None, PolicyRule::NoHttpUri, None),
+        ModuleUrl::Oci(_) | ModuleUrl::Http(_) => {}
     }
     if let Some(sha) = &spec.sha256 {
         return decision(

@@ -1,16 +1,23 @@
-//! The object source: the set of current `WasmPlugin`s and pull secrets with their resource
-//! versions (behavior.md §1, §3). It plays the part of the Kubernetes API server: it validates on
-//! admission (a refused *change* keeps the last accepted object), assigns a new resource version to
-//! every accepted change of spec or metadata, and treats re-applying an identical object as a no-op.
+//! The object source: the set of current `WasmPlugin`s, `EnvoyFilter`s and pull secrets, and the
+//! plugins with their resource versions (behavior.md §1, §3, §10). It plays the part of the
+//! Kubernetes API server: it validates on admission (a refused *change* keeps the last accepted
+//! object), assigns a new resource version to every accepted change of spec or metadata, and treats
+//! re-applying an identical object as a no-op.
+//!
+//! An `EnvoyFilter` is admitted patch by patch: each served patch is a plugin of its own (created,
+//! changed, refused or deleted on its own), and plugins of patches the object no longer has are
+//! deleted. One ECDS resource name is served by one plugin: a new plugin whose resource another
+//! plugin serves is refused ([`Change::Conflict`]) until that one is gone.
 //!
 //! `serve` feeds it from watched files, `sim` from scenario steps; both hand its changes to the
 //! [`Engine`](crate::engine::Engine).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 
-use crate::plugin::{self, FieldError, Manifest, ObjectKey, PullSecret, WasmPlugin};
+use crate::plugin::envoyfilter::{self, PatchKind};
+use crate::plugin::{self, EnvoyFilter, FieldError, Manifest, ObjectKey, PullSecret, WasmPlugin};
 use crate::url::ModuleUrl;
 
 /// A plugin with the resource version of its current object.
@@ -32,6 +39,22 @@ pub enum Change {
     SecretDeleted(ObjectKey),
     /// Identical to what is stored.
     Unchanged(ObjectKey),
+    /// A new plugin whose ECDS resource name another plugin serves: refused (like an invalid
+    /// field, `error.field` naming where the name comes from) until that one is gone.
+    Conflict {
+        key: ObjectKey,
+        resource: String,
+        error: FieldError,
+    },
+    /// An `EnvoyFilter` was applied (or, `deleted`, removed): what that did to the plugin of each
+    /// of its patches, in patch order, then to the plugins of patches it no longer has; and one
+    /// note per patch that is not served.
+    EnvoyFilter {
+        key: ObjectKey,
+        deleted: bool,
+        changes: Vec<Change>,
+        notes: Vec<String>,
+    },
     /// Refused by validation: nothing stored changed. `key` is `None` when the object had no name.
     Refused {
         key: Option<ObjectKey>,
@@ -40,11 +63,35 @@ pub enum Change {
     },
 }
 
+impl Change {
+    /// This change and the ones it is made of (an `EnvoyFilter`'s), depth first.
+    pub fn flatten(&self) -> Vec<&Change> {
+        match self {
+            Change::EnvoyFilter { changes, .. } => std::iter::once(self)
+                .chain(changes.iter().flat_map(Change::flatten))
+                .collect(),
+            _ => vec![self],
+        }
+    }
+}
+
+/// A stored `EnvoyFilter`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredFilter {
+    /// The object as last accepted.
+    pub object: Value,
+    /// The plugins its patches define now.
+    pub plugins: BTreeSet<ObjectKey>,
+}
+
 /// Current objects and their versions.
 #[derive(Clone, Debug, Default)]
 pub struct ObjectStore {
     plugins: BTreeMap<ObjectKey, VersionedPlugin>,
     secrets: BTreeMap<ObjectKey, PullSecret>,
+    envoy_filters: BTreeMap<ObjectKey, StoredFilter>,
+    /// The plugin serving each ECDS resource name.
+    resources: BTreeMap<String, ObjectKey>,
     last_version: u64,
 }
 
@@ -63,6 +110,15 @@ impl ObjectStore {
 
     pub fn plugin(&self, key: &ObjectKey) -> Option<&VersionedPlugin> {
         self.plugins.get(key)
+    }
+
+    pub fn envoy_filters(&self) -> &BTreeMap<ObjectKey, StoredFilter> {
+        &self.envoy_filters
+    }
+
+    /// The plugin that serves an ECDS resource name.
+    pub fn resource_owner(&self, resource: &str) -> Option<&ObjectKey> {
+        self.resources.get(resource)
     }
 
     /// Applies one decoded object (a manifest document).
@@ -84,48 +140,8 @@ impl ObjectStore {
     /// Applies a parsed manifest.
     pub fn apply(&mut self, manifest: Manifest) -> Change {
         match manifest {
-            Manifest::Plugin(p) => {
-                let url = plugin::validate(&p).into_iter().next().map_or_else(
-                    || {
-                        ModuleUrl::parse(&p.spec.url).map_err(|e| FieldError {
-                            field: "spec.url".into(),
-                            message: e.to_string(),
-                        })
-                    },
-                    Err,
-                );
-                let url = match url {
-                    Ok(url) => url,
-                    Err(error) => {
-                        return Change::Refused {
-                            key: Some(p.key.clone()),
-                            is_plugin: true,
-                            error,
-                        }
-                    }
-                };
-                let key = p.key.clone();
-                match self.plugins.get(&key) {
-                    Some(cur) if cur.plugin.object == p.object => Change::Unchanged(key),
-                    existing => {
-                        let created = existing.is_none();
-                        self.last_version += 1;
-                        self.plugins.insert(
-                            key.clone(),
-                            VersionedPlugin {
-                                plugin: p,
-                                version: self.last_version,
-                                url,
-                            },
-                        );
-                        if created {
-                            Change::PluginCreated(key)
-                        } else {
-                            Change::PluginChanged(key)
-                        }
-                    }
-                }
-            }
+            Manifest::Plugin(p) => self.apply_plugin(p, "metadata.name"),
+            Manifest::EnvoyFilter(f) => self.apply_envoy_filter(f),
             Manifest::Secret(s) => {
                 let key = s.key.clone();
                 if self
@@ -141,22 +157,174 @@ impl ObjectStore {
         }
     }
 
-    /// Applies a JSON merge patch (RFC 7386) to a stored plugin.
-    pub fn edit_plugin(&mut self, key: &ObjectKey, patch: &Value) -> Option<Change> {
-        let mut object = self.plugins.get(key)?.plugin.object.clone();
-        json_patch::merge(&mut object, patch);
-        // Identity cannot be patched away.
-        if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
-            meta.insert("name".into(), Value::String(key.name.clone()));
-            meta.insert("namespace".into(), Value::String(key.namespace.clone()));
+    /// Admits one plugin. `name_field` is where its resource name comes from, for a conflict.
+    fn apply_plugin(&mut self, p: WasmPlugin, name_field: &str) -> Change {
+        // An EnvoyFilter patch's plugin was validated on the patch's own paths when it was parsed.
+        let problem = match p.extension {
+            Some(_) => None,
+            None => plugin::validate(&p).into_iter().next(),
+        };
+        let url = problem.map_or_else(
+            || {
+                p.module_url().map_err(|e| FieldError {
+                    field: "spec.url".into(),
+                    message: e.to_string(),
+                })
+            },
+            Err,
+        );
+        let url = match url {
+            Ok(url) => url,
+            Err(error) => {
+                return Change::Refused {
+                    key: Some(p.key.clone()),
+                    is_plugin: true,
+                    error,
+                }
+            }
+        };
+        let key = p.key.clone();
+        let resource = p.resource_name();
+        match self.resources.get(&resource) {
+            Some(owner) if *owner != key => {
+                let message = format!(
+                    "ECDS resource {resource:?} is already served by {} {owner}; this definition is not used until that one is gone",
+                    if envoyfilter::filter_of(owner).is_some() {
+                        "the EnvoyFilter patch"
+                    } else {
+                        "the WasmPlugin"
+                    }
+                );
+                return Change::Conflict {
+                    key,
+                    resource,
+                    error: FieldError {
+                        field: name_field.to_string(),
+                        message,
+                    },
+                };
+            }
+            _ => {}
         }
-        Some(self.apply_value(object))
+        match self.plugins.get(&key) {
+            Some(cur) if cur.plugin.object == p.object => Change::Unchanged(key),
+            existing => {
+                let created = existing.is_none();
+                self.last_version += 1;
+                self.plugins.insert(
+                    key.clone(),
+                    VersionedPlugin {
+                        plugin: p,
+                        version: self.last_version,
+                        url,
+                    },
+                );
+                self.resources.insert(resource, key.clone());
+                if created {
+                    Change::PluginCreated(key)
+                } else {
+                    Change::PluginChanged(key)
+                }
+            }
+        }
+    }
+
+    /// Admits an `EnvoyFilter` patch by patch (behavior.md §10).
+    fn apply_envoy_filter(&mut self, f: EnvoyFilter) -> Change {
+        let key = f.key.clone();
+        let stored = self.envoy_filters.get(&key);
+        // A patch refused for a conflict is tried again, whether or not the object changed.
+        let waiting = f
+            .patches
+            .iter()
+            .any(|p| matches!(&p.kind, PatchKind::Plugin(w) if !self.plugins.contains_key(&w.key)));
+        if stored.is_some_and(|s| s.object == f.object) && !waiting {
+            return Change::Unchanged(key);
+        }
+        let notes = f.notes();
+        let before = stored.map(|s| s.plugins.clone()).unwrap_or_default();
+        let mut changes = Vec::new();
+        let mut kept = BTreeSet::new();
+        for patch in f.patches {
+            let name_field = format!("{}.patch.value.name", patch.field());
+            match patch.kind {
+                PatchKind::Plugin(p) => {
+                    kept.insert(p.key.clone());
+                    changes.push(self.apply_plugin(p, &name_field));
+                }
+                PatchKind::Refused { plugin, error } => {
+                    // A refused change keeps the last accepted plugin of the patch.
+                    if let Some(k) = plugin.as_ref().filter(|k| before.contains(*k)) {
+                        kept.insert(k.clone());
+                    }
+                    changes.push(Change::Refused {
+                        is_plugin: plugin.is_some(),
+                        key: plugin,
+                        error,
+                    });
+                }
+                PatchKind::Ignored(_) => {}
+            }
+        }
+        for k in before.difference(&kept) {
+            changes.extend(self.delete_plugin(k));
+        }
+        let plugins = (kept.into_iter())
+            .filter(|k| self.plugins.contains_key(k))
+            .collect();
+        self.envoy_filters.insert(
+            key.clone(),
+            StoredFilter {
+                object: f.object,
+                plugins,
+            },
+        );
+        Change::EnvoyFilter {
+            key,
+            deleted: false,
+            changes,
+            notes,
+        }
+    }
+
+    /// Applies a JSON merge patch (RFC 7386) to a stored `WasmPlugin` (not to the plugin of an
+    /// `EnvoyFilter` patch: edit the EnvoyFilter).
+    pub fn edit_plugin(&mut self, key: &ObjectKey, patch: &Value) -> Option<Change> {
+        let vp = self.plugins.get(key)?;
+        if vp.plugin.extension.is_some() {
+            return None;
+        }
+        let object = vp.plugin.object.clone();
+        Some(self.apply_value(merged(object, patch, key)))
+    }
+
+    /// Applies a JSON merge patch to a stored `EnvoyFilter`.
+    pub fn edit_envoy_filter(&mut self, key: &ObjectKey, patch: &Value) -> Option<Change> {
+        let object = self.envoy_filters.get(key)?.object.clone();
+        Some(self.apply_value(merged(object, patch, key)))
     }
 
     pub fn delete_plugin(&mut self, key: &ObjectKey) -> Option<Change> {
-        self.plugins
-            .remove(key)
-            .map(|_| Change::PluginDeleted(key.clone()))
+        let p = self.plugins.remove(key)?;
+        let resource = p.plugin.resource_name();
+        if self.resources.get(&resource) == Some(key) {
+            self.resources.remove(&resource);
+        }
+        Some(Change::PluginDeleted(key.clone()))
+    }
+
+    /// Deletes an `EnvoyFilter` and the plugins of its patches.
+    pub fn delete_envoy_filter(&mut self, key: &ObjectKey) -> Option<Change> {
+        let f = self.envoy_filters.remove(key)?;
+        let changes = (f.plugins.iter())
+            .filter_map(|k| self.delete_plugin(k))
+            .collect();
+        Some(Change::EnvoyFilter {
+            key: key.clone(),
+            deleted: true,
+            changes,
+            notes: Vec::new(),
+        })
     }
 
     pub fn delete_secret(&mut self, key: &ObjectKey) -> Option<Change> {
@@ -164,6 +332,16 @@ impl ObjectStore {
             .remove(key)
             .map(|_| Change::SecretDeleted(key.clone()))
     }
+}
+
+/// `object` with a JSON merge patch applied; identity cannot be patched away.
+fn merged(mut object: Value, patch: &Value, key: &ObjectKey) -> Value {
+    json_patch::merge(&mut object, patch);
+    if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.insert("name".into(), Value::String(key.name.clone()));
+        meta.insert("namespace".into(), Value::String(key.namespace.clone()));
+    }
+    object
 }
 
 #[cfg(test)]
@@ -196,6 +374,121 @@ mod tests {
             s.edit_plugin(&key, &json!({"metadata": {"labels": {"a": "b"}}})),
             Some(Change::Unchanged(key.clone()))
         );
+    }
+
+    fn filter(name: &str, patches: &[(&str, &str)]) -> Value {
+        let patches: Vec<Value> = patches
+            .iter()
+            .map(|(resource, uri)| {
+                json!({"applyTo": "EXTENSION_CONFIG", "patch": {"operation": "ADD", "value": {
+                    "name": resource, "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                        "config": {"vm_config": {"code": {"remote": {"http_uri": {"uri": uri}}}}}}}}})
+            })
+            .collect();
+        json!({"apiVersion": "networking.istio.io/v1alpha3", "kind": "EnvoyFilter",
+               "metadata": {"name": name, "namespace": "ns"}, "spec": {"configPatches": patches}})
+    }
+
+    fn inner(c: Change) -> Vec<Change> {
+        match c {
+            Change::EnvoyFilter { changes, .. } => changes,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_envoy_filter_is_admitted_patch_by_patch() {
+        let mut s = ObjectStore::new();
+        let a = ObjectKey::new("ns", "ef/a");
+        let b = ObjectKey::new("ns", "ef/b");
+        let c = s.apply_value(filter(
+            "ef",
+            &[("a", "oci://r/a:v1"), ("b", "oci://r/b:v1")],
+        ));
+        assert_eq!(
+            inner(c),
+            [
+                Change::PluginCreated(a.clone()),
+                Change::PluginCreated(b.clone())
+            ]
+        );
+        assert_eq!(s.resource_owner("a"), Some(&a));
+        let again = filter("ef", &[("a", "oci://r/a:v1"), ("b", "oci://r/b:v1")]);
+        assert_eq!(
+            s.apply_value(again),
+            Change::Unchanged(ObjectKey::new("ns", "ef"))
+        );
+        // Editing b is not a change of a; dropping b deletes its plugin.
+        let c = s.apply_value(filter(
+            "ef",
+            &[("a", "oci://r/a:v1"), ("b", "oci://r/b:v2")],
+        ));
+        assert_eq!(
+            inner(c),
+            [
+                Change::Unchanged(a.clone()),
+                Change::PluginChanged(b.clone())
+            ]
+        );
+        let c = s.apply_value(filter("ef", &[("a", "oci://r/a:v1")]));
+        assert_eq!(
+            inner(c),
+            [Change::Unchanged(a.clone()), Change::PluginDeleted(b)]
+        );
+        // A refused patch keeps its last accepted plugin.
+        let c = s.apply_value(filter("ef", &[("a", "ftp://r/a")]));
+        assert!(matches!(inner(c).as_slice(), [Change::Refused { key: Some(k), .. }] if *k == a));
+        assert_eq!(s.plugin(&a).unwrap().plugin.spec.url, "oci://r/a:v1");
+        // An edit of a patch's plugin goes through its EnvoyFilter.
+        assert!(s
+            .edit_plugin(&a, &json!({"metadata": {"labels": {"x": "y"}}}))
+            .is_none());
+        let k = ObjectKey::new("ns", "ef");
+        let c = s
+            .edit_envoy_filter(&k, &json!({"metadata": {"labels": {"x": "y"}}}))
+            .unwrap();
+        assert!(matches!(inner(c).as_slice(), [Change::Refused { .. }]));
+        let c = s.delete_envoy_filter(&k).unwrap();
+        assert_eq!(inner(c), [Change::PluginDeleted(a)]);
+        assert!(s.plugins().is_empty() && s.resource_owner("a").is_none());
+    }
+
+    #[test]
+    fn a_resource_name_has_one_server_and_the_first_keeps_it() {
+        let mut s = ObjectStore::new();
+        s.apply_value(filter("one", &[("x", "oci://r/a:v1")]));
+        let c = inner(s.apply_value(filter("two", &[("x", "oci://r/b:v1")])));
+        let [Change::Conflict {
+            key,
+            resource,
+            error,
+        }] = c.as_slice()
+        else {
+            panic!("{c:?}")
+        };
+        assert_eq!((key.name.as_str(), resource.as_str()), ("two/x", "x"));
+        assert_eq!(error.field, "spec.configPatches[0].patch.value.name");
+        assert!(error
+            .message
+            .contains("already served by the EnvoyFilter patch ns/one/x"));
+        // A WasmPlugin's resource name, defined by a patch first.
+        let taken = "extensions.istio.io/wasmplugin/ns.p";
+        s.apply_value(filter("three", &[(taken, "oci://r/c:v1")]));
+        let mut p = obj("r/p:v1");
+        p["metadata"]["namespace"] = json!("ns");
+        assert!(
+            matches!(s.apply_value(p.clone()), Change::Conflict { ref error, .. } if error.field == "metadata.name")
+        );
+        // Once the first is gone, the next definition is admitted.
+        s.delete_envoy_filter(&ObjectKey::new("ns", "three"));
+        assert_eq!(
+            s.apply_value(p),
+            Change::PluginCreated(ObjectKey::new("ns", "p"))
+        );
+        s.delete_envoy_filter(&ObjectKey::new("ns", "one"));
+        let c = inner(s.apply_value(filter("two", &[("x", "oci://r/b:v1")])));
+        assert_eq!(c, [Change::PluginCreated(ObjectKey::new("ns", "two/x"))]);
     }
 
     #[test]

@@ -22,6 +22,9 @@ pub enum ModuleUrl {
     Http(HttpUrl),
     /// `file:///path`: the absolute local path.
     File(String),
+    /// Remote code without an `http_uri` (an `EnvoyFilter` extension config, behavior.md §10):
+    /// nothing can be fetched, only the fallback is served. Never the result of parsing.
+    NoHttpUri,
 }
 
 /// An `http://` or `https://` URL, parsed once.
@@ -98,6 +101,7 @@ impl ModuleUrl {
             ModuleUrl::Oci(r) => format!("oci://{}/{}", r.registry, r.repository),
             ModuleUrl::Http(u) => u.as_str().to_string(),
             ModuleUrl::File(p) => format!("file://{p}"),
+            ModuleUrl::NoHttpUri => String::new(),
         }
     }
 
@@ -107,7 +111,7 @@ impl ModuleUrl {
         match self {
             ModuleUrl::Oci(r) => r.digest.is_none(),
             ModuleUrl::Http(_) => true,
-            ModuleUrl::File(_) => false,
+            ModuleUrl::File(_) | ModuleUrl::NoHttpUri => false,
         }
     }
 
@@ -116,7 +120,7 @@ impl ModuleUrl {
         match self {
             ModuleUrl::Oci(r) => Some(&r.registry),
             ModuleUrl::Http(u) => Some(authority(u.url())),
-            ModuleUrl::File(_) => None,
+            ModuleUrl::File(_) | ModuleUrl::NoHttpUri => None,
         }
     }
 }
@@ -134,6 +138,7 @@ impl fmt::Display for ModuleUrl {
             ModuleUrl::Oci(r) => write!(f, "oci://{r}"),
             ModuleUrl::Http(u) => f.write_str(u.as_str()),
             ModuleUrl::File(p) => write!(f, "file://{p}"),
+            ModuleUrl::NoHttpUri => f.write_str("(no http_uri)"),
         }
     }
 }

@@ -112,6 +112,92 @@ fn check_passes_valid_manifests_and_reports_every_problem_of_broken_ones() {
 }
 
 #[test]
+fn check_and_explain_read_envoy_filters_patch_by_patch() {
+    let example = "examples/envoyfilter/basic-auth.yaml";
+    let ok = run(&["check", example]);
+    assert_eq!(ok.status.code(), Some(0), "{ok:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&ok.stdout),
+        format!("{example}: istio-system/basic-auth: configPatches[0] (HTTP_FILTER): ignored, only EXTENSION_CONFIG ADD patches are served\n")
+    );
+    let v: Value = serde_json::from_slice(&run(&["check", "--json", example]).stdout).unwrap();
+    assert_eq!(v.as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v[0]["note"], true);
+    let out = run(&["explain", "--json", example]);
+    assert_eq!(out.status.code(), Some(0));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.as_array().map(Vec::len), Some(1), "{v}");
+    let e = &v[0];
+    assert_eq!(
+        e["plugin"],
+        "istio-system/basic-auth-config/istio.basic_auth"
+    );
+    assert_eq!(
+        (e["policy"].as_str(), e["rule"].as_str()),
+        (Some("IfNotPresent"), Some("sha256"))
+    );
+    assert_eq!(e["resource"], "istio.basic_auth");
+    assert_eq!(e["module"], "http://127.0.0.1:18080/module.wasm");
+
+    // A bad patch is a problem on its own path; a resource name taken twice is one too.
+    let dir = tempfile::tempdir().unwrap();
+    let patch = |name: &str, uri: &str| {
+        format!(
+            "- applyTo: EXTENSION_CONFIG\n  patch:\n    operation: ADD\n    value:\n      name: {name}\n      typed_config:\n        '@type': type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm\n        config: {{vm_config: {{code: {{remote: {{http_uri: {{uri: '{uri}'}}}}}}}}}}\n"
+        )
+    };
+    let filter = |name: &str, patches: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1alpha3\nkind: EnvoyFilter\nmetadata: {{name: {name}, namespace: apps}}\nspec:\n  configPatches:\n{}",
+            patches.lines().map(|l| format!("  {l}\n")).collect::<String>()
+        )
+    };
+    let a = filter(
+        "a",
+        &(patch("shared", "https://h/a.wasm") + &patch("bad", "ftp://h/b.wasm")),
+    );
+    std::fs::write(dir.path().join("a.yaml"), a).unwrap();
+    std::fs::write(
+        dir.path().join("b.yaml"),
+        filter("b", &patch("shared", "oci://r/b:v1")),
+    )
+    .unwrap();
+    let out = run(&["check", "--json", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let fields: Vec<(&str, &str)> = (v.as_array().unwrap().iter())
+        .map(|p| (p["plugin"].as_str().unwrap(), p["field"].as_str().unwrap()))
+        .collect();
+    let uri =
+        "spec.configPatches[1].patch.value.typed_config.config.vm_config.code.remote.http_uri.uri";
+    assert_eq!(
+        fields,
+        [
+            ("apps/a", uri),
+            ("apps/b", "spec.configPatches[0].patch.value.name")
+        ],
+        "{v}"
+    );
+    assert!(
+        v[1]["message"].as_str().unwrap().contains("apps/a/shared"),
+        "{v}"
+    );
+
+    // bootstrap selects WasmPlugins only: the EnvoyFilter file neither adds a filter nor fails it.
+    let out = run(&[
+        "bootstrap",
+        "--plugins",
+        "examples/envoy/plugins",
+        "--plugins",
+        example,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("# wasm-ecds bootstrap for namespace default: default/hello\n"));
+    assert!(!text.contains("istio.basic_auth"), "{text}");
+}
+
+#[test]
 fn unreadable_input_is_exit_2() {
     let out = run(&["check", "examples/plugins/does-not-exist.yaml"]);
     assert_eq!(out.status.code(), Some(2));
@@ -236,6 +322,7 @@ fn help_texts_document_the_arguments_and_point_inside_the_repository() {
     };
     let check = help(&["check", "--help"]);
     assert!(check.contains("docs/behavior.md §1"), "{check}");
+    assert!(check.contains("EnvoyFilter"), "{check}");
     let explain = help(&["explain", "--help"]);
     for text in [&check, &explain] {
         assert!(text.contains("--json") && text.contains("Print"), "{text}");

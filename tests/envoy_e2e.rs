@@ -383,13 +383,16 @@ impl Server {
     }
 
     /// Waits until `ns/name` has a resource version other than `old` and has been processed.
+    /// Waits until the plugin, as it was (`old`, its `/debug/plugins` entry), has a new resource
+    /// version *and* a processing finished since: until then `outcome` is the old version's.
     async fn wait_processed_after(&self, key: &str, old: &Value) -> Value {
         wait_for(
             &format!("{key} processed at a new resource version"),
             CONVERGE,
             || async {
                 let p = self.plugin(key).await;
-                if !p.is_null() && p["resourceVersion"] != *old && !p["outcome"].is_null() {
+                let processed = p["lastProcessedUnixMs"] != old["lastProcessedUnixMs"];
+                if !p.is_null() && p["resourceVersion"] != old["resourceVersion"] && processed {
                     Ok(p)
                 } else {
                     Err(p.to_string())
@@ -717,7 +720,7 @@ async fn plugin_config_edit_reaches_running_envoy() {
     const EDITS: u32 = 5;
     let mut latencies: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
     for n in 1..=EDITS {
-        let before = server.plugin("default/edit").await["resourceVersion"].clone();
+        let before = server.plugin("default/edit").await;
         let success: Vec<u64> = {
             let mut v = Vec::new();
             for e in &envoys {
@@ -898,10 +901,7 @@ async fn label_only_edit_pulls_under_always_not_under_if_not_present() {
 
     let mut old = BTreeMap::new();
     for (name, url, policy) in &plugins_spec {
-        old.insert(
-            *name,
-            server.plugin(&format!("default/{name}")).await["resourceVersion"].clone(),
-        );
+        old.insert(*name, server.plugin(&format!("default/{name}")).await);
         write_plugin(
             &plugins,
             &format!("{name}.yaml"),
@@ -1105,7 +1105,7 @@ async fn envoy_nack_keeps_last_good_config_without_resend_loop() {
     }
     let good_version = server.version_of(&filter).expect("served");
 
-    let before = server.plugin("default/nack").await["resourceVersion"].clone();
+    let before = server.plugin("default/nack").await;
     write_plugin(&plugins, "nack.yaml", &make(&bad, 2));
     let p = server.wait_processed_after("default/nack", &before).await;
     assert_eq!(

@@ -2,7 +2,8 @@
 //! (tests/support/kube.rs): an API server restart forces a relist that changes nothing (no pull,
 //! no push) except removing what was deleted meanwhile, ECDS keeps serving during the outage, and
 //! of two replicas both serve while exactly one writes status, the other taking over when the
-//! leader is killed.
+//! leader is killed; a cluster without the EnvoyFilter kind still serves its WasmPlugins and picks
+//! EnvoyFilters up once the kind exists.
 
 mod support;
 
@@ -263,4 +264,63 @@ async fn two_replicas_serve_and_one_writes_status() {
     );
     assert_eq!(replicas[follower].metric(ok).await, writes);
     replicas.clear();
+}
+
+/// Without the EnvoyFilter CRD the first list of EnvoyFilters is refused (404): serve is ready
+/// with its WasmPlugins all the same, and takes EnvoyFilters once the CRD is installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_envoy_filter_kind_serves_wasm_plugins_and_picks_filters_up_later() {
+    let Some(cluster) = Cluster::private() else {
+        return;
+    };
+    cluster.kubectl(&["delete", "crd", "envoyfilters.networking.istio.io"]);
+    let ns = unique("nokind");
+    cluster.kubectl(&["create", "namespace", &ns]);
+    let modules = ModuleServer::start(vec![(
+        "/m.wasm",
+        Route::Body(proxy_wasm_test_module_tagged("m")),
+    )])
+    .await;
+    cluster.apply(&wasm_plugin(
+        &ns,
+        "p",
+        &format!("url: {}\n", modules.url("/m.wasm")),
+    ));
+    let s = Serve::start(&cluster, &["--namespaces", &ns, "--lease-duration", "3s"]);
+    s.wait_ready().await;
+    s.wait_outcome(&format!("{ns}/p"), "pulled").await;
+    assert!(
+        s.log().contains("EnvoyFilters cannot be listed"),
+        "{}",
+        s.log()
+    );
+
+    let crd = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/crd-envoyfilter.yaml");
+    cluster.kubectl(&["apply", "-f", crd]);
+    cluster.kubectl(&[
+        "wait",
+        "--for",
+        "condition=established",
+        "--timeout=60s",
+        "crd/envoyfilters.networking.istio.io",
+    ]);
+    cluster.apply(&format!(
+        r#"apiVersion: networking.istio.io/v1alpha3
+kind: EnvoyFilter
+metadata: {{name: later, namespace: {ns}}}
+spec:
+  configPatches:
+  - applyTo: EXTENSION_CONFIG
+    patch:
+      operation: ADD
+      value:
+        name: later
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+          config: {{vm_config: {{code: {{remote: {{http_uri: {{uri: "{}"}}}}}}}}}}
+"#,
+        modules.url("/m.wasm")
+    ));
+    // Cached: the same module as the WasmPlugin's.
+    s.wait_outcome(&format!("{ns}/later/later"), "cached").await;
 }

@@ -3,6 +3,9 @@
 //! patched and deleted with kubectl reach a real Envoy, pull Secrets are watched, status
 //! conditions are written (and not rewritten), and the label-selector, namespace and
 //! files-versus-Kubernetes rules hold. Restarts, relists and replicas: tests/kube_ha.rs.
+//!
+//! Length: a little over 600 lines, one test per behaviour of the source (each starts its own
+//! server against the shared API server).
 
 mod support;
 
@@ -484,4 +487,124 @@ async fn selector_namespaces_and_file_conflicts() {
         file_url
     );
     assert_eq!(json!(served.len()), json!(2));
+}
+
+/// An EnvoyFilter created in the cluster (behavior.md §10): its `EXTENSION_CONFIG` patch is served
+/// under its own name with its configuration kept, its `HTTP_FILTER` patch is ignored, a label
+/// edit is a new version (Always pulls again), and deleting the EnvoyFilter removes the resource.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_filters_are_served_and_deleting_one_removes_its_resources() {
+    use envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig;
+    use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
+    use envoy_types::pb::google::protobuf::StringValue;
+    use prost::Message as _;
+
+    let Some(cluster) = Cluster::shared() else {
+        return;
+    };
+    let ns = unique("filters");
+    cluster.kubectl(&["create", "namespace", &ns]);
+    let modules = ModuleServer::start(vec![(
+        "/auth.wasm",
+        Route::Body(proxy_wasm_test_module_tagged("ef")),
+    )])
+    .await;
+    cluster.apply(&format!(
+        r#"apiVersion: networking.istio.io/v1alpha3
+kind: EnvoyFilter
+metadata: {{name: basic-auth, namespace: {ns}}}
+spec:
+  configPatches:
+  - applyTo: HTTP_FILTER
+    patch: {{operation: INSERT_BEFORE, value: {{name: istio.basic_auth}}}}
+  - applyTo: EXTENSION_CONFIG
+    patch:
+      operation: ADD
+      value:
+        name: istio.basic_auth
+        typed_config:
+          "@type": type.googleapis.com/udpa.type.v1.TypedStruct
+          type_url: type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+          value:
+            config:
+              root_id: basic_auth_root
+              configuration:
+                "@type": type.googleapis.com/google.protobuf.StringValue
+                value: '{{"greeting":"hello"}}'
+              vm_config:
+                vm_id: basic-auth
+                runtime: envoy.wasm.runtime.v8
+                environment_variables:
+                  key_values: {{ISTIO_META_WASM_IMAGE_PULL_POLICY: Always}}
+                code:
+                  remote:
+                    http_uri: {{uri: "{}"}}
+"#,
+        modules.url("/auth.wasm")
+    ));
+    let s = serve(cluster, &ns, &[]);
+    s.wait_ready().await;
+    let key = format!("{ns}/basic-auth/istio.basic_auth");
+    let p = s.wait_outcome(&key, "pulled").await;
+    assert_eq!(p["resource"], "istio.basic_auth", "{p}");
+    assert_eq!(p["envoyFilter"], format!("{ns}/basic-auth"), "{p}");
+    assert_eq!(p["policy"], "Always", "{p}");
+    let plugins = s.debug_plugins().await["plugins"].clone();
+    assert_eq!(plugins.as_array().map(Vec::len), Some(1), "{plugins}");
+
+    // Served over ECDS under the patch's name, its configuration and root id kept.
+    let channel = client::connect(s.xds).await.unwrap();
+    let names = vec!["istio.basic_auth".to_string()];
+    let mut delta = DeltaSession::open(
+        channel,
+        Api::Ecds,
+        client::delta_subscribe("t", &names, Default::default()),
+    )
+    .await
+    .unwrap();
+    let first = delta.recv().await.unwrap().unwrap();
+    let resource = first.resources[0].resource.as_ref().unwrap();
+    let ec = TypedExtensionConfig::decode(resource.value.as_slice()).unwrap();
+    assert_eq!(ec.name, "istio.basic_auth");
+    let config = Wasm::decode(ec.typed_config.unwrap().value.as_slice())
+        .unwrap()
+        .config
+        .unwrap();
+    assert_eq!(config.root_id, "basic_auth_root");
+    let text = StringValue::decode(config.configuration.unwrap().value.as_slice()).unwrap();
+    assert_eq!(text.value, r#"{"greeting":"hello"}"#);
+    delta.send(client::delta_ack(&first)).await.unwrap();
+
+    // A label is a new version of the EnvoyFilter: Always pulls again.
+    let hits = modules.hits("/auth.wasm");
+    cluster.kubectl(&["-n", &ns, "label", "envoyfilter", "basic-auth", "team=edge"]);
+    wait_for("pulled again", CONVERGE, || async {
+        (modules.hits("/auth.wasm") > hits)
+            .then_some(())
+            .ok_or_else(|| "no request".to_string())
+    })
+    .await;
+
+    // Deleting the EnvoyFilter removes what its patches served.
+    cluster.kubectl(&["-n", &ns, "delete", "envoyfilter", "basic-auth"]);
+    let removed = loop {
+        let r = tokio::time::timeout(CONVERGE, delta.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if !r.removed_resources.is_empty() {
+            break r;
+        }
+        delta.send(client::delta_ack(&r)).await.unwrap();
+    };
+    assert_eq!(removed.removed_resources, names);
+    wait_for("gone from /debug/plugins", CONVERGE, || async {
+        s.plugin(&key)
+            .await
+            .is_none()
+            .then_some(())
+            .ok_or_else(|| "still there".to_string())
+    })
+    .await;
 }

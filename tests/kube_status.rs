@@ -1,7 +1,8 @@
 //! What the Kubernetes source publishes from the driver, without an API server: the desired status
 //! of a plugin (`k8s::status::desired`) waits for the processing of the plugin's *current*
 //! version, and `Driver::next` returns for work that finished while its caller was busy — the
-//! two halves of a stale `Ready` condition seen once in 20 runs on a real API server.
+//! two halves of a stale `Ready` condition seen once in 20 runs on a real API server — and the
+//! `Conflict` reason of a plugin whose ECDS resource name an EnvoyFilter patch serves.
 
 mod common;
 
@@ -84,4 +85,48 @@ fn next_returns_for_work_that_finished_while_the_caller_was_busy() {
             Some("pulled")
         );
     });
+}
+
+/// A WasmPlugin whose ECDS resource name an EnvoyFilter patch already serves is refused with
+/// reason `Conflict` (behavior.md §10), and accepted once the patch is gone.
+#[test]
+fn a_resource_name_taken_by_an_envoy_filter_patch_is_a_conflict() {
+    let mut h = Harness::new();
+    h.world.publish_http("mods.test", "/a.wasm", module());
+    let url = "http://mods.test/a.wasm";
+    let patch = json!({"applyTo": "EXTENSION_CONFIG", "patch": {"operation": "ADD", "value": {
+        "name": "extensions.istio.io/wasmplugin/ns.p", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {"vm_config": {"code": {"remote": {"http_uri": {"uri": url}}}}}}}}});
+    h.apply(
+        json!({"apiVersion": "networking.istio.io/v1alpha3", "kind": "EnvoyFilter",
+                   "metadata": {"name": "taker", "namespace": "other"},
+                   "spec": {"configPatches": [patch]}}),
+    );
+    h.apply(plugin("ns", "p", json!({"url": url})));
+    let key = ObjectKey::new("ns", "p");
+    let gens = Generations {
+        accepted: None,
+        current: Some(1),
+    };
+    let s = status::desired(&h.driver, &key, gens, None).expect("refused");
+    let accepted = &s.conditions[0];
+    assert_eq!(
+        (accepted.status, accepted.reason.as_str()),
+        ("False", "Conflict")
+    );
+    assert!(
+        accepted.message.starts_with("metadata.name: "),
+        "{}",
+        accepted.message
+    );
+    assert!(
+        accepted.message.contains("other/taker/"),
+        "{}",
+        accepted.message
+    );
+    h.delete_envoy_filter(&ObjectKey::new("other", "taker"));
+    let s = status::desired(&h.driver, &key, gens, None).expect("processed");
+    assert_eq!(s.conditions[0].reason, "Accepted");
+    assert_eq!(s.conditions[1].reason, "Cached");
 }

@@ -33,7 +33,7 @@ use crate::url::OciRef;
 
 pub use super::rules::{FailMode, FailRule, KindFilter};
 pub use expect::{Expect, PluginExpect, RequestExpect};
-pub use step::{parse_host, parse_step, parse_target, DeleteTarget, Step, Target};
+pub use step::{parse_host, parse_step, parse_target, DeleteTarget, EditTarget, Step, Target};
 pub use substitute::{substitute, Substitution};
 
 /// `serves` values that are not module names.

@@ -45,6 +45,24 @@ pub enum DeleteTarget {
     Plugin(ObjectKey),
     /// Extension: deleting a pull secret (behavior.md §3).
     Secret(ObjectKey),
+    /// An `EnvoyFilter`, with the plugins of its patches (behavior.md §10).
+    EnvoyFilter(ObjectKey),
+}
+
+/// What `edit` patches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EditTarget {
+    Plugin(ObjectKey),
+    EnvoyFilter(ObjectKey),
+}
+
+impl std::fmt::Display for EditTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EditTarget::Plugin(k) => write!(f, "{k}"),
+            EditTarget::EnvoyFilter(k) => write!(f, "EnvoyFilter {k}"),
+        }
+    }
 }
 
 /// One validated step.
@@ -61,7 +79,7 @@ pub enum Step {
     },
     Apply(Value),
     Edit {
-        plugin: ObjectKey,
+        target: EditTarget,
         patch: Value,
     },
     Delete(DeleteTarget),
@@ -107,7 +125,10 @@ pub(super) struct RawRef {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawEdit {
-    plugin: String,
+    #[serde(default)]
+    plugin: Option<String>,
+    #[serde(default, rename = "envoyFilter")]
+    envoy_filter: Option<String>,
     patch: Value,
 }
 
@@ -118,6 +139,8 @@ pub(super) struct RawDelete {
     plugin: Option<String>,
     #[serde(default)]
     secret: Option<String>,
+    #[serde(default, rename = "envoyFilter")]
+    envoy_filter: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -246,16 +269,24 @@ pub fn parse_step(v: &Value, modules: &BTreeMap<String, Module>) -> Result<Step,
                 ));
             };
             match obj.get("kind").and_then(Value::as_str) {
-                Some("WasmPlugin") | Some("Secret") => Ok(Step::Apply(arg.clone())),
+                Some("WasmPlugin" | "Secret" | "EnvoyFilter") => Ok(Step::Apply(arg.clone())),
                 Some(other) => Err(format!(
-                    "apply.kind: {other:?} is neither WasmPlugin nor Secret"
+                    "apply.kind: {other:?} is none of WasmPlugin, EnvoyFilter, Secret"
                 )),
-                None => Err("apply.kind: missing (want WasmPlugin or Secret)".into()),
+                None => Err("apply.kind: missing (want WasmPlugin, EnvoyFilter or Secret)".into()),
             }
         }
         "edit" => {
             let e: RawEdit = de(kind, arg)?;
-            let plugin = parse_key(&e.plugin).map_err(|m| format!("edit.plugin: {m}"))?;
+            let target = match (e.plugin, e.envoy_filter) {
+                (Some(p), None) => {
+                    EditTarget::Plugin(parse_key(&p).map_err(|m| format!("edit.plugin: {m}"))?)
+                }
+                (None, Some(f)) => EditTarget::EnvoyFilter(
+                    parse_object_key(&f).map_err(|m| format!("edit.envoyFilter: {m}"))?,
+                ),
+                _ => return Err("edit: want exactly one of plugin or envoyFilter".into()),
+            };
             if !e.patch.is_object() {
                 return Err(format!(
                     "edit.patch: want a JSON merge patch (a mapping), got {}",
@@ -263,20 +294,23 @@ pub fn parse_step(v: &Value, modules: &BTreeMap<String, Module>) -> Result<Step,
                 ));
             }
             Ok(Step::Edit {
-                plugin,
+                target,
                 patch: e.patch,
             })
         }
         "delete" => {
             let d: RawDelete = de(kind, arg)?;
-            match (d.plugin, d.secret) {
-                (Some(p), None) => Ok(Step::Delete(DeleteTarget::Plugin(
+            match (d.plugin, d.secret, d.envoy_filter) {
+                (Some(p), None, None) => Ok(Step::Delete(DeleteTarget::Plugin(
                     parse_key(&p).map_err(|m| format!("delete.plugin: {m}"))?,
                 ))),
-                (None, Some(s)) => Ok(Step::Delete(DeleteTarget::Secret(
-                    parse_key(&s).map_err(|m| format!("delete.secret: {m}"))?,
+                (None, Some(s), None) => Ok(Step::Delete(DeleteTarget::Secret(
+                    parse_object_key(&s).map_err(|m| format!("delete.secret: {m}"))?,
                 ))),
-                _ => Err("delete: want exactly one of plugin or secret".into()),
+                (None, None, Some(f)) => Ok(Step::Delete(DeleteTarget::EnvoyFilter(
+                    parse_object_key(&f).map_err(|m| format!("delete.envoyFilter: {m}"))?,
+                ))),
+                _ => Err("delete: want exactly one of plugin, envoyFilter or secret".into()),
             }
         }
         "fail" => {
@@ -335,8 +369,17 @@ pub fn parse_step(v: &Value, modules: &BTreeMap<String, Module>) -> Result<Step,
     }
 }
 
+/// A plugin key: `namespace/name` of a WasmPlugin, `namespace/envoyfilter/resource` of an
+/// EnvoyFilter patch (or a bare `name` in `default`).
 pub(super) fn parse_key(s: &str) -> Result<ObjectKey, String> {
     ObjectKey::parse(s).ok_or_else(|| format!("{s:?} is not namespace/name"))
+}
+
+/// An object key: `namespace/name` or a bare `name` in `default`.
+fn parse_object_key(s: &str) -> Result<ObjectKey, String> {
+    ObjectKey::parse(s)
+        .filter(|k| !k.name.contains('/'))
+        .ok_or_else(|| format!("{s:?} is not namespace/name"))
 }
 
 /// A host as `fail`, `recover`, `require_auth` and `requests` name it: `host[:port]`, lowercase.
@@ -388,6 +431,7 @@ pub fn parse_target(s: &str) -> Result<Target, String> {
             url: u.as_str().to_string(),
         },
         ModuleUrl::File(path) => Target::File(path),
+        ModuleUrl::NoHttpUri => return Err(format!("{s:?}: not a reference")),
     })
 }
 
@@ -418,9 +462,10 @@ impl Step {
                     .unwrap_or(crate::plugin::DEFAULT_NAMESPACE);
                 format!("apply {kind} {ns}/{name}")
             }
-            Step::Edit { plugin, patch } => format!("edit {plugin} {patch}"),
+            Step::Edit { target, patch } => format!("edit {target} {patch}"),
             Step::Delete(DeleteTarget::Plugin(k)) => format!("delete plugin {k}"),
             Step::Delete(DeleteTarget::Secret(k)) => format!("delete secret {k}"),
+            Step::Delete(DeleteTarget::EnvoyFilter(k)) => format!("delete EnvoyFilter {k}"),
             Step::Fail(r) => {
                 let times = r
                     .times

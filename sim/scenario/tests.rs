@@ -199,7 +199,13 @@ fn bad_values_name_the_step_and_the_problem() {
             "ConfigMap",
         ),
         ("- edit: {plugin: p, patch: [1]}\n", "patch"),
+        (
+            "- edit: {plugin: p, envoyFilter: f, patch: {}}\n",
+            "exactly one of plugin or envoyFilter",
+        ),
+        ("- edit: {envoyFilter: ns/f/x, patch: {}}\n", "envoyFilter"),
         ("- delete: {}\n", "delete"),
+        ("- delete: {plugin: p, envoyFilter: f}\n", "exactly one"),
         ("- bogus: {}\n", "unknown step"),
         ("- {advance: 1s, restart: {}}\n", "exactly one key"),
         ("- just a string\n", "mapping"),
@@ -226,6 +232,38 @@ fn bad_values_name_the_step_and_the_problem() {
         assert_eq!(step, Some(2), "{steps}: {msg}");
         assert!(msg.contains(needle), "{steps}: {msg:?} lacks {needle:?}");
     }
+}
+
+#[test]
+fn envoy_filters_are_applied_edited_deleted_and_their_patches_expected() {
+    let s = load(
+        r#"
+- apply:
+    apiVersion: networking.istio.io/v1alpha3
+    kind: EnvoyFilter
+    metadata: {name: f, namespace: istio-system}
+    spec: {configPatches: []}
+- edit: {envoyFilter: istio-system/f, patch: {metadata: {labels: {a: b}}}}
+- expect:
+    plugins:
+      istio-system/f/istio.basic_auth: {outcome: pulled, serves: v1}
+- delete: {envoyFilter: istio-system/f}
+"#,
+    )
+    .unwrap();
+    let none = |_: &OciRef| Err("unused".to_string());
+    let f = ObjectKey::new("istio-system", "f");
+    assert!(matches!(s.step(1, &none).unwrap(),
+        Step::Edit { target: EditTarget::EnvoyFilter(k), .. } if k == f));
+    let Step::Expect(e) = s.step(2, &none).unwrap() else {
+        panic!()
+    };
+    let patch = ObjectKey::new("istio-system", "f/istio.basic_auth");
+    assert_eq!(e.plugins[&patch].serves.as_deref(), Some("v1"));
+    assert_eq!(
+        s.step(3, &none).unwrap(),
+        Step::Delete(DeleteTarget::EnvoyFilter(f))
+    );
 }
 
 #[test]

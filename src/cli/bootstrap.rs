@@ -247,7 +247,11 @@ fn read_plugins(
     let mut problems = Vec::new();
     let mut plugins = BTreeMap::new();
     for (file, text) in files {
-        for p in inspect::check_text(file, text) {
+        // EnvoyFilters are not selected into filters; their notes are not problems.
+        for p in inspect::check_text(file, text)
+            .into_iter()
+            .filter(|p| !p.note)
+        {
             let who = if p.plugin.is_empty() {
                 String::new()
             } else {

@@ -1,11 +1,17 @@
 //! `check` and `explain`: read manifests, report validation problems and effective pull policies.
 //! Both exit 1 when a plugin is invalid, 2 when a file cannot be read.
+//!
+//! An `EnvoyFilter` (behavior.md §10) is checked patch by patch: a refused patch is a problem on
+//! its field path, a patch that is not served is a note (which does not make `check` fail), and
+//! each served patch is explained as a plugin of its own.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::plugin::{self, Manifest};
+use crate::plugin::envoyfilter::PatchKind;
+use crate::plugin::{self, Manifest, ObjectKey, WasmPlugin};
 use crate::policy;
 use crate::url::ModuleUrl;
 
@@ -16,6 +22,10 @@ pub struct Problem {
     pub plugin: String,
     pub field: String,
     pub message: String,
+    /// A note, not a problem: an `EnvoyFilter` patch that is not served (`field` names the
+    /// patch, `message` says why). Notes do not change the exit status.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub note: bool,
 }
 
 /// What `explain` says about one plugin document.
@@ -66,28 +76,101 @@ pub(super) fn read_all(paths: &[PathBuf]) -> Result<Vec<(PathBuf, String)>, Stri
         .collect()
 }
 
-/// Validation problems of one manifest text.
+/// Validation problems (and notes) of one manifest text.
 pub fn check_text(file: &Path, text: &str) -> Vec<Problem> {
+    let f = file.display().to_string();
+    let problem = |plugin: String, field: String, message: String, note: bool| Problem {
+        file: f.clone(),
+        plugin,
+        field,
+        message,
+        note,
+    };
     let mut out = Vec::new();
     for doc in plugin::parse_manifests(text) {
         match doc {
             Ok(Manifest::Plugin(p)) => {
                 for e in plugin::validate(&p) {
-                    out.push(Problem {
-                        file: file.display().to_string(),
-                        plugin: p.key.to_string(),
-                        field: e.field,
-                        message: e.message,
-                    });
+                    out.push(problem(p.key.to_string(), e.field, e.message, false));
                 }
             }
             Ok(Manifest::Secret(_)) => {}
-            Err(e) => out.push(Problem {
-                file: file.display().to_string(),
-                plugin: e.object.map(|k| k.to_string()).unwrap_or_default(),
-                field: e.field,
-                message: e.message,
+            Ok(Manifest::EnvoyFilter(ef)) => {
+                for patch in &ef.patches {
+                    match &patch.kind {
+                        PatchKind::Plugin(_) => {}
+                        PatchKind::Ignored(why) => out.push(problem(
+                            ef.key.to_string(),
+                            patch.label(),
+                            why.clone(),
+                            true,
+                        )),
+                        PatchKind::Refused { error, .. } => out.push(problem(
+                            ef.key.to_string(),
+                            error.field.clone(),
+                            error.message.clone(),
+                            false,
+                        )),
+                    }
+                }
+            }
+            Err(e) => out.push(problem(
+                e.object.map(|k| k.to_string()).unwrap_or_default(),
+                e.field,
+                e.message,
+                false,
+            )),
+        }
+    }
+    out
+}
+
+/// Two definitions of one ECDS resource name among every file (behavior.md §10): the one `serve`
+/// admits first (WasmPlugins, then EnvoyFilter patches, each in key order) keeps it, every other
+/// one is a problem.
+pub fn check_conflicts(files: &[(PathBuf, String)]) -> Vec<Problem> {
+    // (plugin, file, field naming the resource, object it belongs to), in admission order.
+    let mut plugins: Vec<(WasmPlugin, String, String, ObjectKey)> = Vec::new();
+    let mut filters = Vec::new();
+    for (file, text) in files {
+        for doc in plugin::parse_manifests(text) {
+            match doc {
+                Ok(Manifest::Plugin(p)) if plugin::validate(&p).is_empty() => {
+                    let key = p.key.clone();
+                    plugins.push((p, file.display().to_string(), "metadata.name".into(), key));
+                }
+                Ok(Manifest::EnvoyFilter(ef)) => filters.push((file.display().to_string(), ef)),
+                _ => {}
+            }
+        }
+    }
+    plugins.sort_by(|a, b| a.0.key.cmp(&b.0.key));
+    filters.sort_by(|a, b| a.1.key.cmp(&b.1.key));
+    for (file, ef) in filters {
+        for patch in ef.patches {
+            let field = format!("{}.patch.value.name", patch.field());
+            if let PatchKind::Plugin(p) = patch.kind {
+                plugins.push((p, file.clone(), field, ef.key.clone()));
+            }
+        }
+    }
+    let mut owners: BTreeMap<String, (String, String)> = BTreeMap::new();
+    let mut out = Vec::new();
+    for (p, file, field, object) in plugins {
+        let resource = p.resource_name();
+        match owners.get(&resource) {
+            Some((owner, owner_file)) => out.push(Problem {
+                file,
+                plugin: object.to_string(),
+                field,
+                message: format!(
+                    "ECDS resource {resource:?} is also defined by {owner} ({owner_file}), which serve admits first; this definition is not used"
+                ),
+                note: false,
             }),
+            None => {
+                owners.insert(resource, (p.key.to_string(), file));
+            }
         }
     }
     out
@@ -105,7 +188,20 @@ pub fn explain_text(file: &Path, text: &str) -> Vec<Explained> {
     };
     plugin::parse_manifests(text)
         .into_iter()
-        .filter_map(|d| match d {
+        .flat_map(|d| match d {
+            Ok(Manifest::EnvoyFilter(ef)) => (ef.patches.into_iter())
+                .filter_map(|patch| match patch.kind {
+                    PatchKind::Plugin(p) => Some(explain_plugin(&p)),
+                    PatchKind::Ignored(_) => None,
+                    PatchKind::Refused { plugin, error } => Some(invalid(
+                        plugin.as_ref().unwrap_or(&ef.key).to_string(),
+                        vec![FieldProblem {
+                            field: error.field,
+                            message: error.message,
+                        }],
+                    )),
+                })
+                .collect::<Vec<_>>(),
             Ok(Manifest::Plugin(p)) => {
                 let problems: Vec<FieldProblem> = plugin::validate(&p)
                     .into_iter()
@@ -115,39 +211,49 @@ pub fn explain_text(file: &Path, text: &str) -> Vec<Explained> {
                     })
                     .collect();
                 if !problems.is_empty() {
-                    return Some(invalid(p.key.to_string(), problems));
+                    return vec![invalid(p.key.to_string(), problems)];
                 }
-                let url = match ModuleUrl::parse(&p.spec.url) {
-                    Ok(u) => u,
-                    Err(e) => {
-                        let problem = FieldProblem {
-                            field: "spec.url".into(),
-                            message: e.to_string(),
-                        };
-                        return Some(invalid(p.key.to_string(), vec![problem]));
-                    }
-                };
-                let d = policy::decide(&p.spec, &url);
-                Some(Explained::Valid(Explanation {
-                    plugin: p.key.to_string(),
-                    policy: d.policy.to_string(),
-                    rule: d.rule.as_str().to_string(),
-                    explanation: d.explanation(),
-                    module: url.module_name(),
-                    checksum: d.expected_checksum.clone(),
-                    resource: p.resource_name(),
-                }))
+                if let Err(e) = ModuleUrl::parse(&p.spec.url) {
+                    let problem = FieldProblem {
+                        field: "spec.url".into(),
+                        message: e.to_string(),
+                    };
+                    return vec![invalid(p.key.to_string(), vec![problem])];
+                }
+                vec![explain_plugin(&p)]
             }
-            Ok(Manifest::Secret(_)) => None,
-            Err(e) => Some(invalid(
+            Ok(Manifest::Secret(_)) => Vec::new(),
+            Err(e) => vec![invalid(
                 e.object.map(|k| k.to_string()).unwrap_or_default(),
                 vec![FieldProblem {
                     field: e.field,
                     message: e.message,
                 }],
-            )),
+            )],
         })
         .collect()
+}
+
+/// The effective policy of a plugin whose url parses.
+fn explain_plugin(p: &WasmPlugin) -> Explained {
+    let url = p.module_url().unwrap_or(ModuleUrl::NoHttpUri);
+    let d = policy::decide(&p.spec, &url);
+    let module = match url {
+        ModuleUrl::NoHttpUri => url.to_string(),
+        _ => url.module_name(),
+    };
+    Explained::Valid(Explanation {
+        plugin: p.key.to_string(),
+        policy: d.policy.to_string(),
+        rule: d.rule.as_str().to_string(),
+        explanation: match p.extension {
+            Some(_) => d.patch_explanation(),
+            None => d.explanation(),
+        },
+        module,
+        checksum: d.expected_checksum.clone(),
+        resource: p.resource_name(),
+    })
 }
 
 pub fn run_check(paths: &[PathBuf], json: bool) -> i32 {
@@ -158,7 +264,8 @@ pub fn run_check(paths: &[PathBuf], json: bool) -> i32 {
             return 2;
         }
     };
-    let problems: Vec<Problem> = files.iter().flat_map(|(f, t)| check_text(f, t)).collect();
+    let mut problems: Vec<Problem> = files.iter().flat_map(|(f, t)| check_text(f, t)).collect();
+    problems.extend(check_conflicts(&files));
     if json {
         println!(
             "{}",
@@ -174,7 +281,7 @@ pub fn run_check(paths: &[PathBuf], json: bool) -> i32 {
             println!("{}: {who}{}: {}", p.file, p.field, p.message);
         }
     }
-    i32::from(!problems.is_empty())
+    i32::from(problems.iter().any(|p| !p.note))
 }
 
 pub fn run_explain(paths: &[PathBuf], json: bool) -> i32 {

@@ -75,10 +75,12 @@ pub enum Command {
         #[arg(required = true, value_name = "PATH")]
         paths: Vec<PathBuf>,
     },
-    /// Validate WasmPlugin manifests as `serve` would (docs/behavior.md §1): one line per
-    /// problem, exit status 1 when there is one.
+    /// Validate WasmPlugin and EnvoyFilter manifests as `serve` would (docs/behavior.md §1,
+    /// §10): one line per problem, exit status 1 when there is one. EnvoyFilter patches that are
+    /// not served get a note line, which is not a problem.
     Check {
-        /// Print the problems as one JSON array of {file, plugin, field, message}.
+        /// Print the problems as one JSON array of {file, plugin, field, message} (notes add
+        /// "note": true).
         #[arg(long)]
         json: bool,
         /// Manifest files or directories (every *.yaml, *.yml and *.json below them).
@@ -86,7 +88,8 @@ pub enum Command {
         paths: Vec<PathBuf>,
     },
     /// Show each plugin's effective pull policy and the rule that decided it (docs/behavior.md
-    /// §2); an invalid plugin is shown as invalid, with its problems, and makes the exit status 1.
+    /// §2), served EnvoyFilter patches included (§10); an invalid plugin is shown as invalid, with
+    /// its problems, and makes the exit status 1.
     Explain {
         /// Print one JSON array: per plugin {plugin, policy, rule, explanation, module, checksum,
         /// resource}, or {plugin, file, invalid: [{field, message}]} when it is invalid.

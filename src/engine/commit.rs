@@ -38,7 +38,11 @@ impl Engine {
             return;
         }
         let now = self.now();
-        let remote = !matches!(self.plugins[&key].url, ModuleUrl::File(_));
+        // Istio's agent looks nothing up for local code, nor for remote code without `http_uri`.
+        let remote = matches!(
+            self.plugins[&key].url,
+            ModuleUrl::Oci(_) | ModuleUrl::Http(_)
+        );
         let elapsed_ms = now.since(started).as_secs_f64() * 1000.0;
         // A download shared with another plugin's identical job counts once as a remote fetch.
         let shared = matches!(result, Ok(Obtained::Shared(_)));
@@ -69,9 +73,14 @@ impl Engine {
                         self.metrics.record_remote_fetch(r);
                     }
                 }
-                self.metrics
-                    .record_conversion(ConversionResult::FetchFailure, elapsed_ms);
-                self.commit_failure(&key, trigger, now);
+                let conversion = match failure {
+                    Failure::NoHttpUri => ConversionResult::MissRemoteFetchHint,
+                    _ => ConversionResult::FetchFailure,
+                };
+                self.metrics.record_conversion(conversion, elapsed_ms);
+                // Nothing but a change of the object can give it something to pull: no retry.
+                let retry = !matches!(failure, Failure::NoHttpUri);
+                self.commit_failure(&key, trigger, now, retry);
                 let message = failure.to_string();
                 tracing::warn!(plugin = %key, reason = %reason, error = %message, "plugin rejected");
                 (Outcome::Rejected(reason), Some(message))
@@ -185,7 +194,7 @@ impl Engine {
 
     /// Keeps, restores or falls back (see [`after_failure`]) and schedules the next background
     /// retry.
-    fn commit_failure(&mut self, key: &ObjectKey, trigger: Trigger, now: Timestamp) {
+    fn commit_failure(&mut self, key: &ObjectKey, trigger: Trigger, now: Timestamp, retry: bool) {
         let st = &self.plugins[key];
         let url = st.url.to_string();
         let expected = st.decision.expected_checksum.clone();
@@ -224,6 +233,10 @@ impl Engine {
         }
         // Any trigger other than a retry (a change, a secret, a refresh) restarts the sequence.
         let st = self.plugins.get_mut(key).expect("a current plugin");
+        if !retry {
+            st.retry = None;
+            return;
+        }
         if trigger != Trigger::Retry {
             st.retry_backoff = Backoff::new(BACKGROUND_RETRY, None);
         }

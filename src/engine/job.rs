@@ -69,6 +69,9 @@ pub enum Failure {
     Fetch(#[from] FetchError),
     #[error("pull secret {0} not found")]
     MissingSecret(ObjectKey),
+    /// Remote code without `http_uri` (behavior.md §10).
+    #[error("the Wasm filter's remote code has no http_uri: nothing to pull")]
+    NoHttpUri,
     /// The module could not be written to, or read back from, the cache.
     #[error("cache: {0}")]
     Cache(String),
@@ -79,6 +82,7 @@ impl Failure {
         match self {
             Failure::Fetch(e) => e.reason(),
             Failure::MissingSecret(_) => Reason::MissingSecret,
+            Failure::NoHttpUri => Reason::MissingHttpUri,
             Failure::Cache(_) => Reason::DownloadFailure,
         }
     }

@@ -69,6 +69,7 @@ impl Engine {
             }
             ModuleUrl::Http(u) => Err(u.clone()),
             ModuleUrl::Oci(r) => Ok(r.clone()),
+            ModuleUrl::NoHttpUri => return Plan::Known(Err(Failure::NoHttpUri)),
         };
         let credentials = match &st.plugin.spec.image_pull_secret {
             Some(name) => {

@@ -1,6 +1,7 @@
-//! The Kubernetes source of `serve --source kubernetes` (docs/kubernetes.md): `WasmPlugin` custom
-//! resources and their pull Secrets read from the API server, and conditions written back to each
-//! plugin's status by the one replica that holds a `coordination.k8s.io/v1` Lease.
+//! The Kubernetes source of `serve --source kubernetes` (docs/kubernetes.md): `WasmPlugin` and
+//! `EnvoyFilter` custom resources and their pull Secrets read from the API server, and conditions
+//! written back to each WasmPlugin's status by the one replica that holds a
+//! `coordination.k8s.io/v1` Lease (EnvoyFilters get no status, as with Istio).
 //!
 //! - [`watch`] lists and watches the objects and publishes [`Snapshot`]s: whole, consistent sets
 //!   of objects that `serve`'s controller hands to the driver like a rescan of plugin files;
@@ -28,6 +29,11 @@ pub const WASMPLUGIN_GROUP: &str = "extensions.istio.io";
 pub const WASMPLUGIN_VERSION: &str = "v1alpha1";
 pub const WASMPLUGIN_KIND: &str = "WasmPlugin";
 pub const WASMPLUGIN_PLURAL: &str = "wasmplugins";
+/// Istio's `EnvoyFilter` (behavior.md §10).
+pub const ENVOYFILTER_GROUP: &str = "networking.istio.io";
+pub const ENVOYFILTER_VERSION: &str = "v1alpha3";
+pub const ENVOYFILTER_KIND: &str = "EnvoyFilter";
+pub const ENVOYFILTER_PLURAL: &str = "envoyfilters";
 
 /// How `serve` reaches and uses the API server.
 #[derive(Clone, Debug, PartialEq)]
@@ -87,6 +93,12 @@ pub fn wasmplugin_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(&gvk, WASMPLUGIN_PLURAL)
 }
 
+/// The `EnvoyFilter` resource for dynamic API calls.
+pub fn envoyfilter_resource() -> ApiResource {
+    let gvk = GroupVersionKind::gvk(ENVOYFILTER_GROUP, ENVOYFILTER_VERSION, ENVOYFILTER_KIND);
+    ApiResource::from_gvk_with_plural(&gvk, ENVOYFILTER_PLURAL)
+}
+
 /// A client for the configured cluster.
 pub async fn client(options: &KubeOptions) -> anyhow::Result<kube::Client> {
     // kube's rustls client needs a process-wide crypto provider; ours is ring. Installing fails
@@ -137,7 +149,7 @@ impl KubeSeries {
         .expect("valid metric");
         let watch_errors = prometheus::IntCounter::new(
             "wasm_ecds_kube_watch_errors",
-            "Errors of the WasmPlugin and Secret watches (each retried with backoff)",
+            "Errors of the WasmPlugin, EnvoyFilter and Secret watches (each retried with backoff)",
         )
         .expect("valid metric");
         let leader = IntGauge::new(

@@ -108,6 +108,11 @@ pub fn desired(
     let stored = driver.objects().plugin(key);
     let state = driver.engine().plugin(key);
     if let Some((_, error)) = driver.refusal(key) {
+        // Another plugin (an EnvoyFilter patch) serves its resource name (behavior.md §10).
+        let reason = match driver.waits_for(key) {
+            Some(_) => "Conflict",
+            None => "Invalid",
+        };
         let ready = match (stored, state, generations.accepted) {
             (Some(_), Some(st), Some(g)) => format!(
                 "the last accepted version (generation {g}) is still in effect: {}",
@@ -125,10 +130,10 @@ pub fn desired(
                 cond(
                     "Accepted",
                     false,
-                    "Invalid",
+                    reason,
                     format!("{}: {}", error.field, error.message),
                 ),
-                cond("Ready", false, "Invalid", ready),
+                cond("Ready", false, reason, ready),
             ],
         });
     }

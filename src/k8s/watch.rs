@@ -1,15 +1,18 @@
-//! Lists and watches `WasmPlugin`s (all namespaces or the chosen ones, optionally by label
-//! selector) and the `kubernetes.io/dockerconfigjson` Secrets of the namespaces that have plugins,
-//! and publishes the whole current set as a [`Snapshot`] on a `watch` channel (the newest one
-//! wins; the controller never falls behind a queue).
+//! Lists and watches `WasmPlugin`s and `EnvoyFilter`s (all namespaces or the chosen ones,
+//! optionally by label selector) and the `kubernetes.io/dockerconfigjson` Secrets of the namespaces
+//! that have either, and publishes the whole current set as a [`Snapshot`] on a `watch` channel
+//! (the newest one wins; the controller never falls behind a queue).
 //!
 //! Relists never flap anything (docs/kubernetes.md "Watches"): a list (initial, after `410 Gone`,
 //! after a lost connection or an API server restart) is buffered until it completes and then
 //! replaces that watch's objects at once, so objects deleted during an outage disappear exactly
 //! then, and a relist that returns the same objects publishes the same snapshot, which the driver
-//! treats as no change. Nothing is published before every plugin watch has listed once and the
-//! Secrets of every namespace with plugins are listed (or [`SECRET_LIST_GRACE`] passed), so the
-//! first processing sees the Secrets it needs.
+//! treats as no change. Nothing is published before every WasmPlugin and EnvoyFilter watch has
+//! listed once and the Secrets of every namespace with plugins are listed (or
+//! [`SECRET_LIST_GRACE`] passed), so the first processing sees the Secrets it needs. An EnvoyFilter
+//! watch whose first list is refused with 404 (no EnvoyFilter CRD) or 403 (no RBAC for it) counts
+//! as listed with no objects, so a cluster without EnvoyFilters still serves its WasmPlugins; the
+//! watch keeps retrying and picks the EnvoyFilters up once it may list them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -39,6 +42,8 @@ pub struct Snapshot {
     /// `metadata.managedFields`, which change with every status write (a status write is not a
     /// change of the plugin: under `Always` it would pull again after every one).
     pub plugins: BTreeMap<ObjectKey, Value>,
+    /// `EnvoyFilter`s, likewise stripped (behavior.md §10).
+    pub envoy_filters: BTreeMap<ObjectKey, Value>,
     /// Pull Secrets, likewise stripped.
     pub secrets: BTreeMap<ObjectKey, Value>,
     /// What the status writer needs of each plugin object.
@@ -131,7 +136,13 @@ fn meta_of(v: &Value) -> ObjectMeta {
 
 enum Input {
     Plugins(usize, Result<Event<Value>, watcher::Error>),
+    Filters(usize, Result<Event<Value>, watcher::Error>),
     Secrets(String, Result<Event<Value>, watcher::Error>),
+}
+
+/// A first list refused because the kind does not exist or may not be read: 404 or 403.
+fn unavailable(e: &watcher::Error) -> bool {
+    matches!(e, watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404 || s.code == 403)
 }
 
 /// Starts the watches; the receiver holds `None` until the first complete snapshot.
@@ -141,32 +152,44 @@ pub fn spawn(
     series: KubeSeries,
 ) -> (watch::Receiver<Option<Arc<Snapshot>>>, JoinHandle<()>) {
     let (tx, rx) = watch::channel(None);
-    let resource = super::wasmplugin_resource();
     let mut config = watcher::Config::default();
     if let Some(sel) = &options.selector {
         config = config.labels(sel);
     }
-    let apis: Vec<Api<DynamicObject>> = if options.namespaces.is_empty() {
-        vec![Api::all_with(client.clone(), &resource)]
-    } else {
-        (options.namespaces.iter())
-            .map(|ns| Api::namespaced_with(client.clone(), ns, &resource))
-            .collect()
+    let apis = |resource: &kube::api::ApiResource| -> Vec<Api<DynamicObject>> {
+        if options.namespaces.is_empty() {
+            vec![Api::all_with(client.clone(), resource)]
+        } else {
+            (options.namespaces.iter())
+                .map(|ns| Api::namespaced_with(client.clone(), ns, resource))
+                .collect()
+        }
     };
-    let streams: Vec<BoxStream<'static, Input>> = apis
-        .into_iter()
-        .enumerate()
-        .map(|(i, api)| {
-            watcher::watcher(api, config.clone())
-                .backoff(WatchBackoff::new())
+    let plugin_apis = apis(&super::wasmplugin_resource());
+    let filter_apis = apis(&super::envoyfilter_resource());
+    let (plugins, filters) = (plugin_apis.len(), filter_apis.len());
+    let mut streams: Vec<BoxStream<'static, Input>> = Vec::new();
+    for (i, api) in plugin_apis.into_iter().enumerate() {
+        let events = watcher::watcher(api, config.clone()).backoff(WatchBackoff::new());
+        streams.push(
+            events
                 .map(move |r| Input::Plugins(i, r.map(event_json)))
-                .boxed()
-        })
-        .collect();
+                .boxed(),
+        );
+    }
+    for (i, api) in filter_apis.into_iter().enumerate() {
+        let events = watcher::watcher(api, config.clone()).backoff(WatchBackoff::new());
+        streams.push(
+            events
+                .map(move |r| Input::Filters(i, r.map(event_json)))
+                .boxed(),
+        );
+    }
     let watches = Watches {
         client,
         series,
-        plugins: (0..streams.len()).map(|_| Listing::default()).collect(),
+        plugins: (0..plugins).map(|_| Listing::default()).collect(),
+        filters: (0..filters).map(|_| Listing::default()).collect(),
         secrets: BTreeMap::new(),
         tx,
         last_error: BTreeMap::new(),
@@ -203,6 +226,7 @@ struct Watches {
     client: kube::Client,
     series: KubeSeries,
     plugins: Vec<Listing>,
+    filters: Vec<Listing>,
     secrets: BTreeMap<String, SecretWatch>,
     tx: watch::Sender<Option<Arc<Snapshot>>>,
     /// The last error logged per watch (the same error repeating is logged once).
@@ -257,6 +281,7 @@ impl Watches {
     fn handle(&mut self, input: Input) -> bool {
         let (listing, result, watch) = match input {
             Input::Plugins(i, r) => (self.plugins.get_mut(i), r, format!("wasmplugins#{i}")),
+            Input::Filters(i, r) => (self.filters.get_mut(i), r, format!("envoyfilters#{i}")),
             Input::Secrets(ns, r) => {
                 let l = self.secrets.get_mut(&ns).map(|s| &mut s.listing);
                 (l, r, format!("secrets in {ns}"))
@@ -275,6 +300,14 @@ impl Watches {
             Err(e) => {
                 self.series.watch_errors.inc();
                 let message = e.to_string();
+                // No EnvoyFilter kind, or no right to read it: serve without EnvoyFilters.
+                let skipped = watch.starts_with("envoyfilters") && unavailable(&e);
+                if let Some(l) = listing.filter(|l| skipped && !l.listed) {
+                    tracing::warn!(watch = %watch, error = %message, "EnvoyFilters cannot be listed; serving without them and retrying with backoff");
+                    l.listed = true;
+                    self.last_error.insert(watch, message);
+                    return true;
+                }
                 if self.last_error.get(&watch) != Some(&message) {
                     tracing::warn!(watch = %watch, error = %message, "Kubernetes watch failed; retrying with backoff, serving the last known objects");
                     self.last_error.insert(watch, message);
@@ -286,7 +319,7 @@ impl Watches {
 
     /// Starts a Secret watch for every namespace that has plugins and stops the others.
     fn follow_namespaces(&mut self, tx: &mpsc::Sender<Input>) {
-        let wanted: BTreeSet<String> = (self.plugins.iter())
+        let wanted: BTreeSet<String> = (self.plugins.iter().chain(&self.filters))
             .flat_map(|l| l.objects.keys().map(|k| k.namespace.clone()))
             .collect();
         self.secrets.retain(|ns, _| wanted.contains(ns));
@@ -333,9 +366,10 @@ impl Watches {
             .min()
     }
 
-    /// Every plugin watch has listed, and every Secret watch has listed or waited long enough.
+    /// Every WasmPlugin and EnvoyFilter watch has listed, and every Secret watch has listed or
+    /// waited long enough.
     fn complete(&self) -> bool {
-        self.plugins.iter().all(|l| l.listed)
+        self.plugins.iter().chain(&self.filters).all(|l| l.listed)
             && self
                 .secrets_pending_until()
                 .is_none_or(|t| t <= tokio::time::Instant::now())
@@ -346,6 +380,9 @@ impl Watches {
         for (k, v) in self.plugins.iter().flat_map(|l| l.objects.iter()) {
             s.plugins.insert(k.clone(), admission_view(v));
             s.meta.insert(k.clone(), meta_of(v));
+        }
+        for (k, v) in self.filters.iter().flat_map(|l| l.objects.iter()) {
+            s.envoy_filters.insert(k.clone(), admission_view(v));
         }
         for (k, v) in self.secrets.values().flat_map(|w| w.listing.objects.iter()) {
             s.secrets.insert(k.clone(), admission_view(v));

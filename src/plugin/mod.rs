@@ -1,10 +1,12 @@
-//! The resource model: Istio `WasmPlugin` and `kubernetes.io/dockerconfigjson` `Secret` manifests
-//! (behavior.md §1), parsed from YAML or JSON (several documents per file) into typed structs.
+//! The resource model: Istio `WasmPlugin`, `EnvoyFilter` ([`envoyfilter`], behavior.md §10) and
+//! `kubernetes.io/dockerconfigjson` `Secret` manifests (behavior.md §1), parsed from YAML or JSON
+//! (several documents per file) into typed structs.
 //!
 //! Parsing keeps the whole object as JSON next to the typed spec: the JSON is what resource versions
 //! compare (metadata edits are changes) and what merge patches apply to. Validation lives in
 //! [`validate`]; pull secrets in [`secret`].
 
+pub mod envoyfilter;
 pub mod secret;
 pub mod validate;
 
@@ -15,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use thiserror::Error;
 
+pub use envoyfilter::EnvoyFilter;
 pub use secret::{Credentials, DockerConfig, PullSecret};
 pub use validate::{validate, FieldError};
 
@@ -41,20 +44,24 @@ impl ObjectKey {
         }
     }
 
-    /// Parses `ns/name` (or a bare `name` in `default`).
+    /// Parses `ns/name` (or a bare `name` in `default`). The name of an `EnvoyFilter` patch's
+    /// plugin holds a `/` itself (`ns/envoyfilter/resource`, behavior.md §10).
     pub fn parse(s: &str) -> Option<Self> {
         match s.split_once('/') {
-            Some((ns, n)) if !ns.is_empty() && !n.is_empty() && !n.contains('/') => {
-                Some(Self::new(ns, n))
-            }
+            Some((ns, n)) if !ns.is_empty() && !n.is_empty() => Some(Self::new(ns, n)),
             None if !s.is_empty() => Some(Self::new(DEFAULT_NAMESPACE, s)),
             _ => None,
         }
     }
 
-    /// The ECDS resource name: `extensions.istio.io/wasmplugin/<namespace>.<name>`.
+    /// The ECDS resource name of the plugin with this key:
+    /// `extensions.istio.io/wasmplugin/<namespace>.<name>` for a `WasmPlugin`, the patch's own
+    /// name for an `EnvoyFilter` patch (key `<namespace>/<envoyfilter>/<resource>`).
     pub fn resource_name(&self) -> String {
-        format!("{ECDS_RESOURCE_PREFIX}{}.{}", self.namespace, self.name)
+        match self.name.split_once('/') {
+            Some((_, resource)) => resource.to_string(),
+            None => format!("{ECDS_RESOURCE_PREFIX}{}.{}", self.namespace, self.name),
+        }
     }
 }
 
@@ -225,6 +232,7 @@ pub struct PortSelector {
 pub enum Manifest {
     Plugin(WasmPlugin),
     Secret(PullSecret),
+    EnvoyFilter(EnvoyFilter),
 }
 
 impl Manifest {
@@ -232,6 +240,7 @@ impl Manifest {
         match self {
             Manifest::Plugin(p) => &p.key,
             Manifest::Secret(s) => &s.key,
+            Manifest::EnvoyFilter(f) => &f.key,
         }
     }
 }
@@ -356,6 +365,15 @@ pub fn parse_object(document: usize, value: Value) -> Result<Manifest, ParseErro
             "must be a non-empty string".into(),
         ));
     }
+    // As in Kubernetes: a name is one path segment (patch keys use `/`, behavior.md §10).
+    if name.contains('/') || namespace.contains('/') {
+        let field = if name.contains('/') {
+            "metadata.name"
+        } else {
+            "metadata.namespace"
+        };
+        return Err(err(None, field, "may not contain '/'".into()));
+    }
     match kind.as_str() {
         "WasmPlugin" => {
             let group = api_version.split('/').next().unwrap_or_default();
@@ -393,11 +411,27 @@ pub fn parse_object(document: usize, value: Value) -> Result<Manifest, ParseErro
         "Secret" => PullSecret::from_object(key.clone(), &Value::Object(obj))
             .map(Manifest::Secret)
             .map_err(|(field, message)| err(Some(key), &field, message)),
+        envoyfilter::ENVOY_FILTER_KIND => {
+            let group = api_version.split('/').next().unwrap_or_default();
+            if group != envoyfilter::ENVOY_FILTER_API_GROUP {
+                return Err(err(
+                    Some(key),
+                    "apiVersion",
+                    format!(
+                        "EnvoyFilter must be {}/v1alpha3, got {api_version:?}",
+                        envoyfilter::ENVOY_FILTER_API_GROUP
+                    ),
+                ));
+            }
+            envoyfilter::parse(key.clone(), Value::Object(obj))
+                .map(Manifest::EnvoyFilter)
+                .map_err(|(field, message)| err(Some(key), &field, message))
+        }
         "" => Err(err(None, "kind", "is required".into())),
         other => Err(err(
             Some(key),
             "kind",
-            format!("unsupported kind {other:?} (want WasmPlugin or Secret)"),
+            format!("unsupported kind {other:?} (want WasmPlugin, EnvoyFilter or Secret)"),
         )),
     }
 }
@@ -407,11 +441,11 @@ impl WasmPlugin {
     pub fn from_yaml(text: &str) -> Result<Self, ParseError> {
         match parse_manifests(text).into_iter().next() {
             Some(Ok(Manifest::Plugin(p))) => Ok(p),
-            Some(Ok(Manifest::Secret(s))) => Err(ParseError {
+            Some(Ok(other)) => Err(ParseError {
                 document: 0,
-                object: Some(s.key),
+                object: Some(other.key().clone()),
                 field: "kind".into(),
-                message: "expected a WasmPlugin, got a Secret".into(),
+                message: "expected a WasmPlugin".into(),
             }),
             Some(Err(e)) => Err(e),
             None => Err(ParseError {
@@ -427,9 +461,9 @@ impl WasmPlugin {
     pub fn from_object(object: Value) -> Result<Self, ParseError> {
         match parse_object(0, object)? {
             Manifest::Plugin(p) => Ok(p),
-            Manifest::Secret(s) => Err(ParseError {
+            other => Err(ParseError {
                 document: 0,
-                object: Some(s.key),
+                object: Some(other.key().clone()),
                 field: "kind".into(),
                 message: "expected a WasmPlugin".into(),
             }),
@@ -450,6 +484,15 @@ impl WasmPlugin {
     pub fn pull_timeout(&self) -> Option<std::time::Duration> {
         let text = self.object["metadata"]["annotations"][PULL_TIMEOUT_ANNOTATION].as_str()?;
         crate::config::go_duration(text).ok()
+    }
+
+    /// The parsed `spec.url`. A plugin standing for remote code without `http_uri` (an
+    /// `EnvoyFilter` patch, behavior.md §10) has an empty url: [`ModuleUrl::NoHttpUri`].
+    pub fn module_url(&self) -> Result<crate::url::ModuleUrl, crate::url::UrlError> {
+        if self.extension.is_some() && self.spec.url.is_empty() {
+            return Ok(crate::url::ModuleUrl::NoHttpUri);
+        }
+        crate::url::ModuleUrl::parse(&self.spec.url)
     }
 
     /// `config.name` of the Envoy filter: `<namespace>.<name>`.

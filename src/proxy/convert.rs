@@ -13,7 +13,6 @@ use super::hub::{Conversion, Hub, Identity, Lease};
 use crate::convert::{from_template, Filter};
 use crate::extension::{classify, Classified, Template};
 use crate::metrics::{ConversionResult, Metrics};
-use crate::plugin::FailStrategy;
 use crate::xds::ECDS_TYPE_URL;
 
 /// One resource of a response.
@@ -39,13 +38,7 @@ pub struct Converting {
     pub slots: Vec<Slot>,
 }
 
-/// The fallback a fail strategy asks for.
-pub fn fallback(fail: FailStrategy) -> Filter {
-    match fail {
-        FailStrategy::FailOpen => Filter::AllowAll,
-        FailStrategy::FailClose | FailStrategy::FailReload => Filter::DenyAll,
-    }
-}
+pub use crate::convert::fallback_for as fallback;
 
 /// Reads the resources and takes a lease on each identity, which starts its processing. `Err`:
 /// a resource cannot be read (the message says which).

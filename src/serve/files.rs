@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::plugin::{self, Manifest, ObjectKey};
+use crate::plugin::{self, ObjectKey};
 
 /// A problem with one file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -20,8 +20,9 @@ pub struct FileError {
 /// The objects the files currently describe.
 #[derive(Clone, Debug, Default)]
 pub struct Desired {
-    /// Plugins and secrets by kind and key, as decoded JSON.
+    /// WasmPlugins, EnvoyFilters and secrets by key, as decoded JSON.
     pub plugins: BTreeMap<ObjectKey, Value>,
+    pub envoy_filters: BTreeMap<ObjectKey, Value>,
     pub secrets: BTreeMap<ObjectKey, Value>,
     pub errors: Vec<FileError>,
 }
@@ -99,6 +100,7 @@ impl FileSource {
                 let key = ObjectKey::new(ns, name);
                 match kind.as_str() {
                     "Secret" => desired.secrets.insert(key, v),
+                    plugin::envoyfilter::ENVOY_FILTER_KIND => desired.envoy_filters.insert(key, v),
                     _ => desired.plugins.insert(key, v),
                 };
             }
@@ -108,18 +110,22 @@ impl FileSource {
 }
 
 /// Reads a file's documents. Structural errors (unreadable file, malformed YAML, a document that
-/// is neither a WasmPlugin nor a Secret) make the whole file bad; validation problems of a plugin
-/// are left to admission, which refuses that plugin alone.
+/// is neither a WasmPlugin, an EnvoyFilter nor a Secret) make the whole file bad; validation
+/// problems of a plugin or an EnvoyFilter are left to admission, which refuses that object (or
+/// that patch) alone.
 fn read_objects(file: &Path) -> Result<Vec<Value>, String> {
     let text = std::fs::read_to_string(file).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     for doc in plugin::documents(&text) {
         let (i, v) = doc.map_err(|e| format!("document {}: {}", e.document + 1, e.message))?;
         match plugin::parse_object(i, v.clone()) {
-            Ok(Manifest::Plugin(_)) | Ok(Manifest::Secret(_)) => out.push(v),
+            Ok(_) => out.push(v),
             Err(e)
                 if e.object.is_some()
-                    && v.get("kind").and_then(Value::as_str) == Some("WasmPlugin") =>
+                    && matches!(
+                        v.get("kind").and_then(Value::as_str),
+                        Some("WasmPlugin" | plugin::envoyfilter::ENVOY_FILTER_KIND)
+                    ) =>
             {
                 out.push(v)
             }
@@ -148,6 +154,24 @@ mod tests {
         let d = FileSource::new(vec![dir.path().to_path_buf()]).scan();
         assert!(d.errors.is_empty(), "{:?}", d.errors);
         let names: Vec<String> = d.plugins.keys().map(|k| k.to_string()).collect();
+        assert_eq!(names, ["default/a", "default/b"]);
+    }
+
+    #[test]
+    fn envoy_filters_are_a_kind_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let ef = "apiVersion: networking.istio.io/v1alpha3\nkind: EnvoyFilter\nmetadata: {name: a}\nspec: {configPatches: []}\n";
+        // The same name as the WasmPlugin; and one refused at admission, still read.
+        let bad = "apiVersion: networking.istio.io/v1alpha3\nkind: EnvoyFilter\nmetadata: {name: b}\nspec: {configPatches: 1}\n";
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            format!("{PLUGIN}---\n{ef}---\n{bad}"),
+        )
+        .unwrap();
+        let d = FileSource::new(vec![dir.path().to_path_buf()]).scan();
+        assert!(d.errors.is_empty(), "{:?}", d.errors);
+        assert_eq!(d.plugins.len(), 1);
+        let names: Vec<String> = d.envoy_filters.keys().map(|k| k.to_string()).collect();
         assert_eq!(names, ["default/a", "default/b"]);
     }
 

@@ -6,6 +6,9 @@
 //! and finished fetches. The driver publishes ECDS resources to its [`ResourceStore`] (which pushes
 //! to streams); the controller refreshes a read-only [`AdminView`] for the admin endpoints.
 //! Streams never wait for the controller.
+//!
+//! Length: a little over 600 lines: start-up, the Kubernetes link and the controller share the
+//! state they set up.
 
 pub mod admin;
 pub mod files;
@@ -471,18 +474,20 @@ impl Controller {
             .values()
             .map(|c| c.message.clone())
             .collect();
-        let (mut plugins, mut secrets) = self.sources.merged();
+        let mut merged = self.sources.merged();
         if let Some(link) = &mut self.proxy {
             let wanted = link.current();
-            plugins.extend(wanted.plugins.iter().map(|(k, v)| (k.clone(), v.clone())));
-            secrets.extend(wanted.secrets.iter().map(|(k, v)| (k.clone(), v.clone())));
+            (merged.plugins).extend(wanted.plugins.iter().map(|(k, v)| (k.clone(), v.clone())));
+            (merged.secrets).extend(wanted.secrets.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
         for c in self.sources.conflicts.values() {
             if !before.contains(&c.message) {
                 tracing::error!(object = %c.object, "{}", c.message);
             }
         }
-        let ticket = self.driver.sync(&plugins, &secrets);
+        let ticket = self
+            .driver
+            .sync(&merged.plugins, &merged.envoy_filters, &merged.secrets);
         self.note_generations();
         ticket
     }
@@ -560,7 +565,8 @@ impl Controller {
                 };
                 json!({
                     "plugin": k.to_string(),
-                    "resource": k.resource_name(),
+                    "resource": st.plugin.resource_name(),
+                    "envoyFilter": crate::plugin::envoyfilter::filter_of(k).map(|f| f.to_string()),
                     "resourceVersion": st.version.to_string(),
                     "url": st.url.to_string(),
                     "policy": st.decision.policy.to_string(),
@@ -575,10 +581,15 @@ impl Controller {
                 })
             })
             .collect();
-        let refused: Vec<Value> = self
-            .driver
-            .refused()
-            .map(|k| json!({"plugin": k.to_string()}))
+        let refused: Vec<Value> = (self.driver.refused())
+            .map(|k| {
+                let (field, error) = self
+                    .driver
+                    .refusal(k)
+                    .map(|(_, e)| (e.field.as_str(), e.message.as_str()))
+                    .unwrap_or_default();
+                json!({"plugin": k.to_string(), "field": field, "error": error})
+            })
             .collect();
         let cache: Vec<Value> = engine
             .cache()

@@ -1,5 +1,5 @@
 //! The objects `serve` hands to the driver: the plugin files' and, with `--source kubernetes`, the
-//! API server's, merged. A name defined by both is never resolved by silent precedence
+//! API server's, merged kind by kind (WasmPlugins, EnvoyFilters, Secrets). A name defined by both is never resolved by silent precedence
 //! (docs/kubernetes.md "Files and Kubernetes together"): at start-up it is an error; later, the
 //! source that already defined it keeps it and the newcomer is reported, and when both appear at
 //! once neither is used until one goes.
@@ -20,6 +20,19 @@ enum Origin {
     Kubernetes,
 }
 
+/// The kinds merged, by name.
+const WASM_PLUGIN: &str = "WasmPlugin";
+const ENVOY_FILTER: &str = crate::plugin::envoyfilter::ENVOY_FILTER_KIND;
+const SECRET: &str = "Secret";
+
+/// The objects of both sources, merged.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Merged {
+    pub plugins: BTreeMap<ObjectKey, Value>,
+    pub envoy_filters: BTreeMap<ObjectKey, Value>,
+    pub secrets: BTreeMap<ObjectKey, Value>,
+}
+
 /// A name defined by both sources.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Conflict {
@@ -33,29 +46,36 @@ pub struct Conflict {
 pub struct Sources {
     pub files: Desired,
     pub kube: Option<Arc<Snapshot>>,
-    origins: BTreeMap<(bool, ObjectKey), Origin>,
-    /// Conflicts of the last merge, by plugin (secrets: key of the secret).
-    pub conflicts: BTreeMap<(bool, ObjectKey), Conflict>,
+    origins: BTreeMap<(&'static str, ObjectKey), Origin>,
+    /// Conflicts of the last merge, by kind and key.
+    pub conflicts: BTreeMap<(&'static str, ObjectKey), Conflict>,
 }
 
 impl Sources {
-    /// The merged plugins and secrets.
-    pub fn merged(&mut self) -> (BTreeMap<ObjectKey, Value>, BTreeMap<ObjectKey, Value>) {
+    /// The merged plugins, EnvoyFilters and secrets.
+    pub fn merged(&mut self) -> Merged {
         self.conflicts.clear();
         let empty = BTreeMap::new();
         let kube = self.kube.clone();
-        let (kp, ks) = kube
-            .as_deref()
-            .map_or((&empty, &empty), |s| (&s.plugins, &s.secrets));
+        let k = kube.as_deref();
         let (origins, conflicts) = (&mut self.origins, &mut self.conflicts);
-        let plugins = merge_kind(origins, conflicts, true, &self.files.plugins, kp);
-        let secrets = merge_kind(origins, conflicts, false, &self.files.secrets, ks);
-        (plugins, secrets)
+        let mut merge = |kind, files, kube: Option<&BTreeMap<ObjectKey, Value>>| {
+            merge_kind(origins, conflicts, kind, files, kube.unwrap_or(&empty))
+        };
+        Merged {
+            plugins: merge(WASM_PLUGIN, &self.files.plugins, k.map(|s| &s.plugins)),
+            envoy_filters: merge(
+                ENVOY_FILTER,
+                &self.files.envoy_filters,
+                k.map(|s| &s.envoy_filters),
+            ),
+            secrets: merge(SECRET, &self.files.secrets, k.map(|s| &s.secrets)),
+        }
     }
 
     /// Why a Kubernetes plugin is not used, if it is not because of a conflict.
     pub fn kube_conflict(&self, key: &ObjectKey) -> Option<&str> {
-        let id = (true, key.clone());
+        let id = (WASM_PLUGIN, key.clone());
         let c = self.conflicts.get(&id)?;
         (self.origins.get(&id) != Some(&Origin::Kubernetes)).then_some(c.message.as_str())
     }
@@ -63,27 +83,26 @@ impl Sources {
 
 /// One kind's merge: what is used, recording owners and conflicts.
 fn merge_kind(
-    origins: &mut BTreeMap<(bool, ObjectKey), Origin>,
-    conflicts: &mut BTreeMap<(bool, ObjectKey), Conflict>,
-    is_plugin: bool,
+    origins: &mut BTreeMap<(&'static str, ObjectKey), Origin>,
+    conflicts: &mut BTreeMap<(&'static str, ObjectKey), Conflict>,
+    kind: &'static str,
     files: &BTreeMap<ObjectKey, Value>,
     kube: &BTreeMap<ObjectKey, Value>,
 ) -> BTreeMap<ObjectKey, Value> {
     let mut out = BTreeMap::new();
-    let kind = if is_plugin { "WasmPlugin" } else { "Secret" };
     for (k, v) in files {
         if !kube.contains_key(k) {
-            origins.insert((is_plugin, k.clone()), Origin::Files);
+            origins.insert((kind, k.clone()), Origin::Files);
             out.insert(k.clone(), v.clone());
         }
     }
     for (k, v) in kube {
         let Some(fv) = files.get(k) else {
-            origins.insert((is_plugin, k.clone()), Origin::Kubernetes);
+            origins.insert((kind, k.clone()), Origin::Kubernetes);
             out.insert(k.clone(), v.clone());
             continue;
         };
-        let id = (is_plugin, k.clone());
+        let id = (kind, k.clone());
         let message = match origins.get(&id) {
                 Some(Origin::Files) => {
                     out.insert(k.clone(), fv.clone());
@@ -104,7 +123,7 @@ fn merge_kind(
             },
         );
     }
-    origins.retain(|(p, k), _| *p != is_plugin || files.contains_key(k) || kube.contains_key(k));
+    origins.retain(|(o, k), _| *o != kind || files.contains_key(k) || kube.contains_key(k));
     out
 }
 
@@ -135,12 +154,12 @@ mod tests {
         let mut s = Sources::default();
         s.files.plugins.insert(key("a"), obj("a", "file-a"));
         s.kube = kube(&[("b", "kube-b")]);
-        let (p, _) = s.merged();
+        let p = s.merged().plugins;
         assert_eq!(p.len(), 2);
         assert!(s.conflicts.is_empty());
         // Kubernetes adds "a": the files keep it, the Kubernetes object is reported.
         s.kube = kube(&[("a", "kube-a"), ("b", "kube-b")]);
-        let (p, _) = s.merged();
+        let p = s.merged().plugins;
         assert_eq!(p[&key("a")]["spec"]["url"], "file-a");
         assert!(s
             .kube_conflict(&key("a"))
@@ -148,20 +167,30 @@ mod tests {
             .contains("plugin files' object"));
         // Files add "b": Kubernetes keeps it; not a conflict of the Kubernetes object.
         s.files.plugins.insert(key("b"), obj("b", "file-b"));
-        let (p, _) = s.merged();
+        let p = s.merged().plugins;
         assert_eq!(p[&key("b")]["spec"]["url"], "kube-b");
         assert!(s.kube_conflict(&key("b")).is_none());
         assert_eq!(s.conflicts.len(), 2);
         // Both define a new "c" at once: neither.
         s.files.plugins.insert(key("c"), obj("c", "file-c"));
         s.kube = kube(&[("a", "kube-a"), ("b", "kube-b"), ("c", "kube-c")]);
-        let (p, _) = s.merged();
+        let p = s.merged().plugins;
         assert!(!p.contains_key(&key("c")));
         assert!(s.kube_conflict(&key("c")).unwrap().contains("neither"));
         // The file goes: Kubernetes gets "c".
         s.files.plugins.remove(&key("c"));
-        let (p, _) = s.merged();
+        let p = s.merged().plugins;
         assert_eq!(p[&key("c")]["spec"]["url"], "kube-c");
+        assert_eq!(s.conflicts.len(), 2);
+        // An EnvoyFilter is a kind of its own: the WasmPlugin "a" of the files is no conflict.
+        let mut snapshot = (**s.kube.as_ref().unwrap()).clone();
+        snapshot
+            .envoy_filters
+            .insert(key("a"), json!({"kind": "EnvoyFilter"}));
+        s.kube = Some(Arc::new(snapshot));
+        let m = s.merged();
+        assert_eq!(m.envoy_filters.len(), 1);
+        assert_eq!(m.plugins[&key("a")]["spec"]["url"], "file-a");
         assert_eq!(s.conflicts.len(), 2);
     }
 }

@@ -137,6 +137,31 @@ impl Harness {
             .collect()
     }
 
+    /// Makes the objects exactly these (as `serve` does after a rescan or a relist: WasmPlugins,
+    /// EnvoyFilters, Secrets, each by key) and runs what that caused.
+    pub fn sync(&mut self, plugins: &[Value], envoy_filters: &[Value], secrets: &[Value]) {
+        let by_key = |objects: &[Value]| -> BTreeMap<ObjectKey, Value> {
+            (objects.iter())
+                .map(|o| {
+                    let m = &o["metadata"];
+                    let ns = m["namespace"].as_str().unwrap_or("default");
+                    let key = ObjectKey::new(ns, m["name"].as_str().unwrap_or_default());
+                    (key, o.clone())
+                })
+                .collect()
+        };
+        let (plugins, filters, secrets) = (by_key(plugins), by_key(envoy_filters), by_key(secrets));
+        let driver = &mut self.driver;
+        self.rt.block_on(async {
+            let ticket = driver.sync(&plugins, &filters, &secrets);
+            driver
+                .run_until_done(&ticket)
+                .await
+                .expect("the sync settles");
+        });
+        self.drain();
+    }
+
     /// Applies one object (a WasmPlugin or a Secret) and runs what it caused.
     pub fn apply(&mut self, object: Value) -> Change {
         self.change(|d| Some(d.apply(object)))
@@ -152,6 +177,11 @@ impl Harness {
     pub fn delete_plugin(&mut self, key: &ObjectKey) -> Change {
         self.change(|d| d.delete_plugin(key))
             .expect("delete: the plugin exists")
+    }
+
+    pub fn delete_envoy_filter(&mut self, key: &ObjectKey) -> Change {
+        self.change(|d| d.delete_envoy_filter(key))
+            .expect("delete: the EnvoyFilter exists")
     }
 
     pub fn delete_secret(&mut self, key: &ObjectKey) -> Change {

@@ -97,11 +97,9 @@ impl Cluster {
             std::thread::spawn(move || watchdog.wait());
         }
         cluster.kubectl(&["create", "namespace", "wasm-ecds"]);
-        cluster.kubectl(&[
-            "apply",
-            "-f",
-            &format!("{CRATE}/deploy/crd-wasmplugin.yaml"),
-        ]);
+        for crd in ["crd-wasmplugin.yaml", "crd-envoyfilter.yaml"] {
+            cluster.kubectl(&["apply", "-f", &format!("{CRATE}/deploy/{crd}")]);
+        }
         cluster.kubectl(&[
             "-n",
             "wasm-ecds",
@@ -115,6 +113,7 @@ impl Cluster {
             "condition=established",
             "--timeout=60s",
             "crd/wasmplugins.extensions.istio.io",
+            "crd/envoyfilters.networking.istio.io",
         ]);
         Some(cluster)
     }

@@ -10,6 +10,7 @@
 //!   has finished ([`Driver::run_until_done`]) or until a point in virtual time
 //!   ([`Driver::advance_to`]), on tokio's paused clock.
 //!
+//! Source changes and their admission (refusals, resource-name conflicts) are in `changes.rs`.
 //! Every source change returns a [`Ticket`]: the processings it caused. Background work — due
 //! retries, purge passes, the index save — runs whenever its time comes, whoever is waiting, and
 //! is never part of a ticket (docs/scenarios.md "Time").
@@ -25,6 +26,8 @@ use crate::clock::Timestamp;
 use crate::config::{Config, Delivery};
 use crate::dispatch::{Completion, Dispatcher};
 use crate::engine::{Engine, EngineParts, Event, Serving};
+mod changes;
+
 use crate::plugin::{FieldError, ObjectKey};
 use crate::source::{Change, ObjectStore};
 use crate::store::{FileSource, ModuleStore};
@@ -63,6 +66,9 @@ impl Ticket {
 #[derive(Clone, Debug)]
 pub struct Applied {
     pub change: Change,
+    /// Plugins that waited for an ECDS resource name the change freed, admitted now
+    /// (behavior.md §10 "Conflicts").
+    pub followups: Vec<Change>,
     pub ticket: Ticket,
 }
 
@@ -113,12 +119,18 @@ pub struct Driver {
     dispatcher: Dispatcher,
     objects: ObjectStore,
     resources: ResourceStore,
-    /// Plugins that have an ECDS resource, with its name.
-    published: BTreeMap<ObjectKey, String>,
+    /// The plugin each published ECDS resource is from: another plugin may take a name over
+    /// (behavior.md §10 "Conflicts"), and the one that left must not remove it then.
+    published: BTreeMap<String, ObjectKey>,
     /// Processings waiting for a fetch.
     outstanding: BTreeSet<u64>,
     /// The last refused object per plugin and why (see [`Driver::sync`]).
-    refused: BTreeMap<ObjectKey, (Value, FieldError)>,
+    refused: BTreeMap<ObjectKey, changes::Refusal>,
+    /// `EnvoyFilter`s refused as a whole, as last seen (see [`Driver::sync`]).
+    refused_filters: BTreeMap<ObjectKey, Value>,
+    /// While [`Driver::sync`] runs: a refusal identical to the remembered one is not reported
+    /// again.
+    quiet_repeats: bool,
     /// Engine events not yet taken by the shell.
     events: Vec<Event>,
 }
@@ -146,6 +158,8 @@ impl Driver {
             published: BTreeMap::new(),
             outstanding: BTreeSet::new(),
             refused: BTreeMap::new(),
+            refused_filters: BTreeMap::new(),
+            quiet_repeats: false,
             events: Vec::new(),
         };
         Ok((driver, report))
@@ -175,7 +189,13 @@ impl Driver {
 
     /// The object a plugin was last refused for (`Null` after an edit) and why.
     pub fn refusal(&self, key: &ObjectKey) -> Option<(&Value, &FieldError)> {
-        self.refused.get(key).map(|(v, e)| (v, e))
+        self.refused.get(key).map(|r| (&r.object, &r.error))
+    }
+
+    /// The ECDS resource name a refused plugin waits for, when another plugin serves it
+    /// (behavior.md §10 "Conflicts").
+    pub fn waits_for(&self, key: &ObjectKey) -> Option<&str> {
+        self.refused.get(key)?.waits_for.as_deref()
     }
 
     pub fn now(&self) -> Timestamp {
@@ -198,73 +218,7 @@ impl Driver {
     }
 
     // -----------------------------------------------------------------------------------------
-    // Source changes
-
-    /// Applies one object (a `WasmPlugin` or a pull `Secret`), as the API server admits it.
-    pub fn apply(&mut self, object: Value) -> Applied {
-        let change = self.objects.apply_value(object.clone());
-        self.remember_refusal(&change, object);
-        self.hand_over(change)
-    }
-
-    /// A JSON merge patch on a stored plugin; `None` if there is no such plugin.
-    pub fn edit(&mut self, key: &ObjectKey, patch: &Value) -> Option<Applied> {
-        let change = self.objects.edit_plugin(key, patch)?;
-        self.remember_refusal(&change, Value::Null);
-        Some(self.hand_over(change))
-    }
-
-    pub fn delete_plugin(&mut self, key: &ObjectKey) -> Option<Applied> {
-        let change = self.objects.delete_plugin(key)?;
-        self.refused.remove(key);
-        Some(self.hand_over(change))
-    }
-
-    pub fn delete_secret(&mut self, key: &ObjectKey) -> Option<Applied> {
-        let change = self.objects.delete_secret(key)?;
-        Some(self.hand_over(change))
-    }
-
-    /// Makes the current objects exactly `plugins` and `secrets` (a rescan of the watched files, a
-    /// relist): secrets first, then plugins, then what disappeared. Objects equal to what is
-    /// stored change nothing, and a refused object is refused (and recorded) once, not at every
-    /// rescan.
-    pub fn sync(
-        &mut self,
-        plugins: &BTreeMap<ObjectKey, Value>,
-        secrets: &BTreeMap<ObjectKey, Value>,
-    ) -> Ticket {
-        let mut ticket = Ticket::default();
-        for value in secrets.values() {
-            ticket.join(self.apply(value.clone()).ticket);
-        }
-        for (key, value) in plugins {
-            if self.refused.get(key).map(|r| &r.0) != Some(value) {
-                ticket.join(self.apply(value.clone()).ticket);
-            }
-        }
-        let gone: Vec<ObjectKey> = (self.objects.plugins().keys())
-            .chain(self.refused.keys())
-            .filter(|k| !plugins.contains_key(*k))
-            .cloned()
-            .collect();
-        for k in gone {
-            self.refused.remove(&k);
-            if let Some(a) = self.delete_plugin(&k) {
-                ticket.join(a.ticket);
-            }
-        }
-        let gone: Vec<ObjectKey> = (self.objects.secrets().keys())
-            .filter(|k| !secrets.contains_key(*k))
-            .cloned()
-            .collect();
-        for k in gone {
-            if let Some(a) = self.delete_secret(&k) {
-                ticket.join(a.ticket);
-            }
-        }
-        ticket
-    }
+    // Process lifecycle
 
     /// Pulls a plugin again as if it had changed (`POST /refresh`); `None` if it is unknown.
     pub fn refresh(&mut self, key: &ObjectKey) -> Option<Ticket> {
@@ -305,61 +259,6 @@ impl Driver {
     /// Persists the cache index as of now (graceful shutdown).
     pub fn flush(&mut self) {
         self.engine.flush();
-    }
-
-    /// Remembers the object a plugin was last refused for (`Null` when it came from an edit).
-    fn remember_refusal(&mut self, change: &Change, object: Value) {
-        match change {
-            Change::Refused {
-                key: Some(k),
-                is_plugin: true,
-                error,
-            } => {
-                self.refused.insert(k.clone(), (object, error.clone()));
-            }
-            Change::PluginCreated(k) | Change::PluginChanged(k) | Change::PluginDeleted(k) => {
-                self.refused.remove(k);
-            }
-            _ => {}
-        }
-    }
-
-    /// Hands an admitted change to the engine and begins what it queued.
-    fn hand_over(&mut self, change: Change) -> Applied {
-        if self.parts.config.delivery == Delivery::Remote && self.remote_change(&change) {
-            return Applied {
-                change,
-                ticket: Ticket::default(),
-            };
-        }
-        match &change {
-            Change::PluginCreated(k) | Change::PluginChanged(k) => {
-                if let Some(vp) = self.objects.plugin(k) {
-                    self.engine.upsert_plugin(vp);
-                }
-            }
-            Change::PluginDeleted(k) => self.engine.remove_plugin(k),
-            Change::SecretApplied(k) => {
-                if let Some(s) = self.objects.secrets().get(k) {
-                    self.engine.upsert_secret(s.clone());
-                }
-            }
-            Change::SecretDeleted(k) => self.engine.remove_secret(k),
-            Change::Unchanged(_) => {}
-            Change::Refused {
-                key: Some(k),
-                is_plugin: true,
-                error,
-            } => {
-                tracing::warn!(plugin = %k, field = %error.field, error = %error.message, "plugin refused");
-                self.engine.record_invalid(k, &error.field, &error.message);
-            }
-            Change::Refused { key, error, .. } => {
-                tracing::warn!(object = ?key, field = %error.field, error = %error.message, "object refused");
-            }
-        }
-        let ticket = self.dispatch();
-        Applied { change, ticket }
     }
 
     // -----------------------------------------------------------------------------------------
@@ -518,67 +417,96 @@ impl Driver {
         self.events.extend(events);
     }
 
-    /// `--delivery remote`: nothing is pulled, a change is published as it is (see
-    /// [`crate::convert::remote_resource`]). Returns false for what the engine still handles (a
-    /// refusal).
-    fn remote_change(&mut self, change: &Change) -> bool {
-        match change {
-            Change::PluginCreated(k) | Change::PluginChanged(k) => self.publish_remote(k),
-            Change::PluginDeleted(k) => {
-                if let Some(name) = self.published.remove(k) {
-                    self.resources.remove(&name);
-                }
-            }
-            Change::SecretApplied(s) | Change::SecretDeleted(s) => {
-                let users: Vec<ObjectKey> = (self.objects.plugins().iter())
-                    .filter(|(k, vp)| {
-                        k.namespace == s.namespace
-                            && vp.plugin.spec.image_pull_secret.as_deref() == Some(&s.name)
-                    })
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                for k in users {
-                    self.publish_remote(&k);
-                }
-            }
-            Change::Unchanged(_) => {}
-            Change::Refused { .. } => return false,
+    /// `--delivery remote`: nothing is pulled, each change is published as it is (see
+    /// [`crate::convert::remote_resource`]); the engine never sees the plugins.
+    fn remote_delivery(&self) -> bool {
+        self.parts.config.delivery == Delivery::Remote
+    }
+
+    /// A plugin was created or changed: the engine processes it, or with remote delivery it is
+    /// published as it is.
+    pub(super) fn plugin_changed(&mut self, key: &ObjectKey) {
+        if self.remote_delivery() {
+            self.publish_remote(key);
+        } else if let Some(vp) = self.objects.plugin(key) {
+            self.engine.upsert_plugin(vp);
         }
-        true
+    }
+
+    /// A plugin was deleted.
+    pub(super) fn plugin_gone(&mut self, key: &ObjectKey) {
+        if self.remote_delivery() {
+            let name = key.resource_name();
+            if self.published.get(&name) == Some(key) {
+                self.published.remove(&name);
+                self.resources.remove(&name);
+            }
+        } else {
+            self.engine.remove_plugin(key);
+        }
+    }
+
+    /// A pull secret was applied or deleted: with remote delivery, the plugins naming it are
+    /// published again with its new content.
+    pub(super) fn secret_changed(&mut self, key: &ObjectKey) {
+        if !self.remote_delivery() {
+            match self.objects.secrets().get(key) {
+                Some(s) => self.engine.upsert_secret(s.clone()),
+                None => self.engine.remove_secret(key),
+            }
+            return;
+        }
+        let users: Vec<ObjectKey> = (self.objects.plugins().iter())
+            .filter(|(k, vp)| {
+                k.namespace == key.namespace
+                    && vp.plugin.spec.image_pull_secret.as_deref() == Some(&key.name)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in users {
+            self.publish_remote(&k);
+        }
     }
 
     fn publish_remote(&mut self, key: &ObjectKey) {
+        use crate::convert::{extension_config, remote_resource, Code, Filter};
+        use crate::url::ModuleUrl;
         let Some(vp) = self.objects.plugin(key) else {
             return;
         };
         let plugin = &vp.plugin;
         let resource = match &vp.url {
             // A local file is named as such, as Istio's control plane does.
-            crate::url::ModuleUrl::File(path) => crate::convert::extension_config(
+            ModuleUrl::File(path) => {
+                extension_config(plugin, Filter::Wasm(Code::File(path.into())))
+            }
+            // Nothing to pull from (an EnvoyFilter patch without http_uri): the fallback.
+            ModuleUrl::NoHttpUri => extension_config(
                 plugin,
-                crate::convert::Filter::Wasm(crate::convert::Code::File(path.into())),
+                crate::convert::fallback_for(plugin.spec.fail_strategy),
             ),
             url => {
                 let secret = plugin.spec.image_pull_secret.as_ref().map(|name| {
                     let k = ObjectKey::new(&key.namespace, name);
                     self.objects.secrets().get(&k).map(|s| s.config.to_json())
                 });
-                crate::convert::remote_resource(plugin, &url.to_string(), secret, vp.version)
+                remote_resource(plugin, &url.to_string(), secret, vp.version)
             }
         };
         let name = plugin.resource_name();
         self.resources.set(name.clone(), resource);
-        self.published.insert(key.clone(), name);
+        self.published.insert(name, key.clone());
     }
 
     fn publish_plugin(&mut self, key: &ObjectKey) {
+        let name = key.resource_name();
         let Some(st) = self.engine.plugin(key) else {
-            if let Some(name) = self.published.remove(key) {
+            if self.published.get(&name) == Some(key) {
+                self.published.remove(&name);
                 self.resources.remove(&name);
             }
             return;
         };
-        let name = st.plugin.resource_name();
         let endpoint = &self.parts.module_endpoint;
         let resource = crate::convert::resource_for(
             &st.plugin,
@@ -590,7 +518,7 @@ impl Driver {
         match resource {
             Ok(Some(r)) => {
                 self.resources.set(name.clone(), r);
-                self.published.insert(key.clone(), name);
+                self.published.insert(name, key.clone());
             }
             Ok(None) => {}
             Err(e) => {
