@@ -114,3 +114,38 @@ async fn the_basic_auth_example_reaches_envoy_with_its_configuration() {
     }
     assert_eq!(modules.hits("/module.wasm"), 3, "one download per server");
 }
+
+/// The same example with a control plane that is not wasm-ecds: it sends the `EXTENSION_CONFIG`
+/// patch's value as the ECDS resource `istio.basic_auth` (as istiod does) and the listener with
+/// the `HTTP_FILTER` patch's ECDS slot; `wasm-ecds proxy` between it and Envoy converts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_basic_auth_example_through_the_proxy() {
+    use support::proxied::{Fixture, Probe, FILTER};
+    use support::upstream::ecds_resource;
+    let module = proxy_wasm_test_module_tagged("example");
+    let modules = ModuleServer::start(vec![("/module.wasm", Route::Body(module))]).await;
+    let text = std::fs::read_to_string(EXAMPLE)
+        .expect("example")
+        .replace(EXAMPLE_URL, &modules.url("/module.wasm"));
+    let docs: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).expect("yaml"))
+        .collect();
+    // The HTTP_FILTER patch names the filter the listener subscribes to.
+    let slot = &docs[0]["spec"]["configPatches"][0]["patch"]["value"];
+    assert_eq!(slot["name"], FILTER);
+    let value = &docs[1]["spec"]["configPatches"][0]["patch"]["value"];
+    let resource = ecds_resource(
+        value["name"].as_str().unwrap(),
+        value["typed_config"].clone(),
+    );
+    for transport in [XdsTransport::Ads, XdsTransport::DeltaAds] {
+        let Some(fixture) = Fixture::start_with(transport, &[], resource.clone()).await else {
+            return;
+        };
+        fixture
+            .wait_probe(Probe::module(CONFIGURATION, "example"), CONVERGE)
+            .await;
+        fixture.stop().await;
+    }
+    assert_eq!(modules.hits("/module.wasm"), 2, "one download per proxy");
+}

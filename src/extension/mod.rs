@@ -1,4 +1,4 @@
-//! Remote-load Wasm extension configs (behavior.md §12): a `TypedExtensionConfig` whose Wasm filter
+//! Remote-load Wasm extension configs (behavior.md §10, §11): a `TypedExtensionConfig` whose Wasm filter
 //! fetches its module from `vm_config.code.remote.http_uri`, as an `EnvoyFilter` `EXTENSION_CONFIG`
 //! patch writes it and as a control plane sends it over ECDS for a per-node agent to convert.
 //!

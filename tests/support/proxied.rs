@@ -274,10 +274,19 @@ impl Fixture {
         insecure: &[String],
         first: &Remote,
     ) -> Option<Self> {
+        Self::start_with(transport, insecure, first.resource()).await
+    }
+
+    /// [`Fixture::start`] with the first ECDS resource given as the upstream's JSON.
+    pub async fn start_with(
+        transport: XdsTransport,
+        insecure: &[String],
+        first: Value,
+    ) -> Option<Self> {
         let bin = super::require_envoy()?;
         let up = Upstream::start()?;
         up.set(LDS_TYPE_URL, "l1", vec![lds_resource()]);
-        up.set(ECDS_TYPE_URL, "e1", vec![first.resource()]);
+        up.set(ECDS_TYPE_URL, "e1", vec![first]);
         let cache = tempfile::tempdir().expect("cache dir");
         let config = Config {
             cache_dir: cache.path().to_path_buf(),

@@ -263,3 +263,19 @@ fn object_level_problems_refuse_the_whole_object() {
     .patches
     .is_empty());
 }
+
+#[test]
+fn http_uri_timeout_bounds_the_pull() {
+    let mut with_timeout = direct("https://h/m.wasm", json!({}));
+    with_timeout["config"]["vm_config"]["code"]["remote"]["http_uri"]["timeout"] = json!("2.5s");
+    let f = parse(filter(json!([
+        ext("a", with_timeout),
+        ext("b", direct("https://h/m.wasm", json!({})))
+    ])));
+    assert_eq!(
+        plugin(&f.patches[0]).pull_timeout(),
+        Some(std::time::Duration::from_millis(2500))
+    );
+    assert!(crate::plugin::validate(plugin(&f.patches[0])).is_empty());
+    assert_eq!(plugin(&f.patches[1]).pull_timeout(), None);
+}
