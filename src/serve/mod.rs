@@ -7,13 +7,16 @@
 //! to streams); the controller refreshes a read-only [`AdminView`] for the admin endpoints.
 //! Streams never wait for the controller.
 //!
-//! Length: a little over 600 lines: start-up, the Kubernetes link and the controller share the
-//! state they set up.
+//! Length: about 615 lines: start-up, the Kubernetes link and the controller share the state
+//! they set up (the process around them is in `process.rs`).
 
 pub mod admin;
 pub mod files;
+mod process;
 pub mod proxied;
 pub mod sources;
+
+pub use process::run_blocking;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -610,86 +613,5 @@ impl Controller {
             cache: json!({"modules": cache}),
             modules: Some(self.driver.modules()),
         }
-    }
-}
-
-/// Runs `serve` until SIGTERM/SIGINT. Returns the exit status.
-/// With `proxy`, the xDS port proxies to it (`wasm-ecds proxy`).
-pub fn run_blocking(
-    args: crate::cli::ServeArgs,
-    config: Config,
-    proxy: Option<crate::proxy::UpstreamOptions>,
-) -> i32 {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start runtime: {e}");
-            return 2;
-        }
-    };
-    rt.block_on(async move {
-        match run_until_signal(args, config, proxy).await {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                2
-            }
-        }
-    })
-}
-
-async fn run_until_signal(
-    args: crate::cli::ServeArgs,
-    config: Config,
-    proxy: Option<crate::proxy::UpstreamOptions>,
-) -> anyhow::Result<()> {
-    // Before anything is announced: a SIGTERM right after start-up must not kill the process
-    // with the default action.
-    use tokio::signal::unix::{signal, SignalKind};
-    let (mut term, mut int) = (
-        signal(SignalKind::terminate())?,
-        signal(SignalKind::interrupt())?,
-    );
-    let xds_listener = tokio::net::TcpListener::bind(args.xds_address)
-        .await
-        .with_context(|| format!("--xds-address {}", args.xds_address))?;
-    let admin_listener = tokio::net::TcpListener::bind(args.admin_address)
-        .await
-        .with_context(|| format!("--admin-address {}", args.admin_address))?;
-    let kube = args.kube_options()?;
-    let transport = Arc::new(crate::fetch::hyper_transport::HyperTransport::new(
-        &config,
-        Vec::new(),
-    )?);
-    let mut handle = start(ServeSetup {
-        config,
-        plugin_paths: args.plugins.clone(),
-        xds_listener,
-        admin_listener,
-        transport,
-        fetch_config: None,
-        kube,
-        proxy,
-    })
-    .await?;
-    eprintln!(
-        "wasm-ecds: xds on {}, admin on {}",
-        handle.xds_address, handle.admin_address
-    );
-    let failed = tokio::select! {
-        _ = int.recv() => None,
-        _ = term.recv() => None,
-        why = handle.failed() => Some(why),
-    };
-    tracing::info!("shutting down");
-    tokio::time::timeout(Duration::from_secs(5), handle.shutdown())
-        .await
-        .ok();
-    match failed {
-        Some(why) => Err(anyhow::anyhow!(why)),
-        None => Ok(()),
     }
 }
