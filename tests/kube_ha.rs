@@ -231,31 +231,41 @@ async fn two_replicas_serve_and_one_writes_status() {
         "the new leader wrote it"
     );
 
-    // Someone else takes the Lease: status writes stop, though the plugin changes.
-    #[allow(clippy::disallowed_methods)] // a timestamp for the API server, not for logic
-    let now = humantime::format_rfc3339_micros(std::time::SystemTime::now());
-    let steal = format!(
-        r#"{{"spec":{{"holderIdentity":"intruder","renewTime":"{now}","leaseDurationSeconds":3600}}}}"#
-    );
-    cluster.kubectl(&[
-        "-n",
-        "wasm-ecds",
-        "patch",
-        "lease",
-        "wasm-ecds",
-        "--type",
-        "merge",
-        "-p",
-        &steal,
-    ]);
+    // Someone else takes the Lease and holds it — renewing it, as a live holder does: status
+    // writes stop, though the plugin changes. (The renewal matters: the election's own renewal,
+    // racing with the takeover, may rewrite the Lease's duration to ours, and a holder that never
+    // renewed would then expire and be taken over again.)
+    let steal = || {
+        #[allow(clippy::disallowed_methods)] // a timestamp for the API server, not for logic
+        let now = humantime::format_rfc3339_micros(std::time::SystemTime::now());
+        let patch = format!(
+            r#"{{"spec":{{"holderIdentity":"intruder","renewTime":"{now}","leaseDurationSeconds":3600}}}}"#
+        );
+        cluster.kubectl(&[
+            "-n",
+            "wasm-ecds",
+            "patch",
+            "lease",
+            "wasm-ecds",
+            "--type",
+            "merge",
+            "-p",
+            &patch,
+        ]);
+    };
+    steal();
     wait_for("leadership lost", CONVERGE, || async {
+        steal();
         let l = replicas[follower].metric("wasm_ecds_kube_leader").await;
         (l == 0.0).then_some(()).ok_or(format!("{l}"))
     })
     .await;
     let writes = replicas[follower].metric(ok).await;
     cluster.merge_patch(&ns, "p", r#"{"spec":{"pluginConfig":{"v":3}}}"#);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    for _ in 0..10 {
+        steal();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     let o = cluster.get(&ns, "wasmplugin", "p");
     assert_eq!(
         condition(&o, "Ready").unwrap()["observedGeneration"],
