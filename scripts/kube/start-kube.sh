@@ -26,7 +26,9 @@ stop_pids() {  # SIGNAL NAME...
   done
 }
 
-start_apiserver() {
+start_apiserver() {  # returns 2 when its port was taken meanwhile (the caller picks another)
+  local from=0
+  if [ -f "$STATE/apiserver.log" ]; then from=$(wc -l < "$STATE/apiserver.log"); fi
   "$KUBE_BIN/kube-apiserver" \
     --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
     --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$API_PORT" --insecure-port=0 \
@@ -46,6 +48,9 @@ start_apiserver() {
     sleep 0.1
   done
   if [ -z "$ok" ]; then
+    if tail -n +"$((from + 1))" "$STATE/apiserver.log" | grep -q 'address already in use'; then
+      return 2
+    fi
     echo "kube-apiserver did not become ready; see $STATE/apiserver.log" >&2
     tail -20 "$STATE/apiserver.log" >&2; exit 1
   fi
@@ -57,7 +62,7 @@ case "$CMD" in
   stop-apiserver) stop_pids KILL apiserver; exit 0 ;;
   start-apiserver)
     # shellcheck disable=SC1091
-    . "$STATE/env"; start_apiserver; exit 0 ;;
+    . "$STATE/env"; start_apiserver || { echo "kube-apiserver: port $API_PORT is taken" >&2; exit 1; }; exit 0 ;;
   start) ;;
   *) echo "usage: $0 STATE_DIR [start|stop|stop-apiserver|start-apiserver]" >&2; exit 2 ;;
 esac
@@ -110,9 +115,12 @@ for attempt in 1 2 3; do
   stop_pids KILL etcd
 done
 [ -n "$etcd_ok" ] || { echo "etcd did not start; see $STATE/etcd.log" >&2; exit 1; }
-API_PORT=$(free_port)
-
-start_apiserver
+# free_port only finds a port free now: another process may take it before the apiserver binds.
+for attempt in 1 2 3; do
+  API_PORT=$(free_port)
+  if start_apiserver; then break; fi
+  [ "$attempt" -lt 3 ] || { echo "kube-apiserver: its port was taken 3 times" >&2; exit 1; }
+done
 
 b64() { base64 -w0 < "$1"; }
 cat > "$STATE/kubeconfig" <<EOF
