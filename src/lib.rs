@@ -23,6 +23,7 @@
 //! Only [`clock::SystemClock`] reads the OS clock and only [`fetch::hyper_transport`] touches the
 //! network, so `sim` drives everything else unchanged.
 
+pub mod auth;
 pub mod backoff;
 pub mod bootstrap;
 pub mod cache;
