@@ -6,6 +6,7 @@
 //! compare (metadata edits are changes) and what merge patches apply to. Validation lives in
 //! [`validate`]; pull secrets in [`secret`].
 
+pub mod decode;
 pub mod envoyfilter;
 pub mod secret;
 pub mod validate;
@@ -268,18 +269,25 @@ pub fn parse_manifests(text: &str) -> Vec<Result<Manifest, ParseError>> {
 
 /// The objects of a YAML or JSON text, each with the index of its document: empty documents are
 /// skipped and `kind: List` documents flattened into their items. A syntax error ends the text
-/// (the YAML stream cannot be resynchronised after it).
+/// (the YAML stream cannot be resynchronised after it), and so does going past the
+/// [`decode::Budget`] of what the documents may expand to.
 pub fn documents(text: &str) -> Vec<Result<(usize, Value), ParseError>> {
     let mut out = Vec::new();
+    let mut budget = decode::Budget::default();
     for (index, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        let value = match Value::deserialize(doc) {
+        let value = match budget.decode(doc) {
             Ok(v) => v,
             Err(e) => {
+                let message = if budget.exceeded {
+                    decode::Budget::message()
+                } else {
+                    format!("malformed yaml: {}", one_line(&e.to_string()))
+                };
                 out.push(Err(ParseError {
                     document: index,
                     object: None,
                     field: "(document)".into(),
-                    message: format!("malformed yaml: {}", one_line(&e.to_string())),
+                    message,
                 }));
                 break;
             }
