@@ -63,17 +63,25 @@ pub struct Explanation {
     pub resource: String,
 }
 
-/// Reads every manifest file; an unreadable file is an `Err` naming it.
+/// Reads every manifest file; a file or directory that cannot be read (or a symbolic link loop)
+/// is an `Err` with one line per such path.
 pub(super) fn read_all(paths: &[PathBuf]) -> Result<Vec<(PathBuf, String)>, String> {
-    let files =
-        super::expand_paths(paths, &["yaml", "yml", "json"]).map_err(|e| format!("error: {e}"))?;
-    files
-        .into_iter()
-        .map(|f| match std::fs::read_to_string(&f) {
-            Ok(t) => Ok((f, t)),
-            Err(e) => Err(format!("error: {}: {e}", f.display())),
-        })
-        .collect()
+    let found = super::expand_paths(paths, &["yaml", "yml", "json"]);
+    let mut errors: Vec<String> = (found.errors.iter())
+        .map(|(p, e)| format!("error: {}: {e}", p.display()))
+        .collect();
+    let mut files = Vec::new();
+    for f in found.files {
+        match super::read_manifest(&f, super::MAX_MANIFEST_BYTES) {
+            Ok(t) => files.push((f, t)),
+            Err(e) => errors.push(format!("error: {}: {e}", f.display())),
+        }
+    }
+    if errors.is_empty() {
+        Ok(files)
+    } else {
+        Err(errors.join("\n"))
+    }
 }
 
 /// Validation problems (and notes) of one manifest text.
@@ -125,6 +133,31 @@ pub fn check_text(file: &Path, text: &str) -> Vec<Problem> {
     out
 }
 
+/// A second definition of one object (same kind and `namespace/name`), in the order `serve` reads
+/// them (sorted paths, then documents): `serve` uses the first and reports the others.
+pub fn check_duplicates(files: &[(PathBuf, String)]) -> Vec<Problem> {
+    let mut sorted: Vec<&(PathBuf, String)> = files.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut definitions = crate::serve::files::Definitions::default();
+    let mut out = Vec::new();
+    for (file, text) in sorted {
+        let parsed = (plugin::documents(text).into_iter().flatten())
+            .filter_map(|(i, v)| Some((i, plugin::parse_object(i, v).ok()?)));
+        for (document, doc) in parsed {
+            if let Some(message) = definitions.add_manifest(&doc, file, document) {
+                out.push(Problem {
+                    file: file.display().to_string(),
+                    plugin: doc.key().to_string(),
+                    field: "metadata.name".into(),
+                    message,
+                    note: false,
+                });
+            }
+        }
+    }
+    out
+}
+
 /// Two definitions of one ECDS resource name among every file (behavior.md §10): the one `serve`
 /// admits first (WasmPlugins, then EnvoyFilter patches, each in key order) keeps it, every other
 /// one is a problem.
@@ -144,7 +177,9 @@ pub fn check_conflicts(files: &[(PathBuf, String)]) -> Vec<Problem> {
             }
         }
     }
-    plugins.sort_by(|a, b| a.0.key.cmp(&b.0.key));
+    // In serve's order; a second WasmPlugin of one key is check_duplicates' problem.
+    plugins.sort_by(|a, b| (&a.0.key, Path::new(&a.1)).cmp(&(&b.0.key, Path::new(&b.1))));
+    plugins.dedup_by(|later, first| later.0.key == first.0.key);
     filters.sort_by(|a, b| a.1.key.cmp(&b.1.key));
     for (file, ef) in filters {
         for patch in ef.patches {
@@ -265,6 +300,7 @@ pub fn run_check(paths: &[PathBuf], json: bool) -> i32 {
         }
     };
     let mut problems: Vec<Problem> = files.iter().flat_map(|(f, t)| check_text(f, t)).collect();
+    problems.extend(check_duplicates(&files));
     problems.extend(check_conflicts(&files));
     if json {
         println!(

@@ -6,7 +6,8 @@ pub mod bootstrap;
 pub mod inspect;
 pub mod options;
 
-use std::path::PathBuf;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
@@ -163,34 +164,202 @@ impl ProxyArgs {
 }
 
 /// Files named by the user: files as given, directories expanded to every `*.yaml`, `*.yml` and
-/// `*.json` below them, sorted.
-pub fn expand_paths(paths: &[PathBuf], exts: &[&str]) -> std::io::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
+/// `*.json` below them (each root's files sorted), and the problems met on the way. Symbolic links
+/// are followed (Kubernetes volume mounts are made of them), but each directory is read once: a
+/// link back to a directory being read is a loop, reported and not followed; a second way to a
+/// directory or file already found adds nothing. A file reached by several paths is named by the
+/// shortest (then the first in order), as `a.yaml` rather than `..data/a.yaml` in a ConfigMap
+/// volume. A directory that cannot be read is a problem of its own; everything else is still read.
+pub fn expand_paths(paths: &[PathBuf], exts: &[&str]) -> Expanded {
+    let mut walk = Walk {
+        exts,
+        visited: HashSet::new(),
+        ancestors: Vec::new(),
+        found: Vec::new(),
+        out: Expanded::default(),
+    };
+    let mut files_seen = HashSet::new();
     for p in paths {
-        if p.is_dir() {
-            let mut found = Vec::new();
-            walk(p, exts, &mut found)?;
-            found.sort();
-            out.extend(found);
-        } else {
-            out.push(p.clone());
+        match std::fs::metadata(p) {
+            Ok(md) if md.is_dir() => {
+                walk.visited.insert(FileId::of(&md));
+                walk.dir(p, FileId::of(&md));
+                let mut found = std::mem::take(&mut walk.found);
+                // Shortest path first, so that it is the one kept for each file.
+                found.sort_by(|a, b| {
+                    (a.0.components().count(), &a.0).cmp(&(b.0.components().count(), &b.0))
+                });
+                let mut kept: Vec<PathBuf> = found
+                    .into_iter()
+                    .filter(|(_, id)| id.is_none_or(|id| files_seen.insert(id)))
+                    .map(|(path, _)| path)
+                    .collect();
+                kept.sort();
+                walk.out.files.extend(kept);
+            }
+            Ok(md) if !files_seen.insert(FileId::of(&md)) => {}
+            // Missing or not a directory: reading it says what is wrong.
+            _ => walk.out.files.push(p.clone()),
         }
     }
-    Ok(out)
+    walk.out
 }
 
-fn walk(dir: &std::path::Path, exts: &[&str], out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_dir() {
-            walk(&path, exts, out)?;
-        } else if path
-            .extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| exts.contains(&e))
-        {
-            out.push(path);
-        }
+/// What [`expand_paths`] found.
+#[derive(Debug, Default)]
+pub struct Expanded {
+    pub files: Vec<PathBuf>,
+    /// A path and what is wrong with it: a directory that cannot be read, a symbolic link loop.
+    pub errors: Vec<(PathBuf, String)>,
+    /// Directories whose entries could not be read (all or some): what was found under them
+    /// before is not known to be gone.
+    pub unreadable: Vec<PathBuf>,
+    /// Every directory read, roots included.
+    pub dirs: Vec<PathBuf>,
+}
+
+/// A file's identity: device and inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct FileId(u64, u64);
+
+impl FileId {
+    fn of(md: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        FileId(md.dev(), md.ino())
     }
-    Ok(())
+}
+
+struct Walk<'a> {
+    exts: &'a [&'a str],
+    /// Every directory read so far (a directory is read once, however many links lead to it).
+    visited: HashSet<FileId>,
+    /// The directories being read, outermost first: a link to one of them is a loop.
+    ancestors: Vec<FileId>,
+    /// Files and their identity (none for a dangling link: reading it says what is wrong).
+    found: Vec<(PathBuf, Option<FileId>)>,
+    out: Expanded,
+}
+
+impl Walk<'_> {
+    fn dir(&mut self, dir: &Path, id: FileId) {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) => {
+                self.unreadable(dir, format!("cannot read directory: {e}"));
+                return;
+            }
+        };
+        self.out.dirs.push(dir.to_path_buf());
+        // Entries that are not links first (a directory is named by where it is rather than by
+        // a link to it), each group in name order: the same tree is always read the same way.
+        let mut paths = Vec::new();
+        for entry in entries {
+            match entry {
+                Ok(entry) => {
+                    let link = entry.file_type().is_ok_and(|t| t.is_symlink());
+                    paths.push((link, entry.path()));
+                }
+                Err(e) => {
+                    // A directory that fails mid-listing may fail again at every step.
+                    self.unreadable(dir, format!("cannot read directory entries: {e}"));
+                    break;
+                }
+            }
+        }
+        paths.sort();
+        self.ancestors.push(id);
+        for (_, path) in paths {
+            let wanted = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| self.exts.contains(&e));
+            match std::fs::metadata(&path) {
+                Ok(md) if md.is_dir() => {
+                    let sub = FileId::of(&md);
+                    if self.ancestors.contains(&sub) {
+                        self.out.errors.push((
+                            path,
+                            "symbolic link loop: leads back to a directory that contains it; not followed".into(),
+                        ));
+                    } else if self.visited.insert(sub) {
+                        self.dir(&path, sub);
+                    }
+                }
+                Ok(md) if wanted => self.found.push((path, Some(FileId::of(&md)))),
+                Ok(_) => {}
+                Err(_) if wanted => self.found.push((path, None)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => self.unreadable(&path, format!("cannot read: {e}")),
+            }
+        }
+        self.ancestors.pop();
+    }
+
+    fn unreadable(&mut self, path: &Path, message: String) {
+        self.out.errors.push((path.to_path_buf(), message));
+        self.out.unreadable.push(path.to_path_buf());
+    }
+}
+
+/// The most a manifest file may hold (4 MiB, well above the 1.5 MiB of a Kubernetes object).
+pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+
+/// Reads a manifest file, which must be a regular file (not a FIFO, device or socket: those could
+/// block or never end) of at most `limit` bytes of UTF-8. The error is one line, without the path.
+pub fn read_manifest(path: &Path, limit: u64) -> Result<String, String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let regular = |md: &std::fs::Metadata| -> Result<(), String> {
+        if !md.is_file() {
+            return Err(format!(
+                "not a regular file ({}): only regular files are read",
+                file_kind(md)
+            ));
+        }
+        if md.len() > limit {
+            return Err(format!(
+                "{} bytes, more than the {limit}-byte limit of a manifest file",
+                md.len()
+            ));
+        }
+        Ok(())
+    };
+    regular(&std::fs::metadata(path).map_err(|e| e.to_string())?)?;
+    // Non-blocking, and checked again once open: a FIFO swapped in after the check above can
+    // neither block the open nor be read.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    regular(&file.metadata().map_err(|e| e.to_string())?)?;
+    let mut bytes = Vec::new();
+    (&file)
+        .take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > limit {
+        return Err(format!(
+            "grew past the {limit}-byte limit of a manifest file while read"
+        ));
+    }
+    String::from_utf8(bytes).map_err(|e| format!("not UTF-8 text: {e}"))
+}
+
+fn file_kind(md: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    let t = md.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a file"
+    }
 }

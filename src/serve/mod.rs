@@ -167,7 +167,9 @@ pub async fn start(setup: ServeSetup) -> anyhow::Result<ServerHandle> {
     let (fatal_tx, fatal) = mpsc::channel(1);
     let (ready_tx, ready_rx) = oneshot::channel();
     let hub = setup.proxy.as_ref().map(|_| crate::proxy::Hub::new());
+    let watcher = files::spawn_watcher(&setup.plugin_paths, cmd_tx.clone())?;
     let controller = Controller {
+        watcher,
         proxy: hub.clone().map(proxied::ProxyLink::new),
         module_endpoint: format!("http://{admin_address}"),
         driver,
@@ -183,12 +185,6 @@ pub async fn start(setup: ServeSetup) -> anyhow::Result<ServerHandle> {
         shutdown_rx.clone(),
         ready_tx,
     )));
-    let _watcher = spawn_watcher(&setup.plugin_paths, cmd_tx.clone())?;
-    tasks.push(tokio::spawn(async move {
-        // The watcher lives as long as this task.
-        let _keep = _watcher;
-        wait_shutdown(shutdown_rx).await;
-    }));
     let rx = shutdown_tx.subscribe();
     let xds_listener = setup.xds_listener;
     match (&setup.proxy, hub) {
@@ -302,47 +298,9 @@ async fn wait_shutdown(mut rx: tokio::sync::watch::Receiver<bool>) {
     }
 }
 
-fn spawn_watcher(
-    paths: &[PathBuf],
-    tx: mpsc::Sender<Command>,
-) -> anyhow::Result<Option<notify::RecommendedWatcher>> {
-    use notify::Watcher as _;
-    if paths.is_empty() {
-        return Ok(None);
-    }
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        // Access events (open, close) say nothing changed, and the rescan's own reads raise them:
-        // reacting to them rescanned every debounce period forever after the first change.
-        if let Ok(ev) = &res {
-            if !matches!(ev.kind, notify::EventKind::Access(_)) {
-                tracing::trace!(kind = ?ev.kind, paths = ?ev.paths, "plugin files changed");
-                let _ = tx.try_send(Command::Reload);
-            }
-        }
-    })?;
-    for p in paths {
-        // Watch directories recursively, and a file's parent so replacements by rename are seen.
-        let target = if p.is_dir() {
-            p.clone()
-        } else {
-            p.parent()
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("."))
-        };
-        let mode = if p.is_dir() {
-            notify::RecursiveMode::Recursive
-        } else {
-            notify::RecursiveMode::NonRecursive
-        };
-        watcher
-            .watch(&target, mode)
-            .with_context(|| format!("cannot watch {}", target.display()))?;
-    }
-    Ok(Some(watcher))
-}
-
 struct Controller {
     driver: Driver,
+    watcher: Option<files::Watcher>,
     files: files::FileSource,
     shared: Arc<Shared>,
     sources: sources::Sources,
@@ -448,7 +406,10 @@ impl Controller {
                                 refreshes.push((key, reply));
                             }
                         }
-                        self.scan_files();
+                        if self.scan_files() {
+                            // Files written to a new directory before it was watched.
+                            self.scan_files();
+                        }
                         self.resync();
                         for (key, reply) in refreshes {
                             let _ = reply.send(self.driver.refresh(&key).is_some());
@@ -464,9 +425,11 @@ impl Controller {
         self.driver.flush();
     }
 
-    fn scan_files(&mut self) {
+    /// Re-reads the plugin files; true when that found a directory not watched before.
+    fn scan_files(&mut self) -> bool {
         tracing::debug!("rescanning plugin files");
         self.sources.files = self.files.scan();
+        (self.watcher.as_mut()).is_some_and(|w| w.update(&self.sources.files.dirs))
     }
 
     /// Makes the driver's objects what the sources say now; returns what that caused.
