@@ -282,6 +282,28 @@ fn serve_survives_a_hostile_plugins_directory() {
     chmod(&dir.join("later"), 0o755);
 }
 
+/// Runs `wasm-ecds check DIR`; a bounded wait, since reading a FIFO could block forever.
+fn check(dir: &Path) -> std::process::Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wasm-ecds"))
+        .arg("check")
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..600 {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    panic!(
+        "check did not finish within 30 s: {:?}",
+        child.wait_with_output()
+    );
+}
+
 /// `check` reads the same way: it reports a second definition and ends, whatever the directory
 /// holds.
 #[test]
@@ -290,11 +312,7 @@ fn check_reports_duplicates_and_hostile_entries() {
     let root = dir.path();
     std::fs::write(root.join("1.yaml"), plugin("a", "oci://r/a:v1")).unwrap();
     std::fs::write(root.join("2.yaml"), plugin("a", "oci://r/a:v2")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_wasm-ecds"))
-        .arg("check")
-        .arg(root)
-        .output()
-        .unwrap();
+    let out = check(root);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     let lines: Vec<&str> = stdout.lines().collect();
@@ -312,11 +330,7 @@ fn check_reports_duplicates_and_hostile_entries() {
         .status()
         .unwrap()
         .success());
-    let out = Command::new(env!("CARGO_BIN_EXE_wasm-ecds"))
-        .arg("check")
-        .arg(root)
-        .output()
-        .unwrap();
+    let out = check(root);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     let loop_line = format!("error: {}: symbolic link loop", root.join("loop").display());
