@@ -96,7 +96,8 @@ pub struct ServeArgs {
         default_value = "1h"
     )]
     pub purge_interval: String,
-    /// Per-attempt HTTP timeout (Go duration).
+    /// Per-attempt HTTP timeout (Go duration; 0 = no per-attempt limit, the pull deadline still
+    /// applies).
     #[arg(
         long,
         value_name = "DURATION",
@@ -472,6 +473,9 @@ mod tests {
         assert_eq!(c.delivery, Delivery::File);
         assert_eq!(a.xds_address, DEFAULT_XDS_ADDRESS);
         assert_eq!(a.admin_address, DEFAULT_ADMIN_ADDRESS);
+        // 0 is "no per-attempt timeout" (Go), not an error.
+        let c = parse(&["--http-request-timeout", "0"]).unwrap();
+        assert_eq!(c.http_request_timeout, std::time::Duration::ZERO);
         let mut a = args(&["--xds-address", "0.0.0.0:0", "--delivery", "inline"]);
         assert_eq!(a.resolve().unwrap().delivery, Delivery::Inline);
         assert_eq!(a.xds_address, "0.0.0.0:0".parse().unwrap());
@@ -499,6 +503,8 @@ mod tests {
             ("--delivery", "carrier-pigeon"),
             ("--max-binary-size", "big"),
             ("--http-request-timeout", "5min"),
+            ("--http-request-timeout", "5d"),
+            ("--http-request-timeout", "15"),
         ] {
             let e = parse(&[flag, value]).unwrap_err();
             assert_eq!(e.flag.as_deref(), Some(flag), "{e}");

@@ -270,6 +270,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn zero_request_timeout_means_no_per_attempt_limit() {
+        // Go's http.Client: a timeout of 0 is no timeout. The attempt may take the whole pull
+        // deadline (30 s), and a body that arrives is accepted.
+        let mut cfg = config();
+        cfg.request_timeout = Duration::ZERO;
+        let h = harness(cfg.clone());
+        h.transport.script(URL, vec![Reply::ok(wasm(10))]);
+        assert_eq!(fetch(&h, URL).await.unwrap().size, 18);
+        let h = harness(cfg);
+        h.transport
+            .script(URL, vec![Reply::Error(TransportError::Timeout)]);
+        let err = fetch(&h, URL).await.unwrap_err();
+        assert_eq!(err.reason(), Reason::DownloadFailure);
+        assert_eq!(
+            h.transport.count(URL),
+            1,
+            "the first attempt had the whole budget"
+        );
+        assert_eq!(h.clock.now(), Timestamp::from_millis(30_000));
+    }
+
+    #[tokio::test]
     async fn blocked_addresses_and_tls_errors_are_final() {
         let h = harness(config());
         h.transport.script(
