@@ -138,7 +138,7 @@ fn check_expected(expected: Option<&str>, actual: &str) -> Result<(), FetchError
 pub async fn run_job(fetcher: &Fetcher, job: &Job) -> Result<Obtained, Failure> {
     match job {
         Job::File { path, expected } => {
-            let staged = crate::fetch::cpu_bound(|| fetcher.fetch_file(path))?;
+            let staged = fetcher.fetch_file_within(path, fetcher.budget()).await?;
             check_expected(expected.as_deref(), &staged.sha256)?;
             Ok(Obtained::File {
                 path: path.clone(),
