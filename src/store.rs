@@ -136,10 +136,13 @@ pub struct DiskStore {
 }
 
 impl DiskStore {
-    /// Opens (and creates) the cache directory; leftover staging files are removed.
+    /// Opens (and creates) the cache directory; leftover staging files are removed. The root is
+    /// made absolute (canonical): module paths go to Envoy as `filename`s, which Envoy would
+    /// resolve against its own working directory.
     pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
         let root = root.into();
         fs::create_dir_all(&root)?;
+        let root = fs::canonicalize(&root)?;
         let staging = root.join(STAGING_DIR);
         let _ = fs::remove_dir_all(&staging);
         fs::create_dir_all(&staging)?;

@@ -19,6 +19,7 @@ struct Serve {
     child: Child,
     admin: String,
     stderr: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Serve {
@@ -57,7 +58,7 @@ impl Serve {
             }
         }
         let sink = seen.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut rest = String::new();
             while stderr.read_line(&mut rest).unwrap_or(0) > 0 {
                 sink.lock().unwrap().push_str(&rest);
@@ -68,6 +69,7 @@ impl Serve {
             child,
             admin: admin.unwrap(),
             stderr: seen,
+            reader: Some(reader),
         }
     }
 
@@ -116,8 +118,9 @@ impl Serve {
         panic!("plugins never settled: {}", self.json("/debug/plugins"));
     }
 
-    /// SIGTERM, then the exit status (polled at most 100 times, 100 ms apart).
-    fn terminate(mut self) -> Option<i32> {
+    /// SIGTERM, then the exit status (polled at most 100 times, 100 ms apart) and everything the
+    /// process wrote to stderr.
+    fn terminate(mut self) -> (Option<i32>, String) {
         let killed = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
@@ -125,7 +128,9 @@ impl Serve {
         assert!(killed.success());
         for _ in 0..100 {
             if let Some(s) = self.child.try_wait().unwrap() {
-                return s.code();
+                // The pipe is closed now: the reader ends after the last line.
+                self.reader.take().unwrap().join().unwrap();
+                return (s.code(), self.stderr());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -198,5 +203,131 @@ fn a_fifo_as_module_neither_blocks_readiness_nor_shutdown() {
     assert_eq!(stuck["reason"], "download_failure", "{stuck}");
     let error = stuck["error"].as_str().unwrap_or_default();
     assert!(error.contains("not a regular file (a FIFO)"), "{stuck}");
-    assert_eq!(serve.terminate(), Some(0));
+    assert_eq!(serve.terminate().0, Some(0));
+}
+
+/// A real HTTP/1.1 server on loopback answering every GET with `body`; keeps each request's
+/// head (request line and headers) for the test.
+struct ModuleHost {
+    port: u16,
+    heads: Arc<Mutex<Vec<String>>>,
+}
+
+impl ModuleHost {
+    fn start(body: &'static [u8]) -> ModuleHost {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let seen = heads.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut head = String::new();
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    head.push_str(&line);
+                }
+                seen.lock().unwrap().push(head);
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = conn.write_all(body);
+            }
+        });
+        ModuleHost { port, heads }
+    }
+}
+
+/// The probe saw `user:secret@` of a module URL in the logs, `/debug/plugins`, `/debug/cache` and
+/// `index.json`. Now it is in none of them, and the credentials still reach the server (as a basic
+/// `Authorization` header, as Go's client sends them). An `oci://user:secret@…` URL is refused
+/// without quoting the secret and without the old "digest must be sha256" message. The cache
+/// directory is relative here: the served path is absolute all the same.
+#[test]
+fn credentials_in_urls_are_never_shown_and_a_relative_cache_dir_is_made_absolute() {
+    const SECRET: &str = "s3cr3t-Pa55";
+    let host = ModuleHost::start(WASM);
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins.yaml");
+    let http = format!(
+        "http://alice:{SECRET}@127.0.0.1:{}/private/filter.wasm",
+        host.port
+    );
+    let oci = format!("oci://alice:{SECRET}@127.0.0.1:{}/ns/filter:v1", host.port);
+    std::fs::write(
+        &plugins,
+        format!("{}---\n{}", plugin("web", &http), plugin("reg", &oci)),
+    )
+    .unwrap();
+    // Relative to the process's working directory (the temporary directory).
+    let serve = Serve::start(
+        dir.path(),
+        &[
+            "--plugins",
+            plugins.to_str().unwrap(),
+            "--cache-dir",
+            "relative-cache",
+        ],
+    );
+    assert!(serve.wait_ready(), "/readyz never 200: {}", serve.stderr());
+    let all = serve.settled_plugins();
+    let web = by_name(&all, "web");
+    assert_eq!(web["outcome"], "pulled", "{web}");
+    assert_eq!(
+        web["url"],
+        format!("http://***@127.0.0.1:{}/private/filter.wasm", host.port)
+    );
+    let path = web["serves"]["path"].as_str().unwrap();
+    let cache = std::fs::canonicalize(dir.path().join("relative-cache")).unwrap();
+    assert!(Path::new(path).is_absolute(), "{web}");
+    assert!(
+        path.starts_with(cache.to_str().unwrap()),
+        "{path} not in {cache:?}"
+    );
+    let heads = host.heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    assert!(
+        heads[0].starts_with("GET /private/filter.wasm HTTP/1.1\r\n"),
+        "{heads:?}"
+    );
+    // base64("alice:s3cr3t-Pa55")
+    assert!(
+        heads[0]
+            .to_ascii_lowercase()
+            .contains("authorization: basic ywxpy2u6cznjcjn0lvbhntu="),
+        "{heads:?}"
+    );
+    let refused = serve.json("/debug/plugins")["refused"].to_string();
+    assert!(refused.contains("credentials in an oci url"), "{refused}");
+    assert!(!refused.contains("digest"), "{refused}");
+
+    let debug_plugins = serve.get("/debug/plugins").1;
+    let debug_cache = serve.get("/debug/cache").1;
+    assert!(
+        debug_cache.contains("http://***@127.0.0.1"),
+        "{debug_cache}"
+    );
+    // The index is written within a second of a change, and on shutdown.
+    let (code, stderr) = serve.terminate();
+    assert_eq!(code, Some(0), "{stderr}");
+    let index = std::fs::read_to_string(cache.join("index.json")).unwrap();
+    assert!(index.contains("http://***@127.0.0.1"), "{index}");
+    assert!(
+        stderr.contains("***@127.0.0.1"),
+        "the url is logged: {stderr}"
+    );
+    for (what, text) in [
+        ("/debug/plugins", &debug_plugins),
+        ("/debug/cache", &debug_cache),
+        ("index.json", &index),
+        ("stderr", &stderr),
+    ] {
+        assert!(!text.contains(SECRET), "{what} shows the secret: {text}");
+    }
 }

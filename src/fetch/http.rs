@@ -73,12 +73,14 @@ impl Fetcher {
         url: &str,
         budget: PullBudget,
     ) -> Result<StagedModule, FetchError> {
-        let parsed = HttpUrl::parse(url)
-            .map_err(|why| FetchError::Download(format!("{url}: invalid url: {why}")))?;
+        let parsed = HttpUrl::parse(url).map_err(|why| {
+            let url = crate::url::redact(url);
+            FetchError::Download(format!("{url}: invalid url: {why}"))
+        })?;
         match self.fetch_http_conditional(&parsed, budget, None).await? {
             HttpPull::Fetched(m, _) => Ok(m),
             HttpPull::NotModified => Err(FetchError::Download(format!(
-                "{url}: 304 Not Modified to an unconditional request"
+                "{parsed}: 304 Not Modified to an unconditional request"
             ))),
         }
     }
@@ -91,9 +93,12 @@ impl Fetcher {
         budget: PullBudget,
         validators: Option<&Validators>,
     ) -> Result<HttpPull, FetchError> {
-        let url = url.url().as_str();
+        // Credentials in the URL travel as a header, never in the URL an error may quote.
+        let target = url.request_url();
+        let (url, auth) = (target.as_str(), url.basic_auth());
+        let auth = auth.as_deref();
         let attempt = with_retries(self, budget, |timeout| async move {
-            self.download_attempt(url, timeout, validators).await
+            self.download_attempt(url, timeout, validators, auth).await
         })
         .await?;
         let (mut raw, got) = match attempt {
@@ -121,6 +126,7 @@ impl Fetcher {
         url: &str,
         timeout: Duration,
         validators: Option<&Validators>,
+        auth: Option<&str>,
     ) -> Result<Attempt, AttemptError> {
         let kind: ErrorKind = FetchError::Download;
         if timeout.is_zero() {
@@ -129,10 +135,13 @@ impl Fetcher {
             ))));
         }
         let started = self.now();
-        let req = match validators {
+        let mut req = match validators {
             Some(v) => v.apply(HttpRequest::get(url)),
             None => HttpRequest::get(url),
         };
+        if let Some(auth) = auth {
+            req = req.header("authorization", auth);
+        }
         let (mut resp, final_url) = self
             .send_following_redirects(req, timeout, started, kind)
             .await?;
