@@ -122,6 +122,19 @@ pub struct ServeArgs {
         default_value = ""
     )]
     pub insecure_registries: String,
+    /// PEM file of CA certificates trusted for every registry and HTTP host, on top of the
+    /// built-in roots.
+    #[arg(long, value_name = "FILE", env = "WASM_ECDS_CA_FILE")]
+    pub ca_file: Option<String>,
+    /// `host[:port]=FILE`: a PEM file of CA certificates trusted for that host only (repeatable;
+    /// the variable is comma separated).
+    #[arg(
+        long,
+        value_name = "HOST=FILE",
+        env = "WASM_ECDS_HOST_CA",
+        value_delimiter = ','
+    )]
+    pub host_ca: Vec<String>,
     /// CIDRs never connected to (comma separated), besides link-local and metadata addresses.
     #[arg(
         long,
@@ -305,6 +318,13 @@ impl ServeArgs {
             .map_err(|e| self.name_source("max_binary_size", e))?,
             cache_dir: self.cache_dir.clone(),
             delivery,
+            ca_roots: match &self.ca_file {
+                Some(f) if !f.is_empty() => config::load_ca_file("WASM_ECDS_CA_FILE", f)
+                    .map_err(|e| self.name_source("ca_file", e))?,
+                _ => Vec::new(),
+            },
+            host_cas: config::parse_host_cas("WASM_ECDS_HOST_CA", &self.host_ca)
+                .map_err(|e| self.name_source("host_ca", e))?,
         })
     }
 
@@ -504,6 +524,8 @@ mod tests {
             ("--max-binary-size", "big"),
             ("--http-request-timeout", "5min"),
             ("--http-request-timeout", "5d"),
+            ("--ca-file", "/does/not/exist.pem"),
+            ("--host-ca", "reg.test"),
             ("--http-request-timeout", "15"),
         ] {
             let e = parse(&[flag, value]).unwrap_err();
