@@ -7,11 +7,12 @@
 //! limits) is in [`super::request`]. No network code lives here; every request goes through
 //! [`Fetcher::transport`].
 
+use std::io::Read;
 use std::time::Duration;
 
 use super::request::{check_content_length, status_failure, stream_body, ErrorKind, TransferLimit};
 use super::retry::{with_retries, AttemptError, PullBudget};
-use super::unpack::unpack_module;
+use super::unpack::{unpack_module, WASM_MAGIC};
 use super::{FetchError, Fetcher, HttpRequest, HttpResponse, StagedFile, StagedModule};
 use crate::url::HttpUrl;
 
@@ -101,23 +102,44 @@ impl Fetcher {
             self.download_attempt(url, timeout, validators, auth).await
         })
         .await?;
-        let (mut raw, got) = match attempt {
+        let (raw, got) = match attempt {
             Attempt::NotModified => return Ok(HttpPull::NotModified),
             Attempt::Body(raw, got) => (raw, got),
         };
-        let mut out = self.store.stage().map_err(FetchError::io)?;
-        let (sha256, size) = super::cpu_bound(|| {
-            let mut reader = raw.reader().map_err(FetchError::io)?;
-            unpack_module(&mut reader, &mut out, self.config.max_binary_size)
-        })?;
-        Ok(HttpPull::Fetched(
-            StagedModule {
-                file: out,
+        let staged = super::cpu_bound(|| self.module_of_body(raw))?;
+        Ok(HttpPull::Fetched(staged, got))
+    }
+
+    /// The module a downloaded body holds. A plain Wasm body is the module: it is only verified
+    /// and hashed, never copied, so a pull needs the module's size in free disk once. An archive
+    /// is unpacked into a second staging file and the body is deleted as soon as that is done.
+    fn module_of_body(&self, mut raw: Box<dyn StagedFile>) -> Result<StagedModule, FetchError> {
+        let max = self.config.max_binary_size;
+        let mut reader = raw.reader().map_err(FetchError::io)?;
+        let mut head = Vec::with_capacity(WASM_MAGIC.len());
+        (&mut reader)
+            .take(WASM_MAGIC.len() as u64)
+            .read_to_end(&mut head)
+            .map_err(FetchError::io)?;
+        let mut body = std::io::Cursor::new(head.clone()).chain(reader);
+        if head == WASM_MAGIC {
+            let (sha256, size) = unpack_module(&mut body, &mut std::io::sink(), max)?;
+            drop(body);
+            return Ok(StagedModule {
+                file: raw,
                 sha256,
                 size,
-            },
-            got,
-        ))
+            });
+        }
+        let mut out = self.store.stage().map_err(FetchError::io)?;
+        let (sha256, size) = unpack_module(&mut body, &mut out, max)?;
+        drop(body);
+        drop(raw);
+        Ok(StagedModule {
+            file: out,
+            sha256,
+            size,
+        })
     }
 
     /// One attempt: GET (following redirects) and the whole body into a fresh staging file.
