@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnet::IpNet;
+use rustls::pki_types::CertificateDer;
 use thiserror::Error;
 
 /// Unused modules are purged after this long (24 hours).
@@ -46,6 +47,11 @@ pub struct Config {
     pub max_binary_size: u64,
     pub cache_dir: PathBuf,
     pub delivery: Delivery,
+    /// CA certificates trusted for every registry and HTTP host, on top of the built-in roots
+    /// (`--ca-file`).
+    pub ca_roots: Vec<CertificateDer<'static>>,
+    /// Per `host[:port]`: CA certificates trusted for that host only (`--host-ca`).
+    pub host_cas: Vec<(String, Vec<CertificateDer<'static>>)>,
 }
 
 impl Default for Config {
@@ -60,6 +66,8 @@ impl Default for Config {
             max_binary_size: DEFAULT_MAX_BINARY_SIZE,
             cache_dir: default_cache_dir(),
             delivery: Delivery::File,
+            ca_roots: Vec::new(),
+            host_cas: Vec::new(),
         }
     }
 }
@@ -327,6 +335,51 @@ pub fn parse_cidrs(name: &str, s: &str) -> Result<Vec<IpNet>, OptionError> {
         .collect()
 }
 
+/// Reads a PEM bundle of CA certificates (every `CERTIFICATE` block; other blocks are skipped).
+/// A file that cannot be read, is not PEM or holds no certificate is an error naming `name`.
+pub fn load_ca_file(name: &str, path: &str) -> Result<Vec<CertificateDer<'static>>, OptionError> {
+    use rustls::pki_types::pem::PemObject;
+    let err = |why: String| OptionError::new(name, "CA file", path, why);
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err(format!("not a PEM file: {e}")))?;
+    if certs.is_empty() {
+        return Err(err("no CERTIFICATE in it".into()));
+    }
+    // Each must be usable as a root: refused here rather than when the first pull fails.
+    let mut store = rustls::RootCertStore::empty();
+    for c in &certs {
+        store
+            .add(c.clone())
+            .map_err(|e| err(format!("unusable certificate: {e}")))?;
+    }
+    Ok(certs)
+}
+
+/// Parses `host[:port]=FILE` entries (the CA of one host) and reads their files.
+pub fn parse_host_cas(
+    name: &str,
+    entries: &[String],
+) -> Result<Vec<(String, Vec<CertificateDer<'static>>)>, OptionError> {
+    entries
+        .iter()
+        .map(|e| e.trim())
+        .filter(|e| !e.is_empty())
+        .map(|e| match e.split_once('=') {
+            Some((host, file)) if !host.is_empty() && !file.is_empty() && !host.contains('/') => {
+                Ok((host.to_ascii_lowercase(), load_ca_file(name, file)?))
+            }
+            _ => Err(OptionError::new(
+                name,
+                "host CA",
+                e,
+                "want host[:port]=FILE",
+            )),
+        })
+        .collect()
+}
+
 /// Parses a comma-separated host list.
 pub fn parse_list(s: &str) -> Vec<String> {
     s.split(',')
@@ -486,6 +539,37 @@ mod tests {
             let d = Duration::from_nanos(n);
             let text = format_go_duration(d);
             proptest::prop_assert_eq!(go_duration(&text), Ok(d), "{}", text);
+        }
+    }
+
+    #[test]
+    fn ca_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["ca.test".into()]).unwrap();
+        let pem = dir.path().join("ca.pem");
+        std::fs::write(&pem, format!("# a comment\n{}", ca.cert.pem())).unwrap();
+        let pem = pem.to_str().unwrap();
+        let certs = load_ca_file("WASM_ECDS_CA_FILE", pem).unwrap();
+        assert_eq!(certs, vec![ca.cert.der().clone()]);
+        let hosts = parse_host_cas("WASM_ECDS_HOST_CA", &[format!("Reg.Test:5000={pem}")]);
+        assert_eq!(hosts.unwrap(), vec![("reg.test:5000".into(), certs)]);
+
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "nothing here\n").unwrap();
+        let e = load_ca_file("WASM_ECDS_CA_FILE", empty.to_str().unwrap()).unwrap_err();
+        assert!(e.to_string().ends_with("no CERTIFICATE in it"), "{e}");
+        let e = load_ca_file("WASM_ECDS_CA_FILE", "/does/not/exist.pem").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("WASM_ECDS_CA_FILE=/does/not/exist.pem: invalid CA file: "),
+            "{e}"
+        );
+        for bad in ["reg.test", "=x.pem", "reg.test=", "https://reg.test=x.pem"] {
+            let e = parse_host_cas("WASM_ECDS_HOST_CA", &[bad.into()]).unwrap_err();
+            assert!(
+                e.to_string().contains("want host[:port]=FILE"),
+                "{bad}: {e}"
+            );
         }
     }
 

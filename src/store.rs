@@ -66,7 +66,13 @@ pub trait ModuleStore: Send + Sync {
 
 /// Reads `file://` modules.
 pub trait FileSource: Send + Sync {
+    /// Opens a module file. Only regular files are modules: anything else is refused.
     fn open(&self, path: &str) -> io::Result<Box<dyn Read + Send>>;
+    /// True when a read may block for an unbounded time (a real file system: a hung network
+    /// mount); the fetcher then reads on a thread of its own under a deadline. False for memory.
+    fn may_block(&self) -> bool {
+        true
+    }
 }
 
 /// The real file system.
@@ -75,8 +81,51 @@ pub struct OsFiles;
 
 impl FileSource for OsFiles {
     fn open(&self, path: &str) -> io::Result<Box<dyn Read + Send>> {
-        Ok(Box::new(fs::File::open(path)?))
+        Ok(Box::new(open_regular(Path::new(path))?))
     }
+}
+
+/// Opens a regular file for reading. A FIFO, device, socket or directory is refused before it
+/// is opened (a FIFO's open would wait for a writer, its reads for data); the open itself is
+/// non-blocking and the opened file is checked again, so one swapped in between is refused too.
+/// (`O_NONBLOCK` changes nothing for a regular file's reads.)
+pub fn open_regular(path: &Path) -> io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let meta = fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(not_regular(&meta));
+    }
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(not_regular(&meta));
+    }
+    Ok(file)
+}
+
+fn not_regular(meta: &fs::Metadata) -> io::Error {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    let kind = if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else {
+        "not a file"
+    };
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("not a regular file ({kind})"),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -89,10 +138,13 @@ pub struct DiskStore {
 }
 
 impl DiskStore {
-    /// Opens (and creates) the cache directory; leftover staging files are removed.
+    /// Opens (and creates) the cache directory; leftover staging files are removed. The root is
+    /// made absolute (canonical): module paths go to Envoy as `filename`s, which Envoy would
+    /// resolve against its own working directory.
     pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
         let root = root.into();
         fs::create_dir_all(&root)?;
+        let root = fs::canonicalize(&root)?;
         let staging = root.join(STAGING_DIR);
         let _ = fs::remove_dir_all(&staging);
         fs::create_dir_all(&staging)?;
@@ -403,6 +455,10 @@ impl FileSource for MemFiles {
             })?;
         Ok(Box::new(io::Cursor::new(bytes.as_ref().clone())))
     }
+
+    fn may_block(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]
@@ -439,6 +495,30 @@ mod tests {
             fs::read_dir(dir.path().join(STAGING_DIR)).unwrap().count(),
             0
         );
+    }
+
+    #[test]
+    fn only_regular_files_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo.wasm");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.unwrap().success());
+        let file = dir.path().join("m.wasm");
+        fs::write(&file, b"\0asm\x01\0\0\0").unwrap();
+        // No writer ever opens the FIFO: a blocking open would never return.
+        let e = open_regular(&fifo).unwrap_err();
+        assert_eq!(e.to_string(), "not a regular file (a FIFO)");
+        let e = open_regular(dir.path()).unwrap_err();
+        assert_eq!(e.to_string(), "not a regular file (a directory)");
+        let e = open_regular(Path::new("/dev/zero")).unwrap_err();
+        assert_eq!(e.to_string(), "not a regular file (a character device)");
+        let mut back = Vec::new();
+        OsFiles
+            .open(file.to_str().unwrap())
+            .unwrap()
+            .read_to_end(&mut back)
+            .unwrap();
+        assert_eq!(back.len(), 8);
     }
 
     #[test]

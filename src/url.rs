@@ -1,10 +1,16 @@
 //! Module URLs: parsing `spec.url` into the three sources the server knows (OCI, HTTP(S), local file)
 //! and deriving the cache's *module name* from them (behavior.md §1, §5).
 //!
+//! Credentials written into a URL (`https://user:password@host/…`) are never shown: [`redact`] is
+//! the one function that hides them, and the text every [`ModuleUrl`] displays, serializes and
+//! names its cache entries by is the redacted one. Only requests see them (as a basic
+//! `Authorization` header, as Go's HTTP client sends them).
+//!
 //! This module only parses; it never touches the network. http(s) URLs are parsed once, by the
 //! `url` crate, into an [`HttpUrl`]; the fetchers, the simulator and the tests use the same parser
 //! for redirect `Location`s ([`url::Url::join`]) and for splitting a URL into host and path.
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::fmt;
 use std::hash::{Hash, Hasher};
@@ -29,14 +35,38 @@ pub enum ModuleUrl {
 
 /// An `http://` or `https://` URL, parsed once.
 ///
-/// Its text stays as written (trimmed): that text is the cache's module name and the key of its
-/// resolutions, so it must not change when the parser's normal form would differ (`https://h`
-/// versus `https://h/`). Equality, ordering and hashing go by that text. Requests use the parsed
-/// form ([`HttpUrl::url`]).
-#[derive(Clone, Debug)]
+/// Its text stays as written (trimmed, credentials [redacted](redact)): that text is the cache's
+/// module name and the key of its resolutions, so it must not change when the parser's normal form
+/// would differ (`https://h` versus `https://h/`). Equality, ordering and hashing go by the text
+/// as written, credentials included. Requests use the parsed form ([`HttpUrl::url`]).
+#[derive(Clone)]
 pub struct HttpUrl {
     text: String,
+    shown: String,
     parsed: url::Url,
+}
+
+impl fmt::Debug for HttpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("HttpUrl").field(&self.shown).finish()
+    }
+}
+
+/// What user information in a URL is shown as.
+pub const REDACTED: &str = "***";
+
+/// `raw` with the user information of its authority (`user:password@`) replaced by `***@`; the
+/// text unchanged when it has none. Works on any URL-like text (with or without a scheme, valid
+/// or not), so that an error about a malformed URL can quote it safely too.
+pub fn redact(raw: &str) -> Cow<'_, str> {
+    let start = raw.find("://").map_or(0, |i| i + 3);
+    let end = raw[start..]
+        .find(['/', '?', '#'])
+        .map_or(raw.len(), |i| start + i);
+    match raw[start..end].rfind('@') {
+        Some(at) => Cow::Owned(format!("{}{REDACTED}{}", &raw[..start], &raw[start + at..])),
+        None => Cow::Borrowed(raw),
+    }
 }
 
 /// An OCI image reference: `oci://registry/repository[:tag][@sha256:<hex>]`.
@@ -67,12 +97,23 @@ impl ModuleUrl {
             return Err(UrlError::Empty);
         }
         let invalid = |why| UrlError::Invalid {
-            url: raw.to_string(),
+            url: redact(raw).into_owned(),
             why,
+        };
+        // An OCI reference has no place for credentials (they come from a pull secret); without
+        // this the user information was read as a digest ("digest must be sha256").
+        let oci = |rest: &str| {
+            let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+            if authority.contains('@') {
+                return Err(invalid(
+                    "credentials in an oci url are not supported (use imagePullSecret)",
+                ));
+            }
+            OciRef::parse(rest).map(ModuleUrl::Oci).map_err(invalid)
         };
         match raw.split_once("://") {
             Some((scheme, rest)) => match scheme.to_ascii_lowercase().as_str() {
-                "oci" => OciRef::parse(rest).map(ModuleUrl::Oci).map_err(invalid),
+                "oci" => oci(rest),
                 "http" | "https" => HttpUrl::parse(raw).map(ModuleUrl::Http).map_err(invalid),
                 "file" => {
                     if !rest.starts_with('/') || rest.len() < 2 {
@@ -82,6 +123,7 @@ impl ModuleUrl {
                 }
                 other => Err(UrlError::Scheme(other.to_string())),
             },
+            None if redact(raw) != raw => oci(raw),
             None => {
                 // Kubernetes-style "scheme:rest" without slashes is not a URL we know.
                 if let Some((scheme, _)) = raw.split_once(':') {
@@ -89,7 +131,7 @@ impl ModuleUrl {
                         return Err(UrlError::Scheme(scheme.to_string()));
                     }
                 }
-                OciRef::parse(raw).map(ModuleUrl::Oci).map_err(invalid)
+                oci(raw)
             }
         }
     }
@@ -112,6 +154,16 @@ impl ModuleUrl {
             ModuleUrl::Oci(r) => r.digest.is_none(),
             ModuleUrl::Http(_) => true,
             ModuleUrl::File(_) | ModuleUrl::NoHttpUri => false,
+        }
+    }
+
+    /// The URL as written, credentials included: only for handing the URL on to whoever fetches
+    /// it (a proxy converting a remote resource). Never log or store it; [`fmt::Display`] is the
+    /// redacted form.
+    pub fn as_written(&self) -> String {
+        match self {
+            ModuleUrl::Http(u) => u.as_written().to_string(),
+            other => other.to_string(),
         }
     }
 
@@ -159,18 +211,57 @@ impl HttpUrl {
         }
         Ok(HttpUrl {
             text: text.to_string(),
+            shown: redact(text).into_owned(),
             parsed,
         })
     }
 
-    /// The URL as written.
+    /// The URL as written, credentials redacted: its module name, what is shown and stored.
     pub fn as_str(&self) -> &str {
+        &self.shown
+    }
+
+    /// The URL as written, credentials included (see [`ModuleUrl::as_written`]).
+    pub fn as_written(&self) -> &str {
         &self.text
     }
 
-    /// The parsed (normalised) URL, what requests are sent to.
+    /// True when the URL carries a user name or password.
+    pub fn has_credentials(&self) -> bool {
+        !self.parsed.username().is_empty() || self.parsed.password().is_some()
+    }
+
+    /// The parsed (normalised) URL, credentials included.
     pub fn url(&self) -> &url::Url {
         &self.parsed
+    }
+
+    /// What requests are sent to: the parsed URL without its credentials (they go in
+    /// [`HttpUrl::basic_auth`] instead, so that no error or log line quoting the request URL can
+    /// show them).
+    pub fn request_url(&self) -> url::Url {
+        let mut u = self.parsed.clone();
+        // Only fails for URLs that cannot have credentials, which have none to remove.
+        let _ = u.set_username("");
+        let _ = u.set_password(None);
+        u
+    }
+
+    /// `Basic base64(user:password)` for a URL with credentials, as Go's HTTP client sends them.
+    pub fn basic_auth(&self) -> Option<String> {
+        use base64::Engine as _;
+        if !self.has_credentials() {
+            return None;
+        }
+        let user = percent_decode(self.parsed.username());
+        let password = percent_decode(self.parsed.password().unwrap_or_default());
+        let mut pair = user;
+        pair.push(b':');
+        pair.extend_from_slice(&password);
+        Some(format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(pair)
+        ))
     }
 }
 
@@ -202,8 +293,33 @@ impl Ord for HttpUrl {
 
 impl fmt::Display for HttpUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
+        f.write_str(&self.shown)
     }
+}
+
+/// `%XX` escapes decoded (the url crate keeps user information percent-encoded).
+fn percent_decode(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b.get(i + 1..i + 3).and_then(|h| {
+            std::str::from_utf8(h)
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        });
+        match (b[i], hex) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 /// `host[:port]` of a URL as the parser normalised it: lowercase, IPv6 in brackets, no user info,
@@ -372,6 +488,45 @@ mod tests {
             ModuleUrl::parse("http://h:8080/a").unwrap().host(),
             Some("h:8080")
         );
+    }
+
+    #[test]
+    fn credentials_are_redacted_everywhere_but_the_request() {
+        assert_eq!(redact("https://u:secret@h/x@y"), "https://***@h/x@y");
+        assert_eq!(redact("https://h/x@y"), "https://h/x@y");
+        assert_eq!(redact("u:secret@h:5000/r"), "***@h:5000/r");
+        assert_eq!(redact("http://a@b@h?q=@"), "http://***@h?q=@");
+        let u = ModuleUrl::parse("https://user:s%40cret@h.example/x.wasm").unwrap();
+        assert_eq!(u.to_string(), "https://***@h.example/x.wasm");
+        assert_eq!(u.module_name(), "https://***@h.example/x.wasm");
+        assert_eq!(u.as_written(), "https://user:s%40cret@h.example/x.wasm");
+        assert!(!format!("{u:?}").contains("cret"));
+        let ModuleUrl::Http(h) = &u else { panic!() };
+        assert!(h.has_credentials());
+        assert_eq!(h.request_url().as_str(), "https://h.example/x.wasm");
+        // base64("user:s@cret")
+        assert_eq!(h.basic_auth().as_deref(), Some("Basic dXNlcjpzQGNyZXQ="));
+        // Equal only as written: other credentials are another URL (not another cache name).
+        let other = ModuleUrl::parse("https://user:other@h.example/x.wasm").unwrap();
+        assert_ne!(u, other);
+        assert_eq!(u.module_name(), other.module_name());
+        let plain = ModuleUrl::parse("https://h.example/x.wasm").unwrap();
+        let ModuleUrl::Http(p) = &plain else { panic!() };
+        assert!(!p.has_credentials() && p.basic_auth().is_none());
+
+        // OCI: refused, saying why, without quoting the secret.
+        for raw in [
+            "oci://user:secret@reg.example/ns/repo:v1",
+            "user:secret@reg.example/ns/repo:v1",
+        ] {
+            let e = ModuleUrl::parse(raw).unwrap_err().to_string();
+            assert!(e.contains("credentials in an oci url"), "{e}");
+            assert!(!e.contains("secret") && !e.contains("digest"), "{e}");
+        }
+        let e = ModuleUrl::parse("https://u:secret@")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("secret"), "{e}");
     }
 
     #[test]

@@ -476,6 +476,45 @@ async fn http_gzip_bomb_past_the_default_limit_is_too_large() {
     bomb_is_too_large(DEFAULT_LIMIT).await;
 }
 
+/// The probe's gzip of 50 MiB of zeros (not Wasm): refused from the first inflated bytes with a
+/// clear reason, not retried, and nothing staged afterwards. A plain module is staged once: the
+/// body itself is the module (no unpacked copy beside it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_gzip_of_zeros_is_invalid_and_a_plain_body_is_staged_once() {
+    let mut e = GzEncoder::new(Vec::new(), Compression::default());
+    let zeros = vec![0u8; MIB as usize];
+    for _ in 0..50 {
+        e.write_all(&zeros).expect("gzip");
+    }
+    let zeros_gz = e.finish().expect("gzip");
+    let module = wasm_module("once");
+    let plain = module.clone();
+    let server = RawServer::start(move |path, _| {
+        RawReply::ok(if path.contains("zeros") {
+            zeros_gz.clone()
+        } else {
+            plain.clone()
+        })
+    })
+    .await;
+    let p = Pull::new(config());
+    let err = p
+        .http(&server.url("/zeros.gz"))
+        .await
+        .expect_err("not wasm");
+    assert_eq!(
+        err,
+        FetchError::InvalidModule("not a Wasm module (no \\0asm header)".into())
+    );
+    assert_eq!(server.requests().len(), 1, "invalid content is not retried");
+    p.assert_nothing_stored();
+
+    let staged = p.http(&server.url("/plain.wasm")).await.expect("plain");
+    assert_eq!(p.staging_files().len(), 1, "{:?}", p.staging_files());
+    p.commit_and_check(staged, "http://h/plain.wasm", "c", &module);
+    assert_eq!(p.staging_files(), Vec::<String>::new());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_stream_past_the_default_limit_is_abandoned_early() {
     // Chunked: only the bytes tell the client the body is too large.

@@ -766,9 +766,10 @@ fn purge_oci_image_on_expiry_improvement() {
 
 #[test]
 fn fetch_oci_timed_out() {
-    // Istio's request timeout of 0 fails before any request reaches the registry.
+    // Istio's pull timeout of 0 fails before any request reaches the registry. (A per-attempt
+    // timeout of 0 means no per-attempt limit, as in Go's http.Client.)
     let mut fetch = FetchConfig::from(&Config::default());
-    fetch.request_timeout = Duration::ZERO;
+    fetch.pull_deadline = Duration::ZERO;
     let mut fx = Fixture::with(Config::default(), Some(fetch));
     assert_eq!(
         fx.get(json!({"url": OCI_TAG})),

@@ -308,31 +308,18 @@ pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 /// block or never end) of at most `limit` bytes of UTF-8. The error is one line, without the path.
 pub fn read_manifest(path: &Path, limit: u64) -> Result<String, String> {
     use std::io::Read as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let regular = |md: &std::fs::Metadata| -> Result<(), String> {
-        if !md.is_file() {
-            return Err(format!(
-                "not a regular file ({}): only regular files are read",
-                file_kind(md)
-            ));
+    let too_large =
+        |len: u64| format!("{len} bytes, more than the {limit}-byte limit of a manifest file");
+    if let Ok(md) = std::fs::metadata(path) {
+        if md.is_file() && md.len() > limit {
+            return Err(too_large(md.len()));
         }
-        if md.len() > limit {
-            return Err(format!(
-                "{} bytes, more than the {limit}-byte limit of a manifest file",
-                md.len()
-            ));
-        }
-        Ok(())
-    };
-    regular(&std::fs::metadata(path).map_err(|e| e.to_string())?)?;
-    // Non-blocking, and checked again once open: a FIFO swapped in after the check above can
-    // neither block the open nor be read.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(|e| e.to_string())?;
-    regular(&file.metadata().map_err(|e| e.to_string())?)?;
+    }
+    // Never opened unless it is a regular file: the one check of file:// modules too.
+    let file = crate::store::open_regular(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidInput => format!("{e}: only regular files are read"),
+        _ => e.to_string(),
+    })?;
     let mut bytes = Vec::new();
     (&file)
         .take(limit + 1)
@@ -344,22 +331,4 @@ pub fn read_manifest(path: &Path, limit: u64) -> Result<String, String> {
         ));
     }
     String::from_utf8(bytes).map_err(|e| format!("not UTF-8 text: {e}"))
-}
-
-fn file_kind(md: &std::fs::Metadata) -> &'static str {
-    use std::os::unix::fs::FileTypeExt as _;
-    let t = md.file_type();
-    if t.is_dir() {
-        "a directory"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "not a file"
-    }
 }

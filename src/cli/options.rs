@@ -96,7 +96,8 @@ pub struct ServeArgs {
         default_value = "1h"
     )]
     pub purge_interval: String,
-    /// Per-attempt HTTP timeout (Go duration).
+    /// Per-attempt HTTP timeout (Go duration; 0 = no per-attempt limit, the pull deadline still
+    /// applies).
     #[arg(
         long,
         value_name = "DURATION",
@@ -121,6 +122,19 @@ pub struct ServeArgs {
         default_value = ""
     )]
     pub insecure_registries: String,
+    /// PEM file of CA certificates trusted for every registry and HTTP host, on top of the
+    /// built-in roots.
+    #[arg(long, value_name = "FILE", env = "WASM_ECDS_CA_FILE")]
+    pub ca_file: Option<String>,
+    /// `host[:port]=FILE`: a PEM file of CA certificates trusted for that host only (repeatable;
+    /// the variable is comma separated).
+    #[arg(
+        long,
+        value_name = "HOST=FILE",
+        env = "WASM_ECDS_HOST_CA",
+        value_delimiter = ','
+    )]
+    pub host_ca: Vec<String>,
     /// CIDRs never connected to (comma separated), besides link-local and metadata addresses.
     #[arg(
         long,
@@ -304,6 +318,13 @@ impl ServeArgs {
             .map_err(|e| self.name_source("max_binary_size", e))?,
             cache_dir: self.cache_dir.clone(),
             delivery,
+            ca_roots: match &self.ca_file {
+                Some(f) if !f.is_empty() => config::load_ca_file("WASM_ECDS_CA_FILE", f)
+                    .map_err(|e| self.name_source("ca_file", e))?,
+                _ => Vec::new(),
+            },
+            host_cas: config::parse_host_cas("WASM_ECDS_HOST_CA", &self.host_ca)
+                .map_err(|e| self.name_source("host_ca", e))?,
         })
     }
 
@@ -472,6 +493,9 @@ mod tests {
         assert_eq!(c.delivery, Delivery::File);
         assert_eq!(a.xds_address, DEFAULT_XDS_ADDRESS);
         assert_eq!(a.admin_address, DEFAULT_ADMIN_ADDRESS);
+        // 0 is "no per-attempt timeout" (Go), not an error.
+        let c = parse(&["--http-request-timeout", "0"]).unwrap();
+        assert_eq!(c.http_request_timeout, std::time::Duration::ZERO);
         let mut a = args(&["--xds-address", "0.0.0.0:0", "--delivery", "inline"]);
         assert_eq!(a.resolve().unwrap().delivery, Delivery::Inline);
         assert_eq!(a.xds_address, "0.0.0.0:0".parse().unwrap());
@@ -499,6 +523,10 @@ mod tests {
             ("--delivery", "carrier-pigeon"),
             ("--max-binary-size", "big"),
             ("--http-request-timeout", "5min"),
+            ("--http-request-timeout", "5d"),
+            ("--ca-file", "/does/not/exist.pem"),
+            ("--host-ca", "reg.test"),
+            ("--http-request-timeout", "15"),
         ] {
             let e = parse(&[flag, value]).unwrap_err();
             assert_eq!(e.flag.as_deref(), Some(flag), "{e}");

@@ -490,7 +490,8 @@ impl Driver {
                     let k = ObjectKey::new(&key.namespace, name);
                     self.objects.secrets().get(&k).map(|s| s.config.to_json())
                 });
-                remote_resource(plugin, &url.to_string(), secret, vp.version)
+                // The proxy fetches it: the URL as written, credentials included.
+                remote_resource(plugin, &url.as_written(), secret, vp.version)
             }
         };
         let name = plugin.resource_name();

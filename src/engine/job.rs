@@ -45,7 +45,13 @@ impl Job {
     pub fn flight_key(&self) -> String {
         match self {
             Job::File { path, expected } => format!("file:{path}#{expected:?}"),
-            Job::Http { url, expected, .. } => format!("http:{}#{expected:?}", url.as_str()),
+            Job::Http { url, expected, .. } => {
+                // The module name hides credentials; two sets of them are two downloads.
+                let who = url
+                    .has_credentials()
+                    .then(|| crate::store::sha256_hex(url.as_written().as_bytes()));
+                format!("http:{}#{expected:?}#{who:?}", url.as_str())
+            }
             Job::Oci {
                 reference,
                 credentials,
@@ -138,7 +144,7 @@ fn check_expected(expected: Option<&str>, actual: &str) -> Result<(), FetchError
 pub async fn run_job(fetcher: &Fetcher, job: &Job) -> Result<Obtained, Failure> {
     match job {
         Job::File { path, expected } => {
-            let staged = crate::fetch::cpu_bound(|| fetcher.fetch_file(path))?;
+            let staged = fetcher.fetch_file_within(path, fetcher.budget()).await?;
             check_expected(expected.as_deref(), &staged.sha256)?;
             Ok(Obtained::File {
                 path: path.clone(),
@@ -170,7 +176,9 @@ pub async fn run_job(fetcher: &Fetcher, job: &Job) -> Result<Obtained, Failure> 
             Ok(Obtained::Fetched {
                 key,
                 staged,
-                private: false,
+                // Fetched with credentials from the URL: like a registry's private module, served
+                // to another plugin (whose URL may carry other credentials) only after its own pull.
+                private: url.has_credentials(),
                 validators,
             })
         }

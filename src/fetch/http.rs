@@ -7,11 +7,12 @@
 //! limits) is in [`super::request`]. No network code lives here; every request goes through
 //! [`Fetcher::transport`].
 
+use std::io::Read;
 use std::time::Duration;
 
 use super::request::{check_content_length, status_failure, stream_body, ErrorKind, TransferLimit};
 use super::retry::{with_retries, AttemptError, PullBudget};
-use super::unpack::unpack_module;
+use super::unpack::{unpack_module, WASM_MAGIC};
 use super::{FetchError, Fetcher, HttpRequest, HttpResponse, StagedFile, StagedModule};
 use crate::url::HttpUrl;
 
@@ -73,12 +74,14 @@ impl Fetcher {
         url: &str,
         budget: PullBudget,
     ) -> Result<StagedModule, FetchError> {
-        let parsed = HttpUrl::parse(url)
-            .map_err(|why| FetchError::Download(format!("{url}: invalid url: {why}")))?;
+        let parsed = HttpUrl::parse(url).map_err(|why| {
+            let url = crate::url::redact(url);
+            FetchError::Download(format!("{url}: invalid url: {why}"))
+        })?;
         match self.fetch_http_conditional(&parsed, budget, None).await? {
             HttpPull::Fetched(m, _) => Ok(m),
             HttpPull::NotModified => Err(FetchError::Download(format!(
-                "{url}: 304 Not Modified to an unconditional request"
+                "{parsed}: 304 Not Modified to an unconditional request"
             ))),
         }
     }
@@ -91,28 +94,52 @@ impl Fetcher {
         budget: PullBudget,
         validators: Option<&Validators>,
     ) -> Result<HttpPull, FetchError> {
-        let url = url.url().as_str();
+        // Credentials in the URL travel as a header, never in the URL an error may quote.
+        let target = url.request_url();
+        let (url, auth) = (target.as_str(), url.basic_auth());
+        let auth = auth.as_deref();
         let attempt = with_retries(self, budget, |timeout| async move {
-            self.download_attempt(url, timeout, validators).await
+            self.download_attempt(url, timeout, validators, auth).await
         })
         .await?;
-        let (mut raw, got) = match attempt {
+        let (raw, got) = match attempt {
             Attempt::NotModified => return Ok(HttpPull::NotModified),
             Attempt::Body(raw, got) => (raw, got),
         };
-        let mut out = self.store.stage().map_err(FetchError::io)?;
-        let (sha256, size) = super::cpu_bound(|| {
-            let mut reader = raw.reader().map_err(FetchError::io)?;
-            unpack_module(&mut reader, &mut out, self.config.max_binary_size)
-        })?;
-        Ok(HttpPull::Fetched(
-            StagedModule {
-                file: out,
+        let staged = super::cpu_bound(|| self.module_of_body(raw))?;
+        Ok(HttpPull::Fetched(staged, got))
+    }
+
+    /// The module a downloaded body holds. A plain Wasm body is the module: it is only verified
+    /// and hashed, never copied, so a pull needs the module's size in free disk once. An archive
+    /// is unpacked into a second staging file and the body is deleted as soon as that is done.
+    fn module_of_body(&self, mut raw: Box<dyn StagedFile>) -> Result<StagedModule, FetchError> {
+        let max = self.config.max_binary_size;
+        let mut reader = raw.reader().map_err(FetchError::io)?;
+        let mut head = Vec::with_capacity(WASM_MAGIC.len());
+        (&mut reader)
+            .take(WASM_MAGIC.len() as u64)
+            .read_to_end(&mut head)
+            .map_err(FetchError::io)?;
+        let mut body = std::io::Cursor::new(head.clone()).chain(reader);
+        if head == WASM_MAGIC {
+            let (sha256, size) = unpack_module(&mut body, &mut std::io::sink(), max)?;
+            drop(body);
+            return Ok(StagedModule {
+                file: raw,
                 sha256,
                 size,
-            },
-            got,
-        ))
+            });
+        }
+        let mut out = self.store.stage().map_err(FetchError::io)?;
+        let (sha256, size) = unpack_module(&mut body, &mut out, max)?;
+        drop(body);
+        drop(raw);
+        Ok(StagedModule {
+            file: out,
+            sha256,
+            size,
+        })
     }
 
     /// One attempt: GET (following redirects) and the whole body into a fresh staging file.
@@ -121,6 +148,7 @@ impl Fetcher {
         url: &str,
         timeout: Duration,
         validators: Option<&Validators>,
+        auth: Option<&str>,
     ) -> Result<Attempt, AttemptError> {
         let kind: ErrorKind = FetchError::Download;
         if timeout.is_zero() {
@@ -129,10 +157,13 @@ impl Fetcher {
             ))));
         }
         let started = self.now();
-        let req = match validators {
+        let mut req = match validators {
             Some(v) => v.apply(HttpRequest::get(url)),
             None => HttpRequest::get(url),
         };
+        if let Some(auth) = auth {
+            req = req.header("authorization", auth);
+        }
         let (mut resp, final_url) = self
             .send_following_redirects(req, timeout, started, kind)
             .await?;
@@ -266,6 +297,28 @@ mod tests {
         assert_eq!(err.reason(), Reason::DownloadFailure);
         // 15 s, 500 ms backoff, then the rest of the 30 s: no room for a third attempt.
         assert_eq!(h.transport.count(URL), 2);
+        assert_eq!(h.clock.now(), Timestamp::from_millis(30_000));
+    }
+
+    #[tokio::test]
+    async fn zero_request_timeout_means_no_per_attempt_limit() {
+        // Go's http.Client: a timeout of 0 is no timeout. The attempt may take the whole pull
+        // deadline (30 s), and a body that arrives is accepted.
+        let mut cfg = config();
+        cfg.request_timeout = Duration::ZERO;
+        let h = harness(cfg.clone());
+        h.transport.script(URL, vec![Reply::ok(wasm(10))]);
+        assert_eq!(fetch(&h, URL).await.unwrap().size, 18);
+        let h = harness(cfg);
+        h.transport
+            .script(URL, vec![Reply::Error(TransportError::Timeout)]);
+        let err = fetch(&h, URL).await.unwrap_err();
+        assert_eq!(err.reason(), Reason::DownloadFailure);
+        assert_eq!(
+            h.transport.count(URL),
+            1,
+            "the first attempt had the whole budget"
+        );
         assert_eq!(h.clock.now(), Timestamp::from_millis(30_000));
     }
 

@@ -207,6 +207,8 @@ impl std::fmt::Debug for StagedModule {
 /// Options of the fetchers, taken from [`Config`].
 #[derive(Clone, Debug)]
 pub struct FetchConfig {
+    /// How long one attempt may take; zero means no per-attempt limit (as Go's `http.Client`
+    /// timeout): then only the pull's overall deadline bounds it.
     pub request_timeout: Duration,
     pub max_attempts: u32,
     pub pull_deadline: Duration,
@@ -231,6 +233,15 @@ impl From<&Config> for FetchConfig {
 }
 
 impl FetchConfig {
+    /// The time the next attempt may take when `remaining` is left of the pull's deadline.
+    pub fn attempt_timeout(&self, remaining: Duration) -> Duration {
+        if self.request_timeout.is_zero() {
+            remaining
+        } else {
+            self.request_timeout.min(remaining)
+        }
+    }
+
     pub fn is_insecure(&self, host: &str) -> bool {
         self.insecure_registries
             .iter()

@@ -45,8 +45,7 @@ where
     let mut attempts = 0;
     loop {
         let now = fetcher.now();
-        let remaining = budget.deadline.since(now);
-        let timeout = fetcher.config.request_timeout.min(remaining);
+        let timeout = fetcher.config.attempt_timeout(budget.deadline.since(now));
         attempts += 1;
         let err = match attempt(timeout).await {
             Ok(v) => return Ok(v),

@@ -6,7 +6,9 @@
 //! followed here, so that every hop is checked and counted), retries, auth and body limits.
 //!
 //! - **Certificates:** webpki roots plus the extra roots given to [`HyperTransport::new`] (tests use
-//!   a self-signed registry certificate). Hosts listed in `WASM_INSECURE_REGISTRIES` (or `*`) go
+//!   a self-signed registry certificate) and those of `--ca-file` ([`Config::ca_roots`]); a host
+//!   with its own CA (`--host-ca`, [`Config::host_cas`]) goes through a client of its own that
+//!   trusts that CA too, so the CA vouches for no other host. Hosts listed in `WASM_INSECURE_REGISTRIES` (or `*`) go
 //!   through a second client whose verifier accepts any certificate (behavior.md §4.2); handshake
 //!   signatures are still checked, so only the trust decision is skipped.
 //! - **Safety** (behavior.md §4.2): the address of every connection is checked against
@@ -60,6 +62,8 @@ pub struct HyperTransport {
     secure: HyperClient,
     /// Accepts any certificate: only for hosts in `insecure_registries`.
     insecure: HyperClient,
+    /// `host[:port]` → a client that also trusts that host's own CA.
+    per_host: Vec<(String, HyperClient)>,
 }
 
 impl std::fmt::Debug for HyperTransport {
@@ -84,16 +88,31 @@ impl HyperTransport {
 
         let mut roots = RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        for cert in extra_roots {
-            roots
-                .add(cert)
-                .map_err(|e| TransportError::Tls(format!("invalid extra root certificate: {e}")))?;
+        let add = |roots: &mut RootCertStore, certs: &[CertificateDer<'static>]| {
+            certs.iter().try_for_each(|cert| {
+                roots.add(cert.clone()).map_err(|e| {
+                    TransportError::Tls(format!("invalid extra root certificate: {e}"))
+                })
+            })
+        };
+        add(&mut roots, &extra_roots)?;
+        add(&mut roots, &config.ca_roots)?;
+        let verified = |roots: RootCertStore| {
+            Ok::<_, TransportError>(
+                ClientConfig::builder_with_provider(provider.clone())
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| TransportError::Tls(e.to_string()))?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth(),
+            )
+        };
+        let mut per_host = Vec::new();
+        for (host, certs) in &config.host_cas {
+            let mut own = roots.clone();
+            add(&mut own, certs)?;
+            per_host.push((host.clone(), build_client(verified(own)?, &config)));
         }
-        let secure_tls = ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| TransportError::Tls(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let secure_tls = verified(roots)?;
         let insecure_tls = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| TransportError::Tls(e.to_string()))?
@@ -104,12 +123,14 @@ impl HyperTransport {
         Ok(HyperTransport {
             secure: build_client(secure_tls, &config),
             insecure: build_client(insecure_tls, &config),
+            per_host,
             config,
         })
     }
 
     /// The client for `uri`: the insecure one when its `host:port` (or bare host when the URL has
-    /// no port) is listed in `insecure_registries`.
+    /// no port) is listed in `insecure_registries`; else the one of its own CA (`--host-ca`,
+    /// matched the same way); else the verifying one.
     fn client_for(&self, uri: &http::Uri) -> &HyperClient {
         let Some(authority) = uri.authority() else {
             return &self.secure;
@@ -119,16 +140,18 @@ impl HyperTransport {
         } else {
             443
         };
-        let insecure = self.config.is_insecure(authority.as_str())
-            || (authority.port().is_none()
-                && self
-                    .config
-                    .is_insecure(&format!("{}:{default_port}", authority.host())));
-        if insecure {
-            &self.insecure
-        } else {
-            &self.secure
+        let listed = |is: &dyn Fn(&str) -> bool| {
+            is(authority.as_str())
+                || (authority.port().is_none()
+                    && is(&format!("{}:{default_port}", authority.host())))
+        };
+        if listed(&|h| self.config.is_insecure(h)) {
+            return &self.insecure;
         }
+        self.per_host
+            .iter()
+            .find(|(host, _)| listed(&|h| host.eq_ignore_ascii_case(h)))
+            .map_or(&self.secure, |(_, client)| client)
     }
 
     /// Refuses IP-literal hosts that are blocked (the resolver never sees them).

@@ -82,13 +82,29 @@ mod tests {
         let cert = key.cert.der().clone();
         let private =
             PrivateKeyDer::try_from(key.signing_key.serialize_der()).expect("private key");
+        (serve_tls(cert.clone(), private).await, cert)
+    }
+
+    /// An HTTPS server for 127.0.0.1 with a certificate issued by `ca` (`200 ok` to everything).
+    async fn https_server_of(ca: &rcgen::Issuer<'_, rcgen::KeyPair>) -> String {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .expect("params")
+            .signed_by(&key, ca)
+            .expect("certificate");
+        let private = PrivateKeyDer::try_from(key.serialize_der()).expect("private key");
+        serve_tls(cert.der().clone(), private).await
+    }
+
+    /// Serves `200 ok` over TLS with `cert`; returns the base URL.
+    async fn serve_tls(cert: CertificateDer<'static>, private: PrivateKeyDer<'static>) -> String {
         let server = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .expect("versions")
         .with_no_client_auth()
-        .with_single_cert(vec![cert.clone()], private)
+        .with_single_cert(vec![cert], private)
         .expect("server config");
         let acceptor = TlsAcceptor::from(Arc::new(server));
         let (l, _) = listener().await;
@@ -110,7 +126,7 @@ mod tests {
                 });
             }
         });
-        (base, cert)
+        base
     }
 
     async fn body_of(t: &HyperTransport, url: &str) -> Result<Vec<u8>, TransportError> {
@@ -147,6 +163,45 @@ mod tests {
             });
             assert_eq!(body_of(&t, &base).await, Ok(b"ok".to_vec()));
         }
+    }
+
+    /// `--ca-file` and `--host-ca`: a CA made in the test, its PEM read from a real file, real
+    /// TLS servers with certificates it issued. Without it: a TLS error naming the unknown
+    /// issuer; with it globally: every host; for one host: that host only.
+    #[tokio::test]
+    async fn custom_cas_are_trusted_globally_or_for_their_host_only() {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+            .expect("ca");
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("ca.pem");
+        std::fs::write(&pem, ca.pem()).unwrap();
+        let roots = crate::config::load_ca_file("WASM_ECDS_CA_FILE", pem.to_str().unwrap())
+            .expect("the bundle loads");
+        let (a, b) = (https_server_of(&ca).await, https_server_of(&ca).await);
+        let untrusted = |r: Result<Vec<u8>, TransportError>| match r {
+            Err(TransportError::Tls(m)) => m.contains("UnknownIssuer"),
+            _ => false,
+        };
+
+        let t = transport(Config::default());
+        assert!(untrusted(body_of(&t, &a).await));
+
+        let t = transport(Config {
+            ca_roots: roots.clone(),
+            ..Config::default()
+        });
+        assert_eq!(body_of(&t, &a).await, Ok(b"ok".to_vec()));
+        assert_eq!(body_of(&t, &b).await, Ok(b"ok".to_vec()));
+
+        let host_a = a.trim_start_matches("https://").to_string();
+        let t = transport(Config {
+            host_cas: vec![(host_a, roots)],
+            ..Config::default()
+        });
+        assert_eq!(body_of(&t, &a).await, Ok(b"ok".to_vec()));
+        assert!(untrusted(body_of(&t, &b).await), "another host");
     }
 
     #[test]

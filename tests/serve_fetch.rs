@@ -1,0 +1,333 @@
+//! The fetch side of a real `wasm-ecds serve` process under hostile input (issue 10): a FIFO as a
+//! `file://` module, credentials in module URLs, a relative `--cache-dir`. Everything is real: the
+//! process, its admin port, the file system, HTTP servers on loopback.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// A valid (empty) Wasm module.
+const WASM: &[u8] = b"\0asm\x01\0\0\0";
+
+/// A running `serve` and everything it wrote to stderr so far.
+struct Serve {
+    child: Child,
+    admin: String,
+    stderr: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Serve {
+    /// Starts `serve` on free loopback ports with `args`, logging at `info`, in `cwd`.
+    fn start(cwd: &Path, args: &[&str]) -> Serve {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wasm-ecds"))
+            .args([
+                "serve",
+                "--xds-address",
+                "127.0.0.1:0",
+                "--admin-address",
+                "127.0.0.1:0",
+            ])
+            .args(args)
+            .current_dir(cwd)
+            .env("RUST_LOG", "info")
+            .env_remove("WASM_ECDS_PLUGINS")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start wasm-ecds serve");
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let seen = Arc::new(Mutex::new(String::new()));
+        let mut admin = None;
+        let mut line = String::new();
+        while admin.is_none() {
+            line.clear();
+            if stderr.read_line(&mut line).unwrap() == 0 {
+                let _ = child.kill();
+                panic!("serve did not start: {}", seen.lock().unwrap());
+            }
+            seen.lock().unwrap().push_str(&line);
+            // "wasm-ecds: xds on ADDR, admin on ADDR"
+            if line.starts_with("wasm-ecds: xds on") {
+                admin = Some(line.trim().rsplit(' ').next().unwrap().to_string());
+            }
+        }
+        let sink = seen.clone();
+        let reader = std::thread::spawn(move || {
+            let mut rest = String::new();
+            while stderr.read_line(&mut rest).unwrap_or(0) > 0 {
+                sink.lock().unwrap().push_str(&rest);
+                rest.clear();
+            }
+        });
+        Serve {
+            child,
+            admin: admin.unwrap(),
+            stderr: seen,
+            reader: Some(reader),
+        }
+    }
+
+    /// `GET path` on the admin port: status and body.
+    fn get(&self, path: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(&self.admin).expect("admin port");
+        write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        let status = r
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = r.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        (status, body.to_string())
+    }
+
+    fn json(&self, path: &str) -> Value {
+        let (status, body) = self.get(path);
+        assert_eq!(status, 200, "{path}: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Polls `/readyz` (at most 200 times, 50 ms apart); true once it answers 200.
+    fn wait_ready(&self) -> bool {
+        (0..200).any(|_| {
+            let ok = self.get("/readyz").0 == 200;
+            if !ok {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            ok
+        })
+    }
+
+    /// Polls `/debug/plugins` until every plugin has an outcome; returns them by name.
+    fn settled_plugins(&self) -> Vec<Value> {
+        for _ in 0..200 {
+            let v = self.json("/debug/plugins");
+            let plugins = v["plugins"].as_array().cloned().unwrap_or_default();
+            if !plugins.is_empty() && plugins.iter().all(|p| !p["outcome"].is_null()) {
+                return plugins;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("plugins never settled: {}", self.json("/debug/plugins"));
+    }
+
+    /// SIGTERM, then the exit status (polled at most 100 times, 100 ms apart) and everything the
+    /// process wrote to stderr.
+    fn terminate(mut self) -> (Option<i32>, String) {
+        let killed = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        for _ in 0..100 {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                // The pipe is closed now: the reader ends after the last line.
+                self.reader.take().unwrap().join().unwrap();
+                return (s.code(), self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        panic!("serve did not exit after SIGTERM");
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn plugin(name: &str, url: &str) -> String {
+    format!(
+        "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\n\
+         metadata: {{name: {name}, namespace: default}}\nspec: {{url: '{url}'}}\n"
+    )
+}
+
+fn by_name<'a>(plugins: &'a [Value], name: &str) -> &'a Value {
+    plugins
+        .iter()
+        .find(|p| p["plugin"] == format!("default/{name}"))
+        .unwrap_or_else(|| panic!("no plugin {name} in {plugins:?}"))
+}
+
+/// The probe's FIFO as a module: it blocked a worker, readiness and shutdown for good. Now it is
+/// refused as not a regular file; the other plugin is served, `/readyz` turns ready, SIGTERM exits.
+#[test]
+fn a_fifo_as_module_neither_blocks_readiness_nor_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("stuck.wasm");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let good = dir.path().join("good.wasm");
+    std::fs::write(&good, WASM).unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    for (name, path) in [("stuck", &fifo), ("good", &good)] {
+        let url = format!("file://{}", path.display());
+        std::fs::write(plugins.join(format!("{name}.yaml")), plugin(name, &url)).unwrap();
+    }
+    let cache = dir.path().join("cache");
+    let serve = Serve::start(
+        dir.path(),
+        &[
+            "--plugins",
+            plugins.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ],
+    );
+    assert!(serve.wait_ready(), "/readyz never 200: {}", serve.stderr());
+    let all = serve.settled_plugins();
+    let good = by_name(&all, "good");
+    assert_eq!(good["outcome"], "pulled", "{good}");
+    assert_eq!(good["serves"]["kind"], "module", "{good}");
+    let stuck = by_name(&all, "stuck");
+    assert_eq!(stuck["reason"], "download_failure", "{stuck}");
+    let error = stuck["error"].as_str().unwrap_or_default();
+    assert!(error.contains("not a regular file (a FIFO)"), "{stuck}");
+    assert_eq!(serve.terminate().0, Some(0));
+}
+
+/// A real HTTP/1.1 server on loopback answering every GET with `body`; keeps each request's
+/// head (request line and headers) for the test.
+struct ModuleHost {
+    port: u16,
+    heads: Arc<Mutex<Vec<String>>>,
+}
+
+impl ModuleHost {
+    fn start(body: &'static [u8]) -> ModuleHost {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let seen = heads.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut head = String::new();
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    head.push_str(&line);
+                }
+                seen.lock().unwrap().push(head);
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = conn.write_all(body);
+            }
+        });
+        ModuleHost { port, heads }
+    }
+}
+
+/// The probe saw `user:secret@` of a module URL in the logs, `/debug/plugins`, `/debug/cache` and
+/// `index.json`. Now it is in none of them, and the credentials still reach the server (as a basic
+/// `Authorization` header, as Go's client sends them). An `oci://user:secret@…` URL is refused
+/// without quoting the secret and without the old "digest must be sha256" message. The cache
+/// directory is relative here: the served path is absolute all the same.
+#[test]
+fn credentials_in_urls_are_never_shown_and_a_relative_cache_dir_is_made_absolute() {
+    const SECRET: &str = "s3cr3t-Pa55";
+    let host = ModuleHost::start(WASM);
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins.yaml");
+    let http = format!(
+        "http://alice:{SECRET}@127.0.0.1:{}/private/filter.wasm",
+        host.port
+    );
+    let oci = format!("oci://alice:{SECRET}@127.0.0.1:{}/ns/filter:v1", host.port);
+    std::fs::write(
+        &plugins,
+        format!("{}---\n{}", plugin("web", &http), plugin("reg", &oci)),
+    )
+    .unwrap();
+    // Relative to the process's working directory (the temporary directory).
+    let serve = Serve::start(
+        dir.path(),
+        &[
+            "--plugins",
+            plugins.to_str().unwrap(),
+            "--cache-dir",
+            "relative-cache",
+        ],
+    );
+    assert!(serve.wait_ready(), "/readyz never 200: {}", serve.stderr());
+    let all = serve.settled_plugins();
+    let web = by_name(&all, "web");
+    assert_eq!(web["outcome"], "pulled", "{web}");
+    assert_eq!(
+        web["url"],
+        format!("http://***@127.0.0.1:{}/private/filter.wasm", host.port)
+    );
+    let path = web["serves"]["path"].as_str().unwrap();
+    let cache = std::fs::canonicalize(dir.path().join("relative-cache")).unwrap();
+    assert!(Path::new(path).is_absolute(), "{web}");
+    assert!(
+        path.starts_with(cache.to_str().unwrap()),
+        "{path} not in {cache:?}"
+    );
+    let heads = host.heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    assert!(
+        heads[0].starts_with("GET /private/filter.wasm HTTP/1.1\r\n"),
+        "{heads:?}"
+    );
+    // base64("alice:s3cr3t-Pa55")
+    assert!(
+        heads[0]
+            .to_ascii_lowercase()
+            .contains("authorization: basic ywxpy2u6cznjcjn0lvbhntu="),
+        "{heads:?}"
+    );
+    let refused = serve.json("/debug/plugins")["refused"].to_string();
+    assert!(refused.contains("credentials in an oci url"), "{refused}");
+    assert!(!refused.contains("digest"), "{refused}");
+
+    let debug_plugins = serve.get("/debug/plugins").1;
+    let debug_cache = serve.get("/debug/cache").1;
+    assert!(
+        debug_cache.contains("http://***@127.0.0.1"),
+        "{debug_cache}"
+    );
+    // The index is written within a second of a change, and on shutdown.
+    let (code, stderr) = serve.terminate();
+    assert_eq!(code, Some(0), "{stderr}");
+    let index = std::fs::read_to_string(cache.join("index.json")).unwrap();
+    assert!(index.contains("http://***@127.0.0.1"), "{index}");
+    assert!(
+        stderr.contains("***@127.0.0.1"),
+        "the url is logged: {stderr}"
+    );
+    for (what, text) in [
+        ("/debug/plugins", &debug_plugins),
+        ("/debug/cache", &debug_cache),
+        ("index.json", &index),
+        ("stderr", &stderr),
+    ] {
+        assert!(!text.contains(SECRET), "{what} shows the secret: {text}");
+    }
+}
