@@ -232,6 +232,30 @@ fn admin_token_guards_refresh_debug_and_modules_and_is_reread_on_rotation() {
     }
     let (_, body) = serve.request("GET", &module_path, Some("first-token"));
     assert_eq!(body, bytes);
+    drop(serve);
+    // `--admin-open=modules`: modules fetched without credentials go to anyone (an Envoy without
+    // a client certificate), the debug pages still need the token.
+    let serve = Serve::start(
+        &cache,
+        &[
+            "--delivery=http",
+            "--plugins",
+            plugins.to_str().unwrap(),
+            "--admin-token-file",
+            token.to_str().unwrap(),
+            "--admin-open=healthz,modules",
+        ],
+        None,
+    );
+    serve.wait_ok("/healthz", None);
+    for _ in 0..600 {
+        if serve.request("GET", &module_path, None).0 == 200 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(serve.request("GET", &module_path, None).1, bytes);
+    assert_eq!(serve.request("GET", "/debug/plugins", None).0, 401);
     // A rotated Secret: the new token works at once, the old one no longer.
     std::fs::write(&token, "second-token\n").unwrap();
     assert_eq!(

@@ -71,7 +71,7 @@ pub struct PortArgs {
     #[arg(long, value_name = "FILE", env = "WASM_ECDS_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
     /// Admin endpoints served without authentication (comma separated, from healthz, readyz,
-    /// metrics; empty for none).
+    /// metrics, modules — modules fetched without credentials only; empty for none).
     #[arg(
         long,
         value_name = "LIST",
@@ -145,7 +145,7 @@ impl PortArgs {
                         "WASM_ECDS_ADMIN_OPEN",
                         "endpoint list",
                         &self.admin_open,
-                        format!("unknown endpoint {item:?} (healthz, readyz, metrics)"),
+                        format!("unknown endpoint {item:?} (healthz, readyz, metrics, modules)"),
                     ),
                 ));
             }

@@ -57,8 +57,9 @@ impl NetSeries {
     }
 }
 
-/// Admin endpoints `--admin-open` may leave without authentication.
-pub const OPEN_ENDPOINTS: [&str; 3] = ["healthz", "readyz", "metrics"];
+/// Admin endpoints `--admin-open` may leave without authentication; `modules` opens only the
+/// modules fetched without credentials (the others always need authentication).
+pub const OPEN_ENDPOINTS: [&str; 4] = ["healthz", "readyz", "metrics", "modules"];
 
 /// How `serve` (and `proxy`) exposes its ports (the flags of `cli/ports.rs`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,7 +83,10 @@ impl Default for PortOptions {
             xds_tls: None,
             admin_tls: None,
             admin_token_file: None,
-            admin_open: OPEN_ENDPOINTS.iter().map(|s| s.to_string()).collect(),
+            admin_open: ["healthz", "readyz", "metrics"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             xds_max_connections: listen::DEFAULT_XDS_MAX_CONNECTIONS,
             admin_max_connections: listen::DEFAULT_ADMIN_MAX_CONNECTIONS,
             admin_header_timeout: std::time::Duration::from_secs(10),

@@ -42,7 +42,8 @@ pub const MODULE_CHUNK: usize = 64 * 1024;
 #[derive(Debug)]
 pub struct AdminOptions {
     pub access: Access,
-    /// Of `healthz`, `readyz`, `metrics`: served without authentication.
+    /// Of `healthz`, `readyz`, `metrics`, `modules`: served without authentication (private
+    /// modules never are).
     pub open: BTreeSet<String>,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
@@ -146,6 +147,7 @@ async fn handle(
         "/healthz" => "healthz",
         "/readyz" => "readyz",
         "/metrics" => "metrics",
+        p if p.starts_with(MODULES_PATH) => "modules",
         _ => "",
     };
     if !allowed(endpoint) {
