@@ -93,6 +93,10 @@ fn read_token(path: &Path) -> Option<Vec<u8>> {
 pub struct Access {
     /// Every connection presented a client certificate the port's CA verified.
     pub mtls: bool,
+    /// The port verifies the client certificates presented but does not require one (the admin
+    /// port, whose probes and scrapers have none): a connection with a verified certificate is
+    /// authenticated, one without needs the token.
+    pub client_ca: bool,
     pub token: Option<TokenFile>,
 }
 
@@ -104,7 +108,7 @@ impl Access {
 
     /// Whether any authentication is configured.
     pub fn is_open(&self) -> bool {
-        !self.mtls && self.token.is_none()
+        !self.mtls && !self.client_ca && self.token.is_none()
     }
 
     /// Whether a caller that sent this `Authorization` header value may use a protected
@@ -131,6 +135,18 @@ impl Access {
     pub fn authenticates(&self, authorization: Option<&[u8]>) -> bool {
         !self.is_open() && self.allows(authorization)
     }
+
+    /// [`allows`](Self::allows) for a caller on a connection whose client certificate the port's
+    /// CA did (`peer_verified`) or did not verify.
+    pub fn allows_peer(&self, peer_verified: bool, authorization: Option<&[u8]>) -> bool {
+        peer_verified || self.allows(authorization)
+    }
+
+    /// [`authenticates`](Self::authenticates) for a caller on a connection whose client
+    /// certificate the port's CA did (`peer_verified`) or did not verify.
+    pub fn authenticates_peer(&self, peer_verified: bool, authorization: Option<&[u8]>) -> bool {
+        !self.is_open() && self.allows_peer(peer_verified, authorization)
+    }
 }
 
 #[cfg(test)]
@@ -143,8 +159,8 @@ mod tests {
         let path = dir.path().join("token");
         std::fs::write(&path, "s3cret\n").unwrap();
         let access = Access {
-            mtls: false,
             token: Some(TokenFile::open(&path).unwrap()),
+            ..Access::default()
         };
         assert!(access.allows(Some(b"Bearer s3cret")));
         assert!(access.allows(Some(b"bearer  s3cret ")));
@@ -167,9 +183,18 @@ mod tests {
         assert!(!Access::open().authenticates(None));
         let mtls = Access {
             mtls: true,
-            token: None,
+            ..Access::default()
         };
         assert!(mtls.allows(None) && mtls.authenticates(None));
+        // Client certificates optional (the admin port): only a verified one authenticates.
+        let optional = Access {
+            client_ca: true,
+            ..Access::default()
+        };
+        assert!(!optional.is_open());
+        assert!(!optional.allows_peer(false, None) && !optional.authenticates_peer(false, None));
+        assert!(optional.allows_peer(true, None) && optional.authenticates_peer(true, None));
+        assert!(!Access::open().authenticates_peer(false, None));
     }
 
     #[test]

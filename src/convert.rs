@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use envoy_types::pb::envoy::config::core::v3::{
-    async_data_source, data_source, AsyncDataSource, DataSource, HttpUri, RemoteDataSource,
-    TypedExtensionConfig,
+    async_data_source, data_source, AsyncDataSource, BackoffStrategy, DataSource, HttpUri,
+    RemoteDataSource, RetryPolicy, TypedExtensionConfig,
 };
 use envoy_types::pb::envoy::config::rbac::v3::Rbac as RbacRules;
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
@@ -20,7 +20,7 @@ use envoy_types::pb::envoy::extensions::filters::network::wasm::v3::Wasm as Netw
 use envoy_types::pb::envoy::extensions::wasm::v3::{
     plugin_config, EnvironmentVariables, FailurePolicy, PluginConfig, VmConfig,
 };
-use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, StringValue};
+use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, StringValue, UInt32Value};
 use prost::Message;
 
 use crate::extension::{FilterKind, Template};
@@ -39,6 +39,10 @@ pub const STRING_VALUE_TYPE_URL: &str = "type.googleapis.com/google.protobuf.Str
 pub const MODULES_CLUSTER: &str = "wasm_ecds_modules";
 /// Path prefix of the module endpoint on the admin address.
 pub const MODULES_PATH: &str = "/modules/";
+/// Retries of Envoy's own fetch of a module from [`MODULES_CLUSTER`] (Envoy's default is 1),
+/// spaced by a backoff from [`MODULE_FETCH_BACKOFF`] up to ten times it (docs/behavior.md).
+pub const MODULE_FETCH_RETRIES: u32 = 5;
+pub const MODULE_FETCH_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
 pub const WASM_RUNTIME_V8: &str = "envoy.wasm.runtime.v8";
 pub const ALLOW_STAT_PREFIX: &str = "wasm-default-allow";
 pub const DENY_STAT_PREFIX: &str = "wasm-default-deny";
@@ -184,6 +188,9 @@ fn code_source(code: Code) -> AsyncDataSource {
             cluster,
             sha256,
         } => async_data_source::Specifier::Remote(RemoteDataSource {
+            // Only our own module endpoint: a remote-delivery resource is Istio's, converted by
+            // a proxy, and keeps Envoy's defaults.
+            retry_policy: (cluster == MODULES_CLUSTER).then(module_fetch_retries),
             http_uri: Some(HttpUri {
                 uri,
                 timeout: Some(PbDuration {
@@ -197,11 +204,31 @@ fn code_source(code: Code) -> AsyncDataSource {
                 ),
             }),
             sha256,
-            ..Default::default()
         }),
     };
     AsyncDataSource {
         specifier: Some(specifier),
+    }
+}
+
+/// Envoy's retries of a fetch from the module endpoint.
+fn module_fetch_retries() -> RetryPolicy {
+    let secs = MODULE_FETCH_BACKOFF.as_secs() as i64;
+    RetryPolicy {
+        retry_back_off: Some(BackoffStrategy {
+            base_interval: Some(PbDuration {
+                seconds: secs,
+                nanos: 0,
+            }),
+            max_interval: Some(PbDuration {
+                seconds: secs * 10,
+                nanos: 0,
+            }),
+        }),
+        num_retries: Some(UInt32Value {
+            value: MODULE_FETCH_RETRIES,
+        }),
+        ..Default::default()
     }
 }
 
@@ -362,6 +389,34 @@ mod tests {
             .unwrap();
         let plugin_config::Vm::VmConfig(vm) = pc.vm.unwrap();
         assert_eq!(vm.vm_id, "", "local code is keyed by its bytes");
+    }
+
+    #[test]
+    fn module_endpoint_fetches_are_retried_remote_ones_keep_envoys_default() {
+        let p = plugin("{url: r/a}");
+        let retry = |cluster: &str| {
+            let code = Code::Remote {
+                uri: "https://m/modules/x.wasm".into(),
+                cluster: cluster.into(),
+                sha256: "ab".repeat(32),
+            };
+            let c = extension_config(&p, Filter::Wasm(code));
+            let pc = HttpWasm::decode(c.typed_config.unwrap().value.as_slice())
+                .unwrap()
+                .config
+                .unwrap();
+            let plugin_config::Vm::VmConfig(vm) = pc.vm.unwrap();
+            match vm.code.unwrap().specifier.unwrap() {
+                async_data_source::Specifier::Remote(r) => r.retry_policy,
+                other => panic!("not remote: {other:?}"),
+            }
+        };
+        let policy = retry(MODULES_CLUSTER).expect("a retry policy");
+        assert_eq!(policy.num_retries.unwrap().value, MODULE_FETCH_RETRIES);
+        let backoff = policy.retry_back_off.unwrap();
+        assert_eq!(backoff.base_interval.unwrap().seconds, 1);
+        assert_eq!(backoff.max_interval.unwrap().seconds, 10);
+        assert_eq!(retry("_"), None);
     }
 
     #[test]

@@ -38,6 +38,7 @@ pub mod extension;
 pub mod fetch;
 pub mod k8s;
 pub mod metrics;
+pub mod net;
 pub mod outcome;
 pub mod plugin;
 pub mod policy;

@@ -74,6 +74,8 @@ pub struct Metrics {
     kube: Arc<OnceLock<KubeSeries>>,
     /// Registered on first use by `proxy` mode.
     proxy: Arc<OnceLock<crate::proxy::ProxySeries>>,
+    /// Registered on first use by a listener.
+    net: Arc<OnceLock<crate::net::NetSeries>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -151,6 +153,7 @@ impl Metrics {
             xds: Arc::new(OnceLock::new()),
             kube: Arc::new(OnceLock::new()),
             proxy: Arc::new(OnceLock::new()),
+            net: Arc::new(OnceLock::new()),
         }
     }
 
@@ -165,6 +168,13 @@ impl Metrics {
     pub fn proxy_series(&self) -> crate::proxy::ProxySeries {
         self.proxy
             .get_or_init(|| crate::proxy::ProxySeries::register(&self.registry))
+            .clone()
+    }
+
+    /// The listeners' series in this registry, registered by the first call.
+    pub fn net_series(&self) -> crate::net::NetSeries {
+        self.net
+            .get_or_init(|| crate::net::NetSeries::register(&self.registry))
             .clone()
     }
 

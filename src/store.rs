@@ -55,6 +55,11 @@ pub trait ModuleStore: Send + Sync {
         checksum: &str,
     ) -> io::Result<PathBuf>;
     fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// The module file for reading in pieces (the module endpoint streams it); by default its
+    /// bytes read whole.
+    fn open(&self, path: &Path) -> io::Result<Box<dyn Read + Send>> {
+        Ok(Box::new(io::Cursor::new(self.read(path)?)))
+    }
     fn remove(&self, path: &Path) -> io::Result<()>;
     /// Every committed module file.
     fn list(&self) -> io::Result<Vec<StoredModule>>;
@@ -239,6 +244,10 @@ impl ModuleStore for DiskStore {
 
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
         fs::read(path)
+    }
+
+    fn open(&self, path: &Path) -> io::Result<Box<dyn Read + Send>> {
+        Ok(Box::new(fs::File::open(path)?))
     }
 
     fn remove(&self, path: &Path) -> io::Result<()> {

@@ -90,6 +90,52 @@ pub struct Full {
     pub xds: HostPort,
     /// wasm-ecds' admin address (`serve --admin-address`) for `--delivery http`, else `None`.
     pub modules: Option<HostPort>,
+    /// TLS to wasm-ecds (its xDS cluster and its module cluster), `None`: plain text.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// How Envoy verifies wasm-ecds' ports and, for mTLS, proves who it is (docs/security.md):
+/// an `UpstreamTlsContext` on the xDS cluster and the module cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// PEM CA certificates wasm-ecds' certificates are verified against.
+    pub ca: String,
+    /// PEM certificate chain and key Envoy presents (`serve --xds-client-ca` /
+    /// `--admin-client-ca`): the module endpoint accepts Envoy by it, since Envoy's module fetch
+    /// cannot send a bearer token.
+    pub client: Option<(String, String)>,
+    /// The server name sent and verified; without it, the cluster's host when it is a name.
+    pub sni: Option<String>,
+}
+
+impl UpstreamTls {
+    /// The `transport_socket` of a cluster to `to`, offering `alpn`.
+    fn transport_socket(&self, to: &HostPort, alpn: &[&str]) -> Value {
+        let sni = self
+            .sni
+            .clone()
+            .or_else(|| (!to.is_ip()).then(|| to.host.clone()));
+        let mut validation = json!({"trusted_ca": {"filename": self.ca}});
+        if let Some(name) = &sni {
+            validation["match_typed_subject_alt_names"] =
+                json!([{"san_type": "DNS", "matcher": {"exact": name}}]);
+        }
+        let mut common = json!({"validation_context": validation, "alpn_protocols": alpn});
+        if let Some((cert, key)) = &self.client {
+            common["tls_certificates"] = json!([{
+                "certificate_chain": {"filename": cert},
+                "private_key": {"filename": key},
+            }]);
+        }
+        let mut context = json!({
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": common,
+        });
+        if let Some(name) = sni {
+            context["sni"] = json!(name);
+        }
+        json!({"name": "envoy.transport_sockets.tls", "typed_config": context})
+    }
 }
 
 /// The bootstrap: the filters in one listener, the clusters they need.
@@ -122,12 +168,17 @@ pub fn bootstrap(filters: &Filters, sub: &Subscription, full: &Full) -> Value {
         "address": HostPort::from(full.listen).socket_address(),
         "filter_chains": [{"filters": network_filters}],
     });
-    let mut clusters = vec![
-        cluster(UPSTREAM_CLUSTER, &full.upstream, false),
-        cluster(&sub.xds_cluster, &full.xds, true),
-    ];
+    let mut xds = cluster(&sub.xds_cluster, &full.xds, true);
+    if let Some(tls) = &full.tls {
+        xds["transport_socket"] = tls.transport_socket(&full.xds, &["h2"]);
+    }
+    let mut clusters = vec![cluster(UPSTREAM_CLUSTER, &full.upstream, false), xds];
     if let Some(modules) = &full.modules {
-        clusters.push(cluster(MODULES_CLUSTER, modules, false));
+        let mut c = cluster(MODULES_CLUSTER, modules, false);
+        if let Some(tls) = &full.tls {
+            c["transport_socket"] = tls.transport_socket(modules, &["http/1.1"]);
+        }
+        clusters.push(c);
     }
     let mut bootstrap = json!({
         "node": {"id": full.node_id, "cluster": full.node_id},
@@ -184,7 +235,48 @@ mod tests {
             upstream: HostPort::parse("backend.default.svc:8080").unwrap(),
             xds: HostPort::parse("127.0.0.1:18000").unwrap(),
             modules: None,
+            tls: None,
         }
+    }
+
+    #[test]
+    fn tls_to_wasm_ecds_on_both_of_its_clusters() {
+        let filters = Filters::default();
+        let sub = Subscription {
+            xds_cluster: "xds".into(),
+            ..Subscription::default()
+        };
+        let mut f = full();
+        f.xds = HostPort::parse("wasm-ecds.istio-system.svc:18000").unwrap();
+        f.modules = Some(HostPort::parse("10.0.0.1:15020").unwrap());
+        f.tls = Some(UpstreamTls {
+            ca: "/etc/wasm-ecds/ca.crt".into(),
+            client: Some(("/etc/envoy/tls.crt".into(), "/etc/envoy/tls.key".into())),
+            sni: None,
+        });
+        let b = bootstrap(&filters, &sub, &f);
+        let clusters = b["static_resources"]["clusters"].as_array().unwrap();
+        let by_name = |n: &str| clusters.iter().find(|c| c["name"] == n).unwrap();
+        let xds = &by_name("xds")["transport_socket"]["typed_config"];
+        assert_eq!(xds["sni"], "wasm-ecds.istio-system.svc");
+        let common = &xds["common_tls_context"];
+        assert_eq!(common["alpn_protocols"], json!(["h2"]));
+        assert_eq!(
+            common["validation_context"]["trusted_ca"]["filename"],
+            "/etc/wasm-ecds/ca.crt"
+        );
+        assert_eq!(
+            common["tls_certificates"][0]["private_key"]["filename"],
+            "/etc/envoy/tls.key"
+        );
+        let modules = &by_name(MODULES_CLUSTER)["transport_socket"]["typed_config"];
+        // An IP endpoint: no name to send or match unless --tls-sni gives one.
+        assert!(modules.get("sni").is_none());
+        assert_eq!(
+            modules["common_tls_context"]["alpn_protocols"],
+            json!(["http/1.1"])
+        );
+        assert!(by_name(UPSTREAM_CLUSTER).get("transport_socket").is_none());
     }
 
     #[test]

@@ -127,6 +127,21 @@ pub struct BootstrapArgs {
     /// With --full: the node id (and cluster) Envoy presents to wasm-ecds.
     #[arg(long, value_name = "ID", default_value = full::DEFAULT_NODE_ID, requires = "full")]
     pub node_id: String,
+    /// With --full: TLS to wasm-ecds' xDS and module clusters, trusting this PEM CA file (as
+    /// Envoy will see the path).
+    #[arg(long, value_name = "FILE", requires = "full")]
+    pub tls_ca: Option<String>,
+    /// With --tls-ca: the certificate chain Envoy presents (mTLS: serve --xds-client-ca,
+    /// --admin-client-ca).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_ca", "tls_key"])]
+    pub tls_cert: Option<String>,
+    /// The private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<String>,
+    /// With --tls-ca: the server name sent and verified (default: the host of --xds-address /
+    /// --admin-address when it is a name).
+    #[arg(long, value_name = "NAME", requires = "tls_ca")]
+    pub tls_sni: Option<String>,
 }
 
 /// What the flags say, parsed.
@@ -227,6 +242,11 @@ impl BootstrapArgs {
                 upstream: host_port("--upstream", &self.upstream)?,
                 xds: host_port("--xds-address", &self.xds_address)?,
                 modules,
+                tls: self.tls_ca.clone().map(|ca| full::UpstreamTls {
+                    ca,
+                    client: self.tls_cert.clone().zip(self.tls_key.clone()),
+                    sni: self.tls_sni.clone(),
+                }),
             })
         } else {
             None

@@ -5,6 +5,7 @@
 pub mod bootstrap;
 pub mod inspect;
 pub mod options;
+pub mod ports;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

@@ -206,6 +206,9 @@ pub struct ServeArgs {
     /// Kubernetes: this replica's identity in the Lease (default: POD_NAME, else host-pid).
     #[arg(long, value_name = "ID", env = "WASM_ECDS_IDENTITY")]
     pub identity: Option<String>,
+    /// TLS, authorization, caps and timeouts of the xDS and admin ports (`cli/ports.rs`).
+    #[command(flatten)]
+    pub ports: super::ports::PortArgs,
     /// Ids of the options given as flags (not variables, not defaults): their errors name the flag.
     #[arg(skip)]
     from_flags: BTreeSet<String>,
@@ -326,6 +329,11 @@ impl ServeArgs {
             host_cas: config::parse_host_cas("WASM_ECDS_HOST_CA", &self.host_ca)
                 .map_err(|e| self.name_source("host_ca", e))?,
         })
+    }
+
+    /// How the ports are exposed (TLS, admin authorization, caps, timeouts, module base URL).
+    pub fn port_options(&self) -> Result<crate::net::PortOptions, OptionError> {
+        self.ports.resolve(&self.from_flags)
     }
 
     /// The Kubernetes source's options, `None` with `--source files`.

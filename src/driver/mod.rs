@@ -83,7 +83,9 @@ enum ModuleLocation {
 /// `file://` module a plugin serves. A snapshot, readable from any thread.
 #[derive(Clone)]
 pub struct ModuleIndex {
-    modules: BTreeMap<String, ModuleLocation>,
+    /// sha256 → where the module is and whether it was fetched with registry credentials (then
+    /// only authenticated callers get it: docs/security.md).
+    modules: BTreeMap<String, (ModuleLocation, bool)>,
     store: Arc<dyn ModuleStore>,
     files: Arc<dyn FileSource>,
 }
@@ -99,16 +101,25 @@ impl std::fmt::Debug for ModuleIndex {
 impl ModuleIndex {
     /// The module's bytes, `None` if there is no module with this sha256.
     pub fn read(&self, sha256: &str) -> Option<std::io::Result<Vec<u8>>> {
-        Some(match self.modules.get(sha256)? {
-            ModuleLocation::Cached(path) => self.store.read(path),
-            ModuleLocation::File(path) => {
-                let mut buf = Vec::new();
-                self.files
-                    .open(path)
-                    .and_then(|mut r| std::io::Read::read_to_end(&mut r, &mut buf))
-                    .map(|_| buf)
-            }
+        let mut buf = Vec::new();
+        Some(
+            self.open(sha256)?
+                .and_then(|mut r| std::io::Read::read_to_end(&mut r, &mut buf))
+                .map(|_| buf),
+        )
+    }
+
+    /// The module for reading in pieces, `None` if there is no module with this sha256.
+    pub fn open(&self, sha256: &str) -> Option<std::io::Result<Box<dyn std::io::Read + Send>>> {
+        Some(match &self.modules.get(sha256)?.0 {
+            ModuleLocation::Cached(path) => self.store.open(path),
+            ModuleLocation::File(path) => self.files.open(path),
         })
+    }
+
+    /// Whether the module was fetched with registry credentials (a pull secret).
+    pub fn is_private(&self, sha256: &str) -> bool {
+        self.modules.get(sha256).is_some_and(|m| m.1)
     }
 }
 
@@ -530,18 +541,20 @@ impl Driver {
 
     /// The modules offered at the module endpoint, as of now.
     pub fn modules(&self) -> ModuleIndex {
-        let mut modules: BTreeMap<String, ModuleLocation> = self
-            .engine
-            .cache()
-            .entries()
-            .map(|(_, e)| (e.sha256.clone(), ModuleLocation::Cached(e.path.clone())))
-            .collect();
+        // A module with these bytes fetched with credentials anywhere makes them private.
+        let mut modules: BTreeMap<String, (ModuleLocation, bool)> = BTreeMap::new();
+        for (_, e) in self.engine.cache().entries() {
+            let entry = modules
+                .entry(e.sha256.clone())
+                .or_insert_with(|| (ModuleLocation::Cached(e.path.clone()), false));
+            entry.1 |= e.private;
+        }
         for st in self.engine.plugins().values() {
             if let Serving::Module(m) = &st.serving {
                 if m.key.is_none() {
-                    modules
-                        .entry(m.sha256.clone())
-                        .or_insert_with(|| ModuleLocation::File(m.path.to_string_lossy().into()));
+                    modules.entry(m.sha256.clone()).or_insert_with(|| {
+                        (ModuleLocation::File(m.path.to_string_lossy().into()), false)
+                    });
                 }
             }
         }

@@ -27,7 +27,6 @@ use envoy_types::pb::envoy::service::extension::v3::extension_config_discovery_s
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -266,14 +265,15 @@ impl ExtensionConfigDiscoveryService for ProxyServer {
     }
 }
 
-/// Serves the proxy's xDS services on `listener` until `shutdown` completes.
+/// Serves the proxy's xDS services on `listener` (the one accept loop of [`crate::net::listen`])
+/// until `shutdown` completes.
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    listener: crate::net::Listener,
     server: ProxyServer,
     closing: watch::Sender<bool>,
     shutdown: impl Future<Output = ()> + Send,
 ) {
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = listener.incoming();
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(crate::xds::server::KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(crate::xds::server::KEEPALIVE_TIMEOUT))

@@ -3,30 +3,74 @@
 //! used by `--delivery http`. It only reads the controller's [`AdminView`](super::AdminView) and
 //! the shared [`Metrics`](crate::metrics::Metrics) (engine and xDS series, one registry), and
 //! sends the controller commands; it never touches the engine.
+//!
+//! Connections come from the one accept loop of [`crate::net::listen`] (TLS, connection cap).
+//! Each is bounded here: its request headers within `--admin-header-timeout` and
+//! [`MAX_HEADER_BYTES`], no byte moved for `--admin-idle-timeout` closes it. Everything but the
+//! `--admin-open` endpoints needs [`AdminOptions::access`] (docs/security.md); modules fetched with
+//! registry credentials go only to authenticated callers. Modules are streamed from disk in
+//! [`MODULE_CHUNK`] pieces, so a slow reader holds a few chunks, not the module.
 
+use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt as _, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::oneshot;
 
 use super::{Command, Shared};
+use crate::auth::Access;
 use crate::convert::MODULES_PATH;
 use crate::plugin::ObjectKey;
 
-type Body = Full<Bytes>;
+type Body = UnsyncBoxBody<Bytes, io::Error>;
+
+/// Largest request head (request line and headers) accepted.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Module bytes read from disk at a time.
+pub const MODULE_CHUNK: usize = 64 * 1024;
+
+/// Who may use which endpoint, and the per-connection bounds.
+#[derive(Debug)]
+pub struct AdminOptions {
+    pub access: Access,
+    /// Of `healthz`, `readyz`, `metrics`, `modules`: served without authentication (private
+    /// modules never are).
+    pub open: BTreeSet<String>,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl Default for AdminOptions {
+    /// Everything open, the default bounds (tests of other parts).
+    fn default() -> Self {
+        let ports = crate::net::PortOptions::default();
+        AdminOptions {
+            access: Access::open(),
+            open: ports.admin_open,
+            header_timeout: ports.admin_header_timeout,
+            idle_timeout: ports.admin_idle_timeout,
+        }
+    }
+}
 
 fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
     Response::builder()
         .status(status)
         .header("content-type", content_type)
-        .body(Full::new(body.into()))
+        .body(
+            Full::new(body.into())
+                .map_err(|n| match n {})
+                .boxed_unsync(),
+        )
         .expect("valid response")
 }
 
@@ -34,36 +78,83 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
     reply(status, "text/plain; charset=utf-8", body.into())
 }
 
+fn unauthorized(why: &str) -> Response<Body> {
+    let mut r = text(StatusCode::UNAUTHORIZED, format!("unauthorized: {why}\n"));
+    r.headers_mut()
+        .insert("www-authenticate", http::HeaderValue::from_static("Bearer"));
+    r
+}
+
 /// Serves until `shutdown` completes.
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    mut incoming: crate::net::Incoming,
     shared: Arc<Shared>,
+    options: Arc<AdminOptions>,
     shutdown: impl Future<Output = ()> + Send,
 ) {
     tokio::pin!(shutdown);
     loop {
-        let (stream, _) = tokio::select! {
+        let conn = tokio::select! {
             _ = &mut shutdown => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    continue;
-                }
+            conn = incoming.next() => match conn {
+                Some(c) => c,
+                None => return,
             },
         };
-        let shared = shared.clone();
+        let (shared, options) = (shared.clone(), options.clone());
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(req, shared.clone()));
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let peer_verified = conn.peer_verified();
+            let activity = conn.activity();
+            let idle = options.idle_timeout;
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(options.header_timeout)
+                .max_buf_size(MAX_HEADER_BYTES);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_header_list_size(MAX_HEADER_BYTES as u32);
+            let svc =
+                service_fn(move |req| handle(req, shared.clone(), options.clone(), peer_verified));
+            tokio::select! {
+                _ = builder.serve_connection(TokioIo::new(conn), svc) => {}
+                _ = activity.idle(idle) => {}
+            }
         });
     }
 }
 
-async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Body>, Infallible> {
+async fn handle(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+    options: Arc<AdminOptions>,
+    peer_verified: bool,
+) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
+    let authorization = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    let allowed = |endpoint: &str| {
+        options.open.contains(endpoint) || options.access.allows_peer(peer_verified, authorization)
+    };
+    let authenticated = options
+        .access
+        .authenticates_peer(peer_verified, authorization);
+    let endpoint = match path.as_str() {
+        "/healthz" => "healthz",
+        "/readyz" => "readyz",
+        "/metrics" => "metrics",
+        p if p.starts_with(MODULES_PATH) => "modules",
+        _ => "",
+    };
+    if !allowed(endpoint) {
+        return Ok(unauthorized(
+            "want a client certificate or Authorization: Bearer <token>",
+        ));
+    }
     let resp = match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => {
@@ -96,10 +187,19 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
             )
         }
         (&Method::POST, "/refresh") => refresh(req.uri().query().unwrap_or(""), &shared).await,
-        (&Method::GET, p) if p.starts_with(MODULES_PATH) => module(p, &shared).await,
+        (&Method::GET, p) => match module_sha(p) {
+            Some(sha) => module(sha, &shared, authenticated).await,
+            None => text(StatusCode::NOT_FOUND, "not found\n"),
+        },
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     };
     Ok(resp)
+}
+
+/// The sha256 of a module path: exactly `/modules/<64 lowercase hex>.wasm`.
+fn module_sha(path: &str) -> Option<&str> {
+    let sha = path.strip_prefix(MODULES_PATH)?.strip_suffix(".wasm")?;
+    (sha.len() == 64 && sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))).then_some(sha)
 }
 
 async fn refresh(query: &str, shared: &Shared) -> Response<Body> {
@@ -125,22 +225,81 @@ async fn refresh(query: &str, shared: &Shared) -> Response<Body> {
     }
 }
 
-async fn module(path: &str, shared: &Shared) -> Response<Body> {
-    let sha = path
-        .trim_start_matches(MODULES_PATH)
-        .trim_end_matches(".wasm");
+async fn module(sha: &str, shared: &Shared, authenticated: bool) -> Response<Body> {
     let Some(index) = shared.view.read().expect("view lock").modules.clone() else {
         return text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n");
     };
+    if index.is_private(sha) && !authenticated {
+        return unauthorized("this module was fetched with registry credentials");
+    }
     let sha = sha.to_string();
-    // Modules may be hundreds of MiB: read off the runtime's worker threads.
-    let read = tokio::task::spawn_blocking(move || index.read(&sha)).await;
-    match read.ok().flatten() {
-        Some(Ok(bytes)) => reply(StatusCode::OK, "application/wasm", bytes),
-        Some(Err(e)) => text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot read module: {e}\n"),
-        ),
-        None => text(StatusCode::NOT_FOUND, "no such module\n"),
+    let opened = tokio::task::spawn_blocking(move || index.open(&sha)).await;
+    let reader = match opened.ok().flatten() {
+        Some(Ok(reader)) => reader,
+        Some(Err(e)) => {
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot read module: {e}\n"),
+            )
+        }
+        None => return text(StatusCode::NOT_FOUND, "no such module\n"),
+    };
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/wasm")
+        .body(StreamBody::new(chunks(reader)).boxed_unsync())
+        .expect("valid response")
+}
+
+/// The reader's bytes in [`MODULE_CHUNK`] pieces, each read off the runtime's worker threads
+/// when the connection asks for it (hyper polls the body only when it can write).
+fn chunks(
+    reader: Box<dyn io::Read + Send>,
+) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, io::Error>> + Send + 'static {
+    futures_util::stream::unfold(Some(reader), |reader| async move {
+        let mut reader = reader?;
+        let read = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; MODULE_CHUNK];
+            let n = reader.read(&mut buf);
+            (
+                reader,
+                n.map(|n| {
+                    buf.truncate(n);
+                    buf
+                }),
+            )
+        })
+        .await;
+        match read {
+            Ok((_, Ok(buf))) if buf.is_empty() => None,
+            Ok((reader, Ok(buf))) => Some((Ok(Frame::data(Bytes::from(buf))), Some(reader))),
+            Ok((_, Err(e))) => Some((Err(e), None)),
+            Err(e) => Some((Err(io::Error::other(e)), None)),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::module_sha;
+
+    #[test]
+    fn only_exact_module_paths_name_a_module() {
+        let sha = "0123456789abcdef".repeat(4);
+        assert_eq!(
+            module_sha(&format!("/modules/{sha}.wasm")),
+            Some(sha.as_str())
+        );
+        for bad in [
+            format!("/modules/{sha}.wasm.wasm"),
+            format!("/modules/{sha}"),
+            format!("/modules/{}.wasm", sha.to_uppercase()),
+            format!("/modules/{}.wasm", &sha[1..]),
+            format!("/modules/x{sha}.wasm"),
+            format!("/modules/../{sha}.wasm"),
+            "/modules/.wasm".to_string(),
+        ] {
+            assert_eq!(module_sha(&bad), None, "{bad}");
+        }
     }
 }

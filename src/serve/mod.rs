@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod files;
+mod ports;
 mod process;
 pub mod proxied;
 pub mod sources;
@@ -119,10 +120,21 @@ impl ServerHandle {
     }
 }
 
-/// Starts the server on already-bound listeners.
+/// Starts the server on already-bound listeners, plain and open (tests of other parts).
 pub async fn start(setup: ServeSetup) -> anyhow::Result<ServerHandle> {
+    start_with(setup, crate::net::PortOptions::default()).await
+}
+
+/// Starts the server on already-bound listeners, exposed as `ports` says (TLS, admin
+/// authorization, caps, timeouts, module base URL: docs/security.md).
+pub async fn start_with(
+    setup: ServeSetup,
+    ports: crate::net::PortOptions,
+) -> anyhow::Result<ServerHandle> {
     let xds_address = setup.xds_listener.local_addr()?;
     let admin_address = setup.admin_listener.local_addr()?;
+    let exposure = ports::Exposure::new(&ports, xds_address, admin_address)?;
+    let module_endpoint = exposure.module_endpoint.clone();
     let store =
         Arc::new(DiskStore::open(&setup.config.cache_dir).with_context(|| {
             format!("cannot open cache dir {}", setup.config.cache_dir.display())
@@ -140,7 +152,7 @@ pub async fn start(setup: ServeSetup) -> anyhow::Result<ServerHandle> {
             fetch_config: setup.fetch_config.clone(),
             purge_epoch: start,
         },
-        module_endpoint: format!("http://{admin_address}"),
+        module_endpoint: module_endpoint.clone(),
     })?;
     tracing::info!(kept = report.kept, removed = report.removed.len(), dir = %setup.config.cache_dir.display(), "cache indexed");
     let metrics = driver.engine().metrics().clone();
@@ -171,7 +183,7 @@ pub async fn start(setup: ServeSetup) -> anyhow::Result<ServerHandle> {
     let controller = Controller {
         watcher,
         proxy: hub.clone().map(proxied::ProxyLink::new),
-        module_endpoint: format!("http://{admin_address}"),
+        module_endpoint,
         driver,
         files: files::FileSource::new(setup.plugin_paths.clone()),
         shared: shared.clone(),
@@ -186,7 +198,7 @@ pub async fn start(setup: ServeSetup) -> anyhow::Result<ServerHandle> {
         ready_tx,
     )));
     let rx = shutdown_tx.subscribe();
-    let xds_listener = setup.xds_listener;
+    let xds_listener = exposure.xds_listener(setup.xds_listener, &shared.metrics);
     match (&setup.proxy, hub) {
         (Some(upstream), Some(hub)) => {
             // A proxy has no plugin set of its own to wait for: streams are forwarded at once.
@@ -218,8 +230,11 @@ pub async fn start(setup: ServeSetup) -> anyhow::Result<ServerHandle> {
     }
     let rx = shutdown_tx.subscribe();
     tasks.push(tokio::spawn(admin::serve(
-        setup.admin_listener,
+        exposure
+            .admin_listener(setup.admin_listener, &shared.metrics)
+            .incoming(),
         shared.clone(),
+        exposure.admin,
         wait_shutdown(rx),
     )));
     tracing::info!(%xds_address, %admin_address, "wasm-ecds serving");

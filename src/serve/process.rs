@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use super::{start, ServeSetup};
+use super::{start_with, ServeSetup};
 use crate::config::Config;
 
 /// Runs `serve` until SIGTERM/SIGINT. Returns the exit status.
@@ -49,6 +49,12 @@ async fn run_until_signal(
         signal(SignalKind::terminate())?,
         signal(SignalKind::interrupt())?,
     );
+    // Thousands of Envoys must not stop at a soft limit of 1024 open files.
+    match crate::net::listen::raise_nofile_limit() {
+        Some(n) => tracing::debug!(limit = n, "open-files limit"),
+        None => tracing::warn!("cannot read the open-files limit"),
+    }
+    let ports = args.port_options()?;
     let xds_listener = tokio::net::TcpListener::bind(args.xds_address)
         .await
         .with_context(|| format!("--xds-address {}", args.xds_address))?;
@@ -60,16 +66,19 @@ async fn run_until_signal(
         &config,
         Vec::new(),
     )?);
-    let mut handle = start(ServeSetup {
-        config,
-        plugin_paths: args.plugins.clone(),
-        xds_listener,
-        admin_listener,
-        transport,
-        fetch_config: None,
-        kube,
-        proxy,
-    })
+    let mut handle = start_with(
+        ServeSetup {
+            config,
+            plugin_paths: args.plugins.clone(),
+            xds_listener,
+            admin_listener,
+            transport,
+            fetch_config: None,
+            kube,
+            proxy,
+        },
+        ports,
+    )
     .await?;
     eprintln!(
         "wasm-ecds: xds on {}, admin on {}",

@@ -27,7 +27,6 @@ use envoy_types::pb::envoy::service::extension::v3::extension_config_discovery_s
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt as _;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
@@ -72,7 +71,7 @@ impl Default for ServeOptions {
 /// Serves ECDS and ADS on `listener` until `shutdown` completes, then closes every stream and
 /// returns. Errors are logged (this is what `serve` mode spawns).
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    listener: impl Into<crate::net::Listener>,
     store: ResourceStore,
     shutdown: impl Future<Output = ()> + Send,
 ) {
@@ -82,19 +81,22 @@ pub async fn serve(
 }
 
 /// [`serve`] with explicit options, returning the transport error instead of logging it.
+/// Connections come through the one accept loop of [`crate::net::listen`] (TLS, connection cap,
+/// accept back-off); a bare `TcpListener` is a plain xDS port.
 pub async fn serve_with_options(
-    listener: tokio::net::TcpListener,
+    listener: impl Into<crate::net::Listener>,
     store: ResourceStore,
     options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
+    let listener = listener.into();
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "xds server listening");
+        tracing::info!(%addr, tls = listener.is_tls(), "xds server listening");
     }
     let (closing_tx, closing_rx) = watch::channel(false);
     let server =
         XdsServer::with_shutdown(store, closing_rx).max_message_size(options.max_message_size);
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = listener.incoming();
     tonic::transport::Server::builder()
         .http2_keepalive_interval(options.keepalive_interval)
         .http2_keepalive_timeout(options.keepalive_timeout)
