@@ -14,6 +14,9 @@ use clap::{ArgMatches, Args};
 use crate::config::{self, Config, Delivery, OptionError};
 use crate::k8s::{KubeOptions, LeaseOptions};
 
+mod xds;
+pub use xds::XdsLimitArgs;
+
 /// `--xds-address` when none is given.
 pub const DEFAULT_XDS_ADDRESS: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 18000);
@@ -192,6 +195,9 @@ pub struct ServeArgs {
     /// Kubernetes: this replica's identity in the Lease (default: POD_NAME, else host-pid).
     #[arg(long, value_name = "ID", env = "WASM_ECDS_IDENTITY")]
     pub identity: Option<String>,
+    /// Bounds of the xDS port (`options/xds.rs`).
+    #[command(flatten)]
+    pub xds_limits: XdsLimitArgs,
     /// Ids of the options given as flags (not variables, not defaults): their errors name the flag.
     #[arg(skip)]
     from_flags: BTreeSet<String>,

@@ -119,8 +119,16 @@ impl ServerHandle {
     }
 }
 
-/// Starts the server on already-bound listeners.
+/// Starts the server on already-bound listeners, with the xDS port's default bounds.
 pub async fn start(setup: ServeSetup) -> anyhow::Result<ServerHandle> {
+    start_with(setup, crate::xds::ServeOptions::default()).await
+}
+
+/// [`start`] with the xDS port's options (bounds from the `--xds-*` flags).
+pub async fn start_with(
+    setup: ServeSetup,
+    xds_options: crate::xds::ServeOptions,
+) -> anyhow::Result<ServerHandle> {
     let xds_address = setup.xds_listener.local_addr()?;
     let admin_address = setup.admin_listener.local_addr()?;
     let store =
@@ -213,7 +221,12 @@ pub async fn start(setup: ServeSetup) -> anyhow::Result<ServerHandle> {
                     _ = wait_shutdown(rx.clone()) => {}
                     ready = ready_rx => {
                         if ready.is_ok() {
-                            crate::xds::serve(xds_listener, resources, wait_shutdown(rx)).await;
+                            let serving = crate::xds::serve_with_options(
+                                xds_listener, resources, xds_options, wait_shutdown(rx),
+                            );
+                            if let Err(e) = serving.await {
+                                tracing::error!(error = %e, "xds server failed");
+                            }
                         }
                     }
                 }

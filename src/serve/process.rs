@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use super::{start, ServeSetup};
+use super::{start_with, ServeSetup};
 use crate::config::Config;
 
 /// Runs `serve` until SIGTERM/SIGINT. Returns the exit status.
@@ -56,20 +56,27 @@ async fn run_until_signal(
         .await
         .with_context(|| format!("--admin-address {}", args.admin_address))?;
     let kube = args.kube_options()?;
+    let xds_options = crate::xds::ServeOptions {
+        limits: args.xds_limits()?,
+        ..Default::default()
+    };
     let transport = Arc::new(crate::fetch::hyper_transport::HyperTransport::new(
         &config,
         Vec::new(),
     )?);
-    let mut handle = start(ServeSetup {
-        config,
-        plugin_paths: args.plugins.clone(),
-        xds_listener,
-        admin_listener,
-        transport,
-        fetch_config: None,
-        kube,
-        proxy,
-    })
+    let mut handle = start_with(
+        ServeSetup {
+            config,
+            plugin_paths: args.plugins.clone(),
+            xds_listener,
+            admin_listener,
+            transport,
+            fetch_config: None,
+            kube,
+            proxy,
+        },
+        xds_options,
+    )
     .await?;
     eprintln!(
         "wasm-ecds: xds on {}, admin on {}",

@@ -49,6 +49,10 @@ impl DeltaStream {
         &self.core
     }
 
+    pub(crate) fn core_mut(&mut self) -> &mut StreamCore {
+        &mut self.core
+    }
+
     fn event(&self, kind: StreamEventKind) -> StreamEvent {
         self.core.event(kind)
     }
@@ -102,16 +106,20 @@ impl DeltaStream {
         match &req.error_detail {
             Some(status) => {
                 let nacks = store.count_nack();
-                tracing::warn!(
-                    node = %self.core.node_id,
-                    version = %delivery.version,
-                    nonce = %delivery.nonce,
-                    resources = ?delivery.resources.iter().map(|r| format!("{}@{}", r.name, r.version)).collect::<Vec<_>>(),
-                    code = status.code,
-                    message = %status.message,
-                    nacks,
-                    "proxy rejected ECDS update (NACK)"
-                );
+                let key = format!("nack {}", self.core.node_id);
+                if let Some(suppressed) = self.core.admit_log(&key) {
+                    tracing::warn!(
+                        node = %self.core.node_id,
+                        version = %delivery.version,
+                        nonce = %delivery.nonce,
+                        resources = ?delivery.resources.iter().map(|r| format!("{}@{}", r.name, r.version)).collect::<Vec<_>>(),
+                        code = status.code,
+                        message = %status.message,
+                        nacks,
+                        suppressed,
+                        "proxy rejected ECDS update (NACK)"
+                    );
+                }
                 let message = status.message.clone();
                 store.emit(|| self.event(StreamEventKind::Nacked { delivery, message }));
             }
@@ -159,6 +167,12 @@ impl DeltaStream {
             .cloned()
             .collect();
         if changed.is_empty() && removed.is_empty() {
+            return None;
+        }
+        if !self
+            .core
+            .admit(changed.iter().map(|e| e.any.value.len()).sum(), store)
+        {
             return None;
         }
         let nonce = self.core.next_nonce();

@@ -11,6 +11,8 @@
 //!   stream snapshots, counters and their Prometheus series;
 //! - `sotw` and `delta` (private): the per-stream protocol state machines, free of I/O;
 //! - [`server`]: the tonic services, one task per stream, and [`serve`];
+//! - [`limits`]: the bounds of the xDS port (request size, streams, names, node size, send
+//!   budget, ACK deadline) and the log gate for repeated lines;
 //! - [`client`]: the proxy's side of the protocol, for tests and load tools.
 //!
 //! What a resource contains (the Wasm filter or its RBAC fallback) is `convert`'s business; when a
@@ -21,12 +23,14 @@ use tonic::Status;
 #[cfg(any(test, feature = "testing"))]
 pub mod client;
 mod delta;
+pub mod limits;
 mod report;
 pub mod server;
 mod sotw;
 pub mod store;
 mod stream;
 
+pub use limits::StreamLimits;
 pub use server::{serve, serve_with_options, ServeOptions, XdsServer, MAX_MESSAGE_SIZE};
 pub use store::{
     Api, Delivery, Protocol, ResourceStore, ResourceVersion, StreamEvent, StreamEventKind,

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use prometheus::{IntCounter, IntGauge, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use serde::Serialize;
 
 /// Prometheus names of the xDS series ([`XdsSeries`]); counters without a `_total` suffix, like the
@@ -17,6 +17,12 @@ pub const METRIC_PUSH_COUNT: &str = "wasm_ecds_xds_push_count";
 pub const METRIC_ACK_COUNT: &str = "wasm_ecds_xds_ack_count";
 pub const METRIC_NACK_COUNT: &str = "wasm_ecds_xds_nack_count";
 pub const METRIC_RESOURCES: &str = "wasm_ecds_xds_resources";
+/// How often each bound of the xDS port was hit, by `limit` (`docs/behavior.md` "Bounds of the
+/// xDS port"): `request_size`, `streams`, `resource_names`, `node_size`, `send_budget` (a push
+/// waited for the send budget) and `ack_timeout` (a stream closed for want of an ACK).
+pub const METRIC_LIMIT_COUNT: &str = "wasm_ecds_xds_limit_count";
+/// Bytes of responses handed to streams whose proxy has not read them yet (the send budget in use).
+pub const METRIC_UNREAD_BYTES: &str = "wasm_ecds_xds_unread_bytes";
 
 /// Identifies one gRPC stream for the lifetime of the process (assigned in opening order).
 pub type StreamId = u64;
@@ -149,6 +155,8 @@ pub struct XdsSeries {
     pub(super) acks: IntCounter,
     pub(super) nacks: IntCounter,
     pub(super) resources: IntGauge,
+    pub(super) limits: IntCounterVec,
+    pub(super) unread_bytes: IntGauge,
 }
 
 impl XdsSeries {
@@ -166,6 +174,15 @@ impl XdsSeries {
             acks: counter(METRIC_ACK_COUNT, "ECDS responses ACKed by proxies."),
             nacks: counter(METRIC_NACK_COUNT, "ECDS responses NACKed by proxies."),
             resources: gauge(METRIC_RESOURCES, "ECDS resources served."),
+            limits: IntCounterVec::new(
+                Opts::new(METRIC_LIMIT_COUNT, "Bounds of the xDS port hit, by limit."),
+                &["limit"],
+            )
+            .expect("valid metric"),
+            unread_bytes: gauge(
+                METRIC_UNREAD_BYTES,
+                "Bytes of responses handed to xDS streams and not yet read by their proxy.",
+            ),
         };
         for c in [
             Box::new(series.connected_streams.clone()) as Box<dyn prometheus::core::Collector>,
@@ -174,6 +191,8 @@ impl XdsSeries {
             Box::new(series.acks.clone()),
             Box::new(series.nacks.clone()),
             Box::new(series.resources.clone()),
+            Box::new(series.limits.clone()),
+            Box::new(series.unread_bytes.clone()),
         ] {
             registry
                 .register(c)

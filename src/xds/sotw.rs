@@ -57,6 +57,10 @@ impl SotwStream {
         &self.core
     }
 
+    pub(crate) fn core_mut(&mut self) -> &mut StreamCore {
+        &mut self.core
+    }
+
     fn event(&self, kind: StreamEventKind) -> StreamEvent {
         self.core.event(kind)
     }
@@ -81,15 +85,19 @@ impl SotwStream {
             match &req.error_detail {
                 Some(status) => {
                     let nacks = store.count_nack();
-                    tracing::warn!(
-                        node = %self.core.node_id,
-                        version = %delivery.version,
-                        nonce = %delivery.nonce,
-                        code = status.code,
-                        message = %status.message,
-                        nacks,
-                        "proxy rejected ECDS update (NACK)"
-                    );
+                    let key = format!("nack {}", self.core.node_id);
+                    if let Some(suppressed) = self.core.admit_log(&key) {
+                        tracing::warn!(
+                            node = %self.core.node_id,
+                            version = %delivery.version,
+                            nonce = %delivery.nonce,
+                            code = status.code,
+                            message = %status.message,
+                            nacks,
+                            suppressed,
+                            "proxy rejected ECDS update (NACK)"
+                        );
+                    }
                     let message = status.message.clone();
                     store.emit(|| self.event(StreamEventKind::Nacked { delivery, message }));
                 }
@@ -140,6 +148,12 @@ impl SotwStream {
         if current
             .iter()
             .all(|e| self.core.held.get(&e.name) == Some(&e.version))
+        {
+            return None;
+        }
+        if !self
+            .core
+            .admit(current.iter().map(|e| e.any.value.len()).sum(), store)
         {
             return None;
         }

@@ -7,6 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use envoy_types::pb::envoy::config::core::v3::Node;
 
 use super::accepts_type_url;
+use std::sync::Arc;
+
+use super::limits::{Grant, LogGate, SendBudget};
 use super::store::{
     Api, Delivery, Protocol, ResourceStore, StreamEvent, StreamEventKind, StreamId, StreamInfo,
 };
@@ -27,6 +30,14 @@ pub(crate) struct StreamCore {
     nonce_counter: u64,
     /// The last response while it awaits its ACK or NACK (no push until it arrives).
     pub(crate) outstanding: Option<Delivery>,
+    /// Where pushes take their bytes from (`limits.rs`); `None`: unbounded (unit tests).
+    pub(crate) budget: Option<SendBudget>,
+    /// The grant of the response just built, for the server to send along with it.
+    pub(crate) grant: Option<Grant>,
+    /// A push is waiting for the send budget.
+    pub(crate) deferred: bool,
+    /// The server's log gate for repeated lines (NACK loops); `None`: every line (unit tests).
+    pub(crate) log: Option<Arc<LogGate>>,
 }
 
 impl StreamCore {
@@ -42,6 +53,41 @@ impl StreamCore {
             acked: BTreeMap::new(),
             nonce_counter: 0,
             outstanding: None,
+            budget: None,
+            grant: None,
+            deferred: false,
+            log: None,
+        }
+    }
+
+    /// `Some(suppressed)` when a line under `key` may be logged now (see `LogGate`).
+    pub(crate) fn admit_log(&self, key: &str) -> Option<u64> {
+        match &self.log {
+            Some(gate) => gate.admit(key),
+            None => Some(0),
+        }
+    }
+
+    /// Whether a response of `bytes` may be built now: takes its grant from the send budget, or
+    /// marks the push deferred (counted once per wait) when the budget cannot hold it.
+    pub(crate) fn admit(&mut self, bytes: usize, store: &ResourceStore) -> bool {
+        let Some(budget) = &self.budget else {
+            return true;
+        };
+        match budget.try_grant(bytes) {
+            Some(grant) => {
+                self.grant = Some(grant);
+                self.deferred = false;
+                true
+            }
+            None => {
+                if !self.deferred {
+                    store.count_limit("send_budget");
+                    tracing::debug!(bytes, "push waits for the send budget");
+                }
+                self.deferred = true;
+                false
+            }
         }
     }
 
