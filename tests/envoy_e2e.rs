@@ -366,6 +366,15 @@ impl Server {
             .text()
     }
 
+    /// `GET /debug/syncz`, parsed.
+    async fn syncz(&self) -> Value {
+        let r = self
+            .admin_get("/debug/syncz")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        serde_json::from_slice(&r.body).expect("/debug/syncz is JSON")
+    }
+
     /// The `/debug/plugins` entry of `ns/name`.
     async fn plugin(&self, key: &str) -> Value {
         let r = self
@@ -1145,6 +1154,38 @@ async fn envoy_nack_keeps_last_good_config_without_resend_loop() {
         proxies,
         "{metrics}"
     );
+    // The per-proxy view: each Envoy's stream holds the good version ACKed, the bad one sent and
+    // NACKed with Envoy's own error message.
+    let syncz = server.syncz().await;
+    let streams = syncz["proxies"].as_array().expect("proxies").clone();
+    assert_eq!(streams.len() as u64, proxies, "{syncz}");
+    let mut transports = std::collections::BTreeSet::new();
+    for s in &streams {
+        assert!(!s["node"].as_str().unwrap_or("").is_empty(), "{s}");
+        assert!(
+            s["peer"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("127.0.0.1:")),
+            "{s}"
+        );
+        transports.insert(format!("{}/{}", s["api"], s["protocol"]));
+        let r = &s["resources"][0];
+        assert_eq!(r["name"], filter.as_str(), "{s}");
+        assert_eq!(r["current"], bad_version.as_str(), "{s}");
+        assert_eq!(r["sent"], bad_version.as_str(), "{s}");
+        assert_eq!(r["acked"], good_version.as_str(), "{s}");
+        assert_eq!(r["nacked"]["version"], bad_version.as_str(), "{s}");
+        assert!(
+            !r["nacked"]["message"].as_str().unwrap_or("").is_empty(),
+            "Envoy's error message: {s}"
+        );
+        assert_eq!(r["synced"], false, "{s}");
+    }
+    assert_eq!(
+        transports.len() as u64,
+        proxies,
+        "one stream per transport: {syncz}"
+    );
     // No resend loop: nothing more is pushed or NACKed while the resource does not change.
     tokio::time::sleep(QUIET).await;
     let quiet = server.handle.shared.resources.stats();
@@ -1164,6 +1205,19 @@ async fn envoy_nack_keeps_last_good_config_without_resend_loop() {
         wait_version_matches(envoy, &server, &filter).await;
     }
     assert_eq!(server.handle.shared.resources.stats().nacks, proxies);
+    let syncz = wait_for("every proxy synced in /debug/syncz", CONVERGE, || async {
+        let v = server.syncz().await;
+        let all =
+            v["proxies"].as_array().into_iter().flatten().all(|s| {
+                s["resources"][0]["synced"] == true && s["resources"][0]["nacked"].is_null()
+            });
+        all.then_some(v.clone()).ok_or(v.to_string())
+    })
+    .await;
+    assert_eq!(
+        syncz["proxies"].as_array().map(Vec::len),
+        Some(proxies as usize)
+    );
     drop(envoys);
     server.stop().await;
 }

@@ -89,6 +89,7 @@ impl DeltaStream {
             self.core.subscribed.remove(name);
             self.core.held.remove(name);
             self.core.acked.remove(name);
+            self.core.nacked.remove(name);
         }
         if first {
             // Only meaningful on the first request of a stream (xDS protocol, "Incremental xDS").
@@ -106,6 +107,8 @@ impl DeltaStream {
         match &req.error_detail {
             Some(status) => {
                 let nacks = store.count_nack();
+                let message = StreamCore::bounded_message(&status.message);
+                self.core.nack_resources(&delivery, &message);
                 let key = format!("nack {}", self.core.node_id);
                 if let Some(suppressed) = self.core.admit_log(&key) {
                     tracing::warn!(
@@ -114,13 +117,12 @@ impl DeltaStream {
                         nonce = %delivery.nonce,
                         resources = ?delivery.resources.iter().map(|r| format!("{}@{}", r.name, r.version)).collect::<Vec<_>>(),
                         code = status.code,
-                        message = %status.message,
+                        message = %message,
                         nacks,
                         suppressed,
                         "proxy rejected ECDS update (NACK)"
                     );
                 }
-                let message = status.message.clone();
                 store.emit(|| self.event(StreamEventKind::Nacked { delivery, message }));
             }
             None => {
@@ -128,11 +130,12 @@ impl DeltaStream {
                 tracing::debug!(version = %delivery.version, nonce = %delivery.nonce, "ACK");
                 for r in &delivery.resources {
                     if self.core.subscribed.contains(&r.name) {
-                        self.core.acked.insert(r.name.clone(), r.version.clone());
+                        self.core.ack_resource(&r.name, &r.version);
                     }
                 }
                 for name in &delivery.removed {
                     self.core.acked.remove(name);
+                    self.core.nacked.remove(name);
                 }
                 store.emit(|| self.event(StreamEventKind::Acked(delivery)));
             }

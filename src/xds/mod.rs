@@ -13,6 +13,7 @@
 //! - [`server`]: the tonic services, one task per stream, and [`serve`];
 //! - [`limits`]: the bounds of the xDS port (request size, streams, names, node size, send
 //!   budget, ACK deadline) and the log gate for repeated lines;
+//! - [`syncz`]: the per-proxy view (`/debug/syncz`): sent, ACKed and NACKed per resource;
 //! - [`client`]: the proxy's side of the protocol, for tests and load tools.
 //!
 //! What a resource contains (the Wasm filter or its RBAC fallback) is `convert`'s business; when a
@@ -29,11 +30,12 @@ pub mod server;
 mod sotw;
 pub mod store;
 mod stream;
+pub mod syncz;
 
 pub use limits::StreamLimits;
 pub use server::{serve, serve_with_options, ServeOptions, XdsServer, MAX_MESSAGE_SIZE};
 pub use store::{
-    Api, Delivery, Protocol, ResourceStore, ResourceVersion, StreamEvent, StreamEventKind,
+    Api, Delivery, Nacked, Protocol, ResourceStore, ResourceVersion, StreamEvent, StreamEventKind,
     StreamId, StreamInfo, XdsStats,
 };
 

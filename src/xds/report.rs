@@ -130,12 +130,26 @@ pub struct XdsStats {
     pub revision: u64,
 }
 
+/// The last NACK of a resource on a stream: the version rejected and the proxy's error message
+/// (at most [`NACK_MESSAGE_MAX`] bytes of it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Nacked {
+    pub version: String,
+    pub message: String,
+}
+
+/// How much of a NACK's error message is kept per resource (the rest is cut at a character
+/// boundary and marked with `…`).
+pub const NACK_MESSAGE_MAX: usize = 4096;
+
 /// What one open stream subscribes to and holds, for `/debug` and for "is this module still sent
 /// to a connected proxy" questions.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct StreamInfo {
     pub id: StreamId,
     pub node_id: String,
+    /// The proxy's address as the server saw it (absent for in-process streams without one).
+    pub peer: Option<String>,
     pub api: Api,
     pub protocol: Protocol,
     /// Subscribed resource names, sorted.
@@ -144,6 +158,8 @@ pub struct StreamInfo {
     pub sent: BTreeMap<String, String>,
     /// Per resource, the version the proxy last ACKed on this stream.
     pub acked: BTreeMap<String, String>,
+    /// Per resource, the last NACK not followed by an ACK of that resource.
+    pub nacked: BTreeMap<String, Nacked>,
 }
 
 /// The xDS series of one registry. Handles are shared: clones count into the same series.

@@ -225,6 +225,7 @@ impl XdsServer {
         let mut state = P::new(id, api);
         state.core_mut().budget = Some(self.budget.clone());
         state.core_mut().log = Some(self.log.clone());
+        state.core_mut().peer = peer;
         let task = StreamTask {
             id,
             api,

@@ -85,6 +85,8 @@ impl SotwStream {
             match &req.error_detail {
                 Some(status) => {
                     let nacks = store.count_nack();
+                    let message = StreamCore::bounded_message(&status.message);
+                    self.core.nack_resources(&delivery, &message);
                     let key = format!("nack {}", self.core.node_id);
                     if let Some(suppressed) = self.core.admit_log(&key) {
                         tracing::warn!(
@@ -92,20 +94,19 @@ impl SotwStream {
                             version = %delivery.version,
                             nonce = %delivery.nonce,
                             code = status.code,
-                            message = %status.message,
+                            message = %message,
                             nacks,
                             suppressed,
                             "proxy rejected ECDS update (NACK)"
                         );
                     }
-                    let message = status.message.clone();
                     store.emit(|| self.event(StreamEventKind::Nacked { delivery, message }));
                 }
                 None => {
                     store.count_ack();
                     tracing::debug!(version = %delivery.version, nonce = %delivery.nonce, "ACK");
                     for r in &delivery.resources {
-                        self.core.acked.insert(r.name.clone(), r.version.clone());
+                        self.core.ack_resource(&r.name, &r.version);
                     }
                     store.emit(|| self.event(StreamEventKind::Acked(delivery)));
                 }
@@ -129,9 +130,8 @@ impl SotwStream {
         let names: BTreeSet<String> = names.into_iter().collect();
         if names != self.core.subscribed {
             tracing::debug!(subscribed = ?names, "subscription changed");
-            self.core.held.retain(|n, _| names.contains(n));
-            self.core.acked.retain(|n, _| names.contains(n));
             self.core.subscribed = names;
+            self.core.forget_unsubscribed();
         }
     }
 

@@ -414,11 +414,13 @@ impl ResourceStore {
             StreamInfo {
                 id,
                 node_id: String::new(),
+                peer: None,
                 api,
                 protocol,
                 subscribed: Vec::new(),
                 sent: BTreeMap::new(),
                 acked: BTreeMap::new(),
+                nacked: BTreeMap::new(),
             },
         );
         Some(id)

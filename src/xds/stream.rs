@@ -3,6 +3,7 @@
 //! the reports built from them ([`StreamInfo`], [`StreamEvent`]).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 
@@ -11,7 +12,8 @@ use std::sync::Arc;
 
 use super::limits::{Grant, LogGate, SendBudget};
 use super::store::{
-    Api, Delivery, Protocol, ResourceStore, StreamEvent, StreamEventKind, StreamId, StreamInfo,
+    Api, Delivery, Nacked, Protocol, ResourceStore, StreamEvent, StreamEventKind, StreamId,
+    StreamInfo, NACK_MESSAGE_MAX,
 };
 
 #[derive(Debug)]
@@ -27,6 +29,10 @@ pub(crate) struct StreamCore {
     pub(crate) held: BTreeMap<String, String>,
     /// Per resource, the version the proxy last ACKed.
     pub(crate) acked: BTreeMap<String, String>,
+    /// Per resource, the last NACK not followed by an ACK of it (`/debug/syncz`).
+    pub(crate) nacked: BTreeMap<String, Nacked>,
+    /// The proxy's address, when known.
+    pub(crate) peer: Option<SocketAddr>,
     nonce_counter: u64,
     /// The last response while it awaits its ACK or NACK (no push until it arrives).
     pub(crate) outstanding: Option<Delivery>,
@@ -51,6 +57,8 @@ impl StreamCore {
             subscribed: BTreeSet::new(),
             held: BTreeMap::new(),
             acked: BTreeMap::new(),
+            nacked: BTreeMap::new(),
+            peer: None,
             nonce_counter: 0,
             outstanding: None,
             budget: None,
@@ -58,6 +66,44 @@ impl StreamCore {
             deferred: false,
             log: None,
         }
+    }
+
+    /// The proxy accepted `version` of `name`.
+    pub(crate) fn ack_resource(&mut self, name: &str, version: &str) {
+        self.acked.insert(name.to_string(), version.to_string());
+        self.nacked.remove(name);
+    }
+
+    /// The proxy rejected the resources of `delivery` with `message`.
+    pub(crate) fn nack_resources(&mut self, delivery: &Delivery, message: &str) {
+        for r in &delivery.resources {
+            let nack = Nacked {
+                version: r.version.clone(),
+                message: message.to_string(),
+            };
+            self.nacked.insert(r.name.clone(), nack);
+        }
+    }
+
+    /// A NACK's error message, cut to [`NACK_MESSAGE_MAX`] bytes: it is logged, kept per resource
+    /// and sent to event watchers, and a proxy may send megabytes.
+    pub(crate) fn bounded_message(message: &str) -> String {
+        if message.len() <= NACK_MESSAGE_MAX {
+            return message.to_string();
+        }
+        let mut end = NACK_MESSAGE_MAX;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}…", &message[..end])
+    }
+
+    /// Forgets what is known of names no longer subscribed.
+    pub(crate) fn forget_unsubscribed(&mut self) {
+        let subscribed = &self.subscribed;
+        self.held.retain(|n, _| subscribed.contains(n));
+        self.acked.retain(|n, _| subscribed.contains(n));
+        self.nacked.retain(|n, _| subscribed.contains(n));
     }
 
     /// `Some(suppressed)` when a line under `key` may be logged now (see `LogGate`).
@@ -132,11 +178,13 @@ impl StreamCore {
         StreamInfo {
             id: self.id,
             node_id: self.node_id.clone(),
+            peer: self.peer.map(|p| p.to_string()),
             api: self.api,
             protocol: self.protocol,
             subscribed: self.subscribed.iter().cloned().collect(),
             sent: self.held.clone(),
             acked: self.acked.clone(),
+            nacked: self.nacked.clone(),
         }
     }
 
