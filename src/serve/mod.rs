@@ -62,6 +62,8 @@ pub struct Shared {
     pub resources: ResourceStore,
     /// The engine's series and the resource store's: `/metrics` renders them live.
     pub metrics: Metrics,
+    /// The engine's events for `wasm_ecds.v1.Admin/WatchEvents` (xds/admin.rs).
+    pub events: crate::xds::admin::EventHub,
 }
 
 /// Requests to the controller.
@@ -159,6 +161,7 @@ pub async fn start_with(
         commands: cmd_tx.clone(),
         resources: resources.clone(),
         metrics,
+        events: xds_options.events.clone(),
     });
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
 
@@ -424,8 +427,10 @@ impl Controller {
             }
             self.refresh_view(ready_tx.is_none());
             self.publish_statuses();
-            // Events are only read by the proxy link; taking them also keeps them from piling up.
+            // Events are read by the proxy link and `WatchEvents`; taking them also keeps them
+            // from piling up.
             let events = self.driver.take_events();
+            self.shared.events.publish(&events);
             let sweep = match &self.proxy {
                 Some(link) => {
                     link.report(&self.driver, &events, &self.module_endpoint);

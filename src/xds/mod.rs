@@ -13,6 +13,8 @@
 //! - [`server`]: the tonic services, one task per stream, and [`serve`];
 //! - [`limits`]: the bounds of the xDS port (request size, streams, names, node size, send
 //!   budget, ACK deadline) and the log gate for repeated lines;
+//! - [`admin`]: the project's own gRPC service `wasm_ecds.v1.Admin` (`proto/`): event feed and
+//!   per-proxy view, on the xDS port;
 //! - [`syncz`]: the per-proxy view (`/debug/syncz`): sent, ACKed and NACKed per resource;
 //! - [`client`]: the proxy's side of the protocol, for tests and load tools.
 //!
@@ -21,6 +23,7 @@
 
 use tonic::Status;
 
+pub mod admin;
 #[cfg(any(test, feature = "testing"))]
 pub mod client;
 mod delta;

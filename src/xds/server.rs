@@ -41,12 +41,14 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
+use super::admin::{self, EventHub};
 use super::delta::DeltaStream;
 use super::limits::{AbortHandle, AbortLayer, Grant, LogGate, SendBudget, StreamLimits};
 use super::sotw::{fetch_response, SotwStream};
 use super::store::{Api, Protocol, ResourceStore, StreamEvent, StreamEventKind, StreamId};
 use super::stream::StreamCore;
 use super::{accepts_type_url, Error, ECDS_TYPE_URL};
+use crate::auth::Access;
 
 /// Largest gRPC response sent: inline modules make ECDS resources tens of MiB. Requests have their
 /// own, much smaller bound ([`StreamLimits::max_request_size`]).
@@ -69,6 +71,11 @@ pub struct ServeOptions {
     pub max_message_size: usize,
     /// The bounds of `limits.rs`, request size included.
     pub limits: StreamLimits,
+    /// Where the engine's events for `wasm_ecds.v1.Admin/WatchEvents` come from (`admin.rs`).
+    pub events: EventHub,
+    /// Who may use the `wasm_ecds.v1.Admin` service; open by default (`serve` passes the admin
+    /// endpoints' rule).
+    pub access: Arc<Access>,
     /// `None` disables HTTP/2 keepalive PINGs (tests under paused time, load tools).
     pub keepalive_interval: Option<Duration>,
     pub keepalive_timeout: Option<Duration>,
@@ -79,6 +86,8 @@ impl Default for ServeOptions {
         ServeOptions {
             max_message_size: MAX_MESSAGE_SIZE,
             limits: StreamLimits::default(),
+            events: EventHub::default(),
+            access: Arc::new(Access::open()),
             keepalive_interval: Some(KEEPALIVE_INTERVAL),
             keepalive_timeout: Some(KEEPALIVE_TIMEOUT),
         }
@@ -108,6 +117,7 @@ pub async fn serve_with_options(
         tracing::info!(%addr, "xds server listening");
     }
     let (closing_tx, closing_rx) = watch::channel(false);
+    let admin = admin::service(store.clone(), options.events, options.access);
     let server = XdsServer::with_shutdown(store, closing_rx)
         .max_message_size(options.max_message_size)
         .with_limits(options.limits);
@@ -118,6 +128,7 @@ pub async fn serve_with_options(
         .http2_keepalive_timeout(options.keepalive_timeout)
         .add_service(server.ecds_service())
         .add_service(server.ads_service())
+        .add_service(admin)
         .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             tracing::info!("xds server shutting down: closing streams");
