@@ -1222,6 +1222,66 @@ async fn envoy_nack_keeps_last_good_config_without_resend_loop() {
     server.stop().await;
 }
 
+/// `wasm-ecds wait`, started before any Envoy runs, returns (exit 0) once every Envoy — one per
+/// transport — has ACKed the plugin's current version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_returns_once_every_envoy_acks() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (plugins, cache) = (dir.path().join("plugins"), dir.path().join("cache"));
+    std::fs::create_dir_all(&plugins).expect("plugins dir");
+    let module = dir.path().join("waited.wasm");
+    std::fs::write(&module, proxy_wasm_test_module_tagged("waited")).expect("write module");
+    let url = format!("file://{}", module.display());
+    write_plugin(
+        &plugins,
+        "waited.yaml",
+        &plugin("default", "waited", &url, json!({})),
+    );
+    let server = Server::start(ServerOptions::new(Delivery::File, &plugins, &cache)).await;
+    let filter = resource("default", "waited");
+    let configs: Vec<EnvoyConfig> = TRANSPORTS
+        .iter()
+        .map(|t| EnvoyConfig::new(*t, server.xds()).listener("waited", &[&filter]))
+        .collect();
+    let proxies = configs.len();
+    if support::require_envoy().is_none() {
+        return;
+    }
+    let wait = std::process::Command::new(env!("CARGO_BIN_EXE_wasm-ecds"))
+        .args(["wait", "--server", &server.xds().to_string()])
+        .args(["--plugin", "default/waited", "--timeout", "120s"])
+        .args(["--acked-by", &proxies.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run wasm-ecds wait");
+    let Some(envoys) = start_envoys(configs).await else {
+        let mut wait = wait;
+        let _ = wait.kill();
+        let _ = wait.wait();
+        return;
+    };
+    let out = tokio::task::spawn_blocking(move || wait.wait_with_output().expect("wait output"))
+        .await
+        .expect("join");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let version = server.version_of(&filter).expect("served");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!(
+            "default/waited: version {version} ACKed by {proxies} of {proxies} subscribed proxies"
+        )
+    );
+    for envoy in &envoys {
+        assert_eq!(
+            envoy.ecds_stat(&filter, "version_text").await.as_deref(),
+            Some(version.as_str())
+        );
+    }
+    drop(envoys);
+    server.stop().await;
+}
+
 /// The server restarts on the same ports while Envoy runs: Envoy keeps serving its last config
 /// meanwhile, reconnects, and receives later changes; with the persistent cache, IfNotPresent
 /// plugins are served again without a single request to the HTTP server or the registry.
