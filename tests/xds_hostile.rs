@@ -260,6 +260,26 @@ async fn a_response_never_acked_closes_its_stream_at_the_deadline() {
     server.assert_still_serves().await;
 }
 
+/// Nonces cannot be guessed: an "ACK" of a response the client never read is a stale request,
+/// so it does not release the response's share of the send budget.
+#[tokio::test]
+async fn a_guessed_nonce_is_no_ack() {
+    let server = Server::start(StreamLimits::default()).await;
+    let s = server.sotw("guesser", &[A]).await.unwrap();
+    let version = server.store.version_of(A).unwrap();
+    for guess in ["1", "1-00000000", "0"] {
+        let mut ack = client::sotw_subscribe("guesser", &[A.to_string()]);
+        ack.version_info.clone_from(&version);
+        ack.response_nonce = guess.into();
+        s.send(ack).await.unwrap();
+    }
+    wait_until("the push", || server.store.stats().pushes == 1).await;
+    // A real ACK on another stream is counted: the guesses above were read and ignored.
+    server.assert_still_serves().await;
+    assert_eq!(server.store.stats().acks, 1);
+    drop(s);
+}
+
 // ----- a real `wasm-ecds serve` process -----
 
 /// A valid Wasm module of about `bytes` (one custom section of filler).

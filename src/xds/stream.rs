@@ -168,10 +168,12 @@ impl StreamCore {
         self.outstanding.is_some()
     }
 
-    /// The nonce of the next response: a counter, unique on the stream.
+    /// The nonce of the next response: a counter, unique on the stream, and a random part, so that
+    /// a client cannot ACK a response it has not read (the ACK releases the response's share of
+    /// the send budget, `limits.rs`).
     pub(crate) fn next_nonce(&mut self) -> String {
         self.nonce_counter += 1;
-        self.nonce_counter.to_string()
+        format!("{}-{:08x}", self.nonce_counter, fastrand::u32(..))
     }
 
     pub(crate) fn info(&self) -> StreamInfo {
