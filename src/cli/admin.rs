@@ -300,3 +300,31 @@ impl Progress {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_prints_as_a_trace_line_or_json_without_empty_fields() {
+        let e = pb::Event {
+            at_unix_ms: 12_500,
+            kind: "process".into(),
+            plugin: "default/a".into(),
+            outcome: "pulled".into(),
+            text: "process default/a (resource version 1): pulled".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            event_line(&e),
+            "[  12.500s] process default/a (resource version 1): pulled"
+        );
+        assert_eq!(
+            event_json(&e),
+            serde_json::json!({
+                "atUnixMs": 12500, "kind": "process", "plugin": "default/a",
+                "outcome": "pulled", "text": "process default/a (resource version 1): pulled"
+            })
+        );
+    }
+}

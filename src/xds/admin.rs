@@ -244,3 +244,62 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::ListProxiesResponse { proxies }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xds::store::{Api, Delivery, Protocol, ResourceVersion};
+
+    #[test]
+    fn stream_events_are_one_per_resource_with_the_plugin_and_the_nack_message() {
+        let delivery = Delivery {
+            nonce: "2-0badc0de".into(),
+            version: "7-abc".into(),
+            resources: vec![
+                ResourceVersion {
+                    name: format!("{ECDS_RESOURCE_PREFIX}default.a"),
+                    version: "7-abc".into(),
+                },
+                ResourceVersion {
+                    name: "istio.basic_auth".into(),
+                    version: "5-def".into(),
+                },
+            ],
+            removed: Vec::new(),
+        };
+        let e = StreamEvent {
+            stream: 1,
+            node_id: "n1".into(),
+            api: Api::Ads,
+            protocol: Protocol::Delta,
+            kind: StreamEventKind::Nacked {
+                delivery,
+                message: "bad wasm".into(),
+            },
+        };
+        let out = stream_events(&e, 42);
+        assert_eq!(out.len(), 2);
+        assert_eq!(
+            (
+                out[0].kind.as_str(),
+                out[0].plugin.as_str(),
+                out[0].detail.as_str()
+            ),
+            ("nacked", "default/a", "bad wasm")
+        );
+        assert_eq!(
+            out[0].text,
+            format!("proxy n1 (ads/delta) nacked {ECDS_RESOURCE_PREFIX}default.a version 7-abc: bad wasm")
+        );
+        assert_eq!(out[1].plugin, "", "not a WasmPlugin resource");
+        assert!(wanted(&out[0], "default/a") && !wanted(&out[1], "default/a"));
+        let connected = StreamEvent {
+            kind: StreamEventKind::Connected,
+            ..e
+        };
+        assert_eq!(
+            stream_events(&connected, 1)[0].text,
+            "proxy n1 (ads/delta) connected"
+        );
+    }
+}

@@ -16,6 +16,21 @@ use super::store::{
     StreamInfo, NACK_MESSAGE_MAX,
 };
 
+/// Longest node id kept (longer ones are cut, marked with `…`).
+pub(crate) const NODE_ID_MAX: usize = 1024;
+
+/// `text` cut to at most `max` bytes at a character boundary, marked with `…` when cut.
+fn cut(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
 #[derive(Debug)]
 pub(crate) struct StreamCore {
     pub(crate) id: StreamId,
@@ -88,14 +103,7 @@ impl StreamCore {
     /// A NACK's error message, cut to [`NACK_MESSAGE_MAX`] bytes: it is logged, kept per resource
     /// and sent to event watchers, and a proxy may send megabytes.
     pub(crate) fn bounded_message(message: &str) -> String {
-        if message.len() <= NACK_MESSAGE_MAX {
-            return message.to_string();
-        }
-        let mut end = NACK_MESSAGE_MAX;
-        while !message.is_char_boundary(end) {
-            end -= 1;
-        }
-        format!("{}…", &message[..end])
+        cut(message, NACK_MESSAGE_MAX)
     }
 
     /// Forgets what is known of names no longer subscribed.
@@ -148,7 +156,8 @@ impl StreamCore {
     ) -> Option<bool> {
         if self.node_id.is_empty() {
             if let Some(node) = node {
-                self.node_id.clone_from(&node.id);
+                // Logged, reported and kept per stream: a hostile id is cut (Envoy's are short).
+                self.node_id = cut(&node.id, NODE_ID_MAX);
             }
         }
         let first = !self.started;
