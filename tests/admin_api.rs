@@ -68,7 +68,7 @@ async fn events_prints_processing_push_and_ack_in_the_trace_format() {
     write_plugin(&dir.path().join("plugins"), "e", &module);
     timeout(WAIT, async {
         let has = |seen: &[String], text: &str| seen.iter().any(|l| l.contains(text));
-        while !(has(&seen, "] push default/e: module ")
+        while !(has(&seen, "] push default/e: module file://")
             && has(&seen, "] process default/e (resource version 1): pulled"))
         {
             seen.push(lines.recv().await.expect("events keeps running"));

@@ -52,6 +52,24 @@ impl EventHub {
         if self.tx.receiver_count() == 0 {
             return;
         }
+        // A module is named by the URL it was served from (the simulator names it after the
+        // scenario's module); one expired from the cache, by its sha256.
+        let urls: std::collections::HashMap<&str, &str> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::ServingChanged {
+                    serving: Some(crate::engine::Serving::Module(m)),
+                    ..
+                } => Some((m.sha256.as_str(), m.url.as_str())),
+                _ => None,
+            })
+            .collect();
+        let name = |sha: &str| {
+            urls.get(sha).map_or_else(
+                || format!("sha256:{}", &sha[..sha.len().min(12)]),
+                |url| url.to_string(),
+            )
+        };
         for e in events {
             let (outcome, detail) = match e {
                 Event::Processed {
@@ -69,7 +87,7 @@ impl EventHub {
                 node: String::new(),
                 outcome,
                 detail,
-                text: e.trace_text(&|sha| format!("sha256:{}", &sha[..sha.len().min(12)])),
+                text: e.trace_text(&name),
             });
         }
     }
