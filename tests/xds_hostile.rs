@@ -385,6 +385,64 @@ async fn never_reading_proxies_leave_memory_bounded_and_others_served() {
     drop(hostile);
 }
 
+/// Proxies that subscribe to a 20 MiB inline module, never read and half-close their request
+/// side: their streams end, and each is reset, so the bytes HTTP/2 held for them are dropped
+/// rather than kept behind a final status; 48 of them, in waves, leave memory bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_closing_never_reading_proxies_leave_memory_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+    let big = dir.path().join("big.wasm");
+    std::fs::write(&big, big_module(20 << 20)).unwrap();
+    write_plugin(&dir.path().join("plugins"), "big", &big);
+    let serve = Process::start(dir.path(), &["--xds-send-budget", "64Mi"]);
+    serve.wait_metric("wasm_ecds_xds_resources", 1.0).await;
+    let names = vec![resource("big")];
+    let channel = client::connect(serve.xds).await.unwrap();
+    let mut reader =
+        SotwSession::open(channel, Api::Ecds, client::sotw_subscribe("reader", &names))
+            .await
+            .unwrap();
+    let r = timeout(WAIT, reader.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    reader.send(client::sotw_ack(&names, &r)).await.unwrap();
+    serve.wait_metric("wasm_ecds_xds_ack_count", 1.0).await;
+    drop(reader);
+    let baseline = serve.rss_kib();
+    let mut kept = Vec::new();
+    for wave in 0..4 {
+        for i in 0..12 {
+            let channel = client::connect(serve.xds).await.unwrap();
+            let s = SotwSession::open(
+                channel.clone(),
+                Api::Ecds,
+                client::sotw_subscribe(&format!("half-{wave}-{i}"), &names),
+            )
+            .await
+            .unwrap();
+            // The connection stays open; only the request side ends.
+            kept.push((channel, s.close_requests()));
+        }
+        // Every stream of the wave was pushed to (or waited for the budget) and has ended.
+        serve
+            .wait_metric("wasm_ecds_xds_stream_count", 1.0 + 12.0 * (wave + 1) as f64)
+            .await;
+        serve
+            .wait_metric_where("wasm_ecds_xds_connected_streams", |v| v == 0.0)
+            .await;
+    }
+    let grown_mib = serve.rss_kib().saturating_sub(baseline) / 1024;
+    eprintln!("RSS grew by {grown_mib} MiB with 48 half-closed never-reading proxies");
+    assert!(
+        grown_mib < 240,
+        "RSS grew by {grown_mib} MiB with 48 half-closed never-reading proxies"
+    );
+    drop(kept);
+}
+
 /// 300 reconnects of one proxy leave a few log lines, not 600.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_storm_leaves_the_log_bounded() {

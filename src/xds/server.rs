@@ -454,6 +454,14 @@ impl<P: StreamProtocol> StreamTask<P> {
                 ack_deadline = Some(tokio::time::Instant::now() + self.limits.ack_timeout);
             }
         }
+        if self.state.core().awaiting_ack() {
+            // The proxy may not have read the last response: a status or a plain end would queue
+            // behind those bytes and keep them (a client could half-close and reconnect, over
+            // and over); a reset drops them (`limits.rs`).
+            if let Some(abort) = &self.abort {
+                abort.abort();
+            }
+        }
         self.store.close_stream(self.id);
         let (api, protocol, node_id) = (
             self.api,
