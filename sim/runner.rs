@@ -30,7 +30,7 @@ use crate::clock::{Clock, Timestamp, TokioClock};
 use crate::convert::{Code, Delivered};
 use crate::driver::{Applied, Driver, DriverParts};
 use crate::engine::EngineParts;
-use crate::engine::{Event, Serving};
+use crate::engine::Event;
 use crate::metrics::normalize_series;
 use crate::outcome::Outcome;
 use crate::plugin::ObjectKey;
@@ -241,48 +241,18 @@ impl<'a> Runner<'a> {
             .map(|e| (e.at, 0, e.text))
             .collect();
         for e in self.driver.take_events() {
-            let (at, text) = match e {
+            let (at, text) = (e.at(), e.trace_text(&|sha| self.module_name(sha)));
+            match e {
                 Event::Processed {
-                    at,
-                    plugin,
-                    version,
-                    outcome,
-                    detail,
+                    plugin, outcome, ..
                 } => {
-                    let version = version
-                        .map(|v| format!(" (resource version {v})"))
-                        .unwrap_or_default();
-                    let detail = detail.map(|d| format!(": {d}")).unwrap_or_default();
-                    let text = format!("process {plugin}{version}: {outcome}{detail}");
                     self.outcomes.insert(plugin, outcome);
-                    (at, text)
                 }
-                Event::ServingChanged {
-                    at,
-                    plugin,
-                    serving,
-                } => {
-                    let what = match serving {
-                        None => "removed".to_string(),
-                        Some(Serving::Module(m)) => format!(
-                            "module {} (sha256 {})",
-                            self.module_name(&m.sha256),
-                            short(&m.sha256)
-                        ),
-                        Some(other) => other.describe(),
-                    };
-                    (at, format!("push {plugin}: {what}"))
+                Event::Expired { sha256, .. } => {
+                    self.expired.insert(self.module_name(&sha256));
                 }
-                Event::Expired { at, module, sha256 } => {
-                    let name = self.module_name(&sha256);
-                    let text = format!("purge: expired {module} ({name})");
-                    self.expired.insert(name);
-                    (at, text)
-                }
-                Event::RetryScheduled { at, plugin, due } => {
-                    (at, format!("retry {plugin} scheduled for {due}"))
-                }
-            };
+                Event::ServingChanged { .. } | Event::RetryScheduled { .. } => {}
+            }
             items.push((at, 1, text));
         }
         items.sort_by_key(|(at, order, _)| (*at, *order));
@@ -587,10 +557,6 @@ impl<'a> Runner<'a> {
         }
         failures
     }
-}
-
-fn short(hex: &str) -> &str {
-    &hex[..hex.len().min(12)]
 }
 
 fn list(set: &BTreeSet<String>) -> String {

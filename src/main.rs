@@ -27,6 +27,8 @@ fn main() {
         Command::Check { json, paths } => inspect::run_check(&paths, json),
         Command::Explain { json, paths } => inspect::run_explain(&paths, json),
         Command::Bootstrap(args) => bootstrap::run(&args),
+        Command::Events(args) => wasm_ecds::cli::admin::run_events(&args),
+        Command::Wait(args) => wasm_ecds::cli::admin::run_wait(&args),
         Command::Sim {
             trace,
             json,

@@ -366,6 +366,15 @@ impl Server {
             .text()
     }
 
+    /// `GET /debug/syncz`, parsed.
+    async fn syncz(&self) -> Value {
+        let r = self
+            .admin_get("/debug/syncz")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        serde_json::from_slice(&r.body).expect("/debug/syncz is JSON")
+    }
+
     /// The `/debug/plugins` entry of `ns/name`.
     async fn plugin(&self, key: &str) -> Value {
         let r = self
@@ -1145,6 +1154,38 @@ async fn envoy_nack_keeps_last_good_config_without_resend_loop() {
         proxies,
         "{metrics}"
     );
+    // The per-proxy view: each Envoy's stream holds the good version ACKed, the bad one sent and
+    // NACKed with Envoy's own error message.
+    let syncz = server.syncz().await;
+    let streams = syncz["proxies"].as_array().expect("proxies").clone();
+    assert_eq!(streams.len() as u64, proxies, "{syncz}");
+    let mut transports = std::collections::BTreeSet::new();
+    for s in &streams {
+        assert!(!s["node"].as_str().unwrap_or("").is_empty(), "{s}");
+        assert!(
+            s["peer"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("127.0.0.1:")),
+            "{s}"
+        );
+        transports.insert(format!("{}/{}", s["api"], s["protocol"]));
+        let r = &s["resources"][0];
+        assert_eq!(r["name"], filter.as_str(), "{s}");
+        assert_eq!(r["current"], bad_version.as_str(), "{s}");
+        assert_eq!(r["sent"], bad_version.as_str(), "{s}");
+        assert_eq!(r["acked"], good_version.as_str(), "{s}");
+        assert_eq!(r["nacked"]["version"], bad_version.as_str(), "{s}");
+        assert!(
+            !r["nacked"]["message"].as_str().unwrap_or("").is_empty(),
+            "Envoy's error message: {s}"
+        );
+        assert_eq!(r["synced"], false, "{s}");
+    }
+    assert_eq!(
+        transports.len() as u64,
+        proxies,
+        "one stream per transport: {syncz}"
+    );
     // No resend loop: nothing more is pushed or NACKed while the resource does not change.
     tokio::time::sleep(QUIET).await;
     let quiet = server.handle.shared.resources.stats();
@@ -1164,6 +1205,79 @@ async fn envoy_nack_keeps_last_good_config_without_resend_loop() {
         wait_version_matches(envoy, &server, &filter).await;
     }
     assert_eq!(server.handle.shared.resources.stats().nacks, proxies);
+    let syncz = wait_for("every proxy synced in /debug/syncz", CONVERGE, || async {
+        let v = server.syncz().await;
+        let all =
+            v["proxies"].as_array().into_iter().flatten().all(|s| {
+                s["resources"][0]["synced"] == true && s["resources"][0]["nacked"].is_null()
+            });
+        all.then_some(v.clone()).ok_or(v.to_string())
+    })
+    .await;
+    assert_eq!(
+        syncz["proxies"].as_array().map(Vec::len),
+        Some(proxies as usize)
+    );
+    drop(envoys);
+    server.stop().await;
+}
+
+/// `wasm-ecds wait`, started before any Envoy runs, returns (exit 0) once every Envoy — one per
+/// transport — has ACKed the plugin's current version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_returns_once_every_envoy_acks() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (plugins, cache) = (dir.path().join("plugins"), dir.path().join("cache"));
+    std::fs::create_dir_all(&plugins).expect("plugins dir");
+    let module = dir.path().join("waited.wasm");
+    std::fs::write(&module, proxy_wasm_test_module_tagged("waited")).expect("write module");
+    let url = format!("file://{}", module.display());
+    write_plugin(
+        &plugins,
+        "waited.yaml",
+        &plugin("default", "waited", &url, json!({})),
+    );
+    let server = Server::start(ServerOptions::new(Delivery::File, &plugins, &cache)).await;
+    let filter = resource("default", "waited");
+    let configs: Vec<EnvoyConfig> = TRANSPORTS
+        .iter()
+        .map(|t| EnvoyConfig::new(*t, server.xds()).listener("waited", &[&filter]))
+        .collect();
+    let proxies = configs.len();
+    if support::require_envoy().is_none() {
+        return;
+    }
+    let wait = std::process::Command::new(env!("CARGO_BIN_EXE_wasm-ecds"))
+        .args(["wait", "--server", &server.xds().to_string()])
+        .args(["--plugin", "default/waited", "--timeout", "120s"])
+        .args(["--acked-by", &proxies.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run wasm-ecds wait");
+    let Some(envoys) = start_envoys(configs).await else {
+        let mut wait = wait;
+        let _ = wait.kill();
+        let _ = wait.wait();
+        return;
+    };
+    let out = tokio::task::spawn_blocking(move || wait.wait_with_output().expect("wait output"))
+        .await
+        .expect("join");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let version = server.version_of(&filter).expect("served");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!(
+            "default/waited: version {version} ACKed by {proxies} of {proxies} subscribed proxies"
+        )
+    );
+    for envoy in &envoys {
+        assert_eq!(
+            envoy.ecds_stat(&filter, "version_text").await.as_deref(),
+            Some(version.as_str())
+        );
+    }
     drop(envoys);
     server.stop().await;
 }

@@ -1,7 +1,9 @@
-//! The command line (docs/cli.md): `serve`, `sim`, `check`, `explain`, `bootstrap`. Parsing with
+//! The command line (docs/cli.md): `serve`, `sim`, `check`, `explain`, `bootstrap`, and the
+//! admin API clients `events` and `wait`. Parsing with
 //! clap; each command returns its exit status (0 success, 1 the thing checked is wrong, 2 bad usage
 //! or input).
 
+pub mod admin;
 pub mod bootstrap;
 pub mod inspect;
 pub mod options;
@@ -104,6 +106,13 @@ pub enum Command {
     /// Print the Envoy filters that subscribe one workload to the plugins that apply to it, in
     /// Istio's order, or with --full a whole Envoy bootstrap.
     Bootstrap(Box<BootstrapArgs>),
+    /// Print what a running server does, one line per event in the `sim --trace` format (or JSON
+    /// with --json): processings, pushes, ACKs and NACKs by proxies, expiries. Needs the server's
+    /// admin token when it has one.
+    Events(Box<admin::EventsArgs>),
+    /// Wait until a plugin's current version is ACKed by N proxies (exit 0), or give up after
+    /// --timeout with a one-line reason (exit 1): for CI pipelines after `kubectl apply`.
+    Wait(Box<admin::WaitArgs>),
 }
 
 /// `proxy`: the upstream, and `serve`'s options for the cache, fetching and delivery.

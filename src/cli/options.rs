@@ -14,6 +14,9 @@ use clap::{ArgMatches, Args};
 use crate::config::{self, Config, Delivery, OptionError};
 use crate::k8s::{KubeOptions, LeaseOptions};
 
+mod xds;
+pub use xds::XdsLimitArgs;
+
 /// `--xds-address` when none is given.
 pub const DEFAULT_XDS_ADDRESS: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 18000);
@@ -209,6 +212,9 @@ pub struct ServeArgs {
     /// TLS, authorization, caps and timeouts of the xDS and admin ports (`cli/ports.rs`).
     #[command(flatten)]
     pub ports: super::ports::PortArgs,
+    /// Bounds of the xDS port (`options/xds.rs`).
+    #[command(flatten)]
+    pub xds_limits: XdsLimitArgs,
     /// Ids of the options given as flags (not variables, not defaults): their errors name the flag.
     #[arg(skip)]
     from_flags: BTreeSet<String>,

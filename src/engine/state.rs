@@ -130,6 +130,71 @@ pub enum Event {
 }
 
 impl Event {
+    /// When it happened.
+    pub fn at(&self) -> Timestamp {
+        match self {
+            Event::Processed { at, .. }
+            | Event::ServingChanged { at, .. }
+            | Event::Expired { at, .. }
+            | Event::RetryScheduled { at, .. } => *at,
+        }
+    }
+
+    /// The first word of its trace text: `process`, `push`, `purge` or `retry`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::Processed { .. } => "process",
+            Event::ServingChanged { .. } => "push",
+            Event::Expired { .. } => "purge",
+            Event::RetryScheduled { .. } => "retry",
+        }
+    }
+
+    /// The event as `sim --trace` and `wasm-ecds events` print it (without the time), one
+    /// vocabulary for both. `module_name` names a module by its sha256 (the simulator uses the
+    /// scenario's module names).
+    pub fn trace_text(&self, module_name: &dyn Fn(&str) -> String) -> String {
+        let short = |hex: &str| hex[..hex.len().min(12)].to_string();
+        match self {
+            Event::Processed {
+                plugin,
+                version,
+                outcome,
+                detail,
+                ..
+            } => {
+                let version = version
+                    .map(|v| format!(" (resource version {v})"))
+                    .unwrap_or_default();
+                let detail = detail
+                    .as_ref()
+                    .map(|d| format!(": {d}"))
+                    .unwrap_or_default();
+                format!("process {plugin}{version}: {outcome}{detail}")
+            }
+            Event::ServingChanged {
+                plugin, serving, ..
+            } => {
+                let what = match serving {
+                    None => "removed".to_string(),
+                    Some(Serving::Module(m)) => format!(
+                        "module {} (sha256 {})",
+                        module_name(&m.sha256),
+                        short(&m.sha256)
+                    ),
+                    Some(other) => other.describe(),
+                };
+                format!("push {plugin}: {what}")
+            }
+            Event::Expired { module, sha256, .. } => {
+                format!("purge: expired {module} ({})", module_name(sha256))
+            }
+            Event::RetryScheduled { plugin, due, .. } => {
+                format!("retry {plugin} scheduled for {due}")
+            }
+        }
+    }
+
     /// The plugin the event is about, if any.
     pub fn plugin(&self) -> Option<&ObjectKey> {
         match self {

@@ -279,12 +279,12 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(crate::xds::server::KEEPALIVE_TIMEOUT))
         .add_service(
             AggregatedDiscoveryServiceServer::new(server.clone())
-                .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                .max_decoding_message_size(crate::xds::limits::MAX_REQUEST_SIZE)
                 .max_encoding_message_size(MAX_MESSAGE_SIZE),
         )
         .add_service(
             ExtensionConfigDiscoveryServiceServer::new(server)
-                .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                .max_decoding_message_size(crate::xds::limits::MAX_REQUEST_SIZE)
                 .max_encoding_message_size(MAX_MESSAGE_SIZE),
         )
         .serve_with_incoming_shutdown(incoming, async move {

@@ -1,5 +1,5 @@
 //! The admin HTTP server (cli.md): `/metrics`, `/healthz`, `/readyz`, `/debug/plugins`,
-//! `/debug/cache`, `POST /refresh?plugin=ns/name`, and the module endpoint `/modules/<sha256>.wasm`
+//! `/debug/cache`, `/debug/syncz` (per-proxy xDS view, `xds/syncz.rs`), `POST /refresh?plugin=ns/name`, and the module endpoint `/modules/<sha256>.wasm`
 //! used by `--delivery http`. It only reads the controller's [`AdminView`](super::AdminView) and
 //! the shared [`Metrics`](crate::metrics::Metrics) (engine and xDS series, one registry), and
 //! sends the controller commands; it never touches the engine.
@@ -186,6 +186,11 @@ async fn handle(
                 serde_json::to_vec_pretty(&v).unwrap_or_default(),
             )
         }
+        (&Method::GET, "/debug/syncz") => reply(
+            StatusCode::OK,
+            "application/json",
+            crate::xds::syncz::syncz_json(&shared.resources),
+        ),
         (&Method::POST, "/refresh") => refresh(req.uri().query().unwrap_or(""), &shared).await,
         (&Method::GET, p) => match module_sha(p) {
             Some(sha) => module(sha, &shared, authenticated).await,

@@ -63,6 +63,8 @@ pub struct Shared {
     pub resources: ResourceStore,
     /// The engine's series and the resource store's: `/metrics` renders them live.
     pub metrics: Metrics,
+    /// The engine's events for `wasm_ecds.v1.Admin/WatchEvents` (xds/admin.rs).
+    pub events: crate::xds::admin::EventHub,
 }
 
 /// Requests to the controller.
@@ -120,20 +122,29 @@ impl ServerHandle {
     }
 }
 
-/// Starts the server on already-bound listeners, plain and open (tests of other parts).
+/// Starts the server on already-bound listeners, plain and open, with the xDS port's default
+/// bounds (tests of other parts).
 pub async fn start(setup: ServeSetup) -> anyhow::Result<ServerHandle> {
-    start_with(setup, crate::net::PortOptions::default()).await
+    start_with(
+        setup,
+        crate::net::PortOptions::default(),
+        crate::xds::ServeOptions::default(),
+    )
+    .await
 }
 
 /// Starts the server on already-bound listeners, exposed as `ports` says (TLS, admin
-/// authorization, caps, timeouts, module base URL: docs/security.md).
+/// authorization, caps, timeouts, module base URL: docs/security.md), the xDS port bounded as
+/// `xds_options` says (the `--xds-*` flags; its `access` is set here from `ports`).
 pub async fn start_with(
     setup: ServeSetup,
     ports: crate::net::PortOptions,
+    mut xds_options: crate::xds::ServeOptions,
 ) -> anyhow::Result<ServerHandle> {
     let xds_address = setup.xds_listener.local_addr()?;
     let admin_address = setup.admin_listener.local_addr()?;
     let exposure = ports::Exposure::new(&ports, xds_address, admin_address)?;
+    xds_options.access = exposure.xds_access.clone();
     let module_endpoint = exposure.module_endpoint.clone();
     let store =
         Arc::new(DiskStore::open(&setup.config.cache_dir).with_context(|| {
@@ -163,6 +174,7 @@ pub async fn start_with(
         commands: cmd_tx.clone(),
         resources: resources.clone(),
         metrics,
+        events: xds_options.events.clone(),
     });
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
 
@@ -221,7 +233,12 @@ pub async fn start_with(
                     _ = wait_shutdown(rx.clone()) => {}
                     ready = ready_rx => {
                         if ready.is_ok() {
-                            crate::xds::serve(xds_listener, resources, wait_shutdown(rx)).await;
+                            let serving = crate::xds::serve_with_options(
+                                xds_listener, resources, xds_options, wait_shutdown(rx),
+                            );
+                            if let Err(e) = serving.await {
+                                tracing::error!(error = %e, "xds server failed");
+                            }
                         }
                     }
                 }
@@ -384,8 +401,10 @@ impl Controller {
             }
             self.refresh_view(ready_tx.is_none());
             self.publish_statuses();
-            // Events are only read by the proxy link; taking them also keeps them from piling up.
+            // Events are read by the proxy link and `WatchEvents`; taking them also keeps them
+            // from piling up.
             let events = self.driver.take_events();
+            self.shared.events.publish(&events);
             let sweep = match &self.proxy {
                 Some(link) => {
                     link.report(&self.driver, &events, &self.module_endpoint);

@@ -18,6 +18,9 @@ pub(super) struct Exposure {
     xds: ListenOptions,
     admin_listen: ListenOptions,
     pub admin: Arc<AdminOptions>,
+    /// Who may use the `wasm_ecds.v1.Admin` gRPC service on the xDS port: everyone connected
+    /// when the port requires client certificates, else the admin token's holders.
+    pub xds_access: Arc<Access>,
     /// `--module-base-url`, else `http(s)://<admin address>`.
     pub module_endpoint: String,
 }
@@ -36,20 +39,27 @@ impl Exposure {
                 .map_err(anyhow::Error::msg)
         };
         let (xds_tls, admin_tls) = (tls(&ports.xds_tls)?, tls(&ports.admin_tls)?);
-        let token = ports
-            .admin_token_file
-            .as_deref()
-            .map(TokenFile::open)
-            .transpose()
-            .map_err(anyhow::Error::msg)
-            .context("admin token")?;
+        let token = || {
+            ports
+                .admin_token_file
+                .as_deref()
+                .map(TokenFile::open)
+                .transpose()
+                .map_err(anyhow::Error::msg)
+                .context("admin token")
+        };
+        let xds_access = Arc::new(Access {
+            mtls: ports.xds_tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+            client_ca: false,
+            token: token()?,
+        });
         let access = Access {
             mtls: false,
             client_ca: ports
                 .admin_tls
                 .as_ref()
                 .is_some_and(|t| t.client_ca.is_some()),
-            token,
+            token: token()?,
         };
         if access.is_open() && !admin_address.ip().is_loopback() {
             tracing::warn!(%admin_address, "the admin port is not loopback and has no --admin-token-file or --admin-client-ca: anyone reaching it may refresh plugins, read /debug/* and download modules (docs/security.md)");
@@ -80,6 +90,7 @@ impl Exposure {
                 idle_timeout: ports.admin_idle_timeout,
             }),
             module_endpoint,
+            xds_access,
         })
     }
 

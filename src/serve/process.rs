@@ -62,6 +62,10 @@ async fn run_until_signal(
         .await
         .with_context(|| format!("--admin-address {}", args.admin_address))?;
     let kube = args.kube_options()?;
+    let xds_options = crate::xds::ServeOptions {
+        limits: args.xds_limits()?,
+        ..Default::default()
+    };
     let transport = Arc::new(crate::fetch::hyper_transport::HyperTransport::new(
         &config,
         Vec::new(),
@@ -78,6 +82,7 @@ async fn run_until_signal(
             proxy,
         },
         ports,
+        xds_options,
     )
     .await?;
     eprintln!(

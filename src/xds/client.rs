@@ -187,6 +187,11 @@ impl<Req, Resp> Session<Req, Resp> {
             .map_err(|_| Error::StreamClosed)
     }
 
+    /// Ends the request side (an HTTP/2 half-close) and keeps the response stream.
+    pub fn close_requests(self) -> Streaming<Resp> {
+        self.responses
+    }
+
     /// The next response; `None` when the server ended the stream.
     pub async fn recv(&mut self) -> Result<Option<Resp>, Error> {
         Ok(self.responses.message().await?)

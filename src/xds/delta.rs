@@ -49,6 +49,10 @@ impl DeltaStream {
         &self.core
     }
 
+    pub(crate) fn core_mut(&mut self) -> &mut StreamCore {
+        &mut self.core
+    }
+
     fn event(&self, kind: StreamEventKind) -> StreamEvent {
         self.core.event(kind)
     }
@@ -85,6 +89,7 @@ impl DeltaStream {
             self.core.subscribed.remove(name);
             self.core.held.remove(name);
             self.core.acked.remove(name);
+            self.core.nacked.remove(name);
         }
         if first {
             // Only meaningful on the first request of a stream (xDS protocol, "Incremental xDS").
@@ -102,17 +107,22 @@ impl DeltaStream {
         match &req.error_detail {
             Some(status) => {
                 let nacks = store.count_nack();
-                tracing::warn!(
-                    node = %self.core.node_id,
-                    version = %delivery.version,
-                    nonce = %delivery.nonce,
-                    resources = ?delivery.resources.iter().map(|r| format!("{}@{}", r.name, r.version)).collect::<Vec<_>>(),
-                    code = status.code,
-                    message = %status.message,
-                    nacks,
-                    "proxy rejected ECDS update (NACK)"
-                );
-                let message = status.message.clone();
+                let message = StreamCore::bounded_message(&status.message);
+                self.core.nack_resources(&delivery, &message);
+                let key = format!("nack {}", self.core.node_id);
+                if let Some(suppressed) = self.core.admit_log(&key) {
+                    tracing::warn!(
+                        node = %self.core.node_id,
+                        version = %delivery.version,
+                        nonce = %delivery.nonce,
+                        resources = ?delivery.resources.iter().map(|r| format!("{}@{}", r.name, r.version)).collect::<Vec<_>>(),
+                        code = status.code,
+                        message = %message,
+                        nacks,
+                        suppressed,
+                        "proxy rejected ECDS update (NACK)"
+                    );
+                }
                 store.emit(|| self.event(StreamEventKind::Nacked { delivery, message }));
             }
             None => {
@@ -120,11 +130,12 @@ impl DeltaStream {
                 tracing::debug!(version = %delivery.version, nonce = %delivery.nonce, "ACK");
                 for r in &delivery.resources {
                     if self.core.subscribed.contains(&r.name) {
-                        self.core.acked.insert(r.name.clone(), r.version.clone());
+                        self.core.ack_resource(&r.name, &r.version);
                     }
                 }
                 for name in &delivery.removed {
                     self.core.acked.remove(name);
+                    self.core.nacked.remove(name);
                 }
                 store.emit(|| self.event(StreamEventKind::Acked(delivery)));
             }
@@ -159,6 +170,12 @@ impl DeltaStream {
             .cloned()
             .collect();
         if changed.is_empty() && removed.is_empty() {
+            return None;
+        }
+        if !self
+            .core
+            .admit(changed.iter().map(|e| e.any.value.len()).sum(), store)
+        {
             return None;
         }
         let nonce = self.core.next_nonce();

@@ -11,6 +11,11 @@
 //!   stream snapshots, counters and their Prometheus series;
 //! - `sotw` and `delta` (private): the per-stream protocol state machines, free of I/O;
 //! - [`server`]: the tonic services, one task per stream, and [`serve`];
+//! - [`limits`]: the bounds of the xDS port (request size, streams, names, node size, send
+//!   budget, ACK deadline) and the log gate for repeated lines;
+//! - [`admin`]: the project's own gRPC service `wasm_ecds.v1.Admin` (`proto/`): event feed and
+//!   per-proxy view, on the xDS port;
+//! - [`syncz`]: the per-proxy view (`/debug/syncz`): sent, ACKed and NACKed per resource;
 //! - [`client`]: the proxy's side of the protocol, for tests and load tools.
 //!
 //! What a resource contains (the Wasm filter or its RBAC fallback) is `convert`'s business; when a
@@ -18,18 +23,22 @@
 
 use tonic::Status;
 
+pub mod admin;
 #[cfg(any(test, feature = "testing"))]
 pub mod client;
 mod delta;
+pub mod limits;
 mod report;
 pub mod server;
 mod sotw;
 pub mod store;
 mod stream;
+pub mod syncz;
 
+pub use limits::StreamLimits;
 pub use server::{serve, serve_with_options, ServeOptions, XdsServer, MAX_MESSAGE_SIZE};
 pub use store::{
-    Api, Delivery, Protocol, ResourceStore, ResourceVersion, StreamEvent, StreamEventKind,
+    Api, Delivery, Nacked, Protocol, ResourceStore, ResourceVersion, StreamEvent, StreamEventKind,
     StreamId, StreamInfo, XdsStats,
 };
 

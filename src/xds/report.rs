@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use prometheus::{IntCounter, IntGauge, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use serde::Serialize;
 
 /// Prometheus names of the xDS series ([`XdsSeries`]); counters without a `_total` suffix, like the
@@ -17,6 +17,12 @@ pub const METRIC_PUSH_COUNT: &str = "wasm_ecds_xds_push_count";
 pub const METRIC_ACK_COUNT: &str = "wasm_ecds_xds_ack_count";
 pub const METRIC_NACK_COUNT: &str = "wasm_ecds_xds_nack_count";
 pub const METRIC_RESOURCES: &str = "wasm_ecds_xds_resources";
+/// How often each bound of the xDS port was hit, by `limit` (`docs/behavior.md` "Bounds of the
+/// xDS port"): `request_size`, `streams`, `resource_names`, `node_size`, `send_budget` (a push
+/// waited for the send budget) and `ack_timeout` (a stream closed for want of an ACK).
+pub const METRIC_LIMIT_COUNT: &str = "wasm_ecds_xds_limit_count";
+/// Bytes of responses handed to streams whose proxy has not read them yet (the send budget in use).
+pub const METRIC_UNREAD_BYTES: &str = "wasm_ecds_xds_unread_bytes";
 
 /// Identifies one gRPC stream for the lifetime of the process (assigned in opening order).
 pub type StreamId = u64;
@@ -124,12 +130,26 @@ pub struct XdsStats {
     pub revision: u64,
 }
 
+/// The last NACK of a resource on a stream: the version rejected and the proxy's error message
+/// (at most [`NACK_MESSAGE_MAX`] bytes of it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Nacked {
+    pub version: String,
+    pub message: String,
+}
+
+/// How much of a NACK's error message is kept per resource (the rest is cut at a character
+/// boundary and marked with `…`).
+pub const NACK_MESSAGE_MAX: usize = 4096;
+
 /// What one open stream subscribes to and holds, for `/debug` and for "is this module still sent
 /// to a connected proxy" questions.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct StreamInfo {
     pub id: StreamId,
     pub node_id: String,
+    /// The proxy's address as the server saw it (absent for in-process streams without one).
+    pub peer: Option<String>,
     pub api: Api,
     pub protocol: Protocol,
     /// Subscribed resource names, sorted.
@@ -138,6 +158,8 @@ pub struct StreamInfo {
     pub sent: BTreeMap<String, String>,
     /// Per resource, the version the proxy last ACKed on this stream.
     pub acked: BTreeMap<String, String>,
+    /// Per resource, the last NACK not followed by an ACK of that resource.
+    pub nacked: BTreeMap<String, Nacked>,
 }
 
 /// The xDS series of one registry. Handles are shared: clones count into the same series.
@@ -149,6 +171,8 @@ pub struct XdsSeries {
     pub(super) acks: IntCounter,
     pub(super) nacks: IntCounter,
     pub(super) resources: IntGauge,
+    pub(super) limits: IntCounterVec,
+    pub(super) unread_bytes: IntGauge,
 }
 
 impl XdsSeries {
@@ -166,6 +190,15 @@ impl XdsSeries {
             acks: counter(METRIC_ACK_COUNT, "ECDS responses ACKed by proxies."),
             nacks: counter(METRIC_NACK_COUNT, "ECDS responses NACKed by proxies."),
             resources: gauge(METRIC_RESOURCES, "ECDS resources served."),
+            limits: IntCounterVec::new(
+                Opts::new(METRIC_LIMIT_COUNT, "Bounds of the xDS port hit, by limit."),
+                &["limit"],
+            )
+            .expect("valid metric"),
+            unread_bytes: gauge(
+                METRIC_UNREAD_BYTES,
+                "Bytes of responses handed to xDS streams and not yet read by their proxy.",
+            ),
         };
         for c in [
             Box::new(series.connected_streams.clone()) as Box<dyn prometheus::core::Collector>,
@@ -174,6 +207,8 @@ impl XdsSeries {
             Box::new(series.acks.clone()),
             Box::new(series.nacks.clone()),
             Box::new(series.resources.clone()),
+            Box::new(series.limits.clone()),
+            Box::new(series.unread_bytes.clone()),
         ] {
             registry
                 .register(c)

@@ -7,13 +7,23 @@
 //! task reads requests, wakes on store changes, runs the I/O-free state machine of `sotw.rs` or
 //! `delta.rs` and replies through an mpsc channel whose receiver is the response stream.
 //!
+//! Bounds (`limits.rs`): requests are decoded up to [`StreamLimits::max_request_size`], responses
+//! encoded up to [`MAX_MESSAGE_SIZE`]; a stream over [`StreamLimits::max_streams`] is refused with
+//! `RESOURCE_EXHAUSTED`, and a stream whose request breaks a bound (names, node size) ends with a
+//! status naming the bound. Pushes take their bytes from the [`SendBudget`], and a response left
+//! without ACK or NACK past [`StreamLimits::ack_timeout`] ends its stream with
+//! `DEADLINE_EXCEEDED`. Connection and refusal lines go through a [`LogGate`].
+//!
 //! Shutdown: streams never end on their own, and tonic's graceful shutdown waits for them, so
 //! [`serve`] tells every stream task to finish when its shutdown future completes; the tasks drop
 //! their senders, the response streams end with status OK, and the server returns.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use prost::Message as _;
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
@@ -30,13 +40,17 @@ use tokio_stream::StreamExt as _;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
+use super::admin::{self, EventHub};
 use super::delta::DeltaStream;
+use super::limits::{AbortHandle, AbortLayer, Grant, LogGate, SendBudget, StreamLimits};
 use super::sotw::{fetch_response, SotwStream};
 use super::store::{Api, Protocol, ResourceStore, StreamEvent, StreamEventKind, StreamId};
 use super::stream::StreamCore;
 use super::{accepts_type_url, Error, ECDS_TYPE_URL};
+use crate::auth::Access;
 
-/// Largest gRPC message accepted or sent: inline modules make ECDS resources tens of MiB.
+/// Largest gRPC response sent: inline modules make ECDS resources tens of MiB. Requests have their
+/// own, much smaller bound ([`StreamLimits::max_request_size`]).
 pub const MAX_MESSAGE_SIZE: usize = 512 * 1024 * 1024; // 512 MiB
 /// HTTP/2 PING interval on idle connections, to notice dead proxies behind silent middleboxes.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -52,7 +66,15 @@ pub type ResponseStream<T> = ReceiverStream<Result<T, Status>>;
 /// Knobs of [`serve_with_options`]; [`Default`] is what [`serve`] uses.
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
+    /// Largest response encoded.
     pub max_message_size: usize,
+    /// The bounds of `limits.rs`, request size included.
+    pub limits: StreamLimits,
+    /// Where the engine's events for `wasm_ecds.v1.Admin/WatchEvents` come from (`admin.rs`).
+    pub events: EventHub,
+    /// Who may use the `wasm_ecds.v1.Admin` service; open by default (`serve` passes the admin
+    /// endpoints' rule).
+    pub access: Arc<Access>,
     /// `None` disables HTTP/2 keepalive PINGs (tests under paused time, load tools).
     pub keepalive_interval: Option<Duration>,
     pub keepalive_timeout: Option<Duration>,
@@ -62,6 +84,9 @@ impl Default for ServeOptions {
     fn default() -> Self {
         ServeOptions {
             max_message_size: MAX_MESSAGE_SIZE,
+            limits: StreamLimits::default(),
+            events: EventHub::default(),
+            access: Arc::new(Access::open()),
             keepalive_interval: Some(KEEPALIVE_INTERVAL),
             keepalive_timeout: Some(KEEPALIVE_TIMEOUT),
         }
@@ -94,14 +119,18 @@ pub async fn serve_with_options(
         tracing::info!(%addr, tls = listener.is_tls(), "xds server listening");
     }
     let (closing_tx, closing_rx) = watch::channel(false);
-    let server =
-        XdsServer::with_shutdown(store, closing_rx).max_message_size(options.max_message_size);
+    let admin = admin::service(store.clone(), options.events, options.access);
+    let server = XdsServer::with_shutdown(store, closing_rx)
+        .max_message_size(options.max_message_size)
+        .with_limits(options.limits);
     let incoming = listener.incoming();
     tonic::transport::Server::builder()
+        .layer(AbortLayer)
         .http2_keepalive_interval(options.keepalive_interval)
         .http2_keepalive_timeout(options.keepalive_timeout)
         .add_service(server.ecds_service())
         .add_service(server.ads_service())
+        .add_service(admin)
         .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             tracing::info!("xds server shutting down: closing streams");
@@ -118,30 +147,43 @@ pub struct XdsServer {
     /// Becomes `true` (or loses its sender) when streams must end; `None`: never.
     closing: Option<watch::Receiver<bool>>,
     max_message_size: usize,
+    limits: Arc<StreamLimits>,
+    budget: SendBudget,
+    log: Arc<LogGate>,
 }
 
 impl XdsServer {
     /// A server whose streams end only when their clients go away.
     pub fn new(store: ResourceStore) -> Self {
+        let limits = StreamLimits::default();
         XdsServer {
+            budget: SendBudget::new(limits.send_budget, store.unread_bytes_gauge()),
             store,
             closing: None,
             max_message_size: MAX_MESSAGE_SIZE,
+            limits: Arc::new(limits),
+            log: Arc::new(LogGate::default()),
         }
     }
 
     /// A server whose streams end when `closing` becomes `true` or its sender is dropped.
     pub fn with_shutdown(store: ResourceStore, closing: watch::Receiver<bool>) -> Self {
         XdsServer {
-            store,
             closing: Some(closing),
-            max_message_size: MAX_MESSAGE_SIZE,
+            ..XdsServer::new(store)
         }
     }
 
-    /// Sets the largest message accepted and sent by the services built afterwards.
+    /// Sets the largest response sent by the services built afterwards.
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = bytes;
+        self
+    }
+
+    /// Sets the bounds of the services built afterwards (a new send budget of their size).
+    pub fn with_limits(mut self, limits: StreamLimits) -> Self {
+        self.budget = SendBudget::new(limits.send_budget, self.store.unread_bytes_gauge());
+        self.limits = Arc::new(limits);
         self
     }
 
@@ -152,25 +194,38 @@ impl XdsServer {
     /// The ECDS service, for composing into another tonic router.
     pub fn ecds_service(&self) -> ExtensionConfigDiscoveryServiceServer<XdsServer> {
         ExtensionConfigDiscoveryServiceServer::new(self.clone())
-            .max_decoding_message_size(self.max_message_size)
+            .max_decoding_message_size(self.limits.max_request_size)
             .max_encoding_message_size(self.max_message_size)
     }
 
     /// The ADS service, for composing into another tonic router.
     pub fn ads_service(&self) -> AggregatedDiscoveryServiceServer<XdsServer> {
         AggregatedDiscoveryServiceServer::new(self.clone())
-            .max_decoding_message_size(self.max_message_size)
+            .max_decoding_message_size(self.limits.max_request_size)
             .max_encoding_message_size(self.max_message_size)
     }
 
-    /// Opens a stream: registers it, spawns its task and returns the response stream.
+    /// Opens a stream: registers it, spawns its task and returns the response stream; refuses it
+    /// with `RESOURCE_EXHAUSTED` when [`StreamLimits::max_streams`] are open.
     fn spawn<P: StreamProtocol>(
         &self,
         api: Api,
-        peer: Option<SocketAddr>,
-        requests: Streaming<P::Request>,
-    ) -> ResponseStream<P::Response> {
-        let id = self.store.open_stream(api, P::PROTOCOL);
+        request: Request<Streaming<P::Request>>,
+    ) -> RpcResult<ResponseStream<P::Response>> {
+        let peer = request.remote_addr();
+        // Present when the service runs under `AbortLayer` (as `serve` runs it).
+        let abort = request.extensions().get::<AbortHandle>().cloned();
+        let requests = request.into_inner();
+        let max = self.limits.max_streams;
+        let Some(id) = self.store.try_open_stream(api, P::PROTOCOL, max) else {
+            self.store.count_limit("streams");
+            if let Some(suppressed) = self.log.admit("limit streams") {
+                tracing::warn!(peer = ?peer, max, suppressed, "xds stream refused: stream limit reached");
+            }
+            return Err(Status::resource_exhausted(format!(
+                "{max} xds streams are open, the most this server accepts (--xds-max-streams)"
+            )));
+        };
         let span = tracing::info_span!(
             "xds_stream",
             id,
@@ -180,15 +235,24 @@ impl XdsServer {
             node = tracing::field::Empty,
         );
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let mut state = P::new(id, api);
+        state.core_mut().budget = Some(self.budget.clone());
+        state.core_mut().log = Some(self.log.clone());
+        state.core_mut().peer = peer;
         let task = StreamTask {
             id,
             api,
-            state: P::new(id, api),
+            state,
             store: self.store.clone(),
             closing: self.closing.clone(),
+            limits: self.limits.clone(),
+            budget: self.budget.clone(),
+            log: self.log.clone(),
+            abort,
+            grant: None,
         };
         tokio::spawn(task.run(requests, tx).instrument(span));
-        ReceiverStream::new(rx)
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 
@@ -201,6 +265,11 @@ trait StreamProtocol: Send + 'static {
     fn on_request(&mut self, req: Self::Request, store: &ResourceStore) -> Option<Self::Response>;
     fn on_change(&mut self, store: &ResourceStore) -> Option<Self::Response>;
     fn core(&self) -> &StreamCore;
+    fn core_mut(&mut self) -> &mut StreamCore;
+    /// The node of a request, if it carries one.
+    fn node(req: &Self::Request) -> Option<&Node>;
+    /// How many names the stream would subscribe to after `req` (at most).
+    fn names_after(&self, req: &Self::Request) -> usize;
 }
 
 impl StreamProtocol for SotwStream {
@@ -222,6 +291,15 @@ impl StreamProtocol for SotwStream {
     }
     fn core(&self) -> &StreamCore {
         SotwStream::core(self)
+    }
+    fn core_mut(&mut self) -> &mut StreamCore {
+        SotwStream::core_mut(self)
+    }
+    fn node(req: &DiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
+    fn names_after(&self, req: &DiscoveryRequest) -> usize {
+        req.resource_names.len()
     }
 }
 
@@ -245,6 +323,15 @@ impl StreamProtocol for DeltaStream {
     fn core(&self) -> &StreamCore {
         DeltaStream::core(self)
     }
+    fn core_mut(&mut self) -> &mut StreamCore {
+        DeltaStream::core_mut(self)
+    }
+    fn node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
+    fn names_after(&self, req: &DeltaDiscoveryRequest) -> usize {
+        self.core().subscribed.len() + req.resource_names_subscribe.len()
+    }
 }
 
 struct StreamTask<P> {
@@ -253,6 +340,13 @@ struct StreamTask<P> {
     state: P,
     store: ResourceStore,
     closing: Option<watch::Receiver<bool>>,
+    limits: Arc<StreamLimits>,
+    budget: SendBudget,
+    log: Arc<LogGate>,
+    /// Resets the HTTP/2 stream (`limits.rs`); `None` outside `AbortLayer`.
+    abort: Option<AbortHandle>,
+    /// The send budget taken by the response awaiting its ACK.
+    grant: Option<Grant>,
 }
 
 /// Completes when the server shuts down; never for a server without shutdown.
@@ -273,10 +367,13 @@ impl<P: StreamProtocol> StreamTask<P> {
         tx: mpsc::Sender<Result<P::Response, Status>>,
     ) {
         let mut revisions = self.store.watch_revision();
+        let mut released = self.budget.watch_released();
+        let mut ack_deadline: Option<tokio::time::Instant> = None;
         tracing::debug!("stream opened");
         let mut node_recorded = false;
         loop {
             let awaiting = self.state.core().awaiting_ack();
+            let deferred = self.state.core().deferred;
             let reply = tokio::select! {
                 _ = closed(&mut self.closing) => {
                     tracing::debug!("closing stream: server shutting down");
@@ -288,20 +385,39 @@ impl<P: StreamProtocol> StreamTask<P> {
                 }
                 req = requests.next() => match req {
                     Some(Ok(req)) => {
-                        // Marked seen before the state machine reads the store: a change after this
-                        // point wakes us again, so none is lost.
+                        if let Some(refusal) = self.check(&req) {
+                            self.end_with(&tx, refusal);
+                            break;
+                        }
+                        // Marked seen before the state machine reads the store and the budget: a
+                        // change or a release after this point wakes us again, so none is lost.
                         revisions.borrow_and_update();
+                        released.borrow_and_update();
                         let reply = self.state.on_request(req, &self.store);
                         if !node_recorded && !self.state.core().node_id.is_empty() {
                             node_recorded = true;
-                            tracing::Span::current().record("node", self.state.core().node_id.as_str());
-                            tracing::info!(node = %self.state.core().node_id.as_str(), "proxy connected");
+                            let node = self.state.core().node_id.as_str();
+                            tracing::Span::current().record("node", node);
+                            if let Some(suppressed) = self.log.admit(&format!("connected {node}")) {
+                                tracing::info!(node, suppressed, "proxy connected");
+                            }
+                        }
+                        if !self.state.core().awaiting_ack() {
+                            // ACKed or NACKed: the proxy has read the response.
+                            ack_deadline = None;
+                            self.grant = None;
                         }
                         self.store.record_stream(self.state.core().info());
                         reply
                     }
                     Some(Err(status)) => {
-                        tracing::debug!(%status, "stream ended with an error");
+                        if status.code() == tonic::Code::OutOfRange {
+                            let why = format!("{} (--xds-max-request-size)", status.message());
+                            let refusal = self.refuse("request_size", &why);
+                            self.end_with(&tx, refusal);
+                        } else {
+                            tracing::debug!(%status, "stream ended with an error");
+                        }
                         break;
                     }
                     None => {
@@ -314,18 +430,38 @@ impl<P: StreamProtocol> StreamTask<P> {
                         break;
                     }
                     revisions.borrow_and_update();
-                    let reply = self.state.on_change(&self.store);
-                    if reply.is_some() {
-                        self.store.record_stream(self.state.core().info());
-                    }
-                    reply
+                    released.borrow_and_update();
+                    self.on_change()
+                }
+                _ = released.changed(), if deferred && !awaiting => {
+                    released.borrow_and_update();
+                    self.on_change()
+                }
+                _ = sleep_until(ack_deadline), if awaiting => {
+                    let why = format!(
+                        "no ACK or NACK within {} (--xds-ack-timeout)",
+                        humantime::format_duration(self.limits.ack_timeout)
+                    );
+                    let refusal = self.refuse("ack_timeout", &why);
+                    self.end_with(&tx, Status::deadline_exceeded(refusal.message()));
+                    break;
                 }
             };
             if let Some(response) = reply {
+                self.grant = self.state.core_mut().grant.take();
                 if tx.send(Ok(response)).await.is_err() {
                     tracing::debug!("response stream dropped");
                     break;
                 }
+                ack_deadline = Some(tokio::time::Instant::now() + self.limits.ack_timeout);
+            }
+        }
+        if self.state.core().awaiting_ack() {
+            // The proxy may not have read the last response: a status or a plain end would queue
+            // behind those bytes and keep them (a client could half-close and reconnect, over
+            // and over); a reset drops them (`limits.rs`).
+            if let Some(abort) = &self.abort {
+                abort.abort();
             }
         }
         self.store.close_stream(self.id);
@@ -335,7 +471,9 @@ impl<P: StreamProtocol> StreamTask<P> {
             self.state.core().node_id.as_str().to_string(),
         );
         if node_recorded {
-            tracing::info!(node = %node_id, "proxy disconnected");
+            if let Some(suppressed) = self.log.admit(&format!("disconnected {node_id}")) {
+                tracing::info!(node = %node_id, suppressed, "proxy disconnected");
+            }
         }
         let stream = self.id;
         self.store.emit(|| StreamEvent {
@@ -345,6 +483,71 @@ impl<P: StreamProtocol> StreamTask<P> {
             protocol,
             kind: StreamEventKind::Disconnected,
         });
+    }
+
+    /// Ends the stream with `status`; but while a response awaits its ACK the proxy may not have
+    /// read it, and a status would queue behind those bytes and keep them: the stream is reset
+    /// instead (`AbortLayer`), which drops them.
+    fn end_with(&self, tx: &mpsc::Sender<Result<P::Response, Status>>, status: Status) {
+        match &self.abort {
+            Some(abort) if self.state.core().awaiting_ack() => abort.abort(),
+            _ => {
+                let _ = tx.try_send(Err(status));
+            }
+        }
+    }
+
+    fn on_change(&mut self) -> Option<P::Response> {
+        let reply = self.state.on_change(&self.store);
+        if reply.is_some() {
+            self.store.record_stream(self.state.core().info());
+        }
+        reply
+    }
+
+    /// The status ending a stream whose request breaks a bound, if it does.
+    fn check(&self, req: &P::Request) -> Option<Status> {
+        let limits = &self.limits;
+        if let Some(node) = P::node(req) {
+            let size = node.encoded_len();
+            if size > limits.max_node_size {
+                let why = format!(
+                    "node is {size} bytes encoded, more than {} (--xds-max-node-size)",
+                    limits.max_node_size
+                );
+                return Some(Status::invalid_argument(
+                    self.refuse("node_size", &why).message(),
+                ));
+            }
+        }
+        let names = self.state.names_after(req);
+        if names > limits.max_resource_names {
+            let why = format!(
+                "{names} resource names subscribed, more than {} (--xds-max-resource-names)",
+                limits.max_resource_names
+            );
+            return Some(self.refuse("resource_names", &why));
+        }
+        None
+    }
+
+    /// Counts and logs (through the log gate) a stream ended by the bound `limit`; returns the
+    /// `RESOURCE_EXHAUSTED` status telling the proxy why.
+    fn refuse(&self, limit: &str, why: &str) -> Status {
+        self.store.count_limit(limit);
+        let node = self.state.core().node_id.as_str();
+        if let Some(suppressed) = self.log.admit(&format!("limit {limit}")) {
+            tracing::warn!(node, limit, suppressed, "xds stream closed: {why}");
+        }
+        Status::resource_exhausted(format!("xds stream closed: {why}"))
+    }
+}
+
+/// Completes at `deadline`; never without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -359,24 +562,14 @@ impl ExtensionConfigDiscoveryService for XdsServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> RpcResult<Self::StreamExtensionConfigsStream> {
-        let peer = request.remote_addr();
-        Ok(Response::new(self.spawn::<SotwStream>(
-            Api::Ecds,
-            peer,
-            request.into_inner(),
-        )))
+        self.spawn::<SotwStream>(Api::Ecds, request)
     }
 
     async fn delta_extension_configs(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> RpcResult<Self::DeltaExtensionConfigsStream> {
-        let peer = request.remote_addr();
-        Ok(Response::new(self.spawn::<DeltaStream>(
-            Api::Ecds,
-            peer,
-            request.into_inner(),
-        )))
+        self.spawn::<DeltaStream>(Api::Ecds, request)
     }
 
     async fn fetch_extension_configs(
@@ -408,23 +601,13 @@ impl AggregatedDiscoveryService for XdsServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> RpcResult<Self::StreamAggregatedResourcesStream> {
-        let peer = request.remote_addr();
-        Ok(Response::new(self.spawn::<SotwStream>(
-            Api::Ads,
-            peer,
-            request.into_inner(),
-        )))
+        self.spawn::<SotwStream>(Api::Ads, request)
     }
 
     async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> RpcResult<Self::DeltaAggregatedResourcesStream> {
-        let peer = request.remote_addr();
-        Ok(Response::new(self.spawn::<DeltaStream>(
-            Api::Ads,
-            peer,
-            request.into_inner(),
-        )))
+        self.spawn::<DeltaStream>(Api::Ads, request)
     }
 }

@@ -57,6 +57,10 @@ impl SotwStream {
         &self.core
     }
 
+    pub(crate) fn core_mut(&mut self) -> &mut StreamCore {
+        &mut self.core
+    }
+
     fn event(&self, kind: StreamEventKind) -> StreamEvent {
         self.core.event(kind)
     }
@@ -81,23 +85,28 @@ impl SotwStream {
             match &req.error_detail {
                 Some(status) => {
                     let nacks = store.count_nack();
-                    tracing::warn!(
-                        node = %self.core.node_id,
-                        version = %delivery.version,
-                        nonce = %delivery.nonce,
-                        code = status.code,
-                        message = %status.message,
-                        nacks,
-                        "proxy rejected ECDS update (NACK)"
-                    );
-                    let message = status.message.clone();
+                    let message = StreamCore::bounded_message(&status.message);
+                    self.core.nack_resources(&delivery, &message);
+                    let key = format!("nack {}", self.core.node_id);
+                    if let Some(suppressed) = self.core.admit_log(&key) {
+                        tracing::warn!(
+                            node = %self.core.node_id,
+                            version = %delivery.version,
+                            nonce = %delivery.nonce,
+                            code = status.code,
+                            message = %message,
+                            nacks,
+                            suppressed,
+                            "proxy rejected ECDS update (NACK)"
+                        );
+                    }
                     store.emit(|| self.event(StreamEventKind::Nacked { delivery, message }));
                 }
                 None => {
                     store.count_ack();
                     tracing::debug!(version = %delivery.version, nonce = %delivery.nonce, "ACK");
                     for r in &delivery.resources {
-                        self.core.acked.insert(r.name.clone(), r.version.clone());
+                        self.core.ack_resource(&r.name, &r.version);
                     }
                     store.emit(|| self.event(StreamEventKind::Acked(delivery)));
                 }
@@ -121,9 +130,8 @@ impl SotwStream {
         let names: BTreeSet<String> = names.into_iter().collect();
         if names != self.core.subscribed {
             tracing::debug!(subscribed = ?names, "subscription changed");
-            self.core.held.retain(|n, _| names.contains(n));
-            self.core.acked.retain(|n, _| names.contains(n));
             self.core.subscribed = names;
+            self.core.forget_unsubscribed();
         }
     }
 
@@ -140,6 +148,12 @@ impl SotwStream {
         if current
             .iter()
             .all(|e| self.core.held.get(&e.name) == Some(&e.version))
+        {
+            return None;
+        }
+        if !self
+            .core
+            .admit(current.iter().map(|e| e.any.value.len()).sum(), store)
         {
             return None;
         }
@@ -243,7 +257,7 @@ mod tests {
         assert_eq!(resp.resources.len(), 1);
         assert_eq!(resp.version_info, store.version_of("a").unwrap());
         assert_eq!(resp.type_url, ECDS_TYPE_URL);
-        assert_eq!(resp.nonce, "1");
+        assert!(resp.nonce.starts_with("1-"), "{}", resp.nonce);
         assert_eq!(s.core().node_id, "node-1");
     }
 
@@ -281,7 +295,7 @@ mod tests {
             .on_request(ack(&["a"], &r1), &store)
             .expect("latest state after the ACK");
         assert_eq!(r2.version_info, store.version_of("a").unwrap());
-        assert_eq!(r2.nonce, "2");
+        assert!(r2.nonce.starts_with("2-"), "{}", r2.nonce);
         assert!(s.on_request(ack(&["a"], &r2), &store).is_none());
         assert_eq!(
             s.core().info().acked.get("a"),

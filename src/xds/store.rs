@@ -32,7 +32,7 @@
 //! `.await` (none of these methods is async). Writers pay the encoding and hashing cost before
 //! taking the write lock.
 //!
-//! Length: about 460 lines of code; the rest is its unit tests, kept beside the code they test.
+//! Length: about 500 lines of code; the rest is its unit tests, kept beside the code they test.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -384,20 +384,61 @@ impl ResourceStore {
         found
     }
 
+    #[cfg(test)]
     pub(crate) fn open_stream(&self, api: Api, protocol: Protocol) -> StreamId {
+        self.try_open_stream(api, protocol, usize::MAX)
+            .expect("no stream limit")
+    }
+
+    /// Registers a new stream unless `max_streams` are open already (checked and registered under
+    /// one lock, so concurrent opens cannot overshoot).
+    pub(crate) fn try_open_stream(
+        &self,
+        api: Api,
+        protocol: Protocol,
+        max_streams: usize,
+    ) -> Option<StreamId> {
+        let mut streams = self
+            .inner
+            .streams
+            .lock()
+            .expect("stream registry lock poisoned");
+        if streams.len() >= max_streams {
+            return None;
+        }
         let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
         self.inner.series.connected_streams.inc();
         self.inner.series.streams_total.inc();
-        self.record_stream(StreamInfo {
+        streams.insert(
             id,
-            node_id: String::new(),
-            api,
-            protocol,
-            subscribed: Vec::new(),
-            sent: BTreeMap::new(),
-            acked: BTreeMap::new(),
-        });
-        id
+            StreamInfo {
+                id,
+                node_id: String::new(),
+                peer: None,
+                api,
+                protocol,
+                subscribed: Vec::new(),
+                sent: BTreeMap::new(),
+                acked: BTreeMap::new(),
+                nacked: BTreeMap::new(),
+            },
+        );
+        Some(id)
+    }
+
+    /// Counts one hit of a bound of the xDS port ([`METRIC_LIMIT_COUNT`]).
+    pub(crate) fn count_limit(&self, limit: &str) {
+        self.inner.series.limits.with_label_values(&[limit]).inc();
+    }
+
+    /// How often the bound `limit` was hit ([`METRIC_LIMIT_COUNT`]).
+    pub fn limit_count(&self, limit: &str) -> u64 {
+        self.inner.series.limits.with_label_values(&[limit]).get()
+    }
+
+    /// The gauge of bytes handed to streams and not yet read ([`METRIC_UNREAD_BYTES`]).
+    pub(crate) fn unread_bytes_gauge(&self) -> prometheus::IntGauge {
+        self.inner.series.unread_bytes.clone()
     }
 
     pub(crate) fn close_stream(&self, id: StreamId) {

@@ -3,13 +3,33 @@
 //! the reports built from them ([`StreamInfo`], [`StreamEvent`]).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 
 use super::accepts_type_url;
+use std::sync::Arc;
+
+use super::limits::{Grant, LogGate, SendBudget};
 use super::store::{
-    Api, Delivery, Protocol, ResourceStore, StreamEvent, StreamEventKind, StreamId, StreamInfo,
+    Api, Delivery, Nacked, Protocol, ResourceStore, StreamEvent, StreamEventKind, StreamId,
+    StreamInfo, NACK_MESSAGE_MAX,
 };
+
+/// Longest node id kept (longer ones are cut, marked with `…`).
+pub(crate) const NODE_ID_MAX: usize = 1024;
+
+/// `text` cut to at most `max` bytes at a character boundary, marked with `…` when cut.
+fn cut(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
 
 #[derive(Debug)]
 pub(crate) struct StreamCore {
@@ -24,9 +44,21 @@ pub(crate) struct StreamCore {
     pub(crate) held: BTreeMap<String, String>,
     /// Per resource, the version the proxy last ACKed.
     pub(crate) acked: BTreeMap<String, String>,
+    /// Per resource, the last NACK not followed by an ACK of it (`/debug/syncz`).
+    pub(crate) nacked: BTreeMap<String, Nacked>,
+    /// The proxy's address, when known.
+    pub(crate) peer: Option<SocketAddr>,
     nonce_counter: u64,
     /// The last response while it awaits its ACK or NACK (no push until it arrives).
     pub(crate) outstanding: Option<Delivery>,
+    /// Where pushes take their bytes from (`limits.rs`); `None`: unbounded (unit tests).
+    pub(crate) budget: Option<SendBudget>,
+    /// The grant of the response just built, for the server to send along with it.
+    pub(crate) grant: Option<Grant>,
+    /// A push is waiting for the send budget.
+    pub(crate) deferred: bool,
+    /// The server's log gate for repeated lines (NACK loops); `None`: every line (unit tests).
+    pub(crate) log: Option<Arc<LogGate>>,
 }
 
 impl StreamCore {
@@ -40,8 +72,76 @@ impl StreamCore {
             subscribed: BTreeSet::new(),
             held: BTreeMap::new(),
             acked: BTreeMap::new(),
+            nacked: BTreeMap::new(),
+            peer: None,
             nonce_counter: 0,
             outstanding: None,
+            budget: None,
+            grant: None,
+            deferred: false,
+            log: None,
+        }
+    }
+
+    /// The proxy accepted `version` of `name`.
+    pub(crate) fn ack_resource(&mut self, name: &str, version: &str) {
+        self.acked.insert(name.to_string(), version.to_string());
+        self.nacked.remove(name);
+    }
+
+    /// The proxy rejected the resources of `delivery` with `message`.
+    pub(crate) fn nack_resources(&mut self, delivery: &Delivery, message: &str) {
+        for r in &delivery.resources {
+            let nack = Nacked {
+                version: r.version.clone(),
+                message: message.to_string(),
+            };
+            self.nacked.insert(r.name.clone(), nack);
+        }
+    }
+
+    /// A NACK's error message, cut to [`NACK_MESSAGE_MAX`] bytes: it is logged, kept per resource
+    /// and sent to event watchers, and a proxy may send megabytes.
+    pub(crate) fn bounded_message(message: &str) -> String {
+        cut(message, NACK_MESSAGE_MAX)
+    }
+
+    /// Forgets what is known of names no longer subscribed.
+    pub(crate) fn forget_unsubscribed(&mut self) {
+        let subscribed = &self.subscribed;
+        self.held.retain(|n, _| subscribed.contains(n));
+        self.acked.retain(|n, _| subscribed.contains(n));
+        self.nacked.retain(|n, _| subscribed.contains(n));
+    }
+
+    /// `Some(suppressed)` when a line under `key` may be logged now (see `LogGate`).
+    pub(crate) fn admit_log(&self, key: &str) -> Option<u64> {
+        match &self.log {
+            Some(gate) => gate.admit(key),
+            None => Some(0),
+        }
+    }
+
+    /// Whether a response of `bytes` may be built now: takes its grant from the send budget, or
+    /// marks the push deferred (counted once per wait) when the budget cannot hold it.
+    pub(crate) fn admit(&mut self, bytes: usize, store: &ResourceStore) -> bool {
+        let Some(budget) = &self.budget else {
+            return true;
+        };
+        match budget.try_grant(bytes) {
+            Some(grant) => {
+                self.grant = Some(grant);
+                self.deferred = false;
+                true
+            }
+            None => {
+                if !self.deferred {
+                    store.count_limit("send_budget");
+                    tracing::debug!(bytes, "push waits for the send budget");
+                }
+                self.deferred = true;
+                false
+            }
         }
     }
 
@@ -56,7 +156,8 @@ impl StreamCore {
     ) -> Option<bool> {
         if self.node_id.is_empty() {
             if let Some(node) = node {
-                self.node_id.clone_from(&node.id);
+                // Logged, reported and kept per stream: a hostile id is cut (Envoy's are short).
+                self.node_id = cut(&node.id, NODE_ID_MAX);
             }
         }
         let first = !self.started;
@@ -76,21 +177,25 @@ impl StreamCore {
         self.outstanding.is_some()
     }
 
-    /// The nonce of the next response: a counter, unique on the stream.
+    /// The nonce of the next response: a counter, unique on the stream, and a random part, so that
+    /// a client cannot ACK a response it has not read (the ACK releases the response's share of
+    /// the send budget, `limits.rs`).
     pub(crate) fn next_nonce(&mut self) -> String {
         self.nonce_counter += 1;
-        self.nonce_counter.to_string()
+        format!("{}-{:08x}", self.nonce_counter, fastrand::u32(..))
     }
 
     pub(crate) fn info(&self) -> StreamInfo {
         StreamInfo {
             id: self.id,
             node_id: self.node_id.clone(),
+            peer: self.peer.map(|p| p.to_string()),
             api: self.api,
             protocol: self.protocol,
             subscribed: self.subscribed.iter().cloned().collect(),
             sent: self.held.clone(),
             acked: self.acked.clone(),
+            nacked: self.nacked.clone(),
         }
     }
 

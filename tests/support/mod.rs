@@ -22,6 +22,7 @@ pub mod image;
 pub mod kube;
 pub mod proxied;
 pub mod registry;
+pub mod serve;
 pub mod upstream;
 pub mod wasm;
 

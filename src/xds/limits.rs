@@ -1,0 +1,334 @@
+//! The bounds of the xDS port (docs/behavior.md "Bounds of the xDS port"): what one client may
+//! make the server hold, so that a hostile or broken proxy cannot exhaust memory or flood the log
+//! while the others keep being served.
+//!
+//! - [`StreamLimits`]: the configured bounds (request size, streams, resource names per stream,
+//!   node size, send budget, ACK deadline). `server.rs` checks them per request and per stream.
+//! - [`SendBudget`]: bytes of responses handed to streams and not yet read by their proxy. tonic
+//!   encodes every response into a buffer of its own, and HTTP/2 keeps that buffer until the
+//!   proxy opens its flow-control window, so a proxy that never reads would otherwise hold a
+//!   private copy of every module it subscribes to. A push takes a [`Grant`] of its size before
+//!   the response is built; the stream task holds the grant until the proxy ACKs or NACKs that
+//!   response (it has then read it) or the stream ends. A push that does not fit waits, without
+//!   holding a response, until some grant is released. A stream whose response stays
+//!   unacknowledged past the ACK deadline (or that breaks a bound meanwhile) is reset through its
+//!   [`AbortHandle`] ([`AbortLayer`]): the reset makes HTTP/2 drop the bytes its proxy never read,
+//!   so the grant released with it matches memory really freed.
+//! - [`LogGate`]: one log line per key and interval; the lines in between are counted and the
+//!   count is reported with the next line let through (reconnect storms, NACK loops, refusals).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+/// Largest request message accepted (requests carry names and node metadata, never modules).
+pub const MAX_REQUEST_SIZE: usize = 4 * 1024 * 1024; // 4 MiB
+/// Concurrent xDS streams served; more are refused with `RESOURCE_EXHAUSTED`.
+pub const MAX_STREAMS: usize = 10_000;
+/// Resource names one stream may subscribe to.
+pub const MAX_RESOURCE_NAMES: usize = 10_000;
+/// Largest encoded `node` (id, cluster, metadata, ...) a request may carry.
+pub const MAX_NODE_SIZE: usize = 256 * 1024; // 256 KiB
+/// Bytes of responses handed to streams and not yet read, over all streams.
+pub const SEND_BUDGET: usize = 512 * 1024 * 1024; // 512 MiB
+/// How long a response may go without ACK or NACK before its stream is closed.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(300);
+/// The interval of [`LogGate`]: one line per key per interval.
+pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Keys a [`LogGate`] remembers; beyond them, keys share one line per interval.
+const LOG_KEYS: usize = 1024;
+
+/// The configured bounds; [`Default`] holds the documented defaults.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamLimits {
+    pub max_request_size: usize,
+    pub max_streams: usize,
+    pub max_resource_names: usize,
+    pub max_node_size: usize,
+    pub send_budget: usize,
+    pub ack_timeout: Duration,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        StreamLimits {
+            max_request_size: MAX_REQUEST_SIZE,
+            max_streams: MAX_STREAMS,
+            max_resource_names: MAX_RESOURCE_NAMES,
+            max_node_size: MAX_NODE_SIZE,
+            send_budget: SEND_BUDGET,
+            ack_timeout: ACK_TIMEOUT,
+        }
+    }
+}
+
+/// The send budget of one server, shared by its streams (module docs). Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct SendBudget {
+    total: usize,
+    permits: Arc<Semaphore>,
+    released: Arc<watch::Sender<u64>>,
+    gauge: prometheus::IntGauge,
+}
+
+impl SendBudget {
+    pub(crate) fn new(total: usize, gauge: prometheus::IntGauge) -> Self {
+        let total = total.clamp(1, Semaphore::MAX_PERMITS);
+        SendBudget {
+            total,
+            permits: Arc::new(Semaphore::new(total)),
+            released: Arc::new(watch::channel(0).0),
+            gauge,
+        }
+    }
+
+    /// A grant for a response of `bytes`, or `None` when the budget cannot hold it now. A
+    /// response larger than the whole budget waits until it is the only one in flight.
+    pub(crate) fn try_grant(&self, bytes: usize) -> Option<Grant> {
+        let n = bytes.clamp(1, self.total).min(u32::MAX as usize) as u32;
+        let permit = self.permits.clone().try_acquire_many_owned(n).ok()?;
+        self.gauge.add(i64::from(n));
+        Some(Grant {
+            permit: Some(permit),
+            released: self.released.clone(),
+            gauge: self.gauge.clone(),
+        })
+    }
+
+    /// Marked changed whenever a grant is released: a stream whose push did not fit tries again.
+    pub(crate) fn watch_released(&self) -> watch::Receiver<u64> {
+        self.released.subscribe()
+    }
+}
+
+/// A part of the [`SendBudget`], held while its response is unread; released on drop.
+#[derive(Debug)]
+pub struct Grant {
+    permit: Option<OwnedSemaphorePermit>,
+    released: Arc<watch::Sender<u64>>,
+    gauge: prometheus::IntGauge,
+}
+
+impl Drop for Grant {
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            self.gauge.sub(permit.num_permits() as i64);
+            drop(permit);
+            self.released.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+}
+
+/// Lets a stream task reset its HTTP/2 stream ([`AbortLayer`]).
+#[derive(Clone, Debug, Default)]
+pub struct AbortHandle {
+    inner: Arc<AbortState>,
+}
+
+#[derive(Debug, Default)]
+struct AbortState {
+    aborted: std::sync::atomic::AtomicBool,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl AbortHandle {
+    /// Resets the stream: its response body fails, and HTTP/2 drops what it still buffers for it.
+    pub(crate) fn abort(&self) {
+        self.inner
+            .aborted
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(w) = self.inner.waker.lock().expect("abort lock").take() {
+            w.wake();
+        }
+    }
+
+    fn poll_aborted(&self, cx: &Context<'_>) -> bool {
+        let aborted = || self.inner.aborted.load(std::sync::atomic::Ordering::SeqCst);
+        if aborted() {
+            return true;
+        }
+        *self.inner.waker.lock().expect("abort lock") = Some(cx.waker().clone());
+        aborted()
+    }
+}
+
+/// A layer of the xDS server: every request gets an [`AbortHandle`] in its extensions, and its
+/// response body fails once the handle is used, so that the transport resets the stream
+/// (RST_STREAM) and drops the response bytes its proxy never read. Ending the stream with a
+/// status instead would queue the status behind those bytes and keep them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AbortLayer;
+
+impl<S> tower_layer::Layer<S> for AbortLayer {
+    type Service = Abortable<S>;
+    fn layer(&self, inner: S) -> Abortable<S> {
+        Abortable(inner)
+    }
+}
+
+/// The service of [`AbortLayer`].
+#[derive(Clone, Debug)]
+pub struct Abortable<S>(S);
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<S, B, R> tower_service::Service<http::Request<B>> for Abortable<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<AbortableBody<R>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let handle = AbortHandle::default();
+        request.extensions_mut().insert(handle.clone());
+        let response = self.0.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|inner| AbortableBody { inner, handle }))
+        })
+    }
+}
+
+/// The response body of [`AbortLayer`].
+#[derive(Debug)]
+pub struct AbortableBody<R> {
+    inner: R,
+    handle: AbortHandle,
+}
+
+impl<R> hyper::body::Body for AbortableBody<R>
+where
+    R: hyper::body::Body + Unpin,
+    R::Error: Into<BoxError>,
+{
+    type Data = R::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<R::Data>, BoxError>>> {
+        if self.handle.poll_aborted(cx) {
+            return Poll::Ready(Some(Err("xds stream reset by the server".into())));
+        }
+        Pin::new(&mut self.inner)
+            .poll_frame(cx)
+            .map(|f| f.map(|r| r.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// One log line per key and [`LOG_INTERVAL`] (module docs).
+#[derive(Debug)]
+pub struct LogGate {
+    interval: Duration,
+    keys: Mutex<HashMap<String, (Instant, u64)>>,
+}
+
+impl Default for LogGate {
+    fn default() -> Self {
+        LogGate::new(LOG_INTERVAL)
+    }
+}
+
+impl LogGate {
+    pub fn new(interval: Duration) -> Self {
+        LogGate {
+            interval,
+            keys: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `Some(suppressed)` when a line for `key` may be logged now (`suppressed`: lines held back
+    /// since the last one); `None` when it is held back and counted.
+    pub fn admit(&self, key: &str) -> Option<u64> {
+        let now = Instant::now();
+        let mut keys = self.keys.lock().expect("log gate lock");
+        if keys.len() >= LOG_KEYS && !keys.contains_key(key) {
+            keys.retain(|_, (at, _)| now.duration_since(*at) < self.interval);
+        }
+        let key = if keys.len() >= LOG_KEYS && !keys.contains_key(key) {
+            "(other)"
+        } else {
+            key
+        };
+        match keys.get_mut(key) {
+            Some((at, suppressed)) if now.duration_since(*at) < self.interval => {
+                *suppressed += 1;
+                None
+            }
+            Some((at, suppressed)) => {
+                *at = now;
+                Some(std::mem::take(suppressed))
+            }
+            None => {
+                keys.insert(key.to_string(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn log_gate_lets_one_line_per_interval_and_counts_the_rest() {
+        let gate = LogGate::new(Duration::from_secs(10));
+        assert_eq!(gate.admit("a"), Some(0));
+        for _ in 0..5 {
+            assert_eq!(gate.admit("a"), None);
+        }
+        assert_eq!(gate.admit("b"), Some(0), "keys are apart");
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(gate.admit("a"), Some(5));
+        assert_eq!(gate.admit("a"), None);
+        // Many keys: memory stays bounded, the overflow shares one line.
+        for i in 0..(LOG_KEYS * 3) {
+            gate.admit(&format!("k{i}"));
+        }
+        assert!(gate.keys.lock().unwrap().len() <= LOG_KEYS + 1);
+    }
+
+    #[test]
+    fn budget_grants_until_full_and_release_wakes_waiters() {
+        let gauge = prometheus::IntGauge::new("g", "g").unwrap();
+        let budget = SendBudget::new(100, gauge.clone());
+        let mut released = budget.watch_released();
+        let a = budget.try_grant(60).unwrap();
+        assert!(budget.try_grant(60).is_none());
+        let b = budget.try_grant(40).unwrap();
+        assert_eq!(gauge.get(), 100);
+        drop(a);
+        assert!(released.has_changed().unwrap());
+        released.borrow_and_update();
+        assert_eq!(gauge.get(), 40);
+        drop(b);
+        // Larger than the whole budget: granted once alone.
+        let big = budget.try_grant(1000).unwrap();
+        assert!(budget.try_grant(1).is_none());
+        drop(big);
+        assert_eq!(gauge.get(), 0);
+    }
+}
