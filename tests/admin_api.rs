@@ -172,6 +172,7 @@ async fn the_admin_service_wants_the_token_when_there_is_one() {
     std::fs::write(&token, "s3cret\n").unwrap();
     let access = Access {
         mtls: false,
+        client_ca: false,
         token: Some(TokenFile::open(&token).unwrap()),
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
