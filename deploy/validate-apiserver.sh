@@ -36,6 +36,38 @@ step "API server: everything else (server-side dry run, then applied)"
 admin apply --dry-run=server -f "$OUT/rest.yaml"
 admin apply -f "$OUT/rest.yaml"
 admin get wasmplugins -A
+# deploy/tls/ applied after deploy/, all but cert-manager's objects (its CRDs are not here).
+python3 - "$OUT" <<'PY'
+import os, sys, yaml
+out = sys.argv[1]
+docs = [d for d in yaml.safe_load_all(open(os.path.join(out, "tls.yaml"))) if d]
+yaml.safe_dump_all([d for d in docs if not d["apiVersion"].startswith("cert-manager.io/")],
+                   open(os.path.join(out, "tls-rest.yaml"), "w"))
+PY
+step "API server: deploy/tls/ without its cert-manager objects (server-side dry run)"
+admin apply --dry-run=server -f "$OUT/tls-rest.yaml"
+
+step "API server: the admin token Secret, created as deploy/README.md says"
+admin -n wasm-ecds create secret generic wasm-ecds-admin-token --from-literal=token="$(head -c32 /dev/urandom | base64)"
+# What the Deployment's volume would hold: the Secret's key `token` as the file `token`.
+mkdir -p "$OUT/admin-token"
+admin -n wasm-ecds get secret wasm-ecds-admin-token -o jsonpath='{.data.token}' | base64 -d >"$OUT/admin-token/token"
+TOKEN="$(cat "$OUT/admin-token/token")"
+# The WASM_ECDS_* variables of a rendering's Deployment wasm-ecds, its Secret volumes' paths
+# moved to the files here: `env $(deployment_env RENDERING) wasm-ecds serve …` runs a replica as
+# the pod would be configured.
+deployment_env() {
+    python3 - "$OUT" "$1" <<'PY'
+import os, sys, yaml
+out, rendering = sys.argv[1], sys.argv[2]
+for d in yaml.safe_load_all(open(os.path.join(out, rendering + ".yaml"))):
+    if d and d["kind"] == "Deployment" and d["metadata"]["name"] == "wasm-ecds":
+        for e in d["spec"]["template"]["spec"]["containers"][0]["env"]:
+            if e["name"].startswith("WASM_ECDS_"):
+                v = e["value"].replace("/etc/wasm-ecds/admin-token/", out + "/admin-token/")
+                print(f"{e['name']}={v.replace('/etc/wasm-ecds/tls/', out + '/certs/server/')}")
+PY
+}
 
 step "API server: RBAC of the wasm-ecds ServiceAccount (its token user)"
 can() {  # can WANT VERB RESOURCE [ARGS...]
@@ -63,7 +95,8 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 ADMIN_PORTS=()
 for i in 1 2; do
     port="$(free_port)"; ADMIN_PORTS+=("$port")
-    RUST_LOG="${SERVE_LOG:-info}" "$WASM_ECDS" serve --source kubernetes --kubeconfig "$STATE/wasm-ecds.kubeconfig" \
+    # shellcheck disable=SC2046
+    env $(deployment_env deploy) RUST_LOG="${SERVE_LOG:-info}" "$WASM_ECDS" serve --source kubernetes --kubeconfig "$STATE/wasm-ecds.kubeconfig" \
         --identity "replica-$i" --lease-duration 4s --xds-address 127.0.0.1:0 \
         --admin-address "127.0.0.1:$port" --delivery http --cache-dir "$OUT/cache-$i" \
         --http-request-max-retries 1 >"$OUT/serve-$i.log" 2>&1 &
@@ -85,6 +118,13 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
     exit 1
 }
 for p in "${ADMIN_PORTS[@]}"; do wait_for 30 "/readyz on :$p" curl -sf "http://127.0.0.1:$p/readyz"; done
+status() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
+for p in "${ADMIN_PORTS[@]}"; do
+    [[ "$(status "http://127.0.0.1:$p/debug/plugins")" == 401 &&
+       "$(status -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$p/debug/plugins")" == 200 ]] ||
+        { echo "error: /debug/plugins on :$p: want 401 without the token, 200 with it" >&2; exit 1; }
+done
+echo "  /debug/plugins: 401 without the Secret's token, 200 with it (both replicas)"
 accepted() { [[ "$(admin -n apps get wasmplugin hello -o jsonpath='{.status.conditions[?(@.type=="Accepted")].status}')" == True ]]; }
 has_ready() { [[ -n "$(admin -n apps get wasmplugin hello -o jsonpath='{.status.conditions[?(@.type=="Ready")].reason}')" ]]; }
 one_leader() { [[ "$(leaders)" == 1 ]]; }
@@ -146,3 +186,36 @@ other=$((3 - n))
 leads() { [[ "$(metric "${ADMIN_PORTS[other-1]}" wasm_ecds_kube_leader)" == 1 ]]; }
 wait_for 30 "replica-$other to take the Lease" leads
 echo "  replica-$n stopped; replica-$other now holds the Lease ($(admin -n wasm-ecds get lease wasm-ecds -o jsonpath='{.spec.holderIdentity}'))"
+
+step "API server: a replica configured as deploy/tls/'s Deployment"
+TLS_ADMIN="$(free_port)" TLS_XDS="$(free_port)"
+# shellcheck disable=SC2046
+env $(deployment_env tls) RUST_LOG="${SERVE_LOG:-info}" "$WASM_ECDS" serve --source kubernetes \
+    --kubeconfig "$STATE/wasm-ecds.kubeconfig" --identity replica-tls --lease-duration 4s \
+    --xds-address "127.0.0.1:$TLS_XDS" --admin-address "127.0.0.1:$TLS_ADMIN" --delivery http \
+    --cache-dir "$OUT/cache-tls" --http-request-max-retries 1 >"$OUT/serve-tls.log" 2>&1 &
+PIDS+=("$!")
+C="$OUT/certs"
+https() { curl -s --cacert "$C/ca.crt" "$@"; }
+tls_ready() { https -f "https://localhost:$TLS_ADMIN/readyz"; }
+wait_for 30 "/readyz over HTTPS (serve-tls.log)" tls_ready
+echo "  /readyz over HTTPS without a client certificate: $(https "https://localhost:$TLS_ADMIN/readyz")"
+want() {  # want STATUS WHAT CURL-ARGS...
+    local code="$1" what="$2"; shift 2
+    local got; got="$(https -o /dev/null -w '%{http_code}' "$@")"
+    [[ "$got" == "$code" ]] || { echo "error: $what: $got, want $code" >&2; tail -20 "$OUT/serve-tls.log" >&2; exit 1; }
+    echo "  $what: $got"
+}
+want 401 "/debug/plugins without a certificate or token" "https://localhost:$TLS_ADMIN/debug/plugins"
+want 200 "/debug/plugins with the gateway's certificate" --cert "$C/client/tls.crt" --key "$C/client/tls.key" \
+    "https://localhost:$TLS_ADMIN/debug/plugins"
+want 200 "/debug/plugins with the token" -H "Authorization: Bearer $TOKEN" "https://localhost:$TLS_ADMIN/debug/plugins"
+want 401 "/modules/ without a certificate or token" "https://localhost:$TLS_ADMIN/modules/$(printf '0%.0s' $(seq 64)).wasm"
+# The xDS port (HTTP/2 only): a client without a certificate fails in the handshake; with one, the
+# gRPC server answers.
+if https --http2-prior-knowledge -o /dev/null "https://localhost:$TLS_XDS/" 2>/dev/null; then
+    echo "error: the xDS port answered a client without a certificate" >&2; exit 1
+fi
+https --http2 -o /dev/null --cert "$C/client/tls.crt" --key "$C/client/tls.key" "https://localhost:$TLS_XDS/" ||
+    { echo "error: the xDS port refused the gateway's certificate" >&2; exit 1; }
+echo "  xDS port: refused without a client certificate, answers with the gateway's"

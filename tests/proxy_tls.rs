@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use tokio::time::timeout;
 use tokio_rustls::rustls;
 use wasm_ecds::config::{Config, Delivery};
@@ -22,6 +21,7 @@ use wasm_ecds::xds::client::{self, SotwSession};
 use wasm_ecds::xds::Api;
 
 use support::faults::{ModuleServer, Route};
+use support::pki::Pki;
 
 const WAIT: Duration = Duration::from_secs(30);
 const RESOURCE: &str = "extensions.istio.io/wasmplugin/default.auth";
@@ -47,56 +47,12 @@ async fn start(
     .unwrap()
 }
 
-/// A test CA, a server certificate for `localhost` and a client certificate, as PEM files.
-struct Pki {
-    dir: tempfile::TempDir,
-    ca_der: rustls::pki_types::CertificateDer<'static>,
-    server: (
-        Vec<rustls::pki_types::CertificateDer<'static>>,
-        rustls::pki_types::PrivateKeyDer<'static>,
-    ),
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca_params, ca_key);
-        let leaf = |name: &str| {
-            let key = KeyPair::generate().unwrap();
-            let cert = CertificateParams::new(vec![name.to_string()])
-                .unwrap()
-                .signed_by(&key, &issuer)
-                .unwrap();
-            (cert, key)
-        };
-        let (server_cert, server_key) = leaf("localhost");
-        let (client_cert, client_key) = leaf("wasm-ecds-proxy");
-        std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).unwrap();
-        std::fs::write(dir.path().join("client.pem"), client_cert.pem()).unwrap();
-        std::fs::write(dir.path().join("client.key"), client_key.serialize_pem()).unwrap();
-        let server_key =
-            rustls::pki_types::PrivateKeyDer::try_from(server_key.serialize_der()).unwrap();
-        Pki {
-            ca_der: ca_cert.der().clone(),
-            server: (vec![server_cert.der().clone()], server_key),
-            dir,
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-}
-
 /// Terminates TLS (requiring a client certificate from the CA) and forwards the bytes to `to`.
 async fn tls_terminator(pki: &Pki, to: SocketAddr) -> SocketAddr {
+    let server = pki.server("wasm-ecds-central");
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca_der.clone()).unwrap();
+    roots.add(pki.ca_der()).unwrap();
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
         provider.clone(),
@@ -107,7 +63,7 @@ async fn tls_terminator(pki: &Pki, to: SocketAddr) -> SocketAddr {
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_client_cert_verifier(verifier)
-        .with_single_cert(pki.server.0.clone(), pki.server.1.clone_key())
+        .with_single_cert(server.chain(), server.key())
         .unwrap();
     config.alpn_protocols = vec![b"h2".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
@@ -190,7 +146,8 @@ async fn a_tls_upstream_trusted_by_its_ca_with_a_client_certificate() {
         None,
     )
     .await;
-    let pki = Pki::new();
+    let pki = Pki::new("proxy-tls test CA");
+    let (_, client_cert, client_key) = pki.client("wasm-ecds-proxy");
     let tls = tls_terminator(&pki, central.xds_address).await;
     let upstream = format!("https://localhost:{}", tls.port());
 
@@ -199,8 +156,8 @@ async fn a_tls_upstream_trusted_by_its_ca_with_a_client_certificate() {
         Vec::new(),
         Some(UpstreamOptions {
             address: upstream.clone(),
-            ca: Some(pki.path("ca.pem")),
-            identity: Some((pki.path("client.pem"), pki.path("client.key"))),
+            ca: Some(pki.path("ca.crt")),
+            identity: Some((client_cert, client_key)),
         }),
     )
     .await;
@@ -218,7 +175,7 @@ async fn a_tls_upstream_trusted_by_its_ca_with_a_client_certificate() {
         Vec::new(),
         Some(UpstreamOptions {
             address: upstream,
-            ca: Some(pki.path("ca.pem")),
+            ca: Some(pki.path("ca.crt")),
             identity: None,
         }),
     )

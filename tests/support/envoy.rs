@@ -7,8 +7,8 @@
 //! the ECDS resource, `extensions.istio.io/wasmplugin/<ns>.<name>`, accepting the HTTP Wasm and
 //! HTTP RBAC type URLs) followed by a router to a direct response (200 `ok`). The xDS cluster
 //! `wasm_ecds` is HTTP/2 to the server's xDS address; with `--delivery http` the cluster
-//! `wasm_ecds_modules` points at the server's admin address. Filters subscribe over state of the
-//! world, delta, or the aggregated stream ([`XdsTransport`]).
+//! `wasm_ecds_modules` points at the server's admin address; both may use TLS ([`EnvoyTls`]).
+//! Filters subscribe over state of the world, delta, or the aggregated stream ([`XdsTransport`]).
 //!
 //! Every wait is bounded and fails the test with the Envoy log attached; none is a performance
 //! threshold.
@@ -116,6 +116,38 @@ pub struct EnvoyConfig {
     /// A bootstrap given whole (JSON), e.g. by `wasm-ecds bootstrap --full --json`: used as is
     /// instead of one generated from the fields above.
     pub given: Option<String>,
+    /// TLS to the server's ports (the xDS cluster and the module cluster), else plain text.
+    pub tls: Option<EnvoyTls>,
+}
+
+/// How Envoy's clusters to the server verify it and, for mTLS, present a client certificate.
+#[derive(Clone, Debug)]
+pub struct EnvoyTls {
+    /// PEM CA certificates the server's certificate is verified against.
+    pub ca: PathBuf,
+    /// PEM certificate chain and key Envoy presents.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+impl EnvoyTls {
+    /// An `UpstreamTlsContext` transport socket offering `alpn`, sending SNI `localhost`.
+    fn transport_socket(&self, alpn: &str) -> Value {
+        let mut common = json!({
+            "validation_context": {"trusted_ca": {"filename": self.ca}},
+            "alpn_protocols": [alpn],
+        });
+        if let Some((cert, key)) = &self.client {
+            common["tls_certificates"] = json!([{
+                "certificate_chain": {"filename": cert},
+                "private_key": {"filename": key},
+            }]);
+        }
+        json!({"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": "localhost",
+            "common_tls_context": common,
+        }})
+    }
 }
 
 impl EnvoyConfig {
@@ -130,6 +162,7 @@ impl EnvoyConfig {
             retry_max: Duration::from_secs(1),
             node_id: format!("e2e-{}", transport.name()),
             given: None,
+            tls: None,
         }
     }
 
@@ -143,6 +176,12 @@ impl EnvoyConfig {
     /// Points the `wasm_ecds_modules` cluster at the server's admin address (`--delivery http`).
     pub fn modules(mut self, admin: SocketAddr) -> Self {
         self.modules = Some(admin);
+        self
+    }
+
+    /// TLS (and with a client certificate, mTLS) to the server's ports.
+    pub fn tls(mut self, tls: EnvoyTls) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -229,6 +268,12 @@ impl EnvoyConfig {
         let mut clusters = vec![cluster(XDS_CLUSTER, self.xds, true)];
         if let Some(admin) = self.modules {
             clusters.push(cluster(wasm_ecds::serve::MODULES_CLUSTER, admin, false));
+        }
+        if let Some(tls) = &self.tls {
+            clusters[0]["transport_socket"] = tls.transport_socket("h2");
+            if let Some(modules) = clusters.get_mut(1) {
+                modules["transport_socket"] = tls.transport_socket("http/1.1");
+            }
         }
         let mut bootstrap = json!({
             "node": {"id": self.node_id, "cluster": "wasm-ecds-e2e"},

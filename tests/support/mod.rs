@@ -20,6 +20,7 @@ pub mod envoy;
 pub mod faults;
 pub mod image;
 pub mod kube;
+pub mod pki;
 pub mod proxied;
 pub mod registry;
 pub mod serve;
