@@ -82,6 +82,7 @@ async fn start(
             proxy: None,
         },
         ports,
+        wasm_ecds::xds::ServeOptions::default(),
     )
     .await
     .expect("server starts")
