@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use tokio::time::timeout;
 use tokio_rustls::rustls;
 use wasm_ecds::config::{Config, Delivery};
@@ -22,6 +21,7 @@ use wasm_ecds::xds::client::{self, SotwSession};
 use wasm_ecds::xds::Api;
 
 use support::faults::{ModuleServer, Route};
+use support::pki::Pki;
 
 const WAIT: Duration = Duration::from_secs(30);
 const RESOURCE: &str = "extensions.istio.io/wasmplugin/default.auth";
@@ -45,51 +45,6 @@ async fn start(
     })
     .await
     .unwrap()
-}
-
-/// A test CA, a server certificate for `localhost` and a client certificate, as PEM files.
-struct Pki {
-    dir: tempfile::TempDir,
-    ca_der: rustls::pki_types::CertificateDer<'static>,
-    server: (
-        Vec<rustls::pki_types::CertificateDer<'static>>,
-        rustls::pki_types::PrivateKeyDer<'static>,
-    ),
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca_params, ca_key);
-        let leaf = |name: &str| {
-            let key = KeyPair::generate().unwrap();
-            let cert = CertificateParams::new(vec![name.to_string()])
-                .unwrap()
-                .signed_by(&key, &issuer)
-                .unwrap();
-            (cert, key)
-        };
-        let (server_cert, server_key) = leaf("localhost");
-        let (client_cert, client_key) = leaf("wasm-ecds-proxy");
-        std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).unwrap();
-        std::fs::write(dir.path().join("client.pem"), client_cert.pem()).unwrap();
-        std::fs::write(dir.path().join("client.key"), client_key.serialize_pem()).unwrap();
-        let server_key =
-            rustls::pki_types::PrivateKeyDer::try_from(server_key.serialize_der()).unwrap();
-        Pki {
-            ca_der: ca_cert.der().clone(),
-            server: (vec![server_cert.der().clone()], server_key),
-            dir,
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
 }
 
 /// Terminates TLS (requiring a client certificate from the CA) and forwards the bytes to `to`.
@@ -252,7 +207,7 @@ fn tls_options_need_an_https_upstream() {
         identity: None,
     };
     let e = options.channel().unwrap_err().to_string();
-    assert!(e.contains("need an https:// upstream"), "{e}");
+    assert!(e.contains("--upstream-ca needs an https:// URL"), "{e}");
     let options = UpstreamOptions {
         address: "https://localhost:1".into(),
         ca: Some("/nonexistent.pem".into()),

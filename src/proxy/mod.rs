@@ -27,7 +27,7 @@ use envoy_types::pb::envoy::service::extension::v3::extension_config_discovery_s
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 pub use hub::{Conversion, Hub, Wanted};
@@ -121,44 +121,24 @@ impl UpstreamOptions {
 
     /// A channel connecting (and reconnecting) on demand; every proxied stream shares it.
     pub fn channel(&self) -> anyhow::Result<Channel> {
-        let url = self.url();
-        let mut endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|e| anyhow::anyhow!("--upstream {url}: {e}"))?
-            .tcp_nodelay(true)
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .http2_keep_alive_interval(crate::xds::server::KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(crate::xds::server::KEEPALIVE_TIMEOUT);
-        let tls = self.ca.is_some() || self.identity.is_some();
-        if tls && !url.starts_with("https://") {
-            anyhow::bail!(
-                "--upstream {url}: --upstream-ca and --upstream-cert need an https:// upstream"
-            );
-        }
-        if url.starts_with("https://") {
-            let read = |flag: &str, path: &std::path::Path| {
-                std::fs::read(path).map_err(|e| anyhow::anyhow!("{flag} {}: {e}", path.display()))
-            };
-            let mut config = tonic::transport::ClientTlsConfig::new();
-            config = match &self.ca {
-                Some(ca) => config.ca_certificate(tonic::transport::Certificate::from_pem(read(
-                    "--upstream-ca",
-                    ca,
-                )?)),
-                None => config.with_webpki_roots(),
-            };
-            if let Some((cert, key)) = &self.identity {
-                config = config.identity(tonic::transport::Identity::from_pem(
-                    read("--upstream-cert", cert)?,
-                    read("--upstream-key", key)?,
-                ));
-            }
-            endpoint = endpoint
-                .tls_config(config)
-                .map_err(|e| anyhow::anyhow!("--upstream {url}: {e}"))?;
-        }
-        Ok(endpoint.connect_lazy())
+        let tls = crate::net::client::ClientTls {
+            ca: self.ca.clone(),
+            identity: self.identity.clone(),
+            sni: None,
+        };
+        Ok(tls.endpoint(&self.url(), &UPSTREAM_FLAGS)?.connect_lazy())
     }
 }
+
+/// The flags of [`UpstreamOptions`], named in its errors.
+const UPSTREAM_FLAGS: crate::net::client::TlsFlags = crate::net::client::TlsFlags {
+    address: "--upstream",
+    ca: "--upstream-ca",
+    cert: "--upstream-cert",
+    key: "--upstream-key",
+    // Never named: `proxy` takes the server name from --upstream's host.
+    sni: "--upstream",
+};
 
 /// The ADS and ECDS services of the proxy.
 #[derive(Clone)]
