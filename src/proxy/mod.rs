@@ -13,7 +13,7 @@ pub mod stream;
 pub mod wire;
 
 use std::future::Future;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
@@ -33,7 +33,8 @@ use tonic::{Request, Response, Status, Streaming};
 pub use hub::{Conversion, Hub, Wanted};
 pub use stream::Context;
 
-use crate::xds::{Api, MAX_MESSAGE_SIZE};
+use crate::xds::limits::{self, LogGate};
+use crate::xds::{Api, StreamLimits, MAX_MESSAGE_SIZE};
 use wire::{Delta, Sotw, Wire};
 
 /// The proxy's own series (behavior.md §8); the conversions are counted in
@@ -148,41 +149,61 @@ pub struct ProxyServer {
 }
 
 impl ProxyServer {
+    /// The proxy's port under `limits` (the `--xds-*` bounds of `serve`'s port).
     pub fn new(
         hub: Arc<Hub>,
         metrics: crate::metrics::Metrics,
         upstream: &UpstreamOptions,
+        limits: StreamLimits,
         closing: watch::Receiver<bool>,
     ) -> anyhow::Result<ProxyServer> {
         Ok(ProxyServer {
             ctx: Arc::new(Context {
                 hub,
                 series: metrics.proxy_series(),
+                xds: metrics.xds_series(),
                 metrics,
                 upstream: upstream.channel()?,
                 upstream_name: upstream.url(),
                 max_message_size: MAX_MESSAGE_SIZE,
                 next_stream: AtomicU64::new(1),
+                limits,
+                log: LogGate::default(),
+                open: AtomicUsize::new(0),
             }),
             closing,
         })
     }
 
+    /// Opens a proxied stream, or refuses it with `RESOURCE_EXHAUSTED` when
+    /// [`StreamLimits::max_streams`] are open (as `serve`'s port does).
     fn spawn<W: Wire>(
         &self,
         api: Api,
-        requests: Streaming<W::Req>,
-    ) -> ReceiverStream<Result<W::Resp, Status>> {
+        request: Request<Streaming<W::Req>>,
+    ) -> Result<Response<Out<W::Resp>>, Status> {
+        let peer = request.remote_addr();
+        let Some(slot) = stream::OpenStream::try_new(&self.ctx) else {
+            let ctx = &self.ctx;
+            let count = |limit: &str| ctx.xds.count_limit(limit);
+            return Err(limits::refuse_stream(
+                &ctx.log,
+                count,
+                peer,
+                ctx.limits.max_streams,
+            ));
+        };
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let ctx = self.ctx.clone();
         let mut closing = self.closing.clone();
+        let requests = request.into_inner();
         tokio::spawn(async move {
             tokio::select! {
                 _ = closing.wait_for(|c| *c) => {}
-                _ = stream::run::<W>(ctx, api, requests, tx) => {}
+                _ = stream::run::<W>(ctx, slot, api, requests, tx) => {}
             }
         });
-        ReceiverStream::new(rx)
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 
@@ -197,18 +218,14 @@ impl AggregatedDiscoveryService for ProxyServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        Ok(Response::new(
-            self.spawn::<Sotw>(Api::Ads, request.into_inner()),
-        ))
+        self.spawn::<Sotw>(Api::Ads, request)
     }
 
     async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Ok(Response::new(
-            self.spawn::<Delta>(Api::Ads, request.into_inner()),
-        ))
+        self.spawn::<Delta>(Api::Ads, request)
     }
 }
 
@@ -221,18 +238,14 @@ impl ExtensionConfigDiscoveryService for ProxyServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamExtensionConfigsStream>, Status> {
-        Ok(Response::new(
-            self.spawn::<Sotw>(Api::Ecds, request.into_inner()),
-        ))
+        self.spawn::<Sotw>(Api::Ecds, request)
     }
 
     async fn delta_extension_configs(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaExtensionConfigsStream>, Status> {
-        Ok(Response::new(
-            self.spawn::<Delta>(Api::Ecds, request.into_inner()),
-        ))
+        self.spawn::<Delta>(Api::Ecds, request)
     }
 
     async fn fetch_extension_configs(
@@ -253,18 +266,19 @@ pub async fn serve(
     closing: watch::Sender<bool>,
     shutdown: impl Future<Output = ()> + Send,
 ) {
+    let max_request_size = server.ctx.limits.max_request_size;
     let incoming = listener.incoming();
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(crate::xds::server::KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(crate::xds::server::KEEPALIVE_TIMEOUT))
         .add_service(
             AggregatedDiscoveryServiceServer::new(server.clone())
-                .max_decoding_message_size(crate::xds::limits::MAX_REQUEST_SIZE)
+                .max_decoding_message_size(max_request_size)
                 .max_encoding_message_size(MAX_MESSAGE_SIZE),
         )
         .add_service(
             ExtensionConfigDiscoveryServiceServer::new(server)
-                .max_decoding_message_size(crate::xds::limits::MAX_REQUEST_SIZE)
+                .max_decoding_message_size(max_request_size)
                 .max_encoding_message_size(MAX_MESSAGE_SIZE),
         )
         .serve_with_incoming_shutdown(incoming, async move {
