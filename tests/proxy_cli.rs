@@ -44,7 +44,7 @@ fn refused_options_are_startup_errors_naming_the_flag() {
         ),
         (
             &["--upstream", "127.0.0.1:1", "--upstream-ca", "ca.pem"],
-            "need an https:// upstream",
+            "--upstream-ca needs an https:// URL",
         ),
         (
             &[

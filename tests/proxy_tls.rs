@@ -209,7 +209,7 @@ fn tls_options_need_an_https_upstream() {
         identity: None,
     };
     let e = options.channel().unwrap_err().to_string();
-    assert!(e.contains("need an https:// upstream"), "{e}");
+    assert!(e.contains("--upstream-ca needs an https:// URL"), "{e}");
     let options = UpstreamOptions {
         address: "https://localhost:1".into(),
         ca: Some("/nonexistent.pem".into()),

@@ -8,6 +8,7 @@ use clap::Args;
 use tonic::transport::Channel;
 
 use crate::clock::Timestamp;
+use crate::net::client::{error_chain, ClientTls, TlsFlags};
 use crate::plugin::ObjectKey;
 use crate::xds::admin::pb;
 
@@ -17,13 +18,68 @@ const WAIT_POLL: Duration = Duration::from_secs(1);
 /// Where the server is and how to authenticate, shared by both commands.
 #[derive(Debug, Args)]
 pub struct ServerArgs {
-    /// The server's xDS address (`host:port`, or an `http://` URL).
+    /// The server's xDS address: `host:port` (TLS when a --tls-* option is given), or an
+    /// `http://` or `https://` URL.
     #[arg(long, value_name = "ADDR")]
     pub server: String,
     /// A file holding the admin token (the server's `--admin-token-file`), sent as
     /// `authorization: Bearer <token>`.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// TLS to the server (its --xds-tls-cert), trusting this PEM CA file instead of the web PKI
+    /// roots.
+    #[arg(long, value_name = "FILE", env = "WASM_ECDS_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// The PEM certificate chain presented to a server that requires one (its --xds-client-ca);
+    /// needs --tls-key.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "WASM_ECDS_TLS_CERT",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "WASM_ECDS_TLS_KEY",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// The server name sent and verified (default: the host of --server).
+    #[arg(long, value_name = "NAME", env = "WASM_ECDS_TLS_SNI")]
+    pub tls_sni: Option<String>,
+}
+
+/// The flags of [`ServerArgs`], named in its errors.
+const SERVER_FLAGS: TlsFlags = TlsFlags {
+    address: "--server",
+    ca: "--tls-ca",
+    cert: "--tls-cert",
+    key: "--tls-key",
+    sni: "--tls-sni",
+};
+
+impl ServerArgs {
+    fn tls(&self) -> ClientTls {
+        ClientTls {
+            ca: self.tls_ca.clone(),
+            identity: self.tls_cert.clone().zip(self.tls_key.clone()),
+            sni: self.tls_sni.clone(),
+        }
+    }
+
+    /// The server's URL: a bare `host:port` is `https://` with TLS options, `http://` without.
+    fn url(&self) -> String {
+        if self.server.contains("://") {
+            self.server.clone()
+        } else if self.tls().is_set() {
+            format!("https://{}", self.server)
+        } else {
+            format!("http://{}", self.server)
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -85,18 +141,17 @@ async fn connect(args: &ServerArgs) -> Result<Client, String> {
             Some(value)
         }
     };
-    let url = if args.server.contains("://") {
-        args.server.clone()
-    } else {
-        format!("http://{}", args.server)
-    };
-    let endpoint = Channel::from_shared(url.clone())
-        .map_err(|e| format!("--server {}: {e}", args.server))?
-        .connect_timeout(Duration::from_secs(10));
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| format!("--server {}: cannot connect: {e}", args.server))?;
+    let endpoint = args
+        .tls()
+        .endpoint(&args.url(), &SERVER_FLAGS)
+        .map_err(|e| format!("{e:#}"))?;
+    let channel = endpoint.connect().await.map_err(|e| {
+        format!(
+            "--server {}: cannot connect: {}",
+            args.server,
+            error_chain(&e)
+        )
+    })?;
     Ok(pb::admin_client::AdminClient::with_interceptor(
         channel,
         Authorization(token),
@@ -110,8 +165,41 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("a tokio runtime")
 }
 
-fn status_error(what: &str, s: &tonic::Status) -> String {
-    format!("{what}: {} ({:?})", s.message(), s.code())
+/// A failed call on one line: the status's message and, for a transport failure, its reason.
+/// A TLS server that requires a client certificate refuses one without it after the handshake
+/// (TLS 1.3), and its alert may be lost in the connection's reset: when no --tls-cert was given
+/// and the connection was closed under the call, the line says what is likely missing.
+fn status_error(args: &ServerArgs, what: &str, s: &tonic::Status) -> String {
+    let mut text = s.message().to_string();
+    if let Some(source) = std::error::Error::source(s) {
+        let reason = error_chain(source);
+        text = if reason.contains(&text) {
+            reason
+        } else {
+            format!("{text}: {reason}")
+        };
+    }
+    let transport = matches!(
+        s.code(),
+        tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown
+    );
+    let lower = text.to_lowercase();
+    if transport
+        && args.url().starts_with("https://")
+        && args.tls_cert.is_none()
+        && !lower.contains("certificate")
+    {
+        text.push_str(
+            " (the server closed the TLS connection: if it requires client certificates, \
+             give --tls-cert and --tls-key)",
+        );
+    }
+    format!(
+        "--server {}: {what}: {} ({:?})",
+        args.server,
+        text.replace('\n', " "),
+        s.code()
+    )
 }
 
 /// `wasm-ecds events`: prints events until the server goes away (exit 0) or fails (exit 2).
@@ -124,7 +212,7 @@ pub fn run_events(args: &EventsArgs) -> i32 {
         let mut events = client
             .watch_events(request)
             .await
-            .map_err(|s| status_error("WatchEvents", &s))?
+            .map_err(|s| status_error(&args.server, "WatchEvents", &s))?
             .into_inner();
         use std::io::Write as _;
         let mut out = std::io::stdout().lock();
@@ -141,7 +229,7 @@ pub fn run_events(args: &EventsArgs) -> i32 {
                     }
                 }
                 Ok(None) => return Ok(()),
-                Err(s) => return Err(status_error("WatchEvents", &s)),
+                Err(s) => return Err(status_error(&args.server, "WatchEvents", &s)),
             }
         }
     });
@@ -202,14 +290,14 @@ pub fn run_wait(args: &WaitArgs) -> i32 {
                 plugin: key.to_string(),
             })
             .await
-            .map_err(|s| (2, status_error("WatchEvents", &s)))?
+            .map_err(|s| (2, status_error(&args.server, "WatchEvents", &s)))?
             .into_inner();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let proxies = client
                 .list_proxies(pb::ListProxiesRequest {})
                 .await
-                .map_err(|s| (2, status_error("ListProxies", &s)))?
+                .map_err(|s| (2, status_error(&args.server, "ListProxies", &s)))?
                 .into_inner()
                 .proxies;
             let state = Progress::of(&proxies, &resource);
@@ -232,7 +320,7 @@ pub fn run_wait(args: &WaitArgs) -> i32 {
                 }
                 woke = wake => {
                     if let Ok(Err(s)) = woke {
-                        return Err((2, status_error("WatchEvents", &s)));
+                        return Err((2, status_error(&args.server, "WatchEvents", &s)));
                     }
                 }
             }

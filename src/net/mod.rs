@@ -1,6 +1,8 @@
 //! Our own listening ports (docs/security.md): the one accept loop every port uses
-//! ([`listen`]), TLS with certificate rotation ([`tls`]) and their series.
+//! ([`listen`]), TLS with certificate rotation ([`tls`]) and their series; and the one way our
+//! gRPC clients connect over TLS ([`client`]).
 
+pub mod client;
 pub mod listen;
 pub mod tls;
 

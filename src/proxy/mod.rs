@@ -13,7 +13,7 @@ pub mod stream;
 pub mod wire;
 
 use std::future::Future;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
@@ -27,13 +27,14 @@ use envoy_types::pb::envoy::service::extension::v3::extension_config_discovery_s
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 pub use hub::{Conversion, Hub, Wanted};
 pub use stream::Context;
 
-use crate::xds::{Api, MAX_MESSAGE_SIZE};
+use crate::xds::limits::{self, LogGate};
+use crate::xds::{Api, StreamLimits, MAX_MESSAGE_SIZE};
 use wire::{Delta, Sotw, Wire};
 
 /// The proxy's own series (behavior.md §8); the conversions are counted in
@@ -121,44 +122,24 @@ impl UpstreamOptions {
 
     /// A channel connecting (and reconnecting) on demand; every proxied stream shares it.
     pub fn channel(&self) -> anyhow::Result<Channel> {
-        let url = self.url();
-        let mut endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|e| anyhow::anyhow!("--upstream {url}: {e}"))?
-            .tcp_nodelay(true)
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .http2_keep_alive_interval(crate::xds::server::KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(crate::xds::server::KEEPALIVE_TIMEOUT);
-        let tls = self.ca.is_some() || self.identity.is_some();
-        if tls && !url.starts_with("https://") {
-            anyhow::bail!(
-                "--upstream {url}: --upstream-ca and --upstream-cert need an https:// upstream"
-            );
-        }
-        if url.starts_with("https://") {
-            let read = |flag: &str, path: &std::path::Path| {
-                std::fs::read(path).map_err(|e| anyhow::anyhow!("{flag} {}: {e}", path.display()))
-            };
-            let mut config = tonic::transport::ClientTlsConfig::new();
-            config = match &self.ca {
-                Some(ca) => config.ca_certificate(tonic::transport::Certificate::from_pem(read(
-                    "--upstream-ca",
-                    ca,
-                )?)),
-                None => config.with_webpki_roots(),
-            };
-            if let Some((cert, key)) = &self.identity {
-                config = config.identity(tonic::transport::Identity::from_pem(
-                    read("--upstream-cert", cert)?,
-                    read("--upstream-key", key)?,
-                ));
-            }
-            endpoint = endpoint
-                .tls_config(config)
-                .map_err(|e| anyhow::anyhow!("--upstream {url}: {e}"))?;
-        }
-        Ok(endpoint.connect_lazy())
+        let tls = crate::net::client::ClientTls {
+            ca: self.ca.clone(),
+            identity: self.identity.clone(),
+            sni: None,
+        };
+        Ok(tls.endpoint(&self.url(), &UPSTREAM_FLAGS)?.connect_lazy())
     }
 }
+
+/// The flags of [`UpstreamOptions`], named in its errors.
+const UPSTREAM_FLAGS: crate::net::client::TlsFlags = crate::net::client::TlsFlags {
+    address: "--upstream",
+    ca: "--upstream-ca",
+    cert: "--upstream-cert",
+    key: "--upstream-key",
+    // Never named: `proxy` takes the server name from --upstream's host.
+    sni: "--upstream",
+};
 
 /// The ADS and ECDS services of the proxy.
 #[derive(Clone)]
@@ -168,41 +149,61 @@ pub struct ProxyServer {
 }
 
 impl ProxyServer {
+    /// The proxy's port under `limits` (the `--xds-*` bounds of `serve`'s port).
     pub fn new(
         hub: Arc<Hub>,
         metrics: crate::metrics::Metrics,
         upstream: &UpstreamOptions,
+        limits: StreamLimits,
         closing: watch::Receiver<bool>,
     ) -> anyhow::Result<ProxyServer> {
         Ok(ProxyServer {
             ctx: Arc::new(Context {
                 hub,
                 series: metrics.proxy_series(),
+                xds: metrics.xds_series(),
                 metrics,
                 upstream: upstream.channel()?,
                 upstream_name: upstream.url(),
                 max_message_size: MAX_MESSAGE_SIZE,
                 next_stream: AtomicU64::new(1),
+                limits,
+                log: LogGate::default(),
+                open: AtomicUsize::new(0),
             }),
             closing,
         })
     }
 
+    /// Opens a proxied stream, or refuses it with `RESOURCE_EXHAUSTED` when
+    /// [`StreamLimits::max_streams`] are open (as `serve`'s port does).
     fn spawn<W: Wire>(
         &self,
         api: Api,
-        requests: Streaming<W::Req>,
-    ) -> ReceiverStream<Result<W::Resp, Status>> {
+        request: Request<Streaming<W::Req>>,
+    ) -> Result<Response<Out<W::Resp>>, Status> {
+        let peer = request.remote_addr();
+        let Some(slot) = stream::OpenStream::try_new(&self.ctx) else {
+            let ctx = &self.ctx;
+            let count = |limit: &str| ctx.xds.count_limit(limit);
+            return Err(limits::refuse_stream(
+                &ctx.log,
+                count,
+                peer,
+                ctx.limits.max_streams,
+            ));
+        };
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let ctx = self.ctx.clone();
         let mut closing = self.closing.clone();
+        let requests = request.into_inner();
         tokio::spawn(async move {
             tokio::select! {
                 _ = closing.wait_for(|c| *c) => {}
-                _ = stream::run::<W>(ctx, api, requests, tx) => {}
+                _ = stream::run::<W>(ctx, slot, api, requests, tx) => {}
             }
         });
-        ReceiverStream::new(rx)
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 
@@ -217,18 +218,14 @@ impl AggregatedDiscoveryService for ProxyServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        Ok(Response::new(
-            self.spawn::<Sotw>(Api::Ads, request.into_inner()),
-        ))
+        self.spawn::<Sotw>(Api::Ads, request)
     }
 
     async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Ok(Response::new(
-            self.spawn::<Delta>(Api::Ads, request.into_inner()),
-        ))
+        self.spawn::<Delta>(Api::Ads, request)
     }
 }
 
@@ -241,18 +238,14 @@ impl ExtensionConfigDiscoveryService for ProxyServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamExtensionConfigsStream>, Status> {
-        Ok(Response::new(
-            self.spawn::<Sotw>(Api::Ecds, request.into_inner()),
-        ))
+        self.spawn::<Sotw>(Api::Ecds, request)
     }
 
     async fn delta_extension_configs(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaExtensionConfigsStream>, Status> {
-        Ok(Response::new(
-            self.spawn::<Delta>(Api::Ecds, request.into_inner()),
-        ))
+        self.spawn::<Delta>(Api::Ecds, request)
     }
 
     async fn fetch_extension_configs(
@@ -273,18 +266,19 @@ pub async fn serve(
     closing: watch::Sender<bool>,
     shutdown: impl Future<Output = ()> + Send,
 ) {
+    let max_request_size = server.ctx.limits.max_request_size;
     let incoming = listener.incoming();
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(crate::xds::server::KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(crate::xds::server::KEEPALIVE_TIMEOUT))
         .add_service(
             AggregatedDiscoveryServiceServer::new(server.clone())
-                .max_decoding_message_size(crate::xds::limits::MAX_REQUEST_SIZE)
+                .max_decoding_message_size(max_request_size)
                 .max_encoding_message_size(MAX_MESSAGE_SIZE),
         )
         .add_service(
             ExtensionConfigDiscoveryServiceServer::new(server)
-                .max_decoding_message_size(crate::xds::limits::MAX_REQUEST_SIZE)
+                .max_decoding_message_size(max_request_size)
                 .max_encoding_message_size(MAX_MESSAGE_SIZE),
         )
         .serve_with_incoming_shutdown(incoming, async move {

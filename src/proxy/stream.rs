@@ -16,7 +16,7 @@
 //!   stream stays open and Envoy keeps its config meanwhile.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
@@ -30,24 +30,36 @@ use super::hub::Hub;
 use super::wire::Wire;
 use crate::backoff::{Backoff, WATCH};
 use crate::metrics::{ConversionResult, Metrics};
-use crate::xds::{Api, ECDS_TYPE_URL};
+use crate::xds::limits::{self, LogGate};
+use crate::xds::store::XdsSeries;
+use crate::xds::{Api, StreamLimits, ECDS_TYPE_URL};
 
 /// Prefix of the nonces of the proxy's own pushes.
 const OWN_NONCE: &str = "wasm-ecds-proxy/";
 
-/// Counts an Envoy stream in `wasm_ecds_proxy_streams` while it lives.
-struct OpenStream(prometheus::IntGauge);
+/// One of the [`StreamLimits::max_streams`](crate::xds::StreamLimits) slots of the proxy's port,
+/// held by an Envoy stream while it lives, which is counted meanwhile in
+/// `wasm_ecds_proxy_streams`.
+pub struct OpenStream(Arc<Context>);
 
 impl OpenStream {
-    fn new(gauge: &prometheus::IntGauge) -> Self {
-        gauge.inc();
-        OpenStream(gauge.clone())
+    /// A slot, unless `max_streams` are taken (checked and taken at once).
+    pub fn try_new(ctx: &Arc<Context>) -> Option<Self> {
+        let max = ctx.limits.max_streams;
+        (ctx.open)
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        ctx.series.streams.inc();
+        Some(OpenStream(ctx.clone()))
     }
 }
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        self.0.dec();
+        self.0.series.streams.dec();
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -72,6 +84,14 @@ pub struct Context {
     pub upstream_name: String,
     pub max_message_size: usize,
     pub next_stream: AtomicU64,
+    /// The `--xds-*` bounds of the port, enforced with the functions of `xds/limits.rs`.
+    pub limits: StreamLimits,
+    /// `wasm_ecds_xds_limit_count`: bounds hit (the xDS port's series).
+    pub xds: XdsSeries,
+    /// Refusal lines, one per bound and interval.
+    pub log: LogGate,
+    /// Envoy streams open now (the slots of [`OpenStream`]).
+    pub open: AtomicUsize,
 }
 
 /// An upstream stream being opened, or open.
@@ -84,12 +104,14 @@ enum Upstream<W: Wire> {
 /// Runs one Envoy stream until Envoy goes away (or `out` is closed).
 pub async fn run<W: Wire>(
     ctx: Arc<Context>,
+    _slot: OpenStream,
     api: Api,
     mut downstream: Streaming<W::Req>,
     out: mpsc::Sender<Result<W::Resp, Status>>,
 ) {
     let id = ctx.next_stream.fetch_add(1, Ordering::Relaxed);
-    let _open = OpenStream::new(&ctx.series.streams);
+    // Envoy's node id as logged (cut), from its first request.
+    let mut node_id: Option<String> = None;
     let mut memory = W::Memory::default();
     let mut sent = W::Sent::default();
     // The nonce of the last upstream ECDS response forwarded to Envoy (the origin of own pushes).
@@ -108,10 +130,22 @@ pub async fn run<W: Wire>(
                     Ok(Some(r)) => r,
                     Ok(None) => break,
                     Err(e) => {
-                        tracing::debug!(stream = id, error = %e, "envoy stream ended");
+                        match limits::request_too_large(&e) {
+                            Some(breach) => end(&ctx, &out, node_id.as_deref(), &breach),
+                            None => tracing::debug!(stream = id, error = %e, "envoy stream ended"),
+                        }
                         break;
                     }
                 };
+                // Checked before anything is forwarded or remembered for a replay.
+                let names = W::names_after(&memory, &req);
+                if let Some(breach) = ctx.limits.breach(W::req_node(&req), names) {
+                    end(&ctx, &out, node_id.as_deref(), &breach);
+                    break;
+                }
+                if node_id.is_none() {
+                    node_id = W::req_node(&req).map(limits::node_id_for_logs);
+                }
                 let type_url = W::req_type(&req).to_string();
                 if type_url == ECDS_TYPE_URL {
                     if let Some(v) = W::req_accepted(&req) {
@@ -201,6 +235,20 @@ pub async fn run<W: Wire>(
             }
         }
     }
+}
+
+/// Ends an Envoy stream that broke a bound: counted in `wasm_ecds_xds_limit_count`, logged
+/// through the log gate and told with the status `serve`'s port uses. Envoy's stream ends when the
+/// task returns, and its upstream stream with it.
+fn end<R>(
+    ctx: &Context,
+    out: &mpsc::Sender<Result<R, Status>>,
+    node: Option<&str>,
+    breach: &limits::Breach,
+) {
+    let count = |limit: &str| ctx.xds.count_limit(limit);
+    let status = limits::refuse(&ctx.log, count, node.unwrap_or_default(), breach);
+    let _ = out.try_send(Err(status));
 }
 
 /// Opens an upstream stream, queueing the replay of what Envoy asked for so far.

@@ -40,6 +40,11 @@ pub trait Wire: Send + 'static {
     ) -> BoxFuture<'static, Result<Streaming<Self::Resp>, Status>>;
 
     fn req_type(r: &Self::Req) -> &str;
+    fn req_node(r: &Self::Req) -> Option<&Node>;
+    /// How many names the stream would subscribe to after `r` (at most), every type counting as
+    /// one name at least (a wildcard subscription): the bound of `--xds-max-resource-names`
+    /// over what the stream remembers to replay.
+    fn names_after(m: &Self::Memory, r: &Self::Req) -> usize;
     fn req_nonce(r: &mut Self::Req) -> &mut String;
     /// The version an ACK accepts (`None` for a NACK or a delta request).
     fn req_accepted(r: &Self::Req) -> Option<&str>;
@@ -121,6 +126,16 @@ impl Wire for Sotw {
 
     fn req_type(r: &DiscoveryRequest) -> &str {
         &r.type_url
+    }
+    fn req_node(r: &DiscoveryRequest) -> Option<&Node> {
+        r.node.as_ref()
+    }
+    fn names_after(m: &SotwMemory, r: &DiscoveryRequest) -> usize {
+        let others: usize = (m.last.iter())
+            .filter(|(t, _)| **t != r.type_url)
+            .map(|(_, q)| q.resource_names.len().max(1))
+            .sum();
+        others + r.resource_names.len().max(1)
     }
     fn req_nonce(r: &mut DiscoveryRequest) -> &mut String {
         &mut r.response_nonce
@@ -262,6 +277,23 @@ impl Wire for Delta {
 
     fn req_type(r: &DeltaDiscoveryRequest) -> &str {
         &r.type_url
+    }
+    fn req_node(r: &DeltaDiscoveryRequest) -> Option<&Node> {
+        r.node.as_ref()
+    }
+    fn names_after(m: &DeltaMemory, r: &DeltaDiscoveryRequest) -> usize {
+        let mut n = 0;
+        for (t, names) in &m.subscribed {
+            let mut len = names.as_ref().map_or(0, BTreeSet::len);
+            if *t == r.type_url {
+                len += r.resource_names_subscribe.len();
+            }
+            n += len.max(1);
+        }
+        if !m.subscribed.contains_key(&r.type_url) {
+            n += r.resource_names_subscribe.len().max(1);
+        }
+        n
     }
     fn req_nonce(r: &mut DeltaDiscoveryRequest) -> &mut String {
         &mut r.response_nonce

@@ -215,8 +215,13 @@ pub async fn start_with(
         (Some(upstream), Some(hub)) => {
             // A proxy has no plugin set of its own to wait for: streams are forwarded at once.
             let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
-            let server =
-                crate::proxy::ProxyServer::new(hub, shared.metrics.clone(), upstream, closing_rx)?;
+            let server = crate::proxy::ProxyServer::new(
+                hub,
+                shared.metrics.clone(),
+                upstream,
+                xds_options.limits.clone(),
+                closing_rx,
+            )?;
             tasks.push(tokio::spawn(crate::proxy::serve(
                 xds_listener,
                 server,

@@ -16,6 +16,9 @@
 //!   so the grant released with it matches memory really freed.
 //! - [`LogGate`]: one log line per key and interval; the lines in between are counted and the
 //!   count is reported with the next line let through (reconnect storms, NACK loops, refusals).
+//! - [`StreamLimits::breach`], [`refuse`], [`refuse_stream`], [`request_too_large`]: which bound a
+//!   request breaks and the status, count and log line that end its stream. `server.rs` and the
+//!   proxy's port (`proxy/stream.rs`) both use them, so a bound reads the same on either.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -24,6 +27,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use envoy_types::pb::envoy::config::core::v3::Node;
+use prost::Message as _;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
@@ -66,6 +71,108 @@ impl Default for StreamLimits {
             ack_timeout: ACK_TIMEOUT,
         }
     }
+}
+
+/// A bound broken by a request: its name in [`METRIC_LIMIT_COUNT`](super::report::METRIC_LIMIT_COUNT),
+/// why (naming the flag), and the status code ending the stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Breach {
+    pub limit: &'static str,
+    pub why: String,
+    pub code: tonic::Code,
+}
+
+impl StreamLimits {
+    /// The bound a request breaks, if any: a node larger than [`Self::max_node_size`]
+    /// (`INVALID_ARGUMENT`), or `names` (what the stream would subscribe to after the request)
+    /// beyond [`Self::max_resource_names`] (`RESOURCE_EXHAUSTED`).
+    pub fn breach(&self, node: Option<&Node>, names: usize) -> Option<Breach> {
+        if let Some(node) = node {
+            let size = node.encoded_len();
+            if size > self.max_node_size {
+                return Some(Breach {
+                    limit: "node_size",
+                    why: format!(
+                        "node is {size} bytes encoded, more than {} (--xds-max-node-size)",
+                        self.max_node_size
+                    ),
+                    code: tonic::Code::InvalidArgument,
+                });
+            }
+        }
+        if names > self.max_resource_names {
+            return Some(Breach {
+                limit: "resource_names",
+                why: format!(
+                    "{names} resource names subscribed, more than {} (--xds-max-resource-names)",
+                    self.max_resource_names
+                ),
+                code: tonic::Code::ResourceExhausted,
+            });
+        }
+        None
+    }
+}
+
+/// The breach of a request tonic refused to decode (`OUT_OF_RANGE`: larger than
+/// [`StreamLimits::max_request_size`]); `None` for other stream errors.
+pub fn request_too_large(status: &tonic::Status) -> Option<Breach> {
+    (status.code() == tonic::Code::OutOfRange).then(|| Breach {
+        limit: "request_size",
+        why: format!("{} (--xds-max-request-size)", status.message()),
+        code: tonic::Code::ResourceExhausted,
+    })
+}
+
+/// The breach of a stream whose response went without ACK or NACK for `timeout`
+/// (`DEADLINE_EXCEEDED`).
+pub fn ack_timeout(timeout: Duration) -> Breach {
+    Breach {
+        limit: "ack_timeout",
+        why: format!(
+            "no ACK or NACK within {} (--xds-ack-timeout)",
+            humantime::format_duration(timeout)
+        ),
+        code: tonic::Code::DeadlineExceeded,
+    }
+}
+
+/// A node id as logs and reports keep it: cut to 1 KiB (Envoy's are short, a hostile one may
+/// not be).
+pub fn node_id_for_logs(node: &Node) -> String {
+    super::stream::cut(&node.id, super::stream::NODE_ID_MAX)
+}
+
+/// Counts (`count`) and logs (through `log`, one line per bound and interval) a stream of `node`
+/// ended by `breach`; returns the status telling the proxy why.
+pub fn refuse(
+    log: &LogGate,
+    count: impl FnOnce(&str),
+    node: &str,
+    breach: &Breach,
+) -> tonic::Status {
+    let Breach { limit, why, code } = breach;
+    count(limit);
+    if let Some(suppressed) = log.admit(&format!("limit {limit}")) {
+        tracing::warn!(node, limit, suppressed, "xds stream closed: {why}");
+    }
+    tonic::Status::new(*code, format!("xds stream closed: {why}"))
+}
+
+/// Counts, logs and returns the refusal of a stream opened while `max` are open.
+pub fn refuse_stream(
+    log: &LogGate,
+    count: impl FnOnce(&str),
+    peer: Option<std::net::SocketAddr>,
+    max: usize,
+) -> tonic::Status {
+    count("streams");
+    if let Some(suppressed) = log.admit("limit streams") {
+        tracing::warn!(peer = ?peer, max, suppressed, "xds stream refused: stream limit reached");
+    }
+    tonic::Status::resource_exhausted(format!(
+        "{max} xds streams are open, the most this server accepts (--xds-max-streams)"
+    ))
 }
 
 /// The send budget of one server, shared by its streams (module docs). Cheap to clone.

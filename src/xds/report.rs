@@ -216,4 +216,10 @@ impl XdsSeries {
         }
         series
     }
+
+    /// Counts one hit of the bound `limit` ([`METRIC_LIMIT_COUNT`]); `proxy` counts its own
+    /// port's hits here too.
+    pub(crate) fn count_limit(&self, limit: &str) {
+        self.limits.with_label_values(&[limit]).inc();
+    }
 }

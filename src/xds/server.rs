@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use prost::Message as _;
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
@@ -42,7 +41,7 @@ use tracing::Instrument as _;
 
 use super::admin::{self, EventHub};
 use super::delta::DeltaStream;
-use super::limits::{AbortHandle, AbortLayer, Grant, LogGate, SendBudget, StreamLimits};
+use super::limits::{self, AbortHandle, AbortLayer, Grant, LogGate, SendBudget, StreamLimits};
 use super::sotw::{fetch_response, SotwStream};
 use super::store::{Api, Protocol, ResourceStore, StreamEvent, StreamEventKind, StreamId};
 use super::stream::StreamCore;
@@ -218,13 +217,8 @@ impl XdsServer {
         let requests = request.into_inner();
         let max = self.limits.max_streams;
         let Some(id) = self.store.try_open_stream(api, P::PROTOCOL, max) else {
-            self.store.count_limit("streams");
-            if let Some(suppressed) = self.log.admit("limit streams") {
-                tracing::warn!(peer = ?peer, max, suppressed, "xds stream refused: stream limit reached");
-            }
-            return Err(Status::resource_exhausted(format!(
-                "{max} xds streams are open, the most this server accepts (--xds-max-streams)"
-            )));
+            let count = |limit: &str| self.store.count_limit(limit);
+            return Err(limits::refuse_stream(&self.log, count, peer, max));
         };
         let span = tracing::info_span!(
             "xds_stream",
@@ -411,12 +405,12 @@ impl<P: StreamProtocol> StreamTask<P> {
                         reply
                     }
                     Some(Err(status)) => {
-                        if status.code() == tonic::Code::OutOfRange {
-                            let why = format!("{} (--xds-max-request-size)", status.message());
-                            let refusal = self.refuse("request_size", &why);
-                            self.end_with(&tx, refusal);
-                        } else {
-                            tracing::debug!(%status, "stream ended with an error");
+                        match limits::request_too_large(&status) {
+                            Some(breach) => {
+                                let refusal = self.refuse(&breach);
+                                self.end_with(&tx, refusal);
+                            }
+                            None => tracing::debug!(%status, "stream ended with an error"),
                         }
                         break;
                     }
@@ -438,12 +432,8 @@ impl<P: StreamProtocol> StreamTask<P> {
                     self.on_change()
                 }
                 _ = sleep_until(ack_deadline), if awaiting => {
-                    let why = format!(
-                        "no ACK or NACK within {} (--xds-ack-timeout)",
-                        humantime::format_duration(self.limits.ack_timeout)
-                    );
-                    let refusal = self.refuse("ack_timeout", &why);
-                    self.end_with(&tx, Status::deadline_exceeded(refusal.message()));
+                    let refusal = self.refuse(&limits::ack_timeout(self.limits.ack_timeout));
+                    self.end_with(&tx, refusal);
                     break;
                 }
             };
@@ -507,39 +497,17 @@ impl<P: StreamProtocol> StreamTask<P> {
 
     /// The status ending a stream whose request breaks a bound, if it does.
     fn check(&self, req: &P::Request) -> Option<Status> {
-        let limits = &self.limits;
-        if let Some(node) = P::node(req) {
-            let size = node.encoded_len();
-            if size > limits.max_node_size {
-                let why = format!(
-                    "node is {size} bytes encoded, more than {} (--xds-max-node-size)",
-                    limits.max_node_size
-                );
-                return Some(Status::invalid_argument(
-                    self.refuse("node_size", &why).message(),
-                ));
-            }
-        }
-        let names = self.state.names_after(req);
-        if names > limits.max_resource_names {
-            let why = format!(
-                "{names} resource names subscribed, more than {} (--xds-max-resource-names)",
-                limits.max_resource_names
-            );
-            return Some(self.refuse("resource_names", &why));
-        }
-        None
+        let breach = self
+            .limits
+            .breach(P::node(req), self.state.names_after(req))?;
+        Some(self.refuse(&breach))
     }
 
-    /// Counts and logs (through the log gate) a stream ended by the bound `limit`; returns the
-    /// `RESOURCE_EXHAUSTED` status telling the proxy why.
-    fn refuse(&self, limit: &str, why: &str) -> Status {
-        self.store.count_limit(limit);
-        let node = self.state.core().node_id.as_str();
-        if let Some(suppressed) = self.log.admit(&format!("limit {limit}")) {
-            tracing::warn!(node, limit, suppressed, "xds stream closed: {why}");
-        }
-        Status::resource_exhausted(format!("xds stream closed: {why}"))
+    /// Counts and logs (through the log gate) a stream ended by `breach`; returns the status
+    /// telling the proxy why.
+    fn refuse(&self, breach: &limits::Breach) -> Status {
+        let count = |limit: &str| self.store.count_limit(limit);
+        limits::refuse(&self.log, count, &self.state.core().node_id, breach)
     }
 }
 

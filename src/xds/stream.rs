@@ -20,7 +20,7 @@ use super::store::{
 pub(crate) const NODE_ID_MAX: usize = 1024;
 
 /// `text` cut to at most `max` bytes at a character boundary, marked with `…` when cut.
-fn cut(text: &str, max: usize) -> String {
+pub(crate) fn cut(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_string();
     }

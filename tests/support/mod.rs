@@ -1,8 +1,8 @@
 //! Helpers shared by the integration tests (`mod support;` in each test file): a real OCI
 //! registry ([`registry`]), Wasm images in every format ([`image`]), test modules ([`wasm`]), a real
 //! Envoy with a generated ECDS bootstrap ([`envoy`]), fault-injecting HTTP servers and a mock OCI
-//! registry ([`faults`]), an upstream xDS server that is not wasm-ecds ([`upstream`]) and locating
-//! external tools.
+//! registry ([`faults`]), an upstream xDS server that is not wasm-ecds ([`upstream`]), an in-test
+//! CA ([`pki`]) and locating external tools.
 //!
 //! External tools (style guide §5 "Real-Envoy and real-registry tests stay separate"):
 //! - `docker-registry`: `$REGISTRY_BIN`, else on `PATH`, else `/usr/bin/docker-registry`;

@@ -77,6 +77,11 @@ impl Pki {
         self.dir.path().join(name)
     }
 
+    /// [`path`](Self::path) as a string, for command lines.
+    pub fn arg(&self, name: &str) -> String {
+        self.path(name).display().to_string()
+    }
+
     pub fn ca_der(&self) -> CertificateDer<'static> {
         self.ca_der.clone()
     }
