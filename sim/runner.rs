@@ -124,7 +124,11 @@ fn step_error(step: usize, message: String) -> CheckFailure {
 
 /// One trace line: `[  12.500s] text`.
 pub fn trace_line(at: Timestamp, text: &str) -> String {
-    format!("[{:>9}] {text}", at.to_string())
+    use std::fmt::Write as _;
+    let mut line = String::with_capacity(text.len() + 12);
+    let _ = write!(line, "[{:>9}] ", at.to_string());
+    line.push_str(text);
+    line
 }
 
 struct Runner<'a> {
@@ -335,7 +339,7 @@ impl<'a> Runner<'a> {
                 }
             }
             Step::Apply(v) => {
-                let applied = self.driver.apply(v.clone());
+                let applied = self.driver.apply(v);
                 self.settle(n, applied).await?;
             }
             Step::Edit {
