@@ -548,6 +548,24 @@ mod tests {
     }
 
     #[test]
+    fn paths_find_their_module_and_only_a_crash_surviving_store_saves_on_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk: Arc<dyn ModuleStore> = Arc::new(DiskStore::open(dir.path()).unwrap());
+        let (mut cache, _) = Cache::open(Arc::new(MemStore::new())).unwrap();
+        let (mut on_disk, _) = Cache::open(disk.clone()).unwrap();
+        let key = ModuleKey::new("oci://r/a", "d1");
+        let staged = staged(cache.store().as_ref(), WASM);
+        let path = cache.insert(&key, staged, false, Timestamp::ZERO);
+        let path = path.unwrap().path.clone();
+        on_disk.set_resolution("oci://r/a:v1", &key);
+        assert_eq!(cache.key_at(&path), Some(&key));
+        assert!(cache.is_dirty() && !cache.save_due() && on_disk.save_due());
+        let later = Timestamp::ZERO + Duration::from_secs(2);
+        assert_eq!(cache.purge(later, Duration::from_secs(1)).len(), 1);
+        assert_eq!(cache.key_at(&path), None);
+    }
+
+    #[test]
     fn reindex_keeps_verified_files_and_removes_truncated_ones() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn ModuleStore> = Arc::new(DiskStore::open(dir.path()).unwrap());
