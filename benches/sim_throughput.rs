@@ -5,7 +5,12 @@
 //!   so the whole scenario runs), loaded with [`parse_scenario`] and run with [`run_scenario`];
 //!   reported in steps per second;
 //! - `sim/scenarios_dir`: every file of `scenarios/`, found, loaded and run in-process with the
-//!   report discarded ([`collect`]), once per iteration.
+//!   report discarded ([`collect`]), once per iteration;
+//! - then a summary, measured in the same run (thread CPU time, median of 5 alternated rounds):
+//!   steps per second of the run, of parsing alone, and of a floor scenario of as many
+//!   `advance: 1s` steps (the runner's own cost per step, no processing), with the run's ratio to
+//!   each and to the 1M steps/s target. The README's performance row for the simulator is copied
+//!   from this summary.
 
 use std::fmt::Write as _;
 use std::hint::black_box;
@@ -134,6 +139,68 @@ fn bench_generated(c: &mut Criterion) {
     g.finish();
 }
 
+/// `steps` steps of `advance: 1s`: what the runner costs per step when no step processes anything.
+fn floor_yaml(steps: usize) -> String {
+    let mut y = String::from("name: runner floor\nmodules: {}\nsteps:\n");
+    for _ in 0..steps {
+        y.push_str("  - advance: 1s\n");
+    }
+    y
+}
+
+/// The CPU time this thread spent in `f` (the simulator runs on a current-thread runtime, so all
+/// of its work is on this thread): on a machine shared with other builds, wall time mostly
+/// measures the neighbours.
+fn cpu_time(f: impl FnOnce()) -> Duration {
+    let now = || {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid, writable timespec; the call only writes it.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    };
+    let start = now();
+    f();
+    now().saturating_sub(start)
+}
+
+/// Steps per second, ratios against the parse and the floor measured in the same run.
+fn summary(_: &mut Criterion) {
+    let yaml = scenario_yaml(STEPS, PLUGINS);
+    let floor = floor_yaml(STEPS);
+    let (Ok(scenario), Ok(floor_scenario)) = (parse_scenario(&yaml), parse_scenario(&floor)) else {
+        return;
+    };
+    let rate = |d: Duration| STEPS as f64 / d.as_secs_f64();
+    let (mut run, mut parse, mut base) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..5 {
+        run.push(cpu_time(|| {
+            black_box(run_scenario(black_box(&scenario)).trace.len());
+        }));
+        parse.push(cpu_time(|| {
+            black_box(parse_scenario(black_box(&yaml)).map(|s| s.steps.len()).ok());
+        }));
+        base.push(cpu_time(|| {
+            black_box(run_scenario(black_box(&floor_scenario)).trace.len());
+        }));
+    }
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (run, parse, base) = (rate(median(run)), rate(median(parse)), rate(median(base)));
+    println!(
+        "\nsim summary ({STEPS} steps, thread CPU time, median of 5 alternated rounds): run {run:.0} steps/s; \
+         parse alone {parse:.0} steps/s (run = {:.2}x parse); runner floor ({STEPS} x advance: 1s) \
+         {base:.0} steps/s (run = {:.2}x floor); target 1,000,000 steps/s (run = {:.3}x target)\n",
+        run / parse,
+        run / base,
+        run / 1e6,
+    );
+}
+
 fn bench_library(c: &mut Criterion) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scenarios");
     let report = collect(std::slice::from_ref(&dir), false);
@@ -157,5 +224,5 @@ fn bench_library(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_generated, bench_library);
+criterion_group!(benches, bench_generated, bench_library, summary);
 criterion_main!(benches);

@@ -134,7 +134,7 @@ pub fn tar_single(path: &str, data: &[u8]) -> Vec<u8> {
 }
 
 /// How an image is laid out in the registry (`publish.format`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ImageFormat {
     /// `wasme`'s *oci* variant: config `…module.wasm.config.v1+json`, and two layers (the runtime

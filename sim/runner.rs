@@ -124,7 +124,11 @@ fn step_error(step: usize, message: String) -> CheckFailure {
 
 /// One trace line: `[  12.500s] text`.
 pub fn trace_line(at: Timestamp, text: &str) -> String {
-    format!("[{:>9}] {text}", at.to_string())
+    use std::fmt::Write as _;
+    let mut line = String::with_capacity(text.len() + 12);
+    let _ = write!(line, "[{:>9}] ", at.to_string());
+    line.push_str(text);
+    line
 }
 
 struct Runner<'a> {
@@ -209,7 +213,7 @@ impl<'a> Runner<'a> {
                 }
             };
             self.log(self.now(), format!("step {n}: {}", step.describe()));
-            let result = self.step(n, step).await;
+            let result = self.step(n, &step).await;
             self.drain();
             if let Err(failures) = result {
                 for f in &failures {
@@ -261,7 +265,7 @@ impl<'a> Runner<'a> {
         }
     }
 
-    async fn step(&mut self, n: usize, step: Step) -> Result<(), Vec<CheckFailure>> {
+    async fn step(&mut self, n: usize, step: &Step) -> Result<(), Vec<CheckFailure>> {
         let err = |m: String| vec![step_error(n, m)];
         match step {
             Step::Publish {
@@ -270,10 +274,10 @@ impl<'a> Runner<'a> {
                 format,
                 encoding,
             } => {
-                let bytes = &self.s.modules[&module].bytes;
-                match &target {
+                let bytes = &self.s.modules[module].bytes;
+                match target {
                     Target::Oci(r) => {
-                        let digest = self.world.publish_oci(r, &module, bytes, format);
+                        let digest = self.world.publish_oci(r, module, bytes, *format);
                         self.log(
                             self.now(),
                             format!("oci://{r} now points at manifest sha256:{digest}"),
@@ -288,7 +292,7 @@ impl<'a> Runner<'a> {
                 }
             }
             Step::Unpublish { target } => {
-                let existed = match &target {
+                let existed = match target {
                     Target::Oci(r) => self.world.unpublish_oci(r),
                     Target::Http {
                         authority, path, ..
@@ -311,48 +315,48 @@ impl<'a> Runner<'a> {
             Step::Edit {
                 target: EditTarget::Plugin(plugin),
                 patch,
-            } => match self.driver.edit(&plugin, &patch) {
+            } => match self.driver.edit(plugin, patch) {
                 Some(applied) => self.settle(n, applied).await?,
-                None => return Err(err(format!("edit: {}", self.no_plugin(&plugin)))),
+                None => return Err(err(format!("edit: {}", self.no_plugin(plugin)))),
             },
             Step::Edit {
                 target: EditTarget::EnvoyFilter(k),
                 patch,
-            } => match self.driver.edit_envoy_filter(&k, &patch) {
+            } => match self.driver.edit_envoy_filter(k, patch) {
                 Some(applied) => self.settle(n, applied).await?,
                 None => return Err(err(format!("edit: there is no EnvoyFilter {k}"))),
             },
-            Step::Delete(DeleteTarget::Plugin(k)) => match self.driver.delete_plugin(&k) {
+            Step::Delete(DeleteTarget::Plugin(k)) => match self.driver.delete_plugin(k) {
                 Some(applied) => self.settle(n, applied).await?,
-                None => return Err(err(format!("delete: {}", self.no_plugin(&k)))),
+                None => return Err(err(format!("delete: {}", self.no_plugin(k)))),
             },
             Step::Delete(DeleteTarget::EnvoyFilter(k)) => {
-                match self.driver.delete_envoy_filter(&k) {
+                match self.driver.delete_envoy_filter(k) {
                     Some(applied) => self.settle(n, applied).await?,
                     None => return Err(err(format!("delete: there is no EnvoyFilter {k}"))),
                 }
             }
-            Step::Delete(DeleteTarget::Secret(k)) => match self.driver.delete_secret(&k) {
+            Step::Delete(DeleteTarget::Secret(k)) => match self.driver.delete_secret(k) {
                 Some(applied) => self.settle(n, applied).await?,
                 None => return Err(err(format!("delete: there is no secret {k}"))),
             },
-            Step::Fail(rule) => self.world.add_rule(rule),
+            Step::Fail(rule) => self.world.add_rule(rule.clone()),
             Step::Recover { host } => {
-                self.world.recover(&host);
+                self.world.recover(host);
             }
             Step::RequireAuth {
                 host,
                 username,
                 password,
                 scheme,
-            } => self.world.require_auth(&host, &username, &password, scheme),
+            } => self.world.require_auth(host, username, password, *scheme),
             Step::Advance(d) => {
-                let target = self.now() + d;
+                let target = self.now() + *d;
                 self.driver.advance_to(target).await.map_err(err)?;
             }
-            Step::Restart { keep_cache } => self.restart(keep_cache).await.map_err(err)?,
+            Step::Restart { keep_cache } => self.restart(*keep_cache).await.map_err(err)?,
             Step::Expect(e) => {
-                let failures = self.expect(n, &e);
+                let failures = self.expect(n, e);
                 self.outcomes.clear();
                 self.expired.clear();
                 if !failures.is_empty() {

@@ -8,9 +8,9 @@
 //! The index (entries, resolutions and HTTP validators) is persisted through the store, so a
 //! restarted server knows what it had.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{self, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -111,6 +111,8 @@ pub struct ReindexReport {
 pub struct Cache {
     store: Arc<dyn ModuleStore>,
     modules: BTreeMap<ModuleKey, ModuleEntry>,
+    /// The key of the module at each path of `modules` (file delivery reads modules by path).
+    paths: HashMap<PathBuf, ModuleKey>,
     resolutions: BTreeMap<String, ModuleKey>,
     /// HTTP validators (`ETag`, `Last-Modified`) of the module a url resolves to.
     validators: BTreeMap<String, Validators>,
@@ -126,7 +128,9 @@ pub struct Cache {
 }
 
 /// The longest the persisted index lags behind the cache while the server runs. A crash within it
-/// loses no module: files the index does not know yet are removed at start and pulled again.
+/// loses no module: files the index does not know yet are removed at start and pulled again. A
+/// store that does not survive a crash (the simulator's memory) has its index written only at
+/// graceful points ([`Cache::save_due`]).
 pub const INDEX_SAVE_INTERVAL: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for Cache {
@@ -198,9 +202,14 @@ impl Cache {
             .map(|e: &ModuleEntry| e.last_used)
             .max()
             .unwrap_or_default();
+        let paths = modules
+            .iter()
+            .map(|(k, e)| (e.path.clone(), k.clone()))
+            .collect();
         let mut cache = Cache {
             store,
             modules,
+            paths,
             validators: validators_for(validators, &resolutions),
             served,
             resolutions,
@@ -233,6 +242,11 @@ impl Cache {
 
     pub fn entries(&self) -> impl Iterator<Item = (&ModuleKey, &ModuleEntry)> {
         self.modules.iter()
+    }
+
+    /// The key of the cached module stored at `path`.
+    pub fn key_at(&self, path: &Path) -> Option<&ModuleKey> {
+        self.paths.get(path)
     }
 
     /// The module `url` last resolved to, if it is still cached.
@@ -299,6 +313,7 @@ impl Cache {
         self.now = self.now.max(now);
         if !self.modules.contains_key(key) {
             let path = self.store.commit(staged.file, &key.name, &key.checksum)?;
+            self.paths.insert(path.clone(), key.clone());
             self.modules.insert(
                 key.clone(),
                 ModuleEntry {
@@ -375,6 +390,7 @@ impl Cache {
         let mut out = Vec::new();
         for key in expired {
             let entry = self.modules.remove(&key).expect("listed above");
+            self.paths.remove(&entry.path);
             if let Err(e) = self.store.remove(&entry.path) {
                 tracing::warn!(path = %entry.path.display(), error = %e, "could not remove expired module");
             }
@@ -402,6 +418,14 @@ impl Cache {
     /// True when the index has changes not yet written.
     pub fn is_dirty(&self) -> bool {
         self.dirty
+    }
+
+    /// True when changes not yet written are to be written within [`INDEX_SAVE_INTERVAL`]: only
+    /// for a store that survives a crash ([`ModuleStore::survives_crash`]). An in-memory index is
+    /// read only after a graceful point, which writes it ([`Cache::flush`]); writing it every
+    /// virtual second cost the simulator a quarter of its time.
+    pub fn save_due(&self) -> bool {
+        self.dirty && self.store.survives_crash()
     }
 
     /// Writes the index if it changed; failures are logged, never fatal (the cache still works in
@@ -521,6 +545,24 @@ mod tests {
         assert_eq!(gone.len(), 1);
         assert!(cache.resolution("oci://r/a:v1").is_none());
         assert!(store.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn paths_find_their_module_and_only_a_crash_surviving_store_saves_on_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk: Arc<dyn ModuleStore> = Arc::new(DiskStore::open(dir.path()).unwrap());
+        let (mut cache, _) = Cache::open(Arc::new(MemStore::new())).unwrap();
+        let (mut on_disk, _) = Cache::open(disk.clone()).unwrap();
+        let key = ModuleKey::new("oci://r/a", "d1");
+        let staged = staged(cache.store().as_ref(), WASM);
+        let path = cache.insert(&key, staged, false, Timestamp::ZERO);
+        let path = path.unwrap().path.clone();
+        on_disk.set_resolution("oci://r/a:v1", &key);
+        assert_eq!(cache.key_at(&path), Some(&key));
+        assert!(cache.is_dirty() && !cache.save_due() && on_disk.save_due());
+        let later = Timestamp::ZERO + Duration::from_secs(2);
+        assert_eq!(cache.purge(later, Duration::from_secs(1)).len(), 1);
+        assert_eq!(cache.key_at(&path), None);
     }
 
     #[test]

@@ -67,6 +67,13 @@ pub trait ModuleStore: Send + Sync {
     fn save_index(&self, bytes: &[u8]) -> io::Result<()>;
     /// Removes everything (used by the simulator's `restart: {keepCache: false}`).
     fn wipe(&self) -> io::Result<()>;
+    /// Whether what the store holds outlives a crash of the process. The index of such a store is
+    /// written soon after every change ([`INDEX_SAVE_INTERVAL`](crate::cache::INDEX_SAVE_INTERVAL));
+    /// the index of one that does not (memory) is written only at the graceful points after which
+    /// it can be read again (purge passes, shutdown, restart).
+    fn survives_crash(&self) -> bool {
+        true
+    }
 }
 
 /// Reads `file://` modules.
@@ -430,6 +437,11 @@ impl ModuleStore for MemStore {
         self.files.lock().expect("store lock").clear();
         *self.index.lock().expect("store lock") = None;
         Ok(())
+    }
+
+    /// Nothing in memory outlives the process.
+    fn survives_crash(&self) -> bool {
+        false
     }
 }
 

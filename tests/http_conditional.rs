@@ -86,7 +86,7 @@ fn last_outcome(driver: &Driver) -> Outcome {
 }
 
 async fn apply(driver: &mut Driver, url: &str, label: &str) -> Outcome {
-    let applied = driver.apply(json!({
+    let applied = driver.apply(&json!({
         "apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin",
         "metadata": {"name": "etag", "labels": {"edit": label}},
         "spec": {"url": url, "imagePullPolicy": "Always"},

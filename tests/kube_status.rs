@@ -38,7 +38,11 @@ fn status_waits_for_the_current_version_to_be_processed() {
     let (rt, driver) = h.parts();
     let applied = {
         let _context = rt.enter();
-        driver.apply(plugin("ns", "p", json!({"url": "http://mods.test/b.wasm"})))
+        driver.apply(&plugin(
+            "ns",
+            "p",
+            json!({"url": "http://mods.test/b.wasm"}),
+        ))
     };
     assert_eq!(
         driver
@@ -65,7 +69,11 @@ fn next_returns_for_work_that_finished_while_the_caller_was_busy() {
     let key = ObjectKey::new("ns", "p");
     let (rt, driver) = h.parts();
     rt.block_on(async {
-        driver.apply(plugin("ns", "p", json!({"url": "http://mods.test/a.wasm"})));
+        driver.apply(&plugin(
+            "ns",
+            "p",
+            json!({"url": "http://mods.test/a.wasm"}),
+        ));
         // The job runs to its end while nobody polls the driver (serve's loop handling a command).
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert!(driver.engine().plugin(&key).unwrap().last_outcome.is_none());

@@ -3,10 +3,10 @@
 //!
 //! Everything that can be checked without running is checked at load time, so a bad file is reported
 //! (exit status 2) with the step index and the problem before anything runs. Unknown keys are errors
-//! everywhere. Steps are kept as JSON values and re-parsed when they run, after the substitutions
-//! `${sha256:NAME}` and `${digest:oci://…}` have been evaluated (a digest depends on what is published
-//! at that moment); at load time a digest is replaced by a placeholder so the rest of the step is still
-//! validated.
+//! everywhere. Every step is parsed at load time, after the substitution `${sha256:NAME}`; a step
+//! naming `${digest:oci://…}` is parsed again when it runs, with the digest of what is published at
+//! that moment (at load time a placeholder stands in for it, so the rest of the step is still
+//! validated). The others run as parsed at load time, which is what parsing them again would give.
 //!
 //! # Layout
 //! - this file: the top level (name, options, modules) and the [`Scenario`] it loads into;
@@ -20,6 +20,7 @@ mod substitute;
 #[cfg(test)]
 mod tests;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -103,32 +104,38 @@ pub struct Scenario {
     /// The server configuration from `options` (defaults elsewhere).
     pub config: Config,
     pub modules: BTreeMap<String, Module>,
-    /// The steps as written (JSON), parsed again when they run.
+    /// The steps as written (JSON).
     pub steps: Vec<Value>,
+    /// Each step as parsed at load time, `None` for a step naming `${digest:…}` (parsed when it
+    /// runs).
+    parsed: Vec<Option<Step>>,
+    /// Module names by the hex sha256 of their bytes (unique: two modules never share bytes).
+    by_sha256: BTreeMap<String, String>,
 }
 
 impl Scenario {
     /// The module whose bytes have this sha256.
     pub fn module_by_sha256(&self, sha256: &str) -> Option<&str> {
-        self.modules
-            .iter()
-            .find(|(_, m)| m.sha256 == sha256)
-            .map(|(n, _)| n.as_str())
+        self.by_sha256.get(sha256).map(String::as_str)
     }
 
-    /// Parses step `index` (0-based) after substituting `${…}` with `digest` resolving
-    /// `${digest:REF}` (an error message when the reference is not published).
+    /// Step `index` (0-based): as parsed at load time, or, when it names `${digest:REF}`, parsed
+    /// now after substituting `${…}` with `digest` resolving `${digest:REF}` (an error message when
+    /// the reference is not published).
     pub fn step(
         &self,
         index: usize,
         digest: &dyn Fn(&OciRef) -> Result<String, String>,
-    ) -> Result<Step, String> {
+    ) -> Result<Cow<'_, Step>, String> {
+        if let Some(Some(step)) = self.parsed.get(index) {
+            return Ok(Cow::Borrowed(step));
+        }
         let raw = self
             .steps
             .get(index)
             .ok_or_else(|| format!("no step {}", index + 1))?;
         let substituted = substitute(raw, &mut |expr| self.evaluate(expr, digest))?;
-        parse_step(&substituted, &self.modules)
+        parse_step(&substituted, &self.modules).map(Cow::Owned)
     }
 
     fn evaluate(
@@ -240,32 +247,38 @@ pub fn parse_scenario(text: &str) -> Result<Scenario, LoadError> {
         }
         modules.insert(name, Module { bytes, sha256 });
     }
-    let scenario = Scenario {
-        name: raw.name,
-        description: raw.description,
-        seed: raw.seed,
-        config,
-        modules,
-        steps: raw.steps,
-    };
-    // Validate every step now, with placeholder digests.
-    for (i, raw) in scenario.steps.iter().enumerate() {
+    // Validate every step now, with placeholder digests; keep those without any.
+    let mut parsed = Vec::with_capacity(raw.steps.len());
+    for (i, raw) in raw.steps.iter().enumerate() {
         let err = |message: String| LoadError {
             step: Some(i + 1),
             message,
         };
+        let mut names_digest = false;
         let substituted = substitute(raw, &mut |expr| match expr {
-            Substitution::Sha256(name) => scenario
-                .modules
+            Substitution::Sha256(name) => modules
                 .get(name)
                 .map(|m| m.sha256.clone())
                 .ok_or_else(|| format!("${{sha256:{name}}}: unknown module {name:?}")),
-            Substitution::Digest(_) => Ok(PLACEHOLDER_DIGEST.to_string()),
+            Substitution::Digest(_) => {
+                names_digest = true;
+                Ok(PLACEHOLDER_DIGEST.to_string())
+            }
         })
         .map_err(err)?;
-        parse_step(&substituted, &scenario.modules).map_err(err)?;
+        let step = parse_step(&substituted, &modules).map_err(err)?;
+        parsed.push((!names_digest).then_some(step));
     }
-    Ok(scenario)
+    Ok(Scenario {
+        name: raw.name,
+        description: raw.description,
+        seed: raw.seed,
+        config,
+        by_sha256: by_bytes,
+        modules,
+        steps: raw.steps,
+        parsed,
+    })
 }
 
 fn build_config(o: &RawOptions) -> Result<Config, LoadError> {

@@ -4,6 +4,8 @@
 //!
 //! [`Scenario`]: super::Scenario
 
+use std::borrow::Cow;
+
 use serde_json::Value;
 
 use crate::url::OciRef;
@@ -19,8 +21,30 @@ const SUB_SHA256: &str = "${sha256:";
 const SUB_DIGEST: &str = "${digest:";
 
 /// Replaces every `${sha256:…}` and `${digest:…}` in the strings (and mapping keys) of `v`. Other
-/// `${…}` text is left alone (plugin configurations may contain it).
-pub fn substitute(
+/// `${…}` text is left alone (plugin configurations may contain it). A value without any is
+/// returned as it is, not copied (most steps have none).
+pub fn substitute<'v>(
+    v: &'v Value,
+    eval: &mut dyn FnMut(&Substitution) -> Result<String, String>,
+) -> Result<Cow<'v, Value>, String> {
+    if !mentions(v) {
+        return Ok(Cow::Borrowed(v));
+    }
+    copy_substituted(v, eval).map(Cow::Owned)
+}
+
+/// True when a string or mapping key of `v` contains `${sha256:` or `${digest:`.
+fn mentions(v: &Value) -> bool {
+    let has = |s: &str| s.contains("${") && (s.contains(SUB_SHA256) || s.contains(SUB_DIGEST));
+    match v {
+        Value::String(s) => has(s),
+        Value::Array(items) => items.iter().any(mentions),
+        Value::Object(map) => map.iter().any(|(k, v)| has(k) || mentions(v)),
+        _ => false,
+    }
+}
+
+fn copy_substituted(
     v: &Value,
     eval: &mut dyn FnMut(&Substitution) -> Result<String, String>,
 ) -> Result<Value, String> {
@@ -29,13 +53,13 @@ pub fn substitute(
         Value::Array(items) => Value::Array(
             items
                 .iter()
-                .map(|i| substitute(i, eval))
+                .map(|i| copy_substituted(i, eval))
                 .collect::<Result<_, _>>()?,
         ),
         Value::Object(map) => {
             let mut out = serde_json::Map::new();
             for (k, val) in map {
-                out.insert(substitute_str(k, eval)?, substitute(val, eval)?);
+                out.insert(substitute_str(k, eval)?, copy_substituted(val, eval)?);
             }
             Value::Object(out)
         }

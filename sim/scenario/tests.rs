@@ -56,7 +56,7 @@ fn a_full_scenario_loads() {
         crate::config::DEFAULT_PURGE_INTERVAL
     );
     let no_digest = |_: &OciRef| Err("unused".to_string());
-    match s.step(5, &no_digest).unwrap() {
+    match s.step(5, &no_digest).unwrap().into_owned() {
         Step::Fail(r) => assert_eq!(
             r,
             FailRule {
@@ -68,7 +68,7 @@ fn a_full_scenario_loads() {
         ),
         other => panic!("{other:?}"),
     }
-    match s.step(10, &no_digest).unwrap() {
+    match s.step(10, &no_digest).unwrap().into_owned() {
         Step::Restart { keep_cache } => assert!(keep_cache),
         other => panic!("{other:?}"),
     }
@@ -76,7 +76,7 @@ fn a_full_scenario_loads() {
     let e = s.step(3, &no_digest).unwrap_err();
     assert_eq!(e, "unused");
     let d = "ab".repeat(32);
-    match s.step(3, &|_| Ok(d.clone())).unwrap() {
+    match s.step(3, &|_| Ok(d.clone())).unwrap().into_owned() {
         Step::Apply(v) => {
             assert_eq!(
                 v["spec"]["url"],
@@ -86,7 +86,7 @@ fn a_full_scenario_loads() {
         }
         other => panic!("{other:?}"),
     }
-    match s.step(12, &no_digest).unwrap() {
+    match s.step(12, &no_digest).unwrap().into_owned() {
         Step::Expect(e) => {
             assert_eq!(e.requests["files.example"], RequestExpect::Total(1));
             assert!(e.plugins.contains_key(&ObjectKey::new("default", "q")));
@@ -253,15 +253,15 @@ fn envoy_filters_are_applied_edited_deleted_and_their_patches_expected() {
     .unwrap();
     let none = |_: &OciRef| Err("unused".to_string());
     let f = ObjectKey::new("istio-system", "f");
-    assert!(matches!(s.step(1, &none).unwrap(),
+    assert!(matches!(s.step(1, &none).unwrap().into_owned(),
         Step::Edit { target: EditTarget::EnvoyFilter(k), .. } if k == f));
-    let Step::Expect(e) = s.step(2, &none).unwrap() else {
+    let Step::Expect(e) = s.step(2, &none).unwrap().into_owned() else {
         panic!()
     };
     let patch = ObjectKey::new("istio-system", "f/istio.basic_auth");
     assert_eq!(e.plugins[&patch].serves.as_deref(), Some("v1"));
     assert_eq!(
-        s.step(3, &none).unwrap(),
+        s.step(3, &none).unwrap().into_owned(),
         Step::Delete(DeleteTarget::EnvoyFilter(f))
     );
 }
@@ -311,4 +311,14 @@ fn other_dollar_braces_are_left_alone() {
     let v = serde_json::json!({"a": "${HOME} and ${sha256:v1}"});
     let out = substitute(&v, &mut |_| Ok("X".into())).unwrap();
     assert_eq!(out["a"], "${HOME} and X");
+}
+
+#[test]
+fn values_without_substitutions_are_not_copied() {
+    let v = serde_json::json!({"a": ["${HOME}", {"b": 1}], "${sha256": "x"});
+    let out = substitute(&v, &mut |_| panic!("nothing to evaluate")).unwrap();
+    assert!(matches!(out, std::borrow::Cow::Borrowed(_)));
+    let w = serde_json::json!({"a": [{"${digest:oci://r.example/x:v1}": 1}]});
+    let out = substitute(&w, &mut |_| Ok("D".into())).unwrap();
+    assert_eq!(out.into_owned(), serde_json::json!({"a": [{"D": 1}]}));
 }

@@ -124,9 +124,44 @@ struct Host {
     auth: Option<AuthRule>,
 }
 
+/// An image built for a module, kept for the next publish of the same module in the same format
+/// (building one hashes and serialises every blob; scenarios publish the same modules again and
+/// again). One per module name and format, replaced when the bytes differ.
+#[derive(Debug)]
+struct BuiltImage {
+    module: Vec<u8>,
+    blobs: Vec<(String, Bytes)>,
+    manifests: Vec<(String, Stored)>,
+    top: String,
+}
+
+impl BuiltImage {
+    fn new(name: &str, module: &[u8], format: ImageFormat) -> Self {
+        let image = build_image(name, module, format);
+        let top = image.top().digest.clone();
+        BuiltImage {
+            module: module.to_vec(),
+            blobs: (image.blobs.into_iter())
+                .map(|b| (b.digest, Bytes::from(b.bytes)))
+                .collect(),
+            manifests: (image.manifests.into_iter())
+                .map(|m| {
+                    let stored = Stored {
+                        media_type: m.media_type,
+                        bytes: Bytes::from(m.bytes),
+                    };
+                    (m.digest, stored)
+                })
+                .collect(),
+            top,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     hosts: BTreeMap<String, Host>,
+    images: BTreeMap<(String, ImageFormat), BuiltImage>,
     counts: BTreeMap<String, RequestCounts>,
     events: Vec<WorldEvent>,
     challenge: Option<Challenge>,
@@ -194,8 +229,20 @@ impl SimWorld {
         module: &[u8],
         format: ImageFormat,
     ) -> String {
-        let image = build_image(name, module, format);
-        let mut st = self.state();
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let image = match st.images.entry((name.to_string(), format)) {
+            std::collections::btree_map::Entry::Occupied(e) if e.get().module == module => {
+                e.into_mut()
+            }
+            std::collections::btree_map::Entry::Occupied(mut e) => {
+                e.insert(BuiltImage::new(name, module, format));
+                e.into_mut()
+            }
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(BuiltImage::new(name, module, format))
+            }
+        };
         let repo = st
             .hosts
             .entry(r.registry.to_ascii_lowercase())
@@ -203,20 +250,13 @@ impl SimWorld {
             .repos
             .entry(r.repository.clone())
             .or_default();
-        for b in &image.blobs {
-            repo.blobs
-                .insert(b.digest.clone(), Bytes::from(b.bytes.clone()));
+        for (digest, bytes) in &image.blobs {
+            repo.blobs.insert(digest.clone(), bytes.clone());
         }
-        for m in &image.manifests {
-            repo.manifests.insert(
-                m.digest.clone(),
-                Stored {
-                    media_type: m.media_type.clone(),
-                    bytes: Bytes::from(m.bytes.clone()),
-                },
-            );
+        for (digest, stored) in &image.manifests {
+            repo.manifests.insert(digest.clone(), stored.clone());
         }
-        let digest = image.top().digest.clone();
+        let digest = image.top.clone();
         repo.tags
             .insert(r.tag_or_latest().to_string(), digest.clone());
         digest

@@ -387,3 +387,22 @@ fn blocked_addresses_are_refused_without_counting() {
     });
     assert!(w.counts().is_empty());
 }
+
+#[test]
+fn a_republished_module_reuses_its_image_and_new_bytes_get_a_new_one() {
+    let (_, w) = world();
+    let (a, b) = (oci("reg.example/ns/a:v1"), oci("reg.example/ns/b:v1"));
+    let first = w.publish_oci(&a, "m", b"\0asm\x01\0\0\0one", ImageFormat::OciArtifact);
+    // The same module elsewhere: the same image, hence the same manifest digest.
+    assert_eq!(
+        w.publish_oci(&b, "m", b"\0asm\x01\0\0\0one", ImageFormat::OciArtifact),
+        first
+    );
+    assert_eq!(w.digest(&b).as_deref(), Some(first.as_str()));
+    // Other bytes under the same module name, or another format: another image.
+    let other = w.publish_oci(&a, "m", b"\0asm\x01\0\0\0two", ImageFormat::OciArtifact);
+    assert_ne!(other, first);
+    assert_eq!(w.digest(&a).as_deref(), Some(other.as_str()));
+    let docker = w.publish_oci(&a, "m", b"\0asm\x01\0\0\0two", ImageFormat::Docker);
+    assert_ne!(docker, other);
+}

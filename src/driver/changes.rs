@@ -26,9 +26,9 @@ pub(super) struct Refusal {
 impl Driver {
     /// Applies one object (a `WasmPlugin`, an `EnvoyFilter` or a pull `Secret`), as the API server
     /// admits it.
-    pub fn apply(&mut self, object: Value) -> Applied {
+    pub fn apply(&mut self, object: &Value) -> Applied {
         let change = self.objects.apply_value(object.clone());
-        self.hand_over(change, &object)
+        self.hand_over(change, object)
     }
 
     /// A JSON merge patch on a stored `WasmPlugin`; `None` if there is no such plugin (the plugin
@@ -110,7 +110,7 @@ impl Driver {
             envoyfilter::filter_of(k).is_none_or(|f| envoy_filters.contains_key(&f))
         });
         for value in secrets.values() {
-            ticket.join(self.apply(value.clone()).ticket);
+            ticket.join(self.apply(value).ticket);
         }
         for (key, value) in plugins {
             let settled = self
@@ -118,12 +118,12 @@ impl Driver {
                 .get(key)
                 .is_some_and(|r| r.object == *value && r.waits_for.is_none());
             if !settled {
-                ticket.join(self.apply(value.clone()).ticket);
+                ticket.join(self.apply(value).ticket);
             }
         }
         for (key, value) in envoy_filters {
             if self.refused_filters.get(key) != Some(value) {
-                ticket.join(self.apply(value.clone()).ticket);
+                ticket.join(self.apply(value).ticket);
             }
         }
         let gone: Vec<ObjectKey> = (self.objects.secrets().keys())

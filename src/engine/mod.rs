@@ -160,8 +160,8 @@ impl Engine {
 
     /// Reads a module file delivered by path: a cached module, or a `file://` module.
     pub fn read_path(&self, path: &std::path::Path) -> std::io::Result<Vec<u8>> {
-        match self.cache.entries().find(|(_, e)| e.path == path) {
-            Some((k, _)) => self.cache.read(k),
+        match self.cache.key_at(path) {
+            Some(k) => self.cache.read(k),
             None => self.read_local_file(path),
         }
     }
@@ -314,7 +314,7 @@ impl Engine {
     /// When the changed cache index is due to be written.
     fn next_save(&self) -> Option<Timestamp> {
         self.cache
-            .is_dirty()
+            .save_due()
             .then(|| self.last_save + crate::cache::INDEX_SAVE_INTERVAL)
     }
 

@@ -164,7 +164,7 @@ impl Harness {
 
     /// Applies one object (a WasmPlugin or a Secret) and runs what it caused.
     pub fn apply(&mut self, object: Value) -> Change {
-        self.change(|d| Some(d.apply(object)))
+        self.change(|d| Some(d.apply(&object)))
             .expect("apply always applies")
     }
 
