@@ -49,7 +49,10 @@ impl Exposure {
                 .context("admin token")
         };
         let xds_access = Arc::new(Access {
-            mtls: ports.xds_tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+            mtls: ports
+                .xds_tls
+                .as_ref()
+                .is_some_and(|t| t.client_ca.is_some()),
             client_ca: false,
             token: token()?,
         });
