@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 use crate::clock::Timestamp;
 use crate::fetch::http::Validators;
 use crate::fetch::StagedModule;
+use crate::log_gate::LogGate;
 use crate::plugin::ObjectKey;
 use crate::store::{sha256_hex, ModuleStore};
 
@@ -125,7 +126,13 @@ pub struct Cache {
     /// The index changed since it was last written. Writes are batched by the engine (at most one
     /// per [`INDEX_SAVE_INTERVAL`]): rewriting it on every change made loading N plugins O(N²).
     dirty: bool,
+    /// A failing index write (read-only or full disk) is tried again at every save: logged once
+    /// per [`INDEX_WARN_INTERVAL`], not once a second.
+    warnings: LogGate,
 }
+
+/// How often a failing index write is logged.
+pub const INDEX_WARN_INTERVAL: Duration = Duration::from_secs(600);
 
 /// The longest the persisted index lags behind the cache while the server runs. A crash within it
 /// loses no module: files the index does not know yet are removed at start and pulled again. A
@@ -215,6 +222,7 @@ impl Cache {
             resolutions,
             now,
             dirty: true,
+            warnings: LogGate::new(INDEX_WARN_INTERVAL),
         };
         cache.save();
         Ok((cache, report))
@@ -463,7 +471,9 @@ impl Cache {
         match self.store.save_index(&bytes) {
             Ok(()) => true,
             Err(e) => {
-                tracing::warn!(error = %e, "could not persist the cache index");
+                if let Some(suppressed) = self.warnings.admit("index") {
+                    tracing::warn!(error = %e, suppressed, "could not persist the cache index");
+                }
                 false
             }
         }

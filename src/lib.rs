@@ -16,6 +16,7 @@
 //! - [`k8s`]: the Kubernetes source (watches, status conditions, Lease election), used by
 //!   [`serve`] only;
 //! - [`metrics`]: Istio-compatible Prometheus series;
+//! - [`log_gate`]: one log line per key and interval for what can repeat without end;
 //! - [`sim`] (in `sim/`): the simulated world and scenario runner.
 //!
 //! Comments citing `behavior.md §N` or `scenarios.md` refer to the user documentation in `docs/`.
@@ -37,6 +38,7 @@ pub mod engine;
 pub mod extension;
 pub mod fetch;
 pub mod k8s;
+pub mod log_gate;
 pub mod metrics;
 pub mod net;
 pub mod outcome;

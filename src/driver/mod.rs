@@ -26,6 +26,8 @@ use crate::clock::Timestamp;
 use crate::config::{Config, Delivery};
 use crate::dispatch::{Completion, Dispatcher};
 use crate::engine::{Engine, EngineParts, Event, Serving};
+use crate::log_gate::LogGate;
+use crate::outcome::Outcome;
 mod changes;
 
 use crate::plugin::{FieldError, ObjectKey};
@@ -144,7 +146,17 @@ pub struct Driver {
     quiet_repeats: bool,
     /// Engine events not yet taken by the shell.
     events: Vec<Event>,
+    /// Rejections repeating themselves (the same plugin version rejected for the same reason at
+    /// every background retry) are logged once per [`REPEAT_LOG_INTERVAL`].
+    repeats: LogGate,
 }
+
+/// How often a plugin version rejected again and again for the same reason is logged: longer than
+/// the longest background retry delay, so a source that stays broken costs a line per plugin per
+/// hour, not one per retry (behavior.md §6 "Logs").
+pub const REPEAT_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3600);
+/// Plugins the repeat gate tells apart; beyond them, repeats share one line per interval.
+const REPEAT_LOG_KEYS: usize = 16 * 1024;
 
 impl std::fmt::Debug for Driver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -172,6 +184,7 @@ impl Driver {
             refused_filters: BTreeMap::new(),
             quiet_repeats: false,
             events: Vec::new(),
+            repeats: LogGate::with_keys(REPEAT_LOG_INTERVAL, REPEAT_LOG_KEYS),
         };
         Ok((driver, report))
     }
@@ -422,10 +435,31 @@ impl Driver {
                 ..
             } = e
             {
-                tracing::info!(plugin = %plugin, version = ?version, outcome = %outcome, detail = detail.as_deref().unwrap_or(""), "plugin processed");
+                self.log_processed(plugin, *version, outcome, detail.as_deref().unwrap_or(""));
             }
         }
         self.events.extend(events);
+    }
+
+    /// One line per processing, a warning for a rejection. A rejection is a line of its own only
+    /// once per [`REPEAT_LOG_INTERVAL`] for the same plugin version and reason: a module server
+    /// that stays down makes every rejected plugin retry for ever, and without the gate each retry
+    /// of each plugin would add a line. The next line let through says how many were held back.
+    fn log_processed(
+        &self,
+        plugin: &ObjectKey,
+        version: Option<u64>,
+        outcome: &Outcome,
+        detail: &str,
+    ) {
+        if !matches!(outcome, Outcome::Rejected(_)) {
+            tracing::info!(plugin = %plugin, version = ?version, outcome = %outcome, detail, "plugin processed");
+            return;
+        }
+        let key = format!("{plugin} {version:?} {outcome}");
+        if let Some(suppressed) = self.repeats.admit(&key) {
+            tracing::warn!(plugin = %plugin, version = ?version, outcome = %outcome, detail, suppressed, "plugin processed");
+        }
     }
 
     /// `--delivery remote`: nothing is pulled, each change is published as it is (see

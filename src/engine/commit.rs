@@ -81,8 +81,8 @@ impl Engine {
                 // Nothing but a change of the object can give it something to pull: no retry.
                 let retry = !matches!(failure, Failure::NoHttpUri);
                 self.commit_failure(&key, trigger, now, retry);
+                // Logged by the driver with the processing (one line, repeats gated).
                 let message = failure.to_string();
-                tracing::warn!(plugin = %key, reason = %reason, error = %message, "plugin rejected");
                 (Outcome::Rejected(reason), Some(message))
             }
         };

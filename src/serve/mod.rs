@@ -164,6 +164,12 @@ pub async fn start_with(
             purge_epoch: start,
         },
         module_endpoint: module_endpoint.clone(),
+    })
+    .with_context(|| {
+        format!(
+            "cannot index cache dir {}",
+            setup.config.cache_dir.display()
+        )
     })?;
     tracing::info!(kept = report.kept, removed = report.removed.len(), dir = %setup.config.cache_dir.display(), "cache indexed");
     let metrics = driver.engine().metrics().clone();

@@ -14,13 +14,13 @@
 //!   unacknowledged past the ACK deadline (or that breaks a bound meanwhile) is reset through its
 //!   [`AbortHandle`] ([`AbortLayer`]): the reset makes HTTP/2 drop the bytes its proxy never read,
 //!   so the grant released with it matches memory really freed.
-//! - [`LogGate`]: one log line per key and interval; the lines in between are counted and the
-//!   count is reported with the next line let through (reconnect storms, NACK loops, refusals).
+//! - [`LogGate`] (shared with the driver's pull log, `crate::log_gate`): one log line per key and
+//!   [`LOG_INTERVAL`]; the lines in between are counted and the count is reported with the next
+//!   line let through (reconnect storms, NACK loops, refusals).
 //! - [`StreamLimits::breach`], [`refuse`], [`refuse_stream`], [`request_too_large`]: which bound a
 //!   request breaks and the status, count and log line that end its stream. `server.rs` and the
 //!   proxy's port (`proxy/stream.rs`) both use them, so a bound reads the same on either.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -30,7 +30,8 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use prost::Message as _;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
-use tokio::time::Instant;
+
+pub use crate::log_gate::LogGate;
 
 /// Largest request message accepted (requests carry names and node metadata, never modules).
 pub const MAX_REQUEST_SIZE: usize = 4 * 1024 * 1024; // 4 MiB
@@ -44,10 +45,8 @@ pub const MAX_NODE_SIZE: usize = 256 * 1024; // 256 KiB
 pub const SEND_BUDGET: usize = 512 * 1024 * 1024; // 512 MiB
 /// How long a response may go without ACK or NACK before its stream is closed.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(300);
-/// The interval of [`LogGate`]: one line per key per interval.
+/// The interval of the xDS port's [`LogGate`]: one line per key per interval.
 pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
-/// Keys a [`LogGate`] remembers; beyond them, keys share one line per interval.
-const LOG_KEYS: usize = 1024;
 
 /// The configured bounds; [`Default`] holds the documented defaults.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -345,78 +344,16 @@ where
     }
 }
 
-/// One log line per key and [`LOG_INTERVAL`] (module docs).
-#[derive(Debug)]
-pub struct LogGate {
-    interval: Duration,
-    keys: Mutex<HashMap<String, (Instant, u64)>>,
-}
-
 impl Default for LogGate {
+    /// The xDS port's gate: one line per key per [`LOG_INTERVAL`].
     fn default() -> Self {
         LogGate::new(LOG_INTERVAL)
-    }
-}
-
-impl LogGate {
-    pub fn new(interval: Duration) -> Self {
-        LogGate {
-            interval,
-            keys: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// `Some(suppressed)` when a line for `key` may be logged now (`suppressed`: lines held back
-    /// since the last one); `None` when it is held back and counted.
-    pub fn admit(&self, key: &str) -> Option<u64> {
-        let now = Instant::now();
-        let mut keys = self.keys.lock().expect("log gate lock");
-        if keys.len() >= LOG_KEYS && !keys.contains_key(key) {
-            keys.retain(|_, (at, _)| now.duration_since(*at) < self.interval);
-        }
-        let key = if keys.len() >= LOG_KEYS && !keys.contains_key(key) {
-            "(other)"
-        } else {
-            key
-        };
-        match keys.get_mut(key) {
-            Some((at, suppressed)) if now.duration_since(*at) < self.interval => {
-                *suppressed += 1;
-                None
-            }
-            Some((at, suppressed)) => {
-                *at = now;
-                Some(std::mem::take(suppressed))
-            }
-            None => {
-                keys.insert(key.to_string(), (now, 0));
-                Some(0)
-            }
-        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn log_gate_lets_one_line_per_interval_and_counts_the_rest() {
-        let gate = LogGate::new(Duration::from_secs(10));
-        assert_eq!(gate.admit("a"), Some(0));
-        for _ in 0..5 {
-            assert_eq!(gate.admit("a"), None);
-        }
-        assert_eq!(gate.admit("b"), Some(0), "keys are apart");
-        tokio::time::advance(Duration::from_secs(10)).await;
-        assert_eq!(gate.admit("a"), Some(5));
-        assert_eq!(gate.admit("a"), None);
-        // Many keys: memory stays bounded, the overflow shares one line.
-        for i in 0..(LOG_KEYS * 3) {
-            gate.admit(&format!("k{i}"));
-        }
-        assert!(gate.keys.lock().unwrap().len() <= LOG_KEYS + 1);
-    }
 
     #[test]
     fn budget_grants_until_full_and_release_wakes_waiters() {
