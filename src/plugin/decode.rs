@@ -6,6 +6,10 @@
 //! nesting) but not this linear one. The values are therefore counted while they are built, and
 //! decoding stops at the first value past the [`Budget`]: the whole expansion never exists.
 //! Without aliases a manifest file within its size limit never comes near the budget.
+//!
+//! Deep *flow* nesting (`{a: {a: {…`, `[[[…`) is refused before parsing by [`flow_nesting`]:
+//! serde_yaml_ng's own recursion limit applies only after its parser has read the document, and
+//! that parser takes quadratic time on flow nesting (8,000 levels: 4 s; a 200 KB file: minutes).
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize as _;
@@ -16,6 +20,69 @@ use serde_json::{Map, Number, Value};
 pub const MAX_VALUES: usize = 1_000_000;
 /// The most bytes of strings (keys included) the documents of one text may decode to.
 pub const MAX_STRING_BYTES: usize = 16 << 20;
+
+/// The deepest flow nesting (`[` and `{`) a text may have: serde_yaml_ng refuses more than 128
+/// levels of any nesting anyway.
+pub const MAX_FLOW_DEPTH: usize = 128;
+
+/// Where a text first goes deeper than [`MAX_FLOW_DEPTH`] levels of flow collections: the index of
+/// its document and the line (1-based). A linear scan that follows YAML's quoting: a quote opens a
+/// quoted scalar only where a token may start, and a `#` after a blank starts a comment. Brackets
+/// in a block scalar's text are counted too; that matters only for text with more than 128
+/// unclosed brackets.
+pub fn flow_nesting(text: &str) -> Option<(usize, usize)> {
+    let bytes = text.as_bytes();
+    let (mut depth, mut line, mut document) = (0usize, 1usize, 0usize);
+    let mut i = 0;
+    // The byte before `i` outside quoted text (`\n` at a line start).
+    let mut prev = b'\n';
+    while i < bytes.len() {
+        let b = bytes[i];
+        // Where a token may start: after a blank (block context: `key: [`, `- '`), or also
+        // after an indicator in flow context (`[[`, `{a:'x'}`).
+        let token_start = matches!(prev, b'\n' | b' ' | b'\t')
+            || (depth > 0 && matches!(prev, b'[' | b'{' | b',' | b':'));
+        match b {
+            b'\n' => line += 1,
+            b'-' if prev == b'\n' && bytes[i..].starts_with(b"---") => {
+                document += 1;
+                depth = 0;
+            }
+            b'#' if matches!(prev, b'\n' | b' ' | b'\t') => {
+                while i + 1 < bytes.len() && bytes[i + 1] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'\'' | b'"' if token_start => {
+                // To the closing quote: `''` inside single quotes, `\x` inside double quotes.
+                i += 1;
+                while i < bytes.len() {
+                    match bytes[i] {
+                        b'\n' => line += 1,
+                        b'\\' if b == b'"' => i += 1,
+                        b'\'' if b == b'\'' && bytes.get(i + 1) == Some(&b'\'') => i += 1,
+                        c if c == b => break,
+                        _ => {}
+                    }
+                    i += 1;
+                }
+            }
+            // In block context a bracket opens a flow collection only where a token starts; in
+            // flow context every bracket is one.
+            b'[' | b'{' if depth > 0 || token_start => {
+                depth += 1;
+                if depth > MAX_FLOW_DEPTH {
+                    return Some((document, line));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        prev = b;
+        i += 1;
+    }
+    None
+}
 
 /// What the documents of one text may still decode to.
 #[derive(Debug)]
@@ -252,5 +319,37 @@ mod tests {
         let deep = "[".repeat(1_000) + &"]".repeat(1_000);
         let e = decode_all(&deep).unwrap_err();
         assert!(e.contains("recursion limit exceeded"), "{e}");
+    }
+
+    #[test]
+    fn deep_flow_nesting_is_found_before_parsing() {
+        let nested = |n: usize| format!("a: {}1{}\n", "{a: ".repeat(n), "}".repeat(n));
+        assert_eq!(flow_nesting(&nested(MAX_FLOW_DEPTH)), None);
+        assert_eq!(flow_nesting(&nested(MAX_FLOW_DEPTH + 1)), Some((0, 1)));
+        // 50,000 levels (serde_yaml_ng alone took minutes): found at once.
+        let text = format!("kind: x\n---\nb: 1\nc: {}", "[".repeat(50_000));
+        assert_eq!(flow_nesting(&text), Some((1, 4)));
+        // Brackets in quotes, comments and plain scalars are not nesting.
+        let deep = "[".repeat(200);
+        for text in [
+            format!("a: '{deep}'\n"),
+            format!("a: \"{deep}\\\"{deep}\"\n"),
+            format!("a: 'it''s {deep}'\n"),
+            format!("a: 1 # {deep}\n"),
+            format!("a: x{deep}\n"),
+            format!("a: [x, '{deep}', \"]\"]\n"),
+        ] {
+            assert_eq!(flow_nesting(&text), None, "{text}");
+            assert!(plain(&text).is_ok(), "{text}");
+        }
+        // A quote inside a plain scalar opens nothing: the brackets after it still count.
+        let text = format!("a: it's {{{}\n", "[".repeat(200));
+        assert!(flow_nesting(&text).is_some());
+        // Every example manifest of the repository passes.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        for f in crate::cli::expand_paths(&[dir], &["yaml", "yml", "json"]).files {
+            let text = std::fs::read_to_string(&f).unwrap();
+            assert_eq!(flow_nesting(&text), None, "{}", f.display());
+        }
     }
 }

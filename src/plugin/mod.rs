@@ -273,6 +273,18 @@ pub fn parse_manifests(text: &str) -> Vec<Result<Manifest, ParseError>> {
 /// [`decode::Budget`] of what the documents may expand to.
 pub fn documents(text: &str) -> Vec<Result<(usize, Value), ParseError>> {
     let mut out = Vec::new();
+    if let Some((document, line)) = decode::flow_nesting(text) {
+        out.push(Err(ParseError {
+            document,
+            object: None,
+            field: "(document)".into(),
+            message: format!(
+                "malformed yaml: more than {} levels of [ and {{ nesting at line {line}",
+                decode::MAX_FLOW_DEPTH
+            ),
+        }));
+        return out;
+    }
     let mut budget = decode::Budget::default();
     for (index, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let value = match budget.decode(doc) {
