@@ -2,10 +2,12 @@
 //! exit statuses, JSON shapes, help texts, startup errors naming the flag or the variable, startup
 //! warnings, and no colour escapes when the output is not a terminal.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Output, Stdio};
+mod support;
+
+use std::process::{Command, Output};
 
 use serde_json::Value;
+use support::serve::ServeCommand;
 
 fn run(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_wasm-ecds"))
@@ -217,17 +219,7 @@ fn bad_configuration_is_a_startup_error_naming_the_variable() {
         ("WASM_ECDS_DELIVERY", "carrier-pigeon"),
         ("WASM_ECDS_PLUGINS", "/does/not/exist/plugins.yaml"),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_wasm-ecds"))
-            .args([
-                "serve",
-                "--xds-address",
-                "127.0.0.1:0",
-                "--admin-address",
-                "127.0.0.1:0",
-            ])
-            .env(var, value)
-            .output()
-            .unwrap();
+        let out = ServeCommand::new().env(var, value).output();
         assert_eq!(out.status.code(), Some(2), "{var}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(var), "{var}: {stderr}");
@@ -346,50 +338,16 @@ fn help_texts_document_the_arguments_and_point_inside_the_repository() {
     }
 }
 
-/// `wasm-ecds serve` on free loopback ports with its cache in `cache`, stderr piped.
-fn serve_command(cache: &std::path::Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wasm-ecds"));
-    cmd.args([
-        "serve",
-        "--xds-address",
-        "127.0.0.1:0",
-        "--admin-address",
-        "127.0.0.1:0",
-    ])
-    .arg("--cache-dir")
-    .arg(cache)
-    .stderr(Stdio::piped());
-    cmd
-}
-
-/// Starts `serve`, reads its stderr until it says where it listens, kills it; returns what it read.
+/// Starts `serve` with its cache in a temporary directory, reads its stderr until it says where
+/// it listens, kills it; returns what it read.
 fn serve_startup(args: &[&str]) -> String {
     let cache = tempfile::tempdir().unwrap();
-    let mut child = serve_command(cache.path())
+    let serve = ServeCommand::new()
+        .cache_dir(cache.path())
         .args(args)
-        .env("RUST_LOG", "info")
-        .env_remove("WASM_ECDS_PLUGINS")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut seen = String::new();
-    loop {
-        let mut line = String::new();
-        if stderr.read_line(&mut line).unwrap() == 0 {
-            break;
-        }
-        seen.push_str(&line);
-        if line.starts_with("wasm-ecds: xds on") {
-            break;
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(
-        seen.contains("wasm-ecds: xds on"),
-        "serve did not start: {seen}"
-    );
+        .start();
+    let mut seen = serve.startup.join("\n");
+    seen.push('\n');
     seen
 }
 
@@ -457,54 +415,22 @@ fn no_colour_escapes_when_output_is_not_a_terminal() {
 /// `/readyz` answers once the (here empty) plugin set is processed.
 #[test]
 fn serve_exits_0_on_sigterm() {
-    use std::io::{BufRead, BufReader};
     let cache = tempfile::tempdir().unwrap();
     let plugins = tempfile::tempdir().unwrap();
-    let mut child = serve_command(cache.path())
-        .arg("--plugins")
-        .arg(plugins.path())
-        .env("RUST_LOG", "off")
-        .spawn()
-        .unwrap();
-    // "wasm-ecds: xds on ADDR, admin on ADDR"
-    let mut line = String::new();
-    BufReader::new(child.stderr.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let admin = line.trim().rsplit(' ').next().unwrap().to_string();
-    assert!(line.contains("xds on 127.0.0.1:"), "{line}");
-    let ready = (0..100).any(|_| {
-        let ok = std::net::TcpStream::connect(&admin)
-            .and_then(|mut s| {
-                use std::io::{Read, Write};
-                s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n")?;
-                let mut r = String::new();
-                s.read_to_string(&mut r)?;
-                Ok(r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200"))
-            })
-            .unwrap_or(false);
-        if !ok {
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        ok
-    });
-    assert!(ready, "/readyz never answered 200 on {admin}");
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = (0..100)
-        .find_map(|_| {
-            let s = child.try_wait().unwrap();
-            if s.is_none() {
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-            s
-        })
-        .unwrap_or_else(|| {
-            let _ = child.kill();
-            panic!("serve did not exit within 10 s of SIGTERM")
-        });
-    assert_eq!(status.code(), Some(0));
+    let serve = ServeCommand::new()
+        .cache_dir(cache.path())
+        .plugins(plugins.path())
+        .log("off")
+        .start();
+    assert!(
+        serve.startup.last().unwrap().contains("xds on 127.0.0.1:"),
+        "{:?}",
+        serve.startup
+    );
+    assert!(
+        serve.wait_ready(),
+        "/readyz never answered 200 on {}",
+        serve.admin
+    );
+    assert_eq!(serve.terminate().0, Some(0));
 }

@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 
 use support::envoy::{http_get, wait_for};
 use support::faults::{RawReply, RawServer};
-use support::serve::Process;
+use support::serve::{Process, ServeCommand};
 use support::wasm_module;
 use wasm_ecds::store::sha256_hex;
 
@@ -412,20 +412,10 @@ async fn a_read_only_cache_disk_keeps_serving_what_is_cached() {
     drop(serve);
 
     // Started on a read-only cache: a one-line start-up error naming the directory, no panic.
-    let out = Command::new(env!("CARGO_BIN_EXE_wasm-ecds"))
-        .args([
-            "serve",
-            "--xds-address",
-            "127.0.0.1:0",
-            "--admin-address",
-            "127.0.0.1:0",
-        ])
-        .arg("--plugins")
-        .arg(&plugins)
-        .arg("--cache-dir")
-        .arg(&cache)
-        .output()
-        .unwrap();
+    let out = ServeCommand::new()
+        .plugins(&plugins)
+        .cache_dir(&cache)
+        .output();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");

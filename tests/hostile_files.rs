@@ -8,13 +8,15 @@
 //! Unreadable directories need a user that permissions apply to: as root (CI), `serve` runs as
 //! nobody (65534) through `setpriv`.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
+use support::serve::{Process, ServeCommand};
 
 /// A minimal valid Wasm module.
 const MODULE: &[u8] = b"\0asm\x01\0\0\0";
@@ -28,117 +30,12 @@ fn chmod(path: &Path, mode: u32) {
 }
 
 /// The `serve` process, as an unprivileged user when the tests run as root.
-struct Serve {
-    child: Child,
-    admin: String,
-}
-
-impl Serve {
-    fn start(plugins: &Path, cache: &Path) -> Serve {
-        let bin = env!("CARGO_BIN_EXE_wasm-ecds");
-        let root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
-        let mut cmd = if root {
-            let mut c = Command::new("setpriv");
-            c.args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "--",
-                bin,
-            ]);
-            c
-        } else {
-            Command::new(bin)
-        };
-        let mut child = cmd
-            .args(["serve", "--xds-address", "127.0.0.1:0"])
-            .args(["--admin-address", "127.0.0.1:0"])
-            .arg("--cache-dir")
-            .arg(cache)
-            .arg("--plugins")
-            .arg(plugins)
-            .env("RUST_LOG", "warn")
-            .env_remove("WASM_ECDS_PLUGINS")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run wasm-ecds");
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut seen = String::new();
-        let admin = loop {
-            let mut line = String::new();
-            if stderr.read_line(&mut line).unwrap() == 0 {
-                let _ = child.kill();
-                panic!(
-                    "serve exited before listening ({:?}):\n{seen}",
-                    child.wait()
-                );
-            }
-            if let Some(rest) = line.trim().strip_prefix("wasm-ecds: xds on ") {
-                break rest.rsplit(' ').next().unwrap().to_string();
-            }
-            seen.push_str(&line);
-        };
-        // Keep draining stderr so that logging never blocks the server.
-        std::thread::spawn(move || {
-            let mut sink = Vec::new();
-            let _ = stderr.read_to_end(&mut sink);
-        });
-        Serve { child, admin }
-    }
-
-    /// `(status, body)` of a GET on the admin address.
-    fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
-        let mut s = std::net::TcpStream::connect(&self.admin)?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
-        let mut r = String::new();
-        s.read_to_string(&mut r)?;
-        let status = r.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let body = r.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        Ok((status, body.to_string()))
-    }
-
-    fn plugins(&self) -> Value {
-        let (status, body) = self.get("/debug/plugins").unwrap();
-        assert_eq!(status, 200, "{body}");
-        serde_json::from_str(&body).unwrap()
-    }
-
-    /// Polls (bounded) until `ok` holds; panics with the last state otherwise.
-    fn wait_until(&self, what: &str, ok: impl Fn(&Serve) -> bool) {
-        for _ in 0..600 {
-            if ok(self) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("{what} never happened: {}", self.plugins());
-    }
-
-    /// SIGTERM, then the exit status (bounded wait).
-    fn terminate(mut self) -> Option<i32> {
-        let killed = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(killed.success());
-        for _ in 0..200 {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("serve did not exit within 10 s of SIGTERM")
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn start(plugins: &Path, cache: &Path) -> Process {
+    ServeCommand::unprivileged()
+        .cache_dir(cache)
+        .plugins(plugins)
+        .log("warn")
+        .start()
 }
 
 fn file_error<'a>(plugins: &'a Value, path: &Path) -> Option<&'a str> {
@@ -201,11 +98,11 @@ fn serve_survives_a_hostile_plugins_directory() {
     let dup = dir.join("dup.yaml");
     std::fs::write(&dup, plugin("a", "file:///nowhere/else.wasm")).unwrap();
 
-    let serve = Serve::start(&dir, &cache);
+    let serve = start(&dir, &cache);
     serve.wait_until("readiness", |s| {
-        s.get("/readyz").is_ok_and(|(status, _)| status == 200)
+        s.try_get("/readyz").is_ok_and(|(status, _)| status == 200)
     });
-    let (status, _) = serve.get("/healthz").unwrap();
+    let (status, _) = serve.try_get("/healthz").unwrap();
     assert_eq!(status, 200);
     let plugins = serve.plugins();
     for key in ["default/a", "default/b", "default/c"] {
@@ -264,7 +161,7 @@ fn serve_survives_a_hostile_plugins_directory() {
         served_url(&plugins, "default/c").as_deref(),
         Some(url.as_str())
     );
-    assert_eq!(serve.get("/healthz").unwrap().0, 200);
+    assert_eq!(serve.try_get("/healthz").unwrap().0, 200);
 
     // Directories are watched one by one: one created now is read, and so are later changes in it.
     std::fs::create_dir(dir.join("new")).unwrap();
@@ -277,7 +174,7 @@ fn serve_survives_a_hostile_plugins_directory() {
         served_url(&s.plugins(), "default/e").is_some()
     });
 
-    assert_eq!(serve.terminate(), Some(0));
+    assert_eq!(serve.terminate().0, Some(0));
     chmod(&locked, 0o755);
     chmod(&dir.join("later"), 0o755);
 }

@@ -6,88 +6,37 @@ mod support;
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt as _;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
 use sha2::Digest as _;
+use support::serve::{Process, ServeCommand};
 use support::wasm_module;
 
-/// A running `wasm-ecds serve`; its stderr lines are collected as they come.
-struct Serve {
-    child: Child,
-    admin: SocketAddr,
-    stderr: Arc<Mutex<Vec<String>>>,
+/// Starts `serve` on free loopback ports with `args`; `nofile` sets both open-files limits.
+fn start(cache: &Path, args: &[&str], nofile: Option<u64>) -> Process {
+    let cmd = ServeCommand::new().cache_dir(cache).args(args);
+    match nofile {
+        Some(n) => cmd.nofile(n),
+        None => cmd,
+    }
+    .start()
 }
 
-impl Serve {
-    /// Starts `serve` on free loopback ports with `args`; `nofile` sets both open-files limits.
-    fn start(cache: &Path, args: &[&str], nofile: Option<u64>) -> Serve {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wasm-ecds"));
-        cmd.args([
-            "serve",
-            "--xds-address",
-            "127.0.0.1:0",
-            "--admin-address",
-            "127.0.0.1:0",
-        ])
-        .arg("--cache-dir")
-        .arg(cache)
-        .args(args)
-        .env("RUST_LOG", "info")
-        .env_remove("WASM_ECDS_PLUGINS")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-        if let Some(n) = nofile {
-            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let lim = libc::rlimit {
-                        rlim_cur: n,
-                        rlim_max: n,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-        let mut child = cmd.spawn().expect("start serve");
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let lines = stderr.clone();
-        let pipe = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            use std::io::BufRead as _;
-            for line in std::io::BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                if let Some(rest) = line.strip_prefix("wasm-ecds: xds on ") {
-                    let admin = rest.rsplit(' ').next().unwrap().parse().unwrap();
-                    let _ = tx.send(admin);
-                }
-                lines.lock().unwrap().push(line);
-            }
-        });
-        let admin = rx
-            .recv()
-            .unwrap_or_else(|_| panic!("serve did not start: {:?}", stderr.lock().unwrap()));
-        Serve {
-            child,
-            admin,
-            stderr,
-        }
-    }
-
+/// The admin port as these tests use it: any method, an optional bearer token.
+trait Admin {
     /// `method path` with an optional bearer token: status and body.
+    fn request(&self, method: &str, path: &str, token: Option<&str>) -> (u16, Vec<u8>);
+    /// Waits until `path` answers 200.
+    fn wait_ok(&self, path: &str, token: Option<&str>);
+}
+
+impl Admin for Process {
     fn request(&self, method: &str, path: &str, token: Option<&str>) -> (u16, Vec<u8>) {
         request(self.admin, method, path, token).expect("admin request")
     }
 
-    /// Waits until `path` answers 200.
     fn wait_ok(&self, path: &str, token: Option<&str>) {
         for _ in 0..600 {
             if matches!(request(self.admin, "GET", path, token), Ok((200, _))) {
@@ -96,23 +45,6 @@ impl Serve {
             std::thread::sleep(Duration::from_millis(100));
         }
         panic!("{path} never answered 200");
-    }
-
-    fn rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS");
-        kb * 1024
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -197,7 +129,7 @@ fn admin_token_guards_refresh_debug_and_modules_and_is_reread_on_rotation() {
     write_plugin(&plugins, "p", &module);
     let token = dir.path().join("token");
     std::fs::write(&token, "first-token\n").unwrap();
-    let serve = Serve::start(
+    let serve = start(
         &cache,
         &[
             "--delivery=http",
@@ -235,7 +167,7 @@ fn admin_token_guards_refresh_debug_and_modules_and_is_reread_on_rotation() {
     drop(serve);
     // `--admin-open=modules`: modules fetched without credentials go to anyone (an Envoy without
     // a client certificate), the debug pages still need the token.
-    let serve = Serve::start(
+    let serve = start(
         &cache,
         &[
             "--delivery=http",
@@ -277,7 +209,7 @@ fn admin_open_endpoints_can_be_closed_too() {
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, "t").unwrap();
-    let serve = Serve::start(
+    let serve = start(
         &dir.path().join("cache"),
         &[
             "--admin-token-file",
@@ -307,7 +239,7 @@ fn module_endpoint_streams_exact_paths_with_bounded_memory() {
     let sha = hex::encode(sha2::Sha256::digest(&bytes));
     drop(bytes);
     write_plugin(&plugins, "big", &module);
-    let serve = Serve::start(
+    let serve = start(
         &cache,
         &["--delivery=http", "--plugins", plugins.to_str().unwrap()],
         None,
@@ -337,7 +269,7 @@ fn module_endpoint_streams_exact_paths_with_bounded_memory() {
     }
     // Give the server every chance to fill what it buffers for the stalled readers.
     std::thread::sleep(Duration::from_secs(2));
-    let rss = serve.rss_bytes();
+    let rss = serve.rss_kib() * 1024;
     assert!(
         rss < 3 * SIZE as u64,
         "server RSS {} MiB with {READERS} stalled readers of a {} MiB module",
@@ -356,7 +288,7 @@ fn module_endpoint_streams_exact_paths_with_bounded_memory() {
 #[test]
 fn accept_errors_at_the_open_files_limit_back_off_and_recover() {
     let dir = tempfile::tempdir().unwrap();
-    let serve = Serve::start(&dir.path().join("cache"), &[], Some(64));
+    let serve = start(&dir.path().join("cache"), &[], Some(64));
     serve.wait_ok("/healthz", None);
     let before = serve.stderr.lock().unwrap().len();
     // Far more connections than the process may have files: the kernel completes them, the
@@ -394,7 +326,7 @@ fn accept_errors_at_the_open_files_limit_back_off_and_recover() {
 #[test]
 fn half_sent_requests_and_silent_connections_are_closed() {
     let dir = tempfile::tempdir().unwrap();
-    let serve = Serve::start(
+    let serve = start(
         &dir.path().join("cache"),
         &["--admin-header-timeout=1s", "--admin-idle-timeout=2s"],
         None,

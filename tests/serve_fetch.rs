@@ -2,153 +2,36 @@
 //! `file://` module, credentials in module URLs, a relative `--cache-dir`. Everything is real: the
 //! process, its admin port, the file system, HTTP servers on loopback.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
+use support::serve::{Process, ServeCommand};
 
 /// A valid (empty) Wasm module.
 const WASM: &[u8] = b"\0asm\x01\0\0\0";
 
-/// A running `serve` and everything it wrote to stderr so far.
-struct Serve {
-    child: Child,
-    admin: String,
-    stderr: Arc<Mutex<String>>,
-    reader: Option<std::thread::JoinHandle<()>>,
+/// `serve` on free loopback ports with `args`, logging at `info`, in `cwd`.
+fn start(cwd: &Path, args: &[&str]) -> Process {
+    ServeCommand::new().args(args).current_dir(cwd).start()
 }
 
-impl Serve {
-    /// Starts `serve` on free loopback ports with `args`, logging at `info`, in `cwd`.
-    fn start(cwd: &Path, args: &[&str]) -> Serve {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wasm-ecds"))
-            .args([
-                "serve",
-                "--xds-address",
-                "127.0.0.1:0",
-                "--admin-address",
-                "127.0.0.1:0",
-            ])
-            .args(args)
-            .current_dir(cwd)
-            .env("RUST_LOG", "info")
-            .env_remove("WASM_ECDS_PLUGINS")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start wasm-ecds serve");
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let seen = Arc::new(Mutex::new(String::new()));
-        let mut admin = None;
-        let mut line = String::new();
-        while admin.is_none() {
-            line.clear();
-            if stderr.read_line(&mut line).unwrap() == 0 {
-                let _ = child.kill();
-                panic!("serve did not start: {}", seen.lock().unwrap());
-            }
-            seen.lock().unwrap().push_str(&line);
-            // "wasm-ecds: xds on ADDR, admin on ADDR"
-            if line.starts_with("wasm-ecds: xds on") {
-                admin = Some(line.trim().rsplit(' ').next().unwrap().to_string());
-            }
+/// Polls `/debug/plugins` until every plugin has an outcome; returns them by name.
+fn settled_plugins(serve: &Process) -> Vec<Value> {
+    for _ in 0..200 {
+        let v = serve.plugins();
+        let plugins = v["plugins"].as_array().cloned().unwrap_or_default();
+        if !plugins.is_empty() && plugins.iter().all(|p| !p["outcome"].is_null()) {
+            return plugins;
         }
-        let sink = seen.clone();
-        let reader = std::thread::spawn(move || {
-            let mut rest = String::new();
-            while stderr.read_line(&mut rest).unwrap_or(0) > 0 {
-                sink.lock().unwrap().push_str(&rest);
-                rest.clear();
-            }
-        });
-        Serve {
-            child,
-            admin: admin.unwrap(),
-            stderr: seen,
-            reader: Some(reader),
-        }
+        std::thread::sleep(Duration::from_millis(50));
     }
-
-    /// `GET path` on the admin port: status and body.
-    fn get(&self, path: &str) -> (u16, String) {
-        let mut s = TcpStream::connect(&self.admin).expect("admin port");
-        write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
-        let mut r = String::new();
-        s.read_to_string(&mut r).unwrap();
-        let status = r
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = r.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        (status, body.to_string())
-    }
-
-    fn json(&self, path: &str) -> Value {
-        let (status, body) = self.get(path);
-        assert_eq!(status, 200, "{path}: {body}");
-        serde_json::from_str(&body).unwrap()
-    }
-
-    /// Polls `/readyz` (at most 200 times, 50 ms apart); true once it answers 200.
-    fn wait_ready(&self) -> bool {
-        (0..200).any(|_| {
-            let ok = self.get("/readyz").0 == 200;
-            if !ok {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            ok
-        })
-    }
-
-    /// Polls `/debug/plugins` until every plugin has an outcome; returns them by name.
-    fn settled_plugins(&self) -> Vec<Value> {
-        for _ in 0..200 {
-            let v = self.json("/debug/plugins");
-            let plugins = v["plugins"].as_array().cloned().unwrap_or_default();
-            if !plugins.is_empty() && plugins.iter().all(|p| !p["outcome"].is_null()) {
-                return plugins;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("plugins never settled: {}", self.json("/debug/plugins"));
-    }
-
-    /// SIGTERM, then the exit status (polled at most 100 times, 100 ms apart) and everything the
-    /// process wrote to stderr.
-    fn terminate(mut self) -> (Option<i32>, String) {
-        let killed = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(killed.success());
-        for _ in 0..100 {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                // The pipe is closed now: the reader ends after the last line.
-                self.reader.take().unwrap().join().unwrap();
-                return (s.code(), self.stderr());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        panic!("serve did not exit after SIGTERM");
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    panic!("plugins never settled: {}", serve.plugins());
 }
 
 fn plugin(name: &str, url: &str) -> String {
@@ -185,7 +68,7 @@ fn a_fifo_as_module_neither_blocks_readiness_nor_shutdown() {
         std::fs::write(plugins.join(format!("{name}.yaml")), plugin(name, &url)).unwrap();
     }
     let cache = dir.path().join("cache");
-    let serve = Serve::start(
+    let serve = start(
         dir.path(),
         &[
             "--plugins",
@@ -194,8 +77,12 @@ fn a_fifo_as_module_neither_blocks_readiness_nor_shutdown() {
             cache.to_str().unwrap(),
         ],
     );
-    assert!(serve.wait_ready(), "/readyz never 200: {}", serve.stderr());
-    let all = serve.settled_plugins();
+    assert!(
+        serve.wait_ready(),
+        "/readyz never 200: {}",
+        serve.stderr_text()
+    );
+    let all = settled_plugins(&serve);
     let good = by_name(&all, "good");
     assert_eq!(good["outcome"], "pulled", "{good}");
     assert_eq!(good["serves"]["kind"], "module", "{good}");
@@ -266,7 +153,7 @@ fn credentials_in_urls_are_never_shown_and_a_relative_cache_dir_is_made_absolute
     )
     .unwrap();
     // Relative to the process's working directory (the temporary directory).
-    let serve = Serve::start(
+    let serve = start(
         dir.path(),
         &[
             "--plugins",
@@ -275,8 +162,12 @@ fn credentials_in_urls_are_never_shown_and_a_relative_cache_dir_is_made_absolute
             "relative-cache",
         ],
     );
-    assert!(serve.wait_ready(), "/readyz never 200: {}", serve.stderr());
-    let all = serve.settled_plugins();
+    assert!(
+        serve.wait_ready(),
+        "/readyz never 200: {}",
+        serve.stderr_text()
+    );
+    let all = settled_plugins(&serve);
     let web = by_name(&all, "web");
     assert_eq!(web["outcome"], "pulled", "{web}");
     assert_eq!(
