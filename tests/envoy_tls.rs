@@ -19,7 +19,6 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -27,9 +26,8 @@ use sha2::Digest as _;
 
 use wasm_ecds::cli::{Cli, Command};
 use wasm_ecds::config::{Config, Delivery};
-use wasm_ecds::fetch::hyper_transport::HyperTransport;
 use wasm_ecds::net::PortOptions;
-use wasm_ecds::serve::{self, ServeSetup, ServerHandle};
+use wasm_ecds::serve::ServerHandle;
 
 use support::envoy::{wait_for, Envoy, EnvoyConfig, EnvoyTls, XdsTransport};
 use support::pki::{https_get, tls_exchange, Leaf, Pki};
@@ -64,28 +62,7 @@ async fn start(
     ports: PortOptions,
     admin: Option<tokio::net::TcpListener>,
 ) -> ServerHandle {
-    let transport = Arc::new(HyperTransport::new(&config, Vec::new()).expect("transport"));
-    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
-    let admin_listener = match admin {
-        Some(l) => l,
-        None => bind().await.expect("bind admin"),
-    };
-    serve::start_with(
-        ServeSetup {
-            config,
-            plugin_paths: vec![plugins.to_path_buf()],
-            xds_listener: bind().await.expect("bind xds"),
-            admin_listener,
-            transport,
-            fetch_config: None,
-            kube: None,
-            proxy: None,
-        },
-        ports,
-        wasm_ecds::xds::ServeOptions::default(),
-    )
-    .await
-    .expect("server starts")
+    support::serve::in_process_with(config, vec![plugins.to_path_buf()], None, ports, admin).await
 }
 
 fn metric(server: &ServerHandle, series: &str) -> f64 {

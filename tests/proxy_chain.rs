@@ -5,7 +5,6 @@
 mod support;
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
@@ -14,37 +13,16 @@ use prost::Message;
 use tokio::time::timeout;
 use wasm_ecds::config::{Config, Delivery};
 use wasm_ecds::convert::{decode_code, decode_delivered, Code, Delivered};
-use wasm_ecds::fetch::hyper_transport::HyperTransport;
 use wasm_ecds::proxy::UpstreamOptions;
-use wasm_ecds::serve::{self, ServeSetup, ServerHandle};
+use wasm_ecds::serve::ServerHandle;
 use wasm_ecds::xds::client::{self, SotwSession};
 use wasm_ecds::xds::Api;
 
+use support::serve::in_process as start;
 use support::{ImageFormat, Registry, RegistryOptions};
 
 const WAIT: Duration = Duration::from_secs(30);
 const RESOURCE: &str = "extensions.istio.io/wasmplugin/default.auth";
-
-async fn start(
-    config: Config,
-    plugins: Vec<std::path::PathBuf>,
-    proxy: Option<UpstreamOptions>,
-) -> ServerHandle {
-    let transport = Arc::new(HyperTransport::new(&config, Vec::new()).unwrap());
-    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
-    serve::start(ServeSetup {
-        config,
-        plugin_paths: plugins,
-        xds_listener: bind().await.unwrap(),
-        admin_listener: bind().await.unwrap(),
-        transport,
-        fetch_config: None,
-        kube: None,
-        proxy,
-    })
-    .await
-    .unwrap()
-}
 
 fn write_plugin(dir: &Path, url: &str, policy: &str, label: &str, secret_json: &str) {
     use base64::Engine as _;

@@ -23,9 +23,8 @@ use serde_json::{json, Value};
 use tokio::time::timeout;
 use wasm_ecds::config::{Config, Delivery};
 use wasm_ecds::convert::{decode_delivered, Code, Delivered};
-use wasm_ecds::fetch::hyper_transport::HyperTransport;
 use wasm_ecds::proxy::UpstreamOptions;
-use wasm_ecds::serve::{self, ServeSetup, ServerHandle};
+use wasm_ecds::serve::ServerHandle;
 use wasm_ecds::xds::client::{self, SotwSession};
 use wasm_ecds::xds::Api;
 
@@ -55,23 +54,15 @@ impl Proxy {
             ..Config::default()
         };
         tune(&mut config);
-        let transport = Arc::new(HyperTransport::new(&config, Vec::new()).unwrap());
-        let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
-        let handle = serve::start(ServeSetup {
+        let handle = support::serve::in_process(
             config,
-            plugin_paths: Vec::new(),
-            xds_listener: bind().await.unwrap(),
-            admin_listener: bind().await.unwrap(),
-            transport,
-            fetch_config: None,
-            kube: None,
-            proxy: Some(UpstreamOptions {
+            Vec::new(),
+            Some(UpstreamOptions {
                 address: upstream.to_string(),
                 ..Default::default()
             }),
-        })
-        .await
-        .unwrap();
+        )
+        .await;
         Proxy {
             handle,
             _cache: cache,

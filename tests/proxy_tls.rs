@@ -6,7 +6,7 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,38 +14,17 @@ use tokio::time::timeout;
 use tokio_rustls::rustls;
 use wasm_ecds::config::{Config, Delivery};
 use wasm_ecds::convert::{decode_delivered, Code, Delivered};
-use wasm_ecds::fetch::hyper_transport::HyperTransport;
 use wasm_ecds::proxy::UpstreamOptions;
-use wasm_ecds::serve::{self, ServeSetup, ServerHandle};
+use wasm_ecds::serve::ServerHandle;
 use wasm_ecds::xds::client::{self, SotwSession};
 use wasm_ecds::xds::Api;
 
 use support::faults::{ModuleServer, Route};
 use support::pki::Pki;
+use support::serve::in_process as start;
 
 const WAIT: Duration = Duration::from_secs(30);
 const RESOURCE: &str = "extensions.istio.io/wasmplugin/default.auth";
-
-async fn start(
-    config: Config,
-    plugins: Vec<PathBuf>,
-    proxy: Option<UpstreamOptions>,
-) -> ServerHandle {
-    let transport = Arc::new(HyperTransport::new(&config, Vec::new()).unwrap());
-    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
-    serve::start(ServeSetup {
-        config,
-        plugin_paths: plugins,
-        xds_listener: bind().await.unwrap(),
-        admin_listener: bind().await.unwrap(),
-        transport,
-        fetch_config: None,
-        kube: None,
-        proxy,
-    })
-    .await
-    .unwrap()
-}
 
 /// Terminates TLS (requiring a client certificate from the CA) and forwards the bytes to `to`.
 async fn tls_terminator(pki: &Pki, to: SocketAddr) -> SocketAddr {

@@ -16,9 +16,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use sha2::Digest as _;
 use wasm_ecds::config::{Config, Delivery};
-use wasm_ecds::fetch::hyper_transport::HyperTransport;
 use wasm_ecds::proxy::UpstreamOptions;
-use wasm_ecds::serve::{self, ServeSetup, ServerHandle};
+use wasm_ecds::serve::ServerHandle;
 
 use super::envoy::{wait_for, Envoy, EnvoyConfig, XdsTransport, TYPE_URLS};
 use super::faults::{RawReply, RawServer};
@@ -295,23 +294,15 @@ impl Fixture {
             insecure_registries: insecure.to_vec(),
             ..Config::default()
         };
-        let fetcher = Arc::new(HyperTransport::new(&config, Vec::new()).expect("transport"));
-        let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
-        let proxy = serve::start(ServeSetup {
+        let proxy = super::serve::in_process(
             config,
-            plugin_paths: Vec::new(),
-            xds_listener: bind().await.expect("bind xds"),
-            admin_listener: bind().await.expect("bind admin"),
-            transport: fetcher,
-            fetch_config: None,
-            kube: None,
-            proxy: Some(UpstreamOptions {
+            Vec::new(),
+            Some(UpstreamOptions {
                 address: up.addr().to_string(),
                 ..Default::default()
             }),
-        })
-        .await
-        .expect("proxy starts");
+        )
+        .await;
         let given = EnvoyConfig::given(transport, bootstrap(transport, proxy.xds_address));
         let envoy = Envoy::start_with(&bin, given).await;
         envoy.wait_ready().await;

@@ -373,3 +373,49 @@ pub fn write_plugin(dir: &std::path::Path, name: &str, module: &std::path::Path)
 pub fn resource(name: &str) -> String {
     format!("extensions.istio.io/wasmplugin/default.{name}")
 }
+
+/// The server inside the test on loopback listeners, with `config`, the plugin files or
+/// directories `plugins` and, for `proxy --upstream`, `proxy`.
+pub async fn in_process(
+    config: wasm_ecds::config::Config,
+    plugins: Vec<std::path::PathBuf>,
+    proxy: Option<wasm_ecds::proxy::UpstreamOptions>,
+) -> wasm_ecds::serve::ServerHandle {
+    in_process_with(config, plugins, proxy, Default::default(), None).await
+}
+
+/// [`in_process`] with its ports exposed as `ports` says; `admin`, when given, is the admin
+/// listener already bound (when the module URL must name its address).
+pub async fn in_process_with(
+    config: wasm_ecds::config::Config,
+    plugins: Vec<std::path::PathBuf>,
+    proxy: Option<wasm_ecds::proxy::UpstreamOptions>,
+    ports: wasm_ecds::net::PortOptions,
+    admin: Option<tokio::net::TcpListener>,
+) -> wasm_ecds::serve::ServerHandle {
+    let transport = std::sync::Arc::new(
+        wasm_ecds::fetch::hyper_transport::HyperTransport::new(&config, Vec::new())
+            .expect("transport"),
+    );
+    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+    let admin_listener = match admin {
+        Some(l) => l,
+        None => bind().await.expect("bind admin"),
+    };
+    wasm_ecds::serve::start_with(
+        wasm_ecds::serve::ServeSetup {
+            config,
+            plugin_paths: plugins,
+            xds_listener: bind().await.expect("bind xds"),
+            admin_listener,
+            transport,
+            fetch_config: None,
+            kube: None,
+            proxy,
+        },
+        ports,
+        wasm_ecds::xds::ServeOptions::default(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the server did not start: {e:#}"))
+}
