@@ -15,15 +15,14 @@ mod support;
 
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream};
-use std::path::Path;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::time::timeout;
 
 use support::envoy::{http_get, wait_for};
 use support::faults::{RawReply, RawServer};
-use support::serve::{resource, write_plugin, Process};
+use support::serve::{resource, write_plugin, write_url_plugin, Process};
 use support::wasm_module;
 use wasm_ecds::xds::client::{self, SotwSession};
 use wasm_ecds::xds::Api;
@@ -32,21 +31,6 @@ use wasm_ecds::xds::Api;
 const WAIT: Duration = Duration::from_secs(90);
 /// The first 8 bytes of a Wasm binary.
 const WASM_HEADER: &[u8] = b"\0asm\x01\0\0\0";
-
-fn write_url_plugin(plugins: &Path, name: &str, url: &str) {
-    let plugin = json!({
-        "apiVersion": "extensions.istio.io/v1alpha1",
-        "kind": "WasmPlugin",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"url": url},
-    });
-    std::fs::create_dir_all(plugins).unwrap();
-    std::fs::write(
-        plugins.join(format!("{name}.yaml")),
-        serde_json::to_vec(&plugin).unwrap(),
-    )
-    .unwrap();
-}
 
 async fn debug_plugins(serve: &Process) -> Value {
     let r = http_get(&format!("http://{}/debug/plugins", serve.admin))

@@ -21,31 +21,16 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use support::envoy::{http_get, wait_for};
 use support::faults::{RawReply, RawServer};
-use support::serve::{Process, ServeCommand};
+use support::serve::{write_url_plugin, Process, ServeCommand};
 use support::wasm_module;
 use wasm_ecds::store::sha256_hex;
 
 /// Bounds every wait; reached only when something hangs.
 const WAIT: Duration = Duration::from_secs(120);
-
-fn write_url_plugin(plugins: &Path, name: &str, url: &str) {
-    let plugin = json!({
-        "apiVersion": "extensions.istio.io/v1alpha1",
-        "kind": "WasmPlugin",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"url": url},
-    });
-    std::fs::create_dir_all(plugins).unwrap();
-    std::fs::write(
-        plugins.join(format!("{name}.yaml")),
-        serde_json::to_vec(&plugin).unwrap(),
-    )
-    .unwrap();
-}
 
 /// The module served at `path`: distinct per path, about `size` bytes.
 fn module_for(path: &str, size: usize) -> Vec<u8> {

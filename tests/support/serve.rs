@@ -356,18 +356,26 @@ impl Drop for Process {
     }
 }
 
-pub fn write_plugin(dir: &std::path::Path, name: &str, module: &std::path::Path) {
+/// `<plugins>/<name>.yaml`: the WasmPlugin `default/<name>` with the module at `url` (the
+/// directory is created when missing).
+pub fn write_url_plugin(plugins: &Path, name: &str, url: &str) {
     let plugin = json!({
         "apiVersion": "extensions.istio.io/v1alpha1",
         "kind": "WasmPlugin",
         "metadata": {"name": name, "namespace": "default"},
-        "spec": {"url": format!("file://{}", module.display())},
+        "spec": {"url": url},
     });
+    std::fs::create_dir_all(plugins).unwrap();
     std::fs::write(
-        dir.join(format!("{name}.yaml")),
+        plugins.join(format!("{name}.yaml")),
         serde_json::to_vec(&plugin).unwrap(),
     )
     .unwrap();
+}
+
+/// [`write_url_plugin`] with the local module file `module`.
+pub fn write_plugin(dir: &Path, name: &str, module: &Path) {
+    write_url_plugin(dir, name, &format!("file://{}", module.display()));
 }
 
 pub fn resource(name: &str) -> String {
