@@ -25,8 +25,9 @@ use super::{BodyStream, FetchError, StagedModule};
 use crate::store::{ModuleStore, StagedFile};
 
 /// Chunks queued for a hashing or unpacking thread. Each is at most one read of the connection
-/// (hyper reads up to ~400 KiB), so a pull holds a few MiB at most whatever the module's size.
-const QUEUE: usize = 16;
+/// (hyper reads up to ~400 KiB), so a pull holds a couple of MiB at most whatever the module's
+/// size; a few chunks are enough slack for the threads to overlap.
+const QUEUE: usize = 4;
 
 /// What a body holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
