@@ -15,8 +15,9 @@
 //!   the cache): served → verified on disk;
 //! - `registry_<n>MiB/*`: the real Debian `docker-registry` (tests/support), a single-layer Wasm
 //!   OCI artifact pushed to it, pulled with [`Fetcher::oci_resolve`] + [`Fetcher::oci_download`]
-//!   (and committed), against a plain hyper GET of the same blob and the in-memory sha256.
-//!   Skipped with a loud message when the registry binary is missing.
+//!   (and committed), against a plain hyper GET of the same blob and the in-memory sha256, and,
+//!   for reference, `curl -s -o FILE` of the blob. Skipped with a loud message when the registry
+//!   binary is missing.
 //!
 //! Throughput is reported in bytes of module per second. At the end the bench prints, per size,
 //! the min / median of every function's samples and the pipeline's ratio against the slower of
@@ -369,6 +370,16 @@ fn bench_registry(c: &mut Criterion, samples: &Samples, size: usize) {
         "plain_blob_download_discard",
         || timed(|| rt.block_on(download_discard(&plain, &blob_url))).1,
     );
+    // Not a floor of the target, a reference: the same blob written to a file by curl (what the
+    // pipeline's disk write costs on this machine).
+    if let Some(curl) = find_on_path("curl") {
+        let file = dir.path().join("curl-blob.wasm");
+        let file_arg = file.to_str().expect("utf-8 path").to_string();
+        measure(&mut g, samples, &name, "curl_blob_to_file", || {
+            timed(|| run_tool(&curl, &["-s", "-o", &file_arg, &blob_url])).1
+        });
+        let _ = std::fs::remove_file(&file);
+    }
     measure(&mut g, samples, &name, "oci_resolve_download", || {
         let (staged, t) = timed(|| rt.block_on(pull()));
         drop(staged);
@@ -433,6 +444,7 @@ fn summary(samples: &Samples) {
             println!("  {g}: no floor measured ({floors:?})");
             continue;
         };
+        let reference = get(&format!("{g}/curl_blob_to_file"));
         for p in pipelines {
             if let Some((min, median)) = get(&format!("{g}/{p}")) {
                 println!(
@@ -441,6 +453,15 @@ fn summary(samples: &Samples) {
                     median / fmed,
                     floors.join(", ")
                 );
+                if let Some((rmin, rmed)) = reference {
+                    println!(
+                        "  {:<width$} = {:.2}× / {:.2}× curl_blob_to_file {rmin:.1} / {rmed:.1} ms",
+                        "",
+                        min / rmin,
+                        median / rmed,
+                        width = g.len() + 54
+                    );
+                }
             }
         }
     }
