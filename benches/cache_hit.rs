@@ -130,7 +130,7 @@ fn engine_with(rt: &tokio::runtime::Runtime, n: usize) -> (Engine, Dispatcher, V
         purge_epoch: Timestamp::ZERO,
     };
     let (mut engine, _) = Engine::new(Config::default(), parts).expect("engine");
-    let mut dispatcher = Dispatcher::new();
+    let mut dispatcher = Dispatcher::default();
     let keys: Vec<ObjectKey> = rt.block_on(async {
         let mut keys = Vec::with_capacity(n);
         for i in 0..n {

@@ -21,6 +21,10 @@ pub const DEFAULT_HTTP_REQUEST_MAX_RETRIES: u32 = 5;
 pub const PULL_DEADLINE: Duration = Duration::from_secs(30);
 /// 256 MiB.
 pub const DEFAULT_MAX_BINARY_SIZE: u64 = 256 * 1024 * 1024;
+/// Module pulls running at once, all hosts together (`--max-concurrent-pulls`).
+pub const DEFAULT_MAX_CONCURRENT_PULLS: usize = 16;
+/// Module pulls running at once against one host or registry (`--max-pulls-per-host`).
+pub const DEFAULT_MAX_PULLS_PER_HOST: usize = 8;
 
 /// How the code reaches Envoy (behavior.md §7).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -52,6 +56,10 @@ pub struct Config {
     pub ca_roots: Vec<CertificateDer<'static>>,
     /// Per `host[:port]`: CA certificates trusted for that host only (`--host-ca`).
     pub host_cas: Vec<(String, Vec<CertificateDer<'static>>)>,
+    /// Module pulls running at once, all hosts together; more wait their turn (at least 1).
+    pub max_concurrent_pulls: usize,
+    /// Module pulls running at once against one host (at least 1).
+    pub max_pulls_per_host: usize,
 }
 
 impl Default for Config {
@@ -68,6 +76,8 @@ impl Default for Config {
             delivery: Delivery::File,
             ca_roots: Vec::new(),
             host_cas: Vec::new(),
+            max_concurrent_pulls: DEFAULT_MAX_CONCURRENT_PULLS,
+            max_pulls_per_host: DEFAULT_MAX_PULLS_PER_HOST,
         }
     }
 }

@@ -9,12 +9,22 @@
 //! from the cache. A job no current processing waits for any more (its plugins changed or went
 //! away) is aborted at once, and dropping the dispatcher aborts every job (a restarting server
 //! abandons them).
+//!
+//! Pulls are bounded ([`PullLimits`], behavior.md §5 "Concurrent pulls"): at most `overall` run at
+//! once, at most `per_host` of them against one host. A pull over either bound waits in its host's
+//! queue (first in, first out) without a task; a freed slot goes to the hosts with queued pulls in
+//! turn (round robin), so one busy host cannot starve the others. A queued flight holds no slot,
+//! so identical jobs join it while it waits (single flight) and nothing ever waits for a slot its
+//! own flight holds; a job aborted or finished frees its slot at once. Local files are read, not
+//! pulled: they are never queued. All of it happens on the driver's thread, in the order the
+//! engine queued the work, so the simulator stays deterministic.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use tokio::task::{AbortHandle, JoinSet};
 
-use crate::engine::{run_job, share_result, Begun, Engine, Failure, Obtained, Pending};
+use crate::config::Config;
+use crate::engine::{run_job, share_result, Begun, Engine, Failure, Job, Obtained, Pending};
 
 /// Identifies one job (one task) for the life of the dispatcher.
 type JobId = u64;
@@ -22,12 +32,43 @@ type JobId = u64;
 /// A finished job: which one, and its result.
 pub type Completion = (JobId, Result<Obtained, Failure>);
 
-/// One job in flight.
+/// How many pulls may run at once (`--max-concurrent-pulls`, `--max-pulls-per-host`); both at
+/// least 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PullLimits {
+    pub overall: usize,
+    pub per_host: usize,
+}
+
+impl PullLimits {
+    pub fn of(config: &Config) -> Self {
+        PullLimits {
+            overall: config.max_concurrent_pulls.max(1),
+            per_host: config.max_pulls_per_host.max(1),
+        }
+    }
+}
+
+impl Default for PullLimits {
+    fn default() -> Self {
+        PullLimits::of(&Config::default())
+    }
+}
+
+/// One job in flight: running, or queued for a slot.
 struct Flight {
     /// Its single-flight key ([`crate::engine::Job::flight_key`]).
     key: String,
     waiters: Vec<Pending>,
-    task: AbortHandle,
+    /// The host whose slots it takes; `None` for a local file (never queued).
+    host: Option<String>,
+    state: FlightState,
+}
+
+enum FlightState {
+    /// Waiting in its host's queue; started by [`Dispatcher::start_queued`].
+    Queued(Box<Job>),
+    Running(AbortHandle),
 }
 
 /// Jobs in flight and the processings waiting for each.
@@ -39,36 +80,61 @@ pub struct Dispatcher {
     /// The job each task runs, to fail its waiters if the task panics.
     task_jobs: HashMap<tokio::task::Id, JobId>,
     last_job: JobId,
+    limits: PullLimits,
+    /// Per host: the queued pulls, oldest first.
+    queued: BTreeMap<String, VecDeque<JobId>>,
+    /// Hosts with queued pulls, in the order they get the next free slot.
+    turn: VecDeque<String>,
+    /// Per host: pulls running (hosts with none are absent).
+    running: BTreeMap<String, usize>,
+    running_total: usize,
 }
 
 impl std::fmt::Debug for Dispatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Dispatcher")
             .field("in_flight", &self.flights.len())
+            .field("pulls_running", &self.running_total)
+            .field("pulls_queued", &self.queued_pulls())
             .finish()
     }
 }
 
 impl Default for Dispatcher {
     fn default() -> Self {
-        Self::new()
+        Self::new(PullLimits::default())
     }
 }
 
 impl Dispatcher {
-    pub fn new() -> Self {
+    pub fn new(limits: PullLimits) -> Self {
         Dispatcher {
             flights: BTreeMap::new(),
             by_key: BTreeMap::new(),
             tasks: JoinSet::new(),
             task_jobs: HashMap::new(),
             last_job: 0,
+            limits,
+            queued: BTreeMap::new(),
+            turn: VecDeque::new(),
+            running: BTreeMap::new(),
+            running_total: 0,
         }
     }
 
-    /// Jobs running now.
+    /// Jobs in flight: running, or queued for a pull slot.
     pub fn in_flight(&self) -> usize {
         self.flights.len()
+    }
+
+    /// Pulls waiting for a slot.
+    pub fn queued_pulls(&self) -> usize {
+        self.queued.values().map(VecDeque::len).sum()
+    }
+
+    /// Pulls running now (local file reads not counted).
+    pub fn running_pulls(&self) -> usize {
+        self.running_total
     }
 
     /// Begins every processing the engine queued: results known at once are committed now;
@@ -99,18 +165,26 @@ impl Dispatcher {
                         }
                         self.last_job += 1;
                         let id = self.last_job;
-                        let fetcher = engine.fetcher().clone();
-                        let task = self
-                            .tasks
-                            .spawn(async move { (id, run_job(&fetcher, &job).await) });
-                        self.task_jobs.insert(task.id(), id);
+                        let host = job.pull_host().map(str::to_string);
                         self.by_key.insert(key.clone(), id);
+                        let state = match &host {
+                            None => FlightState::Running(self.spawn(engine, id, job)),
+                            Some(h) => {
+                                let queue = self.queued.entry(h.clone()).or_default();
+                                if queue.is_empty() {
+                                    self.turn.push_back(h.clone());
+                                }
+                                queue.push_back(id);
+                                FlightState::Queued(Box::new(job))
+                            }
+                        };
                         self.flights.insert(
                             id,
                             Flight {
                                 key,
                                 waiters: vec![pending],
-                                task,
+                                host,
+                                state,
                             },
                         );
                     }
@@ -118,7 +192,55 @@ impl Dispatcher {
             }
         }
         let aborted = self.abort_stale(engine);
+        self.start_queued(engine);
         Dispatched { waiting, aborted }
+    }
+
+    fn spawn(&mut self, engine: &Engine, id: JobId, job: Job) -> AbortHandle {
+        let fetcher = engine.fetcher().clone();
+        let task = self
+            .tasks
+            .spawn(async move { (id, run_job(&fetcher, &job).await) });
+        self.task_jobs.insert(task.id(), id);
+        task
+    }
+
+    /// Starts queued pulls while slots are free: each host with queued pulls in turn gets the next
+    /// free slot (its oldest pull), unless it runs its maximum already.
+    fn start_queued(&mut self, engine: &Engine) {
+        let mut passed = 0;
+        while self.running_total < self.limits.overall && passed < self.turn.len() {
+            let Some(host) = self.turn.pop_front() else {
+                break;
+            };
+            if self.running.get(&host).copied().unwrap_or(0) >= self.limits.per_host {
+                self.turn.push_back(host);
+                passed += 1;
+                continue;
+            }
+            passed = 0;
+            let queue = self
+                .queued
+                .get_mut(&host)
+                .expect("a host in turn has a queue");
+            let id = queue.pop_front().expect("a host in turn has a queued pull");
+            if queue.is_empty() {
+                self.queued.remove(&host);
+            } else {
+                self.turn.push_back(host.clone());
+            }
+            let mut flight = self.flights.remove(&id).expect("queued ids are flights");
+            let FlightState::Queued(job) = flight.state else {
+                unreachable!("queued ids are queued flights");
+            };
+            flight.state = FlightState::Running(self.spawn(engine, id, *job));
+            self.flights.insert(id, flight);
+            *self.running.entry(host).or_default() += 1;
+            self.running_total += 1;
+        }
+        engine
+            .metrics()
+            .set_pulls(self.running_total, self.queued_pulls());
     }
 
     /// Aborts the jobs whose every waiter is stale: nothing would commit their result, and their
@@ -133,17 +255,41 @@ impl Dispatcher {
         let mut ids = Vec::new();
         for id in stale {
             if let Some(flight) = self.remove(id) {
-                flight.task.abort();
+                if let FlightState::Running(task) = &flight.state {
+                    task.abort();
+                }
                 ids.extend(flight.waiters.iter().map(|p| p.id));
             }
         }
         ids
     }
 
+    /// Forgets a flight and frees what it held: its slot when running, its queue place when
+    /// queued.
     fn remove(&mut self, id: JobId) -> Option<Flight> {
         let flight = self.flights.remove(&id)?;
         if self.by_key.get(&flight.key) == Some(&id) {
             self.by_key.remove(&flight.key);
+        }
+        if let Some(host) = &flight.host {
+            match flight.state {
+                FlightState::Running(_) => {
+                    let n = self.running.get_mut(host).expect("a running pull counts");
+                    *n -= 1;
+                    if *n == 0 {
+                        self.running.remove(host);
+                    }
+                    self.running_total -= 1;
+                }
+                FlightState::Queued(_) => {
+                    let queue = self.queued.get_mut(host).expect("a queued pull is queued");
+                    queue.retain(|q| *q != id);
+                    if queue.is_empty() {
+                        self.queued.remove(host);
+                        self.turn.retain(|h| h != host);
+                    }
+                }
+            }
         }
         Some(flight)
     }
@@ -197,7 +343,8 @@ impl Dispatcher {
 
     /// Commits a finished job for every processing waiting on it. The download is committed by
     /// the first waiter that is still current (the plugin may have changed or gone while it ran);
-    /// the others are served what it committed. Returns the ids of the processings that finished.
+    /// the others are served what it committed; the job's slot goes to the next queued pull.
+    /// Returns the ids of the processings that finished.
     pub fn complete(&mut self, engine: &mut Engine, (job, result): Completion) -> Vec<u64> {
         let Some(flight) = self.remove(job) else {
             // Aborted meanwhile: its waiters are over already.
@@ -216,6 +363,8 @@ impl Dispatcher {
                 engine.finish(p, r);
             }
         }
+        // Its slot goes to the next queued pull (also when the caller dispatches nothing now).
+        self.start_queued(engine);
         ids
     }
 }

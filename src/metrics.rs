@@ -26,6 +26,8 @@ pub const CONFIG_CONVERSION_COUNT: &str = "istio_agent_wasm_config_conversion_co
 pub const CONFIG_CONVERSION_DURATION: &str = "istio_agent_wasm_config_conversion_duration";
 pub const CACHE_EXPIRED_COUNT: &str = "wasm_ecds_cache_expired_count";
 pub const PROCESSING_COUNT: &str = "wasm_ecds_plugin_processing_count";
+pub const PULLS_IN_PROGRESS: &str = "wasm_ecds_pulls_in_progress";
+pub const PULLS_QUEUED: &str = "wasm_ecds_pulls_queued";
 
 /// `result` values of `istio_agent_wasm_config_conversion_count`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +70,8 @@ pub struct Metrics {
     conversion_duration: Histogram,
     expired: prometheus::IntCounter,
     processing: IntCounterVec,
+    pulls_in_progress: IntGauge,
+    pulls_queued: IntGauge,
     /// Registered on first use by a resource store.
     xds: Arc<OnceLock<XdsSeries>>,
     /// Registered on first use by the Kubernetes source.
@@ -130,6 +134,13 @@ impl Metrics {
             &["outcome"],
         )
         .expect("valid metric");
+        let pulls_in_progress =
+            IntGauge::new(PULLS_IN_PROGRESS, "module pulls running now").expect("valid metric");
+        let pulls_queued = IntGauge::new(
+            PULLS_QUEUED,
+            "module pulls waiting for a slot (--max-concurrent-pulls, --max-pulls-per-host)",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(cache_entries.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(lookups.clone()),
@@ -138,6 +149,8 @@ impl Metrics {
             Box::new(conversion_duration.clone()),
             Box::new(expired.clone()),
             Box::new(processing.clone()),
+            Box::new(pulls_in_progress.clone()),
+            Box::new(pulls_queued.clone()),
         ] {
             registry.register(c).expect("unique metric names");
         }
@@ -150,6 +163,8 @@ impl Metrics {
             conversion_duration,
             expired,
             processing,
+            pulls_in_progress,
+            pulls_queued,
             xds: Arc::new(OnceLock::new()),
             kube: Arc::new(OnceLock::new()),
             proxy: Arc::new(OnceLock::new()),
@@ -183,6 +198,14 @@ impl Metrics {
         self.kube
             .get_or_init(|| KubeSeries::register(&self.registry))
             .clone()
+    }
+
+    /// Module pulls running and waiting for a slot (the dispatcher's bounds).
+    pub fn set_pulls(&self, running: usize, queued: usize) {
+        self.pulls_in_progress
+            .set(i64::try_from(running).unwrap_or(i64::MAX));
+        self.pulls_queued
+            .set(i64::try_from(queued).unwrap_or(i64::MAX));
     }
 
     pub fn set_cache_entries(&self, n: usize) {

@@ -213,7 +213,8 @@ fn limited(max_binary_size: u64) -> Config {
 // ---------------------------------------------------------------------------------------------
 // HTTP: a real server
 
-#[tokio::test]
+// Multi-threaded: the body is hashed and unpacked on threads of their own while it streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_bodies_in_every_format_are_unpacked_and_committed() {
     let [plain, gzipped, tarred, tar_gz] =
         ["plain", "gzip", "tar", "tar.gz"].map(|tag| module_of(tag, 20_000));
@@ -690,7 +691,8 @@ fn hex(digest: &str) -> &str {
     digest.trim_start_matches("sha256:")
 }
 
-#[tokio::test]
+// Multi-threaded: the body is hashed and unpacked on threads of their own while it streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oci_compat_image_is_pulled_from_the_mock_registry() {
     // The baseline for the failures below: the mock registry serves a pullable image.
     let module = module_of("oci", 10_000);
@@ -712,7 +714,8 @@ async fn oci_compat_image_is_pulled_from_the_mock_registry() {
     assert_eq!(p.staging_files(), Vec::<String>::new());
 }
 
-#[tokio::test]
+// Multi-threaded: the body is hashed and unpacked on threads of their own while it streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oci_blob_not_matching_its_digest_is_retried_then_fails() {
     let module = module_of("corrupted", 10_000);
     let image = build_image(ImageFormat::OciCompat, &module);
@@ -793,7 +796,8 @@ fn raw_tar(entries: &[(&str, EntryType, Option<&str>, &[u8])]) -> Vec<u8> {
     b.into_inner().expect("tar")
 }
 
-#[tokio::test]
+// Multi-threaded: the body is hashed and unpacked on threads of their own while it streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oci_layer_with_traversal_and_links_is_invalid_and_writes_nothing() {
     let module = module_of("escape", 1_000);
     let server = registry().await;

@@ -102,7 +102,9 @@ async fn push_every_format(registry: &Registry, prefix: &str) -> Vec<(Pushed, Ve
     pushed
 }
 
-#[tokio::test]
+// Multi-threaded: blobs are hashed and unpacked on threads of their own while they stream (the
+// other tests run the current-thread path: staged whole, then unpacked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pulls_every_format_over_plain_http() {
     let Some(registry) = Registry::start(RegistryOptions::plain()).await else {
         return;

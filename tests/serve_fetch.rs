@@ -1,6 +1,7 @@
 //! The fetch side of a real `wasm-ecds serve` process under hostile input (issue 10): a FIFO as a
-//! `file://` module, credentials in module URLs, a relative `--cache-dir`. Everything is real: the
-//! process, its admin port, the file system, HTTP servers on loopback.
+//! `file://` module, credentials in module URLs, a relative `--cache-dir`; and many plugins pulling
+//! at once within `--max-concurrent-pulls` / `--max-pulls-per-host` (issue 11). Everything is
+//! real: the process, its admin port, the file system, HTTP servers on loopback.
 
 mod support;
 
@@ -221,4 +222,216 @@ fn credentials_in_urls_are_never_shown_and_a_relative_cache_dir_is_made_absolute
     ] {
         assert!(!text.contains(SECRET), "{what} shows the secret: {text}");
     }
+}
+
+/// What the gated hosts of [`GatedHosts`] have seen.
+#[derive(Default)]
+struct Gate {
+    /// Per host: requests being held now.
+    active: Vec<usize>,
+    /// Per host: plugins whose request has not been answered yet.
+    pending: Vec<usize>,
+    /// The most requests held at once: per host, and over all hosts.
+    max_active: Vec<usize>,
+    max_total: usize,
+    /// Bumped by every release.
+    wave: u64,
+    /// While set, nothing is released (the test looks at the server in between).
+    paused: bool,
+    /// The bounds the server under test was given.
+    overall: usize,
+    per_host: usize,
+}
+
+/// Real HTTP/1.1 servers on loopback (one thread per connection) that hold every request until
+/// as many are held as the pull bounds allow: `min(overall, Σ min(per_host, pending))`. Then all
+/// of them are answered at once (a wave). A server that let more pulls through would be seen
+/// holding more than a bound; one that let fewer through would never complete a wave.
+struct GatedHosts {
+    ports: Vec<u16>,
+    gate: Arc<(Mutex<Gate>, std::sync::Condvar)>,
+}
+
+impl GatedHosts {
+    fn start(plugins_per_host: &[usize], overall: usize, per_host: usize) -> GatedHosts {
+        let hosts = plugins_per_host.len();
+        let gate = Arc::new((
+            Mutex::new(Gate {
+                active: vec![0; hosts],
+                pending: plugins_per_host.to_vec(),
+                max_active: vec![0; hosts],
+                paused: true,
+                overall,
+                per_host,
+                ..Gate::default()
+            }),
+            std::sync::Condvar::new(),
+        ));
+        let mut ports = Vec::new();
+        for host in 0..hosts {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            ports.push(listener.local_addr().unwrap().port());
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(conn) = conn else { continue };
+                    let gate = gate.clone();
+                    std::thread::spawn(move || serve_held(conn, host, &gate));
+                }
+            });
+        }
+        GatedHosts { ports, gate }
+    }
+
+    /// Waits (at most 60 s) until `f` holds of the gate.
+    fn wait_for(&self, what: &str, f: impl Fn(&Gate) -> bool) {
+        let (lock, cvar) = &*self.gate;
+        let state = lock.lock().unwrap();
+        let (state, timeout) = cvar
+            .wait_timeout_while(state, Duration::from_secs(60), |g| !f(g))
+            .unwrap();
+        assert!(
+            !timeout.timed_out(),
+            "{what}: held {:?}, pending {:?}",
+            state.active,
+            state.pending
+        );
+    }
+
+    fn resume(&self) {
+        let (lock, cvar) = &*self.gate;
+        let mut g = lock.lock().unwrap();
+        g.paused = false;
+        release_if_full(&mut g);
+        cvar.notify_all();
+    }
+}
+
+/// Releases the held requests once as many are held as the bounds allow.
+fn release_if_full(g: &mut Gate) {
+    let allowed: usize = g.pending.iter().map(|p| (*p).min(g.per_host)).sum();
+    let held: usize = g.active.iter().sum();
+    if !g.paused && held > 0 && held >= allowed.min(g.overall) {
+        for h in 0..g.active.len() {
+            g.pending[h] -= g.active[h];
+            g.active[h] = 0;
+        }
+        g.wave += 1;
+    }
+}
+
+fn serve_held(conn: std::net::TcpStream, host: usize, gate: &(Mutex<Gate>, std::sync::Condvar)) {
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+    }
+    let (lock, cvar) = gate;
+    {
+        let mut g = lock.lock().unwrap();
+        g.active[host] += 1;
+        g.max_active[host] = g.max_active[host].max(g.active[host]);
+        let total = g.active.iter().sum();
+        g.max_total = g.max_total.max(total);
+        let wave = g.wave;
+        release_if_full(&mut g);
+        cvar.notify_all();
+        let _g = cvar.wait_while(g, |g| g.wave == wave).unwrap();
+    }
+    let mut conn = conn;
+    let _ = write!(
+        conn,
+        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        WASM.len()
+    );
+    let _ = conn.write_all(WASM);
+}
+
+/// 1,000 plugins with distinct modules started 1,000 downloads at once (issue 11). Now 200
+/// plugins on two hosts (150 and 50) pull at most 6 modules at once, at most 4 from one host:
+/// the servers never hold more, they do hold that many (the bounds are used), the metrics show
+/// the running and queued pulls, the smaller host is not starved, and every plugin is pulled.
+#[test]
+fn concurrent_pulls_are_bounded_overall_and_per_host() {
+    const OVERALL: usize = 6;
+    const PER_HOST: usize = 4;
+    const PLUGINS: [usize; 2] = [150, 50];
+    let hosts = GatedHosts::start(&PLUGINS, OVERALL, PER_HOST);
+    let dir = tempfile::tempdir().unwrap();
+    let mut manifests = Vec::new();
+    for (host, n) in PLUGINS.iter().enumerate() {
+        for i in 0..*n {
+            let url = format!("http://127.0.0.1:{}/m/{i}.wasm", hosts.ports[host]);
+            manifests.push(plugin(&format!("p{host}-{i}"), &url));
+        }
+    }
+    let plugins = dir.path().join("plugins.yaml");
+    std::fs::write(&plugins, manifests.join("---\n")).unwrap();
+    let cache = dir.path().join("cache");
+    let serve = start(
+        dir.path(),
+        &[
+            "--plugins",
+            plugins.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--max-concurrent-pulls",
+            &OVERALL.to_string(),
+            "--max-pulls-per-host",
+            &PER_HOST.to_string(),
+        ],
+    );
+    // The first wave is held until the test has looked at it.
+    hosts.wait_for("the first pulls arrive", |g| {
+        g.active.iter().sum::<usize>() == OVERALL
+    });
+    {
+        let g = hosts.gate.0.lock().unwrap();
+        // Round robin: the smaller host has its share of the first slots.
+        assert!(g.active.iter().all(|a| *a >= 2), "{:?}", g.active);
+    }
+    let metrics = serve.get("/metrics").1;
+    let sample = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+    };
+    assert_eq!(sample("wasm_ecds_pulls_in_progress "), OVERALL as f64);
+    assert_eq!(
+        sample("wasm_ecds_pulls_queued "),
+        (PLUGINS.iter().sum::<usize>() - OVERALL) as f64
+    );
+    hosts.resume();
+    hosts.wait_for("every module is served", |g| {
+        g.pending.iter().all(|p| *p == 0)
+    });
+    let all = settled_plugins(&serve);
+    assert_eq!(all.len(), PLUGINS.iter().sum::<usize>());
+    for p in &all {
+        assert_eq!(p["outcome"], "pulled", "{p}");
+    }
+    {
+        let g = hosts.gate.0.lock().unwrap();
+        assert_eq!(g.max_total, OVERALL, "most requests held at once");
+        assert!(
+            g.max_active.iter().all(|m| *m <= PER_HOST),
+            "{:?}",
+            g.max_active
+        );
+        // Alone at the end, the bigger host has all of its slots.
+        assert_eq!(g.max_active[0], PER_HOST, "{:?}", g.max_active);
+    }
+    let metrics = serve.get("/metrics").1;
+    assert!(
+        metrics.contains("\nwasm_ecds_pulls_queued 0\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("\nwasm_ecds_pulls_in_progress 0\n"),
+        "{metrics}"
+    );
+    assert_eq!(serve.terminate().0, Some(0));
 }

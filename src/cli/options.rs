@@ -3,6 +3,9 @@
 //! error naming the flag when it came from one (`--module-expiry: invalid duration "1d": ...`),
 //! otherwise the variable (`WASM_MODULE_EXPIRY=1d: ...`). Values other than paths are read as
 //! plain text by clap and parsed here, so that both kinds of error are ours.
+//!
+//! Length: one declaration per option, their parsing and its tests; over 600 lines since the pull
+//! bounds, and kept whole so that every option is found in one place.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -116,6 +119,22 @@ pub struct ServeArgs {
         default_value = "5"
     )]
     pub http_request_max_retries: String,
+    /// Module pulls running at once, all hosts together (at least 1); more wait their turn.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "WASM_ECDS_MAX_CONCURRENT_PULLS",
+        default_value = "16"
+    )]
+    pub max_concurrent_pulls: String,
+    /// Module pulls running at once against one host or registry (at least 1).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "WASM_ECDS_MAX_PULLS_PER_HOST",
+        default_value = "8"
+    )]
+    pub max_pulls_per_host: String,
     /// Registries reached over plain HTTP / without certificate checks (`host:port`, comma
     /// separated, `*` for all).
     #[arg(
@@ -243,19 +262,12 @@ impl ServeArgs {
             "WASM_ECDS_ADMIN_ADDRESS",
             &self.admin_address_text,
         )?;
-        let retries = &self.http_request_max_retries;
-        let retries_error = |why: &str| {
-            self.name_source(
-                "http_request_max_retries",
-                OptionError::new("WASM_HTTP_REQUEST_MAX_RETRIES", "count", retries, why),
-            )
-        };
-        let retries: u32 = retries
-            .parse()
-            .map_err(|_| retries_error("want a whole number such as 5"))?;
-        if retries == 0 {
-            return Err(retries_error("must be at least 1"));
-        }
+        let retries = self.count(
+            "http_request_max_retries",
+            "WASM_HTTP_REQUEST_MAX_RETRIES",
+            &self.http_request_max_retries,
+        )?;
+        let retries = u32::try_from(retries).unwrap_or(u32::MAX);
         if let Some(p) = self
             .plugins
             .iter()
@@ -334,12 +346,32 @@ impl ServeArgs {
             },
             host_cas: config::parse_host_cas("WASM_ECDS_HOST_CA", &self.host_ca)
                 .map_err(|e| self.name_source("host_ca", e))?,
+            max_concurrent_pulls: self.count(
+                "max_concurrent_pulls",
+                "WASM_ECDS_MAX_CONCURRENT_PULLS",
+                &self.max_concurrent_pulls,
+            )?,
+            max_pulls_per_host: self.count(
+                "max_pulls_per_host",
+                "WASM_ECDS_MAX_PULLS_PER_HOST",
+                &self.max_pulls_per_host,
+            )?,
         })
     }
 
     /// How the ports are exposed (TLS, admin authorization, caps, timeouts, module base URL).
     pub fn port_options(&self) -> Result<crate::net::PortOptions, OptionError> {
         self.ports.resolve(&self.from_flags)
+    }
+
+    /// A whole number of at least 1 (attempts, pulls at once).
+    fn count(&self, id: &str, variable: &str, value: &str) -> Result<usize, OptionError> {
+        let error = |why| self.name_source(id, OptionError::new(variable, "count", value, why));
+        match value.parse::<usize>() {
+            Ok(0) => Err(error("must be at least 1")),
+            Ok(n) => Ok(n),
+            Err(_) => Err(error("want a whole number such as 5")),
+        }
     }
 
     /// The Kubernetes source's options, `None` with `--source files`.
@@ -503,6 +535,9 @@ mod tests {
         assert_eq!(c.module_expiry.as_secs(), 5400);
         assert_eq!(c.max_binary_size, 1 << 20);
         assert_eq!(c.http_request_max_retries, 5);
+        assert_eq!((c.max_concurrent_pulls, c.max_pulls_per_host), (16, 8));
+        let c = parse(&["--max-concurrent-pulls", "3", "--max-pulls-per-host", "1"]).unwrap();
+        assert_eq!((c.max_concurrent_pulls, c.max_pulls_per_host), (3, 1));
         assert_eq!(c.cache_dir, config::default_cache_dir());
         assert_eq!(c.delivery, Delivery::File);
         assert_eq!(a.xds_address, DEFAULT_XDS_ADDRESS);
@@ -541,6 +576,8 @@ mod tests {
             ("--ca-file", "/does/not/exist.pem"),
             ("--host-ca", "reg.test"),
             ("--http-request-timeout", "15"),
+            ("--max-concurrent-pulls", "0"),
+            ("--max-pulls-per-host", "many"),
         ] {
             let e = parse(&[flag, value]).unwrap_err();
             assert_eq!(e.flag.as_deref(), Some(flag), "{e}");

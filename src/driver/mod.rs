@@ -24,7 +24,7 @@ use serde_json::Value;
 use crate::cache::ReindexReport;
 use crate::clock::Timestamp;
 use crate::config::{Config, Delivery};
-use crate::dispatch::{Completion, Dispatcher};
+use crate::dispatch::{Completion, Dispatcher, PullLimits};
 use crate::engine::{Engine, EngineParts, Event, Serving};
 use crate::log_gate::LogGate;
 use crate::outcome::Outcome;
@@ -172,11 +172,12 @@ impl Driver {
     /// inside a tokio runtime.
     pub fn new(parts: DriverParts) -> std::io::Result<(Driver, ReindexReport)> {
         let (engine, report) = new_engine(&parts)?;
+        let limits = PullLimits::of(&parts.config);
         let driver = Driver {
             parts,
             resources: ResourceStore::with_metrics(engine.metrics()),
             engine,
-            dispatcher: Dispatcher::new(),
+            dispatcher: Dispatcher::new(limits),
             objects: ObjectStore::new(),
             published: BTreeMap::new(),
             outstanding: BTreeSet::new(),
@@ -260,7 +261,7 @@ impl Driver {
         }
         let (engine, report) = new_engine(&self.parts)?;
         self.engine = engine;
-        self.dispatcher = Dispatcher::new();
+        self.dispatcher = Dispatcher::new(PullLimits::of(&self.parts.config));
         self.outstanding.clear();
         self.resources = ResourceStore::with_metrics(self.engine.metrics());
         self.published.clear();

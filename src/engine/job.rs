@@ -41,6 +41,17 @@ pub enum Job {
 }
 
 impl Job {
+    /// The host a pull of this job sends its requests to (`host[:port]` of an http(s) URL, the
+    /// registry of an OCI image), which bounds how many run at once (`--max-pulls-per-host`);
+    /// `None` for a local file, which is read, not pulled.
+    pub fn pull_host(&self) -> Option<&str> {
+        match self {
+            Job::File { .. } => None,
+            Job::Http { url, .. } => Some(crate::url::authority(url.url())),
+            Job::Oci { reference, .. } => Some(&reference.registry),
+        }
+    }
+
     /// Identity for single-flight: two plugins whose jobs have the same key share one download.
     pub fn flight_key(&self) -> String {
         match self {
@@ -140,6 +151,14 @@ fn check_expected(expected: Option<&str>, actual: &str) -> Result<(), FetchError
     }
 }
 
+/// Makes a downloaded module durable here, in the job's task, so that committing it on the
+/// engine's thread only renames it (a 256 MiB module's `fsync` would stall the engine otherwise).
+fn synced(mut staged: StagedModule) -> Result<StagedModule, Failure> {
+    crate::fetch::cpu_bound(|| staged.file.sync())
+        .map_err(|e| Failure::Cache(format!("write failed: {e}")))?;
+    Ok(staged)
+}
+
 /// Runs a job (phase 2).
 pub async fn run_job(fetcher: &Fetcher, job: &Job) -> Result<Obtained, Failure> {
     match job {
@@ -175,7 +194,7 @@ pub async fn run_job(fetcher: &Fetcher, job: &Job) -> Result<Obtained, Failure> 
             let key = ModuleKey::new(url.as_str(), staged.sha256.clone());
             Ok(Obtained::Fetched {
                 key,
-                staged,
+                staged: synced(staged)?,
                 // Fetched with credentials from the URL: like a registry's private module, served
                 // to another plugin (whose URL may carry other credentials) only after its own pull.
                 private: url.has_credentials(),
@@ -209,7 +228,7 @@ pub async fn run_job(fetcher: &Fetcher, job: &Job) -> Result<Obtained, Failure> 
             let staged = fetcher.oci_download(&resolved, budget).await?;
             Ok(Obtained::Fetched {
                 key,
-                staged,
+                staged: synced(staged)?,
                 private: resolved.used_credentials,
                 validators: None,
             })

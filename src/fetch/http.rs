@@ -1,19 +1,19 @@
 //! The HTTP(S) fetcher (behavior.md §4.1), mirroring Istio's `pkg/wasm/httpfetcher.go`: one GET per
 //! attempt with redirects followed inside the attempt, retries on connection errors and retryable
-//! 5xx statuses, the body staged on disk while counted, then unpacked (gzip, tar, tar.gz) into the
-//! Wasm module that is returned.
+//! 5xx statuses, and the body turned into the Wasm module in one pass as it arrives
+//! ([`super::stream`]): a plain Wasm body is hashed while it is written to the staging file that
+//! becomes the module, a gzip, tar or tar.gz body is unpacked while it streams.
 //!
 //! The request plumbing it shares with the OCI fetcher (redirects, status and error mapping, body
 //! limits) is in [`super::request`]. No network code lives here; every request goes through
 //! [`Fetcher::transport`].
 
-use std::io::Read;
 use std::time::Duration;
 
-use super::request::{check_content_length, status_failure, stream_body, ErrorKind, TransferLimit};
+use super::request::{check_content_length, status_failure, ErrorKind, TransferLimit};
 use super::retry::{with_retries, AttemptError, PullBudget};
-use super::unpack::{unpack_module, WASM_MAGIC};
-use super::{FetchError, Fetcher, HttpRequest, HttpResponse, StagedFile, StagedModule};
+use super::stream::{stream_module, Layout};
+use super::{FetchError, Fetcher, HttpRequest, HttpResponse, StagedModule};
 use crate::url::HttpUrl;
 
 pub use super::request::{is_retryable_status, MAX_REDIRECTS};
@@ -59,7 +59,7 @@ pub enum HttpPull {
 
 /// What one attempt got.
 enum Attempt {
-    Body(Box<dyn StagedFile>, Option<Validators>),
+    Body(StagedModule, Option<Validators>),
     NotModified,
 }
 
@@ -102,47 +102,14 @@ impl Fetcher {
             self.download_attempt(url, timeout, validators, auth).await
         })
         .await?;
-        let (raw, got) = match attempt {
-            Attempt::NotModified => return Ok(HttpPull::NotModified),
-            Attempt::Body(raw, got) => (raw, got),
-        };
-        let staged = super::cpu_bound(|| self.module_of_body(raw))?;
-        Ok(HttpPull::Fetched(staged, got))
-    }
-
-    /// The module a downloaded body holds. A plain Wasm body is the module: it is only verified
-    /// and hashed, never copied, so a pull needs the module's size in free disk once. An archive
-    /// is unpacked into a second staging file and the body is deleted as soon as that is done.
-    fn module_of_body(&self, mut raw: Box<dyn StagedFile>) -> Result<StagedModule, FetchError> {
-        let max = self.config.max_binary_size;
-        let mut reader = raw.reader().map_err(FetchError::io)?;
-        let mut head = Vec::with_capacity(WASM_MAGIC.len());
-        (&mut reader)
-            .take(WASM_MAGIC.len() as u64)
-            .read_to_end(&mut head)
-            .map_err(FetchError::io)?;
-        let mut body = std::io::Cursor::new(head.clone()).chain(reader);
-        if head == WASM_MAGIC {
-            let (sha256, size) = unpack_module(&mut body, &mut std::io::sink(), max)?;
-            drop(body);
-            return Ok(StagedModule {
-                file: raw,
-                sha256,
-                size,
-            });
+        match attempt {
+            Attempt::NotModified => Ok(HttpPull::NotModified),
+            Attempt::Body(staged, got) => Ok(HttpPull::Fetched(staged, got)),
         }
-        let mut out = self.store.stage().map_err(FetchError::io)?;
-        let (sha256, size) = unpack_module(&mut body, &mut out, max)?;
-        drop(body);
-        drop(raw);
-        Ok(StagedModule {
-            file: out,
-            sha256,
-            size,
-        })
     }
 
-    /// One attempt: GET (following redirects) and the whole body into a fresh staging file.
+    /// One attempt: GET (following redirects) and the whole body, in one pass, into the staged
+    /// module.
     async fn download_attempt(
         &self,
         url: &str,
@@ -176,13 +143,18 @@ impl Fetcher {
         // Any body may be an archive; unpacking holds the module itself to the limit.
         let limit = TransferLimit::archive(self.config.max_binary_size);
         check_content_length(&resp, limit)?;
-        let mut file = self
-            .store
-            .stage()
-            .map_err(|e| AttemptError::Fatal(FetchError::io(e)))?;
         let got = Validators::from_response(&resp);
-        stream_body(&final_url, resp.body.as_mut(), &mut file, None, limit, kind).await?;
-        Ok(Attempt::Body(file, got))
+        let staged = stream_module(
+            &self.store,
+            &final_url,
+            resp.body.as_mut(),
+            Layout::Any,
+            None,
+            limit,
+            kind,
+        )
+        .await?;
+        Ok(Attempt::Body(staged, got))
     }
 }
 

@@ -13,6 +13,7 @@ pub mod hyper_transport;
 pub mod oci;
 pub(crate) mod request;
 pub mod retry;
+pub(crate) mod stream;
 pub mod unpack;
 
 use std::sync::{Arc, Mutex};

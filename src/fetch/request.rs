@@ -1,12 +1,10 @@
 //! Request plumbing shared by the HTTP(S) and OCI fetchers: redirect following within one
 //! attempt's time budget (every hop resolved with [`Url::join`] and sent through
 //! [`Fetcher::transport`]), the mapping of transport errors and statuses onto [`AttemptError`]s, and
-//! bounded body reading (streamed to a file, or small bodies into memory).
+//! bounded body reading (small bodies into memory; module bodies go through [`super::stream`]).
 
-use std::io::Write;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use url::Url;
 
 use super::retry::AttemptError;
@@ -157,37 +155,6 @@ pub(crate) fn check_content_length(
         Some(len) if len > limit.bytes => Err(limit.exceeded()),
         _ => Ok(()),
     }
-}
-
-/// Streams a body into `out` (and `hasher`), stopping with [`FetchError::TooLarge`] as soon as it
-/// passes the limit. Returns the number of bytes.
-pub(crate) async fn stream_body(
-    url: &str,
-    body: &mut dyn BodyStream,
-    out: &mut (dyn Write + Send),
-    mut hasher: Option<&mut Sha256>,
-    limit: TransferLimit,
-    kind: ErrorKind,
-) -> Result<u64, AttemptError> {
-    let mut size = 0u64;
-    while let Some(chunk) = body
-        .next_chunk()
-        .await
-        .map_err(|e| transport_failure(url, e, kind))?
-    {
-        size += chunk.len() as u64;
-        if size > limit.bytes {
-            return Err(limit.exceeded());
-        }
-        if let Some(h) = hasher.as_deref_mut() {
-            h.update(&chunk);
-        }
-        out.write_all(&chunk)
-            .map_err(|e| AttemptError::Fatal(FetchError::io(e)))?;
-    }
-    out.flush()
-        .map_err(|e| AttemptError::Fatal(FetchError::io(e)))?;
-    Ok(size)
 }
 
 /// Reads a small body (manifest, token) into memory; more than `limit` bytes is a final error of

@@ -1,17 +1,15 @@
-//! The module blob (behavior.md §4.2): one request for the chosen layer, streamed to a staging file
-//! while hashed and checked against the descriptor, then unpacked per image format: `plugin.wasm`
-//! out of a Docker or OCI compat layer, the raw bytes of a Wasm artifact layer.
+//! The module blob (behavior.md §4.2): one request for the chosen layer, turned into the module in
+//! one pass as it arrives ([`crate::fetch::stream`]): hashed and checked against the descriptor
+//! while it is written to the staging file that becomes the module (a Wasm artifact layer), or
+//! while `plugin.wasm` is unpacked out of it (a Docker or OCI compat layer).
 
-use std::io::Read;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
-
 use super::{deadline_exceeded, registry_status, ImageFormat, OciResolved};
-use crate::fetch::request::{check_content_length, stream_body, ErrorKind, TransferLimit};
+use crate::fetch::request::{check_content_length, ErrorKind, TransferLimit};
 use crate::fetch::retry::{with_retries, AttemptError, PullBudget};
-use crate::fetch::unpack::{check_wasm, extract_plugin_wasm, MIN_WASM_SIZE};
-use crate::fetch::{FetchError, Fetcher, HttpRequest, StagedFile, StagedModule};
+use crate::fetch::stream::{stream_module, Expected, Layout};
+use crate::fetch::{FetchError, Fetcher, HttpRequest, StagedModule};
 
 impl Fetcher {
     /// Downloads the module layer of a resolved image (one blob request) and unpacks it.
@@ -33,46 +31,19 @@ impl Fetcher {
             resolved.base, resolved.repository, resolved.layer.digest
         );
         let url = url.as_str();
-        let (mut raw, size) = with_retries(self, budget, |timeout| async move {
+        with_retries(self, budget, |timeout| async move {
             self.blob_attempt(url, resolved, timeout).await
         })
-        .await?;
-        match resolved.format {
-            ImageFormat::WasmArtifact => {
-                // The blob is the module: its bytes were verified against the layer digest.
-                let mut head = Vec::with_capacity(MIN_WASM_SIZE);
-                raw.reader()
-                    .and_then(|r| r.take(MIN_WASM_SIZE as u64).read_to_end(&mut head))
-                    .map_err(FetchError::io)?;
-                check_wasm(&head)?;
-                Ok(StagedModule {
-                    file: raw,
-                    sha256: resolved.layer.digest.clone(),
-                    size,
-                })
-            }
-            ImageFormat::Docker | ImageFormat::OciCompat => {
-                let mut out = self.store.stage().map_err(FetchError::io)?;
-                let (sha256, size) = crate::fetch::cpu_bound(|| {
-                    let mut reader = raw.reader().map_err(FetchError::io)?;
-                    extract_plugin_wasm(&mut reader, &mut out, max)
-                })?;
-                Ok(StagedModule {
-                    file: out,
-                    sha256,
-                    size,
-                })
-            }
-        }
+        .await
     }
 
-    /// One blob request into a fresh staging file, hashed and checked against the descriptor.
+    /// One blob request, checked against the descriptor, into the staged module.
     async fn blob_attempt(
         &self,
         url: &str,
         resolved: &OciResolved,
         timeout: Duration,
-    ) -> Result<(Box<dyn StagedFile>, u64), AttemptError> {
+    ) -> Result<StagedModule, AttemptError> {
         let kind: ErrorKind = FetchError::Download;
         if timeout.is_zero() {
             return Err(deadline_exceeded(url, kind));
@@ -88,28 +59,25 @@ impl Fetcher {
         registry_status(url, resp.status, resolved.used_credentials, kind)?;
         let limit = layer_limit(resolved.format, self.config.max_binary_size);
         check_content_length(&resp, limit)?;
-        let mut file = self
-            .store
-            .stage()
-            .map_err(|e| AttemptError::Fatal(FetchError::io(e)))?;
-        let mut hasher = Sha256::new();
-        let size = stream_body(
+        let layout = match resolved.format {
+            // The blob is the module: its sha256 is the layer digest.
+            ImageFormat::WasmArtifact => Layout::Wasm,
+            ImageFormat::Docker | ImageFormat::OciCompat => Layout::ImageLayer,
+        };
+        let expected = Expected {
+            sha256: &resolved.layer.digest,
+            url,
+        };
+        stream_module(
+            &self.store,
             &final_url,
             resp.body.as_mut(),
-            &mut file,
-            Some(&mut hasher),
+            layout,
+            Some(expected),
             limit,
             kind,
         )
-        .await?;
-        let got = hex::encode(hasher.finalize());
-        if got != resolved.layer.digest {
-            return Err(AttemptError::Retry(kind(format!(
-                "{url}: blob bytes hash to sha256:{got}, descriptor says sha256:{}",
-                resolved.layer.digest
-            ))));
-        }
-        Ok((file, size))
+        .await
     }
 }
 
