@@ -2,8 +2,9 @@
 //!
 //! - Accept errors (the open-files limit reached: EMFILE/ENFILE) back off from
 //!   [`BACKOFF_MIN`] doubling to [`BACKOFF_MAX`] instead of spinning, are counted in
-//!   `wasm_ecds_accept_errors_total{port}` and logged at most once per second with the number of
-//!   repeats left out.
+//!   `wasm_ecds_accept_errors_total{port}` and logged at most once per second per kind of trouble
+//!   (accept errors, the cap, failed handshakes) through the shared [`LogGate`], with the number of
+//!   lines held back (`suppressed`).
 //! - At most `max_connections` connections are open per port; one more is accepted and closed at
 //!   once, counted in `wasm_ecds_connections_refused_total{port,reason="limit"}`.
 //! - TLS handshakes run in the connection's own task under [`HANDSHAKE_TIMEOUT`], never in the
@@ -17,7 +18,9 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use crate::log_gate::LogGate;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -117,30 +120,6 @@ impl Listener {
     }
 }
 
-/// Logs a repeated warning at most once per [`LOG_EVERY`], with the count of those left out.
-#[derive(Debug, Default)]
-struct Quiet {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl Quiet {
-    /// `Some(left out since the last one)` when this one may be logged.
-    fn allow(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        match self.last {
-            Some(last) if now.duration_since(last) < LOG_EVERY => {
-                self.suppressed += 1;
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                Some(std::mem::take(&mut self.suppressed))
-            }
-        }
-    }
-}
-
 async fn accept_loop(listener: Listener, tx: mpsc::Sender<Conn>) {
     let Listener {
         tcp,
@@ -149,7 +128,8 @@ async fn accept_loop(listener: Listener, tx: mpsc::Sender<Conn>) {
     } = listener;
     let port = options.port;
     let slots = Arc::new(Semaphore::new(options.max_connections));
-    let quiet = Arc::new(Mutex::new(Quiet::default()));
+    // One line per kind of trouble and second, with the count of those held back.
+    let quiet = Arc::new(LogGate::new(LOG_EVERY));
     let mut backoff = BACKOFF_MIN;
     loop {
         let accepted = tokio::select! {
@@ -163,8 +143,8 @@ async fn accept_loop(listener: Listener, tx: mpsc::Sender<Conn>) {
             }
             Err(e) => {
                 series.accept_errors.with_label_values(&[port]).inc();
-                if let Some(left_out) = quiet.lock().expect("quiet lock").allow() {
-                    tracing::warn!(port, error = %e, repeats_not_logged = left_out, pause_ms = backoff.as_millis() as u64, "accept failed; pausing");
+                if let Some(suppressed) = quiet.admit("accept") {
+                    tracing::warn!(port, error = %e, suppressed, pause_ms = backoff.as_millis() as u64, "accept failed; pausing");
                 }
                 tokio::select! {
                     _ = tx.closed() => return,
@@ -176,8 +156,8 @@ async fn accept_loop(listener: Listener, tx: mpsc::Sender<Conn>) {
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             series.refused.with_label_values(&[port, "limit"]).inc();
-            if let Some(left_out) = quiet.lock().expect("quiet lock").allow() {
-                tracing::warn!(port, %remote, limit = options.max_connections, repeats_not_logged = left_out, "connection refused: too many open connections");
+            if let Some(suppressed) = quiet.admit("limit") {
+                tracing::warn!(port, %remote, limit = options.max_connections, suppressed, "connection refused: too many open connections");
             }
             drop(stream);
             continue;
@@ -206,8 +186,8 @@ async fn accept_loop(listener: Listener, tx: mpsc::Sender<Conn>) {
                         Ok(s) => ConnIo::Tls(Box::new(s)),
                         Err((reason, e)) => {
                             series.refused.with_label_values(&[port, reason]).inc();
-                            if let Some(left_out) = quiet.lock().expect("quiet lock").allow() {
-                                tracing::warn!(port, %remote, error = %e, repeats_not_logged = left_out, "TLS handshake failed");
+                            if let Some(suppressed) = quiet.admit("handshake") {
+                                tracing::warn!(port, %remote, error = %e, suppressed, "TLS handshake failed");
                             }
                             return;
                         }
@@ -407,16 +387,6 @@ pub fn raise_nofile_limit() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn repeats_are_logged_once_per_second_with_their_count() {
-        let mut q = Quiet::default();
-        assert_eq!(q.allow(), Some(0));
-        assert_eq!(q.allow(), None);
-        assert_eq!(q.allow(), None);
-        tokio::time::advance(LOG_EVERY).await;
-        assert_eq!(q.allow(), Some(2));
-    }
 
     #[tokio::test]
     async fn connections_over_the_cap_are_refused_and_counted() {
