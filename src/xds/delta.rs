@@ -106,23 +106,7 @@ impl DeltaStream {
     fn on_reply(&mut self, delivery: Delivery, req: &DeltaDiscoveryRequest, store: &ResourceStore) {
         match &req.error_detail {
             Some(status) => {
-                let nacks = store.count_nack();
-                let message = StreamCore::bounded_message(&status.message);
-                self.core.nack_resources(&delivery, &message);
-                let key = format!("nack {}", self.core.node_id);
-                if let Some(suppressed) = self.core.admit_log(&key) {
-                    tracing::warn!(
-                        node = %self.core.node_id,
-                        version = %delivery.version,
-                        nonce = %delivery.nonce,
-                        resources = ?delivery.resources.iter().map(|r| format!("{}@{}", r.name, r.version)).collect::<Vec<_>>(),
-                        code = status.code,
-                        message = %message,
-                        nacks,
-                        suppressed,
-                        "proxy rejected ECDS update (NACK)"
-                    );
-                }
+                let message = self.core.nacked(&delivery, status, store);
                 store.emit(|| self.event(StreamEventKind::Nacked { delivery, message }));
             }
             None => {

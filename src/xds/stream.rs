@@ -100,6 +100,36 @@ impl StreamCore {
         }
     }
 
+    /// A NACK of `delivery`: counted, its message (cut, see [`bounded_message`]) kept per
+    /// resource and logged at most once per interval per node; returns the message for the
+    /// stream's `Nacked` event.
+    ///
+    /// [`bounded_message`]: Self::bounded_message
+    pub(crate) fn nacked(
+        &mut self,
+        delivery: &Delivery,
+        status: &envoy_types::pb::google::rpc::Status,
+        store: &ResourceStore,
+    ) -> String {
+        let nacks = store.count_nack();
+        let message = Self::bounded_message(&status.message);
+        self.nack_resources(delivery, &message);
+        if let Some(suppressed) = self.admit_log(&format!("nack {}", self.node_id)) {
+            tracing::warn!(
+                node = %self.node_id,
+                version = %delivery.version,
+                nonce = %delivery.nonce,
+                resources = ?delivery.resources.iter().map(|r| format!("{}@{}", r.name, r.version)).collect::<Vec<_>>(),
+                code = status.code,
+                message = %message,
+                nacks,
+                suppressed,
+                "proxy rejected ECDS update (NACK)"
+            );
+        }
+        message
+    }
+
     /// A NACK's error message, cut to [`NACK_MESSAGE_MAX`] bytes: it is logged, kept per resource
     /// and sent to event watchers, and a proxy may send megabytes.
     pub(crate) fn bounded_message(message: &str) -> String {
