@@ -17,10 +17,9 @@ use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream};
 use std::time::Duration;
 
-use serde_json::Value;
 use tokio::time::timeout;
 
-use support::envoy::{http_get, wait_for};
+use support::envoy::http_get;
 use support::faults::{RawReply, RawServer};
 use support::serve::{resource, write_plugin, write_url_plugin, Process};
 use support::wasm_module;
@@ -31,33 +30,6 @@ use wasm_ecds::xds::Api;
 const WAIT: Duration = Duration::from_secs(90);
 /// The first 8 bytes of a Wasm binary.
 const WASM_HEADER: &[u8] = b"\0asm\x01\0\0\0";
-
-async fn debug_plugins(serve: &Process) -> Value {
-    let r = http_get(&format!("http://{}/debug/plugins", serve.admin))
-        .await
-        .expect("GET /debug/plugins");
-    assert_eq!(r.status, 200, "{}", r.text());
-    serde_json::from_slice(&r.body).expect("/debug/plugins is JSON")
-}
-
-/// Waits until all `n` plugins have an outcome; returns them by key.
-async fn settled(serve: &Process, n: usize) -> std::collections::BTreeMap<String, Value> {
-    wait_for("every plugin processed", WAIT, || async {
-        let view = debug_plugins(serve).await;
-        let plugins = view["plugins"].as_array().cloned().unwrap_or_default();
-        let done: std::collections::BTreeMap<String, Value> = plugins
-            .into_iter()
-            .filter(|p| !p["outcome"].is_null())
-            .map(|p| (p["plugin"].as_str().unwrap().to_string(), p))
-            .collect();
-        if done.len() == n {
-            Ok(done)
-        } else {
-            Err(format!("{} of {n} processed: {view}", done.len()))
-        }
-    })
-    .await
-}
 
 /// A port nothing listens on (bound, then released).
 fn closed_port() -> u16 {
@@ -127,7 +99,7 @@ async fn every_spelling_of_a_blocked_address_is_refused_before_connecting() {
             "*",
         ],
     );
-    let done = settled(&serve, urls.len()).await;
+    let done = serve.settled(urls.len(), WAIT).await;
     for (i, url) in urls.iter().enumerate() {
         let p = &done[&format!("default/p{i}")];
         // A name this machine's resolver does not know (`localhost.` outside /etc/hosts) fails
@@ -149,7 +121,7 @@ async fn every_spelling_of_a_blocked_address_is_refused_before_connecting() {
     write_url_plugin(&plugins, "oct", &format!("http://0177.0.0.1:{p}/m.wasm"));
     write_url_plugin(&plugins, "v6", &format!("http://[::1]:{q}/m.wasm"));
     let serve = Process::start(dir.path(), &[]);
-    let done = settled(&serve, 3).await;
+    let done = serve.settled(3, WAIT).await;
     for p in done.values() {
         assert_eq!(p["outcome"], "pulled", "{p}");
     }
@@ -185,7 +157,7 @@ async fn a_two_gib_body_stops_at_the_limit_without_being_held_in_memory() {
             "1",
         ],
     );
-    let done = settled(&serve, 1).await;
+    let done = serve.settled(1, WAIT).await;
     let p = &done["default/huge"];
     assert_eq!(p["reason"], "too_large", "{p}");
     assert!(
@@ -249,7 +221,7 @@ async fn module_paths_never_leave_the_modules_however_encoded() {
     // A file next to the cache, one a traversal from /modules/ could reach.
     std::fs::write(dir.path().join("secret.txt"), "root:x:0:0:SECRET").unwrap();
     let serve = Process::start(dir.path(), &[]);
-    settled(&serve, 1).await;
+    serve.settled(1, WAIT).await;
     let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
     let targets = [
         "/modules/../../etc/passwd".to_string(),
@@ -493,6 +465,6 @@ async fn a_pull_retry_storm_logs_one_line_per_plugin() {
         lines[..lines.len().min(50)].join("\n")
     );
     // Every processing is still visible in /debug/plugins.
-    let view = debug_plugins(&serve).await;
+    let view = serve.debug_plugins().await;
     assert_eq!(view["plugins"].as_array().unwrap().len(), PLUGINS);
 }

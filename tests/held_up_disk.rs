@@ -16,7 +16,6 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -35,34 +34,6 @@ const WAIT: Duration = Duration::from_secs(120);
 /// The module served at `path`: distinct per path, about `size` bytes.
 fn module_for(path: &str, size: usize) -> Vec<u8> {
     wasm_module(&format!("{path}-{}", "x".repeat(size)))
-}
-
-async fn debug_plugins(serve: &Process) -> Value {
-    let r = http_get(&format!("http://{}/debug/plugins", serve.admin))
-        .await
-        .expect("GET /debug/plugins");
-    serde_json::from_slice(&r.body).expect("/debug/plugins is JSON")
-}
-
-/// Waits until `n` plugins have an outcome; returns them by key.
-async fn settled(serve: &Process, n: usize) -> BTreeMap<String, Value> {
-    wait_for("every plugin processed", WAIT, || async {
-        let view = debug_plugins(serve).await;
-        let done: BTreeMap<String, Value> = view["plugins"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|p| !p["outcome"].is_null())
-            .map(|p| (p["plugin"].as_str().unwrap().to_string(), p))
-            .collect();
-        if done.len() == n {
-            Ok(done)
-        } else {
-            Err(format!("{} of {n} processed", done.len()))
-        }
-    })
-    .await
 }
 
 /// Processings counted in `/metrics`, every outcome.
@@ -177,7 +148,7 @@ async fn kill_9_mid_download_and_mid_index_write_never_leaves_a_bad_cache() {
     }
     // A restart serves everything (the stalled module excepted) and cleans up.
     let serve = Process::start(dir.path(), &args);
-    let done = settled(&serve, PLUGINS + 1).await;
+    let done = serve.settled(PLUGINS + 1, WAIT).await;
     for i in 0..PLUGINS {
         let p = &done[&format!("default/p{i}")];
         assert!(
@@ -208,7 +179,7 @@ async fn corrupt_cache_files_at_start_are_dropped_and_pulled_again() {
         write_url_plugin(&plugins, name, &server.url(&format!("/{name}.wasm")));
     }
     let serve = Process::start(dir.path(), &[]);
-    settled(&serve, 3).await;
+    serve.settled(3, WAIT).await;
     wait_for("an index of three modules", WAIT, || async {
         let index = std::fs::read(cache.join("index.json")).unwrap_or_default();
         let index: Value = serde_json::from_slice(&index).unwrap_or_default();
@@ -242,7 +213,7 @@ async fn corrupt_cache_files_at_start_are_dropped_and_pulled_again() {
     std::fs::write(&stray, wasm_module("stray")).unwrap();
     std::fs::write(cache.join(".staging/left-over"), b"half a module").unwrap();
     let serve = Process::start(dir.path(), &[]);
-    let done = settled(&serve, 3).await;
+    let done = serve.settled(3, WAIT).await;
     assert_eq!(
         done["default/a"]["outcome"], "pulled",
         "{}",
@@ -278,7 +249,7 @@ async fn corrupt_cache_files_at_start_are_dropped_and_pulled_again() {
     )
     .unwrap();
     let serve = Process::start(dir.path(), &[]);
-    let done = settled(&serve, 3).await;
+    let done = serve.settled(3, WAIT).await;
     for p in done.values() {
         assert_eq!(p["outcome"], "pulled", "{p}");
     }
@@ -352,7 +323,7 @@ async fn a_full_cache_disk_rejects_what_does_not_fit_and_serves_the_rest() {
     write_url_plugin(&plugins, "big", &server.url("/big.wasm"));
     write_url_plugin(&plugins, "small", &server.url("/small.wasm"));
     let serve = Process::start(dir.path(), &["--http-request-max-retries", "1"]);
-    let done = settled(&serve, 2).await;
+    let done = serve.settled(2, WAIT).await;
     let big = &done["default/big"];
     assert_eq!(big["outcome"], "rejected", "{big}");
     let error = big["error"].as_str().unwrap();
@@ -378,11 +349,11 @@ async fn a_read_only_cache_disk_keeps_serving_what_is_cached() {
     let plugins = dir.path().join("plugins");
     write_url_plugin(&plugins, "old", &server.url("/old.wasm"));
     let mut serve = Process::start(dir.path(), &["--http-request-max-retries", "1"]);
-    settled(&serve, 1).await;
+    serve.settled(1, WAIT).await;
     disk.remount("ro");
     // A new plugin cannot be stored: rejected with the reason on one line; the old one is served.
     write_url_plugin(&plugins, "new", &server.url("/new.wasm"));
-    let done = settled(&serve, 2).await;
+    let done = serve.settled(2, WAIT).await;
     let new = &done["default/new"];
     assert_eq!(new["outcome"], "rejected", "{new}");
     assert!(
@@ -447,9 +418,9 @@ async fn hostile_manifests_are_isolated_and_the_good_plugin_is_served() {
         std::fs::write(plugins.join(name), bytes).unwrap();
     }
     let serve = Process::start(dir.path(), &[]);
-    let done = settled(&serve, 1).await;
+    let done = serve.settled(1, WAIT).await;
     assert_eq!(done["default/good"]["serves"]["kind"], "module");
-    let view = debug_plugins(&serve).await;
+    let view = serve.debug_plugins().await;
     let errors = view["fileErrors"].as_array().unwrap();
     for (name, _) in &bad {
         let path = plugins.join(name).display().to_string();

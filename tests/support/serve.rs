@@ -326,6 +326,38 @@ impl Process {
             .unwrap_or(0.0)
     }
 
+    /// `/debug/plugins` (open, or with no token configured), read without blocking the runtime.
+    pub async fn debug_plugins(&self) -> Value {
+        let r = super::envoy::http_get(&format!("http://{}/debug/plugins", self.admin))
+            .await
+            .expect("GET /debug/plugins");
+        assert_eq!(r.status, 200, "{}", r.text());
+        serde_json::from_slice(&r.body).expect("/debug/plugins is JSON")
+    }
+
+    /// Waits (at most `wait`) until `n` plugins have an outcome; returns them by name.
+    pub async fn settled(
+        &self,
+        n: usize,
+        wait: Duration,
+    ) -> std::collections::BTreeMap<String, Value> {
+        super::envoy::wait_for("every plugin processed", wait, || async {
+            let view = self.debug_plugins().await;
+            let plugins = view["plugins"].as_array().cloned().unwrap_or_default();
+            let done: std::collections::BTreeMap<String, Value> = plugins
+                .into_iter()
+                .filter(|p| !p["outcome"].is_null())
+                .map(|p| (p["plugin"].as_str().unwrap().to_string(), p))
+                .collect();
+            if done.len() == n {
+                Ok(done)
+            } else {
+                Err(format!("{} of {n} processed: {view}", done.len()))
+            }
+        })
+        .await
+    }
+
     /// Waits until `/metrics` shows `series` at `min` or more.
     pub async fn wait_metric(&self, series: &str, min: f64) {
         self.wait_metric_where(series, |v| v >= min).await
