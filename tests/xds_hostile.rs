@@ -322,20 +322,7 @@ async fn never_reading_proxies_leave_memory_bounded_and_others_served() {
     let names = vec![resource("big")];
     // One proxy reads and ACKs first: the module's own copies (store, cache) are counted in the
     // baseline.
-    let channel = client::connect(serve.xds).await.unwrap();
-    let mut reader =
-        SotwSession::open(channel, Api::Ecds, client::sotw_subscribe("reader", &names))
-            .await
-            .unwrap();
-    let r = timeout(WAIT, reader.recv())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    reader.send(client::sotw_ack(&names, &r)).await.unwrap();
-    serve.wait_metric("wasm_ecds_xds_ack_count", 1.0).await;
-    drop(reader);
-    let baseline = serve.rss_kib();
+    let baseline = rss_after_one_ack(&serve, &names).await;
 
     let mut hostile = Vec::new();
     for i in 0..24 {
@@ -398,20 +385,7 @@ async fn half_closing_never_reading_proxies_leave_memory_bounded() {
     let serve = Process::start(dir.path(), &["--xds-send-budget", "64Mi"]);
     serve.wait_metric("wasm_ecds_xds_resources", 1.0).await;
     let names = vec![resource("big")];
-    let channel = client::connect(serve.xds).await.unwrap();
-    let mut reader =
-        SotwSession::open(channel, Api::Ecds, client::sotw_subscribe("reader", &names))
-            .await
-            .unwrap();
-    let r = timeout(WAIT, reader.recv())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    reader.send(client::sotw_ack(&names, &r)).await.unwrap();
-    serve.wait_metric("wasm_ecds_xds_ack_count", 1.0).await;
-    drop(reader);
-    let baseline = serve.rss_kib();
+    let baseline = rss_after_one_ack(&serve, &names).await;
     let mut kept = Vec::new();
     for wave in 0..4 {
         for i in 0..12 {
@@ -486,4 +460,22 @@ async fn a_reconnect_storm_leaves_the_log_bounded() {
         lines.len(),
         lines.join("\n")
     );
+}
+
+/// The server's RSS (KiB) once one proxy has read and ACKed `names` and gone: the module's own
+/// copies (store, cache, one encoding) are in this baseline.
+async fn rss_after_one_ack(serve: &Process, names: &[String]) -> u64 {
+    let channel = client::connect(serve.xds).await.unwrap();
+    let mut reader = SotwSession::open(channel, Api::Ecds, client::sotw_subscribe("reader", names))
+        .await
+        .unwrap();
+    let r = timeout(WAIT, reader.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    reader.send(client::sotw_ack(names, &r)).await.unwrap();
+    serve.wait_metric("wasm_ecds_xds_ack_count", 1.0).await;
+    drop(reader);
+    serve.rss_kib()
 }
