@@ -62,7 +62,15 @@ async fn start(
     ports: PortOptions,
     admin: Option<tokio::net::TcpListener>,
 ) -> ServerHandle {
-    support::serve::in_process_with(config, vec![plugins.to_path_buf()], None, ports, admin).await
+    support::serve::in_process_with(
+        config,
+        vec![plugins.to_path_buf()],
+        None,
+        ports,
+        Default::default(),
+        admin,
+    )
+    .await
 }
 
 fn metric(server: &ServerHandle, series: &str) -> f64 {

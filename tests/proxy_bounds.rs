@@ -9,7 +9,6 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -18,10 +17,9 @@ use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value as PbValue};
 use serde_json::{json, Value};
 use tokio::time::timeout;
 use wasm_ecds::config::Config;
-use wasm_ecds::fetch::hyper_transport::HyperTransport;
 use wasm_ecds::net::PortOptions;
 use wasm_ecds::proxy::UpstreamOptions;
-use wasm_ecds::serve::{self, ServeSetup, ServerHandle};
+use wasm_ecds::serve::ServerHandle;
 use wasm_ecds::xds::client::{self, DeltaSession, SotwSession};
 use wasm_ecds::xds::{Api, Error, ServeOptions, StreamLimits};
 
@@ -41,28 +39,23 @@ impl Proxy {
             cache_dir: cache.path().to_path_buf(),
             ..Config::default()
         };
-        let transport = Arc::new(HyperTransport::new(&config, Vec::new()).unwrap());
-        let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
-        let setup = ServeSetup {
-            config,
-            plugin_paths: Vec::new(),
-            xds_listener: bind().await.unwrap(),
-            admin_listener: bind().await.unwrap(),
-            transport,
-            fetch_config: None,
-            kube: None,
-            proxy: Some(UpstreamOptions {
-                address: upstream.to_string(),
-                ..Default::default()
-            }),
+        let upstream = UpstreamOptions {
+            address: upstream.to_string(),
+            ..Default::default()
         };
         let options = ServeOptions {
             limits,
             ..ServeOptions::default()
         };
-        let handle = serve::start_with(setup, PortOptions::default(), options)
-            .await
-            .unwrap();
+        let handle = support::serve::in_process_with(
+            config,
+            Vec::new(),
+            Some(upstream),
+            PortOptions::default(),
+            options,
+            None,
+        )
+        .await;
         Proxy {
             handle,
             _cache: cache,
@@ -130,16 +123,9 @@ fn listener() -> Value {
            "address": {"socket_address": {"address": "127.0.0.1", "port_value": 10000}}})
 }
 
+/// [`support::next_or_status`] within this file's wait.
 async fn next(s: &mut SotwSession) -> Result<DiscoveryResponse, tonic::Status> {
-    match timeout(WAIT, s.recv())
-        .await
-        .expect("a response or a status")
-    {
-        Ok(Some(r)) => Ok(r),
-        Ok(None) => Err(tonic::Status::ok("stream ended")),
-        Err(Error::Status(status)) => Err(status),
-        Err(e) => panic!("unexpected error: {e}"),
-    }
+    support::next_or_status(s, WAIT).await
 }
 
 /// The status ending a stream (or refusing it outright).

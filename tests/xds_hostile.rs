@@ -91,16 +91,9 @@ impl Server {
     }
 }
 
+/// [`support::next_or_status`] within this file's wait.
 async fn next(s: &mut SotwSession) -> Result<DiscoveryResponse, tonic::Status> {
-    match timeout(WAIT, s.recv())
-        .await
-        .expect("a response or a status")
-    {
-        Ok(Some(r)) => Ok(r),
-        Ok(None) => Err(tonic::Status::ok("stream ended")),
-        Err(Error::Status(status)) => Err(status),
-        Err(e) => panic!("unexpected error: {e}"),
-    }
+    support::next_or_status(s, WAIT).await
 }
 
 /// Polls `done` until it holds (bounded by [`WAIT`]).

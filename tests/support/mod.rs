@@ -147,3 +147,20 @@ impl HttpResponse {
         })
     }
 }
+
+/// The next response of an xDS stream within `wait`, or the status that ended it (`OK` when it
+/// ended without one): the refusals the bounds tests expect.
+pub async fn next_or_status(
+    s: &mut wasm_ecds::xds::client::SotwSession,
+    wait: std::time::Duration,
+) -> Result<envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse, tonic::Status> {
+    match tokio::time::timeout(wait, s.recv())
+        .await
+        .expect("a response or a status")
+    {
+        Ok(Some(r)) => Ok(r),
+        Ok(None) => Err(tonic::Status::ok("stream ended")),
+        Err(wasm_ecds::xds::Error::Status(status)) => Err(status),
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+}

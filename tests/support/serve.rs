@@ -421,16 +421,26 @@ pub async fn in_process(
     plugins: Vec<std::path::PathBuf>,
     proxy: Option<wasm_ecds::proxy::UpstreamOptions>,
 ) -> wasm_ecds::serve::ServerHandle {
-    in_process_with(config, plugins, proxy, Default::default(), None).await
+    in_process_with(
+        config,
+        plugins,
+        proxy,
+        Default::default(),
+        Default::default(),
+        None,
+    )
+    .await
 }
 
-/// [`in_process`] with its ports exposed as `ports` says; `admin`, when given, is the admin
-/// listener already bound (when the module URL must name its address).
+/// [`in_process`] with its ports exposed as `ports` says and its xDS port bounded as `xds` says;
+/// `admin`, when given, is the admin listener already bound (when the module URL must name its
+/// address).
 pub async fn in_process_with(
     config: wasm_ecds::config::Config,
     plugins: Vec<std::path::PathBuf>,
     proxy: Option<wasm_ecds::proxy::UpstreamOptions>,
     ports: wasm_ecds::net::PortOptions,
+    xds: wasm_ecds::xds::ServeOptions,
     admin: Option<tokio::net::TcpListener>,
 ) -> wasm_ecds::serve::ServerHandle {
     let transport = std::sync::Arc::new(
@@ -454,7 +464,7 @@ pub async fn in_process_with(
             proxy,
         },
         ports,
-        wasm_ecds::xds::ServeOptions::default(),
+        xds,
     )
     .await
     .unwrap_or_else(|e| panic!("the server did not start: {e:#}"))
