@@ -6,16 +6,17 @@
 //! Wasm binary's, which is what restarts verify and what `sim` matches content by.
 //!
 //! The index (entries, resolutions and HTTP validators) is persisted through the store, so a
-//! restarted server knows what it had.
+//! restarted server knows what it had. At open the files it lists are hashed again by a
+//! [`Verifier`] (in the background for a disk): until its file verified, an entry is *pending* —
+//! it is kept, persisted and protected, but never served, listed or expired.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::clock::Timestamp;
 use crate::fetch::http::Validators;
@@ -23,6 +24,7 @@ use crate::fetch::StagedModule;
 use crate::log_gate::LogGate;
 use crate::plugin::ObjectKey;
 use crate::store::{sha256_hex, ModuleStore};
+use crate::verify::{Check, Verifier};
 
 /// `(module name, checksum)`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -101,11 +103,14 @@ struct PersistedModule {
 }
 
 /// What re-indexing found at start.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReindexReport {
+    /// Modules kept: verified, or still being verified.
     pub kept: usize,
-    /// Files removed because they did not verify or were unknown.
+    /// Files removed because they did not verify or were unknown, in path order.
     pub removed: Vec<PathBuf>,
+    /// Of the kept modules, those whose file is still being verified.
+    pub verifying: usize,
 }
 
 /// The cache index. Not thread-safe by itself: the engine owns it.
@@ -129,6 +134,11 @@ pub struct Cache {
     /// A failing index write (read-only or full disk) is tried again at every save: logged once
     /// per [`INDEX_WARN_INTERVAL`], not once a second.
     warnings: LogGate,
+    /// Entries whose file is still being verified.
+    pending: BTreeSet<ModuleKey>,
+    verifier: Arc<Verifier>,
+    /// Re-indexing so far.
+    reindex: ReindexReport,
 }
 
 /// How often a failing index write is logged.
@@ -140,6 +150,13 @@ pub const INDEX_WARN_INTERVAL: Duration = Duration::from_secs(600);
 /// graceful points ([`Cache::save_due`]).
 pub const INDEX_SAVE_INTERVAL: Duration = Duration::from_secs(1);
 
+impl Drop for Cache {
+    /// A cache dropped while verifying (a restart, a test) stops its verifier's threads.
+    fn drop(&mut self) {
+        self.verifier.cancel();
+    }
+}
+
 impl std::fmt::Debug for Cache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cache")
@@ -149,9 +166,11 @@ impl std::fmt::Debug for Cache {
 }
 
 impl Cache {
-    /// Opens the cache over `store`, re-indexing what it holds: every module file is verified
-    /// against the persisted index; unknown or corrupt files are removed, as are resolutions that
-    /// point to modules no longer present.
+    /// Opens the cache over `store`, re-indexing what it holds: files the persisted index does not
+    /// know, or whose size differs, are removed at once; the others are verified by a [`Verifier`]
+    /// on [`ModuleStore::verify_threads`] threads (on this one, before it returns, for none), the
+    /// modules plugins served last first. One that does not verify is removed, as are the
+    /// resolutions pointing to modules no longer present.
     pub fn open(store: Arc<dyn ModuleStore>) -> io::Result<(Cache, ReindexReport)> {
         let persisted: PersistedIndex = match store.load_index()? {
             Some(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
@@ -162,38 +181,42 @@ impl Cache {
             .iter()
             .map(|m| ((sha256_hex(m.name.as_bytes()), m.checksum.clone()), m))
             .collect();
-        let mut report = ReindexReport::default();
+        let mut reindex = ReindexReport::default();
         let mut modules = BTreeMap::new();
+        let mut checks = Vec::new();
         for file in store.list()? {
-            let verified = known
-                .get(&(file.name_hash.clone(), file.checksum.clone()))
-                .filter(|m| {
-                    m.size == file.size
-                        && hash_file(store.as_ref(), &file.path).ok().as_deref() == Some(&m.sha256)
-                });
-            match verified {
-                Some(m) => {
-                    report.kept += 1;
-                    modules.insert(
-                        ModuleKey::new(&m.name, &m.checksum),
-                        ModuleEntry {
-                            path: file.path,
-                            size: m.size,
-                            sha256: m.sha256.clone(),
-                            last_used: Timestamp::from_millis(m.last_used_ms),
-                            refs: BTreeSet::new(),
-                            private: m.private,
-                            authorized: BTreeSet::new(),
-                        },
-                    );
-                }
-                None => {
-                    store.remove(&file.path)?;
-                    report.removed.push(file.path);
-                }
-            }
+            let name = (file.name_hash.clone(), file.checksum.clone());
+            let Some(m) = known.get(&name).filter(|m| m.size == file.size) else {
+                store.remove(&file.path)?;
+                reindex.removed.push(file.path);
+                continue;
+            };
+            let key = ModuleKey::new(&m.name, &m.checksum);
+            checks.push(Check {
+                key: key.clone(),
+                path: file.path.clone(),
+                sha256: m.sha256.clone(),
+            });
+            modules.insert(
+                key,
+                ModuleEntry {
+                    path: file.path,
+                    size: m.size,
+                    sha256: m.sha256.clone(),
+                    last_used: Timestamp::from_millis(m.last_used_ms),
+                    refs: BTreeSet::new(),
+                    private: m.private,
+                    authorized: BTreeSet::new(),
+                },
+            );
         }
-        let validators = persisted.validators;
+        // What plugins served before the restart is what they will ask for first.
+        let served_before: BTreeSet<&ModuleKey> =
+            persisted.served.values().map(|r| &r.module).collect();
+        checks.sort_by_key(|c| !served_before.contains(&c.key));
+        let pending = checks.iter().map(|c| c.key.clone()).collect();
+        (reindex.kept, reindex.verifying) = (checks.len(), checks.len());
+        let verifier = Verifier::start(store.clone(), checks, store.verify_threads());
         let served = persisted
             .served
             .into_iter()
@@ -204,11 +227,6 @@ impl Cache {
             .into_iter()
             .filter(|(_, k)| modules.contains_key(k))
             .collect();
-        let now = modules
-            .values()
-            .map(|e: &ModuleEntry| e.last_used)
-            .max()
-            .unwrap_or_default();
         let paths = modules
             .iter()
             .map(|(k, e)| (e.path.clone(), k.clone()))
@@ -217,21 +235,84 @@ impl Cache {
             store,
             modules,
             paths,
-            validators: validators_for(validators, &resolutions),
+            validators: validators_for(persisted.validators, &resolutions),
             served,
             resolutions,
-            now,
+            now: Timestamp::default(),
             dirty: true,
             warnings: LogGate::new(INDEX_WARN_INTERVAL),
+            pending,
+            verifier,
+            reindex,
         };
+        cache.settle();
+        let last_used = cache.modules.values().map(|e| e.last_used).max();
+        cache.now = last_used.unwrap_or_default();
         cache.save();
+        let report = cache.reindex_report();
         Ok((cache, report))
+    }
+
+    /// Re-indexing as of now (see [`Cache::settle`]).
+    pub fn reindex_report(&self) -> ReindexReport {
+        let mut report = self.reindex.clone();
+        report.removed.sort();
+        report
+    }
+
+    /// Takes the verifier's results: a verified entry can be served from now on; one that failed
+    /// (its file removed already) is forgotten with the resolutions, validators and served records
+    /// pointing at it. Cheap once everything is verified.
+    pub fn settle(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        for (key, ok) in self.verifier.take() {
+            if !self.pending.remove(&key) {
+                continue; // downloaded again meanwhile
+            }
+            self.reindex.verifying -= 1;
+            if let Some(entry) = (!ok).then(|| self.forget(&key)).flatten() {
+                self.reindex.kept -= 1;
+                self.reindex.removed.push(entry.path);
+            }
+        }
+    }
+
+    /// Waits until every file is verified (tests, tools); returns the whole re-indexing.
+    pub fn wait_verified(&mut self) -> ReindexReport {
+        self.verifier.wait_all();
+        self.settle();
+        self.reindex_report()
+    }
+
+    /// True when `key` is cached and its file verified: the only modules served.
+    pub fn is_verified(&self, key: &ModuleKey) -> bool {
+        self.modules.contains_key(key) && !self.pending.contains(key)
+    }
+
+    /// The verifier of the files found at open ([`Verifier::wait`] for one of them).
+    pub fn verifier(&self) -> &Arc<Verifier> {
+        &self.verifier
+    }
+
+    /// Makes sure `key`'s file is verified, blocking this thread until it is (for the rare
+    /// synchronous path: restoring what a plugin served before a restart). Returns
+    /// [`Cache::is_verified`].
+    pub fn verify_now(&mut self, key: &ModuleKey) -> bool {
+        if self.pending.contains(key) {
+            let verifier = self.verifier.clone();
+            crate::fetch::cpu_bound(|| verifier.wait_blocking(key));
+            self.settle();
+        }
+        self.is_verified(key)
     }
 
     pub fn store(&self) -> &Arc<dyn ModuleStore> {
         &self.store
     }
 
+    /// Cached modules, pending ones included.
     pub fn len(&self) -> usize {
         self.modules.len()
     }
@@ -248,13 +329,21 @@ impl Cache {
         self.modules.contains_key(key)
     }
 
-    pub fn entries(&self) -> impl Iterator<Item = (&ModuleKey, &ModuleEntry)> {
-        self.modules.iter()
+    /// Every cached module, pending ones included.
+    pub fn keys(&self) -> impl Iterator<Item = &ModuleKey> {
+        self.modules.keys()
     }
 
-    /// The key of the cached module stored at `path`.
+    /// The verified modules (the ones that may be served).
+    pub fn entries(&self) -> impl Iterator<Item = (&ModuleKey, &ModuleEntry)> {
+        self.modules
+            .iter()
+            .filter(|(k, _)| !self.pending.contains(*k))
+    }
+
+    /// The key of the verified module stored at `path`.
     pub fn key_at(&self, path: &Path) -> Option<&ModuleKey> {
-        self.paths.get(path)
+        self.paths.get(path).filter(|k| !self.pending.contains(*k))
     }
 
     /// The module `url` last resolved to, if it is still cached.
@@ -310,7 +399,8 @@ impl Cache {
     }
 
     /// Commits a verified module under `key`. If the key is already cached the staged file is
-    /// dropped and the existing file kept.
+    /// dropped and the existing file kept — unless that file is still pending: the fresh one then
+    /// replaces it (its verification no longer matters).
     pub fn insert(
         &mut self,
         key: &ModuleKey,
@@ -319,7 +409,20 @@ impl Cache {
         now: Timestamp,
     ) -> io::Result<&ModuleEntry> {
         self.now = self.now.max(now);
-        if !self.modules.contains_key(key) {
+        if self.pending.contains(key) {
+            self.verifier.supersede(key);
+            let path = self.store.commit(staged.file, &key.name, &key.checksum)?;
+            self.pending.remove(key);
+            self.reindex.verifying -= 1;
+            let e = self
+                .modules
+                .get_mut(key)
+                .expect("pending entries are cached");
+            (e.path, e.size, e.sha256, e.private) = (path, staged.size, staged.sha256, private);
+            e.last_used = e.last_used.max(now);
+            self.paths.insert(e.path.clone(), key.clone());
+            self.dirty = true;
+        } else if !self.modules.contains_key(key) {
             let path = self.store.commit(staged.file, &key.name, &key.checksum)?;
             self.paths.insert(path.clone(), key.clone());
             self.modules.insert(
@@ -385,40 +488,48 @@ impl Cache {
             .is_some_and(|e| !e.private || e.authorized.contains(plugin))
     }
 
-    /// One purge pass at `now`: removes every module no plugin serves that has been unused for
-    /// strictly longer than `expiry`, and the resolutions pointing to it. Returns what left.
+    /// One purge pass at `now`: removes every verified module no plugin serves that has been
+    /// unused for strictly longer than `expiry`, and the resolutions pointing to it. Returns what
+    /// left. A pending module is neither expired nor counted: the first pass after it verified
+    /// decides (one that fails verification is removed as such, not as expired).
     pub fn purge(&mut self, now: Timestamp, expiry: Duration) -> Vec<(ModuleKey, ModuleEntry)> {
+        self.settle();
         self.now = self.now.max(now);
         let expired: Vec<ModuleKey> = self
-            .modules
-            .iter()
+            .entries()
             .filter(|(_, e)| e.refs.is_empty() && now.since(e.last_used) > expiry)
             .map(|(k, _)| k.clone())
             .collect();
         let mut out = Vec::new();
         for key in expired {
-            let entry = self.modules.remove(&key).expect("listed above");
-            self.paths.remove(&entry.path);
+            let entry = self.forget(&key).expect("listed above");
             if let Err(e) = self.store.remove(&entry.path) {
                 tracing::warn!(path = %entry.path.display(), error = %e, "could not remove expired module");
             }
-            self.resolutions.retain(|_, k| *k != key);
-            let resolutions = &self.resolutions;
-            self.validators.retain(|u, _| resolutions.contains_key(u));
-            self.served.retain(|_, r| r.module != key);
             out.push((key, entry));
-        }
-        if !out.is_empty() {
-            self.dirty = true;
         }
         out
     }
 
-    /// Reads a cached module's bytes.
+    /// Drops `key` from the index with what points at it (resolutions, validators, served
+    /// records); its file is the caller's.
+    fn forget(&mut self, key: &ModuleKey) -> Option<ModuleEntry> {
+        let entry = self.modules.remove(key)?;
+        self.paths.remove(&entry.path);
+        self.resolutions.retain(|_, k| k != key);
+        let resolutions = &self.resolutions;
+        self.validators.retain(|u, _| resolutions.contains_key(u));
+        self.served.retain(|_, r| r.module != *key);
+        self.dirty = true;
+        Some(entry)
+    }
+
+    /// Reads a verified module's bytes.
     pub fn read(&self, key: &ModuleKey) -> io::Result<Vec<u8>> {
         let e = self
             .modules
             .get(key)
+            .filter(|_| !self.pending.contains(key))
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, key.to_string()))?;
         self.store.read(&e.path)
     }
@@ -439,6 +550,7 @@ impl Cache {
     /// Writes the index if it changed; failures are logged, never fatal (the cache still works in
     /// memory, and the next save tries again).
     pub fn save(&mut self) {
+        self.settle();
         if self.dirty {
             self.dirty = !self.persist();
         }
@@ -497,21 +609,6 @@ fn validators_for(
         .into_iter()
         .filter(|(u, _)| resolutions.contains_key(u))
         .collect()
-}
-
-fn hash_file(store: &dyn ModuleStore, path: &std::path::Path) -> io::Result<String> {
-    let bytes = store.read(path)?;
-    let mut h = Sha256::new();
-    let mut r: &[u8] = &bytes;
-    let mut buf = [0u8; 64 * 1024];
-    loop {
-        let n = r.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
 }
 
 #[cfg(test)]

@@ -154,39 +154,7 @@ impl Dispatcher {
                     Some(Begun::Done(pending, result)) => engine.finish(pending, result),
                     Some(Begun::Fetch(pending, job)) => {
                         waiting.push(pending.id);
-                        let key = job.flight_key();
-                        if let Some(flight) = self
-                            .by_key
-                            .get(&key)
-                            .and_then(|id| self.flights.get_mut(id))
-                        {
-                            flight.waiters.push(pending);
-                            continue;
-                        }
-                        self.last_job += 1;
-                        let id = self.last_job;
-                        let host = job.pull_host().map(str::to_string);
-                        self.by_key.insert(key.clone(), id);
-                        let state = match &host {
-                            None => FlightState::Running(self.spawn(engine, id, job)),
-                            Some(h) => {
-                                let queue = self.queued.entry(h.clone()).or_default();
-                                if queue.is_empty() {
-                                    self.turn.push_back(h.clone());
-                                }
-                                queue.push_back(id);
-                                FlightState::Queued(Box::new(job))
-                            }
-                        };
-                        self.flights.insert(
-                            id,
-                            Flight {
-                                key,
-                                waiters: vec![pending],
-                                host,
-                                state,
-                            },
-                        );
+                        self.join_or_add(engine, pending, job);
                     }
                 }
             }
@@ -196,11 +164,56 @@ impl Dispatcher {
         Dispatched { waiting, aborted }
     }
 
+    /// Makes `pending` wait for `job`: joins the identical job in flight, or adds it (running at
+    /// once without a host, queued for a pull slot with one).
+    fn join_or_add(&mut self, engine: &Engine, pending: Pending, job: Job) {
+        let key = job.flight_key();
+        if let Some(flight) = self
+            .by_key
+            .get(&key)
+            .and_then(|id| self.flights.get_mut(id))
+        {
+            flight.waiters.push(pending);
+            return;
+        }
+        self.last_job += 1;
+        let id = self.last_job;
+        let host = job.pull_host().map(str::to_string);
+        self.by_key.insert(key.clone(), id);
+        let state = match &host {
+            None => FlightState::Running(self.spawn(engine, id, job)),
+            Some(h) => {
+                let queue = self.queued.entry(h.clone()).or_default();
+                if queue.is_empty() {
+                    self.turn.push_back(h.clone());
+                }
+                queue.push_back(id);
+                FlightState::Queued(Box::new(job))
+            }
+        };
+        self.flights.insert(
+            id,
+            Flight {
+                key,
+                waiters: vec![pending],
+                host,
+                state,
+            },
+        );
+    }
+
     fn spawn(&mut self, engine: &Engine, id: JobId, job: Job) -> AbortHandle {
         let fetcher = engine.fetcher().clone();
-        let task = self
-            .tasks
-            .spawn(async move { (id, run_job(&fetcher, &job).await) });
+        let verifier = engine.cache().verifier().clone();
+        let task = self.tasks.spawn(async move {
+            let result = run_job(&fetcher, &job).await;
+            // A module the source confirmed may still be in its start-up verification: it is
+            // served only once verified (see `Engine::lost_cache_hit` for one that failed).
+            if let Ok(Obtained::Revalidated(key)) = &result {
+                verifier.wait(key).await;
+            }
+            (id, result)
+        });
         self.task_jobs.insert(task.id(), id);
         task
     }
@@ -350,6 +363,23 @@ impl Dispatcher {
             // Aborted meanwhile: its waiters are over already.
             return Vec::new();
         };
+        if engine.lost_cache_hit(&result) {
+            // The cached module failed its start-up verification (and is gone): each waiter is
+            // planned again under its own id — a pull now — so whoever waits for it still does.
+            let mut ids = Vec::new();
+            for p in flight.waiters {
+                match engine.begin_again(p.clone()) {
+                    Some(Begun::Fetch(p, job)) => self.join_or_add(engine, p, job),
+                    Some(Begun::Done(p, r)) => {
+                        ids.push(p.id);
+                        engine.finish(p, r);
+                    }
+                    None => ids.push(p.id),
+                }
+            }
+            self.start_queued(engine);
+            return ids;
+        }
         let ids = flight.waiters.iter().map(|p| p.id).collect();
         let (current, stale): (Vec<_>, Vec<_>) = flight
             .waiters

@@ -79,6 +79,11 @@ pub trait ModuleStore: Send + Sync {
     fn survives_crash(&self) -> bool {
         true
     }
+    /// How many threads verify the cached files at start ([`crate::verify`]); 0: the opening
+    /// thread verifies them all before the cache opens (memory, where reads never wait).
+    fn verify_threads(&self) -> usize {
+        0
+    }
 }
 
 /// Reads `file://` modules.
@@ -375,6 +380,12 @@ impl ModuleStore for DiskStore {
     fn wipe(&self) -> io::Result<()> {
         fs::remove_dir_all(&self.root)?;
         fs::create_dir_all(self.root.join(STAGING_DIR))
+    }
+
+    /// One per core: hashing is CPU-bound once the files are in the page cache, and parallel
+    /// reads keep a cold disk's queue full.
+    fn verify_threads(&self) -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
     }
 }
 

@@ -37,6 +37,7 @@ impl Engine {
         if self.plugins.get(&key).map(|s| s.version) != Some(version) {
             return;
         }
+        self.cache.settle();
         let now = self.now();
         // Istio's agent looks nothing up for local code, nor for remote code without `http_uri`.
         let remote = matches!(
@@ -198,10 +199,15 @@ impl Engine {
         let st = &self.plugins[key];
         let url = st.url.to_string();
         let expected = st.decision.expected_checksum.clone();
+        // Restoring a module still being verified since the start waits for its verification.
+        if let Some(m) = self.cache.last_served(key).map(|r| r.module.clone()) {
+            self.cache.verify_now(&m);
+        }
+        let st = &self.plugins[key];
         let before = self
             .cache
             .last_served(key)
-            .filter(|r| self.cache.contains(&r.module));
+            .filter(|r| self.cache.is_verified(&r.module));
         let decision = after_failure(FailedPlugin {
             url: &url,
             expected: expected.as_deref(),
@@ -279,6 +285,7 @@ fn served_from_cache(
 ) -> Result<(Outcome, ServedModule), Failure> {
     let entry = cache
         .get(&k)
+        .filter(|_| cache.is_verified(&k))
         .ok_or_else(|| Failure::Cache("module left the cache".to_string()))?;
     let served = ServedModule {
         url: url.to_string(),

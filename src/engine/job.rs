@@ -10,6 +10,7 @@ use crate::fetch::{FetchError, Fetcher, StagedModule};
 use crate::outcome::Reason;
 use crate::plugin::{Credentials, ObjectKey};
 use crate::url::{HttpUrl, OciRef};
+use crate::verify::Verifier;
 
 /// What must be fetched for one plugin version.
 #[derive(Clone, Debug)]
@@ -38,15 +39,22 @@ pub enum Job {
         /// The plugin's own pull timeout, if it has one.
         timeout: Option<std::time::Duration>,
     },
+    /// A cache hit on a module whose file is still being verified since the start: waits for its
+    /// verification (moved to the front of the queue). Its result is the cache hit; whether the
+    /// file verified is the cache's to say ([`crate::engine::Engine::lost_cache_hit`]).
+    Verify {
+        key: ModuleKey,
+        verifier: Arc<Verifier>,
+    },
 }
 
 impl Job {
     /// The host a pull of this job sends its requests to (`host[:port]` of an http(s) URL, the
     /// registry of an OCI image), which bounds how many run at once (`--max-pulls-per-host`);
-    /// `None` for a local file, which is read, not pulled.
+    /// `None` for a local file, which is read, not pulled, and for a cached module's verification.
     pub fn pull_host(&self) -> Option<&str> {
         match self {
-            Job::File { .. } => None,
+            Job::File { .. } | Job::Verify { .. } => None,
             Job::Http { url, .. } => Some(crate::url::authority(url.url())),
             Job::Oci { reference, .. } => Some(&reference.registry),
         }
@@ -56,6 +64,7 @@ impl Job {
     pub fn flight_key(&self) -> String {
         match self {
             Job::File { path, expected } => format!("file:{path}#{expected:?}"),
+            Job::Verify { key, .. } => format!("verify:{}#{}", key.name, key.checksum),
             Job::Http { url, expected, .. } => {
                 // The module name hides credentials; two sets of them are two downloads.
                 let who = url
@@ -162,6 +171,10 @@ fn synced(mut staged: StagedModule) -> Result<StagedModule, Failure> {
 /// Runs a job (phase 2).
 pub async fn run_job(fetcher: &Fetcher, job: &Job) -> Result<Obtained, Failure> {
     match job {
+        Job::Verify { key, verifier } => {
+            verifier.wait(key).await;
+            Ok(Obtained::Cached(key.clone()))
+        }
         Job::File { path, expected } => {
             let staged = fetcher.fetch_file_within(path, fetcher.budget()).await?;
             check_expected(expected.as_deref(), &staged.sha256)?;

@@ -49,10 +49,29 @@ impl Engine {
             trigger,
             started: self.now(),
         };
-        Some(match self.plan(key, trigger) {
+        Some(self.plan_for(pending))
+    }
+
+    /// Plans a processing again, under the same id, when the cached module its job waited for
+    /// failed verification (see [`Engine::lost_cache_hit`]): it now pulls, as if the module had
+    /// never been cached. `None` when it is no longer current.
+    pub fn begin_again(&mut self, pending: Pending) -> Option<Begun> {
+        self.is_current(&pending).then(|| self.plan_for(pending))
+    }
+
+    /// True when `result` serves a cached module (a cache hit, a revalidation) that is not
+    /// verified in the cache: its file failed the start-up verification and was removed.
+    pub fn lost_cache_hit(&mut self, result: &Result<Obtained, Failure>) -> bool {
+        self.cache.settle();
+        matches!(result, Ok(Obtained::Cached(k) | Obtained::Revalidated(k)) if !self.cache.is_verified(k))
+    }
+
+    fn plan_for(&mut self, pending: Pending) -> Begun {
+        self.cache.settle();
+        match self.plan(&pending.key, pending.trigger) {
             Plan::Known(r) => Begun::Done(pending, r),
             Plan::Fetch(job) => Begun::Fetch(pending, job),
-        })
+        }
     }
 
     /// Decides from the policy and the cache whether anything must be fetched.
@@ -93,8 +112,13 @@ impl Engine {
                 None => self.cache.resolution(&url_str).cloned(),
             };
             if let Some(k) = candidate {
-                if self.cache.contains(&k) && self.cache.is_authorized(&k, key) {
+                if self.cache.is_verified(&k) && self.cache.is_authorized(&k, key) {
                     return Plan::Known(Ok(Obtained::Cached(k)));
+                }
+                // Still being verified since the start: wait for it (moved to the front).
+                if self.cache.contains(&k) && self.cache.is_authorized(&k, key) {
+                    let verifier = self.cache.verifier().clone();
+                    return Plan::Fetch(Job::Verify { key: k, verifier });
                 }
             }
         }
@@ -102,10 +126,10 @@ impl Engine {
         Plan::Fetch(match reference {
             Ok(reference) => {
                 let name = st.url.module_name();
+                // Modules still being verified included: a revalidation waits for it.
                 let cached = self
                     .cache
-                    .entries()
-                    .map(|(k, _)| k)
+                    .keys()
                     .filter(|k| k.name == name)
                     .cloned()
                     .collect();

@@ -171,7 +171,7 @@ pub async fn start_with(
             setup.config.cache_dir.display()
         )
     })?;
-    tracing::info!(kept = report.kept, removed = report.removed.len(), dir = %setup.config.cache_dir.display(), "cache indexed");
+    tracing::info!(kept = report.kept, removed = report.removed.len(), verifying = report.verifying, dir = %setup.config.cache_dir.display(), "cache indexed");
     let metrics = driver.engine().metrics().clone();
     let resources = driver.resources().clone();
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
