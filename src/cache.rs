@@ -23,8 +23,11 @@ use crate::fetch::http::Validators;
 use crate::fetch::StagedModule;
 use crate::log_gate::LogGate;
 use crate::plugin::ObjectKey;
-use crate::store::{sha256_hex, ModuleStore};
-use crate::verify::{Check, Verifier};
+
+pub mod verify;
+
+use crate::store::ModuleStore;
+pub use verify::{ReindexReport, Verifier};
 
 /// `(module name, checksum)`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -102,17 +105,6 @@ struct PersistedModule {
     last_used_ms: u64,
 }
 
-/// What re-indexing found at start.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ReindexReport {
-    /// Modules kept: verified, or still being verified.
-    pub kept: usize,
-    /// Files removed because they did not verify or were unknown, in path order.
-    pub removed: Vec<PathBuf>,
-    /// Of the kept modules, those whose file is still being verified.
-    pub verifying: usize,
-}
-
 /// The cache index. Not thread-safe by itself: the engine owns it.
 pub struct Cache {
     store: Arc<dyn ModuleStore>,
@@ -166,148 +158,6 @@ impl std::fmt::Debug for Cache {
 }
 
 impl Cache {
-    /// Opens the cache over `store`, re-indexing what it holds: files the persisted index does not
-    /// know, or whose size differs, are removed at once; the others are verified by a [`Verifier`]
-    /// on [`ModuleStore::verify_threads`] threads (on this one, before it returns, for none), the
-    /// modules plugins served last first. One that does not verify is removed, as are the
-    /// resolutions pointing to modules no longer present.
-    pub fn open(store: Arc<dyn ModuleStore>) -> io::Result<(Cache, ReindexReport)> {
-        let persisted: PersistedIndex = match store.load_index()? {
-            Some(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
-            None => PersistedIndex::default(),
-        };
-        let known: BTreeMap<(String, String), &PersistedModule> = persisted
-            .modules
-            .iter()
-            .map(|m| ((sha256_hex(m.name.as_bytes()), m.checksum.clone()), m))
-            .collect();
-        let mut reindex = ReindexReport::default();
-        let mut modules = BTreeMap::new();
-        let mut checks = Vec::new();
-        for file in store.list()? {
-            let name = (file.name_hash.clone(), file.checksum.clone());
-            let Some(m) = known.get(&name).filter(|m| m.size == file.size) else {
-                store.remove(&file.path)?;
-                reindex.removed.push(file.path);
-                continue;
-            };
-            let key = ModuleKey::new(&m.name, &m.checksum);
-            checks.push(Check {
-                key: key.clone(),
-                path: file.path.clone(),
-                sha256: m.sha256.clone(),
-            });
-            modules.insert(
-                key,
-                ModuleEntry {
-                    path: file.path,
-                    size: m.size,
-                    sha256: m.sha256.clone(),
-                    last_used: Timestamp::from_millis(m.last_used_ms),
-                    refs: BTreeSet::new(),
-                    private: m.private,
-                    authorized: BTreeSet::new(),
-                },
-            );
-        }
-        // What plugins served before the restart is what they will ask for first.
-        let served_before: BTreeSet<&ModuleKey> =
-            persisted.served.values().map(|r| &r.module).collect();
-        checks.sort_by_key(|c| !served_before.contains(&c.key));
-        let pending = checks.iter().map(|c| c.key.clone()).collect();
-        (reindex.kept, reindex.verifying) = (checks.len(), checks.len());
-        let verifier = Verifier::start(store.clone(), checks, store.verify_threads());
-        let served = persisted
-            .served
-            .into_iter()
-            .filter(|(_, r)| modules.contains_key(&r.module))
-            .collect();
-        let resolutions: BTreeMap<String, ModuleKey> = persisted
-            .resolutions
-            .into_iter()
-            .filter(|(_, k)| modules.contains_key(k))
-            .collect();
-        let paths = modules
-            .iter()
-            .map(|(k, e)| (e.path.clone(), k.clone()))
-            .collect();
-        let mut cache = Cache {
-            store,
-            modules,
-            paths,
-            validators: validators_for(persisted.validators, &resolutions),
-            served,
-            resolutions,
-            now: Timestamp::default(),
-            dirty: true,
-            warnings: LogGate::new(INDEX_WARN_INTERVAL),
-            pending,
-            verifier,
-            reindex,
-        };
-        cache.settle();
-        let last_used = cache.modules.values().map(|e| e.last_used).max();
-        cache.now = last_used.unwrap_or_default();
-        cache.save();
-        let report = cache.reindex_report();
-        Ok((cache, report))
-    }
-
-    /// Re-indexing as of now (see [`Cache::settle`]).
-    pub fn reindex_report(&self) -> ReindexReport {
-        let mut report = self.reindex.clone();
-        report.removed.sort();
-        report
-    }
-
-    /// Takes the verifier's results: a verified entry can be served from now on; one that failed
-    /// (its file removed already) is forgotten with the resolutions, validators and served records
-    /// pointing at it. Cheap once everything is verified.
-    pub fn settle(&mut self) {
-        if self.pending.is_empty() {
-            return;
-        }
-        for (key, ok) in self.verifier.take() {
-            if !self.pending.remove(&key) {
-                continue; // downloaded again meanwhile
-            }
-            self.reindex.verifying -= 1;
-            if let Some(entry) = (!ok).then(|| self.forget(&key)).flatten() {
-                self.reindex.kept -= 1;
-                self.reindex.removed.push(entry.path);
-            }
-        }
-    }
-
-    /// Waits until every file is verified (tests, tools); returns the whole re-indexing.
-    pub fn wait_verified(&mut self) -> ReindexReport {
-        self.verifier.wait_all();
-        self.settle();
-        self.reindex_report()
-    }
-
-    /// True when `key` is cached and its file verified: the only modules served.
-    pub fn is_verified(&self, key: &ModuleKey) -> bool {
-        self.modules.contains_key(key) && !self.pending.contains(key)
-    }
-
-    /// The verifier of the files found at open ([`Verifier::wait`] for one of them).
-    pub fn verifier(&self) -> &Arc<Verifier> {
-        &self.verifier
-    }
-
-    /// Makes sure `key`'s file is verified, blocking this thread until it is (for the rare
-    /// synchronous path: restoring what a plugin served before a restart). Returns
-    /// [`Cache::is_verified`].
-    pub fn verify_now(&mut self, key: &ModuleKey) -> bool {
-        if self.pending.contains(key) {
-            let verifier = self.verifier.clone();
-            crate::fetch::cpu_bound(|| verifier.wait_blocking(key));
-            self.settle();
-        }
-        self.is_verified(key)
-    }
-
     pub fn store(&self) -> &Arc<dyn ModuleStore> {
         &self.store
     }
@@ -616,7 +466,7 @@ mod tests {
     use std::io::Write;
 
     use super::*;
-    use crate::store::{DiskStore, MemStore};
+    use crate::store::{sha256_hex, DiskStore, MemStore};
 
     fn staged(store: &dyn ModuleStore, bytes: &[u8]) -> StagedModule {
         let mut f = store.stage().unwrap();

@@ -60,6 +60,9 @@ pub struct Config {
     pub max_concurrent_pulls: usize,
     /// Module pulls running at once against one host (at least 1).
     pub max_pulls_per_host: usize,
+    /// Threads verifying the cached files at start (`--cache-verify-threads`): `None` for one per
+    /// core; 0 verifies them all before anything is served.
+    pub cache_verify_threads: Option<usize>,
 }
 
 impl Default for Config {
@@ -78,6 +81,7 @@ impl Default for Config {
             host_cas: Vec::new(),
             max_concurrent_pulls: DEFAULT_MAX_CONCURRENT_PULLS,
             max_pulls_per_host: DEFAULT_MAX_PULLS_PER_HOST,
+            cache_verify_threads: None,
         }
     }
 }

@@ -6,8 +6,8 @@
 //! - [`plugin`]: parse and validate `WasmPlugin` / pull-secret manifests;
 //! - [`policy`]: the effective pull policy, pure;
 //! - [`fetch`]: HTTP(S), OCI and file fetchers over a [`fetch::Transport`];
-//! - [`store`] and [`cache`]: module files and the cache index (expiry, resolutions); [`verify`]:
-//!   the start-up check of the cached files, on threads of its own;
+//! - [`store`] and [`cache`]: module files and the cache index (expiry, resolutions, the start-up
+//!   verification of the cached files on threads of their own);
 //! - [`engine`]: processes plugin versions into outcomes, retries rejected plugins, purges;
 //! - [`dispatch`]: runs the engine's processings as concurrent jobs, one download per module;
 //! - [`convert`]: serving state → the ECDS resource Envoy receives;
@@ -50,7 +50,6 @@ pub mod serve;
 pub mod source;
 pub mod store;
 pub mod url;
-pub mod verify;
 pub mod xds;
 
 #[path = "../sim/mod.rs"]

@@ -79,7 +79,7 @@ pub trait ModuleStore: Send + Sync {
     fn survives_crash(&self) -> bool {
         true
     }
-    /// How many threads verify the cached files at start ([`crate::verify`]); 0: the opening
+    /// How many threads verify the cached files at start ([`crate::cache::verify`]); 0: the opening
     /// thread verifies them all before the cache opens (memory, where reads never wait).
     fn verify_threads(&self) -> usize {
         0
@@ -157,6 +157,8 @@ fn not_regular(meta: &fs::Metadata) -> io::Error {
 #[derive(Debug)]
 pub struct DiskStore {
     root: PathBuf,
+    /// See [`ModuleStore::verify_threads`]; `None`: one per core.
+    verify_threads: Option<usize>,
 }
 
 impl DiskStore {
@@ -170,7 +172,17 @@ impl DiskStore {
         let staging = root.join(STAGING_DIR);
         let _ = fs::remove_dir_all(&staging);
         fs::create_dir_all(&staging)?;
-        Ok(DiskStore { root })
+        Ok(DiskStore {
+            root,
+            verify_threads: None,
+        })
+    }
+
+    /// Verifies the cached files at start on `threads` threads (`None`: one per core; 0: all of
+    /// them before the cache opens, on the opening thread).
+    pub fn with_verify_threads(mut self, threads: Option<usize>) -> Self {
+        self.verify_threads = threads;
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -382,10 +394,11 @@ impl ModuleStore for DiskStore {
         fs::create_dir_all(self.root.join(STAGING_DIR))
     }
 
-    /// One per core: hashing is CPU-bound once the files are in the page cache, and parallel
-    /// reads keep a cold disk's queue full.
+    /// One per core unless set: hashing is CPU-bound once the files are in the page cache, and
+    /// parallel reads keep a cold disk's queue full.
     fn verify_threads(&self) -> usize {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        self.verify_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
 }
 

@@ -135,6 +135,15 @@ pub struct ServeArgs {
         default_value = "8"
     )]
     pub max_pulls_per_host: String,
+    /// Threads hashing the cached modules again at start: `auto` (one per core) or a number; 0
+    /// verifies the whole cache before anything is served.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "WASM_ECDS_CACHE_VERIFY_THREADS",
+        default_value = "auto"
+    )]
+    pub cache_verify_threads: String,
     /// Registries reached over plain HTTP / without certificate checks (`host:port`, comma
     /// separated, `*` for all).
     #[arg(
@@ -351,6 +360,14 @@ impl ServeArgs {
                 "WASM_ECDS_MAX_CONCURRENT_PULLS",
                 &self.max_concurrent_pulls,
             )?,
+            cache_verify_threads: match self.cache_verify_threads.as_str() {
+                "auto" => None,
+                n => Some(n.parse::<usize>().map_err(|_| {
+                    let why = "want auto or a whole number such as 2";
+                    let e = OptionError::new("WASM_ECDS_CACHE_VERIFY_THREADS", "count", n, why);
+                    self.name_source("cache_verify_threads", e)
+                })?),
+            },
             max_pulls_per_host: self.count(
                 "max_pulls_per_host",
                 "WASM_ECDS_MAX_PULLS_PER_HOST",

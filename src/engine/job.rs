@@ -5,12 +5,12 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use crate::cache::ModuleKey;
+use crate::cache::Verifier;
 use crate::fetch::http::{HttpPull, Validators};
 use crate::fetch::{FetchError, Fetcher, StagedModule};
 use crate::outcome::Reason;
 use crate::plugin::{Credentials, ObjectKey};
 use crate::url::{HttpUrl, OciRef};
-use crate::verify::Verifier;
 
 /// What must be fetched for one plugin version.
 #[derive(Clone, Debug)]

@@ -146,10 +146,9 @@ pub async fn start_with(
     let exposure = ports::Exposure::new(&ports, xds_address, admin_address)?;
     xds_options.access = exposure.xds_access.clone();
     let module_endpoint = exposure.module_endpoint.clone();
-    let store =
-        Arc::new(DiskStore::open(&setup.config.cache_dir).with_context(|| {
-            format!("cannot open cache dir {}", setup.config.cache_dir.display())
-        })?);
+    let store = DiskStore::open(&setup.config.cache_dir)
+        .with_context(|| format!("cannot open cache dir {}", setup.config.cache_dir.display()))?;
+    let store = Arc::new(store.with_verify_threads(setup.config.cache_verify_threads));
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let start = clock.now();
     let (driver, report) = Driver::new(DriverParts {

@@ -2,25 +2,29 @@
 //! restarts"): each file the index knows is hashed again before it is served.
 //!
 //! Hashing a whole cache before serving anything made a cold start with 1,000 cached 1 MiB modules
-//! take a second on one thread. The [`Verifier`] hashes on threads of its own (one per core) in an
-//! order the cache chooses — the modules plugins served before the restart first — and moves a
-//! module to the front of the queue as soon as a plugin needs it ([`Verifier::wait`]), so a plugin
-//! waits for its own module, not for the whole cache. A store read from memory (the simulator's)
+//! take a second on one thread. The [`Verifier`] hashes on threads of its own (one per core, from
+//! tokio's blocking pool inside a runtime) in an order the cache chooses — the modules plugins
+//! served before the restart first — and moves a module to the front of the queue as soon as a
+//! plugin needs it ([`Verifier::wait`]), so a plugin waits for its own module, not for the whole
+//! cache. A store read from memory (the simulator's)
 //! is verified on the caller's thread at open, in index order, so it stays deterministic.
 //!
 //! A file that does not verify is removed by the verifier itself, under its lock, unless the
 //! module was downloaded again meanwhile ([`Verifier::supersede`]): the fresh file under the same
 //! name is then never touched. The cache learns the results when it asks ([`Verifier::take`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use sha2::{Digest, Sha256};
 
-use crate::cache::ModuleKey;
-use crate::store::ModuleStore;
+use super::INDEX_WARN_INTERVAL;
+use super::{validators_for, Cache, ModuleEntry, ModuleKey, PersistedIndex, PersistedModule};
+use crate::clock::Timestamp;
+use crate::log_gate::LogGate;
+use crate::store::{sha256_hex, ModuleStore};
 
 /// The read size of the hashing loop: large reads keep a cold disk streaming.
 const READ_BUFFER: usize = 1 << 20;
@@ -101,6 +105,12 @@ impl Verifier {
         }
         for i in 0..threads {
             let v = verifier.clone();
+            // On the runtime's blocking pool when there is one: a paused (virtual) clock then does
+            // not jump ahead while files are hashed, so time-driven tests stay deterministic.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn_blocking(move || v.work());
+                continue;
+            }
             let spawned = std::thread::Builder::new()
                 .name(format!("cache-verify-{i}"))
                 .spawn(move || v.work());
@@ -263,6 +273,161 @@ fn pending(st: &State, key: &ModuleKey) -> bool {
             st.checks.get(key),
             Some((_, Status::Queued | Status::Running))
         )
+}
+
+/// What re-indexing found at start.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReindexReport {
+    /// Modules kept: verified, or still being verified.
+    pub kept: usize,
+    /// Files removed because they did not verify or were unknown, in path order.
+    pub removed: Vec<PathBuf>,
+    /// Of the kept modules, those whose file is still being verified.
+    pub verifying: usize,
+}
+
+impl Cache {
+    /// Opens the cache over `store`, re-indexing what it holds: files the persisted index does not
+    /// know, or whose size differs, are removed at once; the others are verified by a [`Verifier`]
+    /// on [`ModuleStore::verify_threads`] threads (on this one, before it returns, for none), the
+    /// modules plugins served last first. One that does not verify is removed, as are the
+    /// resolutions pointing to modules no longer present.
+    pub fn open(store: Arc<dyn ModuleStore>) -> io::Result<(Cache, ReindexReport)> {
+        let persisted: PersistedIndex = match store.load_index()? {
+            Some(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+            None => PersistedIndex::default(),
+        };
+        let known: BTreeMap<(String, String), &PersistedModule> = persisted
+            .modules
+            .iter()
+            .map(|m| ((sha256_hex(m.name.as_bytes()), m.checksum.clone()), m))
+            .collect();
+        let mut reindex = ReindexReport::default();
+        let mut modules = BTreeMap::new();
+        let mut checks = Vec::new();
+        for file in store.list()? {
+            let name = (file.name_hash.clone(), file.checksum.clone());
+            let Some(m) = known.get(&name).filter(|m| m.size == file.size) else {
+                store.remove(&file.path)?;
+                reindex.removed.push(file.path);
+                continue;
+            };
+            let key = ModuleKey::new(&m.name, &m.checksum);
+            checks.push(Check {
+                key: key.clone(),
+                path: file.path.clone(),
+                sha256: m.sha256.clone(),
+            });
+            modules.insert(
+                key,
+                ModuleEntry {
+                    path: file.path,
+                    size: m.size,
+                    sha256: m.sha256.clone(),
+                    last_used: Timestamp::from_millis(m.last_used_ms),
+                    refs: BTreeSet::new(),
+                    private: m.private,
+                    authorized: BTreeSet::new(),
+                },
+            );
+        }
+        // What plugins served before the restart is what they will ask for first.
+        let served_before: BTreeSet<&ModuleKey> =
+            persisted.served.values().map(|r| &r.module).collect();
+        checks.sort_by_key(|c| !served_before.contains(&c.key));
+        let pending = checks.iter().map(|c| c.key.clone()).collect();
+        (reindex.kept, reindex.verifying) = (checks.len(), checks.len());
+        let verifier = Verifier::start(store.clone(), checks, store.verify_threads());
+        let served = persisted
+            .served
+            .into_iter()
+            .filter(|(_, r)| modules.contains_key(&r.module))
+            .collect();
+        let resolutions: BTreeMap<String, ModuleKey> = persisted
+            .resolutions
+            .into_iter()
+            .filter(|(_, k)| modules.contains_key(k))
+            .collect();
+        let paths = modules
+            .iter()
+            .map(|(k, e)| (e.path.clone(), k.clone()))
+            .collect();
+        let mut cache = Cache {
+            store,
+            modules,
+            paths,
+            validators: validators_for(persisted.validators, &resolutions),
+            served,
+            resolutions,
+            now: Timestamp::default(),
+            dirty: true,
+            warnings: LogGate::new(INDEX_WARN_INTERVAL),
+            pending,
+            verifier,
+            reindex,
+        };
+        cache.settle();
+        let last_used = cache.modules.values().map(|e| e.last_used).max();
+        cache.now = last_used.unwrap_or_default();
+        cache.save();
+        let report = cache.reindex_report();
+        Ok((cache, report))
+    }
+
+    /// Re-indexing as of now (see [`Cache::settle`]).
+    pub fn reindex_report(&self) -> ReindexReport {
+        let mut report = self.reindex.clone();
+        report.removed.sort();
+        report
+    }
+
+    /// Takes the verifier's results: a verified entry can be served from now on; one that failed
+    /// (its file removed already) is forgotten with the resolutions, validators and served records
+    /// pointing at it. Cheap once everything is verified.
+    pub fn settle(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        for (key, ok) in self.verifier.take() {
+            if !self.pending.remove(&key) {
+                continue; // downloaded again meanwhile
+            }
+            self.reindex.verifying -= 1;
+            if let Some(entry) = (!ok).then(|| self.forget(&key)).flatten() {
+                self.reindex.kept -= 1;
+                self.reindex.removed.push(entry.path);
+            }
+        }
+    }
+
+    /// Waits until every file is verified (tests, tools); returns the whole re-indexing.
+    pub fn wait_verified(&mut self) -> ReindexReport {
+        self.verifier.wait_all();
+        self.settle();
+        self.reindex_report()
+    }
+
+    /// True when `key` is cached and its file verified: the only modules served.
+    pub fn is_verified(&self, key: &ModuleKey) -> bool {
+        self.modules.contains_key(key) && !self.pending.contains(key)
+    }
+
+    /// The verifier of the files found at open ([`Verifier::wait`] for one of them).
+    pub fn verifier(&self) -> &Arc<Verifier> {
+        &self.verifier
+    }
+
+    /// Makes sure `key`'s file is verified, blocking this thread until it is (for the rare
+    /// synchronous path: restoring what a plugin served before a restart). Returns
+    /// [`Cache::is_verified`].
+    pub fn verify_now(&mut self, key: &ModuleKey) -> bool {
+        if self.pending.contains(key) {
+            let verifier = self.verifier.clone();
+            crate::fetch::cpu_bound(|| verifier.wait_blocking(key));
+            self.settle();
+        }
+        self.is_verified(key)
+    }
 }
 
 /// Hex sha256 of a stored file, read in pieces of `buf`'s size.
