@@ -151,17 +151,23 @@ impl Verifier {
     /// The module was downloaded again and its file replaced: whatever the check of the old file
     /// finds, it removes nothing and reports nothing.
     pub fn supersede(&self, key: &ModuleKey) {
-        {
-            let mut guard = self.lock();
-            let st = &mut *guard;
-            if let Some((_, status)) = st.checks.get_mut(key) {
-                if matches!(status, Status::Queued | Status::Running) {
-                    st.remaining -= 1;
-                }
-                *status = Status::Superseded;
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let mut finished = false;
+        if let Some((_, status)) = st.checks.get_mut(key) {
+            if matches!(status, Status::Queued | Status::Running) {
+                // Kept: under a fresh file.
+                (st.remaining, st.kept) = (st.remaining - 1, st.kept + 1);
+                finished = st.remaining == 0;
             }
+            *status = Status::Superseded;
         }
+        let (kept, removed) = (st.kept, st.removed);
+        drop(guard);
         self.wake();
+        if finished {
+            log_verified(kept, removed);
+        }
     }
 
     /// Waits until `key` is no longer waiting for verification, moving it to the front first.
@@ -243,8 +249,8 @@ impl Verifier {
             let (finished, kept, removed) = (st.remaining == 0, st.kept, st.removed);
             drop(st);
             self.wake();
-            if finished && kept + removed > 0 {
-                tracing::info!(kept, removed, "cache verified");
+            if finished {
+                log_verified(kept, removed);
             }
         }
     }
@@ -264,6 +270,13 @@ impl Verifier {
             }
         }
         None
+    }
+}
+
+/// The line saying every cached module found at start was verified (none: no line).
+fn log_verified(kept: usize, removed: usize) {
+    if kept + removed > 0 {
+        tracing::info!(kept, removed, "cache verified");
     }
 }
 
