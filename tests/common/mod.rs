@@ -262,13 +262,10 @@ impl Harness {
         }
     }
 
-    /// Every cached module.
+    /// Every cached module, those still being verified since a restart included (whether one is
+    /// verified yet depends on the verification threads, not on the test).
     pub fn cached(&self) -> Vec<ModuleKey> {
-        self.engine()
-            .cache()
-            .entries()
-            .map(|(k, _)| k.clone())
-            .collect()
+        self.engine().cache().keys().cloned().collect()
     }
 
     /// One metric sample (0 when absent), e.g. `istio_agent_wasm_cache_lookup_count{hit="true"}`.
