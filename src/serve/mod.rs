@@ -19,7 +19,7 @@ pub mod sources;
 
 pub use process::run_blocking;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -70,7 +70,7 @@ pub struct Shared {
 /// Requests to the controller.
 #[derive(Debug)]
 pub enum Command {
-    /// The plugin files changed.
+    /// The plugin files changed: the watcher says which (`files::Watcher::take`).
     Reload,
     /// Force a pull for a plugin; answers whether it exists.
     Refresh(ObjectKey, oneshot::Sender<bool>),
@@ -209,6 +209,8 @@ pub async fn start_with(
         kube,
         generations: BTreeMap::new(),
         fatal: fatal_tx,
+        statuses_stale: true,
+        report_stale: true,
     };
     tasks.push(tokio::spawn(controller.run(
         cmd_rx,
@@ -356,6 +358,10 @@ struct Controller {
     proxy: Option<proxied::ProxyLink>,
     /// Where proxies fetch modules with `--delivery http`.
     module_endpoint: String,
+    /// Something the Kubernetes plugins' statuses derive from changed since they were published.
+    statuses_stale: bool,
+    /// `proxy` mode: what proxied streams want changed since their results were reported.
+    report_stale: bool,
 }
 
 /// The next change of what proxied streams want; never completes outside `proxy` mode.
@@ -397,7 +403,11 @@ impl Controller {
         // list — has been loaded and processed.
         let mut ready_tx = Some(ready);
         let mut ready_ticket = None;
-        self.scan_files();
+        let rescan = files::FileChanges {
+            rescan: true,
+            ..Default::default()
+        };
+        self.update_files(&rescan);
         if self.kube.is_none() {
             ready_ticket = Some(self.resync());
         }
@@ -411,14 +421,24 @@ impl Controller {
                 }
             }
             self.refresh_view(ready_tx.is_none());
-            self.publish_statuses();
             // Events are read by the proxy link and `WatchEvents`; taking them also keeps them
             // from piling up.
             let events = self.driver.take_events();
             self.shared.events.publish(&events);
+            // What derives from the driver's state is worked out again only when it changed: a
+            // wake-up for nothing (a deadline with nothing due) costs nothing per plugin.
+            if !events.is_empty() {
+                self.statuses_stale = true;
+                self.report_stale = true;
+            }
+            if std::mem::take(&mut self.statuses_stale) {
+                self.publish_statuses();
+            }
             let sweep = match &self.proxy {
                 Some(link) => {
-                    link.report(&self.driver, &events, &self.module_endpoint);
+                    if std::mem::take(&mut self.report_stale) {
+                        link.report(&self.driver, &events, &self.module_endpoint);
+                    }
                     link.hub.sweep()
                 }
                 None => None,
@@ -430,8 +450,20 @@ impl Controller {
                 }
                 () = sleep_until(sweep) => {}
                 snapshot = next_snapshot(&mut self.kube) => {
-                    self.sources.kube = snapshot;
-                    let ticket = self.resync();
+                    let ticket = if ready_ticket.is_none() {
+                        // The first list: every object of both sources, at once.
+                        self.sources.kube = snapshot;
+                        self.resync()
+                    } else {
+                        let changed = sources::snapshot_changes(
+                            self.sources.kube.as_deref(),
+                            snapshot.as_deref(),
+                        );
+                        self.sources.kube = snapshot;
+                        // Its metadata (generations) may have changed alone.
+                        self.statuses_stale = true;
+                        self.resync_changed(&changed)
+                    };
                     if ready_ticket.is_none() {
                         if !self.sources.conflicts.is_empty() {
                             let list: Vec<&str> = self.sources.conflicts.values().map(|c| c.message.as_str()).collect();
@@ -451,11 +483,12 @@ impl Controller {
                                 refreshes.push((key, reply));
                             }
                         }
-                        if self.scan_files() {
-                            // Files written to a new directory before it was watched.
-                            self.scan_files();
-                        }
-                        self.resync();
+                        let changes = match &self.watcher {
+                            Some(w) => w.take(),
+                            None => files::FileChanges::default(),
+                        };
+                        let changed = self.update_files(&changes);
+                        self.resync_changed(&changed);
                         for (key, reply) in refreshes {
                             let _ = reply.send(self.driver.refresh(&key).is_some());
                         }
@@ -470,11 +503,24 @@ impl Controller {
         self.driver.flush();
     }
 
-    /// Re-reads the plugin files; true when that found a directory not watched before.
-    fn scan_files(&mut self) -> bool {
-        tracing::debug!("rescanning plugin files");
-        self.sources.files = self.files.scan();
-        (self.watcher.as_mut()).is_some_and(|w| w.update(&self.sources.files.dirs))
+    /// Re-reads the plugin files that changed (all of them for a rescan) and watches the
+    /// directories found; returns the objects whose definition changed.
+    fn update_files(&mut self, changes: &files::FileChanges) -> files::ChangedKeys {
+        if changes.rescan {
+            tracing::debug!("reading every plugin file");
+        }
+        let desired = &mut self.sources.files;
+        let mut changed = self.files.update(desired, changes, &[]);
+        let fresh = match &mut self.watcher {
+            Some(w) => w.update(&desired.dirs),
+            None => Vec::new(),
+        };
+        if !fresh.is_empty() && !changes.rescan {
+            // Files written to a new directory before it was watched.
+            let none = files::FileChanges::default();
+            changed.extend(self.files.update(desired, &none, &fresh));
+        }
+        changed
     }
 
     /// Makes the driver's objects what the sources say now; returns what that caused.
@@ -499,19 +545,59 @@ impl Controller {
         let ticket = self
             .driver
             .sync(&merged.plugins, &merged.envoy_filters, &merged.secrets);
-        self.note_generations();
+        self.note_generations(None);
+        self.statuses_stale = true;
+        self.report_stale = true;
         ticket
     }
 
-    /// Remembers the generation of each Kubernetes plugin object the driver took as a new version.
-    fn note_generations(&mut self) {
+    /// Makes the driver's objects what the sources say now, `changed` (by kind and key) being
+    /// all that changed since the last sync: the work is for those objects only.
+    fn resync_changed(&mut self, changed: &files::ChangedKeys) -> crate::driver::Ticket {
+        if changed.is_empty() {
+            return crate::driver::Ticket::default();
+        }
+        let before: Vec<Option<String>> = (changed.iter())
+            .map(|id| self.sources.conflicts.get(id).map(|c| c.message.clone()))
+            .collect();
+        let objects = self.sources.merge_changed(changed);
+        for (id, before) in changed.iter().zip(before) {
+            if let Some(c) = self.sources.conflicts.get(id) {
+                if before.as_ref() != Some(&c.message) {
+                    tracing::error!(object = %c.object, "{}", c.message);
+                }
+            }
+        }
+        let (ticket, mut touched) = self.driver.sync_changed(&objects);
+        touched.extend(objects.plugins.into_keys());
+        self.note_generations(Some(&touched));
+        self.statuses_stale = true;
+        self.report_stale = true;
+        ticket
+    }
+
+    /// Remembers the generation of each Kubernetes plugin object the driver took as a new version:
+    /// of the plugins `only` names, or of all.
+    fn note_generations(&mut self, only: Option<&BTreeSet<ObjectKey>>) {
         let Some(snapshot) = &self.sources.kube else {
             return;
         };
         let objects = self.driver.objects();
-        self.generations
-            .retain(|k, _| snapshot.meta.contains_key(k));
-        for (k, meta) in &snapshot.meta {
+        let metas: Vec<(&ObjectKey, &k8s::ObjectMeta)> = match only {
+            Some(keys) => {
+                for k in keys.iter().filter(|k| !snapshot.meta.contains_key(*k)) {
+                    self.generations.remove(k);
+                }
+                (keys.iter())
+                    .filter_map(|k| snapshot.meta.get_key_value(k))
+                    .collect()
+            }
+            None => {
+                (self.generations).retain(|k, _| snapshot.meta.contains_key(k));
+                snapshot.meta.iter().collect()
+            }
+        };
+        for (k, meta) in metas {
             let Some(vp) = objects.plugin(k) else {
                 continue;
             };
