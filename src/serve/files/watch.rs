@@ -178,4 +178,30 @@ mod tests {
         }
         assert!(p.changes.rescan && p.changes.paths.is_empty());
     }
+
+    #[tokio::test]
+    async fn the_servers_own_reads_are_no_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        std::fs::write(root.join("a.yaml"), "a").unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut w = spawn_watcher(std::slice::from_ref(&root), tx)
+            .unwrap()
+            .unwrap();
+        let added = w.update(std::slice::from_ref(&root));
+        assert_eq!(added.as_slice(), std::slice::from_ref(&root));
+        for _ in 0..3 {
+            std::fs::read(root.join("a.yaml")).unwrap();
+        }
+        // Events come in order: once the write of b.yaml is told, the reads before it were seen.
+        std::fs::write(root.join("b.yaml"), "b").unwrap();
+        let told = tokio::time::timeout(std::time::Duration::from_secs(60), rx.recv());
+        assert!(matches!(told.await, Ok(Some(Command::Reload))));
+        let changes = w.take();
+        assert!(!changes.rescan);
+        assert_eq!(
+            changes.paths.into_iter().collect::<Vec<_>>(),
+            [root.join("b.yaml")]
+        );
+    }
 }
