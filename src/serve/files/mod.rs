@@ -159,6 +159,10 @@ impl FileSource {
                     reread.insert(name);
                 }
                 Seen::Structural => structural = true,
+                Seen::Alias(name) => {
+                    reread.insert(name);
+                    structural = true;
+                }
                 Seen::Nothing => {}
             }
         }
@@ -228,8 +232,10 @@ impl FileSource {
                     return Seen::Nothing;
                 }
                 let id = FileId::of(&md);
-                if self.by_id.contains_key(&id) {
-                    return Seen::Structural;
+                if let Some(name) = self.by_id.get(&id) {
+                    // Another name of a file of ours (`..2025_…/a.yaml` behind `a.yaml`): edited
+                    // through it, or a new link to it.
+                    return Seen::Alias(name.clone());
                 }
                 // A new file: its name as the walk would give it (the directory's name joined).
                 let name = self.name_of(&abs);
@@ -443,6 +449,8 @@ enum Seen {
     Reread(PathBuf),
     /// Which files there are may have changed: walk again.
     Structural,
+    /// Another name of a file of ours changed: read it again, and walk again.
+    Alias(PathBuf),
     Nothing,
 }
 
