@@ -9,7 +9,7 @@ pub mod inspect;
 pub mod options;
 pub mod ports;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -199,15 +199,23 @@ pub fn expand_paths(paths: &[PathBuf], exts: &[&str]) -> Expanded {
                 found.sort_by(|a, b| {
                     (a.0.components().count(), &a.0).cmp(&(b.0.components().count(), &b.0))
                 });
-                let mut kept: Vec<PathBuf> = found
-                    .into_iter()
-                    .filter(|(_, id)| id.is_none_or(|id| files_seen.insert(id)))
-                    .map(|(path, _)| path)
-                    .collect();
+                let mut kept: Vec<PathBuf> = Vec::new();
+                for (path, id) in found {
+                    if id.is_none_or(|id| files_seen.insert(id)) {
+                        if let Some(id) = id {
+                            walk.out.ids.insert(path.clone(), id);
+                        }
+                        kept.push(path);
+                    }
+                }
                 kept.sort();
                 walk.out.files.extend(kept);
             }
             Ok(md) if !files_seen.insert(FileId::of(&md)) => {}
+            Ok(md) => {
+                walk.out.ids.insert(p.clone(), FileId::of(&md));
+                walk.out.files.push(p.clone());
+            }
             // Missing or not a directory: reading it says what is wrong.
             _ => walk.out.files.push(p.clone()),
         }
@@ -226,14 +234,17 @@ pub struct Expanded {
     pub unreadable: Vec<PathBuf>,
     /// Every directory read, roots included.
     pub dirs: Vec<PathBuf>,
+    /// The identity of each file of `files` that could be looked at (not a dangling link or a
+    /// missing file): `serve` tells a file replaced by another from one edited in place.
+    pub ids: HashMap<PathBuf, FileId>,
 }
 
 /// A file's identity: device and inode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct FileId(u64, u64);
+pub struct FileId(u64, u64);
 
 impl FileId {
-    fn of(md: &std::fs::Metadata) -> Self {
+    pub fn of(md: &std::fs::Metadata) -> Self {
         use std::os::unix::fs::MetadataExt;
         FileId(md.dev(), md.ino())
     }

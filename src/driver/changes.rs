@@ -1,5 +1,6 @@
 //! Source changes as the driver takes them: objects applied, edited and deleted one at a time
-//! (`sim`, the tests) or as whole sets ([`Driver::sync`]: `serve`'s rescans and relists), handed to
+//! (`sim`, the tests), as whole sets ([`Driver::sync`]) or as the objects that changed
+//! ([`Driver::sync_changed`]: `serve`'s file edits and relists), handed to
 //! the [`ObjectStore`](crate::source::ObjectStore) for admission and then to the engine. Refusals are remembered (and reported
 //! once per sync); plugins refused because another one serves their ECDS resource name are admitted
 //! by themselves once it is free (behavior.md §10 "Conflicts").
@@ -12,6 +13,33 @@ use super::{Applied, Driver, Ticket};
 use crate::plugin::envoyfilter;
 use crate::plugin::{FieldError, ObjectKey};
 use crate::source::Change;
+
+/// Objects changed since the last sync, by key: `Some` the object now, `None` gone.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ObjectChanges {
+    pub plugins: BTreeMap<ObjectKey, Option<Value>>,
+    pub envoy_filters: BTreeMap<ObjectKey, Option<Value>>,
+    pub secrets: BTreeMap<ObjectKey, Option<Value>>,
+}
+
+impl ObjectChanges {
+    pub fn is_empty(&self) -> bool {
+        self.plugins.is_empty() && self.envoy_filters.is_empty() && self.secrets.is_empty()
+    }
+}
+
+/// The plugin a change is about, if any.
+fn plugin_of(change: &Change) -> Option<ObjectKey> {
+    match change {
+        Change::PluginCreated(k)
+        | Change::PluginChanged(k)
+        | Change::PluginDeleted(k)
+        | Change::Unchanged(k)
+        | Change::Conflict { key: k, .. }
+        | Change::Refused { key: Some(k), .. } => Some(k.clone()),
+        _ => None,
+    }
+}
 
 /// The last refused object of a plugin and why.
 #[derive(Clone, Debug, PartialEq)]
@@ -137,6 +165,59 @@ impl Driver {
         }
         self.quiet_repeats = false;
         ticket
+    }
+
+    /// Applies the objects that changed since the last sync (a plugin file edited, a Kubernetes
+    /// object changed): `Some` the object now, `None` gone. The same as [`sync`](Self::sync) to
+    /// the set of all objects, in the same order, but with work for the changed keys only: a
+    /// plugin refused for a conflict is admitted as soon as a change frees its resource name.
+    /// Returns what that caused and the plugins whose stored object or refusal it touched.
+    pub fn sync_changed(&mut self, changes: &ObjectChanges) -> (Ticket, BTreeSet<ObjectKey>) {
+        self.quiet_repeats = true;
+        let mut ticket = Ticket::default();
+        let mut touched = BTreeSet::new();
+        let mut note = |applied: Option<Applied>| {
+            if let Some(a) = applied {
+                for c in std::iter::once(&a.change).chain(&a.followups) {
+                    touched.extend(c.flatten().into_iter().filter_map(plugin_of));
+                }
+                ticket.join(a.ticket);
+            }
+        };
+        for (k, _) in changes.plugins.iter().filter(|(_, v)| v.is_none()) {
+            if envoyfilter::filter_of(k).is_none() {
+                self.refused.remove(k);
+                note(self.delete_plugin(k));
+            }
+        }
+        for (k, _) in changes.envoy_filters.iter().filter(|(_, v)| v.is_none()) {
+            note(self.delete_envoy_filter(k));
+            (self.refused).retain(|p, _| envoyfilter::filter_of(p).as_ref() != Some(k));
+        }
+        for value in changes.secrets.values().flatten() {
+            note(Some(self.apply(value)));
+        }
+        for (key, value) in &changes.plugins {
+            let Some(value) = value else { continue };
+            let settled = self
+                .refused
+                .get(key)
+                .is_some_and(|r| r.object == *value && r.waits_for.is_none());
+            if !settled {
+                note(Some(self.apply(value)));
+            }
+        }
+        for (key, value) in &changes.envoy_filters {
+            let Some(value) = value else { continue };
+            if self.refused_filters.get(key) != Some(value) {
+                note(Some(self.apply(value)));
+            }
+        }
+        for (k, _) in changes.secrets.iter().filter(|(_, v)| v.is_none()) {
+            note(self.delete_secret(k));
+        }
+        self.quiet_repeats = false;
+        (ticket, touched)
     }
 
     /// Hands an admitted change to the engine, admits the plugins that waited for a resource name

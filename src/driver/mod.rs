@@ -29,6 +29,7 @@ use crate::engine::{Engine, EngineParts, Event, Serving};
 use crate::log_gate::LogGate;
 use crate::outcome::Outcome;
 mod changes;
+pub use changes::ObjectChanges;
 
 use crate::plugin::{FieldError, ObjectKey};
 use crate::source::{Change, ObjectStore};

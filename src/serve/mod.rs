@@ -7,14 +7,15 @@
 //! to streams); the controller refreshes a read-only [`AdminView`] for the admin endpoints.
 //! Streams never wait for the controller.
 //!
-//! Length: about 615 lines: start-up, the Kubernetes link and the controller share the state
-//! they set up (the process around them is in `process.rs`).
+//! The process around them is in `process.rs`; how the controller brings the sources' changes
+//! to the driver is in `resync.rs`.
 
 pub mod admin;
 pub mod files;
 mod ports;
 mod process;
 pub mod proxied;
+mod resync;
 pub mod sources;
 
 pub use process::run_blocking;
@@ -70,7 +71,7 @@ pub struct Shared {
 /// Requests to the controller.
 #[derive(Debug)]
 pub enum Command {
-    /// The plugin files changed.
+    /// The plugin files changed: the watcher says which (`files::Watcher::take`).
     Reload,
     /// Force a pull for a plugin; answers whether it exists.
     Refresh(ObjectKey, oneshot::Sender<bool>),
@@ -208,6 +209,8 @@ pub async fn start_with(
         kube,
         generations: BTreeMap::new(),
         fatal: fatal_tx,
+        statuses_stale: true,
+        report_stale: true,
     };
     tasks.push(tokio::spawn(controller.run(
         cmd_rx,
@@ -355,6 +358,10 @@ struct Controller {
     proxy: Option<proxied::ProxyLink>,
     /// Where proxies fetch modules with `--delivery http`.
     module_endpoint: String,
+    /// Something the Kubernetes plugins' statuses derive from changed since they were published.
+    statuses_stale: bool,
+    /// `proxy` mode: what proxied streams want changed since their results were reported.
+    report_stale: bool,
 }
 
 /// The next change of what proxied streams want; never completes outside `proxy` mode.
@@ -396,7 +403,11 @@ impl Controller {
         // list — has been loaded and processed.
         let mut ready_tx = Some(ready);
         let mut ready_ticket = None;
-        self.scan_files();
+        let rescan = files::FileChanges {
+            rescan: true,
+            ..Default::default()
+        };
+        self.update_files(&rescan, true);
         if self.kube.is_none() {
             ready_ticket = Some(self.resync());
         }
@@ -410,14 +421,24 @@ impl Controller {
                 }
             }
             self.refresh_view(ready_tx.is_none());
-            self.publish_statuses();
             // Events are read by the proxy link and `WatchEvents`; taking them also keeps them
             // from piling up.
             let events = self.driver.take_events();
             self.shared.events.publish(&events);
+            // What derives from the driver's state is worked out again only when it changed: a
+            // wake-up for nothing (a deadline with nothing due) costs nothing per plugin.
+            if !events.is_empty() {
+                self.statuses_stale = true;
+                self.report_stale = true;
+            }
+            if std::mem::take(&mut self.statuses_stale) {
+                self.publish_statuses();
+            }
             let sweep = match &self.proxy {
                 Some(link) => {
-                    link.report(&self.driver, &events, &self.module_endpoint);
+                    if std::mem::take(&mut self.report_stale) {
+                        link.report(&self.driver, &events, &self.module_endpoint);
+                    }
                     link.hub.sweep()
                 }
                 None => None,
@@ -429,8 +450,20 @@ impl Controller {
                 }
                 () = sleep_until(sweep) => {}
                 snapshot = next_snapshot(&mut self.kube) => {
-                    self.sources.kube = snapshot;
-                    let ticket = self.resync();
+                    let ticket = if ready_ticket.is_none() {
+                        // The first list: every object of both sources, at once.
+                        self.sources.kube = snapshot;
+                        self.resync()
+                    } else {
+                        let changed = sources::snapshot_changes(
+                            self.sources.kube.as_deref(),
+                            snapshot.as_deref(),
+                        );
+                        self.sources.kube = snapshot;
+                        // Its metadata (generations) may have changed alone.
+                        self.statuses_stale = true;
+                        self.resync_changed(&changed)
+                    };
                     if ready_ticket.is_none() {
                         if !self.sources.conflicts.is_empty() {
                             let list: Vec<&str> = self.sources.conflicts.values().map(|c| c.message.as_str()).collect();
@@ -450,11 +483,12 @@ impl Controller {
                                 refreshes.push((key, reply));
                             }
                         }
-                        if self.scan_files() {
-                            // Files written to a new directory before it was watched.
-                            self.scan_files();
-                        }
-                        self.resync();
+                        let changes = match &self.watcher {
+                            Some(w) => w.take(),
+                            None => files::FileChanges::default(),
+                        };
+                        let changed = self.update_files(&changes, false);
+                        self.resync_changed(&changed);
                         for (key, reply) in refreshes {
                             let _ = reply.send(self.driver.refresh(&key).is_some());
                         }
@@ -467,91 +501,6 @@ impl Controller {
             }
         }
         self.driver.flush();
-    }
-
-    /// Re-reads the plugin files; true when that found a directory not watched before.
-    fn scan_files(&mut self) -> bool {
-        tracing::debug!("rescanning plugin files");
-        self.sources.files = self.files.scan();
-        (self.watcher.as_mut()).is_some_and(|w| w.update(&self.sources.files.dirs))
-    }
-
-    /// Makes the driver's objects what the sources say now; returns what that caused.
-    fn resync(&mut self) -> crate::driver::Ticket {
-        let before: Vec<String> = self
-            .sources
-            .conflicts
-            .values()
-            .map(|c| c.message.clone())
-            .collect();
-        let mut merged = self.sources.merged();
-        if let Some(link) = &mut self.proxy {
-            let wanted = link.current();
-            (merged.plugins).extend(wanted.plugins.iter().map(|(k, v)| (k.clone(), v.clone())));
-            (merged.secrets).extend(wanted.secrets.iter().map(|(k, v)| (k.clone(), v.clone())));
-        }
-        for c in self.sources.conflicts.values() {
-            if !before.contains(&c.message) {
-                tracing::error!(object = %c.object, "{}", c.message);
-            }
-        }
-        let ticket = self
-            .driver
-            .sync(&merged.plugins, &merged.envoy_filters, &merged.secrets);
-        self.note_generations();
-        ticket
-    }
-
-    /// Remembers the generation of each Kubernetes plugin object the driver took as a new version.
-    fn note_generations(&mut self) {
-        let Some(snapshot) = &self.sources.kube else {
-            return;
-        };
-        let objects = self.driver.objects();
-        self.generations
-            .retain(|k, _| snapshot.meta.contains_key(k));
-        for (k, meta) in &snapshot.meta {
-            let Some(vp) = objects.plugin(k) else {
-                continue;
-            };
-            if self
-                .generations
-                .get(k)
-                .is_none_or(|(v, _)| *v != vp.version)
-            {
-                self.generations
-                    .insert(k.clone(), (vp.version, meta.generation));
-            }
-        }
-    }
-
-    /// Hands the status writer what each Kubernetes plugin's conditions should be now.
-    fn publish_statuses(&self) {
-        let (Some(tx), Some(snapshot)) = (
-            self.kube.as_ref().and_then(|k| k.statuses.as_ref()),
-            self.sources.kube.as_ref(),
-        ) else {
-            return;
-        };
-        let desired: BTreeMap<ObjectKey, status::PluginStatus> = (snapshot.meta.iter())
-            .filter_map(|(k, meta)| {
-                let generations = status::Generations {
-                    accepted: self.generations.get(k).and_then(|g| g.1),
-                    current: meta.generation,
-                };
-                let conflict = self.sources.kube_conflict(k);
-                let s = status::desired(&self.driver, k, generations, conflict)?;
-                Some((k.clone(), s))
-            })
-            .collect();
-        tx.send_if_modified(|cur| {
-            if **cur == desired {
-                false
-            } else {
-                *cur = Arc::new(desired);
-                true
-            }
-        });
     }
 
     fn refresh_view(&self, ready: bool) {

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::files::Desired;
+use super::files::{ChangedKeys, Desired};
+use crate::driver::ObjectChanges;
 use crate::k8s::Snapshot;
 use crate::plugin::ObjectKey;
 
@@ -73,6 +74,44 @@ impl Sources {
         }
     }
 
+    /// What the merge of both sources makes of the objects `changed` (by kind and key) now, for
+    /// [`Driver::sync_changed`](crate::driver::Driver::sync_changed); owners and conflicts of
+    /// those objects are updated as [`merged`](Self::merged) would.
+    pub fn merge_changed(&mut self, changed: &ChangedKeys) -> ObjectChanges {
+        let mut out = ObjectChanges::default();
+        let kube = self.kube.clone();
+        for (kind, key) in changed {
+            let (files, kube, to) = match *kind {
+                WASM_PLUGIN => (
+                    &self.files.plugins,
+                    kube.as_ref().map(|s| &s.plugins),
+                    &mut out.plugins,
+                ),
+                ENVOY_FILTER => (
+                    &self.files.envoy_filters,
+                    kube.as_ref().map(|s| &s.envoy_filters),
+                    &mut out.envoy_filters,
+                ),
+                _ => (
+                    &self.files.secrets,
+                    kube.as_ref().map(|s| &s.secrets),
+                    &mut out.secrets,
+                ),
+            };
+            let (origins, conflicts) = (&mut self.origins, &mut self.conflicts);
+            let used = merge_key(
+                origins,
+                conflicts,
+                kind,
+                key,
+                files.get(key),
+                kube.and_then(|m| m.get(key)),
+            );
+            to.insert(key.clone(), used.cloned());
+        }
+        out
+    }
+
     /// Why a Kubernetes plugin is not used, if it is not because of a conflict.
     pub fn kube_conflict(&self, key: &ObjectKey) -> Option<&str> {
         let id = (WASM_PLUGIN, key.clone());
@@ -90,41 +129,79 @@ fn merge_kind(
     kube: &BTreeMap<ObjectKey, Value>,
 ) -> BTreeMap<ObjectKey, Value> {
     let mut out = BTreeMap::new();
-    for (k, v) in files {
-        if !kube.contains_key(k) {
-            origins.insert((kind, k.clone()), Origin::Files);
+    for k in files
+        .keys()
+        .chain(kube.keys().filter(|k| !files.contains_key(*k)))
+    {
+        let v = merge_key(origins, conflicts, kind, k, files.get(k), kube.get(k));
+        if let Some(v) = v {
             out.insert(k.clone(), v.clone());
         }
     }
-    for (k, v) in kube {
-        let Some(fv) = files.get(k) else {
-            origins.insert((kind, k.clone()), Origin::Kubernetes);
-            out.insert(k.clone(), v.clone());
-            continue;
-        };
-        let id = (kind, k.clone());
-        let message = match origins.get(&id) {
-                Some(Origin::Files) => {
-                    out.insert(k.clone(), fv.clone());
-                    format!("{kind} {k} is defined both in the plugin files and in Kubernetes; the plugin files' object, which came first, is used")
-                }
-                Some(Origin::Kubernetes) => {
-                    out.insert(k.clone(), v.clone());
-                    format!("{kind} {k} is defined both in the plugin files and in Kubernetes; the Kubernetes object, which came first, is used")
-                }
-                None => format!("{kind} {k} is defined both in the plugin files and in Kubernetes; neither is used until one is removed"),
-            };
-        conflicts.insert(
-            id,
-            Conflict {
-                object: k.to_string(),
-                kind,
-                message,
-            },
-        );
-    }
     origins.retain(|(o, k), _| *o != kind || files.contains_key(k) || kube.contains_key(k));
     out
+}
+
+/// One object's merge: what is used of its definitions in the files and in Kubernetes, recording
+/// its owner and its conflict.
+fn merge_key<'a>(
+    origins: &mut BTreeMap<(&'static str, ObjectKey), Origin>,
+    conflicts: &mut BTreeMap<(&'static str, ObjectKey), Conflict>,
+    kind: &'static str,
+    k: &ObjectKey,
+    files: Option<&'a Value>,
+    kube: Option<&'a Value>,
+) -> Option<&'a Value> {
+    let id = (kind, k.clone());
+    conflicts.remove(&id);
+    let (fv, v) = match (files, kube) {
+        (None, None) => {
+            origins.remove(&id);
+            return None;
+        }
+        (Some(fv), None) => {
+            origins.insert(id, Origin::Files);
+            return Some(fv);
+        }
+        (None, Some(v)) => {
+            origins.insert(id, Origin::Kubernetes);
+            return Some(v);
+        }
+        (Some(fv), Some(v)) => (fv, v),
+    };
+    let (used, message) = match origins.get(&id) {
+        Some(Origin::Files) => (Some(fv), format!("{kind} {k} is defined both in the plugin files and in Kubernetes; the plugin files' object, which came first, is used")),
+        Some(Origin::Kubernetes) => (Some(v), format!("{kind} {k} is defined both in the plugin files and in Kubernetes; the Kubernetes object, which came first, is used")),
+        None => (None, format!("{kind} {k} is defined both in the plugin files and in Kubernetes; neither is used until one is removed")),
+    };
+    conflicts.insert(
+        id,
+        Conflict {
+            object: k.to_string(),
+            kind,
+            message,
+        },
+    );
+    used
+}
+
+/// The objects two Kubernetes snapshots differ in (all of `new`'s when there was none before).
+pub fn snapshot_changes(old: Option<&Snapshot>, new: Option<&Snapshot>) -> ChangedKeys {
+    let empty = Snapshot::default();
+    let (old, new) = (old.unwrap_or(&empty), new.unwrap_or(&empty));
+    let mut changed = ChangedKeys::new();
+    for (kind, a, b) in [
+        (WASM_PLUGIN, &old.plugins, &new.plugins),
+        (ENVOY_FILTER, &old.envoy_filters, &new.envoy_filters),
+        (SECRET, &old.secrets, &new.secrets),
+    ] {
+        let differ = |(k, v): (&ObjectKey, &Value), other: &BTreeMap<ObjectKey, Value>| {
+            (other.get(k) != Some(v)).then(|| (kind, k.clone()))
+        };
+        changed.extend(a.iter().filter_map(|e| differ(e, b)));
+        changed.extend(b.iter().filter_map(|e| differ(e, a)));
+    }
+    changed
 }
 
 #[cfg(test)]

@@ -1,0 +1,252 @@
+//! Load tool: the cost of one plugin-file edit as the number of plugin files grows.
+//!
+//! ```text
+//! cargo build --release && cargo run --release --example edit_latency -- [COUNTS] [EDITS]
+//! ```
+//!
+//! For each N of COUNTS (comma-separated, default `100,10000,50000`) it writes N plugin files (one
+//! WasmPlugin per file, all with the same small `file://` module, so one read serves them all),
+//! runs the release `wasm-ecds serve --plugins <dir>` as a child process (`WASM_ECDS_BIN` names
+//! another binary, e.g. one built from an older commit), waits for `/readyz`, opens one SotW ECDS
+//! stream subscribed to the first plugin's resource, then edits that plugin's file EDITS times
+//! (default 5; a new `pluginConfig` each time, so a new resource version is pushed). Per edit it
+//! measures the time from the write to the push arriving on the stream, and the CPU time the
+//! server spent on it (the sum of its threads' run time from `/proc/<pid>/task/*/schedstat`, read
+//! before the write and once the server is idle again after the push). Both include the server's
+//! 100 ms debounce of file events (latency) and whatever else a change costs (CPU).
+//!
+//! It prints a table per N and the ratios of the medians to those of the first N, measured in the
+//! same run (the issue's target: 50k within 1.5x of 100). The generated tree is removed.
+
+#![allow(clippy::disallowed_methods)] // a measuring tool
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use wasm_ecds::xds::client::{self, SotwSession};
+use wasm_ecds::xds::Api;
+
+const WAIT: Duration = Duration::from_secs(900);
+
+/// CPU time used by every thread of `pid` so far, in microseconds.
+fn cpu_us(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    let mut ns = 0u64;
+    for t in tasks.flatten() {
+        let text = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        ns += (text.split_whitespace().next()).map_or(0, |v| v.parse().unwrap_or(0));
+    }
+    ns / 1000
+}
+
+/// Waits until `pid` used no CPU for a little while: whatever the last change caused is done.
+fn wait_idle(pid: u32) {
+    let start = Instant::now();
+    let mut last = cpu_us(pid);
+    loop {
+        std::thread::sleep(Duration::from_millis(150));
+        let now = cpu_us(pid);
+        if now - last < 2_000 || start.elapsed() > WAIT {
+            return;
+        }
+        last = now;
+    }
+}
+
+fn plugin(name: &str, module: &Path, edit: Option<usize>) -> String {
+    let config = edit.map_or(String::new(), |e| format!(", pluginConfig: {{edit: {e}}}"));
+    format!(
+        "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {{name: {name}, namespace: default}}\nspec: {{url: 'file://{}'{config}}}\n",
+        module.display()
+    )
+}
+
+/// `GET path` on the admin port; the status code.
+fn get(admin: &str, path: &str) -> Option<u16> {
+    let mut s = std::net::TcpStream::connect(admin).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {admin}\r\n\r\n").ok()?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+struct Server {
+    child: Child,
+    xds: std::net::SocketAddr,
+    admin: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(bin: &Path, dir: &Path) -> Server {
+    let mut child = Command::new(bin)
+        .args([
+            "serve",
+            "--xds-address",
+            "127.0.0.1:0",
+            "--admin-address",
+            "127.0.0.1:0",
+        ])
+        .arg("--plugins")
+        .arg(dir.join("plugins"))
+        .arg("--cache-dir")
+        .arg(dir.join("cache"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run wasm-ecds serve");
+    let mut reader = BufReader::new(child.stderr.take().expect("stderr"));
+    let (xds, admin) = loop {
+        let mut line = String::new();
+        assert!(
+            reader.read_line(&mut line).unwrap_or(0) > 0,
+            "serve exited before listening"
+        );
+        if let Some(rest) = line.trim().strip_prefix("wasm-ecds: xds on ") {
+            let (x, a) = rest.split_once(", admin on ").expect("addresses");
+            break (x.parse().expect("xds address"), a.to_string());
+        }
+    };
+    // Keep reading stderr, so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in reader.lines() {});
+    Server { child, xds, admin }
+}
+
+/// One N: per edit, the latency to the push and the server's CPU time, in milliseconds.
+async fn measure(bin: &Path, n: usize, edits: usize) -> (Vec<f64>, Vec<f64>, f64) {
+    let tree = tempfile::tempdir().expect("temporary directory");
+    let plugins = tree.path().join("plugins");
+    std::fs::create_dir_all(&plugins).expect("plugins directory");
+    let module = tree.path().join("m.wasm");
+    std::fs::write(&module, b"\0asm\x01\0\0\0").expect("module");
+    let name = |i: usize| format!("p{i:05}");
+    for i in 0..n {
+        let f = plugins.join(format!("{}.yaml", name(i)));
+        std::fs::write(f, plugin(&name(i), &module, None)).expect("plugin file");
+    }
+    let started = Instant::now();
+    let server = start(bin, tree.path());
+    let pid = server.child.id();
+    let start = Instant::now();
+    while get(&server.admin, "/readyz") != Some(200) {
+        assert!(start.elapsed() < WAIT, "not ready in time");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ready_s = started.elapsed().as_secs_f64();
+    let names = vec![format!(
+        "extensions.istio.io/wasmplugin/default.{}",
+        name(0)
+    )];
+    let channel = client::connect(server.xds).await.expect("connect");
+    let mut stream = SotwSession::open(channel, Api::Ecds, client::sotw_subscribe("edit", &names))
+        .await
+        .expect("open stream");
+    let mut version = String::new();
+    while version.is_empty() {
+        let r = stream.recv().await.expect("rpc").expect("response");
+        stream
+            .send(client::sotw_ack(&names, &r))
+            .await
+            .expect("ack");
+        if !r.resources.is_empty() {
+            version = r.version_info;
+        }
+    }
+    wait_idle(pid);
+    let (mut latency, mut cpu) = (Vec::new(), Vec::new());
+    let file = plugins.join(format!("{}.yaml", name(0)));
+    for e in 0..edits {
+        let before = cpu_us(pid);
+        let wrote = Instant::now();
+        std::fs::write(&file, plugin(&name(0), &module, Some(e))).expect("edit");
+        loop {
+            let r = tokio::time::timeout(WAIT, stream.recv())
+                .await
+                .expect("push in time")
+                .expect("rpc")
+                .expect("response");
+            stream
+                .send(client::sotw_ack(&names, &r))
+                .await
+                .expect("ack");
+            if r.version_info != version {
+                version = r.version_info;
+                break;
+            }
+        }
+        latency.push(wrote.elapsed().as_secs_f64() * 1e3);
+        wait_idle(pid);
+        cpu.push((cpu_us(pid) - before) as f64 / 1e3);
+    }
+    drop(stream);
+    drop(server);
+    tree.close().expect("remove the generated tree");
+    (latency, cpu, ready_s)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let counts: Vec<usize> = (args.get(1).map_or("100,10000,50000", String::as_str))
+        .split(',')
+        .map(|n| n.trim().parse().expect("COUNTS: comma-separated numbers"))
+        .collect();
+    let edits: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(5).max(1);
+    let bin = std::env::var_os("WASM_ECDS_BIN").map_or_else(
+        || {
+            let exe = std::env::current_exe().expect("exe");
+            exe.parent()
+                .and_then(Path::parent)
+                .expect("target dir")
+                .join("wasm-ecds")
+        },
+        PathBuf::from,
+    );
+    assert!(
+        bin.is_file(),
+        "build the binary first: cargo build --release ({})",
+        bin.display()
+    );
+    let mut results = Vec::new();
+    for &n in &counts {
+        let (latency, cpu, ready_s) = measure(&bin, n, edits).await;
+        println!("N={n} (ready after {ready_s:.1}s)");
+        println!("  edit  latency_ms  server_cpu_ms");
+        for (i, (l, c)) in latency.iter().zip(&cpu).enumerate() {
+            println!("  {:>4}  {l:>10.1}  {c:>13.1}", i + 1);
+        }
+        let (ml, mc) = (median(&latency), median(&cpu));
+        let (nl, nc) = (
+            latency.iter().copied().fold(f64::MAX, f64::min),
+            cpu.iter().copied().fold(f64::MAX, f64::min),
+        );
+        println!("  median {ml:.1} ms latency, {mc:.1} ms CPU; min {nl:.1} ms, {nc:.1} ms");
+        results.push((n, ml, mc));
+    }
+    let (n0, l0, c0) = results[0];
+    println!("ratios to N={n0} (medians):");
+    for (n, l, c) in &results {
+        println!(
+            "  N={n:>6}: latency x{:.2}, CPU x{:.2}",
+            l / l0,
+            c / c0.max(0.001)
+        );
+    }
+}
