@@ -252,6 +252,18 @@ impl Cache {
         self.modules.iter()
     }
 
+    /// The cached modules named `name` (every checksum), in key order: a range of the index, not a
+    /// scan of every module (an OCI pull plan asks at every change).
+    pub fn entries_named<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> impl Iterator<Item = (&'a ModuleKey, &'a ModuleEntry)> {
+        let first = ModuleKey::new(name, String::new());
+        self.modules
+            .range(first..)
+            .take_while(move |(k, _)| k.name == name)
+    }
+
     /// The key of the cached module stored at `path`.
     pub fn key_at(&self, path: &Path) -> Option<&ModuleKey> {
         self.paths.get(path)

@@ -102,12 +102,8 @@ impl Engine {
         Plan::Fetch(match reference {
             Ok(reference) => {
                 let name = st.url.module_name();
-                let cached = self
-                    .cache
-                    .entries()
-                    .map(|(k, _)| k)
-                    .filter(|k| k.name == name)
-                    .cloned()
+                let cached = (self.cache.entries_named(&name))
+                    .map(|(k, _)| k.clone())
                     .collect();
                 Job::Oci {
                     name,
