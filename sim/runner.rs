@@ -124,10 +124,21 @@ fn step_error(step: usize, message: String) -> CheckFailure {
 
 /// One trace line: `[  12.500s] text`.
 pub fn trace_line(at: Timestamp, text: &str) -> String {
+    trace_line_of(at, text)
+}
+
+/// [`trace_line`] of anything printable, formatted straight into the line.
+fn trace_line_of(at: Timestamp, text: impl std::fmt::Display) -> String {
     use std::fmt::Write as _;
-    let mut line = String::with_capacity(text.len() + 12);
-    let _ = write!(line, "[{:>9}] ", at.to_string());
-    line.push_str(text);
+    let mut line = String::with_capacity(64);
+    // `[{:>9}]` of the time's `Display` (`90.500s`), without formatting it into a string first:
+    // the seconds padded to 4 make the 9 columns (longer ones overflow the same way).
+    let _ = write!(
+        line,
+        "[{:>4}.{:03}s] {text}",
+        at.0.as_secs(),
+        at.0.subsec_millis()
+    );
     line
 }
 
@@ -185,8 +196,8 @@ impl<'a> Runner<'a> {
         self.clock.now()
     }
 
-    fn log(&mut self, at: Timestamp, text: impl AsRef<str>) {
-        self.trace.push(trace_line(at, text.as_ref()));
+    fn log(&mut self, at: Timestamp, text: impl std::fmt::Display) {
+        self.trace.push(trace_line_of(at, text));
     }
 
     /// The module of the scenario with these bytes' sha256.
@@ -212,7 +223,7 @@ impl<'a> Runner<'a> {
                     return vec![step_error(n, e)];
                 }
             };
-            self.log(self.now(), format!("step {n}: {}", step.describe()));
+            self.log(self.now(), format_args!("step {n}: {}", step.describe()));
             let result = self.step(n, &step).await;
             self.drain();
             if let Err(failures) = result {
@@ -364,7 +375,7 @@ impl<'a> Runner<'a> {
                 }
                 self.log(
                     self.now(),
-                    format!("expect: {} checks passed", e.check_count()),
+                    format_args!("expect: {} checks passed", e.check_count()),
                 );
             }
         }
