@@ -9,6 +9,7 @@
 //!   [`world`] (which applies them);
 //! - [`world`]: the simulated hosts behind the fetchers' [`Transport`](crate::fetch::Transport):
 //!   registries, HTTP servers, injected failures, auth, request counts;
+//! - [`served`]: the sha256 of delivered module files, hashed again only after a change;
 //! - [`runner`]: drives the [`Engine`](crate::engine::Engine) step by step through virtual time and
 //!   checks expectations;
 //! - [`report`]: `sim PATH...` — file discovery, text/JSON/JUnit output, exit status.
@@ -21,6 +22,7 @@ pub mod report;
 pub mod rules;
 pub mod runner;
 pub mod scenario;
+pub mod served;
 pub mod world;
 
 #[cfg(test)]

@@ -25,12 +25,12 @@ use super::scenario::{
     DeleteTarget, EditTarget, Expect, RequestExpect, Scenario, Step, Target, OUTCOME_NONE,
     SERVES_ABSENT, SERVES_ALLOW_ALL, SERVES_DENY_ALL,
 };
+use super::served::{FileChanges, ServedHashes, WatchedStore};
 use super::world::SimWorld;
 use crate::clock::{Clock, Timestamp, TokioClock};
 use crate::convert::{Code, Delivered};
 use crate::driver::{Applied, Driver, DriverParts};
-use crate::engine::EngineParts;
-use crate::engine::Event;
+use crate::engine::{EngineParts, Event, Serving};
 use crate::metrics::normalize_series;
 use crate::outcome::Outcome;
 use crate::plugin::ObjectKey;
@@ -124,10 +124,21 @@ fn step_error(step: usize, message: String) -> CheckFailure {
 
 /// One trace line: `[  12.500s] text`.
 pub fn trace_line(at: Timestamp, text: &str) -> String {
+    trace_line_of(at, text)
+}
+
+/// [`trace_line`] of anything printable, formatted straight into the line.
+fn trace_line_of(at: Timestamp, text: impl std::fmt::Display) -> String {
     use std::fmt::Write as _;
-    let mut line = String::with_capacity(text.len() + 12);
-    let _ = write!(line, "[{:>9}] ", at.to_string());
-    line.push_str(text);
+    let mut line = String::with_capacity(64);
+    // `[{:>9}]` of the time's `Display` (`90.500s`), without formatting it into a string first:
+    // the seconds padded to 4 make the 9 columns (longer ones overflow the same way).
+    let _ = write!(
+        line,
+        "[{:>4}.{:03}s] {text}",
+        at.0.as_secs(),
+        at.0.subsec_millis()
+    );
     line
 }
 
@@ -142,6 +153,9 @@ struct Runner<'a> {
     outcomes: BTreeMap<ObjectKey, Outcome>,
     /// Modules that left the cache since the previous `expect`.
     expired: BTreeSet<String>,
+    /// Changes of the module files (store and local files), and the sha256 of the delivered ones.
+    changes: FileChanges,
+    served: ServedHashes,
 }
 
 impl<'a> Runner<'a> {
@@ -149,12 +163,16 @@ impl<'a> Runner<'a> {
         let clock = Arc::new(TokioClock::new(Timestamp::ZERO));
         let world = Arc::new(SimWorld::new(clock.clone()));
         let files = Arc::new(MemFiles::default());
+        let changes = FileChanges::default();
         let parts = DriverParts {
             config: s.config.clone(),
             engine: EngineParts {
                 clock: clock.clone(),
                 transport: world.clone(),
-                store: Arc::new(MemStore::new()),
+                store: Arc::new(WatchedStore::new(
+                    Arc::new(MemStore::new()),
+                    changes.clone(),
+                )),
                 files: files.clone(),
                 // The simulator runs without jitter (behavior.md §4.1, §7): delays are exact.
                 jitter_seed: None,
@@ -173,6 +191,8 @@ impl<'a> Runner<'a> {
             trace: Vec::new(),
             outcomes: BTreeMap::new(),
             expired: BTreeSet::new(),
+            served: ServedHashes::new(changes.clone()),
+            changes,
         };
         r.log(
             Timestamp::ZERO,
@@ -185,8 +205,8 @@ impl<'a> Runner<'a> {
         self.clock.now()
     }
 
-    fn log(&mut self, at: Timestamp, text: impl AsRef<str>) {
-        self.trace.push(trace_line(at, text.as_ref()));
+    fn log(&mut self, at: Timestamp, text: impl std::fmt::Display) {
+        self.trace.push(trace_line_of(at, text));
     }
 
     /// The module of the scenario with these bytes' sha256.
@@ -212,7 +232,8 @@ impl<'a> Runner<'a> {
                     return vec![step_error(n, e)];
                 }
             };
-            self.log(self.now(), format!("step {n}: {}", step.describe()));
+            let text = self.s.describe(index, &step);
+            self.log(self.now(), format_args!("step {n}: {text}"));
             let result = self.step(n, &step).await;
             self.drain();
             if let Err(failures) = result {
@@ -288,7 +309,10 @@ impl<'a> Runner<'a> {
                     } => self
                         .world
                         .publish_http(authority, path, encoding.encode(bytes)),
-                    Target::File(path) => self.files.put(path, encoding.encode(bytes)),
+                    Target::File(path) => {
+                        self.files.put(path, encoding.encode(bytes));
+                        self.changes.bump();
+                    }
                 }
             }
             Step::Unpublish { target } => {
@@ -301,6 +325,7 @@ impl<'a> Runner<'a> {
                         let existed =
                             crate::store::FileSource::open(self.files.as_ref(), path).is_ok();
                         self.files.remove(path);
+                        self.changes.bump();
                         existed
                     }
                 };
@@ -364,7 +389,7 @@ impl<'a> Runner<'a> {
                 }
                 self.log(
                     self.now(),
-                    format!("expect: {} checks passed", e.check_count()),
+                    format_args!("expect: {} checks passed", e.check_count()),
                 );
             }
         }
@@ -455,22 +480,42 @@ impl<'a> Runner<'a> {
         let Some(resource) = self.driver.resources().get(&name) else {
             return SERVES_ABSENT.into();
         };
-        let bytes = match crate::convert::decode_delivered(&resource) {
+        let sha256 = match crate::convert::decode_delivered(&resource) {
             None => return "<undecodable resource>".into(),
             Some(Delivered::DenyAll) => return SERVES_DENY_ALL.into(),
             Some(Delivered::AllowAll) => return SERVES_ALLOW_ALL.into(),
-            Some(Delivered::Module(Code::Inline(b))) => Ok(b),
-            Some(Delivered::Module(Code::File(path))) => self.driver.engine().read_path(&path),
-            Some(Delivered::Module(Code::Remote { sha256, .. })) => {
-                self.driver.modules().read(&sha256).unwrap_or_else(|| {
+            Some(Delivered::Module(Code::Inline(b))) => Ok(sha256_hex(&b)),
+            Some(Delivered::Module(Code::File(path))) => {
+                // Read and hashed again only when a module file changed since (see `served`).
+                let sha256 = self
+                    .served
+                    .sha256_of(&path, || self.driver.engine().read_path(&path));
+                if let (Ok(have), Some(Serving::Module(m))) = (
+                    &sha256,
+                    self.driver.engine().plugin(k).map(|st| &st.serving),
+                ) {
+                    if m.path == path && m.sha256 != *have {
+                        return format!(
+                            "<{} at {}, but the engine serves {}>",
+                            self.module_name(have),
+                            path.display(),
+                            self.module_name(&m.sha256)
+                        );
+                    }
+                }
+                sha256
+            }
+            Some(Delivered::Module(Code::Remote { sha256, .. })) => (self.driver.modules())
+                .read(&sha256)
+                .unwrap_or_else(|| {
                     Err(std::io::Error::other(format!(
                         "no module {sha256} at the module endpoint"
                     )))
                 })
-            }
+                .map(|b| sha256_hex(&b)),
         };
-        match bytes {
-            Ok(bytes) => self.module_name(&sha256_hex(&bytes)),
+        match sha256 {
+            Ok(sha256) => self.module_name(&sha256),
             Err(e) => format!("<unreadable module: {e}>"),
         }
     }

@@ -424,3 +424,25 @@ steps:
         run.trace.join("\n")
     );
 }
+
+#[test]
+fn a_trace_line_pads_the_time_to_nine_columns_as_the_time_prints() {
+    use super::runner::trace_line;
+    use crate::clock::Timestamp;
+    use std::time::Duration;
+    for (secs, nanos) in [
+        (0, 0),
+        (1, 500_000_000),
+        (90, 5_000_000),
+        (9_999, 999_999_999),
+        (10_000, 1_000_000),
+        (123_456_789, 42_000_000),
+    ] {
+        let at = Timestamp(Duration::new(secs, nanos));
+        assert_eq!(
+            trace_line(at, "text"),
+            format!("[{:>9}] text", at.to_string()),
+            "{at}"
+        );
+    }
+}

@@ -184,6 +184,18 @@ impl Cache {
         self.modules.keys()
     }
 
+    /// The cached modules named `name` (every checksum, pending ones included), in key order: a range of the index, not a
+    /// scan of every module (an OCI pull plan asks at every change).
+    pub fn entries_named<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> impl Iterator<Item = (&'a ModuleKey, &'a ModuleEntry)> {
+        let first = ModuleKey::new(name, String::new());
+        self.modules
+            .range(first..)
+            .take_while(move |(k, _)| k.name == name)
+    }
+
     /// The verified modules (the ones that may be served).
     pub fn entries(&self) -> impl Iterator<Item = (&ModuleKey, &ModuleEntry)> {
         self.modules

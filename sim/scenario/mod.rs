@@ -106,9 +106,10 @@ pub struct Scenario {
     pub modules: BTreeMap<String, Module>,
     /// The steps as written (JSON).
     pub steps: Vec<Value>,
-    /// Each step as parsed at load time, `None` for a step naming `${digest:…}` (parsed when it
+    /// Each step as parsed at load time and its trace text ([`Step::describe`], made once here:
+    /// the runner prints it at every run), `None` for a step naming `${digest:…}` (parsed when it
     /// runs).
-    parsed: Vec<Option<Step>>,
+    parsed: Vec<Option<(Step, String)>>,
     /// Module names by the hex sha256 of their bytes (unique: two modules never share bytes).
     by_sha256: BTreeMap<String, String>,
 }
@@ -127,7 +128,7 @@ impl Scenario {
         index: usize,
         digest: &dyn Fn(&OciRef) -> Result<String, String>,
     ) -> Result<Cow<'_, Step>, String> {
-        if let Some(Some(step)) = self.parsed.get(index) {
+        if let Some(Some((step, _))) = self.parsed.get(index) {
             return Ok(Cow::Borrowed(step));
         }
         let raw = self
@@ -136,6 +137,15 @@ impl Scenario {
             .ok_or_else(|| format!("no step {}", index + 1))?;
         let substituted = substitute(raw, &mut |expr| self.evaluate(expr, digest))?;
         parse_step(&substituted, &self.modules).map(Cow::Owned)
+    }
+
+    /// The trace text of step `index`, `step` being what [`Scenario::step`] returned for it: made
+    /// at load time unless the step names `${digest:…}`.
+    pub fn describe(&self, index: usize, step: &Step) -> Cow<'_, str> {
+        match self.parsed.get(index) {
+            Some(Some((_, text))) => Cow::Borrowed(text),
+            _ => Cow::Owned(step.describe()),
+        }
     }
 
     fn evaluate(
@@ -267,7 +277,10 @@ pub fn parse_scenario(text: &str) -> Result<Scenario, LoadError> {
         })
         .map_err(err)?;
         let step = parse_step(&substituted, &modules).map_err(err)?;
-        parsed.push((!names_digest).then_some(step));
+        parsed.push((!names_digest).then(|| {
+            let text = step.describe();
+            (step, text)
+        }));
     }
     Ok(Scenario {
         name: raw.name,

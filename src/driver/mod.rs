@@ -313,7 +313,10 @@ impl Driver {
     fn run_ready(&mut self) -> usize {
         let mut handled = 0;
         loop {
-            if self.engine.next_deadline() <= self.now() {
+            // The clock is read once per round: on the simulator's clock a read is a lock, and
+            // this loop runs at every step.
+            let due = self.engine.next_deadline() <= self.now();
+            if due {
                 self.engine.run_due();
                 self.dispatch();
                 handled += 1;
@@ -323,7 +326,9 @@ impl Driver {
                     self.complete(c);
                     handled += 1;
                 }
-                None if self.engine.next_deadline() > self.now() => return handled,
+                // Nothing was due and nothing finished: done. After due work, look again: more
+                // may be due at the same instant.
+                None if !due => return handled,
                 None => {}
             }
         }

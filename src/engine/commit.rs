@@ -183,7 +183,7 @@ impl Engine {
         if *outcome == Outcome::Pulled {
             st.last_pull = Some(now);
         }
-        st.retry = None;
+        self.set_retry(key, None);
         let record = served.key.clone().map(|module| ServedRecord {
             url: served.url.clone(),
             module,
@@ -238,16 +238,16 @@ impl Engine {
             }
         }
         // Any trigger other than a retry (a change, a secret, a refresh) restarts the sequence.
-        let st = self.plugins.get_mut(key).expect("a current plugin");
         if !retry {
-            st.retry = None;
+            self.set_retry(key, None);
             return;
         }
+        let st = self.plugins.get_mut(key).expect("a current plugin");
         if trigger != Trigger::Retry {
             st.retry_backoff = Backoff::new(BACKGROUND_RETRY, None);
         }
         let due = now + st.retry_backoff.next_delay();
-        st.retry = Some(due);
+        self.set_retry(key, Some(due));
         self.events.push(Event::RetryScheduled {
             at: now,
             plugin: key.clone(),

@@ -18,6 +18,7 @@
 //! ([`Engine::next_deadline`]); `serve` sleeps until it, `sim` jumps to it.
 
 mod commit;
+pub mod deadlines;
 pub mod fallback;
 pub mod job;
 pub mod plan;
@@ -38,6 +39,7 @@ use crate::plugin::{ObjectKey, PullSecret};
 use crate::policy;
 use crate::source::VersionedPlugin;
 use crate::store::{FileSource, ModuleStore};
+use deadlines::RetryQueue;
 
 pub use job::{run_job, share_result, Failure, Job, Obtained};
 pub use plan::{Begun, Pending};
@@ -66,6 +68,8 @@ pub struct Engine {
     cache: Cache,
     metrics: Metrics,
     plugins: BTreeMap<ObjectKey, PluginState>,
+    /// The plugins' retry deadlines in time order (mirrors [`PluginState::retry`]).
+    retries: RetryQueue,
     secrets: BTreeMap<ObjectKey, PullSecret>,
     next_purge: Timestamp,
     events: Vec<Event>,
@@ -115,6 +119,7 @@ impl Engine {
             cache,
             metrics,
             plugins: BTreeMap::new(),
+            retries: RetryQueue::default(),
             secrets: BTreeMap::new(),
             next_purge,
             events: Vec::new(),
@@ -147,6 +152,11 @@ impl Engine {
 
     pub fn plugins(&self) -> &BTreeMap<ObjectKey, PluginState> {
         &self.plugins
+    }
+
+    /// The plugins' background retries in the order they fall due.
+    pub fn retries(&self) -> &RetryQueue {
+        &self.retries
     }
 
     pub fn plugin(&self, key: &ObjectKey) -> Option<&PluginState> {
@@ -201,7 +211,7 @@ impl Engine {
                 st.version = vp.version;
                 st.url = url;
                 st.decision = decision;
-                st.retry = None;
+                self.set_retry(&key, None);
             }
             None => {
                 self.plugins.insert(
@@ -231,6 +241,7 @@ impl Engine {
     /// A plugin disappeared: it is no longer served and its module starts to age.
     pub fn remove_plugin(&mut self, key: &ObjectKey) {
         if let Some(st) = self.plugins.remove(key) {
+            self.retries.reschedule(key, st.retry, None);
             let now = self.now();
             self.cache.set_ref(key, st.referenced.as_ref(), None, now);
             self.cache.set_served(key, None);
@@ -300,15 +311,24 @@ impl Engine {
     // -----------------------------------------------------------------------------------------
     // Time
 
-    /// The earliest time background work is due: the next purge pass or plugin retry.
+    /// The earliest time background work is due: the next purge pass, index save or plugin retry.
+    /// O(log n) in the number of plugins (see [`deadlines`]): `serve` asks at every wake-up.
     pub fn next_deadline(&self) -> Timestamp {
         let first = self
             .next_save()
             .map_or(self.next_purge, |t| t.min(self.next_purge));
-        self.plugins
-            .values()
-            .filter_map(|s| s.retry)
-            .fold(first, Timestamp::min)
+        self.retries
+            .first()
+            .map_or(first, |(due, _)| due.min(first))
+    }
+
+    /// Schedules (or with `None` cancels) a plugin's background retry, keeping the deadline index
+    /// in step with [`PluginState::retry`]. Every change of a retry goes through here.
+    fn set_retry(&mut self, key: &ObjectKey, due: Option<Timestamp>) {
+        if let Some(st) = self.plugins.get_mut(key) {
+            self.retries.reschedule(key, st.retry, due);
+            st.retry = due;
+        }
     }
 
     /// When the changed cache index is due to be written.
@@ -328,18 +348,15 @@ impl Engine {
                 self.last_save = now;
             }
             let retry = self
-                .plugins
-                .iter()
-                .filter_map(|(k, s)| s.retry.map(|due| (due, k.clone())))
+                .retries
+                .first()
                 .filter(|(due, _)| *due <= now)
-                .min();
+                .map(|(due, k)| (due, k.clone()));
             match retry {
                 Some((due, _)) if self.next_purge <= due => self.purge_pass(),
                 None if self.next_purge <= now => self.purge_pass(),
                 Some((_, key)) => {
-                    if let Some(st) = self.plugins.get_mut(&key) {
-                        st.retry = None;
-                    }
+                    self.set_retry(&key, None);
                     self.queue(&key, Trigger::Retry);
                 }
                 None => break,

@@ -127,11 +127,8 @@ impl Engine {
             Ok(reference) => {
                 let name = st.url.module_name();
                 // Modules still being verified included: a revalidation waits for it.
-                let cached = self
-                    .cache
-                    .keys()
-                    .filter(|k| k.name == name)
-                    .cloned()
+                let cached = (self.cache.entries_named(&name))
+                    .map(|(k, _)| k.clone())
                     .collect();
                 Job::Oci {
                     name,

@@ -1,0 +1,203 @@
+//! The sha256 of the module files `expect`'s `serves` checks, hashed again only when a module file
+//! may have changed.
+//!
+//! Delivered modules are files: cached modules in the module store, `file://` modules in the
+//! simulated local files. Both change only through the simulator: the store when the engine
+//! commits, removes or wipes (seen by [`WatchedStore`], which the engine is given instead of the
+//! store itself), the local files when a step publishes or unpublishes one (the runner calls
+//! [`FileChanges::bump`]). Between two changes a file's bytes are the ones hashed last time, so
+//! reading and hashing them again at every `expect` only repeats the same work; after any change
+//! every file is read and hashed again.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::store::{sha256_hex, ModuleStore, StagedFile, StoredModule};
+
+/// How many times a module file changed (any of them), shared by the store wrapper and the runner.
+#[derive(Clone, Debug, Default)]
+pub struct FileChanges(Arc<AtomicU64>);
+
+impl FileChanges {
+    /// A module file changed.
+    pub fn bump(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn count(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A module store that counts its changes in a [`FileChanges`].
+pub struct WatchedStore {
+    inner: Arc<dyn ModuleStore>,
+    changes: FileChanges,
+}
+
+impl WatchedStore {
+    pub fn new(inner: Arc<dyn ModuleStore>, changes: FileChanges) -> Self {
+        WatchedStore { inner, changes }
+    }
+}
+
+impl ModuleStore for WatchedStore {
+    fn stage(&self) -> io::Result<Box<dyn StagedFile>> {
+        self.inner.stage()
+    }
+
+    fn commit(
+        &self,
+        staged: Box<dyn StagedFile>,
+        module_name: &str,
+        checksum: &str,
+    ) -> io::Result<PathBuf> {
+        // Counted whether or not it succeeds: a failed commit may have changed something too.
+        self.changes.bump();
+        self.inner.commit(staged, module_name, checksum)
+    }
+
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        self.inner.read(path)
+    }
+
+    fn open(&self, path: &Path) -> io::Result<Box<dyn io::Read + Send>> {
+        self.inner.open(path)
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        self.changes.bump();
+        self.inner.remove(path)
+    }
+
+    fn list(&self) -> io::Result<Vec<StoredModule>> {
+        self.inner.list()
+    }
+
+    fn load_index(&self) -> io::Result<Option<Vec<u8>>> {
+        self.inner.load_index()
+    }
+
+    fn save_index(&self, bytes: &[u8]) -> io::Result<()> {
+        self.inner.save_index(bytes)
+    }
+
+    fn wipe(&self) -> io::Result<()> {
+        self.changes.bump();
+        self.inner.wipe()
+    }
+
+    fn survives_crash(&self) -> bool {
+        self.inner.survives_crash()
+    }
+}
+
+/// The sha256 of each module file hashed since the last change of any module file.
+#[derive(Debug, Default)]
+pub struct ServedHashes {
+    changes: FileChanges,
+    /// The change count the hashes are of, and the hashes by path. Cleared at the first lookup
+    /// after a change, so it never holds more than the files delivered since.
+    known: RefCell<(u64, HashMap<PathBuf, String>)>,
+}
+
+impl ServedHashes {
+    pub fn new(changes: FileChanges) -> Self {
+        ServedHashes {
+            changes,
+            known: RefCell::default(),
+        }
+    }
+
+    /// The hex sha256 of the file at `path`: the one hashed earlier when no module file changed
+    /// since, else the sha256 of what `read` returns now.
+    pub fn sha256_of(
+        &self,
+        path: &Path,
+        read: impl FnOnce() -> io::Result<Vec<u8>>,
+    ) -> io::Result<String> {
+        let now = self.changes.count();
+        let mut known = self.known.borrow_mut();
+        if known.0 != now {
+            *known = (now, HashMap::new());
+        }
+        if let Some(sha) = known.1.get(path) {
+            return Ok(sha.clone());
+        }
+        let sha = sha256_hex(&read()?);
+        known.1.insert(path.to_path_buf(), sha.clone());
+        Ok(sha)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemStore;
+    use std::io::Write as _;
+
+    fn commit(store: &dyn ModuleStore, name: &str, bytes: &[u8]) -> PathBuf {
+        let mut staged = store.stage().unwrap();
+        staged.write_all(bytes).unwrap();
+        store.commit(staged, name, &sha256_hex(bytes)).unwrap()
+    }
+
+    /// Hashes `path` through `hashes`, counting the reads of the store.
+    fn hash(
+        hashes: &ServedHashes,
+        store: &dyn ModuleStore,
+        path: &Path,
+        reads: &mut u32,
+    ) -> String {
+        hashes
+            .sha256_of(path, || {
+                *reads += 1;
+                store.read(path)
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn a_file_is_read_again_only_after_a_change() {
+        let changes = FileChanges::default();
+        let store = WatchedStore::new(Arc::new(MemStore::new()), changes.clone());
+        let hashes = ServedHashes::new(changes.clone());
+        let a = commit(&store, "a", b"module a");
+        let mut reads = 0;
+        assert_eq!(
+            hash(&hashes, &store, &a, &mut reads),
+            sha256_hex(b"module a")
+        );
+        assert_eq!(
+            hash(&hashes, &store, &a, &mut reads),
+            sha256_hex(b"module a")
+        );
+        assert_eq!(reads, 1, "unchanged: hashed once");
+
+        // The store changes under the same path: the new bytes are read and hashed.
+        store.remove(&a).unwrap();
+        let mut staged = store.stage().unwrap();
+        staged.write_all(b"not module a").unwrap();
+        let again = store.commit(staged, "a", &sha256_hex(b"module a")).unwrap();
+        assert_eq!(again, a);
+        assert_eq!(
+            hash(&hashes, &store, &a, &mut reads),
+            sha256_hex(b"not module a")
+        );
+        assert_eq!(reads, 2);
+
+        // A local file published by a step counts as a change too.
+        changes.bump();
+        hash(&hashes, &store, &a, &mut reads);
+        assert_eq!(reads, 3);
+
+        // A wipe: the file is gone, and that is what the lookup says.
+        store.wipe().unwrap();
+        let gone = hashes.sha256_of(&a, || store.read(&a));
+        assert_eq!(gone.unwrap_err().kind(), io::ErrorKind::NotFound);
+    }
+}
