@@ -248,3 +248,50 @@ fn cache_pages(dir: &Path, urls: &[String]) {
     assert_eq!(one["modules"].as_array().unwrap().len(), 1, "{one}");
     assert_eq!(one["modules"][0]["module"], urls[3].as_str());
 }
+
+/// `/readyz` stays `503` while the initial plugin's pull is held by its module server, the debug
+/// view answers meanwhile (the plugin without an outcome), and both turn once the pull completes.
+#[test]
+fn readiness_waits_for_the_initial_pull_and_the_view_answers_meanwhile() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (asked_tx, asked) = std::sync::mpsc::channel::<()>();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let body = wasm_module("held");
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                line.clear();
+            }
+            let _ = asked_tx.send(());
+            // Held until the test lets it go (or gives up).
+            let _ = released.recv_timeout(std::time::Duration::from_secs(60));
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes());
+            let _ = conn.write_all(&body);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("http://127.0.0.1:{port}/held.wasm");
+    write_url_plugin(&dir.path().join("plugins"), "held", &url);
+    let serve = Process::start(dir.path(), &[]);
+    asked
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the pull reached the module server");
+    assert_eq!(serve.get("/readyz").0, 503);
+    let view = serve.json("/debug/plugins?plugin=default/held");
+    assert_eq!(names(&view, "plugins"), ["default/held"]);
+    assert!(view["plugins"][0]["outcome"].is_null(), "{view}");
+    assert_eq!(serve.get("/readyz").0, 503, "still held");
+    release.send(()).unwrap();
+    assert!(serve.wait_ready());
+    let done = wait_processed(&serve, "held", "");
+    assert_eq!(done["outcome"], "pulled", "{done}");
+}
