@@ -14,6 +14,9 @@
 //! Every source change returns a [`Ticket`]: the processings it caused. Background work — due
 //! retries, purge passes, the index save — runs whenever its time comes, whoever is waiting, and
 //! is never part of a ticket (docs/scenarios.md "Time").
+//!
+//! Length: about 630 lines: the loop, publishing and the module index all read the engine, the
+//! dispatcher and the resource store it owns.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;

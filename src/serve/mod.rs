@@ -8,9 +8,6 @@
 //! by the controller only when they change) and ask the controller for debug views, which it
 //! builds on request, one page at a time (`view.rs`): a change costs no view work.
 //! Streams never wait for the controller.
-//!
-//! Length: about 615 lines: start-up, the Kubernetes link and the controller share the state
-//! they set up (the process around them is in `process.rs`).
 
 pub mod admin;
 pub mod files;
