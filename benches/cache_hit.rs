@@ -99,12 +99,12 @@ fn plugin(i: usize, policy: ImagePullPolicy) -> VersionedPlugin {
     });
     VersionedPlugin {
         url: ModuleUrl::parse(&spec.url).expect("url"),
-        plugin: WasmPlugin {
+        plugin: std::sync::Arc::new(WasmPlugin {
             key,
             object,
             spec,
             extension: None,
-        },
+        }),
         version: 1,
     }
 }
@@ -139,7 +139,7 @@ fn engine_with(rt: &tokio::runtime::Runtime, n: usize) -> (Engine, Dispatcher, V
             dispatcher.dispatch(&mut engine);
             let done = dispatcher.next_completion().await;
             dispatcher.complete(&mut engine, done);
-            keys.push(vp.plugin.key);
+            keys.push(vp.plugin.key.clone());
         }
         keys
     });

@@ -23,7 +23,8 @@ use crate::url::ModuleUrl;
 /// A plugin with the resource version of its current object.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VersionedPlugin {
-    pub plugin: WasmPlugin,
+    /// Shared with the engine's state of the plugin: one copy of each accepted object.
+    pub plugin: std::sync::Arc<WasmPlugin>,
     pub version: u64,
     /// `spec.url`, parsed once at admission.
     pub url: ModuleUrl,
@@ -214,7 +215,7 @@ impl ObjectStore {
                 self.plugins.insert(
                     key.clone(),
                     VersionedPlugin {
-                        plugin: p,
+                        plugin: std::sync::Arc::new(p),
                         version: self.last_version,
                         url,
                     },

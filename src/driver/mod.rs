@@ -14,9 +14,13 @@
 //! Every source change returns a [`Ticket`]: the processings it caused. Background work — due
 //! retries, purge passes, the index save — runs whenever its time comes, whoever is waiting, and
 //! is never part of a ticket (docs/scenarios.md "Time").
+//!
+//! Length: about 630 lines: the loop, publishing and the module index all read the engine, the
+//! dispatcher and the resource store it owns.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -211,6 +215,14 @@ impl Driver {
     /// Plugins whose last applied object was refused.
     pub fn refused(&self) -> impl Iterator<Item = &ObjectKey> {
         self.refused.keys()
+    }
+
+    /// Those of [`Driver::refused`] within `range`, in order (a page of `/debug/plugins`).
+    pub fn refused_in<'a>(
+        &'a self,
+        range: (Bound<&'a ObjectKey>, Bound<&'a ObjectKey>),
+    ) -> impl Iterator<Item = &'a ObjectKey> {
+        self.refused.range::<ObjectKey, _>(range).map(|(k, _)| k)
     }
 
     /// The object a plugin was last refused for (`Null` after an edit) and why.
@@ -582,6 +594,26 @@ impl Driver {
 
     /// The modules offered at the module endpoint, as of now.
     pub fn modules(&self) -> ModuleIndex {
+        let files = self
+            .engine
+            .plugins()
+            .values()
+            .filter_map(|st| match &st.serving {
+                Serving::Module(m) if m.key.is_none() => {
+                    Some((m.sha256.as_str(), m.path.as_path()))
+                }
+                _ => None,
+            });
+        self.module_index(files)
+    }
+
+    /// The modules offered at the module endpoint: every cached module and the `file://` modules
+    /// `files` lists (sha256, path) — `serve` keeps that list from the engine's events instead of
+    /// looking at every plugin.
+    pub fn module_index<'a>(
+        &self,
+        files: impl IntoIterator<Item = (&'a str, &'a Path)>,
+    ) -> ModuleIndex {
         // A module with these bytes fetched with credentials anywhere makes them private.
         let mut modules: BTreeMap<String, (ModuleLocation, bool)> = BTreeMap::new();
         for (_, e) in self.engine.cache().entries() {
@@ -590,14 +622,10 @@ impl Driver {
                 .or_insert_with(|| (ModuleLocation::Cached(e.path.clone()), false));
             entry.1 |= e.private;
         }
-        for st in self.engine.plugins().values() {
-            if let Serving::Module(m) = &st.serving {
-                if m.key.is_none() {
-                    modules.entry(m.sha256.clone()).or_insert_with(|| {
-                        (ModuleLocation::File(m.path.to_string_lossy().into()), false)
-                    });
-                }
-            }
+        for (sha256, path) in files {
+            modules
+                .entry(sha256.to_string())
+                .or_insert_with(|| (ModuleLocation::File(path.to_string_lossy().into()), false));
         }
         ModuleIndex {
             modules,

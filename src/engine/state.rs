@@ -75,7 +75,8 @@ pub enum Trigger {
 /// Everything the engine knows about one current plugin.
 #[derive(Clone, Debug)]
 pub struct PluginState {
-    pub plugin: WasmPlugin,
+    /// The object store's copy (the object as accepted, with its typed spec).
+    pub plugin: std::sync::Arc<WasmPlugin>,
     pub version: u64,
     pub url: ModuleUrl,
     pub decision: Decision,

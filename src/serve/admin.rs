@@ -1,8 +1,9 @@
 //! The admin HTTP server (cli.md): `/metrics`, `/healthz`, `/readyz`, `/debug/plugins`,
 //! `/debug/cache`, `/debug/syncz` (per-proxy xDS view, `xds/syncz.rs`), `POST /refresh?plugin=ns/name`, and the module endpoint `/modules/<sha256>.wasm`
-//! used by `--delivery http`. It only reads the controller's [`AdminView`](super::AdminView) and
-//! the shared [`Metrics`](crate::metrics::Metrics) (engine and xDS series, one registry), and
-//! sends the controller commands; it never touches the engine.
+//! used by `--delivery http`. It reads what [`Shared`] holds (readiness, the module index) and the
+//! shared [`Metrics`](crate::metrics::Metrics) (engine and xDS series, one registry), and sends the
+//! controller commands — a refresh, a page of a debug view (`view.rs`), which it streams to the
+//! client entry by entry; it never touches the engine.
 //!
 //! Connections come from the one accept loop of [`crate::net::listen`] (TLS, connection cap).
 //! Each is bounded here: its request headers within `--admin-header-timeout` and
@@ -26,6 +27,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::oneshot;
 
+use super::view::{CacheQuery, PluginsQuery};
 use super::{Command, Shared};
 use crate::auth::Access;
 use crate::convert::MODULES_PATH;
@@ -133,6 +135,7 @@ async fn handle(
     peer_verified: bool,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("");
     let authorization = req
         .headers()
         .get(http::header::AUTHORIZATION)
@@ -158,7 +161,7 @@ async fn handle(
     let resp = match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => {
-            if shared.view.read().expect("view lock").ready {
+            if shared.ready.load(std::sync::atomic::Ordering::Acquire) {
                 text(StatusCode::OK, "ready\n")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
@@ -170,28 +173,26 @@ async fn handle(
             "text/plain; version=0.0.4",
             shared.metrics.render(),
         ),
-        (&Method::GET, "/debug/plugins") => {
-            let v = shared.view.read().expect("view lock").plugins.clone();
-            reply(
-                StatusCode::OK,
-                "application/json",
-                serde_json::to_vec_pretty(&v).unwrap_or_default(),
-            )
-        }
-        (&Method::GET, "/debug/cache") => {
-            let v = shared.view.read().expect("view lock").cache.clone();
-            reply(
-                StatusCode::OK,
-                "application/json",
-                serde_json::to_vec_pretty(&v).unwrap_or_default(),
-            )
-        }
+        (&Method::GET, "/debug/plugins") => match PluginsQuery::parse(query) {
+            Ok(q) => match ask(&shared, |tx| Command::Plugins(q, tx)).await {
+                Ok(page) => json(page.into_body()),
+                Err(r) => r,
+            },
+            Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+        },
+        (&Method::GET, "/debug/cache") => match CacheQuery::parse(query) {
+            Ok(q) => match ask(&shared, |tx| Command::Cache(q, tx)).await {
+                Ok(page) => json(page.into_body()),
+                Err(r) => r,
+            },
+            Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+        },
         (&Method::GET, "/debug/syncz") => reply(
             StatusCode::OK,
             "application/json",
             crate::xds::syncz::syncz_json(&shared.resources),
         ),
-        (&Method::POST, "/refresh") => refresh(req.uri().query().unwrap_or(""), &shared).await,
+        (&Method::POST, "/refresh") => refresh(query, &shared).await,
         (&Method::GET, p) => match module_sha(p) {
             Some(sha) => module(sha, &shared, authenticated).await,
             None => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -207,6 +208,30 @@ fn module_sha(path: &str) -> Option<&str> {
     (sha.len() == 64 && sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))).then_some(sha)
 }
 
+/// A JSON body written as the client reads it.
+fn json(
+    body: impl futures_util::Stream<Item = Result<Frame<Bytes>, io::Error>> + Send + 'static,
+) -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(StreamBody::new(body).boxed_unsync())
+        .expect("valid response")
+}
+
+/// Sends the controller a request and waits for its answer; `503 shutting down` once it is gone.
+async fn ask<T>(
+    shared: &Shared,
+    command: impl FnOnce(oneshot::Sender<T>) -> Command,
+) -> Result<T, Response<Body>> {
+    let gone = || text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+    let (tx, rx) = oneshot::channel();
+    if shared.commands.send(command(tx)).await.is_err() {
+        return Err(gone());
+    }
+    rx.await.map_err(|_| gone())
+}
+
 async fn refresh(query: &str, shared: &Shared) -> Response<Body> {
     let plugin = query.split('&').find_map(|kv| kv.strip_prefix("plugin="));
     let Some(key) =
@@ -214,24 +239,15 @@ async fn refresh(query: &str, shared: &Shared) -> Response<Body> {
     else {
         return text(StatusCode::BAD_REQUEST, "want ?plugin=namespace/name\n");
     };
-    let (tx, rx) = oneshot::channel();
-    if shared
-        .commands
-        .send(Command::Refresh(key.clone(), tx))
-        .await
-        .is_err()
-    {
-        return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
-    }
-    match rx.await {
+    match ask(shared, |tx| Command::Refresh(key.clone(), tx)).await {
         Ok(true) => text(StatusCode::OK, format!("refreshed {key}\n")),
         Ok(false) => text(StatusCode::NOT_FOUND, format!("no plugin {key}\n")),
-        Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+        Err(r) => r,
     }
 }
 
 async fn module(sha: &str, shared: &Shared, authenticated: bool) -> Response<Body> {
-    let Some(index) = shared.view.read().expect("view lock").modules.clone() else {
+    let Some(index) = shared.modules.read().expect("module index lock").clone() else {
         return text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n");
     };
     if index.is_private(sha) && !authenticated {

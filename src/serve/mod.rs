@@ -4,7 +4,9 @@
 //! One controller task owns the [`Driver`] (an actor: no locks held across fetches); it syncs the
 //! watched files into it, forwards refresh requests and otherwise lets it run its own deadlines
 //! and finished fetches. The driver publishes ECDS resources to its [`ResourceStore`] (which pushes
-//! to streams); the controller refreshes a read-only [`AdminView`] for the admin endpoints.
+//! to streams). The admin endpoints read what [`Shared`] holds (readiness, the module index, kept
+//! by the controller only when they change) and ask the controller for debug views, which it
+//! builds on request, one page at a time (`view.rs`): a change costs no view work.
 //! Streams never wait for the controller.
 //!
 //! The process around them is in `process.rs`; how the controller brings the sources' changes
@@ -12,29 +14,30 @@
 
 pub mod admin;
 pub mod files;
+mod offered;
 mod ports;
 mod process;
 pub mod proxied;
 mod resync;
 pub mod sources;
+pub mod view;
 
 pub use process::run_blocking;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::driver::{Driver, DriverParts, ModuleIndex};
 use crate::engine::EngineParts;
-use crate::engine::Serving;
 use crate::fetch::{FetchConfig, Transport};
 use crate::k8s::{self, status, KubeOptions, Snapshot};
 use crate::metrics::Metrics;
@@ -46,20 +49,14 @@ pub use crate::convert::{MODULES_CLUSTER, MODULES_PATH};
 /// File changes are applied after this quiet period.
 const RELOAD_DEBOUNCE: Duration = Duration::from_millis(100);
 
-/// What the admin endpoints read; replaced by the controller after every change.
-#[derive(Debug, Default, Clone)]
-pub struct AdminView {
-    pub ready: bool,
-    pub plugins: Value,
-    pub cache: Value,
-    /// The modules of the module endpoint (`None` until the first refresh).
-    pub modules: Option<ModuleIndex>,
-}
-
 /// State shared between the controller and the admin server.
 #[derive(Debug)]
 pub struct Shared {
-    pub view: RwLock<AdminView>,
+    /// The initial plugin set has been processed (`/readyz`).
+    pub ready: AtomicBool,
+    /// The modules of the module endpoint (`None` until the controller runs), replaced only when
+    /// the set of modules changed.
+    pub modules: RwLock<Option<ModuleIndex>>,
     pub commands: mpsc::Sender<Command>,
     pub resources: ResourceStore,
     /// The engine's series and the resource store's: `/metrics` renders them live.
@@ -75,6 +72,10 @@ pub enum Command {
     Reload,
     /// Force a pull for a plugin; answers whether it exists.
     Refresh(ObjectKey, oneshot::Sender<bool>),
+    /// A page of `/debug/plugins`.
+    Plugins(view::PluginsQuery, oneshot::Sender<view::PluginsPage>),
+    /// A page of `/debug/cache`.
+    Cache(view::CacheQuery, oneshot::Sender<view::CachePage>),
 }
 
 /// Everything needed to start a server.
@@ -176,7 +177,8 @@ pub async fn start_with(
     let resources = driver.resources().clone();
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let shared = Arc::new(Shared {
-        view: RwLock::new(AdminView::default()),
+        ready: AtomicBool::new(false),
+        modules: RwLock::new(None),
         commands: cmd_tx.clone(),
         resources: resources.clone(),
         metrics,
@@ -211,6 +213,7 @@ pub async fn start_with(
         fatal: fatal_tx,
         statuses_stale: true,
         report_stale: true,
+        offered: offered::Offered::default(),
     };
     tasks.push(tokio::spawn(controller.run(
         cmd_rx,
@@ -362,6 +365,8 @@ struct Controller {
     statuses_stale: bool,
     /// `proxy` mode: what proxied streams want changed since their results were reported.
     report_stale: bool,
+    /// The modules the module endpoint offers.
+    offered: offered::Offered,
 }
 
 /// The next change of what proxied streams want; never completes outside `proxy` mode.
@@ -420,11 +425,16 @@ impl Controller {
                     let _ = tx.send(());
                 }
             }
-            self.refresh_view(ready_tx.is_none());
-            // Events are read by the proxy link and `WatchEvents`; taking them also keeps them
-            // from piling up.
+            // Events are read by the proxy link, `WatchEvents` and the module index; taking them
+            // also keeps them from piling up.
             let events = self.driver.take_events();
             self.shared.events.publish(&events);
+            if let Some(index) = self.offered.update(&self.driver, &events) {
+                *self.shared.modules.write().expect("module index lock") = Some(index);
+            }
+            if ready_tx.is_none() {
+                self.shared.ready.store(true, Ordering::Release);
+            }
             // What derives from the driver's state is worked out again only when it changed: a
             // wake-up for nothing (a deadline with nothing due) costs nothing per plugin.
             if !events.is_empty() {
@@ -477,10 +487,10 @@ impl Controller {
                     Some(Command::Reload) => {
                         // Debounce: editors write files in several steps.
                         tokio::time::sleep(RELOAD_DEBOUNCE).await;
-                        let mut refreshes = Vec::new();
+                        let mut later = Vec::new();
                         while let Ok(cmd) = commands.try_recv() {
-                            if let Command::Refresh(key, reply) = cmd {
-                                refreshes.push((key, reply));
+                            if !matches!(cmd, Command::Reload) {
+                                later.push(cmd);
                             }
                         }
                         let changes = match &self.watcher {
@@ -489,13 +499,11 @@ impl Controller {
                         };
                         let changed = self.update_files(&changes, false);
                         self.resync_changed(&changed);
-                        for (key, reply) in refreshes {
-                            let _ = reply.send(self.driver.refresh(&key).is_some());
+                        for cmd in later {
+                            self.answer(cmd);
                         }
                     }
-                    Some(Command::Refresh(key, reply)) => {
-                        let _ = reply.send(self.driver.refresh(&key).is_some());
-                    }
+                    Some(cmd) => self.answer(cmd),
                 },
                 _ = self.driver.next() => {}
             }
@@ -503,71 +511,19 @@ impl Controller {
         self.driver.flush();
     }
 
-    fn refresh_view(&self, ready: bool) {
-        let view = self.admin_view(ready);
-        *self.shared.view.write().expect("admin view lock") = view;
-    }
-
-    fn admin_view(&self, ready: bool) -> AdminView {
-        let engine = self.driver.engine();
-        let now = engine.now();
-        let ms = |t: Option<crate::clock::Timestamp>| t.map(|t| t.as_millis());
-        let plugins: Vec<Value> = engine
-            .plugins()
-            .iter()
-            .map(|(k, st)| {
-                let served = match &st.serving {
-                    Serving::Module(m) => json!({"kind": "module", "sha256": m.sha256, "checksum": m.key.as_ref().map(|k| k.checksum.clone()), "path": m.path}),
-                    Serving::DenyAll => json!({"kind": "deny-all"}),
-                    Serving::AllowAll => json!({"kind": "allow-all"}),
-                    Serving::Nothing => json!({"kind": "nothing"}),
-                };
-                json!({
-                    "plugin": k.to_string(),
-                    "resource": st.plugin.resource_name(),
-                    "envoyFilter": crate::plugin::envoyfilter::filter_of(k).map(|f| f.to_string()),
-                    "resourceVersion": st.version.to_string(),
-                    "url": st.url.to_string(),
-                    "policy": st.decision.policy.to_string(),
-                    "rule": st.decision.rule.as_str(),
-                    "outcome": st.last_outcome.as_ref().map(|o| o.name()),
-                    "reason": st.last_outcome.as_ref().and_then(|o| o.reason()),
-                    "error": st.last_error,
-                    "serves": served,
-                    "lastPullUnixMs": ms(st.last_pull),
-                    "lastProcessedUnixMs": ms(st.last_processed),
-                    "nextRetryUnixMs": st.retry.map(|due| due.as_millis()),
-                })
-            })
-            .collect();
-        let refused: Vec<Value> = (self.driver.refused())
-            .map(|k| {
-                let (field, error) = self
-                    .driver
-                    .refusal(k)
-                    .map(|(_, e)| (e.field.as_str(), e.message.as_str()))
-                    .unwrap_or_default();
-                json!({"plugin": k.to_string(), "field": field, "error": error})
-            })
-            .collect();
-        let cache: Vec<Value> = engine
-            .cache()
-            .entries()
-            .map(|(k, e)| {
-                json!({
-                    "module": k.name, "checksum": k.checksum, "sha256": e.sha256, "size": e.size,
-                    "path": e.path, "lastUsedUnixMs": e.last_used.as_millis(),
-                    "idleMs": if e.refs.is_empty() { Some(now.since(e.last_used).as_millis() as u64) } else { None },
-                    "plugins": e.refs.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        AdminView {
-            ready,
-            plugins: json!({"plugins": plugins, "refused": refused, "fileErrors": self.sources.files.errors,
-                            "conflicts": self.sources.conflicts.values().collect::<Vec<_>>()}),
-            cache: json!({"modules": cache}),
-            modules: Some(self.driver.modules()),
+    /// Answers a request of the admin server (a reload is not one).
+    fn answer(&mut self, cmd: Command) {
+        match cmd {
+            Command::Reload => {}
+            Command::Refresh(key, reply) => {
+                let _ = reply.send(self.driver.refresh(&key).is_some());
+            }
+            Command::Plugins(query, reply) => {
+                let _ = reply.send(view::plugins_page(&self.driver, &self.sources, &query));
+            }
+            Command::Cache(query, reply) => {
+                let _ = reply.send(view::cache_page(&self.driver, &query));
+            }
         }
     }
 }

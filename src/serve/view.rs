@@ -1,0 +1,458 @@
+//! `/debug/plugins` and `/debug/cache`, built on request from the controller's typed state.
+//!
+//! The admin server parses the query ([`PluginsQuery`], [`CacheQuery`]) and sends it to the
+//! controller (`Command::Plugins`, `Command::Cache`), which builds just the page asked for
+//! ([`plugins_page`], [`cache_page`]): nothing is built while no one asks, and a change costs the
+//! controller no view work. A page holds at most `limit` entries (default [`DEFAULT_LIMIT`], at
+//! most [`MAX_LIMIT`]) after the cursor `after`, with `next` the cursor of the following page;
+//! its JSON is written entry by entry while the connection reads it ([`json_body`]).
+
+use std::collections::BTreeMap;
+use std::io;
+use std::ops::Bound;
+
+use bytes::Bytes;
+use hyper::body::Frame;
+use serde::Serialize;
+
+use super::files::FileError;
+use super::sources::{Conflict, Sources};
+use crate::cache::ModuleKey;
+use crate::driver::Driver;
+use crate::engine::Serving;
+use crate::plugin::ObjectKey;
+
+/// Entries per page when the query gives no `limit`.
+pub const DEFAULT_LIMIT: usize = 1000;
+/// The largest `limit` accepted.
+pub const MAX_LIMIT: usize = 10_000;
+/// Bytes of JSON gathered before they are handed to the connection.
+const CHUNK: usize = 16 * 1024;
+
+/// `/debug/plugins?plugin=ns/name` or `?limit=N&after=ns/name`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PluginsQuery {
+    /// Only this plugin (its entry, refusal and conflicts).
+    pub plugin: Option<ObjectKey>,
+    /// Plugins after this one (in `ns/name` order).
+    pub after: Option<ObjectKey>,
+    pub limit: usize,
+}
+
+/// `/debug/cache?module=URL` or `?limit=N&after=CURSOR`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CacheQuery {
+    /// Only the entries of this module name (every checksum).
+    pub module: Option<String>,
+    /// Entries after this one (a `next` of an earlier page: `module@checksum`).
+    pub after: Option<ModuleKey>,
+    pub limit: usize,
+}
+
+/// The query's parameters, URL-decoded; an error names the culprit.
+fn params(query: &str, known: &[&str]) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        if !known.contains(&k.as_ref()) {
+            return Err(format!(
+                "unknown parameter {k:?} (want {})",
+                known.join(", ")
+            ));
+        }
+        if out.insert(k.to_string(), v.to_string()).is_some() {
+            return Err(format!("parameter {k:?} given twice"));
+        }
+    }
+    Ok(out)
+}
+
+fn limit(p: &BTreeMap<String, String>) -> Result<usize, String> {
+    match p.get("limit") {
+        None => Ok(DEFAULT_LIMIT),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+            _ => Err(format!("limit {v:?}: want a number from 1 to {MAX_LIMIT}")),
+        },
+    }
+}
+
+fn object_key(name: &str, v: &str) -> Result<ObjectKey, String> {
+    ObjectKey::parse(v).ok_or_else(|| format!("{name} {v:?}: want namespace/name"))
+}
+
+impl PluginsQuery {
+    pub fn parse(query: &str) -> Result<PluginsQuery, String> {
+        let p = params(query, &["plugin", "after", "limit"])?;
+        let plugin = p
+            .get("plugin")
+            .map(|v| object_key("plugin", v))
+            .transpose()?;
+        if plugin.is_some() && (p.contains_key("after") || p.contains_key("limit")) {
+            return Err("plugin cannot be combined with after or limit".into());
+        }
+        Ok(PluginsQuery {
+            plugin,
+            after: p.get("after").map(|v| object_key("after", v)).transpose()?,
+            limit: limit(&p)?,
+        })
+    }
+}
+
+impl CacheQuery {
+    pub fn parse(query: &str) -> Result<CacheQuery, String> {
+        let p = params(query, &["module", "after", "limit"])?;
+        let module = p.get("module").cloned();
+        if module.is_some() && (p.contains_key("after") || p.contains_key("limit")) {
+            return Err("module cannot be combined with after or limit".into());
+        }
+        let after = match p.get("after") {
+            None => None,
+            Some(v) => match v.rsplit_once('@') {
+                Some((name, checksum)) if !name.is_empty() => Some(ModuleKey::new(name, checksum)),
+                _ => return Err(format!("after {v:?}: want the next of an earlier page")),
+            },
+        };
+        Ok(CacheQuery {
+            module,
+            after,
+            limit: limit(&p)?,
+        })
+    }
+}
+
+/// What a plugin serves, as `/debug/plugins` shows it.
+#[derive(Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+enum Serves {
+    Module {
+        sha256: String,
+        checksum: Option<String>,
+        path: std::path::PathBuf,
+    },
+    DenyAll,
+    AllowAll,
+    Nothing,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PluginRow {
+    plugin: String,
+    resource: String,
+    envoy_filter: Option<String>,
+    resource_version: String,
+    url: String,
+    policy: String,
+    rule: &'static str,
+    outcome: Option<&'static str>,
+    reason: Option<String>,
+    error: Option<String>,
+    serves: Serves,
+    last_pull_unix_ms: Option<u64>,
+    last_processed_unix_ms: Option<u64>,
+    next_retry_unix_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+struct RefusedRow {
+    plugin: String,
+    field: String,
+    error: String,
+}
+
+/// One page of `/debug/plugins`.
+#[derive(Debug)]
+pub struct PluginsPage {
+    plugins: Vec<PluginRow>,
+    refused: Vec<RefusedRow>,
+    file_errors: Vec<FileError>,
+    conflicts: Vec<Conflict>,
+    next: Option<String>,
+}
+
+/// The plugins (processed or refused) of the page `query` asks for, in key order. File errors and
+/// conflicts come with the first page (with `plugin`, the plugin's conflicts only).
+pub fn plugins_page(driver: &Driver, sources: &Sources, query: &PluginsQuery) -> PluginsPage {
+    let engine = driver.engine();
+    let (lower, upper) = match (&query.plugin, &query.after) {
+        (Some(k), _) => (Bound::Included(k), Bound::Included(k)),
+        (None, Some(a)) => (Bound::Excluded(a), Bound::Unbounded),
+        (None, None) => (Bound::Unbounded, Bound::Unbounded),
+    };
+    let mut states = engine
+        .plugins()
+        .range::<ObjectKey, _>((lower, upper))
+        .peekable();
+    let mut refused = driver.refused_in((lower, upper)).peekable();
+    let mut page = PluginsPage {
+        plugins: Vec::new(),
+        refused: Vec::new(),
+        file_errors: Vec::new(),
+        conflicts: Vec::new(),
+        next: None,
+    };
+    let mut last: Option<&ObjectKey> = None;
+    let mut taken = 0;
+    loop {
+        // The next key of either list; a plugin both processed and refused is one key.
+        let key = match (states.peek(), refused.peek()) {
+            (Some((s, _)), Some(r)) => (*s).min(*r),
+            (Some((s, _)), None) => *s,
+            (None, Some(r)) => *r,
+            (None, None) => break,
+        };
+        if taken == query.limit {
+            page.next = last.map(ToString::to_string);
+            break;
+        }
+        taken += 1;
+        last = Some(key);
+        if states.peek().is_some_and(|(s, _)| *s == key) {
+            let (k, st) = states.next().expect("peeked");
+            page.plugins.push(plugin_row(k, st));
+        }
+        if refused.peek() == Some(&key) {
+            let k = refused.next().expect("peeked");
+            let (field, error) = driver
+                .refusal(k)
+                .map(|(_, e)| (e.field.clone(), e.message.clone()))
+                .unwrap_or_default();
+            page.refused.push(RefusedRow {
+                plugin: k.to_string(),
+                field,
+                error,
+            });
+        }
+    }
+    match &query.plugin {
+        Some(k) => {
+            let k = k.to_string();
+            page.conflicts = (sources.conflicts.values())
+                .filter(|c| c.object == k)
+                .cloned()
+                .collect();
+        }
+        None if query.after.is_none() => {
+            page.file_errors = sources.files.errors.clone();
+            page.conflicts = sources.conflicts.values().cloned().collect();
+        }
+        None => {}
+    }
+    page
+}
+
+fn plugin_row(k: &ObjectKey, st: &crate::engine::PluginState) -> PluginRow {
+    let serves = match &st.serving {
+        Serving::Module(m) => Serves::Module {
+            sha256: m.sha256.clone(),
+            checksum: m.key.as_ref().map(|k| k.checksum.clone()),
+            path: m.path.clone(),
+        },
+        Serving::DenyAll => Serves::DenyAll,
+        Serving::AllowAll => Serves::AllowAll,
+        Serving::Nothing => Serves::Nothing,
+    };
+    PluginRow {
+        plugin: k.to_string(),
+        resource: st.plugin.resource_name(),
+        envoy_filter: crate::plugin::envoyfilter::filter_of(k).map(|f| f.to_string()),
+        resource_version: st.version.to_string(),
+        url: st.url.to_string(),
+        policy: st.decision.policy.to_string(),
+        rule: st.decision.rule.as_str(),
+        outcome: st.last_outcome.as_ref().map(|o| o.name()),
+        reason: st.last_outcome.as_ref().and_then(|o| o.reason()),
+        error: st.last_error.clone(),
+        serves,
+        last_pull_unix_ms: st.last_pull.map(|t| t.as_millis()),
+        last_processed_unix_ms: st.last_processed.map(|t| t.as_millis()),
+        next_retry_unix_ms: st.retry.map(|t| t.as_millis()),
+    }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CacheRow {
+    module: String,
+    checksum: String,
+    sha256: String,
+    size: u64,
+    path: std::path::PathBuf,
+    last_used_unix_ms: u64,
+    idle_ms: Option<u64>,
+    plugins: Vec<String>,
+}
+
+/// One page of `/debug/cache`.
+#[derive(Debug)]
+pub struct CachePage {
+    modules: Vec<CacheRow>,
+    next: Option<String>,
+}
+
+/// The cache entries of the page `query` asks for, in (module, checksum) order.
+pub fn cache_page(driver: &Driver, query: &CacheQuery) -> CachePage {
+    let engine = driver.engine();
+    let now = engine.now();
+    let mut entries = engine.cache().entries().filter(|(k, _)| {
+        query.module.as_ref().is_none_or(|m| k.name == *m)
+            && query.after.as_ref().is_none_or(|a| *k > a)
+    });
+    let mut page = CachePage {
+        modules: Vec::new(),
+        next: None,
+    };
+    for (k, e) in entries.by_ref().take(query.limit) {
+        page.modules.push(CacheRow {
+            module: k.name.clone(),
+            checksum: k.checksum.clone(),
+            sha256: e.sha256.clone(),
+            size: e.size,
+            path: e.path.clone(),
+            last_used_unix_ms: e.last_used.as_millis(),
+            idle_ms: (e.refs.is_empty()).then(|| now.since(e.last_used).as_millis() as u64),
+            plugins: e.refs.iter().map(ToString::to_string).collect(),
+        });
+    }
+    if entries.next().is_some() {
+        page.next = page
+            .modules
+            .last()
+            .map(|r| format!("{}@{}", r.module, r.checksum));
+    }
+    page
+}
+
+type Chunks = Box<dyn Iterator<Item = Vec<u8>> + Send>;
+
+/// `"name": [` then one entry per line, each serialized when the body is read.
+fn array<T: Serialize + Send + 'static>(name: &'static str, rows: Vec<T>) -> Chunks {
+    let head = std::iter::once(format!("\"{name}\": [").into_bytes());
+    let items = rows.into_iter().enumerate().map(|(i, row)| {
+        let mut out = if i == 0 {
+            b"\n".to_vec()
+        } else {
+            b",\n".to_vec()
+        };
+        serde_json::to_writer(&mut out, &row).expect("serializable");
+        out
+    });
+    Box::new(head.chain(items).chain(std::iter::once(b"\n]".to_vec())))
+}
+
+fn scalar(name: &'static str, value: &impl Serialize) -> Chunks {
+    let text = serde_json::to_string(value).expect("serializable");
+    Box::new(std::iter::once(format!("\"{name}\": {text}").into_bytes()))
+}
+
+/// A JSON object of `fields`, written field by field and entry by entry as the connection reads
+/// it, in pieces of about [`CHUNK`] bytes.
+fn json_body(
+    fields: Vec<Chunks>,
+) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, io::Error>> + Send + 'static {
+    let n = fields.len();
+    let parts = fields.into_iter().enumerate().flat_map(move |(i, f)| {
+        let open: &[u8] = if i == 0 { b"{" } else { b",\n" };
+        let close: &[u8] = if i + 1 == n { b"}\n" } else { b"" };
+        std::iter::once(open.to_vec())
+            .chain(f)
+            .chain(std::iter::once(close.to_vec()))
+    });
+    let mut parts = parts.peekable();
+    let chunks = std::iter::from_fn(move || {
+        let mut buf = parts.next()?;
+        while buf.len() < CHUNK {
+            match parts.next() {
+                Some(p) => buf.extend_from_slice(&p),
+                None => break,
+            }
+        }
+        Some(Ok(Frame::data(Bytes::from(buf))))
+    });
+    futures_util::stream::iter(chunks)
+}
+
+impl PluginsPage {
+    pub fn into_body(
+        self,
+    ) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, io::Error>> + Send + 'static {
+        json_body(vec![
+            array("plugins", self.plugins),
+            array("refused", self.refused),
+            array("fileErrors", self.file_errors),
+            array("conflicts", self.conflicts),
+            scalar("next", &self.next),
+        ])
+    }
+}
+
+impl CachePage {
+    pub fn into_body(
+        self,
+    ) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, io::Error>> + Send + 'static {
+        json_body(vec![
+            array("modules", self.modules),
+            scalar("next", &self.next),
+        ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_parse_and_bad_ones_name_the_culprit() {
+        let q = PluginsQuery::parse("limit=2&after=ns%2Fa").unwrap();
+        assert_eq!(q.after, Some(ObjectKey::new("ns", "a")));
+        assert_eq!(q.limit, 2);
+        let q = PluginsQuery::parse("plugin=ns/e/r").unwrap();
+        assert_eq!(q.plugin, Some(ObjectKey::new("ns", "e/r")));
+        assert_eq!(q.limit, DEFAULT_LIMIT);
+        for (bad, culprit) in [
+            ("limit=0", "limit"),
+            ("limit=x", "limit"),
+            ("limit=10001", "limit"),
+            ("after=", "after"),
+            ("plugin=ns/", "plugin"),
+            ("plugin=a&after=b", "plugin"),
+            ("limit=1&limit=2", "limit"),
+            ("page=2", "page"),
+        ] {
+            let e = PluginsQuery::parse(bad).unwrap_err();
+            assert!(e.contains(culprit) && !e.contains('\n'), "{bad}: {e}");
+        }
+        let q = CacheQuery::parse("after=oci%3A%2F%2Fr%2Fm%40sha256%3Aab&limit=5").unwrap();
+        assert_eq!(q.after, Some(ModuleKey::new("oci://r/m", "sha256:ab")));
+        assert!(CacheQuery::parse("after=nochecksum").is_err());
+        assert!(CacheQuery::parse("plugin=a").is_err());
+    }
+
+    #[tokio::test]
+    async fn the_body_is_one_json_object_whatever_the_chunking() {
+        use tokio_stream::StreamExt as _;
+        let rows: Vec<RefusedRow> = (0..3000)
+            .map(|i| RefusedRow {
+                plugin: format!("ns/p{i}"),
+                field: "spec.url".into(),
+                error: "x".repeat(i % 7),
+            })
+            .collect();
+        let body = json_body(vec![
+            array("refused", rows),
+            array::<FileError>("fileErrors", Vec::new()),
+            scalar("next", &Some("ns/p2999")),
+        ]);
+        let chunks: Vec<Bytes> = body
+            .map(|f| f.unwrap().into_data().unwrap())
+            .collect()
+            .await;
+        assert!(chunks.len() > 1, "written in pieces");
+        let all: Vec<u8> = chunks.concat();
+        let v: serde_json::Value = serde_json::from_slice(&all).unwrap();
+        assert_eq!(v["refused"].as_array().unwrap().len(), 3000);
+        assert_eq!(v["refused"][2999]["plugin"], "ns/p2999");
+        assert_eq!(v["fileErrors"], serde_json::json!([]));
+        assert_eq!(v["next"], "ns/p2999");
+    }
+}
