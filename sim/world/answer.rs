@@ -17,10 +17,13 @@ use crate::url::{authority, path_and_query};
 /// Corruption flips every byte after this many.
 pub(super) const CORRUPT_AFTER: usize = 8;
 
-/// The lowercase authority (`host[:port]`, user info and default port removed), the path with query
-/// (`/` at least, no fragment) and, for an IP-literal host, its address. `None` for other schemes or
-/// no host.
-pub(super) fn split_request_url(url: &str) -> Option<(String, String, Option<IpAddr>)> {
+/// A request URL taken apart: the lowercase authority (`host[:port]`, user info and default port
+/// removed), the path with query (`/` at least, no fragment) and, for an IP-literal host, its
+/// address.
+pub(super) type SplitUrl = (String, String, Option<IpAddr>);
+
+/// `url` taken apart ([`SplitUrl`]); `None` for other schemes or no host.
+pub(super) fn split_request_url(url: &str) -> Option<SplitUrl> {
     let u = url::Url::parse(url).ok()?;
     if !matches!(u.scheme(), "http" | "https") {
         return None;
@@ -35,6 +38,12 @@ pub(super) fn split_request_url(url: &str) -> Option<(String, String, Option<IpA
         path_and_query(&u).to_string(),
         ip,
     ))
+}
+
+/// Whether `header` (as sent) lowercased is `lower`, without making the lowercase copy.
+fn lowercased_is(header: &str, lower: &str) -> bool {
+    header.len() == lower.len()
+        && (header.bytes().zip(lower.bytes())).all(|(h, l)| h.to_ascii_lowercase() == l)
 }
 
 pub(super) enum Route {
@@ -114,12 +123,13 @@ pub(super) enum Decision {
 impl SimWorld {
     /// Decides the answer to one request (under the lock, no awaiting).
     pub(super) fn decide(&self, req: &HttpRequest, now: Timestamp) -> Decision {
-        let Some((authority, path, ip)) = split_request_url(&req.url) else {
+        let Some(split) = self.split_url(&req.url) else {
             return Decision::Fail(TransportError::Connect(format!(
                 "{}: not an http(s) url",
                 req.url
             )));
         };
+        let (authority, path, ip) = (&split.0, &split.1, split.2);
         if let Some(ip) = ip {
             if is_always_blocked(ip) {
                 let mut st = self.state();
@@ -137,33 +147,31 @@ impl SimWorld {
             .iter()
             .find(|(k, _)| k == "authorization")
             .map(|(_, v)| v.as_str());
-        let accept: Vec<String> = req
+        // Media types as sent; compared lowercased.
+        let accept: Vec<&str> = req
             .headers
             .iter()
             .filter(|(k, _)| k == "accept")
             .flat_map(|(_, v)| v.split(','))
-            .map(|m| {
-                m.split(';')
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .to_ascii_lowercase()
-            })
+            .map(|m| m.split(';').next().unwrap_or("").trim())
             .filter(|m| !m.is_empty())
             .collect();
         let mut guard = self.state();
         let st = &mut *guard;
         // Only the very next request can answer a challenge.
         let challenged = st.challenge.take();
-        let host = st.hosts.entry(authority.clone()).or_default();
+        if !st.hosts.contains_key(authority) {
+            st.hosts.insert(authority.clone(), Host::default());
+        }
+        let host = st.hosts.get_mut(authority).expect("inserted above");
         let auth = host.auth.clone();
         let authorized = auth.as_ref().is_none_or(|a| a.admits(authorization));
-        let route = route(&path);
+        let route = route(path);
         let scope = match &route {
             Route::Manifest { repo, .. } | Route::Blob { repo, .. } => Some(repo.clone()),
             _ => None,
         };
-        let challenge = |a: &AuthRule| a.challenge(&authority, scope.as_deref());
+        let challenge = |a: &AuthRule| a.challenge(authority, scope.as_deref());
         let kind = match route {
             Route::Ping => {
                 let answer = match auth.as_ref().filter(|_| !authorized) {
@@ -202,13 +210,16 @@ impl SimWorld {
             at: now,
         };
         let answers_challenge = authorization.is_some() && challenged.as_ref() == Some(&this);
-        let host = st.hosts.get_mut(&authority).expect("inserted above");
+        let host = st.hosts.get_mut(authority).expect("inserted above");
         let mut note = String::new();
         let rule = if answers_challenge {
             note.push_str(" (answers the challenge, not counted again)");
             None
         } else {
-            st.counts.entry(authority.clone()).or_default().bump(kind);
+            match st.counts.get_mut(authority) {
+                Some(c) => c.bump(kind),
+                None => st.counts.entry(authority.clone()).or_default().bump(kind),
+            }
             take_rule(&mut host.rules, kind)
         };
         let prefix = format!("request {authority} {} {path}", kind.as_str());
@@ -239,13 +250,13 @@ impl SimWorld {
             }
             Answer::unauthorized(challenge(a))
         } else {
-            let host = st.hosts.get(&authority).expect("inserted above");
+            let host = st.hosts.get(authority).expect("inserted above");
             match route {
                 Route::Manifest { repo, reference } => {
                     serve_manifest(host, &repo, &reference, &accept)
                 }
                 Route::Blob { repo, digest } => serve_blob(host, &repo, &digest),
-                Route::Get | Route::Ping => match host.paths.get(&path) {
+                Route::Get | Route::Ping => match host.paths.get(path) {
                     Some(body) => Answer::new(200, "application/octet-stream", body.clone()),
                     None => Answer::new(404, "text/plain", &b"404 page not found\n"[..]),
                 },
@@ -285,12 +296,7 @@ pub(super) fn take_rule(rules: &mut Vec<FailRule>, kind: RequestKind) -> Option<
     Some(mode)
 }
 
-pub(super) fn serve_manifest(
-    host: &Host,
-    repo: &str,
-    reference: &str,
-    accept: &[String],
-) -> Answer {
+pub(super) fn serve_manifest(host: &Host, repo: &str, reference: &str, accept: &[&str]) -> Answer {
     let unknown = || Answer::registry_error(404, "MANIFEST_UNKNOWN", "manifest unknown");
     let Some(r) = host.repos.get(repo) else {
         return Answer::registry_error(
@@ -310,7 +316,9 @@ pub(super) fn serve_manifest(
         return unknown();
     };
     // Like distribution: a manifest the client does not accept is not served.
-    if !accept.is_empty() && !accept.iter().any(|a| a == "*/*" || *a == m.media_type) {
+    if !accept.is_empty()
+        && !(accept.iter()).any(|a| *a == "*/*" || lowercased_is(a, &m.media_type))
+    {
         return Answer::registry_error(
             404,
             "MANIFEST_UNKNOWN",

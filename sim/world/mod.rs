@@ -20,7 +20,7 @@ mod auth;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -167,10 +167,17 @@ struct State {
     challenge: Option<Challenge>,
 }
 
-/// The simulated hosts. Thread-safe; the lock is never held across an `.await`.
+/// Request URLs taken apart, kept: the fetchers request the same few URLs again and again. When
+/// it holds this many, it starts afresh.
+const MAX_SPLIT_URLS: usize = 4096;
+
+/// The simulated hosts. Thread-safe; the locks are never held across an `.await`.
 pub struct SimWorld {
     clock: Arc<dyn Clock>,
     state: Mutex<State>,
+    /// Request URLs taken apart ([`answer::split_request_url`]), `None` for one that is not
+    /// http(s).
+    urls: Mutex<HashMap<String, Option<Arc<answer::SplitUrl>>>>,
 }
 
 impl std::fmt::Debug for SimWorld {
@@ -211,7 +218,22 @@ impl SimWorld {
         SimWorld {
             clock,
             state: Mutex::new(State::default()),
+            urls: Mutex::default(),
         }
+    }
+
+    /// `url` taken apart, parsed once.
+    fn split_url(&self, url: &str) -> Option<Arc<answer::SplitUrl>> {
+        let mut urls = self.urls.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(split) = urls.get(url) {
+            return split.clone();
+        }
+        if urls.len() >= MAX_SPLIT_URLS {
+            urls.clear();
+        }
+        let split = answer::split_request_url(url).map(Arc::new);
+        urls.insert(url.to_string(), split.clone());
+        split
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {

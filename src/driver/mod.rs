@@ -325,8 +325,7 @@ impl Driver {
     fn run_ready(&mut self) -> usize {
         let mut handled = 0;
         loop {
-            // The clock is read once per round: on the simulator's clock a read is a lock, and
-            // this loop runs at every step.
+            // One clock read per round (on the simulator's clock a read takes a lock).
             let due = self.engine.next_deadline() <= self.now();
             if due {
                 self.engine.run_due();
@@ -338,8 +337,7 @@ impl Driver {
                     self.complete(c);
                     handled += 1;
                 }
-                // Nothing was due and nothing finished: done. After due work, look again: more
-                // may be due at the same instant.
+                // After due work look again: more may be due at the same instant.
                 None if !due => return handled,
                 None => {}
             }
