@@ -4,10 +4,10 @@
 //!
 //! - [`StreamLimits`]: the configured bounds (request size, streams, resource names per stream,
 //!   node size, send budget, ACK deadline). `server.rs` checks them per request and per stream.
-//! - [`SendBudget`]: bytes of responses handed to streams and not yet read by their proxy. tonic
-//!   encodes every response into a buffer of its own, and HTTP/2 keeps that buffer until the
-//!   proxy opens its flow-control window, so a proxy that never reads would otherwise hold a
-//!   private copy of every module it subscribes to. A push takes a [`Grant`] of its size before
+//! - [`SendBudget`]: bytes of responses handed to streams and not yet read by their proxy. HTTP/2
+//!   keeps a response until the proxy opens its flow-control window; responses share the store's
+//!   encoding of each resource (`encode.rs`), but a proxy that never reads keeps the versions it
+//!   was sent alive after the store replaced them. A push takes a [`Grant`] of its size before
 //!   the response is built; the stream task holds the grant until the proxy ACKs or NACKs that
 //!   response (it has then read it) or the stream ends. A push that does not fit waits, without
 //!   holding a response, until some grant is released. A stream whose response stays

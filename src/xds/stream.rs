@@ -8,12 +8,12 @@ use std::net::SocketAddr;
 use envoy_types::pb::envoy::config::core::v3::Node;
 
 use super::accepts_type_url;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::limits::{Grant, LogGate, SendBudget};
 use super::store::{
     Api, Delivery, Nacked, Protocol, ResourceStore, StreamEvent, StreamEventKind, StreamId,
-    StreamInfo, NACK_MESSAGE_MAX,
+    StreamInfo, StreamView, NACK_MESSAGE_MAX,
 };
 
 /// Longest node id kept (longer ones are cut, marked with `…`).
@@ -237,5 +237,23 @@ impl StreamCore {
             protocol: self.protocol,
             kind,
         }
+    }
+}
+
+impl AsRef<StreamCore> for StreamCore {
+    fn as_ref(&self) -> &StreamCore {
+        self
+    }
+}
+
+/// A stream registers its own state in the store ([`StreamView`]); its report is built only when
+/// someone reads the registry.
+impl<T: AsRef<StreamCore> + Send> StreamView for Mutex<T> {
+    fn info(&self) -> StreamInfo {
+        // A stream task that panicked left its state as it was: report that.
+        self.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .info()
     }
 }
