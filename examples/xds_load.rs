@@ -2,7 +2,7 @@
 //! server on the same payload, measured in the same run.
 //!
 //! ```text
-//! cargo run --release --example xds_load -- [STREAMS] [CONNECTIONS] [PAYLOAD_BYTES] [ROUNDS]
+//! cargo run --release --example xds_load -- [STREAMS] [CONNECTIONS] [PAYLOAD_BYTES] [ROUNDS] [UPDATES]
 //! ```
 //!
 //! Every run starts a server in a child process (this same binary with `--server`), so that the
@@ -18,7 +18,11 @@
 //! Each run opens STREAMS SotW ECDS streams (default 1000) over CONNECTIONS HTTP/2 connections
 //! (default 50) with the same client, each subscribing to one resource and ACKing it; then the
 //! resource is updated once, and the run measures the time and the server CPU until every stream
-//! has received the update and sent its ACK, and the server's RSS per open stream. The resource
+//! has received the update and sent its ACK, and the server's RSS per open stream. With UPDATES
+//! (default 1) above one, the update is repeated that many times in a row (each once every stream
+//! ACKed the previous one) and the fan-out figures are per update: the CPU clock of
+//! `/proc/<pid>/stat` ticks every 10 ms, and a longer measure also makes a longer profile. The
+//! resource
 //! is a `TypedExtensionConfig` whose config is PAYLOAD_BYTES long (default: a few bytes).
 //!
 //! With PAYLOAD_BYTES of 64 KiB or more (an inline module), every run is followed by the same run
@@ -228,6 +232,8 @@ impl Server {
         out.read_line(&mut line).expect("server address");
         let addr = line.trim().parse().expect("address");
         let stdin = child.stdin.take().expect("stdin");
+        // For a profiler run over the whole tool (`perf report --pid`).
+        eprintln!("{} server pid {}", kind.arg(), child.id());
         Server { child, stdin, addr }
     }
 
@@ -275,7 +281,13 @@ struct Run {
     held_kib: f64,
 }
 
-async fn run(kind: Kind, streams: usize, connections: usize, payload: usize) -> Run {
+async fn run(
+    kind: Kind,
+    streams: usize,
+    connections: usize,
+    payload: usize,
+    updates: usize,
+) -> Run {
     let mut server = Server::start(kind, payload);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let rss_idle = server.rss_kib();
@@ -305,12 +317,14 @@ async fn run(kind: Kind, streams: usize, connections: usize, payload: usize) -> 
             s.send(client::sotw_ack(&names, &first)).await.expect("ack");
             drop(first);
             ready.send(()).await.expect("report");
-            let update = s.recv().await.expect("rpc").expect("update");
-            s.send(client::sotw_ack(&names, &update))
-                .await
-                .expect("ack");
-            drop(update);
-            done.send(()).await.expect("report");
+            for _ in 0..updates {
+                let update = s.recv().await.expect("rpc").expect("update");
+                s.send(client::sotw_ack(&names, &update))
+                    .await
+                    .expect("ack");
+                drop(update);
+                done.send(()).await.expect("report");
+            }
             // Keep the stream open until the run ends.
             let _ = stop.recv().await;
         });
@@ -324,10 +338,12 @@ async fn run(kind: Kind, streams: usize, connections: usize, payload: usize) -> 
 
     let cpu_before = server.cpu_ms();
     let start = Instant::now();
-    writeln!(server.stdin, "update").expect("update");
-    wait_all(&mut done_rx, streams).await;
-    let fanout_ms = start.elapsed().as_secs_f64() * 1e3;
-    let fanout_cpu_ms = (server.cpu_ms() - cpu_before) as f64;
+    for _ in 0..updates {
+        writeln!(server.stdin, "update").expect("update");
+        wait_all(&mut done_rx, streams).await;
+    }
+    let fanout_ms = start.elapsed().as_secs_f64() * 1e3 / updates as f64;
+    let fanout_cpu_ms = (server.cpu_ms() - cpu_before) as f64 / updates as f64;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_acked = server.rss_kib();
     let _ = stop_tx.send(());
@@ -380,9 +396,10 @@ async fn main() {
     let connections = arg(2, 50).max(1);
     let payload = arg(3, 0);
     let rounds = arg(4, 3).max(1);
+    let updates = arg(5, 1).max(1);
     let large = payload >= LARGE;
     println!(
-        "streams={streams} connections={connections} payload={payload}B rounds={rounds} cores={}",
+        "streams={streams} connections={connections} payload={payload}B rounds={rounds} updates={updates} cores={}",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     let mut runs: Vec<(Kind, Run, Option<Run>)> = Vec::new();
@@ -393,9 +410,9 @@ async fn main() {
             [Kind::Bare, Kind::WasmEcds]
         };
         for kind in order {
-            let r = run(kind, streams, connections, payload).await;
+            let r = run(kind, streams, connections, payload, updates).await;
             let tiny = if large {
-                Some(run(kind, streams, connections, 0).await)
+                Some(run(kind, streams, connections, 0, updates).await)
             } else {
                 None
             };

@@ -259,7 +259,13 @@ impl AbortHandle {
         if aborted() {
             return true;
         }
-        *self.inner.waker.lock().expect("abort lock") = Some(cx.waker().clone());
+        let mut waker = self.inner.waker.lock().expect("abort lock");
+        // The body is polled for every frame by the same connection task: keep its waker rather
+        // than clone one and drop the other on every frame.
+        if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *waker = Some(cx.waker().clone());
+        }
+        drop(waker);
         aborted()
     }
 }

@@ -395,17 +395,24 @@ impl<P: StreamProtocol> StreamTask<P> {
         let mut ack_deadline: Option<tokio::time::Instant> = None;
         tracing::debug!("stream opened");
         let mut node_recorded = false;
+        // Made once per stream, not once per turn of the loop: every stream waits on the one
+        // shutdown channel, and a future made anew each turn would join and leave its list of
+        // waiters (under that list's lock) on every push and every ACK.
+        let mut closing = self.closing.take();
+        let shutdown = closed(&mut closing);
+        let dropped = tx.closed();
+        tokio::pin!(shutdown, dropped);
         loop {
             let (awaiting, deferred) = {
                 let state = lock(&self.state);
                 (state.core().awaiting_ack(), state.core().deferred)
             };
             let reply = tokio::select! {
-                _ = closed(&mut self.closing) => {
+                _ = &mut shutdown => {
                     tracing::debug!("closing stream: server shutting down");
                     break;
                 }
-                _ = tx.closed() => {
+                _ = &mut dropped => {
                     tracing::debug!("response stream dropped");
                     break;
                 }

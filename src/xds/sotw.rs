@@ -28,8 +28,7 @@
 //! A response is returned as a [`SotwReply`] (its version, nonce and the stored entries), which
 //! `encode.rs` writes around the resources' stored encodings.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::collections::BTreeSet;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::protobuf::Any;
@@ -37,7 +36,7 @@ use prost::Message as _;
 
 use super::encode::SotwReply;
 use super::store::{
-    set_version, Api, Delivery, Entry, Protocol, ResourceStore, ResourceVersion, StreamEvent,
+    set_version, Api, Delivery, Protocol, ResourceStore, ResourceVersion, StreamEvent,
     StreamEventKind, StreamId,
 };
 use super::stream::StreamCore;
@@ -108,7 +107,7 @@ impl SotwStream {
             let current = store.lookup(&self.core.subscribed);
             if !current.is_empty() && set_version(&current) == req.version_info {
                 tracing::debug!(version = %req.version_info, "proxy already holds this version");
-                self.core.held = versions(&current);
+                self.core.hold(&current);
                 self.core.acked.clone_from(&self.core.held);
                 return None;
             }
@@ -118,6 +117,12 @@ impl SotwStream {
 
     /// Replaces the subscription; forgets what was sent for names no longer subscribed.
     fn subscribe(&mut self, names: Vec<String>) {
+        // A proxy repeats its subscription with every ACK, in the same order: compare first, and
+        // build a new set only when it changed.
+        if names.len() == self.core.subscribed.len() && names.iter().eq(self.core.subscribed.iter())
+        {
+            return;
+        }
         let names: BTreeSet<String> = names.into_iter().collect();
         if names != self.core.subscribed {
             tracing::debug!(subscribed = ?names, "subscription changed");
@@ -164,7 +169,7 @@ impl SotwStream {
         tracing::debug!(version = %delivery.version, nonce = %nonce, resources = current.len(), "push");
         store.count_push();
         store.emit(|| self.event(StreamEventKind::Pushed(delivery.clone())));
-        self.core.held = versions(&current);
+        self.core.hold(&current);
         self.last_nonce = Some(nonce.clone());
         let reply = SotwReply {
             version: delivery.version.clone(),
@@ -174,13 +179,6 @@ impl SotwStream {
         self.core.outstanding = Some(delivery);
         Some(reply)
     }
-}
-
-fn versions(entries: &[Arc<Entry>]) -> BTreeMap<String, String> {
-    entries
-        .iter()
-        .map(|e| (e.name.clone(), e.version.clone()))
-        .collect()
 }
 
 /// The answer to a unary `FetchExtensionConfigs`: the requested resources that exist, now.

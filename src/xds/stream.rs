@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use super::limits::{Grant, LogGate, SendBudget};
 use super::store::{
-    Api, Delivery, Nacked, Protocol, ResourceStore, StreamEvent, StreamEventKind, StreamId,
+    Api, Delivery, Entry, Nacked, Protocol, ResourceStore, StreamEvent, StreamEventKind, StreamId,
     StreamInfo, StreamView, NACK_MESSAGE_MAX,
 };
 
@@ -29,6 +29,21 @@ pub(crate) fn cut(text: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}…", &text[..end])
+}
+
+/// `map[name] = value`, reusing the strings already there (this runs for every push and ACK).
+fn set(map: &mut BTreeMap<String, String>, name: &str, value: &str) {
+    match map.get_mut(name) {
+        Some(v) => {
+            if v != value {
+                v.clear();
+                v.push_str(value);
+            }
+        }
+        None => {
+            map.insert(name.to_string(), value.to_string());
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -85,8 +100,25 @@ impl StreamCore {
 
     /// The proxy accepted `version` of `name`.
     pub(crate) fn ack_resource(&mut self, name: &str, version: &str) {
-        self.acked.insert(name.to_string(), version.to_string());
-        self.nacked.remove(name);
+        set(&mut self.acked, name, version);
+        if !self.nacked.is_empty() {
+            self.nacked.remove(name);
+        }
+    }
+
+    /// A SotW response carried exactly `entries` (sorted by name): the proxy now holds them, and
+    /// only them.
+    pub(crate) fn hold(&mut self, entries: &[Arc<Entry>]) {
+        if self.held.len() != entries.len()
+            || !(self.held.keys()).eq(entries.iter().map(|e| &e.name))
+        {
+            // `entries` is sorted by name.
+            self.held
+                .retain(|n, _| (entries.binary_search_by(|e| e.name.as_str().cmp(n))).is_ok());
+        }
+        for e in entries {
+            set(&mut self.held, &e.name, &e.version);
+        }
     }
 
     /// The proxy rejected the resources of `delivery` with `message`.
