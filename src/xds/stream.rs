@@ -10,7 +10,7 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use super::accepts_type_url;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::limits::{Grant, LogGate, SendBudget};
+use super::limits::{Grant, LogGate, SendBudget, Waiting};
 use super::store::{
     Api, Delivery, Entry, Nacked, Protocol, ResourceStore, StreamEvent, StreamEventKind, StreamId,
     StreamInfo, StreamView, NACK_MESSAGE_MAX,
@@ -70,7 +70,7 @@ pub(crate) struct StreamCore {
     pub(crate) budget: Option<SendBudget>,
     /// The grant of the response just built, for the server to send along with it.
     pub(crate) grant: Option<Grant>,
-    /// A push is waiting for the send budget.
+    /// A push is waiting for the send budget (counted there as waiting while this is set).
     pub(crate) deferred: bool,
     /// The server's log gate for repeated lines (NACK loops); `None`: every line (unit tests).
     pub(crate) log: Option<Arc<LogGate>>,
@@ -190,13 +190,21 @@ impl StreamCore {
         let Some(budget) = &self.budget else {
             return true;
         };
-        match budget.try_grant(bytes) {
-            Some(grant) => {
+        let granted = if self.deferred {
+            budget.try_grant(bytes).ok_or(Waiting)
+        } else {
+            budget.try_grant_or_wait(bytes)
+        };
+        match granted {
+            Ok(grant) => {
+                if self.deferred {
+                    budget.stop_waiting();
+                }
                 self.grant = Some(grant);
                 self.deferred = false;
                 true
             }
-            None => {
+            Err(Waiting) => {
                 if !self.deferred {
                     store.count_limit("send_budget");
                     tracing::debug!(bytes, "push waits for the send budget");
@@ -268,6 +276,14 @@ impl StreamCore {
             api: self.api,
             protocol: self.protocol,
             kind,
+        }
+    }
+}
+
+impl Drop for StreamCore {
+    fn drop(&mut self) {
+        if let (true, Some(budget)) = (self.deferred, &self.budget) {
+            budget.stop_waiting();
         }
     }
 }
