@@ -2,7 +2,8 @@
 //! of resource names, huge node metadata, more streams than allowed, a response never ACKed,
 //! streams that never read a 20 MiB inline module, and a reconnect storm. Each one ends only its
 //! own stream with a status naming the bound, memory stays bounded, the log stays short, and the
-//! other proxies keep being served.
+//! other proxies keep being served. Proxies that do read a 20 MiB inline module share the server's
+//! one encoding of it.
 //!
 //! The bound tests run the real server in process (tonic clients on 127.0.0.1); the memory and
 //! log tests run a real `wasm-ecds serve` process and read its RSS from /proc and its stderr.
@@ -297,9 +298,9 @@ fn big_module(bytes: usize) -> Vec<u8> {
     module
 }
 
-/// 24 proxies subscribe to a 20 MiB inline module and never read: without the send budget each
-/// would hold its own encoded copy (~480 MiB); with a 64 MiB budget the server's memory grows by
-/// a bounded amount, and a proxy subscribing to a small plugin is still served and ACKs.
+/// 24 proxies subscribe to a 20 MiB inline module and never read: with a 64 MiB budget only a few
+/// of them are sent it (the others wait, holding nothing), the server's memory grows by a bounded
+/// amount, and a proxy subscribing to a small plugin is still served and ACKs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn never_reading_proxies_leave_memory_bounded_and_others_served() {
     let dir = tempfile::tempdir().unwrap();
@@ -363,6 +364,46 @@ async fn never_reading_proxies_leave_memory_bounded_and_others_served() {
         "RSS grew by {grown_mib} MiB with 24 never-reading proxies (budget 64 MiB)"
     );
     drop(hostile);
+}
+
+/// 24 proxies read and ACK a 20 MiB inline module and keep their streams open: every response is
+/// written from the bytes the store encoded once, so the server holds a few copies of the module
+/// however many proxies took it (when each stream encoded its own response, each kept a buffer as
+/// large as the module: 480 MiB more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_proxies_share_one_encoding_of_an_inline_module() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+    let big = dir.path().join("big.wasm");
+    std::fs::write(&big, big_module(20 << 20)).unwrap();
+    write_plugin(&dir.path().join("plugins"), "big", &big);
+    let serve = Process::start(dir.path(), &[]);
+    serve.wait_metric("wasm_ecds_xds_resources", 1.0).await;
+    let names = vec![resource("big")];
+    let baseline = rss_after_one_ack(&serve, &names).await;
+    let mut readers = Vec::new();
+    for i in 0..24 {
+        let channel = client::connect(serve.xds).await.unwrap();
+        let mut s = SotwSession::open(
+            channel,
+            Api::Ecds,
+            client::sotw_subscribe(&format!("reader-{i}"), &names),
+        )
+        .await
+        .unwrap();
+        let r = timeout(WAIT, s.recv()).await.unwrap().unwrap().unwrap();
+        assert_eq!(r.resources.len(), 1);
+        s.send(client::sotw_ack(&names, &r)).await.unwrap();
+        readers.push(s);
+    }
+    serve.wait_metric("wasm_ecds_xds_ack_count", 25.0).await;
+    let grown_mib = serve.rss_kib().saturating_sub(baseline) / 1024;
+    eprintln!("RSS grew by {grown_mib} MiB with 24 proxies holding a 20 MiB module");
+    assert!(
+        grown_mib <= 4 * 20,
+        "RSS grew by {grown_mib} MiB with 24 proxies holding a 20 MiB module: more than 4 copies"
+    );
+    drop(readers);
 }
 
 /// Proxies that subscribe to a 20 MiB inline module, never read and half-close their request

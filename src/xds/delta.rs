@@ -20,16 +20,14 @@
 //! - At most one response is outstanding, as in `sotw.rs`. ACK/NACK count only for the latest
 //!   nonce; a NACKed version counts as held, so it is not resent in a loop.
 
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
-};
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 
+use super::encode::DeltaReply;
 use super::store::{
     set_version, Api, Delivery, Protocol, ResourceStore, ResourceVersion, StreamEvent,
     StreamEventKind, StreamId,
 };
 use super::stream::StreamCore;
-use super::ECDS_TYPE_URL;
 
 /// An incremental stream (module docs).
 #[derive(Debug)]
@@ -62,7 +60,7 @@ impl DeltaStream {
         &mut self,
         req: DeltaDiscoveryRequest,
         store: &ResourceStore,
-    ) -> Option<DeltaDiscoveryResponse> {
+    ) -> Option<DeltaReply> {
         let first = self
             .core
             .begin_request(req.node.as_ref(), &req.type_url, store)?;
@@ -127,11 +125,11 @@ impl DeltaStream {
     }
 
     /// Handles a store change; returns the response to send, if any.
-    pub(crate) fn on_change(&mut self, store: &ResourceStore) -> Option<DeltaDiscoveryResponse> {
+    pub(crate) fn on_change(&mut self, store: &ResourceStore) -> Option<DeltaReply> {
         self.push(store)
     }
 
-    fn push(&mut self, store: &ResourceStore) -> Option<DeltaDiscoveryResponse> {
+    fn push(&mut self, store: &ResourceStore) -> Option<DeltaReply> {
         if self.core.outstanding.is_some() {
             return None;
         }
@@ -158,7 +156,7 @@ impl DeltaStream {
         }
         if !self
             .core
-            .admit(changed.iter().map(|e| e.any.value.len()).sum(), store)
+            .admit(changed.iter().map(|e| e.config().len()).sum(), store)
         {
             return None;
         }
@@ -180,22 +178,6 @@ impl DeltaStream {
                 .collect(),
             removed: removed.clone(),
         };
-        let response = DeltaDiscoveryResponse {
-            system_version_info: system_version,
-            resources: changed
-                .iter()
-                .map(|e| Resource {
-                    name: e.name.clone(),
-                    version: e.version.clone(),
-                    resource: Some(e.any.clone()),
-                    ..Default::default()
-                })
-                .collect(),
-            type_url: ECDS_TYPE_URL.to_string(),
-            removed_resources: removed,
-            nonce,
-            ..Default::default()
-        };
         tracing::debug!(
             nonce = %delivery.nonce,
             resources = delivery.resources.len(),
@@ -211,7 +193,18 @@ impl DeltaStream {
         store.count_push();
         store.emit(|| self.event(StreamEventKind::Pushed(delivery.clone())));
         self.core.outstanding = Some(delivery);
-        Some(response)
+        Some(DeltaReply {
+            system_version,
+            nonce,
+            entries: changed,
+            removed,
+        })
+    }
+}
+
+impl AsRef<StreamCore> for DeltaStream {
+    fn as_ref(&self) -> &StreamCore {
+        &self.core
     }
 }
 
@@ -219,8 +212,25 @@ impl DeltaStream {
 mod tests {
     use super::*;
     use crate::xds::store::tests::config;
+    use crate::xds::ECDS_TYPE_URL;
     use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse;
     use envoy_types::pb::google::rpc::Status as RpcStatus;
+
+    /// The state machine's replies, as the proxy decodes them.
+    impl DeltaStream {
+        fn req(
+            &mut self,
+            req: DeltaDiscoveryRequest,
+            store: &ResourceStore,
+        ) -> Option<DeltaDiscoveryResponse> {
+            self.on_request(req, store).map(|r| r.decode())
+        }
+
+        fn change(&mut self, store: &ResourceStore) -> Option<DeltaDiscoveryResponse> {
+            self.on_change(store).map(|r| r.decode())
+        }
+    }
 
     fn subscribe(names: &[&str]) -> DeltaDiscoveryRequest {
         DeltaDiscoveryRequest {
@@ -252,18 +262,16 @@ mod tests {
         store.set("a", config("1"));
         store.set("b", config("1"));
         let mut s = DeltaStream::new(1, Api::Ecds);
-        let r1 = s
-            .on_request(subscribe(&["a", "b", "missing"]), &store)
-            .unwrap();
+        let r1 = s.req(subscribe(&["a", "b", "missing"]), &store).unwrap();
         assert_eq!(names(&r1), ["a", "b"]);
         assert_eq!(r1.resources[0].version, store.version_of("a").unwrap());
         assert!(
             r1.removed_resources.is_empty(),
             "a name that never existed is not reported removed"
         );
-        assert!(s.on_request(ack(&r1), &store).is_none());
+        assert!(s.req(ack(&r1), &store).is_none());
         store.set("b", config("2"));
-        let r2 = s.on_change(&store).unwrap();
+        let r2 = s.change(&store).unwrap();
         assert_eq!(names(&r2), ["b"]);
         assert_eq!(r2.system_version_info, store.version_of("b").unwrap());
     }
@@ -281,7 +289,7 @@ mod tests {
         req.initial_resource_versions
             .insert("gone".into(), "3-abc".into());
         let mut s = DeltaStream::new(1, Api::Ecds);
-        let r = s.on_request(req, &store).unwrap();
+        let r = s.req(req, &store).unwrap();
         assert_eq!(names(&r), ["b"]);
         assert_eq!(r.removed_resources, ["gone"]);
     }
@@ -292,23 +300,23 @@ mod tests {
         store.set("a", config("1"));
         store.set("b", config("1"));
         let mut s = DeltaStream::new(1, Api::Ecds);
-        let r1 = s.on_request(subscribe(&["a", "b"]), &store).unwrap();
-        s.on_request(ack(&r1), &store);
+        let r1 = s.req(subscribe(&["a", "b"]), &store).unwrap();
+        s.req(ack(&r1), &store);
         store.remove("a");
-        let r2 = s.on_change(&store).unwrap();
+        let r2 = s.change(&store).unwrap();
         assert!(r2.resources.is_empty());
         assert_eq!(r2.removed_resources, ["a"]);
-        s.on_request(ack(&r2), &store);
-        assert!(s.on_change(&store).is_none(), "removal reported once");
+        s.req(ack(&r2), &store);
+        assert!(s.change(&store).is_none(), "removal reported once");
         let unsub = DeltaDiscoveryRequest {
             resource_names_unsubscribe: vec!["b".into()],
             ..subscribe(&[])
         };
-        assert!(s.on_request(unsub, &store).is_none());
+        assert!(s.req(unsub, &store).is_none());
         store.set("b", config("2"));
-        assert!(s.on_change(&store).is_none(), "b unsubscribed");
+        assert!(s.change(&store).is_none(), "b unsubscribed");
         let r3 = s
-            .on_request(subscribe(&["b"]), &store)
+            .req(subscribe(&["b"]), &store)
             .expect("resubscribe sends b");
         assert_eq!(names(&r3), ["b"]);
     }
@@ -318,12 +326,12 @@ mod tests {
         let store = ResourceStore::new();
         store.set("a", config("1"));
         let mut s = DeltaStream::new(1, Api::Ecds);
-        let r1 = s.on_request(subscribe(&["a"]), &store).unwrap();
+        let r1 = s.req(subscribe(&["a"]), &store).unwrap();
         let stale = DeltaDiscoveryRequest {
             response_nonce: "99".into(),
             ..ack(&r1)
         };
-        assert!(s.on_request(stale, &store).is_none());
+        assert!(s.req(stale, &store).is_none());
         assert!(s.core().awaiting_ack());
         let nack = DeltaDiscoveryRequest {
             error_detail: Some(RpcStatus {
@@ -333,8 +341,8 @@ mod tests {
             }),
             ..ack(&r1)
         };
-        assert!(s.on_request(nack, &store).is_none());
-        assert!(s.on_change(&store).is_none());
+        assert!(s.req(nack, &store).is_none());
+        assert!(s.change(&store).is_none());
         assert_eq!(store.stats().nacks, 1);
         assert_eq!(store.stats().acks, 0);
     }
@@ -345,14 +353,11 @@ mod tests {
         store.set("a", config("1"));
         store.set("b", config("1"));
         let mut s = DeltaStream::new(1, Api::Ecds);
-        let r1 = s.on_request(subscribe(&["a"]), &store).unwrap();
+        let r1 = s.req(subscribe(&["a"]), &store).unwrap();
         let mut more = subscribe(&["b"]);
         more.response_nonce = "0".into();
-        assert!(
-            s.on_request(more, &store).is_none(),
-            "deferred until the ACK"
-        );
-        let r2 = s.on_request(ack(&r1), &store).unwrap();
+        assert!(s.req(more, &store).is_none(), "deferred until the ACK");
+        let r2 = s.req(ack(&r1), &store).unwrap();
         assert_eq!(names(&r2), ["b"]);
     }
 
@@ -365,8 +370,8 @@ mod tests {
             type_url: "type.googleapis.com/envoy.config.listener.v3.Listener".into(),
             ..subscribe(&["a"])
         };
-        assert!(s.on_request(other, &store).is_none());
+        assert!(s.req(other, &store).is_none());
         assert!(s.core().info().subscribed.is_empty());
-        assert!(s.on_request(subscribe(&["a"]), &store).is_some());
+        assert!(s.req(subscribe(&["a"]), &store).is_some());
     }
 }

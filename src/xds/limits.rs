@@ -4,10 +4,10 @@
 //!
 //! - [`StreamLimits`]: the configured bounds (request size, streams, resource names per stream,
 //!   node size, send budget, ACK deadline). `server.rs` checks them per request and per stream.
-//! - [`SendBudget`]: bytes of responses handed to streams and not yet read by their proxy. tonic
-//!   encodes every response into a buffer of its own, and HTTP/2 keeps that buffer until the
-//!   proxy opens its flow-control window, so a proxy that never reads would otherwise hold a
-//!   private copy of every module it subscribes to. A push takes a [`Grant`] of its size before
+//! - [`SendBudget`]: bytes of responses handed to streams and not yet read by their proxy. HTTP/2
+//!   keeps a response until the proxy opens its flow-control window; responses share the store's
+//!   encoding of each resource (`encode.rs`), but a proxy that never reads keeps the versions it
+//!   was sent alive after the store replaced them. A push takes a [`Grant`] of its size before
 //!   the response is built; the stream task holds the grant until the proxy ACKs or NACKs that
 //!   response (it has then read it) or the stream ends. A push that does not fit waits, without
 //!   holding a response, until some grant is released. A stream whose response stays
@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use prost::Message as _;
+use std::sync::atomic::{fence, AtomicUsize, Ordering};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 pub use crate::log_gate::LogGate;
@@ -180,6 +181,9 @@ pub struct SendBudget {
     total: usize,
     permits: Arc<Semaphore>,
     released: Arc<watch::Sender<u64>>,
+    /// How many streams wait for the budget: a release tells `released` only when some do (a
+    /// watch channel's notification takes its locks, shared by every stream, on each ACK).
+    waiting: Arc<AtomicUsize>,
     gauge: prometheus::IntGauge,
 }
 
@@ -190,6 +194,7 @@ impl SendBudget {
             total,
             permits: Arc::new(Semaphore::new(total)),
             released: Arc::new(watch::channel(0).0),
+            waiting: Arc::new(AtomicUsize::new(0)),
             gauge,
         }
     }
@@ -203,8 +208,34 @@ impl SendBudget {
         Some(Grant {
             permit: Some(permit),
             released: self.released.clone(),
+            waiting: self.waiting.clone(),
             gauge: self.gauge.clone(),
         })
+    }
+
+    /// [`try_grant`](Self::try_grant) for a stream that was not waiting; when the budget cannot
+    /// hold `bytes`, the stream is counted as waiting (until [`stop_waiting`](Self::stop_waiting))
+    /// and, so that no release goes untold between its attempt and its count, tries once more.
+    pub(crate) fn try_grant_or_wait(&self, bytes: usize) -> Result<Grant, Waiting> {
+        if let Some(grant) = self.try_grant(bytes) {
+            return Ok(grant);
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        // Pairs with the fence of `Grant::drop`: either that release sees this count, or this
+        // attempt sees its permits.
+        fence(Ordering::SeqCst);
+        match self.try_grant(bytes) {
+            Some(grant) => {
+                self.stop_waiting();
+                Ok(grant)
+            }
+            None => Err(Waiting),
+        }
+    }
+
+    /// A stream counted by [`try_grant_or_wait`](Self::try_grant_or_wait) no longer waits.
+    pub(crate) fn stop_waiting(&self) {
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Marked changed whenever a grant is released: a stream whose push did not fit tries again.
@@ -218,15 +249,23 @@ impl SendBudget {
 pub struct Grant {
     permit: Option<OwnedSemaphorePermit>,
     released: Arc<watch::Sender<u64>>,
+    waiting: Arc<AtomicUsize>,
     gauge: prometheus::IntGauge,
 }
+
+/// A push that did not fit in the [`SendBudget`]: its stream now counts as waiting.
+#[derive(Debug)]
+pub(crate) struct Waiting;
 
 impl Drop for Grant {
     fn drop(&mut self) {
         if let Some(permit) = self.permit.take() {
             self.gauge.sub(permit.num_permits() as i64);
             drop(permit);
-            self.released.send_modify(|n| *n = n.wrapping_add(1));
+            fence(Ordering::SeqCst);
+            if self.waiting.load(Ordering::SeqCst) > 0 {
+                self.released.send_modify(|n| *n = n.wrapping_add(1));
+            }
         }
     }
 }
@@ -259,7 +298,13 @@ impl AbortHandle {
         if aborted() {
             return true;
         }
-        *self.inner.waker.lock().expect("abort lock") = Some(cx.waker().clone());
+        let mut waker = self.inner.waker.lock().expect("abort lock");
+        // The body is polled for every frame by the same connection task: keep its waker rather
+        // than clone one and drop the other on every frame.
+        if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *waker = Some(cx.waker().clone());
+        }
+        drop(waker);
         aborted()
     }
 }
@@ -361,14 +406,22 @@ mod tests {
         let budget = SendBudget::new(100, gauge.clone());
         let mut released = budget.watch_released();
         let a = budget.try_grant(60).unwrap();
-        assert!(budget.try_grant(60).is_none());
         let b = budget.try_grant(40).unwrap();
         assert_eq!(gauge.get(), 100);
+        drop(b);
+        assert!(
+            !released.has_changed().unwrap(),
+            "no stream waits: the release is not told"
+        );
+        let b = budget.try_grant_or_wait(40).expect("fits again");
+        assert!(matches!(budget.try_grant_or_wait(60), Err(Waiting)));
         drop(a);
-        assert!(released.has_changed().unwrap());
+        assert!(released.has_changed().unwrap(), "a waiting stream is told");
         released.borrow_and_update();
         assert_eq!(gauge.get(), 40);
+        budget.stop_waiting();
         drop(b);
+        assert!(!released.has_changed().unwrap(), "nobody waits any more");
         // Larger than the whole budget: granted once alone.
         let big = budget.try_grant(1000).unwrap();
         assert!(budget.try_grant(1).is_none());

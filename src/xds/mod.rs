@@ -10,7 +10,10 @@
 //!   [`ECDS_TYPE_URL`]), change notification; it records what `report` defines: stream events,
 //!   stream snapshots, counters and their Prometheus series;
 //! - `sotw` and `delta` (private): the per-stream protocol state machines, free of I/O;
-//! - [`server`]: the tonic services, one task per stream, and [`serve`];
+//! - `encode` (private): their replies on the wire, written around the resources' bytes the store
+//!   encoded once, so that every stream sends the same bytes;
+//! - [`server`]: one task per stream, and [`serve`]; `grpc` (private): the services as tonic
+//!   routes, with a response body of their own that sends those shared bytes;
 //! - [`limits`]: the bounds of the xDS port (request size, streams, names, node size, send
 //!   budget, ACK deadline) and the log gate for repeated lines;
 //! - [`admin`]: the project's own gRPC service `wasm_ecds.v1.Admin` (`proto/`): event feed and
@@ -27,6 +30,8 @@ pub mod admin;
 #[cfg(any(test, feature = "testing"))]
 pub mod client;
 mod delta;
+mod encode;
+mod grpc;
 pub mod limits;
 mod report;
 pub mod server;
@@ -35,6 +40,7 @@ pub mod store;
 mod stream;
 pub mod syncz;
 
+pub use grpc::{AdsService, EcdsService};
 pub use limits::StreamLimits;
 pub use server::{serve, serve_with_options, ServeOptions, XdsServer, MAX_MESSAGE_SIZE};
 pub use store::{

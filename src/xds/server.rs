@@ -1,11 +1,13 @@
-//! The tonic services: `ExtensionConfigDiscoveryService` (SotW, delta, unary fetch) and
+//! The xDS services: `ExtensionConfigDiscoveryService` (SotW, delta, unary fetch) and
 //! `AggregatedDiscoveryService` (SotW and delta, ECDS type only), and [`serve`].
 //!
 //! Like go-control-plane's `NewServer` (`pkg/server/v3/server.go`), the server sees only the
 //! [`ResourceStore`]. Each stream runs in its own task (tonic `examples/src/streaming/server.rs`)
 //! inside a `xds_stream` tracing span carrying the stream id, api, protocol, peer and node id; the
 //! task reads requests, wakes on store changes, runs the I/O-free state machine of `sotw.rs` or
-//! `delta.rs` and replies through an mpsc channel whose receiver is the response stream.
+//! `delta.rs`, encodes its reply around the stored resources' bytes (`encode.rs`) and sends it
+//! through an mpsc channel whose receiver is the response body (`grpc.rs`). The state machine
+//! sits behind a lock of its own, registered once in the store, where `/debug/syncz` reads it.
 //!
 //! Bounds (`limits.rs`): requests are decoded up to [`StreamLimits::max_request_size`], responses
 //! encoded up to [`MAX_MESSAGE_SIZE`]; a stream over [`StreamLimits::max_streams`] is refused with
@@ -19,28 +21,23 @@
 //! their senders, the response streams end with status OK, and the server returns.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
-    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-};
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
-use envoy_types::pb::envoy::service::extension::v3::extension_config_discovery_service_server::{
-    ExtensionConfigDiscoveryService, ExtensionConfigDiscoveryServiceServer,
+    DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse,
 };
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt as _;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
 use super::admin::{self, EventHub};
 use super::delta::DeltaStream;
+use super::encode::{encode, DeltaReply, Encoded, Reply, SotwReply};
+use super::grpc::{AdsService, EcdsService};
 use super::limits::{self, AbortHandle, AbortLayer, Grant, LogGate, SendBudget, StreamLimits};
 use super::sotw::{fetch_response, SotwStream};
 use super::store::{Api, Protocol, ResourceStore, StreamEvent, StreamEventKind, StreamId};
@@ -59,8 +56,9 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// buffer suffices; a full one applies back-pressure to that stream only.
 const STREAM_BUFFER: usize = 4;
 
-/// A response stream: the receiving half of a stream task's channel.
-pub type ResponseStream<T> = ReceiverStream<Result<T, Status>>;
+/// The receiving half of a stream task's channel: encoded responses, or the status ending the
+/// stream.
+pub(super) type Responses = mpsc::Receiver<Result<Encoded, Status>>;
 
 /// Knobs of [`serve_with_options`]; [`Default`] is what [`serve`] uses.
 #[derive(Clone, Debug)]
@@ -191,35 +189,49 @@ impl XdsServer {
     }
 
     /// The ECDS service, for composing into another tonic router.
-    pub fn ecds_service(&self) -> ExtensionConfigDiscoveryServiceServer<XdsServer> {
-        ExtensionConfigDiscoveryServiceServer::new(self.clone())
-            .max_decoding_message_size(self.limits.max_request_size)
-            .max_encoding_message_size(self.max_message_size)
+    pub fn ecds_service(&self) -> EcdsService {
+        EcdsService::new(self.clone())
     }
 
     /// The ADS service, for composing into another tonic router.
-    pub fn ads_service(&self) -> AggregatedDiscoveryServiceServer<XdsServer> {
-        AggregatedDiscoveryServiceServer::new(self.clone())
-            .max_decoding_message_size(self.limits.max_request_size)
-            .max_encoding_message_size(self.max_message_size)
+    pub fn ads_service(&self) -> AdsService {
+        AdsService::new(self.clone())
     }
 
-    /// Opens a stream: registers it, spawns its task and returns the response stream; refuses it
-    /// with `RESOURCE_EXHAUSTED` when [`StreamLimits::max_streams`] are open.
-    fn spawn<P: StreamProtocol>(
+    /// Requests larger than this are refused ([`StreamLimits::max_request_size`]).
+    pub(super) fn max_request_size(&self) -> usize {
+        self.limits.max_request_size
+    }
+
+    /// Responses larger than this are not sent.
+    pub(super) fn response_size_limit(&self) -> usize {
+        self.max_message_size
+    }
+
+    /// Opens a stream: registers it, spawns its task and returns the receiver of its responses;
+    /// refuses it with `RESOURCE_EXHAUSTED` when [`StreamLimits::max_streams`] are open.
+    pub(super) fn spawn<P: StreamProtocol>(
         &self,
         api: Api,
         request: Request<Streaming<P::Request>>,
-    ) -> RpcResult<ResponseStream<P::Response>> {
+    ) -> Result<Responses, Status> {
         let peer = request.remote_addr();
         // Present when the service runs under `AbortLayer` (as `serve` runs it).
         let abort = request.extensions().get::<AbortHandle>().cloned();
         let requests = request.into_inner();
         let max = self.limits.max_streams;
-        let Some(id) = self.store.try_open_stream(api, P::PROTOCOL, max) else {
+        let opened = self.store.try_open_stream(max, |id| {
+            let mut state = P::new(id, api);
+            state.core_mut().budget = Some(self.budget.clone());
+            state.core_mut().log = Some(self.log.clone());
+            state.core_mut().peer = peer;
+            Mutex::new(state)
+        });
+        let Some(state) = opened else {
             let count = |limit: &str| self.store.count_limit(limit);
             return Err(limits::refuse_stream(&self.log, count, peer, max));
         };
+        let id = lock(&state).core().id;
         let span = tracing::info_span!(
             "xds_stream",
             id,
@@ -229,10 +241,6 @@ impl XdsServer {
             node = tracing::field::Empty,
         );
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let mut state = P::new(id, api);
-        state.core_mut().budget = Some(self.budget.clone());
-        state.core_mut().log = Some(self.log.clone());
-        state.core_mut().peer = peer;
         let task = StreamTask {
             id,
             api,
@@ -240,20 +248,44 @@ impl XdsServer {
             store: self.store.clone(),
             closing: self.closing.clone(),
             limits: self.limits.clone(),
+            max_message_size: self.max_message_size,
             budget: self.budget.clone(),
             log: self.log.clone(),
             abort,
             grant: None,
         };
         tokio::spawn(task.run(requests, tx).instrument(span));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(rx)
+    }
+
+    /// The answer to a unary `FetchExtensionConfigs`.
+    pub(super) fn fetch(&self, request: Request<DiscoveryRequest>) -> RpcResult<DiscoveryResponse> {
+        let req = request.into_inner();
+        if !accepts_type_url(Api::Ecds, &req.type_url) {
+            return Err(Status::invalid_argument(format!(
+                "type url {} is not served here (only {ECDS_TYPE_URL})",
+                req.type_url
+            )));
+        }
+        let node = req.node.as_ref().map(|n| n.id.as_str()).unwrap_or_default();
+        tracing::debug!(node, names = ?req.resource_names, "fetch");
+        Ok(Response::new(fetch_response(
+            &req.resource_names,
+            &self.store,
+        )))
     }
 }
 
+/// The state of a stream, locked for one step of its task or one reading of `/debug/syncz`. A
+/// task that panicked left it as it was.
+fn lock<P>(state: &Mutex<P>) -> MutexGuard<'_, P> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// What a stream task needs from the state machines of `sotw.rs` and `delta.rs`.
-trait StreamProtocol: Send + 'static {
-    type Request: Send + 'static;
-    type Response: Send + 'static;
+pub(super) trait StreamProtocol: AsRef<StreamCore> + Send + 'static {
+    type Request: prost::Message + Default + Send + 'static;
+    type Response: Reply + Send + 'static;
     const PROTOCOL: Protocol;
     fn new(id: StreamId, api: Api) -> Self;
     fn on_request(&mut self, req: Self::Request, store: &ResourceStore) -> Option<Self::Response>;
@@ -268,19 +300,15 @@ trait StreamProtocol: Send + 'static {
 
 impl StreamProtocol for SotwStream {
     type Request = DiscoveryRequest;
-    type Response = DiscoveryResponse;
+    type Response = SotwReply;
     const PROTOCOL: Protocol = Protocol::Sotw;
     fn new(id: StreamId, api: Api) -> Self {
         SotwStream::new(id, api)
     }
-    fn on_request(
-        &mut self,
-        req: DiscoveryRequest,
-        store: &ResourceStore,
-    ) -> Option<DiscoveryResponse> {
+    fn on_request(&mut self, req: DiscoveryRequest, store: &ResourceStore) -> Option<SotwReply> {
         SotwStream::on_request(self, req, store)
     }
-    fn on_change(&mut self, store: &ResourceStore) -> Option<DiscoveryResponse> {
+    fn on_change(&mut self, store: &ResourceStore) -> Option<SotwReply> {
         SotwStream::on_change(self, store)
     }
     fn core(&self) -> &StreamCore {
@@ -299,7 +327,7 @@ impl StreamProtocol for SotwStream {
 
 impl StreamProtocol for DeltaStream {
     type Request = DeltaDiscoveryRequest;
-    type Response = DeltaDiscoveryResponse;
+    type Response = DeltaReply;
     const PROTOCOL: Protocol = Protocol::Delta;
     fn new(id: StreamId, api: Api) -> Self {
         DeltaStream::new(id, api)
@@ -308,10 +336,10 @@ impl StreamProtocol for DeltaStream {
         &mut self,
         req: DeltaDiscoveryRequest,
         store: &ResourceStore,
-    ) -> Option<DeltaDiscoveryResponse> {
+    ) -> Option<DeltaReply> {
         DeltaStream::on_request(self, req, store)
     }
-    fn on_change(&mut self, store: &ResourceStore) -> Option<DeltaDiscoveryResponse> {
+    fn on_change(&mut self, store: &ResourceStore) -> Option<DeltaReply> {
         DeltaStream::on_change(self, store)
     }
     fn core(&self) -> &StreamCore {
@@ -331,10 +359,12 @@ impl StreamProtocol for DeltaStream {
 struct StreamTask<P> {
     id: StreamId,
     api: Api,
-    state: P,
+    /// The state machine, registered in the store (`/debug/syncz` reads it there).
+    state: Arc<Mutex<P>>,
     store: ResourceStore,
     closing: Option<watch::Receiver<bool>>,
     limits: Arc<StreamLimits>,
+    max_message_size: usize,
     budget: SendBudget,
     log: Arc<LogGate>,
     /// Resets the HTTP/2 stream (`limits.rs`); `None` outside `AbortLayer`.
@@ -358,22 +388,31 @@ impl<P: StreamProtocol> StreamTask<P> {
     async fn run(
         mut self,
         mut requests: Streaming<P::Request>,
-        tx: mpsc::Sender<Result<P::Response, Status>>,
+        tx: mpsc::Sender<Result<Encoded, Status>>,
     ) {
         let mut revisions = self.store.watch_revision();
         let mut released = self.budget.watch_released();
         let mut ack_deadline: Option<tokio::time::Instant> = None;
         tracing::debug!("stream opened");
         let mut node_recorded = false;
+        // Made once per stream, not once per turn of the loop: every stream waits on the one
+        // shutdown channel, and a future made anew each turn would join and leave its list of
+        // waiters (under that list's lock) on every push and every ACK.
+        let mut closing = self.closing.take();
+        let shutdown = closed(&mut closing);
+        let dropped = tx.closed();
+        tokio::pin!(shutdown, dropped);
         loop {
-            let awaiting = self.state.core().awaiting_ack();
-            let deferred = self.state.core().deferred;
+            let (awaiting, deferred) = {
+                let state = lock(&self.state);
+                (state.core().awaiting_ack(), state.core().deferred)
+            };
             let reply = tokio::select! {
-                _ = closed(&mut self.closing) => {
+                _ = &mut shutdown => {
                     tracing::debug!("closing stream: server shutting down");
                     break;
                 }
-                _ = tx.closed() => {
+                _ = &mut dropped => {
                     tracing::debug!("response stream dropped");
                     break;
                 }
@@ -387,21 +426,21 @@ impl<P: StreamProtocol> StreamTask<P> {
                         // change or a release after this point wakes us again, so none is lost.
                         revisions.borrow_and_update();
                         released.borrow_and_update();
-                        let reply = self.state.on_request(req, &self.store);
-                        if !node_recorded && !self.state.core().node_id.is_empty() {
+                        let mut state = lock(&self.state);
+                        let reply = state.on_request(req, &self.store);
+                        if !node_recorded && !state.core().node_id.is_empty() {
                             node_recorded = true;
-                            let node = self.state.core().node_id.as_str();
+                            let node = state.core().node_id.as_str();
                             tracing::Span::current().record("node", node);
                             if let Some(suppressed) = self.log.admit(&format!("connected {node}")) {
                                 tracing::info!(node, suppressed, "proxy connected");
                             }
                         }
-                        if !self.state.core().awaiting_ack() {
+                        if !state.core().awaiting_ack() {
                             // ACKed or NACKed: the proxy has read the response.
                             ack_deadline = None;
                             self.grant = None;
                         }
-                        self.store.record_stream(self.state.core().info());
                         reply
                     }
                     Some(Err(status)) => {
@@ -437,16 +476,26 @@ impl<P: StreamProtocol> StreamTask<P> {
                     break;
                 }
             };
-            if let Some(response) = reply {
-                self.grant = self.state.core_mut().grant.take();
-                if tx.send(Ok(response)).await.is_err() {
+            if let Some(reply) = reply {
+                self.grant = lock(&self.state).core_mut().grant.take();
+                let message = match encode(&reply, self.max_message_size) {
+                    Ok(message) => message,
+                    Err(status) => {
+                        // Nothing of it was sent: end with the status, no reset needed.
+                        lock(&self.state).core_mut().outstanding = None;
+                        let _ = tx.try_send(Err(status));
+                        break;
+                    }
+                };
+                drop(reply);
+                if tx.send(Ok(message)).await.is_err() {
                     tracing::debug!("response stream dropped");
                     break;
                 }
                 ack_deadline = Some(tokio::time::Instant::now() + self.limits.ack_timeout);
             }
         }
-        if self.state.core().awaiting_ack() {
+        if lock(&self.state).core().awaiting_ack() {
             // The proxy may not have read the last response: a status or a plain end would queue
             // behind those bytes and keep them (a client could half-close and reconnect, over
             // and over); a reset drops them (`limits.rs`).
@@ -458,7 +507,7 @@ impl<P: StreamProtocol> StreamTask<P> {
         let (api, protocol, node_id) = (
             self.api,
             P::PROTOCOL,
-            self.state.core().node_id.as_str().to_string(),
+            lock(&self.state).core().node_id.clone(),
         );
         if node_recorded {
             if let Some(suppressed) = self.log.admit(&format!("disconnected {node_id}")) {
@@ -478,9 +527,9 @@ impl<P: StreamProtocol> StreamTask<P> {
     /// Ends the stream with `status`; but while a response awaits its ACK the proxy may not have
     /// read it, and a status would queue behind those bytes and keep them: the stream is reset
     /// instead (`AbortLayer`), which drops them.
-    fn end_with(&self, tx: &mpsc::Sender<Result<P::Response, Status>>, status: Status) {
+    fn end_with(&self, tx: &mpsc::Sender<Result<Encoded, Status>>, status: Status) {
         match &self.abort {
-            Some(abort) if self.state.core().awaiting_ack() => abort.abort(),
+            Some(abort) if lock(&self.state).core().awaiting_ack() => abort.abort(),
             _ => {
                 let _ = tx.try_send(Err(status));
             }
@@ -488,18 +537,13 @@ impl<P: StreamProtocol> StreamTask<P> {
     }
 
     fn on_change(&mut self) -> Option<P::Response> {
-        let reply = self.state.on_change(&self.store);
-        if reply.is_some() {
-            self.store.record_stream(self.state.core().info());
-        }
-        reply
+        lock(&self.state).on_change(&self.store)
     }
 
     /// The status ending a stream whose request breaks a bound, if it does.
     fn check(&self, req: &P::Request) -> Option<Status> {
-        let breach = self
-            .limits
-            .breach(P::node(req), self.state.names_after(req))?;
+        let names = lock(&self.state).names_after(req);
+        let breach = self.limits.breach(P::node(req), names)?;
         Some(self.refuse(&breach))
     }
 
@@ -507,7 +551,8 @@ impl<P: StreamProtocol> StreamTask<P> {
     /// telling the proxy why.
     fn refuse(&self, breach: &limits::Breach) -> Status {
         let count = |limit: &str| self.store.count_limit(limit);
-        limits::refuse(&self.log, count, &self.state.core().node_id, breach)
+        let node = lock(&self.state).core().node_id.clone();
+        limits::refuse(&self.log, count, &node, breach)
     }
 }
 
@@ -520,62 +565,3 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 }
 
 type RpcResult<T> = Result<Response<T>, Status>;
-
-#[tonic::async_trait]
-impl ExtensionConfigDiscoveryService for XdsServer {
-    type StreamExtensionConfigsStream = ResponseStream<DiscoveryResponse>;
-    type DeltaExtensionConfigsStream = ResponseStream<DeltaDiscoveryResponse>;
-
-    async fn stream_extension_configs(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> RpcResult<Self::StreamExtensionConfigsStream> {
-        self.spawn::<SotwStream>(Api::Ecds, request)
-    }
-
-    async fn delta_extension_configs(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> RpcResult<Self::DeltaExtensionConfigsStream> {
-        self.spawn::<DeltaStream>(Api::Ecds, request)
-    }
-
-    async fn fetch_extension_configs(
-        &self,
-        request: Request<DiscoveryRequest>,
-    ) -> RpcResult<DiscoveryResponse> {
-        let req = request.into_inner();
-        if !accepts_type_url(Api::Ecds, &req.type_url) {
-            return Err(Status::invalid_argument(format!(
-                "type url {} is not served here (only {ECDS_TYPE_URL})",
-                req.type_url
-            )));
-        }
-        let node = req.node.as_ref().map(|n| n.id.as_str()).unwrap_or_default();
-        tracing::debug!(node, names = ?req.resource_names, "fetch");
-        Ok(Response::new(fetch_response(
-            &req.resource_names,
-            &self.store,
-        )))
-    }
-}
-
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for XdsServer {
-    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
-    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
-
-    async fn stream_aggregated_resources(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> RpcResult<Self::StreamAggregatedResourcesStream> {
-        self.spawn::<SotwStream>(Api::Ads, request)
-    }
-
-    async fn delta_aggregated_resources(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> RpcResult<Self::DeltaAggregatedResourcesStream> {
-        self.spawn::<DeltaStream>(Api::Ads, request)
-    }
-}

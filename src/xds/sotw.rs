@@ -24,14 +24,19 @@
 //!   (behavior.md §7); the next response goes out when one of the resources changes.
 //! - On a new stream, a first request whose `version_info` equals the version this stream would
 //!   receive gets nothing: the proxy already holds exactly that (a reconnect).
+//!
+//! A response is returned as a [`SotwReply`] (its version, nonce and the stored entries), which
+//! `encode.rs` writes around the resources' stored encodings.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::collections::BTreeSet;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::google::protobuf::Any;
+use prost::Message as _;
 
+use super::encode::SotwReply;
 use super::store::{
-    set_version, Api, Delivery, Entry, Protocol, ResourceStore, ResourceVersion, StreamEvent,
+    set_version, Api, Delivery, Protocol, ResourceStore, ResourceVersion, StreamEvent,
     StreamEventKind, StreamId,
 };
 use super::stream::StreamCore;
@@ -70,7 +75,7 @@ impl SotwStream {
         &mut self,
         req: DiscoveryRequest,
         store: &ResourceStore,
-    ) -> Option<DiscoveryResponse> {
+    ) -> Option<SotwReply> {
         self.core
             .begin_request(req.node.as_ref(), &req.type_url, store)?;
         if let Some(latest) = &self.last_nonce {
@@ -102,7 +107,7 @@ impl SotwStream {
             let current = store.lookup(&self.core.subscribed);
             if !current.is_empty() && set_version(&current) == req.version_info {
                 tracing::debug!(version = %req.version_info, "proxy already holds this version");
-                self.core.held = versions(&current);
+                self.core.hold(&current);
                 self.core.acked.clone_from(&self.core.held);
                 return None;
             }
@@ -112,6 +117,12 @@ impl SotwStream {
 
     /// Replaces the subscription; forgets what was sent for names no longer subscribed.
     fn subscribe(&mut self, names: Vec<String>) {
+        // A proxy repeats its subscription with every ACK, in the same order: compare first, and
+        // build a new set only when it changed.
+        if names.len() == self.core.subscribed.len() && names.iter().eq(self.core.subscribed.iter())
+        {
+            return;
+        }
         let names: BTreeSet<String> = names.into_iter().collect();
         if names != self.core.subscribed {
             tracing::debug!(subscribed = ?names, "subscription changed");
@@ -121,11 +132,11 @@ impl SotwStream {
     }
 
     /// Handles a store change; returns the response to send, if any.
-    pub(crate) fn on_change(&mut self, store: &ResourceStore) -> Option<DiscoveryResponse> {
+    pub(crate) fn on_change(&mut self, store: &ResourceStore) -> Option<SotwReply> {
         self.push(store)
     }
 
-    fn push(&mut self, store: &ResourceStore) -> Option<DiscoveryResponse> {
+    fn push(&mut self, store: &ResourceStore) -> Option<SotwReply> {
         if self.core.outstanding.is_some() {
             return None;
         }
@@ -138,7 +149,7 @@ impl SotwStream {
         }
         if !self
             .core
-            .admit(current.iter().map(|e| e.any.value.len()).sum(), store)
+            .admit(current.iter().map(|e| e.config().len()).sum(), store)
         {
             return None;
         }
@@ -155,28 +166,19 @@ impl SotwStream {
                 .collect(),
             removed: Vec::new(),
         };
-        let response = DiscoveryResponse {
-            version_info: delivery.version.clone(),
-            resources: current.iter().map(|e| e.any.clone()).collect(),
-            type_url: ECDS_TYPE_URL.to_string(),
-            nonce: nonce.clone(),
-            ..Default::default()
-        };
         tracing::debug!(version = %delivery.version, nonce = %nonce, resources = current.len(), "push");
         store.count_push();
         store.emit(|| self.event(StreamEventKind::Pushed(delivery.clone())));
-        self.core.held = versions(&current);
-        self.last_nonce = Some(nonce);
+        self.core.hold(&current);
+        self.last_nonce = Some(nonce.clone());
+        let reply = SotwReply {
+            version: delivery.version.clone(),
+            nonce,
+            entries: current,
+        };
         self.core.outstanding = Some(delivery);
-        Some(response)
+        Some(reply)
     }
-}
-
-fn versions(entries: &[Arc<Entry>]) -> BTreeMap<String, String> {
-    entries
-        .iter()
-        .map(|e| (e.name.clone(), e.version.clone()))
-        .collect()
 }
 
 /// The answer to a unary `FetchExtensionConfigs`: the requested resources that exist, now.
@@ -184,9 +186,17 @@ pub(crate) fn fetch_response(names: &[String], store: &ResourceStore) -> Discove
     let current = store.lookup(names);
     DiscoveryResponse {
         version_info: set_version(&current),
-        resources: current.iter().map(|e| e.any.clone()).collect(),
+        resources: (current.iter())
+            .map(|e| Any::decode(e.any.clone()).expect("the store holds encoded Anys"))
+            .collect(),
         type_url: ECDS_TYPE_URL.to_string(),
         ..Default::default()
+    }
+}
+
+impl AsRef<StreamCore> for SotwStream {
+    fn as_ref(&self) -> &StreamCore {
+        &self.core
     }
 }
 
@@ -226,6 +236,21 @@ mod tests {
         }
     }
 
+    /// The state machine's replies, as the proxy decodes them.
+    impl SotwStream {
+        fn req(
+            &mut self,
+            req: DiscoveryRequest,
+            store: &ResourceStore,
+        ) -> Option<DiscoveryResponse> {
+            self.on_request(req, store).map(|r| r.decode())
+        }
+
+        fn change(&mut self, store: &ResourceStore) -> Option<DiscoveryResponse> {
+            self.on_change(store).map(|r| r.decode())
+        }
+    }
+
     fn stream() -> SotwStream {
         SotwStream::new(1, Api::Ecds)
     }
@@ -237,7 +262,7 @@ mod tests {
         store.set("other", config("x"));
         let mut s = stream();
         let resp = s
-            .on_request(request(&["a", "missing"], "", ""), &store)
+            .req(request(&["a", "missing"], "", ""), &store)
             .expect("response");
         assert_eq!(resp.resources.len(), 1);
         assert_eq!(resp.version_info, store.version_of("a").unwrap());
@@ -252,14 +277,12 @@ mod tests {
         store.set("a", config("1"));
         let mut s = stream();
         assert!(
-            s.on_request(request(&[], "", ""), &store).is_none(),
+            s.req(request(&[], "", ""), &store).is_none(),
             "empty list is not a wildcard"
         );
-        assert!(s
-            .on_request(request(&["missing"], "", ""), &store)
-            .is_none());
+        assert!(s.req(request(&["missing"], "", ""), &store).is_none());
         store.set("missing", config("now here"));
-        let resp = s.on_change(&store).expect("appears");
+        let resp = s.change(&store).expect("appears");
         assert_eq!(resp.resources.len(), 1);
     }
 
@@ -268,20 +291,20 @@ mod tests {
         let store = ResourceStore::new();
         store.set("a", config("1"));
         let mut s = stream();
-        let r1 = s.on_request(request(&["a"], "", ""), &store).unwrap();
+        let r1 = s.req(request(&["a"], "", ""), &store).unwrap();
         store.set("a", config("2"));
         store.set("a", config("3"));
         assert!(s.core().awaiting_ack());
         assert!(
-            s.on_change(&store).is_none(),
+            s.change(&store).is_none(),
             "one response outstanding at a time"
         );
         let r2 = s
-            .on_request(ack(&["a"], &r1), &store)
+            .req(ack(&["a"], &r1), &store)
             .expect("latest state after the ACK");
         assert_eq!(r2.version_info, store.version_of("a").unwrap());
         assert!(r2.nonce.starts_with("2-"), "{}", r2.nonce);
-        assert!(s.on_request(ack(&["a"], &r2), &store).is_none());
+        assert!(s.req(ack(&["a"], &r2), &store).is_none());
         assert_eq!(
             s.core().info().acked.get("a"),
             store.version_of("a").as_ref()
@@ -294,19 +317,15 @@ mod tests {
         let store = ResourceStore::new();
         store.set("a", config("1"));
         let mut s = stream();
-        let r1 = s.on_request(request(&["a"], "", ""), &store).unwrap();
-        assert!(s.on_request(ack(&["a"], &r1), &store).is_none());
+        let r1 = s.req(request(&["a"], "", ""), &store).unwrap();
+        assert!(s.req(ack(&["a"], &r1), &store).is_none());
         store.set("a", config("bad"));
-        let r2 = s.on_change(&store).unwrap();
+        let r2 = s.change(&store).unwrap();
         assert!(
-            s.on_request(nack(&["a"], &r1.version_info, &r2), &store)
-                .is_none(),
+            s.req(nack(&["a"], &r1.version_info, &r2), &store).is_none(),
             "no resend"
         );
-        assert!(
-            s.on_change(&store).is_none(),
-            "no resend on an unrelated wake"
-        );
+        assert!(s.change(&store).is_none(), "no resend on an unrelated wake");
         assert_eq!(store.stats().nacks, 1);
         assert_eq!(
             s.core().info().acked.get("a"),
@@ -314,7 +333,7 @@ mod tests {
             "last accepted version kept"
         );
         store.set("a", config("fixed"));
-        let r3 = s.on_change(&store).expect("a new version is sent");
+        let r3 = s.change(&store).expect("a new version is sent");
         assert_eq!(r3.version_info, store.version_of("a").unwrap());
     }
 
@@ -324,10 +343,8 @@ mod tests {
         store.set("a", config("1"));
         store.set("b", config("1"));
         let mut s = stream();
-        let r1 = s.on_request(request(&["a"], "", ""), &store).unwrap();
-        assert!(s
-            .on_request(request(&["a", "b"], "", "0"), &store)
-            .is_none());
+        let r1 = s.req(request(&["a"], "", ""), &store).unwrap();
+        assert!(s.req(request(&["a", "b"], "", "0"), &store).is_none());
         assert!(s.core().awaiting_ack(), "a stale request is no ACK");
         assert_eq!(
             s.core().info().subscribed,
@@ -335,7 +352,7 @@ mod tests {
             "nor a subscription change"
         );
         let r2 = s
-            .on_request(ack(&["a", "b"], &r1), &store)
+            .req(ack(&["a", "b"], &r1), &store)
             .expect("b added with the ACK");
         assert_eq!(r2.resources.len(), 2);
     }
@@ -346,15 +363,15 @@ mod tests {
         store.set("a", config("1"));
         store.set("b", config("1"));
         let mut s = stream();
-        let r1 = s.on_request(request(&["a", "b"], "", ""), &store).unwrap();
+        let r1 = s.req(request(&["a", "b"], "", ""), &store).unwrap();
         assert!(
-            s.on_request(ack(&["a"], &r1), &store).is_none(),
+            s.req(ack(&["a"], &r1), &store).is_none(),
             "dropping b sends nothing"
         );
         store.set("b", config("2"));
-        assert!(s.on_change(&store).is_none(), "b is no longer subscribed");
+        assert!(s.change(&store).is_none(), "b is no longer subscribed");
         let r2 = s
-            .on_request(request(&["a", "b"], &r1.version_info, &r1.nonce), &store)
+            .req(request(&["a", "b"], &r1.version_info, &r1.nonce), &store)
             .expect("b again");
         assert_eq!(r2.resources.len(), 2);
     }
@@ -364,15 +381,12 @@ mod tests {
         let store = ResourceStore::new();
         store.set("a", config("1"));
         let mut s = stream();
-        let r1 = s.on_request(request(&["a"], "", ""), &store).unwrap();
-        s.on_request(ack(&["a"], &r1), &store);
+        let r1 = s.req(request(&["a"], "", ""), &store).unwrap();
+        s.req(ack(&["a"], &r1), &store);
         store.remove("a");
-        assert!(s.on_change(&store).is_none());
+        assert!(s.change(&store).is_none());
         store.set("a", config("1"));
-        assert!(
-            s.on_change(&store).is_some(),
-            "re-added under a new version"
-        );
+        assert!(s.change(&store).is_some(), "re-added under a new version");
     }
 
     #[test]
@@ -381,12 +395,10 @@ mod tests {
         store.set("a", config("1"));
         let version = store.version_of("a").unwrap();
         let mut s = stream();
-        assert!(s
-            .on_request(request(&["a"], &version, "7"), &store)
-            .is_none());
+        assert!(s.req(request(&["a"], &version, "7"), &store).is_none());
         assert_eq!(s.core().info().acked.get("a"), Some(&version));
         store.set("a", config("2"));
-        assert!(s.on_change(&store).is_some());
+        assert!(s.change(&store).is_some());
     }
 
     #[test]
@@ -398,13 +410,13 @@ mod tests {
             type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
             ..request(&[], "", "")
         };
-        assert!(s.on_request(cds, &store).is_none());
+        assert!(s.req(cds, &store).is_none());
         let untyped = DiscoveryRequest {
             type_url: String::new(),
             ..request(&["a"], "", "")
         };
-        assert!(s.on_request(untyped, &store).is_none());
-        assert!(s.on_request(request(&["a"], "", ""), &store).is_some());
+        assert!(s.req(untyped, &store).is_none());
+        assert!(s.req(request(&["a"], "", ""), &store).is_some());
     }
 
     #[test]

@@ -4,8 +4,14 @@
 //! [`ResourceStore`] owns: the resources (stored once, already encoded as the `Any` every response
 //! carries), their per-resource versions, the global revision, the change notification that wakes
 //! streams, the stream event feed ([`StreamEvent`]), the counters ([`XdsStats`]) and the registry
-//! of open streams ([`StreamInfo`]). It does not know about gRPC: `server` reads it, the caller
-//! (the controller, `sim`, a load tool) writes it.
+//! of open streams. It does not know about gRPC: `server` reads it, the caller (the controller,
+//! `sim`, a load tool) writes it.
+//!
+//! # Open streams
+//! Each stream registers itself once, when it opens, as a [`StreamView`] (its own state behind its
+//! own lock) and leaves when it closes; nothing is copied into the registry per request or push.
+//! Readers ([`ResourceStore::streams`]: `/debug/syncz`, `ListProxies`) ask every open stream for
+//! its [`StreamInfo`] when they read.
 //!
 //! # Metrics
 //! The counters are Prometheus series (`wasm_ecds_xds_*`, [`XdsSeries`]). A store made with
@@ -32,15 +38,15 @@
 //! `.await` (none of these methods is async). Writers pay the encoding and hashing cost before
 //! taking the write lock.
 //!
-//! Length: about 500 lines of code; the rest is its unit tests, kept beside the code they test.
+//! Length: about 540 lines of code; the rest is its unit tests, kept beside the code they test.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig;
-use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, watch};
@@ -64,8 +70,24 @@ pub(crate) struct Entry {
     pub(crate) version: String,
     /// Revision of the change that stored this entry.
     pub(crate) revision: u64,
-    /// `TypedExtensionConfig` encoded once, shared by every response that carries it.
-    pub(crate) any: Any,
+    /// The `google.protobuf.Any` carrying the `TypedExtensionConfig`, encoded once: every response
+    /// that carries the resource sends these very bytes (`encode.rs`).
+    pub(crate) any: Bytes,
+    /// Where the encoded `TypedExtensionConfig` starts in `any` (it is the `Any`'s last field).
+    config_at: usize,
+}
+
+impl Entry {
+    /// The encoded `TypedExtensionConfig`.
+    pub(crate) fn config(&self) -> &[u8] {
+        &self.any[self.config_at..]
+    }
+}
+
+/// An open stream in the store's registry: its state stays with the stream, and is asked for only
+/// when someone reads the registry.
+pub(crate) trait StreamView: Send + Sync {
+    fn info(&self) -> StreamInfo;
 }
 
 #[derive(Default)]
@@ -79,7 +101,7 @@ struct Inner {
     revisions: watch::Sender<u64>,
     events: broadcast::Sender<StreamEvent>,
     series: XdsSeries,
-    streams: Mutex<BTreeMap<StreamId, StreamInfo>>,
+    streams: Mutex<BTreeMap<StreamId, Arc<dyn StreamView>>>,
     next_stream: AtomicU64,
 }
 
@@ -106,8 +128,33 @@ impl fmt::Debug for ResourceStore {
 /// An encoded resource, prepared off-lock.
 struct Prepared {
     name: String,
-    value: Vec<u8>,
+    /// The `Any` carrying the config, and where the config starts in it.
+    any: Vec<u8>,
+    config_at: usize,
     digest: String,
+}
+
+/// `config` encoded as the value of a `google.protobuf.Any` of type [`ECDS_TYPE_URL`], in one
+/// buffer of the exact size (an inline module is copied nowhere else); returns the buffer and
+/// where the config starts in it.
+fn encode_any(config: &TypedExtensionConfig) -> (Vec<u8>, usize) {
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
+    let len = config.encoded_len();
+    let header = key_len(1)
+        + encoded_len_varint(ECDS_TYPE_URL.len() as u64)
+        + ECDS_TYPE_URL.len()
+        + key_len(2)
+        + encoded_len_varint(len as u64);
+    let mut buf = Vec::with_capacity(header + len);
+    encode_key(1, WireType::LengthDelimited, &mut buf);
+    encode_varint(ECDS_TYPE_URL.len() as u64, &mut buf);
+    buf.extend_from_slice(ECDS_TYPE_URL.as_bytes());
+    encode_key(2, WireType::LengthDelimited, &mut buf);
+    encode_varint(len as u64, &mut buf);
+    config
+        .encode(&mut buf)
+        .expect("the buffer is sized for the message");
+    (buf, header)
 }
 
 impl ResourceStore {
@@ -144,19 +191,21 @@ impl ResourceStore {
     fn prepare(&self, name: String, mut config: TypedExtensionConfig) -> Option<Prepared> {
         // Envoy takes a SotW resource's name from the config itself: the key is authoritative.
         config.name.clone_from(&name);
-        let value = config.encode_to_vec();
+        let (any, config_at) = encode_any(&config);
+        let value = &any[config_at..];
         if self
             .read()
             .resources
             .get(&name)
-            .is_some_and(|e| e.any.value == value)
+            .is_some_and(|e| e.config() == value)
         {
             return None;
         }
-        let digest = hex::encode(Sha256::digest(&value));
+        let digest = hex::encode(Sha256::digest(value));
         Some(Prepared {
             name,
-            value,
+            any,
+            config_at,
             digest: digest[..VERSION_DIGEST_HEX].to_string(),
         })
     }
@@ -221,7 +270,7 @@ impl ResourceStore {
         if state
             .resources
             .get(&p.name)
-            .is_some_and(|e| e.any.value == p.value)
+            .is_some_and(|e| e.config() == &p.any[p.config_at..])
         {
             return None;
         }
@@ -232,10 +281,8 @@ impl ResourceStore {
             name: p.name.clone(),
             version: version.clone(),
             revision,
-            any: Any {
-                type_url: ECDS_TYPE_URL.to_string(),
-                value: p.value,
-            },
+            any: Bytes::from(p.any),
+            config_at: p.config_at,
         };
         state.resources.insert(p.name, Arc::new(entry));
         Some(version)
@@ -272,7 +319,7 @@ impl ResourceStore {
         let entry = self.read().resources.get(name).cloned()?;
         // Decoded off-lock: inline modules make these tens of MiB.
         Some(
-            TypedExtensionConfig::decode(entry.any.value.as_slice())
+            TypedExtensionConfig::decode(entry.config())
                 .expect("the store holds only encoded TypedExtensionConfig"),
         )
     }
@@ -341,28 +388,26 @@ impl ResourceStore {
         }
     }
 
-    /// The open streams, by id.
+    /// The open streams, by id: each is asked for its state now (module docs), one at a time and
+    /// without holding the registry's lock meanwhile.
     pub fn streams(&self) -> Vec<StreamInfo> {
-        self.inner
+        let views: Vec<Arc<dyn StreamView>> = self
+            .inner
             .streams
             .lock()
             .expect("stream registry lock poisoned")
             .values()
             .cloned()
-            .collect()
+            .collect();
+        views.iter().map(|v| v.info()).collect()
     }
 
     /// Names of resources some open stream subscribes to, sorted: the "sent to a connected proxy"
     /// half of behavior.md §5's *used*.
     pub fn subscribed_names(&self) -> BTreeSet<String> {
-        let streams = self
-            .inner
-            .streams
-            .lock()
-            .expect("stream registry lock poisoned");
-        streams
-            .values()
-            .flat_map(|s| s.subscribed.iter().cloned())
+        self.streams()
+            .into_iter()
+            .flat_map(|s| s.subscribed)
             .collect()
     }
 
@@ -386,18 +431,23 @@ impl ResourceStore {
 
     #[cfg(test)]
     pub(crate) fn open_stream(&self, api: Api, protocol: Protocol) -> StreamId {
-        self.try_open_stream(api, protocol, usize::MAX)
-            .expect("no stream limit")
+        let mut opened = 0;
+        self.try_open_stream(usize::MAX, |id| {
+            opened = id;
+            Mutex::new(super::stream::StreamCore::new(id, api, protocol))
+        })
+        .expect("no stream limit");
+        opened
     }
 
-    /// Registers a new stream unless `max_streams` are open already (checked and registered under
-    /// one lock, so concurrent opens cannot overshoot).
-    pub(crate) fn try_open_stream(
+    /// Registers the stream `make` builds for a new id, unless `max_streams` are open already
+    /// (checked and registered under one lock, so concurrent opens cannot overshoot); the stream
+    /// stays in the registry until [`close_stream`](Self::close_stream).
+    pub(crate) fn try_open_stream<V: StreamView + 'static>(
         &self,
-        api: Api,
-        protocol: Protocol,
         max_streams: usize,
-    ) -> Option<StreamId> {
+        make: impl FnOnce(StreamId) -> V,
+    ) -> Option<Arc<V>> {
         let mut streams = self
             .inner
             .streams
@@ -409,21 +459,9 @@ impl ResourceStore {
         let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
         self.inner.series.connected_streams.inc();
         self.inner.series.streams_total.inc();
-        streams.insert(
-            id,
-            StreamInfo {
-                id,
-                node_id: String::new(),
-                peer: None,
-                api,
-                protocol,
-                subscribed: Vec::new(),
-                sent: BTreeMap::new(),
-                acked: BTreeMap::new(),
-                nacked: BTreeMap::new(),
-            },
-        );
-        Some(id)
+        let view = Arc::new(make(id));
+        streams.insert(id, view.clone());
+        Some(view)
     }
 
     /// Counts one hit of a bound of the xDS port ([`METRIC_LIMIT_COUNT`]).
@@ -448,14 +486,6 @@ impl ResourceStore {
             .lock()
             .expect("stream registry lock poisoned")
             .remove(&id);
-    }
-
-    pub(crate) fn record_stream(&self, info: StreamInfo) {
-        self.inner
-            .streams
-            .lock()
-            .expect("stream registry lock poisoned")
-            .insert(info.id, info);
     }
 
     pub(crate) fn count_push(&self) {

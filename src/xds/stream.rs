@@ -8,12 +8,12 @@ use std::net::SocketAddr;
 use envoy_types::pb::envoy::config::core::v3::Node;
 
 use super::accepts_type_url;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use super::limits::{Grant, LogGate, SendBudget};
+use super::limits::{Grant, LogGate, SendBudget, Waiting};
 use super::store::{
-    Api, Delivery, Nacked, Protocol, ResourceStore, StreamEvent, StreamEventKind, StreamId,
-    StreamInfo, NACK_MESSAGE_MAX,
+    Api, Delivery, Entry, Nacked, Protocol, ResourceStore, StreamEvent, StreamEventKind, StreamId,
+    StreamInfo, StreamView, NACK_MESSAGE_MAX,
 };
 
 /// Longest node id kept (longer ones are cut, marked with `…`).
@@ -29,6 +29,21 @@ pub(crate) fn cut(text: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}…", &text[..end])
+}
+
+/// `map[name] = value`, reusing the strings already there (this runs for every push and ACK).
+fn set(map: &mut BTreeMap<String, String>, name: &str, value: &str) {
+    match map.get_mut(name) {
+        Some(v) => {
+            if v != value {
+                v.clear();
+                v.push_str(value);
+            }
+        }
+        None => {
+            map.insert(name.to_string(), value.to_string());
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -55,7 +70,7 @@ pub(crate) struct StreamCore {
     pub(crate) budget: Option<SendBudget>,
     /// The grant of the response just built, for the server to send along with it.
     pub(crate) grant: Option<Grant>,
-    /// A push is waiting for the send budget.
+    /// A push is waiting for the send budget (counted there as waiting while this is set).
     pub(crate) deferred: bool,
     /// The server's log gate for repeated lines (NACK loops); `None`: every line (unit tests).
     pub(crate) log: Option<Arc<LogGate>>,
@@ -85,8 +100,25 @@ impl StreamCore {
 
     /// The proxy accepted `version` of `name`.
     pub(crate) fn ack_resource(&mut self, name: &str, version: &str) {
-        self.acked.insert(name.to_string(), version.to_string());
-        self.nacked.remove(name);
+        set(&mut self.acked, name, version);
+        if !self.nacked.is_empty() {
+            self.nacked.remove(name);
+        }
+    }
+
+    /// A SotW response carried exactly `entries` (sorted by name): the proxy now holds them, and
+    /// only them.
+    pub(crate) fn hold(&mut self, entries: &[Arc<Entry>]) {
+        if self.held.len() != entries.len()
+            || !(self.held.keys()).eq(entries.iter().map(|e| &e.name))
+        {
+            // `entries` is sorted by name.
+            self.held
+                .retain(|n, _| (entries.binary_search_by(|e| e.name.as_str().cmp(n))).is_ok());
+        }
+        for e in entries {
+            set(&mut self.held, &e.name, &e.version);
+        }
     }
 
     /// The proxy rejected the resources of `delivery` with `message`.
@@ -158,13 +190,21 @@ impl StreamCore {
         let Some(budget) = &self.budget else {
             return true;
         };
-        match budget.try_grant(bytes) {
-            Some(grant) => {
+        let granted = if self.deferred {
+            budget.try_grant(bytes).ok_or(Waiting)
+        } else {
+            budget.try_grant_or_wait(bytes)
+        };
+        match granted {
+            Ok(grant) => {
+                if self.deferred {
+                    budget.stop_waiting();
+                }
                 self.grant = Some(grant);
                 self.deferred = false;
                 true
             }
-            None => {
+            Err(Waiting) => {
                 if !self.deferred {
                     store.count_limit("send_budget");
                     tracing::debug!(bytes, "push waits for the send budget");
@@ -237,5 +277,31 @@ impl StreamCore {
             protocol: self.protocol,
             kind,
         }
+    }
+}
+
+impl Drop for StreamCore {
+    fn drop(&mut self) {
+        if let (true, Some(budget)) = (self.deferred, &self.budget) {
+            budget.stop_waiting();
+        }
+    }
+}
+
+impl AsRef<StreamCore> for StreamCore {
+    fn as_ref(&self) -> &StreamCore {
+        self
+    }
+}
+
+/// A stream registers its own state in the store ([`StreamView`]); its report is built only when
+/// someone reads the registry.
+impl<T: AsRef<StreamCore> + Send> StreamView for Mutex<T> {
+    fn info(&self) -> StreamInfo {
+        // A stream task that panicked left its state as it was: report that.
+        self.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .info()
     }
 }
