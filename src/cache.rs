@@ -128,6 +128,9 @@ pub struct Cache {
     warnings: LogGate,
     /// Entries whose file is still being verified.
     pending: BTreeSet<ModuleKey>,
+    /// Entries whose file failed that verification and was removed (at most the files found at
+    /// open): a cache hit planned on one of them is planned again (`Engine::lost_cache_hit`).
+    unverified: BTreeSet<ModuleKey>,
     verifier: Arc<Verifier>,
     /// Re-indexing so far.
     reindex: ReindexReport,

@@ -376,6 +376,7 @@ impl Cache {
             dirty: true,
             warnings: LogGate::new(INDEX_WARN_INTERVAL),
             pending,
+            unverified: BTreeSet::new(),
             verifier,
             reindex,
         };
@@ -406,6 +407,9 @@ impl Cache {
                 continue; // downloaded again meanwhile
             }
             self.reindex.verifying -= 1;
+            if !ok {
+                self.unverified.insert(key.clone());
+            }
             if let Some(entry) = (!ok).then(|| self.forget(&key)).flatten() {
                 self.reindex.kept -= 1;
                 self.reindex.removed.push(entry.path);
@@ -423,6 +427,12 @@ impl Cache {
     /// True when `key` is cached and its file verified: the only modules served.
     pub fn is_verified(&self, key: &ModuleKey) -> bool {
         self.modules.contains_key(key) && !self.pending.contains(key)
+    }
+
+    /// True when `key`'s file failed the start-up verification and it has not been cached again
+    /// since. (A module purged meanwhile is not one: that stays a failed revalidation, retried.)
+    pub fn lost_to_verification(&self, key: &ModuleKey) -> bool {
+        self.unverified.contains(key) && !self.is_verified(key)
     }
 
     /// The verifier of the files found at open ([`Verifier::wait`] for one of them).

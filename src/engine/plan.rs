@@ -63,7 +63,7 @@ impl Engine {
     /// verified in the cache: its file failed the start-up verification and was removed.
     pub fn lost_cache_hit(&mut self, result: &Result<Obtained, Failure>) -> bool {
         self.cache.settle();
-        matches!(result, Ok(Obtained::Cached(k) | Obtained::Revalidated(k)) if !self.cache.is_verified(k))
+        matches!(result, Ok(Obtained::Cached(k) | Obtained::Revalidated(k)) if self.cache.lost_to_verification(k))
     }
 
     fn plan_for(&mut self, pending: Pending) -> Begun {
