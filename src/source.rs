@@ -124,8 +124,13 @@ impl ObjectStore {
 
     /// Applies one decoded object (a manifest document).
     pub fn apply_value(&mut self, value: Value) -> Change {
+        self.apply_shared(std::sync::Arc::new(value))
+    }
+
+    /// [`apply_value`](Self::apply_value) on a shared object: a plugin stored keeps it, not a copy.
+    pub fn apply_shared(&mut self, value: std::sync::Arc<Value>) -> Change {
         let is_plugin = value.get("kind").and_then(Value::as_str) == Some("WasmPlugin");
-        match plugin::parse_object(0, value) {
+        match plugin::parse_shared(0, value) {
             Ok(m) => self.apply(m),
             Err(e) => Change::Refused {
                 key: e.object.clone(),
@@ -295,7 +300,7 @@ impl ObjectStore {
         if vp.plugin.extension.is_some() {
             return None;
         }
-        let object = vp.plugin.object.clone();
+        let object = Value::clone(&vp.plugin.object);
         Some(self.apply_value(merged(object, patch, key)))
     }
 
