@@ -362,6 +362,36 @@ mod tests {
     }
 
     #[test]
+    fn a_normalised_object_is_stored_shared_and_another_one_as_a_normalised_copy() {
+        let mut s = ObjectStore::new();
+        let key = ObjectKey::new("default", "p");
+        let mut given = obj("r/a:v1");
+        given["metadata"]["namespace"] = json!("default");
+        let shared = std::sync::Arc::new(given);
+        s.apply_shared(shared.clone());
+        let stored = &s.plugin(&key).unwrap().plugin.object;
+        assert!(
+            std::sync::Arc::ptr_eq(stored, &shared),
+            "no copy of the object"
+        );
+        // Without a namespace (and with server-owned metadata): normalised, so a copy.
+        let mut raw = obj("r/a:v2");
+        raw["metadata"]["resourceVersion"] = json!("7");
+        let raw = std::sync::Arc::new(raw);
+        s.apply_shared(raw.clone());
+        let stored = &s.plugin(&key).unwrap().plugin.object;
+        assert!(!std::sync::Arc::ptr_eq(stored, &raw));
+        assert_eq!(
+            stored["metadata"],
+            json!({"name": "p", "namespace": "default"})
+        );
+        assert!(
+            raw["metadata"].get("namespace").is_none(),
+            "the source's object is untouched"
+        );
+    }
+
+    #[test]
     fn versions_bump_on_any_change_and_not_on_identical_objects() {
         let mut s = ObjectStore::new();
         let key = ObjectKey::new("default", "p");
