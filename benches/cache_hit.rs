@@ -101,7 +101,7 @@ fn plugin(i: usize, policy: ImagePullPolicy) -> VersionedPlugin {
         url: ModuleUrl::parse(&spec.url).expect("url"),
         plugin: std::sync::Arc::new(WasmPlugin {
             key,
-            object,
+            object: std::sync::Arc::new(object),
             spec,
             extension: None,
         }),

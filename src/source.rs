@@ -124,8 +124,13 @@ impl ObjectStore {
 
     /// Applies one decoded object (a manifest document).
     pub fn apply_value(&mut self, value: Value) -> Change {
+        self.apply_shared(std::sync::Arc::new(value))
+    }
+
+    /// [`apply_value`](Self::apply_value) on a shared object: a plugin stored keeps it, not a copy.
+    pub fn apply_shared(&mut self, value: std::sync::Arc<Value>) -> Change {
         let is_plugin = value.get("kind").and_then(Value::as_str) == Some("WasmPlugin");
-        match plugin::parse_object(0, value) {
+        match plugin::parse_shared(0, value) {
             Ok(m) => self.apply(m),
             Err(e) => Change::Refused {
                 key: e.object.clone(),
@@ -295,7 +300,7 @@ impl ObjectStore {
         if vp.plugin.extension.is_some() {
             return None;
         }
-        let object = vp.plugin.object.clone();
+        let object = Value::clone(&vp.plugin.object);
         Some(self.apply_value(merged(object, patch, key)))
     }
 
@@ -354,6 +359,36 @@ mod tests {
     fn obj(url: &str) -> Value {
         json!({"apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin",
                "metadata": {"name": "p"}, "spec": {"url": url}})
+    }
+
+    #[test]
+    fn a_normalised_object_is_stored_shared_and_another_one_as_a_normalised_copy() {
+        let mut s = ObjectStore::new();
+        let key = ObjectKey::new("default", "p");
+        let mut given = obj("r/a:v1");
+        given["metadata"]["namespace"] = json!("default");
+        let shared = std::sync::Arc::new(given);
+        s.apply_shared(shared.clone());
+        let stored = &s.plugin(&key).unwrap().plugin.object;
+        assert!(
+            std::sync::Arc::ptr_eq(stored, &shared),
+            "no copy of the object"
+        );
+        // Without a namespace (and with server-owned metadata): normalised, so a copy.
+        let mut raw = obj("r/a:v2");
+        raw["metadata"]["resourceVersion"] = json!("7");
+        let raw = std::sync::Arc::new(raw);
+        s.apply_shared(raw.clone());
+        let stored = &s.plugin(&key).unwrap().plugin.object;
+        assert!(!std::sync::Arc::ptr_eq(stored, &raw));
+        assert_eq!(
+            stored["metadata"],
+            json!({"name": "p", "namespace": "default"})
+        );
+        assert!(
+            raw["metadata"].get("namespace").is_none(),
+            "the source's object is untouched"
+        );
     }
 
     #[test]

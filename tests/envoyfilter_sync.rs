@@ -7,6 +7,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use common::Harness;
 use serde_json::{json, Value};
@@ -55,11 +56,11 @@ impl Incremental {
                 .collect()
         };
         let now = [by_key(plugins), by_key(filters), by_key(secrets)];
-        let diff = |i: usize| -> BTreeMap<ObjectKey, Option<Value>> {
+        let diff = |i: usize| -> BTreeMap<ObjectKey, Option<Arc<Value>>> {
             let (old, new) = (&self.last[i], &now[i]);
             let changed = (new.iter()).filter(|(k, v)| old.get(*k) != Some(*v));
             let gone = old.keys().filter(|k| !new.contains_key(*k));
-            (changed.map(|(k, v)| (k.clone(), Some(v.clone()))))
+            (changed.map(|(k, v)| (k.clone(), Some(Arc::new(v.clone())))))
                 .chain(gone.map(|k| (k.clone(), None)))
                 .collect()
         };

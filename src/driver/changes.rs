@@ -6,6 +6,7 @@
 //! by themselves once it is free (behavior.md §10 "Conflicts").
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -14,12 +15,13 @@ use crate::plugin::envoyfilter;
 use crate::plugin::{FieldError, ObjectKey};
 use crate::source::Change;
 
-/// Objects changed since the last sync, by key: `Some` the object now, `None` gone.
+/// Objects changed since the last sync, by key: `Some` the object now (shared with its source),
+/// `None` gone.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ObjectChanges {
-    pub plugins: BTreeMap<ObjectKey, Option<Value>>,
-    pub envoy_filters: BTreeMap<ObjectKey, Option<Value>>,
-    pub secrets: BTreeMap<ObjectKey, Option<Value>>,
+    pub plugins: BTreeMap<ObjectKey, Option<Arc<Value>>>,
+    pub envoy_filters: BTreeMap<ObjectKey, Option<Arc<Value>>>,
+    pub secrets: BTreeMap<ObjectKey, Option<Arc<Value>>>,
 }
 
 impl ObjectChanges {
@@ -55,7 +57,12 @@ impl Driver {
     /// Applies one object (a `WasmPlugin`, an `EnvoyFilter` or a pull `Secret`), as the API server
     /// admits it.
     pub fn apply(&mut self, object: &Value) -> Applied {
-        let change = self.objects.apply_value(object.clone());
+        self.apply_shared(&Arc::new(object.clone()))
+    }
+
+    /// [`apply`](Self::apply) on a shared object: a plugin stored keeps it, not a copy.
+    pub fn apply_shared(&mut self, object: &Arc<Value>) -> Applied {
+        let change = self.objects.apply_shared(object.clone());
         self.hand_over(change, object)
     }
 
@@ -107,9 +114,9 @@ impl Driver {
     /// at every sync, so it takes over once the resource name is free.
     pub fn sync(
         &mut self,
-        plugins: &BTreeMap<ObjectKey, Value>,
-        envoy_filters: &BTreeMap<ObjectKey, Value>,
-        secrets: &BTreeMap<ObjectKey, Value>,
+        plugins: &BTreeMap<ObjectKey, Arc<Value>>,
+        envoy_filters: &BTreeMap<ObjectKey, Arc<Value>>,
+        secrets: &BTreeMap<ObjectKey, Arc<Value>>,
     ) -> Ticket {
         self.quiet_repeats = true;
         let mut ticket = Ticket::default();
@@ -138,20 +145,20 @@ impl Driver {
             envoyfilter::filter_of(k).is_none_or(|f| envoy_filters.contains_key(&f))
         });
         for value in secrets.values() {
-            ticket.join(self.apply(value).ticket);
+            ticket.join(self.apply_shared(value).ticket);
         }
         for (key, value) in plugins {
             let settled = self
                 .refused
                 .get(key)
-                .is_some_and(|r| r.object == *value && r.waits_for.is_none());
+                .is_some_and(|r| r.object == **value && r.waits_for.is_none());
             if !settled {
-                ticket.join(self.apply(value).ticket);
+                ticket.join(self.apply_shared(value).ticket);
             }
         }
         for (key, value) in envoy_filters {
-            if self.refused_filters.get(key) != Some(value) {
-                ticket.join(self.apply(value).ticket);
+            if self.refused_filters.get(key) != Some(&**value) {
+                ticket.join(self.apply_shared(value).ticket);
             }
         }
         let gone: Vec<ObjectKey> = (self.objects.secrets().keys())
@@ -195,22 +202,22 @@ impl Driver {
             (self.refused).retain(|p, _| envoyfilter::filter_of(p).as_ref() != Some(k));
         }
         for value in changes.secrets.values().flatten() {
-            note(Some(self.apply(value)));
+            note(Some(self.apply_shared(value)));
         }
         for (key, value) in &changes.plugins {
             let Some(value) = value else { continue };
             let settled = self
                 .refused
                 .get(key)
-                .is_some_and(|r| r.object == *value && r.waits_for.is_none());
+                .is_some_and(|r| r.object == **value && r.waits_for.is_none());
             if !settled {
-                note(Some(self.apply(value)));
+                note(Some(self.apply_shared(value)));
             }
         }
         for (key, value) in &changes.envoy_filters {
             let Some(value) = value else { continue };
-            if self.refused_filters.get(key) != Some(value) {
-                note(Some(self.apply(value)));
+            if self.refused_filters.get(key) != Some(&**value) {
+                note(Some(self.apply_shared(value)));
             }
         }
         for (k, _) in changes.secrets.iter().filter(|(_, v)| v.is_none()) {

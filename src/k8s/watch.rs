@@ -41,11 +41,12 @@ pub struct Snapshot {
     /// Plugins as admission sees them: without `status`, `metadata.resourceVersion` and
     /// `metadata.managedFields`, which change with every status write (a status write is not a
     /// change of the plugin: under `Always` it would pull again after every one).
-    pub plugins: BTreeMap<ObjectKey, Value>,
+    /// Shared with the object store once admitted.
+    pub plugins: BTreeMap<ObjectKey, Arc<Value>>,
     /// `EnvoyFilter`s, likewise stripped (behavior.md §10).
-    pub envoy_filters: BTreeMap<ObjectKey, Value>,
+    pub envoy_filters: BTreeMap<ObjectKey, Arc<Value>>,
     /// Pull Secrets, likewise stripped.
-    pub secrets: BTreeMap<ObjectKey, Value>,
+    pub secrets: BTreeMap<ObjectKey, Arc<Value>>,
     /// What the status writer needs of each plugin object.
     pub meta: BTreeMap<ObjectKey, ObjectMeta>,
 }
@@ -378,14 +379,15 @@ impl Watches {
     fn snapshot(&self) -> Snapshot {
         let mut s = Snapshot::default();
         for (k, v) in self.plugins.iter().flat_map(|l| l.objects.iter()) {
-            s.plugins.insert(k.clone(), admission_view(v));
+            s.plugins.insert(k.clone(), Arc::new(admission_view(v)));
             s.meta.insert(k.clone(), meta_of(v));
         }
         for (k, v) in self.filters.iter().flat_map(|l| l.objects.iter()) {
-            s.envoy_filters.insert(k.clone(), admission_view(v));
+            s.envoy_filters
+                .insert(k.clone(), Arc::new(admission_view(v)));
         }
         for (k, v) in self.secrets.values().flat_map(|w| w.listing.objects.iter()) {
-            s.secrets.insert(k.clone(), admission_view(v));
+            s.secrets.insert(k.clone(), Arc::new(admission_view(v)));
         }
         s
     }

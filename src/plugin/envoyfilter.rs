@@ -276,7 +276,7 @@ fn read_patch_kind(
     }
     let plugin = WasmPlugin {
         key: key.clone(),
-        object,
+        object: std::sync::Arc::new(object),
         spec,
         extension: Some(template),
     };
@@ -370,7 +370,7 @@ fn remote_spec(
     // The WasmPlugin rules for what the spec took from the patch, on the patch's own paths.
     let probe = WasmPlugin {
         key: ObjectKey::new("", ""),
-        object: Value::Null,
+        object: std::sync::Arc::new(Value::Null),
         spec: spec.clone(),
         extension: None,
     };

@@ -77,7 +77,9 @@ impl fmt::Display for ObjectKey {
 #[derive(Clone, Debug, PartialEq)]
 pub struct WasmPlugin {
     pub key: ObjectKey,
-    pub object: Value,
+    /// Shared with the source that decoded it (file source, Kubernetes snapshot): each plugin's
+    /// JSON exists once however many holders it has.
+    pub object: std::sync::Arc<Value>,
     pub spec: WasmPluginSpec,
     /// Set for a plugin that stands for a remote-load extension config (an `EnvoyFilter`
     /// `EXTENSION_CONFIG` patch): its resource name and the filter config to preserve, of which
@@ -320,20 +322,63 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// Server-owned metadata fields: not part of what the user wrote.
+const SERVER_OWNED: [&str; 5] = [
+    "resourceVersion",
+    "generation",
+    "uid",
+    "creationTimestamp",
+    "managedFields",
+];
+
 /// Parses one object (already decoded to JSON).
 pub fn parse_object(document: usize, value: Value) -> Result<Manifest, ParseError> {
+    parse_shared(document, std::sync::Arc::new(value))
+}
+
+/// [`parse_object`] on a shared object: a `WasmPlugin` keeps `value` itself as its object when
+/// it is already normalised (namespace given, no server-owned metadata), else a normalised copy.
+pub fn parse_shared(
+    document: usize,
+    mut value: std::sync::Arc<Value>,
+) -> Result<Manifest, ParseError> {
     let err = |object: Option<ObjectKey>, field: &str, message: String| ParseError {
         document,
         object,
         field: field.to_string(),
         message,
     };
-    let Value::Object(mut obj) = value else {
+    let Some(obj) = value.as_object() else {
         return Err(err(
             None,
             "(document)",
             "expected a mapping with apiVersion and kind".into(),
         ));
+    };
+    let normalised = match obj.get("metadata") {
+        None => false,
+        Some(Value::Object(meta)) => {
+            meta.contains_key("namespace") && !SERVER_OWNED.iter().any(|f| meta.contains_key(*f))
+        }
+        Some(_) => return Err(err(None, "metadata", "must be a mapping".into())),
+    };
+    if !normalised {
+        if let Value::Object(obj) = std::sync::Arc::make_mut(&mut value) {
+            let meta = obj
+                .entry("metadata")
+                .or_insert_with(|| Value::Object(Default::default()));
+            if let Value::Object(meta) = meta {
+                if !meta.contains_key("namespace") {
+                    meta.insert("namespace".into(), Value::String(DEFAULT_NAMESPACE.into()));
+                }
+                for owned in SERVER_OWNED {
+                    meta.remove(owned);
+                }
+            }
+        }
+    }
+    let Some(obj) = value.as_object() else {
+        return Err(err(None, "(document)", "expected a mapping".into()));
     };
     let kind = obj
         .get("kind")
@@ -345,35 +390,13 @@ pub fn parse_object(document: usize, value: Value) -> Result<Manifest, ParseErro
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
-    let meta = obj
-        .entry("metadata")
-        .or_insert_with(|| Value::Object(Default::default()));
-    let Value::Object(meta) = meta else {
-        return Err(err(None, "metadata", "must be a mapping".into()));
+    let meta = obj.get("metadata").and_then(Value::as_object);
+    let field = |f: &str| {
+        (meta.and_then(|m| m.get(f)).and_then(Value::as_str))
+            .unwrap_or_default()
+            .to_string()
     };
-    let name = meta
-        .get("name")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
-    if !meta.contains_key("namespace") {
-        meta.insert("namespace".into(), Value::String(DEFAULT_NAMESPACE.into()));
-    }
-    let namespace = meta
-        .get("namespace")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
-    // Server-owned fields are not part of what the user wrote.
-    for owned in [
-        "resourceVersion",
-        "generation",
-        "uid",
-        "creationTimestamp",
-        "managedFields",
-    ] {
-        meta.remove(owned);
-    }
+    let (name, namespace) = (field("name"), field("namespace"));
     let key = ObjectKey::new(&namespace, &name);
     if name.is_empty() {
         return Err(err(None, "metadata.name", "is required".into()));
@@ -406,7 +429,7 @@ pub fn parse_object(document: usize, value: Value) -> Result<Manifest, ParseErro
                     ),
                 ));
             }
-            let object = Value::Object(obj);
+            let object = value.clone();
             let spec_value = object
                 .get("spec")
                 .cloned()
@@ -428,7 +451,7 @@ pub fn parse_object(document: usize, value: Value) -> Result<Manifest, ParseErro
                 extension: None,
             }))
         }
-        "Secret" => PullSecret::from_object(key.clone(), &Value::Object(obj))
+        "Secret" => PullSecret::from_object(key.clone(), &value)
             .map(Manifest::Secret)
             .map_err(|(field, message)| err(Some(key), &field, message)),
         envoyfilter::ENVOY_FILTER_KIND => {
@@ -443,7 +466,7 @@ pub fn parse_object(document: usize, value: Value) -> Result<Manifest, ParseErro
                     ),
                 ));
             }
-            envoyfilter::parse(key.clone(), Value::Object(obj))
+            envoyfilter::parse(key.clone(), std::sync::Arc::unwrap_or_clone(value))
                 .map(Manifest::EnvoyFilter)
                 .map_err(|(field, message)| err(Some(key), &field, message))
         }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use super::{files, Controller};
 use crate::k8s::{self, status};
 use crate::plugin::ObjectKey;
+use serde_json::Value;
 
 impl Controller {
     /// Re-reads the plugin files that changed (all of them for a rescan) and watches the
@@ -46,8 +47,9 @@ impl Controller {
         let mut merged = self.sources.merged();
         if let Some(link) = &mut self.proxy {
             let wanted = link.current();
-            (merged.plugins).extend(wanted.plugins.iter().map(|(k, v)| (k.clone(), v.clone())));
-            (merged.secrets).extend(wanted.secrets.iter().map(|(k, v)| (k.clone(), v.clone())));
+            let shared = |(k, v): (&ObjectKey, &Value)| (k.clone(), Arc::new(v.clone()));
+            (merged.plugins).extend(wanted.plugins.iter().map(shared));
+            (merged.secrets).extend(wanted.secrets.iter().map(shared));
         }
         for c in self.sources.conflicts.values() {
             if !before.contains(&c.message) {

@@ -29,9 +29,9 @@ const SECRET: &str = "Secret";
 /// The objects of both sources, merged.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Merged {
-    pub plugins: BTreeMap<ObjectKey, Value>,
-    pub envoy_filters: BTreeMap<ObjectKey, Value>,
-    pub secrets: BTreeMap<ObjectKey, Value>,
+    pub plugins: BTreeMap<ObjectKey, Arc<Value>>,
+    pub envoy_filters: BTreeMap<ObjectKey, Arc<Value>>,
+    pub secrets: BTreeMap<ObjectKey, Arc<Value>>,
 }
 
 /// A name defined by both sources.
@@ -60,7 +60,7 @@ impl Sources {
         let kube = self.kube.clone();
         let k = kube.as_deref();
         let (origins, conflicts) = (&mut self.origins, &mut self.conflicts);
-        let mut merge = |kind, files, kube: Option<&BTreeMap<ObjectKey, Value>>| {
+        let mut merge = |kind, files, kube: Option<&BTreeMap<ObjectKey, Arc<Value>>>| {
             merge_kind(origins, conflicts, kind, files, kube.unwrap_or(&empty))
         };
         Merged {
@@ -125,9 +125,9 @@ fn merge_kind(
     origins: &mut BTreeMap<(&'static str, ObjectKey), Origin>,
     conflicts: &mut BTreeMap<(&'static str, ObjectKey), Conflict>,
     kind: &'static str,
-    files: &BTreeMap<ObjectKey, Value>,
-    kube: &BTreeMap<ObjectKey, Value>,
-) -> BTreeMap<ObjectKey, Value> {
+    files: &BTreeMap<ObjectKey, Arc<Value>>,
+    kube: &BTreeMap<ObjectKey, Arc<Value>>,
+) -> BTreeMap<ObjectKey, Arc<Value>> {
     let mut out = BTreeMap::new();
     for k in files
         .keys()
@@ -149,9 +149,9 @@ fn merge_key<'a>(
     conflicts: &mut BTreeMap<(&'static str, ObjectKey), Conflict>,
     kind: &'static str,
     k: &ObjectKey,
-    files: Option<&'a Value>,
-    kube: Option<&'a Value>,
-) -> Option<&'a Value> {
+    files: Option<&'a Arc<Value>>,
+    kube: Option<&'a Arc<Value>>,
+) -> Option<&'a Arc<Value>> {
     let id = (kind, k.clone());
     conflicts.remove(&id);
     let (fv, v) = match (files, kube) {
@@ -195,7 +195,8 @@ pub fn snapshot_changes(old: Option<&Snapshot>, new: Option<&Snapshot>) -> Chang
         (ENVOY_FILTER, &old.envoy_filters, &new.envoy_filters),
         (SECRET, &old.secrets, &new.secrets),
     ] {
-        let differ = |(k, v): (&ObjectKey, &Value), other: &BTreeMap<ObjectKey, Value>| {
+        let differ = |(k, v): (&ObjectKey, &Arc<Value>),
+                      other: &BTreeMap<ObjectKey, Arc<Value>>| {
             (other.get(k) != Some(v)).then(|| (kind, k.clone()))
         };
         changed.extend(a.iter().filter_map(|e| differ(e, b)));
@@ -214,8 +215,8 @@ mod tests {
         ObjectKey::new("default", n)
     }
 
-    fn obj(n: &str, url: &str) -> Value {
-        json!({"kind": "WasmPlugin", "metadata": {"name": n}, "spec": {"url": url}})
+    fn obj(n: &str, url: &str) -> Arc<Value> {
+        Arc::new(json!({"kind": "WasmPlugin", "metadata": {"name": n}, "spec": {"url": url}}))
     }
 
     fn kube(plugins: &[(&str, &str)]) -> Option<Arc<Snapshot>> {
@@ -263,7 +264,7 @@ mod tests {
         let mut snapshot = (**s.kube.as_ref().unwrap()).clone();
         snapshot
             .envoy_filters
-            .insert(key("a"), json!({"kind": "EnvoyFilter"}));
+            .insert(key("a"), Arc::new(json!({"kind": "EnvoyFilter"})));
         s.kube = Some(Arc::new(snapshot));
         let m = s.merged();
         assert_eq!(m.envoy_filters.len(), 1);

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -25,10 +26,11 @@ pub struct FileError {
 /// The objects the files currently describe.
 #[derive(Clone, Debug, Default)]
 pub struct Desired {
-    /// WasmPlugins, EnvoyFilters and secrets by key, as decoded JSON.
-    pub plugins: BTreeMap<ObjectKey, Value>,
-    pub envoy_filters: BTreeMap<ObjectKey, Value>,
-    pub secrets: BTreeMap<ObjectKey, Value>,
+    /// WasmPlugins, EnvoyFilters and secrets by key, as decoded JSON (shared with the file
+    /// source's last good content and, once admitted, the object store).
+    pub plugins: BTreeMap<ObjectKey, Arc<Value>>,
+    pub envoy_filters: BTreeMap<ObjectKey, Arc<Value>>,
+    pub secrets: BTreeMap<ObjectKey, Arc<Value>>,
     pub errors: Vec<FileError>,
     /// Every directory read (to be watched).
     pub dirs: Vec<PathBuf>,
@@ -59,7 +61,7 @@ pub struct FileSource {
     walk_errors: Vec<FileError>,
     unreadable: Vec<PathBuf>,
     /// Each file's last good content: its objects with their document index.
-    last_good: BTreeMap<PathBuf, Vec<(usize, Value)>>,
+    last_good: BTreeMap<PathBuf, Vec<(usize, Arc<Value>)>>,
     read_errors: BTreeMap<PathBuf, FileError>,
     /// Who defines each object, in order; the first wins.
     definers: BTreeMap<ObjectId, BTreeSet<Definition>>,
@@ -356,7 +358,7 @@ impl FileSource {
     fn redefine(
         &mut self,
         file: &Path,
-        old: Option<Vec<(usize, Value)>>,
+        old: Option<Vec<(usize, Arc<Value>)>>,
         affected: &mut ChangedKeys,
     ) {
         for (i, (_, v)) in old.iter().flatten().enumerate() {
@@ -377,7 +379,7 @@ impl FileSource {
     }
 
     /// The document index and object of a definition.
-    fn definition(&self, (file, i): &Definition) -> Option<&(usize, Value)> {
+    fn definition(&self, (file, i): &Definition) -> Option<&(usize, Arc<Value>)> {
         self.last_good.get(file)?.get(*i)
     }
 
@@ -548,12 +550,16 @@ impl Definitions {
 /// malformed YAML, a document that is neither a WasmPlugin, an EnvoyFilter nor a Secret) make the
 /// whole file bad; validation problems of a plugin or an EnvoyFilter are left to admission, which
 /// refuses that object (or that patch) alone.
-fn read_objects(file: &Path) -> Result<Vec<(usize, Value)>, String> {
+/// A plugin is kept as admission normalises it (namespace filled in), so that the store shares
+/// this object rather than holding a normalised copy.
+fn read_objects(file: &Path) -> Result<Vec<(usize, Arc<Value>)>, String> {
     let text = crate::cli::read_manifest(file, crate::cli::MAX_MANIFEST_BYTES)?;
     let mut out = Vec::new();
     for doc in plugin::documents(&text) {
         let (i, v) = doc.map_err(|e| format!("document {}: {}", e.document + 1, e.message))?;
-        match plugin::parse_object(i, v.clone()) {
+        let v = Arc::new(v);
+        match plugin::parse_shared(i, v.clone()) {
+            Ok(plugin::Manifest::Plugin(p)) => out.push((i, p.object)),
             Ok(_) => out.push((i, v)),
             Err(e)
                 if e.object.is_some()

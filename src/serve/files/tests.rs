@@ -41,6 +41,28 @@ fn envoy_filters_are_a_kind_of_their_own() {
     assert_eq!(names, ["default/a", "default/b"]);
 }
 
+#[test]
+fn a_plugin_is_kept_normalised_and_shared_with_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.yaml"), PLUGIN).unwrap();
+    let mut files = FileSource::new(vec![dir.path().to_path_buf()]);
+    let d = files.scan();
+    let key = ObjectKey::new("default", "a");
+    let read = d.plugins[&key].clone();
+    assert_eq!(
+        read["metadata"]["namespace"], "default",
+        "normalised as admission does"
+    );
+    // Admission keeps the file source's object: one copy of the plugin's JSON.
+    let mut store = crate::source::ObjectStore::new();
+    store.apply_shared(read.clone());
+    let stored = &store.plugin(&key).unwrap().plugin.object;
+    assert!(Arc::ptr_eq(stored, &read), "the store shares the object");
+    // A rescan that finds the file unchanged keeps that object.
+    let again = files.scan();
+    assert!(Arc::ptr_eq(&again.plugins[&key], &read));
+}
+
 fn plugin(name: &str, url: &str) -> String {
     format!("apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {{name: {name}}}\nspec: {{url: '{url}'}}\n")
 }
