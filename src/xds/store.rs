@@ -10,6 +10,9 @@
 //! # Open streams
 //! Each stream registers itself once, when it opens, as a [`StreamView`] (its own state behind its
 //! own lock) and leaves when it closes; nothing is copied into the registry per request or push.
+//!
+//! Length: about 730 lines, a quarter of them unit tests of the versioning and registry rules; the
+//! store, its stream registry and its counters share one lock and are kept together.
 //! Readers ([`ResourceStore::streams`]: `/debug/syncz`, `ListProxies`) ask every open stream for
 //! its [`StreamInfo`] when they read.
 //!
