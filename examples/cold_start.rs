@@ -18,17 +18,19 @@
 
 #![allow(clippy::disallowed_methods)] // a measuring tool
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Instant;
 
 use wasm_ecds::xds::client::{self, SotwSession};
 use wasm_ecds::xds::Api;
 
-const WAIT: Duration = Duration::from_secs(600);
+#[path = "support/serve.rs"]
+mod serve;
+
+use serve::{wait_ready, Serve, WAIT};
 const FIRST: &str = "extensions.istio.io/wasmplugin/default.p0";
 
 fn module(i: usize, size: usize) -> Vec<u8> {
@@ -88,110 +90,16 @@ fn serve_connection(conn: TcpStream, size: usize) {
     }
 }
 
-fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head).ok()?;
-    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
-}
-
 /// Drops the page cache (root only); says whether it did.
 fn drop_caches() -> bool {
     let _ = Command::new("sync").status();
     std::fs::write("/proc/sys/vm/drop_caches", "1").is_ok()
 }
 
-struct Serve {
-    child: Child,
-    lines: mpsc::Receiver<(Instant, String)>,
-    /// Lines read so far.
-    seen: Vec<(Instant, String)>,
-    xds: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Serve {
-    fn start(bin: &Path, dir: &Path, extra: &[&str]) -> Serve {
-        let mut child = Command::new(bin)
-            .arg("serve")
-            .arg("--plugins")
-            .arg(dir.join("plugins"))
-            .arg("--cache-dir")
-            .arg(dir.join("cache"))
-            .args([
-                "--xds-address",
-                "127.0.0.1:0",
-                "--admin-address",
-                "127.0.0.1:0",
-            ])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn serve");
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                let _ = tx.send((Instant::now(), line));
-            }
-        });
-        let mut serve = Serve {
-            child,
-            lines,
-            seen: Vec::new(),
-            xds: "0.0.0.0:0".parse().unwrap(),
-            admin: "0.0.0.0:0".parse().unwrap(),
-        };
-        let line = serve.wait_line("xds on").1;
-        let addrs: Vec<SocketAddr> = line
-            .split([' ', ','])
-            .filter_map(|w| w.parse().ok())
-            .collect();
-        (serve.xds, serve.admin) = (addrs[0], addrs[1]);
-        serve
-    }
-
-    /// The first log line containing `needle` (already read, or the next one).
-    fn wait_line(&mut self, needle: &str) -> (Instant, String) {
-        if let Some(found) = self.seen.iter().find(|(_, l)| l.contains(needle)) {
-            return found.clone();
-        }
-        loop {
-            let (at, line) = self.lines.recv_timeout(WAIT).expect("serve's log");
-            self.seen.push((at, line.clone()));
-            if line.contains(needle) {
-                return (at, line);
-            }
-        }
-    }
-
-    fn stop(mut self) {
-        // SAFETY: a signal to our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_ready(admin: SocketAddr) -> Instant {
-    let start = Instant::now();
-    while http_status(admin, "/readyz") != Some(200) {
-        assert!(start.elapsed() < WAIT, "serve never got ready");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    Instant::now()
-}
-
 /// Seconds from `spawn` to (b) ready, (c) first push, (d) everything verified.
 async fn timed_start(bin: &Path, dir: &Path, extra: &[&str]) -> [f64; 3] {
     let spawned = Instant::now();
-    let mut serve = Serve::start(bin, dir, extra);
+    let mut serve = Serve::start(bin, &dir.join("plugins"), &dir.join("cache"), extra);
     let xds = serve.xds;
     let push = tokio::spawn(async move {
         let channel = client::connect(xds).await.expect("xds connect");
@@ -281,7 +189,12 @@ async fn main() {
     std::fs::write(dir.path().join("plugins/all.yaml"), plugins).unwrap();
 
     println!("filling a cache of {modules} modules of {mib} MiB through a real serve ...");
-    let fill = Serve::start(&bin, dir.path(), &[]);
+    let fill = Serve::start(
+        &bin,
+        &dir.path().join("plugins"),
+        &dir.path().join("cache"),
+        &[],
+    );
     wait_ready(fill.admin);
     fill.stop();
     let files = module_files(&dir.path().join("cache"));

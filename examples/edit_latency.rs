@@ -20,15 +20,16 @@
 
 #![allow(clippy::disallowed_methods)] // a measuring tool
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use wasm_ecds::xds::client::{self, SotwSession};
 use wasm_ecds::xds::Api;
 
-const WAIT: Duration = Duration::from_secs(900);
+#[path = "support/serve.rs"]
+mod serve;
+
+use serve::{wait_ready, Serve, WAIT};
 
 /// CPU time used by every thread of `pid` so far, in microseconds.
 fn cpu_us(pid: u32) -> u64 {
@@ -65,64 +66,6 @@ fn plugin(name: &str, module: &Path, edit: Option<usize>) -> String {
     )
 }
 
-/// `GET path` on the admin port; the status code.
-fn get(admin: &str, path: &str) -> Option<u16> {
-    let mut s = std::net::TcpStream::connect(admin).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {admin}\r\n\r\n").ok()?;
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head).ok()?;
-    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
-}
-
-struct Server {
-    child: Child,
-    xds: std::net::SocketAddr,
-    admin: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(bin: &Path, dir: &Path) -> Server {
-    let mut child = Command::new(bin)
-        .args([
-            "serve",
-            "--xds-address",
-            "127.0.0.1:0",
-            "--admin-address",
-            "127.0.0.1:0",
-        ])
-        .arg("--plugins")
-        .arg(dir.join("plugins"))
-        .arg("--cache-dir")
-        .arg(dir.join("cache"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run wasm-ecds serve");
-    let mut reader = BufReader::new(child.stderr.take().expect("stderr"));
-    let (xds, admin) = loop {
-        let mut line = String::new();
-        assert!(
-            reader.read_line(&mut line).unwrap_or(0) > 0,
-            "serve exited before listening"
-        );
-        if let Some(rest) = line.trim().strip_prefix("wasm-ecds: xds on ") {
-            let (x, a) = rest.split_once(", admin on ").expect("addresses");
-            break (x.parse().expect("xds address"), a.to_string());
-        }
-    };
-    // Keep reading stderr, so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in reader.lines() {});
-    Server { child, xds, admin }
-}
-
 /// One N: per edit, the latency to the push and the server's CPU time, in milliseconds.
 async fn measure(bin: &Path, n: usize, edits: usize) -> (Vec<f64>, Vec<f64>, f64) {
     let tree = tempfile::tempdir().expect("temporary directory");
@@ -136,13 +79,15 @@ async fn measure(bin: &Path, n: usize, edits: usize) -> (Vec<f64>, Vec<f64>, f64
         std::fs::write(f, plugin(&name(i), &module, None)).expect("plugin file");
     }
     let started = Instant::now();
-    let server = start(bin, tree.path());
+    let server = Serve::start_env(
+        bin,
+        &plugins,
+        &tree.path().join("cache"),
+        &[],
+        &[("RUST_LOG", "warn")],
+    );
     let pid = server.child.id();
-    let start = Instant::now();
-    while get(&server.admin, "/readyz") != Some(200) {
-        assert!(start.elapsed() < WAIT, "not ready in time");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_ready(server.admin);
     let ready_s = started.elapsed().as_secs_f64();
     let names = vec![format!(
         "extensions.istio.io/wasmplugin/default.{}",

@@ -22,13 +22,16 @@
 
 #![allow(clippy::disallowed_methods)] // a measuring tool
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const WAIT: Duration = Duration::from_secs(600);
+#[path = "support/serve.rs"]
+mod serve;
+
+use serve::{wait_ready, Serve, WAIT};
 
 fn binary() -> PathBuf {
     if let Some(bin) = std::env::var_os("WASM_ECDS_BIN") {
@@ -147,7 +150,7 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
 }
 
 struct Server {
-    child: Child,
+    serve: Serve,
     admin: String,
     ready_after: Duration,
     ready_cpu: Duration,
@@ -156,45 +159,13 @@ struct Server {
 impl Server {
     fn start(bin: &Path, plugins: &Path, cache: &Path) -> Server {
         let started = Instant::now();
-        let mut child = Command::new(bin)
-            .args([
-                "serve",
-                "--xds-address",
-                "127.0.0.1:0",
-                "--admin-address",
-                "127.0.0.1:0",
-            ])
-            .arg("--plugins")
-            .arg(plugins)
-            .arg("--cache-dir")
-            .arg(cache)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn serve");
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().expect("stderr");
-        // Reads the whole log so the server never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(admin) = line.split("admin on ").nth(1) {
-                    let _ = tx.send(admin.trim().to_string());
-                }
-            }
-        });
-        let admin = rx.recv_timeout(WAIT).expect("admin address");
-        loop {
-            if let Some((200, _)) = get(&admin, "/readyz") {
-                break;
-            }
-            assert!(started.elapsed() < WAIT, "not ready within {WAIT:?}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let serve = Serve::start(bin, plugins, cache, &[]);
+        wait_ready(serve.admin);
         let ready_after = started.elapsed();
-        let ready_cpu = process_cpu(child.id());
+        let ready_cpu = process_cpu(serve.child.id());
+        let admin = serve.admin.to_string();
         Server {
-            child,
+            serve,
             admin,
             ready_after,
             ready_cpu,
@@ -202,13 +173,11 @@ impl Server {
     }
 
     fn kib(&self, field: &str) -> u64 {
-        status_kib(self.child.id(), field)
+        status_kib(self.serve.child.id(), field)
     }
 
-    fn stop(mut self) {
-        // SAFETY: a signal to our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
+    fn stop(self) {
+        self.serve.stop();
     }
 }
 
