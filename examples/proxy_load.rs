@@ -49,6 +49,9 @@ use tonic::{Request, Response, Status, Streaming};
 use wasm_ecds::xds::client::{self, SotwSession};
 use wasm_ecds::xds::Api;
 
+#[path = "support/procfs.rs"]
+mod procfs;
+
 const LDS_TYPE_URL: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 /// Bound of one response, and of opening all streams.
 const WAIT: Duration = Duration::from_secs(60);
@@ -196,27 +199,12 @@ impl Spawned {
     }
 
     fn rss_kib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|v| v.parse().ok())
-            })
-            .unwrap_or(0)
+        procfs::status_kib(self.child.id(), "VmRSS")
     }
 
-    /// CPU time used so far (user + system, all threads), from `/proc/<pid>/stat` (USER_HZ 100).
+    /// CPU time used so far (user + system, all threads).
     fn cpu(&self) -> Duration {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the command name: state is the 3rd field, utime the 14th, stime the 15th.
-        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let ticks: u64 = (after.split_whitespace().skip(11).take(2))
-            .filter_map(|v| v.parse::<u64>().ok())
-            .sum();
-        Duration::from_millis(ticks * 10)
+        procfs::process_cpu(self.child.id())
     }
 
     /// Closes its stdin (it cleans up and exits), killing it if it has not within a second.

@@ -33,6 +33,11 @@ mod serve;
 
 use serve::{wait_ready, Serve, WAIT};
 
+#[path = "support/procfs.rs"]
+mod procfs;
+
+use procfs::{process_cpu, status_kib};
+
 fn binary() -> PathBuf {
     if let Some(bin) = std::env::var_os("WASM_ECDS_BIN") {
         return bin.into();
@@ -84,31 +89,6 @@ fn children_cpu() -> Duration {
     unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     tv(usage.ru_utime) + tv(usage.ru_stime)
-}
-
-/// User + system CPU time of a running process, from `/proc/<pid>/stat`.
-fn process_cpu(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .expect("stat")
-        .1
-        .split_whitespace()
-        .collect();
-    // After the command: state is field 3, utime 14, stime 15 (1-based in proc(5)).
-    let ticks: u64 =
-        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    Duration::from_millis(ticks * 1000 / hz)
-}
-
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field}"))
 }
 
 /// One HTTP/1.1 GET; the status and the body.

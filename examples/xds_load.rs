@@ -56,6 +56,9 @@ use tonic::{Request, Response, Status, Streaming};
 use wasm_ecds::xds::client::{self, SotwSession};
 use wasm_ecds::xds::{Api, ResourceStore, ECDS_TYPE_URL, MAX_MESSAGE_SIZE};
 
+#[path = "support/procfs.rs"]
+mod procfs;
+
 const NAME: &str = "extensions.istio.io/wasmplugin/default.load";
 const WAIT: Duration = Duration::from_secs(300);
 /// From this payload size on, runs are compared with tiny-payload runs ("copies").
@@ -238,27 +241,12 @@ impl Server {
     }
 
     fn rss_kib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|v| v.parse().ok())
-            })
-            .unwrap_or(0)
+        procfs::status_kib(self.child.id(), "VmRSS")
     }
 
-    /// CPU time used so far (user + system, all threads), in ms (USER_HZ 100).
+    /// CPU time used so far (user + system, all threads), in ms.
     fn cpu_ms(&self) -> u64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // After the command name: state is the 3rd field, utime the 14th, stime the 15th.
-        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let ticks: u64 = (after.split_whitespace().skip(11).take(2))
-            .filter_map(|v| v.parse::<u64>().ok())
-            .sum();
-        ticks * 10
+        procfs::process_cpu(self.child.id()).as_millis() as u64
     }
 
     fn stop(mut self) {
