@@ -478,19 +478,12 @@ fn validators_for(
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
 
     use super::*;
-    use crate::store::{sha256_hex, DiskStore, MemStore};
+    use crate::store::{DiskStore, MemStore};
 
     fn staged(store: &dyn ModuleStore, bytes: &[u8]) -> StagedModule {
-        let mut f = store.stage().unwrap();
-        f.write_all(bytes).unwrap();
-        StagedModule {
-            file: f,
-            sha256: sha256_hex(bytes),
-            size: bytes.len() as u64,
-        }
+        StagedModule::of_bytes(store, bytes).unwrap()
     }
 
     const WASM: &[u8] = b"\0asm\x01\0\0\0hello";

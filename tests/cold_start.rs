@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -97,13 +97,7 @@ fn wasm(payload: &str) -> Vec<u8> {
 }
 
 fn staged(store: &dyn ModuleStore, bytes: &[u8]) -> StagedModule {
-    let mut f = store.stage().unwrap();
-    f.write_all(bytes).unwrap();
-    StagedModule {
-        file: f,
-        sha256: sha256_hex(bytes),
-        size: bytes.len() as u64,
-    }
+    StagedModule::of_bytes(store, bytes).unwrap()
 }
 
 /// Overwrites a file with as many bytes of garbage: only hashing finds it out.

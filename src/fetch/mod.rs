@@ -196,6 +196,19 @@ pub struct StagedModule {
     pub size: u64,
 }
 
+impl StagedModule {
+    /// `bytes` staged in `store` as they are (tests and tools that already hold a module).
+    pub fn of_bytes(store: &dyn ModuleStore, bytes: &[u8]) -> std::io::Result<StagedModule> {
+        let mut file = store.stage()?;
+        std::io::Write::write_all(&mut file, bytes)?;
+        Ok(StagedModule {
+            file,
+            sha256: crate::store::sha256_hex(bytes),
+            size: bytes.len() as u64,
+        })
+    }
+}
+
 impl std::fmt::Debug for StagedModule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StagedModule")
