@@ -308,6 +308,12 @@ async fn plain_ecds_serves_sotw_and_delta() {
         ),
         (A, "1")
     );
+    // The server reports its events on its own output, read beside the client's streams: the
+    // delta stream's `stream_open` may be read after the client already has its response.
+    up.wait_event(WAIT, |e| {
+        e["event"] == "stream_open" && e["api"] == "ecds-delta"
+    })
+    .await;
     let apis: Vec<Value> = up
         .events()
         .into_iter()
