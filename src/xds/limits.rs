@@ -233,6 +233,29 @@ impl SendBudget {
         }
     }
 
+    /// A grant for a push of `bytes` by a stream that waits for the budget while `*waiting`:
+    /// `Err(true)` when the push does not fit and the stream starts waiting (count the wait
+    /// once), `Err(false)` when it still waits. The stream tries again when
+    /// [`watch_released`](Self::watch_released) changes, and stops waiting with a grant, or when
+    /// it goes away with [`stop_waiting`](Self::stop_waiting) if `*waiting`.
+    pub(crate) fn admit(&self, bytes: usize, waiting: &mut bool) -> Result<Grant, bool> {
+        let granted = if *waiting {
+            self.try_grant(bytes).ok_or(Waiting)
+        } else {
+            self.try_grant_or_wait(bytes)
+        };
+        match granted {
+            Ok(grant) => {
+                if *waiting {
+                    self.stop_waiting();
+                }
+                *waiting = false;
+                Ok(grant)
+            }
+            Err(Waiting) => Err(!std::mem::replace(waiting, true)),
+        }
+    }
+
     /// A stream counted by [`try_grant_or_wait`](Self::try_grant_or_wait) no longer waits.
     pub(crate) fn stop_waiting(&self) {
         self.waiting.fetch_sub(1, Ordering::SeqCst);
