@@ -116,12 +116,13 @@ impl DeltaStream {
             None => {
                 store.count_ack();
                 tracing::debug!(parent: &self.core.span, version = %response.version(), nonce = %response.nonce, "ACK");
+                self.core.ack_entries(&response, true);
                 for name in &response.removed {
                     self.core.acked.remove(name);
                     self.core.nacked.remove(name);
                 }
                 store.emit(|| self.event(StreamEventKind::Acked(response.delivery())));
-                self.core.acked(response, true);
+                self.core.give_back(response.entries);
             }
         }
     }

@@ -100,8 +100,9 @@ impl SotwStream {
                 None => {
                     store.count_ack();
                     tracing::debug!(parent: &self.core.span, version = %response.version(), nonce = %response.nonce, "ACK");
+                    self.core.ack_entries(&response, false);
                     store.emit(|| self.event(StreamEventKind::Acked(response.delivery())));
-                    self.core.acked(response, false);
+                    self.core.give_back(response.entries);
                 }
             }
         }

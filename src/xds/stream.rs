@@ -148,16 +148,13 @@ impl StreamCore {
     }
 
     /// The proxy accepted `response`: its resources' versions, those still subscribed when
-    /// `subscribed_only`, count as ACKed. Its list of entries is kept for the next lookup.
-    pub(crate) fn acked(&mut self, response: Outstanding, subscribed_only: bool) {
-        let Outstanding { mut entries, .. } = response;
-        for e in &entries {
+    /// `subscribed_only`, count as ACKed.
+    pub(crate) fn ack_entries(&mut self, response: &Outstanding, subscribed_only: bool) {
+        for e in &response.entries {
             if !subscribed_only || self.subscribed.contains(&e.name) {
                 self.ack_resource(&e.name, &e.version);
             }
         }
-        entries.clear();
-        self.scratch = entries;
     }
 
     /// A NACK of `response`: counted, its message (cut, see [`bounded_message`]) kept per
