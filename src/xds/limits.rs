@@ -19,7 +19,8 @@
 //!   line let through (reconnect storms, NACK loops, refusals).
 //! - [`StreamLimits::breach`], [`refuse`], [`refuse_stream`], [`request_too_large`]: which bound a
 //!   request breaks and the status, count and log line that end its stream. `server.rs` and the
-//!   proxy's port (`proxy/stream.rs`) both use them, so a bound reads the same on either.
+//!   proxy's port (`proxy/stream.rs`, `proxy/unread.rs`) both use them, and the send budget
+//!   ([`SendBudget::admit`]) and [`AbortLayer`], so a bound reads the same on either.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -3,7 +3,8 @@
 //!
 //! Like go-control-plane's `NewServer` (`pkg/server/v3/server.go`), the server sees only the
 //! [`ResourceStore`]. Each stream runs in its own task (tonic `examples/src/streaming/server.rs`)
-//! inside a `xds_stream` tracing span carrying the stream id, api, protocol, peer and node id; the
+//! whose log lines are children of a `xds_stream` tracing span carrying the stream id, api,
+//! protocol, peer and node id (given as their parent, never entered for a whole poll); the
 //! task reads requests, wakes on store changes, runs the I/O-free state machine of `sotw.rs` or
 //! `delta.rs`, encodes its reply around the stored resources' bytes (`encode.rs`) and sends it
 //! through an mpsc channel whose receiver is the response body (`grpc.rs`). The state machine
