@@ -33,6 +33,13 @@
 //! The summary gives, per measure, the median and the minimum over the rounds and the ratio of
 //! `wasm-ecds` to `bare` (medians). Timings are noisy on a shared machine: compare ratios, not
 //! absolute figures. Only loopback is used; every wait is bounded.
+//!
+//! Two environment variables change what the server children do (both kinds alike):
+//! - `XDS_LOAD_ALLOCS=1`: the server counts its heap allocations (a counting global allocator,
+//!   idle otherwise), and the tool prints the allocations per stream and update of the fan-out
+//!   (`allocs_per_push`: the push, its ACK and everything the server does for them).
+//! - `XDS_LOAD_LOG=<filter>` (e.g. `info`): the server logs as `wasm-ecds serve` does, through a
+//!   `tracing` subscriber with that filter, to stderr; without it, nothing is subscribed.
 
 #![allow(clippy::disallowed_methods)] // a measuring tool
 
@@ -58,6 +65,44 @@ use wasm_ecds::xds::{Api, ResourceStore, ECDS_TYPE_URL, MAX_MESSAGE_SIZE};
 
 #[path = "support/procfs.rs"]
 mod procfs;
+
+/// Counts heap allocations (and reallocations) while [`COUNTING`] is set (`XDS_LOAD_ALLOCS`).
+struct Counting;
+
+static COUNTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static ALLOCS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn count_alloc() {
+    if COUNTING.load(std::sync::atomic::Ordering::Relaxed) {
+        ALLOCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+// SAFETY: every call is forwarded to the system allocator unchanged.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        count_alloc();
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        count_alloc();
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        count_alloc();
+        unsafe { std::alloc::System.realloc(ptr, layout, new) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn counting_allocs() -> bool {
+    std::env::var_os("XDS_LOAD_ALLOCS").is_some_and(|v| v == "1")
+}
 
 const NAME: &str = "extensions.istio.io/wasmplugin/default.load";
 const WAIT: Duration = Duration::from_secs(300);
@@ -166,9 +211,16 @@ impl ExtensionConfigDiscoveryService for Bare {
     }
 }
 
-/// Child mode: serve on a loopback port, print it, then apply one update per stdin line; exit
-/// when stdin closes.
+/// Child mode: serve on a loopback port, print it, then apply one update per `update` line of
+/// stdin and print the allocation count for each `count` line; exit when stdin closes.
 async fn server(kind: Kind, payload: usize) {
+    COUNTING.store(counting_allocs(), std::sync::atomic::Ordering::Relaxed);
+    if let Ok(filter) = std::env::var("XDS_LOAD_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -202,11 +254,18 @@ async fn server(kind: Kind, payload: usize) {
         }
     };
     tokio::task::spawn_blocking(move || {
-        for (n, line) in std::io::stdin().lines().enumerate() {
-            if line.is_err() {
-                break;
+        let mut n = 0;
+        for line in std::io::stdin().lines() {
+            match line.as_deref() {
+                Ok("count") => {
+                    println!("{}", ALLOCS.load(std::sync::atomic::Ordering::Relaxed));
+                }
+                Ok(_) => {
+                    n += 1;
+                    update(n);
+                }
+                Err(_) => break,
             }
-            update(n + 1);
         }
         std::process::exit(0);
     })
@@ -219,6 +278,7 @@ async fn server(kind: Kind, payload: usize) {
 struct Server {
     child: Child,
     stdin: ChildStdin,
+    stdout: BufReader<std::process::ChildStdout>,
     addr: std::net::SocketAddr,
 }
 
@@ -237,7 +297,20 @@ impl Server {
         let stdin = child.stdin.take().expect("stdin");
         // For a profiler run over the whole tool (`perf report --pid`).
         eprintln!("{} server pid {}", kind.arg(), child.id());
-        Server { child, stdin, addr }
+        Server {
+            child,
+            stdin,
+            stdout: out,
+            addr,
+        }
+    }
+
+    /// The server's allocations so far (0 unless `XDS_LOAD_ALLOCS=1`).
+    fn allocs(&mut self) -> u64 {
+        writeln!(self.stdin, "count").expect("count");
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("allocation count");
+        line.trim().parse().expect("a count")
     }
 
     fn rss_kib(&self) -> u64 {
@@ -267,6 +340,8 @@ struct Run {
     rss_per_stream_kib: f64,
     /// Server RSS growth since before the streams opened, after every stream ACKed the update.
     held_kib: f64,
+    /// Server heap allocations per stream and update during the fan-out (`XDS_LOAD_ALLOCS`).
+    allocs_per_push: f64,
 }
 
 async fn run(
@@ -324,6 +399,7 @@ async fn run(
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_open = server.rss_kib();
 
+    let allocs_before = server.allocs();
     let cpu_before = server.cpu_ms();
     let start = Instant::now();
     for _ in 0..updates {
@@ -332,6 +408,10 @@ async fn run(
     }
     let fanout_ms = start.elapsed().as_secs_f64() * 1e3 / updates as f64;
     let fanout_cpu_ms = (server.cpu_ms() - cpu_before) as f64 / updates as f64;
+    // The last ACKs may still be in the server: counted once they are handled.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let allocs_per_push =
+        server.allocs().saturating_sub(allocs_before) as f64 / (streams * updates) as f64;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_acked = server.rss_kib();
     let _ = stop_tx.send(());
@@ -344,6 +424,7 @@ async fn run(
         fanout_cpu_ms,
         rss_per_stream_kib: rss_open.saturating_sub(rss_idle) as f64 / streams as f64,
         held_kib: rss_acked.saturating_sub(rss_idle) as f64,
+        allocs_per_push,
     }
 }
 
@@ -405,12 +486,13 @@ async fn main() {
                 None
             };
             println!(
-                "round {round} {:>9}: open_all={:.0}ms open_cpu={:.0}ms update_to_all_acked={:.1}ms fanout_cpu={:.0}ms rss_per_stream={:.1}KiB held_after_ack={:.0}KiB{}",
+                "round {round} {:>9}: open_all={:.0}ms open_cpu={:.0}ms update_to_all_acked={:.1}ms fanout_cpu={:.0}ms allocs_per_push={:.1} rss_per_stream={:.1}KiB held_after_ack={:.0}KiB{}",
                 kind.arg(),
                 r.open_ms,
                 r.open_cpu_ms,
                 r.fanout_ms,
                 r.fanout_cpu_ms,
+                r.allocs_per_push,
                 r.rss_per_stream_kib,
                 r.held_kib,
                 tiny.map(|t| format!(
@@ -424,8 +506,9 @@ async fn main() {
         }
     }
     type Measure = (&'static str, fn(&Run, Option<&Run>, usize) -> f64);
-    let measures: [Measure; 5] = [
+    let measures: [Measure; 6] = [
         ("fanout_cpu_ms", |r, _, _| r.fanout_cpu_ms),
+        ("allocs_per_push", |r, _, _| r.allocs_per_push),
         ("update_to_all_acked_ms", |r, _, _| r.fanout_ms),
         ("open_cpu_ms", |r, _, _| r.open_cpu_ms),
         ("rss_per_stream_kib", |r, _, _| r.rss_per_stream_kib),
@@ -439,7 +522,9 @@ async fn main() {
         "summary (median / min over {rounds} rounds; ratio = wasm-ecds median / bare median):"
     );
     for (name, f) in measures {
-        if name.starts_with("copies") && !large {
+        if (name.starts_with("copies") && !large)
+            || (name == "allocs_per_push" && !counting_allocs())
+        {
             continue;
         }
         let of = |kind: Kind| -> Vec<f64> {

@@ -1,7 +1,8 @@
 //! `proxy`'s xDS port under `serve`'s bounds (docs/behavior.md §11, "Bounds of the xDS port"):
 //! streams beyond `--xds-max-streams` refused, a flood of names or a huge node (or an oversized
 //! request) ending only its own stream, with the statuses and the `wasm_ecds_xds_limit_count`
-//! series of `serve`'s port, and nothing of it forwarded upstream. The upstream is the Python xDS
+//! series of `serve`'s port, and nothing of it forwarded upstream; responses Envoy has not
+//! answered held to `--xds-send-budget` and reset at `--xds-ack-timeout`. The upstream is the Python xDS
 //! server of tests/support/upstream.rs; the crate's tonic client stands in for Envoy. Every wait
 //! is bounded by a generous timeout that only turns a hang into a failure.
 
@@ -335,5 +336,73 @@ async fn a_huge_node_or_request_is_refused_and_others_keep_working() {
     up.set(LDS_TYPE_URL, "l2", vec![listener()]);
     assert_eq!(next(&mut good).await.expect("pushed").version_info, "l2");
     proxy.assert_still_serves(&up).await;
+    proxy.handle.shutdown().await;
+}
+
+/// A response Envoy reads but never answers resets its stream at `--xds-ack-timeout` (counted as
+/// `ack_timeout`), which gives its share of the send budget back; others keep being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_response_resets_its_stream_at_the_ack_timeout() {
+    let Some(up) = Upstream::start() else { return };
+    up.set(LDS_TYPE_URL, "l1", vec![listener()]);
+    let proxy = Proxy::start(
+        up.addr(),
+        StreamLimits {
+            ack_timeout: Duration::from_secs(1),
+            ..limits()
+        },
+    )
+    .await;
+    let mut silent = proxy.lds("silent").await;
+    assert!(proxy.metric("wasm_ecds_xds_unread_bytes") > 0.0);
+    // No ACK: the proxy resets the stream (dropping whatever Envoy left unread).
+    let status = next(&mut silent).await.expect_err("reset");
+    assert_ne!(status.code(), tonic::Code::Ok, "{status:?}");
+    assert_eq!(proxy.limit_count("ack_timeout"), 1.0);
+    wait_until("the budget given back", || {
+        proxy.metric("wasm_ecds_xds_unread_bytes") == 0.0
+    })
+    .await;
+    proxy.assert_still_serves(&up).await;
+    proxy.handle.shutdown().await;
+}
+
+/// With a budget smaller than one response, a second Envoy's response waits (counted once as
+/// `send_budget`) until the first Envoy answers its own; then it is sent, and once answered
+/// nothing is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_send_budget_holds_responses_until_envoy_answers() {
+    let Some(up) = Upstream::start() else { return };
+    up.set(LDS_TYPE_URL, "l1", vec![listener()]);
+    let proxy = Proxy::start(
+        up.addr(),
+        StreamLimits {
+            send_budget: 1,
+            ..limits()
+        },
+    )
+    .await;
+    let mut first = proxy.ads(lds_subscribe("first")).await.unwrap();
+    let r1 = next(&mut first).await.expect("served");
+    let mut second = proxy.ads(lds_subscribe("second")).await.unwrap();
+    wait_until("the second response to wait", || {
+        proxy.limit_count("send_budget") == 1.0
+    })
+    .await;
+    // The first response took the whole budget (a response larger than the budget goes out
+    // when nothing else is unanswered).
+    assert_eq!(proxy.metric("wasm_ecds_xds_unread_bytes"), 1.0);
+    // The first Envoy's ACK gives the budget back: the second Envoy gets its response.
+    first.send(ack(&r1)).await.unwrap();
+    let r2 = next(&mut second)
+        .await
+        .expect("served once the first answered");
+    assert_eq!(r2.version_info, "l1");
+    second.send(ack(&r2)).await.unwrap();
+    wait_until("nothing unanswered", || {
+        proxy.metric("wasm_ecds_xds_unread_bytes") == 0.0
+    })
+    .await;
+    assert_eq!(proxy.limit_count("send_budget"), 1.0);
     proxy.handle.shutdown().await;
 }

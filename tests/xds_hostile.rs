@@ -254,6 +254,27 @@ async fn a_response_never_acked_closes_its_stream_at_the_deadline() {
     server.assert_still_serves().await;
 }
 
+/// The send budget counts every unanswered response in full, although each stream sends the
+/// store's one encoding of the resource (docs/cli.md, `--xds-send-budget`): two proxies holding
+/// the same unanswered module count it twice, and each ACK gives back its own share.
+#[tokio::test]
+async fn the_send_budget_counts_each_unanswered_response_in_full() {
+    let server = Server::start(StreamLimits::default()).await;
+    const BIG: &str = "extensions.istio.io/wasmplugin/default.big";
+    server.store.set(BIG, config(&"x".repeat(64 * 1024)));
+    let size = prost::Message::encoded_len(&server.store.get(BIG).unwrap()) as u64;
+    let names = [BIG.to_string()];
+    let mut one = server.sotw("one", &[BIG]).await.unwrap();
+    let r1 = next(&mut one).await.expect("served");
+    let mut two = server.sotw("two", &[BIG]).await.unwrap();
+    let r2 = next(&mut two).await.expect("served");
+    assert_eq!(server.store.unread_bytes(), 2 * size);
+    one.send(client::sotw_ack(&names, &r1)).await.unwrap();
+    wait_until("the first ACK", || server.store.unread_bytes() == size).await;
+    two.send(client::sotw_ack(&names, &r2)).await.unwrap();
+    wait_until("the second ACK", || server.store.unread_bytes() == 0).await;
+}
+
 /// Nonces cannot be guessed: an "ACK" of a response the client never read is a stale request,
 /// so it does not release the response's share of the send budget.
 #[tokio::test]

@@ -10,6 +10,7 @@
 pub mod convert;
 pub mod hub;
 pub mod stream;
+mod unread;
 pub mod wire;
 
 use std::future::Future;
@@ -33,7 +34,7 @@ use tonic::{Request, Response, Status, Streaming};
 pub use hub::{Conversion, Hub, Wanted};
 pub use stream::Context;
 
-use crate::xds::limits::{self, LogGate};
+use crate::xds::limits::{self, AbortHandle, AbortLayer, LogGate, SendBudget};
 use crate::xds::{Api, StreamLimits, MAX_MESSAGE_SIZE};
 use wire::{Delta, Sotw, Wire};
 
@@ -157,11 +158,13 @@ impl ProxyServer {
         limits: StreamLimits,
         closing: watch::Receiver<bool>,
     ) -> anyhow::Result<ProxyServer> {
+        let xds = metrics.xds_series();
         Ok(ProxyServer {
             ctx: Arc::new(Context {
                 hub,
                 series: metrics.proxy_series(),
-                xds: metrics.xds_series(),
+                budget: SendBudget::new(limits.send_budget, xds.unread_bytes_gauge()),
+                xds,
                 metrics,
                 upstream: upstream.channel()?,
                 upstream_name: upstream.url(),
@@ -183,6 +186,8 @@ impl ProxyServer {
         request: Request<Streaming<W::Req>>,
     ) -> Result<Response<Out<W::Resp>>, Status> {
         let peer = request.remote_addr();
+        // Present under `AbortLayer` (as `serve` below runs the services).
+        let abort = request.extensions().get::<AbortHandle>().cloned();
         let Some(slot) = stream::OpenStream::try_new(&self.ctx) else {
             let ctx = &self.ctx;
             let count = |limit: &str| ctx.xds.count_limit(limit);
@@ -200,7 +205,7 @@ impl ProxyServer {
         tokio::spawn(async move {
             tokio::select! {
                 _ = closing.wait_for(|c| *c) => {}
-                _ = stream::run::<W>(ctx, slot, api, requests, tx) => {}
+                _ = stream::run::<W>(ctx, slot, api, requests, tx, abort) => {}
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -269,6 +274,7 @@ pub async fn serve(
     let max_request_size = server.ctx.limits.max_request_size;
     let incoming = listener.incoming();
     let result = tonic::transport::Server::builder()
+        .layer(AbortLayer)
         .http2_keepalive_interval(Some(crate::xds::server::KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(crate::xds::server::KEEPALIVE_TIMEOUT))
         .add_service(

@@ -14,6 +14,10 @@
 //!   it are pushed again with a nonce of the proxy's own.
 //! - A lost upstream stream is opened again with backoff, replaying what Envoy asked for; Envoy's
 //!   stream stays open and Envoy keeps its config meanwhile.
+//! - Every response sent to Envoy takes its share of the send budget until Envoy answers it, and
+//!   one left unanswered past `--xds-ack-timeout` resets the stream ([`Unread`]); a stream that
+//!   ends or breaks a bound while Envoy has not read everything is reset too, as on `serve`'s
+//!   port, so that HTTP/2 drops the unread bytes.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -27,10 +31,11 @@ use tonic::{Status, Streaming};
 
 use super::convert::{self, Converting};
 use super::hub::Hub;
+use super::unread::Unread;
 use super::wire::Wire;
 use crate::backoff::{Backoff, WATCH};
 use crate::metrics::{ConversionResult, Metrics};
-use crate::xds::limits::{self, LogGate};
+use crate::xds::limits::{self, AbortHandle, LogGate, SendBudget};
 use crate::xds::store::XdsSeries;
 use crate::xds::{Api, StreamLimits, ECDS_TYPE_URL};
 
@@ -90,6 +95,8 @@ pub struct Context {
     pub xds: XdsSeries,
     /// Refusal lines, one per bound and interval.
     pub log: LogGate,
+    /// `--xds-send-budget`, shared by the port's streams ([`Unread`]).
+    pub budget: SendBudget,
     /// Envoy streams open now (the slots of [`OpenStream`]).
     pub open: AtomicUsize,
 }
@@ -101,13 +108,15 @@ enum Upstream<W: Wire> {
     Open(Box<Streaming<W::Resp>>),
 }
 
-/// Runs one Envoy stream until Envoy goes away (or `out` is closed).
+/// Runs one Envoy stream until Envoy goes away (or `out` is closed). `abort` resets Envoy's
+/// stream (`AbortLayer`); `None` outside it.
 pub async fn run<W: Wire>(
     ctx: Arc<Context>,
     _slot: OpenStream,
     api: Api,
     mut downstream: Streaming<W::Req>,
     out: mpsc::Sender<Result<W::Resp, Status>>,
+    abort: Option<AbortHandle>,
 ) {
     let id = ctx.next_stream.fetch_add(1, Ordering::Relaxed);
     // Envoy's node id as logged (cut), from its first request.
@@ -123,15 +132,31 @@ pub async fn run<W: Wire>(
     let mut epoch = ctx.hub.epoch();
     let mut backoff = Backoff::new(WATCH, Some(id));
     let (mut to_upstream, mut upstream) = open::<W>(&ctx, api, &memory);
+    let mut unread = Unread::new(ctx.budget.clone(), ctx.limits.ack_timeout);
+    let mut released = unread.watch_released();
+    // A response for Envoy waiting for the send budget: nothing else is sent meanwhile.
+    let mut blocked: Option<W::Resp> = None;
+    // One timer for the oldest unanswered response's deadline, armed again when it fires early
+    // (as `serve`'s stream task does).
+    let timer = tokio::time::sleep_until(tokio::time::Instant::now());
+    let mut timer_armed = false;
+    tokio::pin!(timer);
+    let mut to_envoy = ToEnvoy {
+        ctx: &ctx,
+        out: &out,
+        abort: abort.as_ref(),
+        id,
+    };
     loop {
-        tokio::select! {
+        let free = blocked.is_none();
+        let sent = tokio::select! {
             req = downstream.message() => {
                 let mut req = match req {
                     Ok(Some(r)) => r,
                     Ok(None) => break,
                     Err(e) => {
                         match limits::request_too_large(&e) {
-                            Some(breach) => end(&ctx, &out, node_id.as_deref(), &breach),
+                            Some(breach) => to_envoy.end(&unread, node_id.as_deref(), &breach),
                             None => tracing::debug!(stream = id, error = %e, "envoy stream ended"),
                         }
                         break;
@@ -140,7 +165,7 @@ pub async fn run<W: Wire>(
                 // Checked before anything is forwarded or remembered for a replay.
                 let names = W::names_after(&memory, &req);
                 if let Some(breach) = ctx.limits.breach(W::req_node(&req), names) {
-                    end(&ctx, &out, node_id.as_deref(), &breach);
+                    to_envoy.end(&unread, node_id.as_deref(), &breach);
                     break;
                 }
                 if node_id.is_none() {
@@ -152,46 +177,50 @@ pub async fn run<W: Wire>(
                         accepted = v.to_string();
                     }
                 }
+                // Envoy has read the response it answers, and the ones before it.
+                unread.answered(&type_url, W::req_nonce(&mut req));
                 if let Some(origin) = origin_of(W::req_nonce(&mut req)) {
                     *W::req_nonce(&mut req) = origin.to_string();
                 }
                 W::remember_request(&mut memory, &req);
                 let _ = to_upstream.send(req);
+                None
             }
-            event = next_upstream::<W>(&mut upstream, &ctx.series) => match event {
+            event = next_upstream::<W>(&mut upstream, &ctx.series), if free => match event {
                 UpstreamEvent::Reopen => {
                     (to_upstream, upstream) = open::<W>(&ctx, api, &memory);
+                    None
                 }
                 UpstreamEvent::Response(resp) => {
                     backoff.reset();
                     if W::resp_type(&resp) != ECDS_TYPE_URL {
                         W::remember_response(&mut memory, &resp);
-                        if out.send(Ok(resp)).await.is_err() {
-                            break;
-                        }
-                        continue;
-                    }
-                    match convert::start(&ctx.hub, &ctx.metrics, &W::resources(&resp)) {
-                        Ok(c) => {
-                            if W::SUPERSEDES {
-                                converting.clear();
+                        Some(resp)
+                    } else {
+                        match convert::start(&ctx.hub, &ctx.metrics, &W::resources(&resp)) {
+                            Ok(c) => {
+                                if W::SUPERSEDES {
+                                    converting.clear();
+                                }
+                                converting.push_back((resp, c));
                             }
-                            converting.push_back((resp, c));
+                            Err(e) => {
+                                ctx.series.nacks.inc();
+                                tracing::warn!(stream = id, error = %e, "ECDS response refused: NACKed upstream");
+                                let _ = to_upstream.send(W::nack(&memory, &resp, &accepted, e));
+                            }
                         }
-                        Err(e) => {
-                            ctx.series.nacks.inc();
-                            tracing::warn!(stream = id, error = %e, "ECDS response refused: NACKed upstream");
-                            let _ = to_upstream.send(W::nack(&memory, &resp, &accepted, e));
-                        }
+                        None
                     }
                 }
                 UpstreamEvent::Lost(e) => {
                     ctx.series.upstream.with_label_values(&["lost"]).inc();
                     tracing::warn!(stream = id, upstream = %ctx.upstream_name, error = %e, "upstream stream lost; reconnecting");
                     upstream = Upstream::Waiting(Box::pin(tokio::time::sleep(backoff.next_delay())));
+                    None
                 }
             },
-            () = head_ready(&mut converting) => {
+            () = head_ready(&mut converting), if free => {
                 let (resp, mut c) = converting.pop_front().expect("a head is ready");
                 match c.render(ctx.max_message_size) {
                     Ok(resources) => {
@@ -202,53 +231,141 @@ pub async fn run<W: Wire>(
                         let converted = W::rebuild(&resp, resources, forwarded.clone());
                         W::remember_response(&mut memory, &converted);
                         W::sent(&mut sent, resp, c);
-                        if out.send(Ok(converted)).await.is_err() {
-                            break;
-                        }
+                        Some(converted)
                     }
                     Err(e) => {
                         ctx.metrics.record_conversion(ConversionResult::MarshalFailure, 0.0);
                         ctx.series.nacks.inc();
                         tracing::warn!(stream = id, error = %e, "ECDS response cannot be sent: NACKed upstream");
                         let _ = to_upstream.send(W::nack(&memory, &resp, &accepted, e));
+                        None
                     }
                 }
             }
-            changed = epoch.changed() => {
+            changed = epoch.changed(), if free => {
                 if changed.is_err() {
                     continue;
                 }
                 own_pushes += 1;
                 let nonce = own_nonce(id, own_pushes, &forwarded);
                 match W::repush(&mut sent, nonce, ctx.max_message_size) {
-                    None => {}
+                    None => None,
                     Some(Ok(resp)) => {
                         ctx.series.repushes.inc();
                         tracing::info!(stream = id, "pushing converted resources again: their module or fallback changed");
                         W::remember_response(&mut memory, &resp);
-                        if out.send(Ok(resp)).await.is_err() {
-                            break;
-                        }
+                        Some(resp)
                     }
-                    Some(Err(e)) => tracing::warn!(stream = id, error = %e, "cannot push converted resources again"),
+                    Some(Err(e)) => {
+                        tracing::warn!(stream = id, error = %e, "cannot push converted resources again");
+                        None
+                    }
                 }
             }
+            _ = released.changed(), if !free => blocked.take(),
+            () = &mut timer, if timer_armed && !unread.is_empty() => {
+                match unread.deadline() {
+                    // Armed for a response answered since.
+                    Some(deadline) if tokio::time::Instant::now() < deadline => {
+                        timer.as_mut().reset(deadline);
+                        continue;
+                    }
+                    _ => {
+                        let breach = limits::ack_timeout(ctx.limits.ack_timeout);
+                        to_envoy.end(&unread, node_id.as_deref(), &breach);
+                        break;
+                    }
+                }
+            }
+        };
+        let Some(resp) = sent else { continue };
+        released.borrow_and_update();
+        match to_envoy.send::<W>(&mut unread, resp).await {
+            Delivery::Sent(deadline) => {
+                if !timer_armed {
+                    timer.as_mut().reset(deadline);
+                    timer_armed = true;
+                }
+            }
+            Delivery::Waiting(resp) => blocked = Some(resp),
+            Delivery::Gone => break,
         }
+    }
+    if !unread.is_empty() {
+        // Envoy may not have read everything: a reset makes HTTP/2 drop what it still holds.
+        to_envoy.reset();
     }
 }
 
-/// Ends an Envoy stream that broke a bound: counted in `wasm_ecds_xds_limit_count`, logged
-/// through the log gate and told with the status `serve`'s port uses. Envoy's stream ends when the
-/// task returns, and its upstream stream with it.
-fn end<R>(
-    ctx: &Context,
-    out: &mpsc::Sender<Result<R, Status>>,
-    node: Option<&str>,
-    breach: &limits::Breach,
-) {
-    let count = |limit: &str| ctx.xds.count_limit(limit);
-    let status = limits::refuse(&ctx.log, count, node.unwrap_or_default(), breach);
-    let _ = out.try_send(Err(status));
+/// What became of a response for Envoy.
+enum Delivery<R> {
+    /// Sent; answer it by this deadline.
+    Sent(tokio::time::Instant),
+    /// It waits for the send budget.
+    Waiting(R),
+    /// Envoy's side is gone.
+    Gone,
+}
+
+/// Envoy's side of a stream.
+struct ToEnvoy<'a, R> {
+    ctx: &'a Context,
+    out: &'a mpsc::Sender<Result<R, Status>>,
+    abort: Option<&'a AbortHandle>,
+    id: u64,
+}
+
+impl<R: prost::Message> ToEnvoy<'_, R> {
+    /// Sends `resp` under the send budget.
+    async fn send<W: Wire<Resp = R>>(&mut self, unread: &mut Unread, resp: R) -> Delivery<R> {
+        let bytes = prost::Message::encoded_len(&resp);
+        match unread.admit(bytes) {
+            Ok(grant) => {
+                let (type_url, nonce) = (
+                    W::resp_type(&resp).to_string(),
+                    W::resp_nonce(&resp).to_string(),
+                );
+                if self.out.send(Ok(resp)).await.is_err() {
+                    return Delivery::Gone;
+                }
+                Delivery::Sent(unread.sent(&type_url, &nonce, grant))
+            }
+            Err(started) => {
+                if started {
+                    self.ctx.xds.count_limit("send_budget");
+                    tracing::debug!(
+                        stream = self.id,
+                        bytes,
+                        "response waits for the send budget"
+                    );
+                }
+                Delivery::Waiting(resp)
+            }
+        }
+    }
+
+    /// Ends a stream that broke a bound: counted in `wasm_ecds_xds_limit_count`, logged through
+    /// the log gate and told with the status `serve`'s port uses, unless Envoy has not read
+    /// everything: the stream is then reset (the status would wait behind the unread bytes).
+    /// Envoy's stream ends when the task returns, and its upstream stream with it.
+    fn end(&self, unread: &Unread, node: Option<&str>, breach: &limits::Breach) {
+        let ctx = self.ctx;
+        let count = |limit: &str| ctx.xds.count_limit(limit);
+        let status = limits::refuse(&ctx.log, count, node.unwrap_or_default(), breach);
+        match self.abort {
+            Some(abort) if !unread.is_empty() => abort.abort(),
+            _ => {
+                let _ = self.out.try_send(Err(status));
+            }
+        }
+    }
+
+    /// Resets Envoy's stream (HTTP/2 drops its unread bytes).
+    fn reset(&self) {
+        if let Some(abort) = self.abort {
+            abort.abort();
+        }
+    }
 }
 
 /// Opens an upstream stream, queueing the replay of what Envoy asked for so far.

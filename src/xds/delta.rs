@@ -23,11 +23,8 @@
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 
 use super::encode::DeltaReply;
-use super::store::{
-    set_version, Api, Delivery, Protocol, ResourceStore, ResourceVersion, StreamEvent,
-    StreamEventKind, StreamId,
-};
-use super::stream::StreamCore;
+use super::store::{Api, Protocol, ResourceStore, StreamEvent, StreamEventKind, StreamId};
+use super::stream::{set, Outstanding, StreamCore};
 
 /// An incremental stream (module docs).
 #[derive(Debug)]
@@ -55,26 +52,26 @@ impl DeltaStream {
         self.core.event(kind)
     }
 
-    /// Handles one request; returns the response to send, if any.
-    pub(crate) fn on_request(
-        &mut self,
-        req: DeltaDiscoveryRequest,
-        store: &ResourceStore,
-    ) -> Option<DeltaReply> {
-        let first = self
+    /// Handles one request; returns whether it made a response to send (then
+    /// [`reply`](Self::reply)).
+    pub(crate) fn on_request(&mut self, req: DeltaDiscoveryRequest, store: &ResourceStore) -> bool {
+        let Some(first) = self
             .core
-            .begin_request(req.node.as_ref(), &req.type_url, store)?;
+            .begin_request(req.node.as_ref(), &req.type_url, store)
+        else {
+            return false;
+        };
         if !req.response_nonce.is_empty() {
             if self
                 .core
                 .outstanding
                 .as_ref()
-                .is_some_and(|d| d.nonce == req.response_nonce)
+                .is_some_and(|o| o.nonce.is(&req.response_nonce))
             {
-                let delivery = self.core.outstanding.take().expect("checked just above");
-                self.on_reply(delivery, &req, store);
+                let response = self.core.outstanding.take().expect("checked just above");
+                self.on_reply(response, &req, store);
             } else {
-                tracing::debug!(nonce = %req.response_nonce, "stale nonce: not an ACK or NACK");
+                tracing::debug!(parent: &self.core.span, nonce = %req.response_nonce, "stale nonce: not an ACK or NACK");
             }
         }
         for name in req.resource_names_subscribe {
@@ -101,104 +98,98 @@ impl DeltaStream {
         self.push(store)
     }
 
-    fn on_reply(&mut self, delivery: Delivery, req: &DeltaDiscoveryRequest, store: &ResourceStore) {
+    fn on_reply(
+        &mut self,
+        response: Outstanding,
+        req: &DeltaDiscoveryRequest,
+        store: &ResourceStore,
+    ) {
         match &req.error_detail {
             Some(status) => {
-                let message = self.core.nacked(&delivery, status, store);
-                store.emit(|| self.event(StreamEventKind::Nacked { delivery, message }));
+                let message = self.core.nacked(&response, status, store);
+                store.emit(|| {
+                    let delivery = response.delivery();
+                    self.event(StreamEventKind::Nacked { delivery, message })
+                });
+                self.core.give_back(response.entries);
             }
             None => {
                 store.count_ack();
-                tracing::debug!(version = %delivery.version, nonce = %delivery.nonce, "ACK");
-                for r in &delivery.resources {
-                    if self.core.subscribed.contains(&r.name) {
-                        self.core.ack_resource(&r.name, &r.version);
-                    }
-                }
-                for name in &delivery.removed {
+                tracing::debug!(parent: &self.core.span, version = %response.version(), nonce = %response.nonce, "ACK");
+                self.core.ack_entries(&response, true);
+                for name in &response.removed {
                     self.core.acked.remove(name);
                     self.core.nacked.remove(name);
                 }
-                store.emit(|| self.event(StreamEventKind::Acked(delivery)));
+                store.emit(|| self.event(StreamEventKind::Acked(response.delivery())));
+                self.core.give_back(response.entries);
             }
         }
     }
 
-    /// Handles a store change; returns the response to send, if any.
-    pub(crate) fn on_change(&mut self, store: &ResourceStore) -> Option<DeltaReply> {
+    /// Handles a store change; returns whether it made a response to send.
+    pub(crate) fn on_change(&mut self, store: &ResourceStore) -> bool {
         self.push(store)
     }
 
-    fn push(&mut self, store: &ResourceStore) -> Option<DeltaReply> {
+    /// The response awaiting its ACK, to encode.
+    pub(crate) fn reply(&self) -> Option<DeltaReply<'_>> {
+        self.core.outstanding.as_ref().map(DeltaReply)
+    }
+
+    fn push(&mut self, store: &ResourceStore) -> bool {
         if self.core.outstanding.is_some() {
-            return None;
+            return false;
         }
-        let current = store.lookup(&self.core.subscribed);
-        let changed: Vec<_> = current
-            .iter()
-            .filter(|e| self.core.held.get(&e.name) != Some(&e.version))
-            .cloned()
-            .collect();
+        let mut changed = self.core.lookup_subscribed(store);
         let removed: Vec<String> = self
             .core
             .held
             .keys()
             .filter(|n| {
                 self.core.subscribed.contains(*n)
-                    && current
+                    && changed
                         .binary_search_by(|e| e.name.as_str().cmp(n))
                         .is_err()
             })
             .cloned()
             .collect();
+        changed.retain(|e| self.core.held.get(&e.name) != Some(&e.version));
         if changed.is_empty() && removed.is_empty() {
-            return None;
+            self.core.give_back(changed);
+            return false;
         }
         if !self
             .core
             .admit(changed.iter().map(|e| e.config().len()).sum(), store)
         {
-            return None;
+            self.core.give_back(changed);
+            return false;
         }
         let nonce = self.core.next_nonce();
-        let system_version = if changed.is_empty() {
-            store.revision().to_string()
+        let revision = if changed.is_empty() {
+            store.revision()
         } else {
-            set_version(&changed)
+            0
         };
-        let delivery = Delivery {
-            nonce: nonce.clone(),
-            version: system_version.clone(),
-            resources: changed
-                .iter()
-                .map(|e| ResourceVersion {
-                    name: e.name.clone(),
-                    version: e.version.clone(),
-                })
-                .collect(),
-            removed: removed.clone(),
-        };
-        tracing::debug!(
-            nonce = %delivery.nonce,
-            resources = delivery.resources.len(),
-            removed = delivery.removed.len(),
-            "push"
-        );
         for e in &changed {
-            self.core.held.insert(e.name.clone(), e.version.clone());
+            set(&mut self.core.held, &e.name, &e.version);
         }
-        for name in &delivery.removed {
+        for name in &removed {
             self.core.held.remove(name);
         }
+        let response = Outstanding::delta(nonce, changed, removed, revision);
+        tracing::debug!(
+            parent: &self.core.span,
+            nonce = %response.nonce,
+            resources = response.entries.len(),
+            removed = response.removed.len(),
+            "push"
+        );
         store.count_push();
-        store.emit(|| self.event(StreamEventKind::Pushed(delivery.clone())));
-        self.core.outstanding = Some(delivery);
-        Some(DeltaReply {
-            system_version,
-            nonce,
-            entries: changed,
-            removed,
-        })
+        store.emit(|| self.event(StreamEventKind::Pushed(response.delivery())));
+        self.core.outstanding = Some(response);
+        true
     }
 }
 
@@ -224,11 +215,13 @@ mod tests {
             req: DeltaDiscoveryRequest,
             store: &ResourceStore,
         ) -> Option<DeltaDiscoveryResponse> {
-            self.on_request(req, store).map(|r| r.decode())
+            let pushed = self.on_request(req, store);
+            pushed.then(|| self.reply().expect("pushed").decode())
         }
 
         fn change(&mut self, store: &ResourceStore) -> Option<DeltaDiscoveryResponse> {
-            self.on_change(store).map(|r| r.decode())
+            let pushed = self.on_change(store);
+            pushed.then(|| self.reply().expect("pushed").decode())
         }
     }
 

@@ -13,12 +13,11 @@
 //! drops its reference once a chunk is written. However many streams a module is sent to, the
 //! process holds the store's copy of it (and, until every stream wrote it, an older version's).
 
-use std::sync::Arc;
-
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
 
 use super::store::Entry;
+use super::stream::{Nonce, Outstanding, NONCE_MAX};
 use super::ECDS_TYPE_URL;
 
 /// Shared parts shorter than this are copied into the response's own buffer: a reference costs
@@ -29,25 +28,55 @@ const SHARE_MIN: usize = 1024;
 const GRPC_HEADER: usize = 5;
 
 /// A gRPC message ready to be written: header and message as chunks, the large ones shared.
+/// A message with no shared part (small resources) is one buffer and allocates no list.
 #[derive(Debug)]
 pub(crate) struct Encoded {
+    /// The chunks before the last (empty when the message is one buffer).
     chunks: Vec<Bytes>,
+    last: Bytes,
 }
 
 impl Encoded {
-    pub(crate) fn into_chunks(self) -> Vec<Bytes> {
-        self.chunks
+    /// The chunks in order.
+    pub(crate) fn into_chunks(self) -> Chunks {
+        Chunks {
+            chunks: self.chunks.into_iter(),
+            last: Some(self.last),
+        }
     }
 
     #[cfg(test)]
-    pub(crate) fn chunks(&self) -> &[Bytes] {
-        &self.chunks
+    pub(crate) fn chunks(&self) -> Vec<Bytes> {
+        let mut all = self.chunks.clone();
+        all.push(self.last.clone());
+        all
     }
 
     /// The message as one buffer (tests).
     #[cfg(test)]
     pub(crate) fn to_vec(&self) -> Vec<u8> {
-        self.chunks.concat()
+        self.chunks().concat()
+    }
+}
+
+/// The chunks of an [`Encoded`], in order.
+#[derive(Debug, Default)]
+pub(crate) struct Chunks {
+    chunks: std::vec::IntoIter<Bytes>,
+    last: Option<Bytes>,
+}
+
+impl Iterator for Chunks {
+    type Item = Bytes;
+    fn next(&mut self) -> Option<Bytes> {
+        self.chunks.next().or_else(|| self.last.take())
+    }
+}
+
+impl Chunks {
+    /// Whether every chunk was taken.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.chunks.len() == 0 && self.last.is_none()
     }
 }
 
@@ -75,12 +104,20 @@ pub(crate) fn encode(reply: &impl Reply, max: usize) -> Result<Encoded, tonic::S
     w.buf.put_u8(0);
     w.buf.put_u32(len as u32);
     reply.write(&mut w);
-    if !w.buf.is_empty() {
-        w.chunks.push(w.buf.freeze());
-    }
-    let encoded = Encoded { chunks: w.chunks };
+    // The header is in the buffer, so the last chunk is never a shared one.
+    let last = match (w.buf.is_empty(), w.chunks.pop()) {
+        (true, Some(last)) => last,
+        (_, popped) => {
+            w.chunks.extend(popped);
+            w.buf.freeze()
+        }
+    };
+    let encoded = Encoded {
+        chunks: w.chunks,
+        last,
+    };
     debug_assert_eq!(
-        encoded.chunks.iter().map(Bytes::len).sum::<usize>(),
+        encoded.chunks.iter().map(Bytes::len).sum::<usize>() + encoded.last.len(),
         GRPC_HEADER + len
     );
     Ok(encoded)
@@ -105,6 +142,11 @@ impl Writer {
         if !value.is_empty() {
             self.repeated_string(tag, value);
         }
+    }
+
+    /// The `string` field of a nonce, written from the stack.
+    fn nonce(&mut self, tag: u32, nonce: &Nonce) {
+        self.string(tag, nonce.text(&mut [0; NONCE_MAX]));
     }
 
     /// One element of a `repeated string` field (written even when empty).
@@ -142,66 +184,64 @@ fn field_len(tag: u32, len: usize) -> usize {
 
 /// A SotW `DiscoveryResponse`: `version_info` (1), `resources` (2), `type_url` (4), `nonce` (5).
 #[derive(Debug)]
-pub(crate) struct SotwReply {
-    pub(crate) version: String,
-    pub(crate) nonce: String,
-    /// The resources, sorted by name.
-    pub(crate) entries: Vec<Arc<Entry>>,
+pub(crate) struct SotwReply<'a>(pub(crate) &'a Outstanding);
+
+/// The encoded length of a nonce's field.
+fn nonce_len(tag: u32, nonce: &Nonce) -> usize {
+    string_len(tag, nonce.text(&mut [0; NONCE_MAX]))
 }
 
-impl Reply for SotwReply {
+impl Reply for SotwReply<'_> {
     fn encoded_len(&self) -> usize {
-        string_len(1, &self.version)
-            + (self.entries.iter())
+        let r = self.0;
+        string_len(1, r.version())
+            + (r.entries.iter())
                 .map(|e| field_len(2, e.any.len()))
                 .sum::<usize>()
             + string_len(4, ECDS_TYPE_URL)
-            + string_len(5, &self.nonce)
+            + nonce_len(5, &r.nonce)
     }
 
     fn write(&self, w: &mut Writer) {
-        w.string(1, &self.version);
-        for e in &self.entries {
+        let r = self.0;
+        w.string(1, r.version());
+        for e in &r.entries {
             w.header(2, e.any.len());
             w.shared(&e.any);
         }
         w.string(4, ECDS_TYPE_URL);
-        w.string(5, &self.nonce);
+        w.nonce(5, &r.nonce);
     }
 }
 
 /// A `DeltaDiscoveryResponse`: `system_version_info` (1), `resources` (2, each a `Resource`:
 /// `version` 1, `resource` 2, `name` 3), `type_url` (4), `nonce` (5), `removed_resources` (6).
 #[derive(Debug)]
-pub(crate) struct DeltaReply {
-    pub(crate) system_version: String,
-    pub(crate) nonce: String,
-    /// The changed resources, sorted by name.
-    pub(crate) entries: Vec<Arc<Entry>>,
-    pub(crate) removed: Vec<String>,
-}
+pub(crate) struct DeltaReply<'a>(pub(crate) &'a Outstanding);
 
 /// The encoded length of the `Resource` carrying `e`.
 fn resource_len(e: &Entry) -> usize {
     string_len(1, &e.version) + field_len(2, e.any.len()) + string_len(3, &e.name)
 }
 
-impl Reply for DeltaReply {
+impl Reply for DeltaReply<'_> {
     fn encoded_len(&self) -> usize {
-        string_len(1, &self.system_version)
-            + (self.entries.iter())
+        let r = self.0;
+        string_len(1, r.version())
+            + (r.entries.iter())
                 .map(|e| field_len(2, resource_len(e)))
                 .sum::<usize>()
             + string_len(4, ECDS_TYPE_URL)
-            + string_len(5, &self.nonce)
-            + (self.removed.iter())
+            + nonce_len(5, &r.nonce)
+            + (r.removed.iter())
                 .map(|n| field_len(6, n.len()))
                 .sum::<usize>()
     }
 
     fn write(&self, w: &mut Writer) {
-        w.string(1, &self.system_version);
-        for e in &self.entries {
+        let r = self.0;
+        w.string(1, r.version());
+        for e in &r.entries {
             w.header(2, resource_len(e));
             w.string(1, &e.version);
             w.header(2, e.any.len());
@@ -209,8 +249,8 @@ impl Reply for DeltaReply {
             w.string(3, &e.name);
         }
         w.string(4, ECDS_TYPE_URL);
-        w.string(5, &self.nonce);
-        for name in &self.removed {
+        w.nonce(5, &r.nonce);
+        for name in &r.removed {
             w.repeated_string(6, name);
         }
     }
@@ -218,7 +258,7 @@ impl Reply for DeltaReply {
 
 /// What a proxy decodes from a reply (tests of the state machines).
 #[cfg(test)]
-impl SotwReply {
+impl SotwReply<'_> {
     pub(crate) fn decode(
         &self,
     ) -> envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse {
@@ -228,7 +268,7 @@ impl SotwReply {
 }
 
 #[cfg(test)]
-impl DeltaReply {
+impl DeltaReply<'_> {
     pub(crate) fn decode(
         &self,
     ) -> envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse {
@@ -248,6 +288,7 @@ mod tests {
     };
     use envoy_types::pb::google::protobuf::Any;
     use prost::Message as _;
+    use std::sync::Arc;
 
     /// A store holding `small` (a few bytes, copied into responses) and `big` (referenced).
     fn store() -> ResourceStore {
@@ -287,30 +328,25 @@ mod tests {
     fn sotw_bytes_are_prosts_encoding_of_the_same_response() {
         let store = store();
         let big = "x".repeat(3 * SHARE_MIN);
-        for (names, version, nonce) in [
-            (vec![], "", ""),
-            (vec![], "", "1-00000000"),
-            (vec!["small"], "2-abc", "3-deadbeef"),
-            (vec!["big", "small"], "7-0123456789ab", "12-cafe"),
+        for (names, nonce) in [
+            (vec![], Nonce::new(1, 0)),
+            (vec!["small"], Nonce::new(3, 0xdeadbeef)),
+            (vec!["big", "small"], Nonce::new(u64::MAX, 0xcafe)),
         ] {
-            let reply = SotwReply {
-                version: version.into(),
-                nonce: nonce.into(),
-                entries: entries(&store, &names),
-            };
+            let response = Outstanding::sotw(nonce, entries(&store, &names));
             let want = DiscoveryResponse {
-                version_info: version.into(),
-                resources: (reply.entries.iter())
+                version_info: crate::xds::store::set_version(&response.entries),
+                resources: (response.entries.iter())
                     .map(|e| match e.name.as_str() {
                         "big" => any("big", &big),
                         _ => any("small", "1"),
                     })
                     .collect(),
                 type_url: ECDS_TYPE_URL.into(),
-                nonce: nonce.into(),
+                nonce: nonce.to_string(),
                 ..Default::default()
             };
-            let got = encode(&reply, usize::MAX).unwrap().to_vec();
+            let got = encode(&SotwReply(&response), usize::MAX).unwrap().to_vec();
             assert_eq!(got, grpc(&want), "{names:?}");
             assert_eq!(
                 DiscoveryResponse::decode(&got[GRPC_HEADER..]).unwrap(),
@@ -338,27 +374,47 @@ mod tests {
             (vec!["big"], vec![]),
             (vec!["big", "small"], vec!["gone"]),
         ] {
-            let reply = DeltaReply {
-                system_version: "5-0123456789ab".into(),
-                nonce: "4-00ff00ff".into(),
-                entries: entries(&store, &names),
-                removed: removed.iter().map(|n| n.to_string()).collect(),
-            };
+            let nonce = Nonce::new(4, 0x00ff00ff);
+            let removed: Vec<String> = removed.iter().map(|n| n.to_string()).collect();
+            let response = Outstanding::delta(nonce, entries(&store, &names), removed, 77);
             let want = DeltaDiscoveryResponse {
-                system_version_info: reply.system_version.clone(),
-                resources: reply.entries.iter().map(resource).collect(),
+                system_version_info: match names.len() {
+                    0 => "77".to_string(),
+                    _ => crate::xds::store::set_version(&response.entries),
+                },
+                resources: response.entries.iter().map(resource).collect(),
                 type_url: ECDS_TYPE_URL.into(),
-                removed_resources: reply.removed.clone(),
-                nonce: reply.nonce.clone(),
+                removed_resources: response.removed.clone(),
+                nonce: "4-00ff00ff".into(),
                 ..Default::default()
             };
-            let got = encode(&reply, usize::MAX).unwrap().to_vec();
-            assert_eq!(got, grpc(&want), "{names:?} {removed:?}");
+            let got = encode(&DeltaReply(&response), usize::MAX).unwrap().to_vec();
+            assert_eq!(got, grpc(&want), "{names:?} {:?}", response.removed);
             assert_eq!(
                 DeltaDiscoveryResponse::decode(&got[GRPC_HEADER..]).unwrap(),
                 want
             );
         }
+    }
+
+    /// Nonces as sent: the counter in decimal, a dash, the random part in 8 hex digits; a nonce
+    /// is only its own text.
+    #[test]
+    fn nonces_are_written_as_counter_dash_hex() {
+        for (nonce, text) in [
+            (Nonce::new(1, 0), "1-00000000"),
+            (Nonce::new(12, 0xcafe), "12-0000cafe"),
+            (
+                Nonce::new(u64::MAX, u32::MAX),
+                "18446744073709551615-ffffffff",
+            ),
+        ] {
+            assert_eq!(nonce.to_string(), text);
+            assert!(nonce.is(text));
+            assert!(!nonce.is(&text[1..]));
+            assert!(!nonce.is(&format!("{text}0")));
+        }
+        assert!(!Nonce::new(1, 0).is(""));
     }
 
     /// Two responses carrying the big resource reference the store's bytes, both of them; the
@@ -376,21 +432,12 @@ mod tests {
             (points_at(&stored[0]), points_at(&stored[1]))
         };
         let sotw = |entries| {
-            let reply = SotwReply {
-                version: "v".into(),
-                nonce: "1".into(),
-                entries,
-            };
-            encode(&reply, usize::MAX).unwrap()
+            let response = Outstanding::sotw(Nonce::new(1, 1), entries);
+            encode(&SotwReply(&response), usize::MAX).unwrap()
         };
         let delta = |entries| {
-            let reply = DeltaReply {
-                system_version: "v".into(),
-                nonce: "2".into(),
-                entries,
-                removed: vec![],
-            };
-            encode(&reply, usize::MAX).unwrap()
+            let response = Outstanding::delta(Nonce::new(2, 2), entries, vec![], 1);
+            encode(&DeltaReply(&response), usize::MAX).unwrap()
         };
         assert_eq!(stored[0].name, "big");
         for _ in 0..2 {
@@ -399,14 +446,21 @@ mod tests {
         }
     }
 
+    /// A response of small resources is one buffer.
+    #[test]
+    fn a_small_response_is_one_chunk() {
+        let store = store();
+        let response = Outstanding::sotw(Nonce::new(1, 1), entries(&store, &["small"]));
+        let encoded = encode(&SotwReply(&response), usize::MAX).unwrap();
+        assert_eq!(encoded.chunks().len(), 1);
+        assert_eq!(encoded.into_chunks().count(), 1);
+    }
+
     #[test]
     fn a_response_over_the_limit_is_out_of_range() {
         let store = store();
-        let reply = SotwReply {
-            version: "v".into(),
-            nonce: "1".into(),
-            entries: entries(&store, &["big"]),
-        };
+        let response = Outstanding::sotw(Nonce::new(1, 1), entries(&store, &["big"]));
+        let reply = SotwReply(&response);
         let len = reply.encoded_len();
         assert!(encode(&reply, len).is_ok());
         let status = encode(&reply, len - 1).unwrap_err();

@@ -26,6 +26,7 @@ use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::delta::DeltaStream;
+use super::encode::Chunks;
 use super::server::{Responses, StreamProtocol, XdsServer};
 use super::sotw::SotwStream;
 use super::store::Api;
@@ -178,7 +179,7 @@ fn stream<P: StreamProtocol>(
 pub(super) struct ResponseBody {
     responses: Responses,
     /// The rest of the response being sent.
-    chunks: std::vec::IntoIter<Bytes>,
+    chunks: Chunks,
     ended: bool,
 }
 
@@ -186,7 +187,7 @@ impl ResponseBody {
     pub(super) fn new(responses: Responses) -> Self {
         ResponseBody {
             responses,
-            chunks: Vec::new().into_iter(),
+            chunks: Chunks::default(),
             ended: false,
         }
     }
@@ -220,7 +221,7 @@ impl hyper::body::Body for ResponseBody {
             }
             let end = match std::task::ready!(this.responses.poll_recv(cx)) {
                 Some(Ok(message)) => {
-                    this.chunks = message.into_chunks().into_iter();
+                    this.chunks = message.into_chunks();
                     continue;
                 }
                 Some(Err(status)) => status,
@@ -233,7 +234,7 @@ impl hyper::body::Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended && self.chunks.len() == 0
+        self.ended && self.chunks.is_empty()
     }
 }
 
@@ -249,11 +250,11 @@ mod tests {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let store = crate::xds::ResourceStore::new();
         store.set("a", crate::xds::store::tests::config("1"));
-        let reply = crate::xds::encode::SotwReply {
-            version: "v".into(),
-            nonce: "1".into(),
-            entries: store.lookup(&["a".to_string()]),
-        };
+        let response = crate::xds::stream::Outstanding::sotw(
+            crate::xds::stream::Nonce::new(1, 1),
+            store.lookup(&["a".to_string()]),
+        );
+        let reply = crate::xds::encode::SotwReply(&response);
         let message = crate::xds::encode::encode(&reply, usize::MAX).unwrap();
         let bytes = message.to_vec();
         tx.send(Ok(message)).await.unwrap();

@@ -19,7 +19,8 @@
 //!   line let through (reconnect storms, NACK loops, refusals).
 //! - [`StreamLimits::breach`], [`refuse`], [`refuse_stream`], [`request_too_large`]: which bound a
 //!   request breaks and the status, count and log line that end its stream. `server.rs` and the
-//!   proxy's port (`proxy/stream.rs`) both use them, so a bound reads the same on either.
+//!   proxy's port (`proxy/stream.rs`, `proxy/unread.rs`) both use them, and the send budget
+//!   ([`SendBudget::admit`]) and [`AbortLayer`], so a bound reads the same on either.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -230,6 +231,29 @@ impl SendBudget {
                 Ok(grant)
             }
             None => Err(Waiting),
+        }
+    }
+
+    /// A grant for a push of `bytes` by a stream that waits for the budget while `*waiting`:
+    /// `Err(true)` when the push does not fit and the stream starts waiting (count the wait
+    /// once), `Err(false)` when it still waits. The stream tries again when
+    /// [`watch_released`](Self::watch_released) changes, and stops waiting with a grant, or when
+    /// it goes away with [`stop_waiting`](Self::stop_waiting) if `*waiting`.
+    pub(crate) fn admit(&self, bytes: usize, waiting: &mut bool) -> Result<Grant, bool> {
+        let granted = if *waiting {
+            self.try_grant(bytes).ok_or(Waiting)
+        } else {
+            self.try_grant_or_wait(bytes)
+        };
+        match granted {
+            Ok(grant) => {
+                if *waiting {
+                    self.stop_waiting();
+                }
+                *waiting = false;
+                Ok(grant)
+            }
+            Err(Waiting) => Err(!std::mem::replace(waiting, true)),
         }
     }
 

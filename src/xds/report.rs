@@ -222,4 +222,10 @@ impl XdsSeries {
     pub(crate) fn count_limit(&self, limit: &str) {
         self.limits.with_label_values(&[limit]).inc();
     }
+
+    /// The gauge of the send budget in use ([`METRIC_UNREAD_BYTES`]); `proxy`'s port counts its
+    /// own budget here too.
+    pub(crate) fn unread_bytes_gauge(&self) -> IntGauge {
+        self.unread_bytes.clone()
+    }
 }

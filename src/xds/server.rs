@@ -3,7 +3,8 @@
 //!
 //! Like go-control-plane's `NewServer` (`pkg/server/v3/server.go`), the server sees only the
 //! [`ResourceStore`]. Each stream runs in its own task (tonic `examples/src/streaming/server.rs`)
-//! inside a `xds_stream` tracing span carrying the stream id, api, protocol, peer and node id; the
+//! whose log lines are children of a `xds_stream` tracing span carrying the stream id, api,
+//! protocol, peer and node id (given as their parent, never entered for a whole poll); the
 //! task reads requests, wakes on store changes, runs the I/O-free state machine of `sotw.rs` or
 //! `delta.rs`, encodes its reply around the stored resources' bytes (`encode.rs`) and sends it
 //! through an mpsc channel whose receiver is the response body (`grpc.rs`). The state machine
@@ -32,11 +33,10 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt as _;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::Instrument as _;
 
 use super::admin::{self, EventHub};
 use super::delta::DeltaStream;
-use super::encode::{encode, DeltaReply, Encoded, Reply, SotwReply};
+use super::encode::{encode, Encoded};
 use super::grpc::{AdsService, EcdsService};
 use super::limits::{self, AbortHandle, AbortLayer, Grant, LogGate, SendBudget, StreamLimits};
 use super::sotw::{fetch_response, SotwStream};
@@ -240,6 +240,8 @@ impl XdsServer {
             peer = peer.map(|p| p.to_string()).unwrap_or_default(),
             node = tracing::field::Empty,
         );
+        // The parent of the stream's log lines, entered only to log (`StreamCore::span`).
+        lock(&state).core_mut().span = span.clone();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let task = StreamTask {
             id,
@@ -253,8 +255,9 @@ impl XdsServer {
             log: self.log.clone(),
             abort,
             grant: None,
+            span,
         };
-        tokio::spawn(task.run(requests, tx).instrument(span));
+        tokio::spawn(task.run(requests, tx));
         Ok(rx)
     }
 
@@ -285,11 +288,14 @@ fn lock<P>(state: &Mutex<P>) -> MutexGuard<'_, P> {
 /// What a stream task needs from the state machines of `sotw.rs` and `delta.rs`.
 pub(super) trait StreamProtocol: AsRef<StreamCore> + Send + 'static {
     type Request: prost::Message + Default + Send + 'static;
-    type Response: Reply + Send + 'static;
     const PROTOCOL: Protocol;
     fn new(id: StreamId, api: Api) -> Self;
-    fn on_request(&mut self, req: Self::Request, store: &ResourceStore) -> Option<Self::Response>;
-    fn on_change(&mut self, store: &ResourceStore) -> Option<Self::Response>;
+    /// Whether the request made a response to send ([`encode_reply`](Self::encode_reply)).
+    fn on_request(&mut self, req: Self::Request, store: &ResourceStore) -> bool;
+    /// Whether the store's change made a response to send.
+    fn on_change(&mut self, store: &ResourceStore) -> bool;
+    /// The response awaiting its ACK, encoded (`OUT_OF_RANGE` over `max` bytes).
+    fn encode_reply(&self, max: usize) -> Result<Encoded, Status>;
     fn core(&self) -> &StreamCore;
     fn core_mut(&mut self) -> &mut StreamCore;
     /// The node of a request, if it carries one.
@@ -298,18 +304,25 @@ pub(super) trait StreamProtocol: AsRef<StreamCore> + Send + 'static {
     fn names_after(&self, req: &Self::Request) -> usize;
 }
 
+/// What `encode_reply` says when there is no response (never: it is called after a push).
+fn no_response() -> Status {
+    Status::internal("no response to encode")
+}
+
 impl StreamProtocol for SotwStream {
     type Request = DiscoveryRequest;
-    type Response = SotwReply;
     const PROTOCOL: Protocol = Protocol::Sotw;
     fn new(id: StreamId, api: Api) -> Self {
         SotwStream::new(id, api)
     }
-    fn on_request(&mut self, req: DiscoveryRequest, store: &ResourceStore) -> Option<SotwReply> {
+    fn on_request(&mut self, req: DiscoveryRequest, store: &ResourceStore) -> bool {
         SotwStream::on_request(self, req, store)
     }
-    fn on_change(&mut self, store: &ResourceStore) -> Option<SotwReply> {
+    fn on_change(&mut self, store: &ResourceStore) -> bool {
         SotwStream::on_change(self, store)
+    }
+    fn encode_reply(&self, max: usize) -> Result<Encoded, Status> {
+        encode(&self.reply().ok_or_else(no_response)?, max)
     }
     fn core(&self) -> &StreamCore {
         SotwStream::core(self)
@@ -327,20 +340,18 @@ impl StreamProtocol for SotwStream {
 
 impl StreamProtocol for DeltaStream {
     type Request = DeltaDiscoveryRequest;
-    type Response = DeltaReply;
     const PROTOCOL: Protocol = Protocol::Delta;
     fn new(id: StreamId, api: Api) -> Self {
         DeltaStream::new(id, api)
     }
-    fn on_request(
-        &mut self,
-        req: DeltaDiscoveryRequest,
-        store: &ResourceStore,
-    ) -> Option<DeltaReply> {
+    fn on_request(&mut self, req: DeltaDiscoveryRequest, store: &ResourceStore) -> bool {
         DeltaStream::on_request(self, req, store)
     }
-    fn on_change(&mut self, store: &ResourceStore) -> Option<DeltaReply> {
+    fn on_change(&mut self, store: &ResourceStore) -> bool {
         DeltaStream::on_change(self, store)
+    }
+    fn encode_reply(&self, max: usize) -> Result<Encoded, Status> {
+        encode(&self.reply().ok_or_else(no_response)?, max)
     }
     fn core(&self) -> &StreamCore {
         DeltaStream::core(self)
@@ -371,6 +382,9 @@ struct StreamTask<P> {
     abort: Option<AbortHandle>,
     /// The send budget taken by the response awaiting its ACK.
     grant: Option<Grant>,
+    /// The stream's `xds_stream` span, the parent of the task's log lines (never entered for a
+    /// whole poll: see `StreamCore::span`).
+    span: tracing::Span,
 }
 
 /// Completes when the server shuts down; never for a server without shutdown.
@@ -392,8 +406,7 @@ impl<P: StreamProtocol> StreamTask<P> {
     ) {
         let mut revisions = self.store.watch_revision();
         let mut released = self.budget.watch_released();
-        let mut ack_deadline: Option<tokio::time::Instant> = None;
-        tracing::debug!("stream opened");
+        tracing::debug!(parent: &self.span, "stream opened");
         let mut node_recorded = false;
         // Made once per stream, not once per turn of the loop: every stream waits on the one
         // shutdown channel, and a future made anew each turn would join and leave its list of
@@ -401,19 +414,26 @@ impl<P: StreamProtocol> StreamTask<P> {
         let mut closing = self.closing.take();
         let shutdown = closed(&mut closing);
         let dropped = tx.closed();
-        tokio::pin!(shutdown, dropped);
+        // The ACK deadline of the response awaiting its ACK, and one timer per stream: armed
+        // when a response goes out and the timer is idle, and when it fires before the deadline
+        // of a later response it is armed again for that one. A timer reset on every push
+        // would take the timer wheel's lock twice per push.
+        let mut ack_deadline = tokio::time::Instant::now();
+        let timer = tokio::time::sleep_until(ack_deadline);
+        let mut timer_armed = false;
+        tokio::pin!(shutdown, dropped, timer);
         loop {
             let (awaiting, deferred) = {
                 let state = lock(&self.state);
                 (state.core().awaiting_ack(), state.core().deferred)
             };
-            let reply = tokio::select! {
+            let pushed = tokio::select! {
                 _ = &mut shutdown => {
-                    tracing::debug!("closing stream: server shutting down");
+                    tracing::debug!(parent: &self.span, "closing stream: server shutting down");
                     break;
                 }
                 _ = &mut dropped => {
-                    tracing::debug!("response stream dropped");
+                    tracing::debug!(parent: &self.span, "response stream dropped");
                     break;
                 }
                 req = requests.next() => match req {
@@ -427,21 +447,20 @@ impl<P: StreamProtocol> StreamTask<P> {
                         revisions.borrow_and_update();
                         released.borrow_and_update();
                         let mut state = lock(&self.state);
-                        let reply = state.on_request(req, &self.store);
+                        let pushed = state.on_request(req, &self.store);
                         if !node_recorded && !state.core().node_id.is_empty() {
                             node_recorded = true;
                             let node = state.core().node_id.as_str();
-                            tracing::Span::current().record("node", node);
+                            self.span.record("node", node);
                             if let Some(suppressed) = self.log.admit(&format!("connected {node}")) {
-                                tracing::info!(node, suppressed, "proxy connected");
+                                tracing::info!(parent: &self.span, node, suppressed, "proxy connected");
                             }
                         }
                         if !state.core().awaiting_ack() {
                             // ACKed or NACKed: the proxy has read the response.
-                            ack_deadline = None;
                             self.grant = None;
                         }
-                        reply
+                        pushed
                     }
                     Some(Err(status)) => {
                         match limits::request_too_large(&status) {
@@ -449,12 +468,12 @@ impl<P: StreamProtocol> StreamTask<P> {
                                 let refusal = self.refuse(&breach);
                                 self.end_with(&tx, refusal);
                             }
-                            None => tracing::debug!(%status, "stream ended with an error"),
+                            None => tracing::debug!(parent: &self.span, %status, "stream ended with an error"),
                         }
                         break;
                     }
                     None => {
-                        tracing::debug!("stream closed by the proxy");
+                        tracing::debug!(parent: &self.span, "stream closed by the proxy");
                         break;
                     }
                 },
@@ -470,29 +489,40 @@ impl<P: StreamProtocol> StreamTask<P> {
                     released.borrow_and_update();
                     self.on_change()
                 }
-                _ = sleep_until(ack_deadline), if awaiting => {
+                () = &mut timer, if awaiting && timer_armed => {
+                    if tokio::time::Instant::now() < ack_deadline {
+                        // Armed for an earlier response, ACKed since.
+                        timer.as_mut().reset(ack_deadline);
+                        continue;
+                    }
                     let refusal = self.refuse(&limits::ack_timeout(self.limits.ack_timeout));
                     self.end_with(&tx, refusal);
                     break;
                 }
             };
-            if let Some(reply) = reply {
-                self.grant = lock(&self.state).core_mut().grant.take();
-                let message = match encode(&reply, self.max_message_size) {
-                    Ok(message) => message,
-                    Err(status) => {
-                        // Nothing of it was sent: end with the status, no reset needed.
-                        lock(&self.state).core_mut().outstanding = None;
-                        let _ = tx.try_send(Err(status));
-                        break;
+            if pushed {
+                let message = {
+                    let mut state = lock(&self.state);
+                    self.grant = state.core_mut().grant.take();
+                    match state.encode_reply(self.max_message_size) {
+                        Ok(message) => message,
+                        Err(status) => {
+                            // Nothing of it was sent: end with the status, no reset needed.
+                            state.core_mut().outstanding = None;
+                            let _ = tx.try_send(Err(status));
+                            break;
+                        }
                     }
                 };
-                drop(reply);
                 if tx.send(Ok(message)).await.is_err() {
-                    tracing::debug!("response stream dropped");
+                    tracing::debug!(parent: &self.span, "response stream dropped");
                     break;
                 }
-                ack_deadline = Some(tokio::time::Instant::now() + self.limits.ack_timeout);
+                ack_deadline = tokio::time::Instant::now() + self.limits.ack_timeout;
+                if !timer_armed {
+                    timer.as_mut().reset(ack_deadline);
+                    timer_armed = true;
+                }
             }
         }
         if lock(&self.state).core().awaiting_ack() {
@@ -511,7 +541,7 @@ impl<P: StreamProtocol> StreamTask<P> {
         );
         if node_recorded {
             if let Some(suppressed) = self.log.admit(&format!("disconnected {node_id}")) {
-                tracing::info!(node = %node_id, suppressed, "proxy disconnected");
+                tracing::info!(parent: &self.span, node = %node_id, suppressed, "proxy disconnected");
             }
         }
         let stream = self.id;
@@ -536,7 +566,7 @@ impl<P: StreamProtocol> StreamTask<P> {
         }
     }
 
-    fn on_change(&mut self) -> Option<P::Response> {
+    fn on_change(&mut self) -> bool {
         lock(&self.state).on_change(&self.store)
     }
 
@@ -552,15 +582,8 @@ impl<P: StreamProtocol> StreamTask<P> {
     fn refuse(&self, breach: &limits::Breach) -> Status {
         let count = |limit: &str| self.store.count_limit(limit);
         let node = lock(&self.state).core().node_id.clone();
-        limits::refuse(&self.log, count, &node, breach)
-    }
-}
-
-/// Completes at `deadline`; never without one.
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
+        self.span
+            .in_scope(|| limits::refuse(&self.log, count, &node, breach))
     }
 }
 

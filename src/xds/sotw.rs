@@ -25,8 +25,8 @@
 //! - On a new stream, a first request whose `version_info` equals the version this stream would
 //!   receive gets nothing: the proxy already holds exactly that (a reconnect).
 //!
-//! A response is returned as a [`SotwReply`] (its version, nonce and the stored entries), which
-//! `encode.rs` writes around the resources' stored encodings.
+//! A response is kept as the stream's [`Outstanding`] (its nonce and the stored entries) until
+//! its ACK; `encode.rs` writes it ([`SotwReply`]) around the resources' stored encodings.
 
 use std::collections::BTreeSet;
 
@@ -36,17 +36,16 @@ use prost::Message as _;
 
 use super::encode::SotwReply;
 use super::store::{
-    set_version, Api, Delivery, Protocol, ResourceStore, ResourceVersion, StreamEvent,
-    StreamEventKind, StreamId,
+    set_version, Api, Protocol, ResourceStore, StreamEvent, StreamEventKind, StreamId,
 };
-use super::stream::StreamCore;
+use super::stream::{Nonce, Outstanding, StreamCore};
 use super::ECDS_TYPE_URL;
 
 /// A state-of-the-world stream (module docs).
 #[derive(Debug)]
 pub(crate) struct SotwStream {
     core: StreamCore,
-    last_nonce: Option<String>,
+    last_nonce: Option<Nonce>,
 }
 
 impl SotwStream {
@@ -70,47 +69,54 @@ impl SotwStream {
         self.core.event(kind)
     }
 
-    /// Handles one request; returns the response to send, if any.
-    pub(crate) fn on_request(
-        &mut self,
-        req: DiscoveryRequest,
-        store: &ResourceStore,
-    ) -> Option<SotwReply> {
-        self.core
-            .begin_request(req.node.as_ref(), &req.type_url, store)?;
+    /// Handles one request; returns whether it made a response to send (then
+    /// [`reply`](Self::reply)).
+    pub(crate) fn on_request(&mut self, req: DiscoveryRequest, store: &ResourceStore) -> bool {
+        if self
+            .core
+            .begin_request(req.node.as_ref(), &req.type_url, store)
+            .is_none()
+        {
+            return false;
+        }
         if let Some(latest) = &self.last_nonce {
-            if req.response_nonce != *latest {
+            if !latest.is(&req.response_nonce) {
                 // go-control-plane sotw/v3/xds.go: a request for an older response is superseded by
                 // the ACK/NACK of the latest one, which repeats the full subscription.
-                tracing::debug!(nonce = %req.response_nonce, latest = %latest, "ignoring request with a stale nonce");
-                return None;
+                tracing::debug!(parent: &self.core.span, nonce = %req.response_nonce, latest = %latest, "ignoring request with a stale nonce");
+                return false;
             }
         }
-        if let Some(delivery) = self.core.outstanding.take() {
+        if let Some(response) = self.core.outstanding.take() {
             match &req.error_detail {
                 Some(status) => {
-                    let message = self.core.nacked(&delivery, status, store);
-                    store.emit(|| self.event(StreamEventKind::Nacked { delivery, message }));
+                    let message = self.core.nacked(&response, status, store);
+                    store.emit(|| {
+                        let delivery = response.delivery();
+                        self.event(StreamEventKind::Nacked { delivery, message })
+                    });
+                    self.core.give_back(response.entries);
                 }
                 None => {
                     store.count_ack();
-                    tracing::debug!(version = %delivery.version, nonce = %delivery.nonce, "ACK");
-                    for r in &delivery.resources {
-                        self.core.ack_resource(&r.name, &r.version);
-                    }
-                    store.emit(|| self.event(StreamEventKind::Acked(delivery)));
+                    tracing::debug!(parent: &self.core.span, version = %response.version(), nonce = %response.nonce, "ACK");
+                    self.core.ack_entries(&response, false);
+                    store.emit(|| self.event(StreamEventKind::Acked(response.delivery())));
+                    self.core.give_back(response.entries);
                 }
             }
         }
         self.subscribe(req.resource_names);
         if self.last_nonce.is_none() && !req.version_info.is_empty() {
-            let current = store.lookup(&self.core.subscribed);
+            let current = self.core.lookup_subscribed(store);
             if !current.is_empty() && set_version(&current) == req.version_info {
-                tracing::debug!(version = %req.version_info, "proxy already holds this version");
+                tracing::debug!(parent: &self.core.span, version = %req.version_info, "proxy already holds this version");
                 self.core.hold(&current);
                 self.core.acked.clone_from(&self.core.held);
-                return None;
+                self.core.give_back(current);
+                return false;
             }
+            self.core.give_back(current);
         }
         self.push(store)
     }
@@ -125,59 +131,50 @@ impl SotwStream {
         }
         let names: BTreeSet<String> = names.into_iter().collect();
         if names != self.core.subscribed {
-            tracing::debug!(subscribed = ?names, "subscription changed");
+            tracing::debug!(parent: &self.core.span, subscribed = ?names, "subscription changed");
             self.core.subscribed = names;
             self.core.forget_unsubscribed();
         }
     }
 
-    /// Handles a store change; returns the response to send, if any.
-    pub(crate) fn on_change(&mut self, store: &ResourceStore) -> Option<SotwReply> {
+    /// Handles a store change; returns whether it made a response to send.
+    pub(crate) fn on_change(&mut self, store: &ResourceStore) -> bool {
         self.push(store)
     }
 
-    fn push(&mut self, store: &ResourceStore) -> Option<SotwReply> {
+    /// The response awaiting its ACK, to encode.
+    pub(crate) fn reply(&self) -> Option<SotwReply<'_>> {
+        self.core.outstanding.as_ref().map(SotwReply)
+    }
+
+    fn push(&mut self, store: &ResourceStore) -> bool {
         if self.core.outstanding.is_some() {
-            return None;
+            return false;
         }
-        let current = store.lookup(&self.core.subscribed);
+        let current = self.core.lookup_subscribed(store);
         if current
             .iter()
             .all(|e| self.core.held.get(&e.name) == Some(&e.version))
         {
-            return None;
+            self.core.give_back(current);
+            return false;
         }
         if !self
             .core
             .admit(current.iter().map(|e| e.config().len()).sum(), store)
         {
-            return None;
+            self.core.give_back(current);
+            return false;
         }
         let nonce = self.core.next_nonce();
-        let delivery = Delivery {
-            nonce: nonce.clone(),
-            version: set_version(&current),
-            resources: current
-                .iter()
-                .map(|e| ResourceVersion {
-                    name: e.name.clone(),
-                    version: e.version.clone(),
-                })
-                .collect(),
-            removed: Vec::new(),
-        };
-        tracing::debug!(version = %delivery.version, nonce = %nonce, resources = current.len(), "push");
-        store.count_push();
-        store.emit(|| self.event(StreamEventKind::Pushed(delivery.clone())));
         self.core.hold(&current);
-        self.last_nonce = Some(nonce.clone());
-        let reply = SotwReply {
-            version: delivery.version.clone(),
-            nonce,
-            entries: current,
-        };
-        self.core.outstanding = Some(delivery);
-        Some(reply)
+        let response = Outstanding::sotw(nonce, current);
+        tracing::debug!(parent: &self.core.span, version = %response.version(), nonce = %nonce, resources = response.entries.len(), "push");
+        store.count_push();
+        store.emit(|| self.event(StreamEventKind::Pushed(response.delivery())));
+        self.last_nonce = Some(nonce);
+        self.core.outstanding = Some(response);
+        true
     }
 }
 
@@ -243,11 +240,13 @@ mod tests {
             req: DiscoveryRequest,
             store: &ResourceStore,
         ) -> Option<DiscoveryResponse> {
-            self.on_request(req, store).map(|r| r.decode())
+            let pushed = self.on_request(req, store);
+            pushed.then(|| self.reply().expect("pushed").decode())
         }
 
         fn change(&mut self, store: &ResourceStore) -> Option<DiscoveryResponse> {
-            self.on_change(store).map(|r| r.decode())
+            let pushed = self.on_change(store);
+            pushed.then(|| self.reply().expect("pushed").decode())
         }
     }
 

@@ -421,15 +421,30 @@ impl ResourceStore {
         &self,
         names: impl IntoIterator<Item = &'a String>,
     ) -> Vec<Arc<Entry>> {
-        let state = self.read();
-        let mut found: Vec<Arc<Entry>> = names
-            .into_iter()
-            .filter_map(|n| state.resources.get(n).cloned())
-            .collect();
-        drop(state);
-        found.sort_by(|a, b| a.name.cmp(&b.name));
-        found.dedup_by(|a, b| a.name == b.name);
+        let mut found = Vec::new();
+        self.lookup_into(names, &mut found);
         found
+    }
+
+    /// [`lookup`](Self::lookup) into `found` (cleared first), whose allocation a stream reuses
+    /// from push to push. Names already sorted (a stream's subscription) are not sorted again.
+    pub(crate) fn lookup_into<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a String>,
+        found: &mut Vec<Arc<Entry>>,
+    ) {
+        found.clear();
+        let state = self.read();
+        found.extend(
+            names
+                .into_iter()
+                .filter_map(|n| state.resources.get(n).cloned()),
+        );
+        drop(state);
+        if !found.is_sorted_by(|a, b| a.name <= b.name) {
+            found.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        }
+        found.dedup_by(|a, b| a.name == b.name);
     }
 
     #[cfg(test)]
@@ -475,6 +490,12 @@ impl ResourceStore {
     /// How often the bound `limit` was hit ([`METRIC_LIMIT_COUNT`]).
     pub fn limit_count(&self, limit: &str) -> u64 {
         self.inner.series.limits.with_label_values(&[limit]).get()
+    }
+
+    /// Bytes of responses handed to streams and not yet ACKed or NACKed: the send budget in use
+    /// ([`METRIC_UNREAD_BYTES`]).
+    pub fn unread_bytes(&self) -> u64 {
+        self.inner.series.unread_bytes.get().max(0) as u64
     }
 
     /// The gauge of bytes handed to streams and not yet read ([`METRIC_UNREAD_BYTES`]).

@@ -1,8 +1,15 @@
 //! What every per-stream state machine keeps, whatever its protocol (`sotw`, `delta`): identity,
 //! subscriptions, what the proxy holds and ACKed, nonces and the response awaiting its ACK, and
 //! the reports built from them ([`StreamInfo`], [`StreamEvent`]).
+//!
+//! A push and its ACK allocate nothing here: the nonce is two numbers written where it is sent
+//! ([`Nonce`]), the response awaiting its ACK keeps the store's entries it carried
+//! ([`Outstanding`], whose list is reused for the next lookup), the versions sent and ACKed are
+//! copied into the strings already held, and the public [`Delivery`] record is built only for an
+//! event listener or a NACK.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::net::SocketAddr;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -10,10 +17,10 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use super::accepts_type_url;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::limits::{Grant, LogGate, SendBudget, Waiting};
+use super::limits::{Grant, LogGate, SendBudget};
 use super::store::{
-    Api, Delivery, Entry, Nacked, Protocol, ResourceStore, StreamEvent, StreamEventKind, StreamId,
-    StreamInfo, StreamView, NACK_MESSAGE_MAX,
+    set_version, Api, Delivery, Entry, Nacked, Protocol, ResourceStore, ResourceVersion,
+    StreamEvent, StreamEventKind, StreamId, StreamInfo, StreamView, NACK_MESSAGE_MAX,
 };
 
 /// Longest node id kept (longer ones are cut, marked with `…`).
@@ -32,7 +39,7 @@ pub(crate) fn cut(text: &str, max: usize) -> String {
 }
 
 /// `map[name] = value`, reusing the strings already there (this runs for every push and ACK).
-fn set(map: &mut BTreeMap<String, String>, name: &str, value: &str) {
+pub(crate) fn set(map: &mut BTreeMap<String, String>, name: &str, value: &str) {
     match map.get_mut(name) {
         Some(v) => {
             if v != value {
@@ -65,7 +72,13 @@ pub(crate) struct StreamCore {
     pub(crate) peer: Option<SocketAddr>,
     nonce_counter: u64,
     /// The last response while it awaits its ACK or NACK (no push until it arrives).
-    pub(crate) outstanding: Option<Delivery>,
+    pub(crate) outstanding: Option<Outstanding>,
+    /// An empty list kept for the next lookup of the subscribed entries (the list of the last
+    /// response, once ACKed), so that a push allocates none.
+    pub(crate) scratch: Vec<Arc<Entry>>,
+    /// The stream's `xds_stream` span: the parent of its log lines, entered only to log (an
+    /// entered span costs every poll of the stream's task). `Span::none()` in unit tests.
+    pub(crate) span: tracing::Span,
     /// Where pushes take their bytes from (`limits.rs`); `None`: unbounded (unit tests).
     pub(crate) budget: Option<SendBudget>,
     /// The grant of the response just built, for the server to send along with it.
@@ -91,6 +104,8 @@ impl StreamCore {
             peer: None,
             nonce_counter: 0,
             outstanding: None,
+            scratch: Vec::new(),
+            span: tracing::Span::none(),
             budget: None,
             grant: None,
             deferred: false,
@@ -121,37 +136,48 @@ impl StreamCore {
         }
     }
 
-    /// The proxy rejected the resources of `delivery` with `message`.
-    pub(crate) fn nack_resources(&mut self, delivery: &Delivery, message: &str) {
-        for r in &delivery.resources {
+    /// The proxy rejected the resources of `response` with `message`.
+    pub(crate) fn nack_resources(&mut self, response: &Outstanding, message: &str) {
+        for e in &response.entries {
             let nack = Nacked {
-                version: r.version.clone(),
+                version: e.version.clone(),
                 message: message.to_string(),
             };
-            self.nacked.insert(r.name.clone(), nack);
+            self.nacked.insert(e.name.clone(), nack);
         }
     }
 
-    /// A NACK of `delivery`: counted, its message (cut, see [`bounded_message`]) kept per
+    /// The proxy accepted `response`: its resources' versions, those still subscribed when
+    /// `subscribed_only`, count as ACKed.
+    pub(crate) fn ack_entries(&mut self, response: &Outstanding, subscribed_only: bool) {
+        for e in &response.entries {
+            if !subscribed_only || self.subscribed.contains(&e.name) {
+                self.ack_resource(&e.name, &e.version);
+            }
+        }
+    }
+
+    /// A NACK of `response`: counted, its message (cut, see [`bounded_message`]) kept per
     /// resource and logged at most once per interval per node; returns the message for the
     /// stream's `Nacked` event.
     ///
     /// [`bounded_message`]: Self::bounded_message
     pub(crate) fn nacked(
         &mut self,
-        delivery: &Delivery,
+        response: &Outstanding,
         status: &envoy_types::pb::google::rpc::Status,
         store: &ResourceStore,
     ) -> String {
         let nacks = store.count_nack();
         let message = Self::bounded_message(&status.message);
-        self.nack_resources(delivery, &message);
+        self.nack_resources(response, &message);
         if let Some(suppressed) = self.admit_log(&format!("nack {}", self.node_id)) {
             tracing::warn!(
+                parent: &self.span,
                 node = %self.node_id,
-                version = %delivery.version,
-                nonce = %delivery.nonce,
-                resources = ?delivery.resources.iter().map(|r| format!("{}@{}", r.name, r.version)).collect::<Vec<_>>(),
+                version = %response.version(),
+                nonce = %response.nonce,
+                resources = ?response.entries.iter().map(|e| format!("{}@{}", e.name, e.version)).collect::<Vec<_>>(),
                 code = status.code,
                 message = %message,
                 nacks,
@@ -190,26 +216,16 @@ impl StreamCore {
         let Some(budget) = &self.budget else {
             return true;
         };
-        let granted = if self.deferred {
-            budget.try_grant(bytes).ok_or(Waiting)
-        } else {
-            budget.try_grant_or_wait(bytes)
-        };
-        match granted {
+        match budget.admit(bytes, &mut self.deferred) {
             Ok(grant) => {
-                if self.deferred {
-                    budget.stop_waiting();
-                }
                 self.grant = Some(grant);
-                self.deferred = false;
                 true
             }
-            Err(Waiting) => {
-                if !self.deferred {
+            Err(started) => {
+                if started {
                     store.count_limit("send_budget");
-                    tracing::debug!(bytes, "push waits for the send budget");
+                    tracing::debug!(parent: &self.span, bytes, "push waits for the send budget");
                 }
-                self.deferred = true;
                 false
             }
         }
@@ -236,7 +252,7 @@ impl StreamCore {
             store.emit(|| self.event(StreamEventKind::Connected));
         }
         if !accepts_type_url(self.api, type_url) {
-            tracing::debug!(%type_url, "ignoring request for a type this server does not serve");
+            tracing::debug!(parent: &self.span, %type_url, "ignoring request for a type this server does not serve");
             return None;
         }
         Some(first)
@@ -247,12 +263,28 @@ impl StreamCore {
         self.outstanding.is_some()
     }
 
-    /// The nonce of the next response: a counter, unique on the stream, and a random part, so that
-    /// a client cannot ACK a response it has not read (the ACK releases the response's share of
-    /// the send budget, `limits.rs`).
-    pub(crate) fn next_nonce(&mut self) -> String {
+    /// The nonce of the next response ([`Nonce`]).
+    pub(crate) fn next_nonce(&mut self) -> Nonce {
         self.nonce_counter += 1;
-        format!("{}-{:08x}", self.nonce_counter, fastrand::u32(..))
+        Nonce {
+            counter: self.nonce_counter,
+            random: fastrand::u32(..),
+        }
+    }
+
+    /// The subscribed entries the store holds, sorted by name, in the stream's reused list
+    /// ([`Self::scratch`]); give the list back with [`Self::give_back`] when no response takes
+    /// it.
+    pub(crate) fn lookup_subscribed(&mut self, store: &ResourceStore) -> Vec<Arc<Entry>> {
+        let mut found = std::mem::take(&mut self.scratch);
+        store.lookup_into(&self.subscribed, &mut found);
+        found
+    }
+
+    /// Keeps `list` (emptied) for the next lookup.
+    pub(crate) fn give_back(&mut self, mut list: Vec<Arc<Entry>>) {
+        list.clear();
+        self.scratch = list;
     }
 
     pub(crate) fn info(&self) -> StreamInfo {
@@ -276,6 +308,131 @@ impl StreamCore {
             api: self.api,
             protocol: self.protocol,
             kind,
+        }
+    }
+}
+
+/// The nonce of a response: a counter, unique on the stream, and a random part, so that a client
+/// cannot ACK a response it has not read (the ACK releases the response's share of the send
+/// budget, `limits.rs`). Sent as `<counter>-<8 hex digits>`, written straight where it goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Nonce {
+    counter: u64,
+    random: u32,
+}
+
+/// The longest nonce: 20 digits, a dash and 8 hex digits.
+pub(crate) const NONCE_MAX: usize = 29;
+
+impl Nonce {
+    #[cfg(test)]
+    pub(crate) fn new(counter: u64, random: u32) -> Self {
+        Nonce { counter, random }
+    }
+
+    /// The nonce as sent, written into `buf`.
+    pub(crate) fn text<'b>(&self, buf: &'b mut [u8; NONCE_MAX]) -> &'b str {
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        let mut n = self.counter;
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        let len = digits.len() - at;
+        buf[..len].copy_from_slice(&digits[at..]);
+        buf[len] = b'-';
+        for (i, b) in buf[len + 1..len + 9].iter_mut().enumerate() {
+            *b = b"0123456789abcdef"[(self.random >> (28 - 4 * i)) as usize & 0xf];
+        }
+        std::str::from_utf8(&buf[..len + 9]).expect("digits are ASCII")
+    }
+
+    /// Whether `text` is this nonce as sent.
+    pub(crate) fn is(&self, text: &str) -> bool {
+        text.len() <= NONCE_MAX && self.text(&mut [0; NONCE_MAX]) == text
+    }
+}
+
+impl fmt::Display for Nonce {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.text(&mut [0; NONCE_MAX]))
+    }
+}
+
+/// The response awaiting its ACK or NACK, as the store's entries it carried: the encoder writes
+/// it (`encode.rs`), the ACK marks its versions ACKed, and a [`Delivery`] is made of it only for
+/// an event listener.
+#[derive(Debug)]
+pub(crate) struct Outstanding {
+    pub(crate) nonce: Nonce,
+    /// The resources it carries, sorted by name.
+    pub(crate) entries: Vec<Arc<Entry>>,
+    /// Delta only: the names it says were removed.
+    pub(crate) removed: Vec<String>,
+    /// Its version when that is not its only resource's own (several resources: the SotW set
+    /// version; a delta response that only removes: the store revision).
+    own_version: Option<String>,
+}
+
+impl Outstanding {
+    /// A SotW response: `version_info` is the set version of `entries` (sorted by name).
+    pub(crate) fn sotw(nonce: Nonce, entries: Vec<Arc<Entry>>) -> Self {
+        let own_version = (entries.len() > 1).then(|| set_version(&entries));
+        Outstanding {
+            nonce,
+            entries,
+            removed: Vec::new(),
+            own_version,
+        }
+    }
+
+    /// A delta response: `system_version_info` is the set version of `entries`, or `revision`
+    /// for a response that only removes.
+    pub(crate) fn delta(
+        nonce: Nonce,
+        entries: Vec<Arc<Entry>>,
+        removed: Vec<String>,
+        revision: u64,
+    ) -> Self {
+        let own_version = match entries.len() {
+            0 => Some(revision.to_string()),
+            1 => None,
+            _ => Some(set_version(&entries)),
+        };
+        Outstanding {
+            nonce,
+            entries,
+            removed,
+            own_version,
+        }
+    }
+
+    /// `version_info` (SotW) or `system_version_info` (delta).
+    pub(crate) fn version(&self) -> &str {
+        match (&self.own_version, self.entries.as_slice()) {
+            (Some(v), _) => v,
+            (None, [only]) => &only.version,
+            (None, _) => "",
+        }
+    }
+
+    /// The record of events and reports.
+    pub(crate) fn delivery(&self) -> Delivery {
+        Delivery {
+            nonce: self.nonce.to_string(),
+            version: self.version().to_string(),
+            resources: (self.entries.iter())
+                .map(|e| ResourceVersion {
+                    name: e.name.clone(),
+                    version: e.version.clone(),
+                })
+                .collect(),
+            removed: self.removed.clone(),
         }
     }
 }
