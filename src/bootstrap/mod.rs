@@ -80,8 +80,12 @@ pub fn applies(plugin: &WasmPlugin, workload: &Workload, root_namespace: &str) -
         return false;
     }
     let spec = &plugin.spec;
-    let refs: Vec<&PolicyTargetReference> =
-        spec.target_ref.iter().chain(&spec.target_refs).collect();
+    let refs: Vec<&PolicyTargetReference> = spec
+        .target_ref
+        .as_deref()
+        .into_iter()
+        .chain(&spec.target_refs)
+        .collect();
     let selected = if let Some(selector) = &spec.selector {
         selector
             .match_labels

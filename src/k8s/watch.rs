@@ -60,11 +60,37 @@ pub struct ObjectMeta {
     pub conditions: Vec<Value>,
 }
 
+/// One listed object as snapshots hold it: its admission view, one `Arc` kept for as long as the
+/// view does not change (every snapshot and the object store share it, so an event re-allocates
+/// nothing of the objects it does not change), and its server-managed part. The raw object is not
+/// kept: every write changes `metadata.resourceVersion`, so two events with equal views and
+/// metadata are the same object.
+#[derive(Clone, Debug, PartialEq)]
+struct Listed {
+    view: Arc<Value>,
+    meta: ObjectMeta,
+}
+
+impl Listed {
+    /// `v` as listed, sharing `previous`'s view when that is unchanged.
+    fn of(v: &Value, previous: Option<&Listed>) -> Listed {
+        let view = admission_view(v);
+        let view = match previous {
+            Some(p) if *p.view == view => p.view.clone(),
+            _ => Arc::new(view),
+        };
+        Listed {
+            view,
+            meta: meta_of(v),
+        }
+    }
+}
+
 /// One list-and-watch: its objects, and a relist in progress.
 #[derive(Default)]
 struct Listing {
-    objects: BTreeMap<ObjectKey, Value>,
-    relist: Option<BTreeMap<ObjectKey, Value>>,
+    objects: BTreeMap<ObjectKey, Listed>,
+    relist: Option<BTreeMap<ObjectKey, Listed>>,
     listed: bool,
 }
 
@@ -78,7 +104,8 @@ impl Listing {
             }
             Event::InitApply(v) => {
                 if let (Some(buf), Some(k)) = (self.relist.as_mut(), key_of(&v)) {
-                    buf.insert(k, v);
+                    let listed = Listed::of(&v, self.objects.get(&k));
+                    buf.insert(k, listed);
                 }
                 false
             }
@@ -90,7 +117,13 @@ impl Listing {
                 changed
             }
             Event::Apply(v) => {
-                key_of(&v).is_some_and(|k| self.objects.insert(k, v.clone()) != Some(v))
+                let Some(k) = key_of(&v) else { return false };
+                let listed = Listed::of(&v, self.objects.get(&k));
+                if self.objects.get(&k) == Some(&listed) {
+                    return false;
+                }
+                self.objects.insert(k, listed);
+                true
             }
             Event::Delete(v) => key_of(&v).is_some_and(|k| self.objects.remove(&k).is_some()),
         }
@@ -377,20 +410,30 @@ impl Watches {
     }
 
     fn snapshot(&self) -> Snapshot {
-        let mut s = Snapshot::default();
-        for (k, v) in self.plugins.iter().flat_map(|l| l.objects.iter()) {
-            s.plugins.insert(k.clone(), Arc::new(admission_view(v)));
-            s.meta.insert(k.clone(), meta_of(v));
-        }
-        for (k, v) in self.filters.iter().flat_map(|l| l.objects.iter()) {
-            s.envoy_filters
-                .insert(k.clone(), Arc::new(admission_view(v)));
-        }
-        for (k, v) in self.secrets.values().flat_map(|w| w.listing.objects.iter()) {
-            s.secrets.insert(k.clone(), Arc::new(admission_view(v)));
-        }
-        s
+        let secrets = self.secrets.values().map(|w| &w.listing);
+        snapshot_of(&self.plugins, &self.filters, secrets)
     }
+}
+
+/// The snapshot of the listings: their objects' shared views (no copies), and the plugins'
+/// server-managed parts.
+fn snapshot_of<'a>(
+    plugins: &[Listing],
+    filters: &[Listing],
+    secrets: impl Iterator<Item = &'a Listing>,
+) -> Snapshot {
+    let mut s = Snapshot::default();
+    for (k, l) in plugins.iter().flat_map(|l| l.objects.iter()) {
+        s.plugins.insert(k.clone(), l.view.clone());
+        s.meta.insert(k.clone(), l.meta.clone());
+    }
+    for (k, l) in filters.iter().flat_map(|l| l.objects.iter()) {
+        s.envoy_filters.insert(k.clone(), l.view.clone());
+    }
+    for (k, l) in secrets.flat_map(|l| l.objects.iter()) {
+        s.secrets.insert(k.clone(), l.view.clone());
+    }
+    s
 }
 
 /// The crate's one backoff ([`crate::backoff::WATCH`], jittered) as kube-runtime's watch backoff;
@@ -438,6 +481,10 @@ mod tests {
 
     use super::*;
 
+    fn key(name: &str) -> ObjectKey {
+        ObjectKey::new("ns", name)
+    }
+
     fn plugin(name: &str, rv: &str, label: &str) -> Value {
         json!({"apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin",
                "metadata": {"name": name, "namespace": "ns", "resourceVersion": rv, "generation": 1,
@@ -477,6 +524,35 @@ mod tests {
         assert!(l.apply(Event::Apply(plugin("a", "3", "y"))));
         assert!(l.apply(Event::Delete(plugin("a", "3", "y"))));
         assert!(!l.apply(Event::Delete(plugin("a", "3", "y"))));
+    }
+
+    #[test]
+    fn an_unchanged_object_keeps_its_arc_across_snapshots() {
+        let mut l = Listing::default();
+        l.apply(Event::Init);
+        l.apply(Event::InitApply(plugin("a", "1", "x")));
+        l.apply(Event::InitApply(plugin("b", "2", "x")));
+        l.apply(Event::InitDone);
+        let first = snapshot_of(std::slice::from_ref(&l), &[], std::iter::empty());
+        // b edited, a's status written (a new resourceVersion): a's view is the same object.
+        assert!(l.apply(Event::Apply(plugin("b", "3", "y"))));
+        assert!(l.apply(Event::Apply(plugin("a", "4", "x"))));
+        let second = snapshot_of(std::slice::from_ref(&l), &[], std::iter::empty());
+        let (a, b) = (key("a"), key("b"));
+        assert!(Arc::ptr_eq(&first.plugins[&a], &second.plugins[&a]));
+        assert!(!Arc::ptr_eq(&first.plugins[&b], &second.plugins[&b]));
+        assert_eq!(second.plugins[&b]["metadata"]["labels"]["l"], "y");
+        assert_eq!(second.meta[&a].resource_version, "4");
+        // A relist returning the same objects shares them too.
+        l.apply(Event::Init);
+        l.apply(Event::InitApply(plugin("a", "4", "x")));
+        l.apply(Event::InitApply(plugin("b", "3", "y")));
+        assert!(!l.apply(Event::InitDone));
+        let third = snapshot_of(std::slice::from_ref(&l), &[], std::iter::empty());
+        assert_eq!(third, second);
+        for k in [&a, &b] {
+            assert!(Arc::ptr_eq(&second.plugins[k], &third.plugins[k]));
+        }
     }
 
     #[test]

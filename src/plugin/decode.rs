@@ -219,14 +219,21 @@ impl<'de> Visitor<'de> for Counted<'_> {
         while let Some(item) = seq.next_element_seed(Counted(&mut *self.0))? {
             items.push(item);
         }
+        items.shrink_to_fit();
         Ok(Value::Array(items))
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         self.0.take(1, 0)?;
-        let mut out = Map::new();
+        // Collected first, so that the map is allocated at its exact size: grown entry by entry,
+        // an ordered map keeps room for up to twice its entries, for the life of the object.
+        let mut entries = Vec::new();
         while let Some(key) = map.next_key_seed(Key(&mut *self.0))? {
             let value = map.next_value_seed(Counted(&mut *self.0))?;
+            entries.push((key, value));
+        }
+        let mut out = Map::with_capacity(entries.len());
+        for (key, value) in entries {
             out.insert(key, value);
         }
         Ok(Value::Object(out))

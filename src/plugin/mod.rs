@@ -6,8 +6,9 @@
 //! compare (metadata edits are changes) and what merge patches apply to. Validation lives in
 //! [`validate`]; pull secrets in [`secret`].
 //!
-//! Length: about 640 lines: the typed model, its parsing and the shared (`Arc`) object it keeps
-//! are read together; the tests take about 90 of them.
+//! Length: about 700 lines: the typed model, its parsing and the shared (`Arc`) object it keeps
+//! (with [`Mapping`], what the typed spec checks but leaves in it) are read together; the tests
+//! take about 115 of them.
 
 pub mod decode;
 pub mod envoyfilter;
@@ -101,8 +102,10 @@ pub struct WasmPluginSpec {
     pub image_pull_policy: ImagePullPolicy,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_pull_secret: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub plugin_config: Option<serde_json::Map<String, Value>>,
+    /// Whether `pluginConfig` is given (a JSON object: checked here, not copied); its content is
+    /// read from the plugin's object ([`WasmPlugin::plugin_config`]).
+    #[serde(default, skip_serializing)]
+    pub plugin_config: Option<Mapping>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plugin_name: Option<String>,
     #[serde(default)]
@@ -118,11 +121,39 @@ pub struct WasmPluginSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<WorkloadSelector>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub target_ref: Option<PolicyTargetReference>,
+    pub target_ref: Option<Box<PolicyTargetReference>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub target_refs: Vec<PolicyTargetReference>,
     #[serde(default, rename = "match", skip_serializing_if = "Vec::is_empty")]
     pub match_: Vec<TrafficSelector>,
+}
+
+/// A field that must be a JSON object, whose content the typed spec does not keep (the object it
+/// was parsed from holds it, once for all its holders).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Mapping;
+
+impl<'de> Deserialize<'de> for Mapping {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Mapping;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a map")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Mapping, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Mapping)
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -541,6 +572,13 @@ impl WasmPlugin {
         crate::url::ModuleUrl::parse(&self.spec.url)
     }
 
+    /// `spec.pluginConfig`, read from the object (none for a plugin standing for an extension
+    /// config, whose configuration is the template's).
+    pub fn plugin_config(&self) -> Option<&serde_json::Map<String, Value>> {
+        self.spec.plugin_config?;
+        self.object.get("spec")?.get("pluginConfig")?.as_object()
+    }
+
     /// `config.name` of the Envoy filter: `<namespace>.<name>`.
     pub fn filter_config_name(&self) -> String {
         format!("{}.{}", self.key.namespace, self.key.name)
@@ -609,6 +647,30 @@ spec: {url: "http://x/y.wasm", type: NETWORK, failStrategy: FAIL_OPEN}
         )
         .unwrap_err();
         assert!(e.message.contains("urll"), "{e}");
+    }
+
+    #[test]
+    fn plugin_config_must_be_a_mapping_and_is_read_from_the_object() {
+        let p = WasmPlugin::from_yaml(
+            "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: a}\nspec: {url: x/y, pluginConfig: {k: [1, {v: w}]}}",
+        )
+        .unwrap();
+        assert_eq!(p.spec.plugin_config, Some(Mapping));
+        assert_eq!(
+            Value::Object(p.plugin_config().unwrap().clone()),
+            serde_json::json!({"k": [1, {"v": "w"}]})
+        );
+        let e = WasmPlugin::from_yaml(
+            "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: a}\nspec: {url: x/y, pluginConfig: [1]}",
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "spec.pluginConfig");
+        assert!(e.message.contains("expected a map"), "{e}");
+        let none = WasmPlugin::from_yaml(
+            "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: a}\nspec: {url: x/y}",
+        )
+        .unwrap();
+        assert!(none.plugin_config().is_none());
     }
 
     #[test]

@@ -63,8 +63,9 @@ pub struct FileSource {
     /// Each file's last good content: its objects with their document index.
     last_good: BTreeMap<PathBuf, Vec<(usize, Arc<Value>)>>,
     read_errors: BTreeMap<PathBuf, FileError>,
-    /// Who defines each object, in order; the first wins.
-    definers: BTreeMap<ObjectId, BTreeSet<Definition>>,
+    /// Who defines each object, in order (sorted; almost always one definition, so a vector,
+    /// not a set with its node of eleven); the first wins.
+    definers: BTreeMap<ObjectId, Vec<Definition>>,
     /// The ignored later definitions of each object that has some, with their error.
     duplicates: BTreeMap<ObjectId, Vec<(Definition, FileError)>>,
     files_read: u64,
@@ -364,7 +365,7 @@ impl FileSource {
         for (i, (_, v)) in old.iter().flatten().enumerate() {
             let id = kind_and_key(v);
             if let Some(set) = self.definers.get_mut(&id) {
-                set.remove(&(file.to_path_buf(), i));
+                set.retain(|d| d.0 != file || d.1 != i);
                 if set.is_empty() {
                     self.definers.remove(&id);
                 }
@@ -373,7 +374,11 @@ impl FileSource {
         }
         for (i, (_, v)) in self.last_good.get(file).into_iter().flatten().enumerate() {
             let id = kind_and_key(v);
-            (self.definers.entry(id.clone()).or_default()).insert((file.to_path_buf(), i));
+            let set = (self.definers.entry(id.clone())).or_insert_with(|| Vec::with_capacity(1));
+            let d = (file.to_path_buf(), i);
+            if let Err(at) = set.binary_search(&d) {
+                set.insert(at, d);
+            }
             affected.insert(id);
         }
     }
@@ -554,8 +559,9 @@ impl Definitions {
 /// this object rather than holding a normalised copy.
 fn read_objects(file: &Path) -> Result<Vec<(usize, Arc<Value>)>, String> {
     let text = crate::cli::read_manifest(file, crate::cli::MAX_MANIFEST_BYTES)?;
-    let mut out = Vec::new();
-    for doc in plugin::documents(&text) {
+    let docs = plugin::documents(&text);
+    let mut out = Vec::with_capacity(docs.len());
+    for doc in docs {
         let (i, v) = doc.map_err(|e| format!("document {}: {}", e.document + 1, e.message))?;
         let v = Arc::new(v);
         match plugin::parse_shared(i, v.clone()) {
