@@ -8,15 +8,21 @@
 //! [`FileChanges::bump`]). Between two changes a file's bytes are the ones hashed last time, so
 //! reading and hashing them again at every `expect` only repeats the same work; after any change
 //! every file is read and hashed again.
+//!
+//! The resources `serves` looks at are decoded again only after they changed, too
+//! ([`DecodedResources`]).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::convert::{Code, Delivered};
 use crate::store::{sha256_hex, ModuleStore, StagedFile, StoredModule};
+use crate::xds::ResourceStore;
 
 /// How many times a module file changed (any of them), shared by the store wrapper and the runner.
 #[derive(Clone, Debug, Default)]
@@ -131,6 +137,60 @@ impl ServedHashes {
         let sha = sha256_hex(&read()?);
         known.1.insert(path.to_path_buf(), sha.clone());
         Ok(sha)
+    }
+}
+
+/// What a published resource delivers, as `expect`'s `serves` needs it.
+#[derive(Debug)]
+pub enum Decoded {
+    Undecodable,
+    DenyAll,
+    AllowAll,
+    /// The sha256 of inline bytes.
+    Inline(String),
+    File(PathBuf),
+    /// The sha256 a proxy asks the module endpoint for.
+    Remote(String),
+}
+
+impl Decoded {
+    fn of(delivered: Option<Delivered>) -> Self {
+        match delivered {
+            None => Decoded::Undecodable,
+            Some(Delivered::DenyAll) => Decoded::DenyAll,
+            Some(Delivered::AllowAll) => Decoded::AllowAll,
+            Some(Delivered::Module(Code::Inline(b))) => Decoded::Inline(sha256_hex(&b)),
+            Some(Delivered::Module(Code::File(path))) => Decoded::File(path),
+            Some(Delivered::Module(Code::Remote { sha256, .. })) => Decoded::Remote(sha256),
+        }
+    }
+}
+
+/// Published resources decoded, by name, with the store revision each is of: a resource is
+/// decoded again only after it changed ([`ResourceStore::revision_of`]). One entry per resource
+/// name; [`DecodedResources::clear`] it when the store is replaced (a restart), whose revisions
+/// start afresh.
+#[derive(Debug, Default)]
+pub struct DecodedResources(RefCell<HashMap<String, (u64, Rc<Decoded>)>>);
+
+impl DecodedResources {
+    /// What the resource `name` of `resources` delivers; `None` when nothing is published under it.
+    pub fn get(&self, resources: &ResourceStore, name: &str) -> Option<Rc<Decoded>> {
+        let revision = resources.revision_of(name)?;
+        let mut known = self.0.borrow_mut();
+        if let Some((r, d)) = known.get(name) {
+            if *r == revision {
+                return Some(d.clone());
+            }
+        }
+        let resource = resources.get(name)?;
+        let decoded = Rc::new(Decoded::of(crate::convert::decode_delivered(&resource)));
+        known.insert(name.to_string(), (revision, decoded.clone()));
+        Some(decoded)
+    }
+
+    pub fn clear(&mut self) {
+        self.0.get_mut().clear();
     }
 }
 
