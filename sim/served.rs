@@ -260,4 +260,47 @@ mod tests {
         let gone = hashes.sha256_of(&a, || store.read(&a));
         assert_eq!(gone.unwrap_err().kind(), io::ErrorKind::NotFound);
     }
+
+    #[test]
+    fn a_resource_is_decoded_again_only_after_it_changed() {
+        use envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig;
+        use envoy_types::pb::google::protobuf::Any;
+        let config = |value: &[u8]| TypedExtensionConfig {
+            name: String::new(),
+            typed_config: Some(Any {
+                type_url: "type.googleapis.com/not.a.Filter".into(),
+                value: value.to_vec(),
+            }),
+        };
+        let mut store = ResourceStore::new();
+        let mut decoded = DecodedResources::default();
+        assert!(decoded.get(&store, "r").is_none(), "nothing published");
+
+        store.set("r", config(b"one"));
+        let first = decoded.get(&store, "r").unwrap();
+        assert!(matches!(*first, Decoded::Undecodable));
+        let again = decoded.get(&store, "r").unwrap();
+        assert!(Rc::ptr_eq(&first, &again), "unchanged: not decoded again");
+
+        // The same content again is no change of the resource either.
+        store.set("r", config(b"one"));
+        assert!(Rc::ptr_eq(&first, &decoded.get(&store, "r").unwrap()));
+
+        store.set("r", config(b"two"));
+        let changed = decoded.get(&store, "r").unwrap();
+        assert!(!Rc::ptr_eq(&first, &changed), "changed: decoded again");
+
+        store.remove("r");
+        assert!(
+            decoded.get(&store, "r").is_none(),
+            "removed: nothing delivered"
+        );
+
+        // A restart's new store counts revisions afresh: what was decoded is forgotten.
+        store = ResourceStore::new();
+        store.set("r", config(b"three"));
+        decoded.clear();
+        let fresh = decoded.get(&store, "r").unwrap();
+        assert!(!Rc::ptr_eq(&changed, &fresh));
+    }
 }
