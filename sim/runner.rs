@@ -25,10 +25,9 @@ use super::scenario::{
     DeleteTarget, EditTarget, Expect, RequestExpect, Scenario, Step, Target, OUTCOME_NONE,
     SERVES_ABSENT, SERVES_ALLOW_ALL, SERVES_DENY_ALL,
 };
-use super::served::{FileChanges, ServedHashes, WatchedStore};
+use super::served::{Decoded, DecodedResources, FileChanges, ServedHashes, WatchedStore};
 use super::world::SimWorld;
 use crate::clock::{Clock, Timestamp, TokioClock};
-use crate::convert::{Code, Delivered};
 use crate::driver::{Applied, Driver, DriverParts};
 use crate::engine::{EngineParts, Event, Serving};
 use crate::metrics::normalize_series;
@@ -156,6 +155,9 @@ struct Runner<'a> {
     /// Changes of the module files (store and local files), and the sha256 of the delivered ones.
     changes: FileChanges,
     served: ServedHashes,
+    /// Published resources decoded for `expect`, emptied at `restart` (a new store counts
+    /// revisions afresh).
+    delivered: DecodedResources,
 }
 
 impl<'a> Runner<'a> {
@@ -193,6 +195,7 @@ impl<'a> Runner<'a> {
             expired: BTreeSet::new(),
             served: ServedHashes::new(changes.clone()),
             changes,
+            delivered: DecodedResources::default(),
         };
         r.log(
             Timestamp::ZERO,
@@ -458,6 +461,7 @@ impl<'a> Runner<'a> {
             .driver
             .restart(keep_cache)
             .map_err(|e| format!("restart: {e}"))?;
+        self.delivered.clear();
         self.log(
             self.now(),
             format!(
@@ -477,24 +481,25 @@ impl<'a> Runner<'a> {
         if self.driver.objects().resource_owner(&name) != Some(k) {
             return SERVES_ABSENT.into();
         }
-        let Some(resource) = self.driver.resources().get(&name) else {
+        let Some(delivered) = self.delivered.get(self.driver.resources(), &name) else {
             return SERVES_ABSENT.into();
         };
-        let sha256 = match crate::convert::decode_delivered(&resource) {
-            None => return "<undecodable resource>".into(),
-            Some(Delivered::DenyAll) => return SERVES_DENY_ALL.into(),
-            Some(Delivered::AllowAll) => return SERVES_ALLOW_ALL.into(),
-            Some(Delivered::Module(Code::Inline(b))) => Ok(sha256_hex(&b)),
-            Some(Delivered::Module(Code::File(path))) => {
+        let sha256 = match &*delivered {
+            Decoded::Undecodable => return "<undecodable resource>".into(),
+            Decoded::DenyAll => return SERVES_DENY_ALL.into(),
+            Decoded::AllowAll => return SERVES_ALLOW_ALL.into(),
+            Decoded::Inline(sha256) => Ok(sha256.clone()),
+            Decoded::File(path) => {
+                let path = path.as_path();
                 // Read and hashed again only when a module file changed since (see `served`).
                 let sha256 = self
                     .served
-                    .sha256_of(&path, || self.driver.engine().read_path(&path));
+                    .sha256_of(path, || self.driver.engine().read_path(path));
                 if let (Ok(have), Some(Serving::Module(m))) = (
                     &sha256,
                     self.driver.engine().plugin(k).map(|st| &st.serving),
                 ) {
-                    if m.path == path && m.sha256 != *have {
+                    if m.path == *path && m.sha256 != *have {
                         return format!(
                             "<{} at {}, but the engine serves {}>",
                             self.module_name(have),
@@ -505,8 +510,8 @@ impl<'a> Runner<'a> {
                 }
                 sha256
             }
-            Some(Delivered::Module(Code::Remote { sha256, .. })) => (self.driver.modules())
-                .read(&sha256)
+            Decoded::Remote(sha256) => (self.driver.modules())
+                .read(sha256)
                 .unwrap_or_else(|| {
                     Err(std::io::Error::other(format!(
                         "no module {sha256} at the module endpoint"
@@ -522,13 +527,14 @@ impl<'a> Runner<'a> {
 
     fn expect(&self, n: usize, e: &Expect) -> Vec<CheckFailure> {
         let mut failures = Vec::new();
-        let mut check = |check: String, expected: String, actual: String| {
+        // The check's name and the values are made into strings only for a failure.
+        let mut check = |check: &dyn std::fmt::Display, expected: &str, actual: &str| {
             if expected != actual {
                 failures.push(CheckFailure {
                     step: n,
-                    check,
-                    expected,
-                    actual,
+                    check: check.to_string(),
+                    expected: expected.to_string(),
+                    actual: actual.to_string(),
                 });
             }
         };
@@ -536,19 +542,19 @@ impl<'a> Runner<'a> {
             let last = self.outcomes.get(k);
             if let Some(o) = &p.outcome {
                 check(
-                    format!("plugins.{k}.outcome"),
-                    o.clone(),
-                    last.map_or(OUTCOME_NONE, |o| o.name()).to_string(),
+                    &format_args!("plugins.{k}.outcome"),
+                    o,
+                    last.map_or(OUTCOME_NONE, |o| o.name()),
                 );
             }
             if let Some(r) = &p.reason {
                 let actual = last
                     .and_then(Outcome::reason)
                     .unwrap_or_else(|| "(no reason)".into());
-                check(format!("plugins.{k}.reason"), r.clone(), actual);
+                check(&format_args!("plugins.{k}.reason"), r, &actual);
             }
             if let Some(s) = &p.serves {
-                check(format!("plugins.{k}.serves"), s.clone(), self.serves(k));
+                check(&format_args!("plugins.{k}.serves"), s, &self.serves(k));
             }
         }
         if let Some(want) = &e.cache {
@@ -559,19 +565,24 @@ impl<'a> Runner<'a> {
                 .entries()
                 .map(|(_, entry)| self.module_name(&entry.sha256))
                 .collect();
-            check("cache".into(), list(want), list(&have));
+            check(&"cache", &list(want), &list(&have));
         }
         if let Some(want) = &e.expired {
-            check("expired".into(), list(want), list(&self.expired));
+            check(&"expired", &list(want), &list(&self.expired));
         }
-        let counts = self.world.counts();
+        // Copied only for an expectation that counts requests.
+        let counts = if e.requests.is_empty() {
+            BTreeMap::new()
+        } else {
+            self.world.counts()
+        };
         for (host, want) in &e.requests {
             let have = counts.get(host).copied().unwrap_or_default();
             match want {
                 RequestExpect::Total(t) => check(
-                    format!("requests.{host}"),
-                    t.to_string(),
-                    have.total().to_string(),
+                    &format_args!("requests.{host}"),
+                    &t.to_string(),
+                    &have.total().to_string(),
                 ),
                 RequestExpect::Kinds {
                     manifest,
@@ -585,9 +596,9 @@ impl<'a> Runner<'a> {
                     ] {
                         if let Some(w) = want {
                             check(
-                                format!("requests.{host}.{kind}"),
-                                w.to_string(),
-                                have.to_string(),
+                                &format_args!("requests.{host}.{kind}"),
+                                &w.to_string(),
+                                &have.to_string(),
                             );
                         }
                     }
@@ -601,7 +612,11 @@ impl<'a> Runner<'a> {
                     .get(&normalize_series(series))
                     .copied()
                     .unwrap_or(0.0);
-                check(format!("metrics.{series}"), number(*want), number(have));
+                check(
+                    &format_args!("metrics.{series}"),
+                    &number(*want),
+                    &number(have),
+                );
             }
         }
         failures

@@ -8,15 +8,21 @@
 //! [`FileChanges::bump`]). Between two changes a file's bytes are the ones hashed last time, so
 //! reading and hashing them again at every `expect` only repeats the same work; after any change
 //! every file is read and hashed again.
+//!
+//! The resources `serves` looks at are decoded again only after they changed, too
+//! ([`DecodedResources`]).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::convert::{Code, Delivered};
 use crate::store::{sha256_hex, ModuleStore, StagedFile, StoredModule};
+use crate::xds::ResourceStore;
 
 /// How many times a module file changed (any of them), shared by the store wrapper and the runner.
 #[derive(Clone, Debug, Default)]
@@ -134,6 +140,60 @@ impl ServedHashes {
     }
 }
 
+/// What a published resource delivers, as `expect`'s `serves` needs it.
+#[derive(Debug)]
+pub enum Decoded {
+    Undecodable,
+    DenyAll,
+    AllowAll,
+    /// The sha256 of inline bytes.
+    Inline(String),
+    File(PathBuf),
+    /// The sha256 a proxy asks the module endpoint for.
+    Remote(String),
+}
+
+impl Decoded {
+    fn of(delivered: Option<Delivered>) -> Self {
+        match delivered {
+            None => Decoded::Undecodable,
+            Some(Delivered::DenyAll) => Decoded::DenyAll,
+            Some(Delivered::AllowAll) => Decoded::AllowAll,
+            Some(Delivered::Module(Code::Inline(b))) => Decoded::Inline(sha256_hex(&b)),
+            Some(Delivered::Module(Code::File(path))) => Decoded::File(path),
+            Some(Delivered::Module(Code::Remote { sha256, .. })) => Decoded::Remote(sha256),
+        }
+    }
+}
+
+/// Published resources decoded, by name, with the store revision each is of: a resource is
+/// decoded again only after it changed ([`ResourceStore::revision_of`]). One entry per resource
+/// name; [`DecodedResources::clear`] it when the store is replaced (a restart), whose revisions
+/// start afresh.
+#[derive(Debug, Default)]
+pub struct DecodedResources(RefCell<HashMap<String, (u64, Rc<Decoded>)>>);
+
+impl DecodedResources {
+    /// What the resource `name` of `resources` delivers; `None` when nothing is published under it.
+    pub fn get(&self, resources: &ResourceStore, name: &str) -> Option<Rc<Decoded>> {
+        let revision = resources.revision_of(name)?;
+        let mut known = self.0.borrow_mut();
+        if let Some((r, d)) = known.get(name) {
+            if *r == revision {
+                return Some(d.clone());
+            }
+        }
+        let resource = resources.get(name)?;
+        let decoded = Rc::new(Decoded::of(crate::convert::decode_delivered(&resource)));
+        known.insert(name.to_string(), (revision, decoded.clone()));
+        Some(decoded)
+    }
+
+    pub fn clear(&mut self) {
+        self.0.get_mut().clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,5 +259,48 @@ mod tests {
         store.wipe().unwrap();
         let gone = hashes.sha256_of(&a, || store.read(&a));
         assert_eq!(gone.unwrap_err().kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn a_resource_is_decoded_again_only_after_it_changed() {
+        use envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig;
+        use envoy_types::pb::google::protobuf::Any;
+        let config = |value: &[u8]| TypedExtensionConfig {
+            name: String::new(),
+            typed_config: Some(Any {
+                type_url: "type.googleapis.com/not.a.Filter".into(),
+                value: value.to_vec(),
+            }),
+        };
+        let mut store = ResourceStore::new();
+        let mut decoded = DecodedResources::default();
+        assert!(decoded.get(&store, "r").is_none(), "nothing published");
+
+        store.set("r", config(b"one"));
+        let first = decoded.get(&store, "r").unwrap();
+        assert!(matches!(*first, Decoded::Undecodable));
+        let again = decoded.get(&store, "r").unwrap();
+        assert!(Rc::ptr_eq(&first, &again), "unchanged: not decoded again");
+
+        // The same content again is no change of the resource either.
+        store.set("r", config(b"one"));
+        assert!(Rc::ptr_eq(&first, &decoded.get(&store, "r").unwrap()));
+
+        store.set("r", config(b"two"));
+        let changed = decoded.get(&store, "r").unwrap();
+        assert!(!Rc::ptr_eq(&first, &changed), "changed: decoded again");
+
+        store.remove("r");
+        assert!(
+            decoded.get(&store, "r").is_none(),
+            "removed: nothing delivered"
+        );
+
+        // A restart's new store counts revisions afresh: what was decoded is forgotten.
+        store = ResourceStore::new();
+        store.set("r", config(b"three"));
+        decoded.clear();
+        let fresh = decoded.get(&store, "r").unwrap();
+        assert!(!Rc::ptr_eq(&changed, &fresh));
     }
 }

@@ -341,8 +341,11 @@ impl Cache {
     }
 
     pub fn authorize(&mut self, key: &ModuleKey, plugin: &ObjectKey) {
+        // Looked up first: every revalidation authorizes again, and the key is copied only once.
         if let Some(e) = self.modules.get_mut(key) {
-            e.authorized.insert(plugin.clone());
+            if !e.authorized.contains(plugin) {
+                e.authorized.insert(plugin.clone());
+            }
         }
     }
 

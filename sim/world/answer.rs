@@ -46,30 +46,25 @@ fn lowercased_is(header: &str, lower: &str) -> bool {
         && (header.bytes().zip(lower.bytes())).all(|(h, l)| h.to_ascii_lowercase() == l)
 }
 
-pub(super) enum Route {
+/// What a request path asks for; the parts borrow the path.
+pub(super) enum Route<'a> {
     Ping,
-    Manifest { repo: String, reference: String },
-    Blob { repo: String, digest: String },
+    Manifest { repo: &'a str, reference: &'a str },
+    Blob { repo: &'a str, digest: &'a str },
     Get,
 }
 
-pub(super) fn route(path: &str) -> Route {
+pub(super) fn route(path: &str) -> Route<'_> {
     let path = path.split('?').next().unwrap_or(path);
     if path == "/v2" || path == "/v2/" {
         return Route::Ping;
     }
     if let Some(rest) = path.strip_prefix("/v2/") {
         if let Some((repo, reference)) = rest.rsplit_once("/manifests/") {
-            return Route::Manifest {
-                repo: repo.to_string(),
-                reference: reference.to_string(),
-            };
+            return Route::Manifest { repo, reference };
         }
         if let Some((repo, digest)) = rest.rsplit_once("/blobs/") {
-            return Route::Blob {
-                repo: repo.to_string(),
-                digest: digest.to_string(),
-            };
+            return Route::Blob { repo, digest };
         }
     }
     Route::Get
@@ -168,10 +163,10 @@ impl SimWorld {
         let authorized = auth.as_ref().is_none_or(|a| a.admits(authorization));
         let route = route(path);
         let scope = match &route {
-            Route::Manifest { repo, .. } | Route::Blob { repo, .. } => Some(repo.clone()),
+            Route::Manifest { repo, .. } | Route::Blob { repo, .. } => Some(*repo),
             _ => None,
         };
-        let challenge = |a: &AuthRule| a.challenge(authority, scope.as_deref());
+        let challenge = |a: &AuthRule| a.challenge(authority, scope);
         let kind = match route {
             Route::Ping => {
                 let answer = match auth.as_ref().filter(|_| !authorized) {
@@ -204,16 +199,18 @@ impl SimWorld {
             Route::Blob { .. } => RequestKind::Blob,
             Route::Get => RequestKind::Get,
         };
-        let this = Challenge {
-            host: authority.clone(),
-            path: path.clone(),
-            at: now,
-        };
-        let answers_challenge = authorization.is_some() && challenged.as_ref() == Some(&this);
+        // This very request, challenged just before (compared in place: made only to be kept).
+        let answers_challenge = authorization.is_some()
+            && challenged
+                .as_ref()
+                .is_some_and(|c| c.host == *authority && c.path == *path && c.at == now);
         let host = st.hosts.get_mut(authority).expect("inserted above");
-        let mut note = String::new();
+        let note = if answers_challenge {
+            " (answers the challenge, not counted again)"
+        } else {
+            ""
+        };
         let rule = if answers_challenge {
-            note.push_str(" (answers the challenge, not counted again)");
             None
         } else {
             match st.counts.get_mut(authority) {
@@ -222,51 +219,56 @@ impl SimWorld {
             }
             take_rule(&mut host.rules, kind)
         };
-        let prefix = format!("request {authority} {} {path}", kind.as_str());
-        let log = |st: &mut State, result: String| {
+        let log = |st: &mut State, result: &dyn std::fmt::Display| {
             st.events.push(WorldEvent {
                 at: now,
-                text: format!("{prefix} -> {result}{note}"),
+                text: format!(
+                    "request {authority} {} {path} -> {result}{note}",
+                    kind.as_str()
+                ),
             })
         };
         match rule {
             Some(FailMode::Unavailable) => {
-                log(st, "unavailable (connection refused)".into());
+                log(st, &"unavailable (connection refused)");
                 return Decision::Fail(TransportError::Connect("connection refused".into()));
             }
             Some(FailMode::Timeout) => {
-                log(st, "timeout".into());
+                log(st, &"timeout");
                 return Decision::Timeout;
             }
             Some(FailMode::Status(code)) => {
-                log(st, format!("{code} (injected)"));
+                log(st, &format_args!("{code} (injected)"));
                 return Decision::Answer(Answer::new(code, "text/plain", Bytes::new()));
             }
             _ => {}
         }
         let mut answer = if let Some(a) = auth.as_ref().filter(|_| !authorized) {
             if authorization.is_none() {
-                st.challenge = Some(this);
+                st.challenge = Some(Challenge {
+                    host: authority.clone(),
+                    path: path.clone(),
+                    at: now,
+                });
             }
             Answer::unauthorized(challenge(a))
         } else {
             let host = st.hosts.get(authority).expect("inserted above");
             match route {
                 Route::Manifest { repo, reference } => {
-                    serve_manifest(host, &repo, &reference, &accept)
+                    serve_manifest(host, repo, reference, &accept)
                 }
-                Route::Blob { repo, digest } => serve_blob(host, &repo, &digest),
+                Route::Blob { repo, digest } => serve_blob(host, repo, digest),
                 Route::Get | Route::Ping => match host.paths.get(path) {
                     Some(body) => Answer::new(200, "application/octet-stream", body.clone()),
                     None => Answer::new(404, "text/plain", &b"404 page not found\n"[..]),
                 },
             }
         };
-        let mut result = answer.status.to_string();
-        match rule {
+        let what = match rule {
             Some(FailMode::Reset) => {
                 answer.reset_after = Some(answer.body.len() / 2);
-                result.push_str(", reset mid-body");
+                ", reset mid-body"
             }
             Some(FailMode::Corrupt) => {
                 let mut bytes = answer.body.to_vec();
@@ -274,11 +276,11 @@ impl SimWorld {
                     *b ^= 0xff;
                 }
                 answer.body = Bytes::from(bytes);
-                result.push_str(", corrupted body");
+                ", corrupted body"
             }
-            _ => {}
-        }
-        log(st, result);
+            _ => "",
+        };
+        log(st, &format_args!("{}{what}", answer.status));
         Decision::Answer(answer)
     }
 }
@@ -305,14 +307,14 @@ pub(super) fn serve_manifest(host: &Host, repo: &str, reference: &str, accept: &
             "repository name not known to registry",
         );
     };
-    let digest = match reference.strip_prefix("sha256:") {
-        Some(d) => d.to_string(),
+    let digest: &str = match reference.strip_prefix("sha256:") {
+        Some(d) => d,
         None => match r.tags.get(reference) {
-            Some(d) => d.clone(),
+            Some(d) => d,
             None => return unknown(),
         },
     };
-    let Some(m) = r.manifests.get(&digest) else {
+    let Some(m) = r.manifests.get(digest) else {
         return unknown();
     };
     // Like distribution: a manifest the client does not accept is not served.

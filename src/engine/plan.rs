@@ -78,7 +78,8 @@ impl Engine {
     fn plan(&self, key: &ObjectKey, trigger: Trigger) -> Plan {
         let st = &self.plugins[key];
         let expected = st.decision.expected_checksum.clone();
-        let url_str = st.url.to_string();
+        // Only cache lookups by URL need it as text: not an OCI pull that must go to the registry.
+        let url_str = || st.url.to_string();
         let reference = match &st.url {
             ModuleUrl::File(path) => {
                 return Plan::Fetch(Job::File {
@@ -109,7 +110,7 @@ impl Engine {
         if !must_pull {
             let candidate = match &expected {
                 Some(c) => Some(ModuleKey::new(st.url.module_name(), c.clone())),
-                None => self.cache.resolution(&url_str).cloned(),
+                None => self.cache.resolution(&url_str()).cloned(),
             };
             if let Some(k) = candidate {
                 if self.cache.is_verified(&k) && self.cache.is_authorized(&k, key) {
@@ -140,6 +141,7 @@ impl Engine {
                 }
             }
             Err(url) => {
+                let url_str = url_str();
                 // A conditional request when the url resolves to a cached module fitting the pin.
                 let conditional = self
                     .cache

@@ -534,6 +534,13 @@ impl ResourceStore {
             let _ = self.inner.events.send(make());
         }
     }
+
+    /// The store revision at which the resource last changed, without decoding it: a reader that
+    /// keeps what it decoded (the simulator's `expect`) decodes again only when this moves.
+    /// Revisions only grow within one store.
+    pub fn revision_of(&self, name: &str) -> Option<u64> {
+        self.read().resources.get(name).map(|e| e.revision)
+    }
 }
 
 /// The SotW `version_info` for a set of entries (sorted by name): the entry's own version when there
