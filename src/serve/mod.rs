@@ -422,6 +422,7 @@ impl Controller {
         // list — has been loaded and processed.
         let mut ready_tx = Some(ready);
         let mut ready_ticket = None;
+        let mut release = false;
         let rescan = files::FileChanges {
             rescan: true,
             ..Default::default()
@@ -437,7 +438,7 @@ impl Controller {
             {
                 if let Some(tx) = ready_tx.take() {
                     let _ = tx.send(());
-                    release_freed_memory();
+                    release = true;
                 }
             }
             // Events are read by the proxy link, `WatchEvents` and the module index; taking them
@@ -468,6 +469,12 @@ impl Controller {
                 }
                 None => None,
             };
+            // Once the initial set is processed and its events (one or more per plugin) are
+            // dropped: what loading freed is merged now, not by the next edit.
+            drop(events);
+            if std::mem::take(&mut release) {
+                release_freed_memory();
+            }
             tokio::select! {
                 _ = wait_shutdown(shutdown.clone()) => break,
                 () = next_wanted(&mut self.proxy) => {
