@@ -12,6 +12,9 @@
 //! A file that does not verify is removed by the verifier itself, under its lock, unless the
 //! module was downloaded again meanwhile ([`Verifier::supersede`]): the fresh file under the same
 //! name is then never touched. The cache learns the results when it asks ([`Verifier::take`]).
+//!
+//! (Just over 600 lines with its unit tests: the panicking store they need delegates every
+//! method of the store trait.)
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io::{self, Read};
