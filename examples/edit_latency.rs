@@ -16,7 +16,12 @@
 //! 100 ms debounce of file events (latency) and whatever else a change costs (CPU).
 //!
 //! It prints a table per N and the ratios of the medians to those of the first N, measured in the
-//! same run (the target: 50k within 1.5x of 100). The generated tree is removed.
+//! same run (the target: 50k within 1.5x of 100), and the mean and largest CPU per edit:
+//! the median hides the first edits after start-up, which paid for what start-up left to the
+//! allocator until the controller released it at readiness. With `WASM_ECDS_BASELINE` naming
+//! another binary (e.g. one built from an older commit), each N runs both binaries, alternately,
+//! and the ratios of this binary's figures to the baseline's are printed too. The generated tree
+//! is removed.
 
 #![allow(clippy::disallowed_methods)] // a measuring tool
 
@@ -146,6 +151,36 @@ fn median(v: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// One binary's figures at one N.
+struct Figures {
+    latency: f64,
+    cpu: f64,
+    cpu_mean: f64,
+    cpu_max: f64,
+}
+
+/// Measures `bin` at `n` and prints its table.
+async fn run(label: &str, bin: &Path, n: usize, edits: usize) -> Figures {
+    let (latency, cpu, ready_s) = measure(bin, n, edits).await;
+    println!("N={n} {label}(ready after {ready_s:.1}s)");
+    println!("  edit  latency_ms  server_cpu_ms");
+    for (i, (l, c)) in latency.iter().zip(&cpu).enumerate() {
+        println!("  {:>4}  {l:>10.1}  {c:>13.1}", i + 1);
+    }
+    let f = Figures {
+        latency: median(&latency),
+        cpu: median(&cpu),
+        cpu_mean: cpu.iter().sum::<f64>() / cpu.len() as f64,
+        cpu_max: cpu.iter().copied().fold(0.0, f64::max),
+    };
+    let nl = latency.iter().copied().fold(f64::MAX, f64::min);
+    println!(
+        "  median {:.1} ms latency, {:.1} ms CPU; min latency {nl:.1} ms; CPU mean {:.1} ms, max {:.1} ms",
+        f.latency, f.cpu, f.cpu_mean, f.cpu_max
+    );
+    f
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -169,29 +204,37 @@ async fn main() {
         "build the binary first: cargo build --release ({})",
         bin.display()
     );
+    let baseline = std::env::var_os("WASM_ECDS_BASELINE").map(PathBuf::from);
     let mut results = Vec::new();
     for &n in &counts {
-        let (latency, cpu, ready_s) = measure(&bin, n, edits).await;
-        println!("N={n} (ready after {ready_s:.1}s)");
-        println!("  edit  latency_ms  server_cpu_ms");
-        for (i, (l, c)) in latency.iter().zip(&cpu).enumerate() {
-            println!("  {:>4}  {l:>10.1}  {c:>13.1}", i + 1);
-        }
-        let (ml, mc) = (median(&latency), median(&cpu));
-        let (nl, nc) = (
-            latency.iter().copied().fold(f64::MAX, f64::min),
-            cpu.iter().copied().fold(f64::MAX, f64::min),
-        );
-        println!("  median {ml:.1} ms latency, {mc:.1} ms CPU; min {nl:.1} ms, {nc:.1} ms");
-        results.push((n, ml, mc));
+        let before = match &baseline {
+            Some(b) => Some(run("baseline ", b, n, edits).await),
+            None => None,
+        };
+        let now = run("", &bin, n, edits).await;
+        results.push((n, now, before));
     }
-    let (n0, l0, c0) = results[0];
-    println!("ratios to N={n0} (medians):");
-    for (n, l, c) in &results {
+    let (n0, first, _) = &results[0];
+    println!("ratios to N={n0} (medians; CPU mean in brackets):");
+    for (n, f, _) in &results {
         println!(
-            "  N={n:>6}: latency x{:.2}, CPU x{:.2}",
-            l / l0,
-            c / c0.max(0.001)
+            "  N={n:>6}: latency x{:.2}, CPU x{:.2} (x{:.2})",
+            f.latency / first.latency,
+            f.cpu / first.cpu.max(0.001),
+            f.cpu_mean / first.cpu_mean.max(0.001)
         );
+    }
+    if baseline.is_some() {
+        println!("this binary against the baseline, same N (CPU median / mean / max):");
+        for (n, f, b) in &results {
+            let b = b.as_ref().expect("measured");
+            println!(
+                "  N={n:>6}: {:.1}/{:.1}/{:.1} ms against {:.1}/{:.1}/{:.1} ms: x{:.2} / x{:.2} / x{:.2}",
+                f.cpu, f.cpu_mean, f.cpu_max, b.cpu, b.cpu_mean, b.cpu_max,
+                f.cpu / b.cpu.max(0.001),
+                f.cpu_mean / b.cpu_mean.max(0.001),
+                f.cpu_max / b.cpu_max.max(0.001)
+            );
+        }
     }
 }

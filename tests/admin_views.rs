@@ -295,3 +295,151 @@ fn readiness_waits_for_the_initial_pull_and_the_view_answers_meanwhile() {
     let done = wait_processed(&serve, "held", "");
     assert_eq!(done["outcome"], "pulled", "{done}");
 }
+
+/// A module shared by 230 plugins: its `/debug/cache` entry lists the first 100 with their count,
+/// and `/debug/plugins?module=<sha256>` pages through every user from the entry's `pluginsNext`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_module_entry_lists_100_users_and_the_others_are_paged() {
+    let host =
+        ModuleServer::start(vec![("/shared.wasm", Route::Body(wasm_module("shared")))]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    let url = host.url("/shared.wasm");
+    for i in 0..230 {
+        write_url_plugin(&plugins, &format!("u{i:03}"), &url);
+    }
+    let dir_path = dir.path().to_path_buf();
+    tokio::task::spawn_blocking(move || shared_module_users(&dir_path))
+        .await
+        .unwrap();
+}
+
+fn shared_module_users(dir: &Path) {
+    let serve = Process::start(dir, &[]);
+    assert!(serve.wait_ready());
+    serve.wait_until("every plugin references the module", |s| {
+        s.json("/debug/cache")["modules"][0]["pluginCount"] == 230
+    });
+    let entry = serve.json("/debug/cache")["modules"][0].clone();
+    let listed: Vec<String> = (entry["plugins"].as_array().unwrap().iter())
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    let want: Vec<String> = (0..230).map(|i| format!("default/u{i:03}")).collect();
+    assert_eq!(listed, want[..100], "the first 100 in name order");
+    assert_eq!(entry["pluginsNext"], "default/u099");
+    let sha = entry["sha256"].as_str().unwrap();
+
+    // The rest, from the entry's cursor, in pages of 60: whole plugin entries, each once.
+    let mut seen = listed;
+    let mut after = entry["pluginsNext"].as_str().unwrap().to_string();
+    let mut pages = 0;
+    loop {
+        let page = serve.json(&format!(
+            "/debug/plugins?module={sha}&after={after}&limit=60"
+        ));
+        pages += 1;
+        let here = names(&page, "plugins");
+        assert!(!here.is_empty() && here.len() <= 60, "{page}");
+        assert!((page["plugins"].as_array().unwrap().iter()).all(|p| p["serves"]["sha256"] == sha));
+        assert!(page["refused"].as_array().unwrap().is_empty());
+        seen.extend(here);
+        match page["next"].as_str() {
+            Some(next) => after = next.to_string(),
+            None => break,
+        }
+        assert!(pages < 10, "the cursor never ends");
+    }
+    assert_eq!(pages, 3, "130 users in pages of 60");
+    assert_eq!(seen, want);
+    // From the start, and for bytes no cached module has.
+    let first = serve.json(&format!("/debug/plugins?module={sha}&limit=2"));
+    assert_eq!(names(&first, "plugins"), want[..2]);
+    assert_eq!(first["next"], "default/u001");
+    let other = "0".repeat(64);
+    let none = serve.json(&format!("/debug/plugins?module={other}"));
+    assert!(
+        names(&none, "plugins").is_empty() && none["next"].is_null(),
+        "{none}"
+    );
+    for (query, culprit) in [
+        ("module=ABC", "module"),
+        ("module=&limit=2", "module"),
+        (&*format!("module={sha}&plugin=default/u001"), "plugin"),
+    ] {
+        let (status, body) = serve.get(&format!("/debug/plugins?{query}"));
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(
+            body.contains(culprit) && body.trim_end().lines().count() == 1,
+            "{query}: {body}"
+        );
+    }
+}
+
+/// Seven bad plugin files: a page lists at most `limit` of them with their count, and
+/// `?fileErrors=<fileErrorsNext>` pages through the others, each once.
+#[test]
+fn file_errors_are_paged() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    let module = dir.path().join("m.wasm");
+    std::fs::write(&module, wasm_module("m")).unwrap();
+    write_plugin(&plugins, "good", &module);
+    for i in 0..7 {
+        std::fs::write(plugins.join(format!("bad{i}.yaml")), "kind: [unclosed\n").unwrap();
+    }
+    let serve = Process::start(dir.path(), &[]);
+    assert!(serve.wait_ready());
+    let first = serve.json("/debug/plugins?limit=3");
+    assert_eq!(first["fileErrorCount"], 7, "{first}");
+    assert_eq!(first["fileErrors"].as_array().unwrap().len(), 3);
+    assert_eq!(first["fileErrorsNext"], 3);
+    let file = |e: &Value| e["file"].as_str().unwrap().to_string();
+    let mut seen: Vec<String> = first["fileErrors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(file)
+        .collect();
+    let mut from = first["fileErrorsNext"].as_u64();
+    while let Some(f) = from {
+        let page = serve.json(&format!("/debug/plugins?fileErrors={f}&limit=3"));
+        assert!(
+            names(&page, "plugins").is_empty() && page["next"].is_null(),
+            "{page}"
+        );
+        assert_eq!(page["fileErrorCount"], 7);
+        let errors = page["fileErrors"].as_array().unwrap();
+        assert!(!errors.is_empty() && errors.len() <= 3, "{page}");
+        seen.extend(errors.iter().map(file));
+        from = page["fileErrorsNext"].as_u64();
+        assert!(seen.len() <= 7, "the cursor never ends");
+    }
+    let mut want: Vec<String> = (0..7).map(|i| format!("bad{i}.yaml")).collect();
+    let mut short: Vec<String> = (seen.iter())
+        .map(|f| {
+            Path::new(f)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    short.sort();
+    want.sort();
+    assert_eq!(short, want);
+    // The default page has room for all of them; a later plugin page has none.
+    let all = serve.plugins();
+    assert_eq!(all["fileErrors"].as_array().unwrap().len(), 7);
+    assert!(all["fileErrorsNext"].is_null());
+    for (query, culprit) in [
+        ("fileErrors=x", "fileErrors"),
+        ("fileErrors=2&after=default/good", "fileErrors"),
+    ] {
+        let (status, body) = serve.get(&format!("/debug/plugins?{query}"));
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(
+            body.contains(culprit) && body.trim_end().lines().count() == 1,
+            "{query}: {body}"
+        );
+    }
+}

@@ -12,9 +12,13 @@
 //! A file that does not verify is removed by the verifier itself, under its lock, unless the
 //! module was downloaded again meanwhile ([`Verifier::supersede`]): the fresh file under the same
 //! name is then never touched. The cache learns the results when it asks ([`Verifier::take`]).
+//!
+//! (Just over 600 lines with its unit tests: the panicking store they need delegates every
+//! method of the store trait.)
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io::{self, Read};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -222,8 +226,7 @@ impl Verifier {
     fn work(&self) {
         let mut buf = vec![0u8; READ_BUFFER];
         while let Some(check) = self.next() {
-            let hashed = hash_file(self.store.as_ref(), &check.path, &mut buf);
-            let ok = hashed.ok().as_deref() == Some(check.sha256.as_str());
+            let ok = self.verify(&check, &mut buf);
             let mut st = self.lock();
             let Some((_, status)) = st.checks.get_mut(&check.key) else {
                 continue;
@@ -235,7 +238,8 @@ impl Verifier {
             if !ok {
                 // Under the lock: a download of the same module (`supersede` first) cannot be
                 // renamed into place between the check and the removal.
-                if let Err(e) = self.store.remove(&check.path) {
+                let removed = catch_unwind(AssertUnwindSafe(|| self.store.remove(&check.path)));
+                if let Err(e) = removed.unwrap_or_else(|p| Err(io::Error::other(panic_text(&p)))) {
                     tracing::warn!(path = %check.path.display(), error = %e, "cannot remove a cached module that failed verification");
                 }
             }
@@ -251,6 +255,22 @@ impl Verifier {
             self.wake();
             if finished {
                 log_verified(kept, removed);
+            }
+        }
+    }
+
+    /// Whether `check`'s file holds what the index says. A panic while reading it (a store's
+    /// bug) counts as a failed verification, logged in one line: the module is removed and pulled
+    /// again like any other that failed, its waiters learn that, and this worker goes on with the
+    /// next module instead of dying with this one marked running forever.
+    fn verify(&self, check: &Check, buf: &mut [u8]) -> bool {
+        let store = self.store.as_ref();
+        match catch_unwind(AssertUnwindSafe(|| hash_file(store, &check.path, buf))) {
+            Ok(hashed) => hashed.ok().as_deref() == Some(check.sha256.as_str()),
+            Err(panic) => {
+                let error = panic_text(&panic);
+                tracing::warn!(module = %check.key.name, path = %check.path.display(), %error, "cache verification panicked: the module counts as failed, is removed and will be pulled again");
+                false
             }
         }
     }
@@ -271,6 +291,14 @@ impl Verifier {
         }
         None
     }
+}
+
+/// What a caught panic said (its message, when it is text), on one line.
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    let text = (panic.downcast_ref::<&str>().copied())
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message");
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// The line saying every cached module found at start was verified (none: no line).
@@ -467,4 +495,112 @@ pub fn hash_file(store: &dyn ModuleStore, path: &Path, buf: &mut [u8]) -> io::Re
         h.update(&buf[..n]);
     }
     Ok(hex::encode(h.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fetch::StagedModule;
+    use crate::store::{MemStore, StagedFile, StoredModule};
+
+    /// A memory store whose reads of one module file panic (a store's bug), verified on one
+    /// worker thread of its own.
+    struct Panicky {
+        mem: Arc<MemStore>,
+        bad: PathBuf,
+    }
+
+    impl Panicky {
+        fn check(&self, path: &Path) {
+            assert!(path != self.bad, "reading {}\nfailed", path.display());
+        }
+    }
+
+    impl ModuleStore for Panicky {
+        fn stage(&self) -> io::Result<Box<dyn StagedFile>> {
+            self.mem.stage()
+        }
+        fn commit(&self, s: Box<dyn StagedFile>, name: &str, sum: &str) -> io::Result<PathBuf> {
+            self.mem.commit(s, name, sum)
+        }
+        fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+            self.check(path);
+            self.mem.read(path)
+        }
+        fn open(&self, path: &Path) -> io::Result<Box<dyn Read + Send>> {
+            self.check(path);
+            self.mem.open(path)
+        }
+        fn remove(&self, path: &Path) -> io::Result<()> {
+            self.mem.remove(path)
+        }
+        fn list(&self) -> io::Result<Vec<StoredModule>> {
+            self.mem.list()
+        }
+        fn load_index(&self) -> io::Result<Option<Vec<u8>>> {
+            self.mem.load_index()
+        }
+        fn save_index(&self, bytes: &[u8]) -> io::Result<()> {
+            self.mem.save_index(bytes)
+        }
+        fn wipe(&self) -> io::Result<()> {
+            self.mem.wipe()
+        }
+        fn verify_threads(&self) -> usize {
+            1
+        }
+    }
+
+    #[test]
+    fn a_panic_while_verifying_fails_that_module_and_the_worker_goes_on() {
+        let mem = Arc::new(MemStore::new());
+        let store: Arc<dyn ModuleStore> = mem.clone();
+        let keys: Vec<ModuleKey> = ["a", "b", "c"]
+            .iter()
+            .map(|n| ModuleKey::new(format!("http://h/{n}.wasm"), *n))
+            .collect();
+        let mut paths = Vec::new();
+        {
+            let (mut cache, _) = Cache::open(store.clone()).unwrap();
+            for k in &keys {
+                let bytes = format!("\0asm\x01\0\0\0{}", k.name).into_bytes();
+                let staged = StagedModule::of_bytes(store.as_ref(), &bytes).unwrap();
+                let entry = cache.insert(k, staged, false, Timestamp::ZERO).unwrap();
+                paths.push(entry.path.clone());
+                cache.set_resolution(&k.name, k);
+            }
+            cache.flush(Timestamp::ZERO);
+        }
+        // Reading the file verified first (the store lists in path order) panics, on the one
+        // verification thread: the two others come after it.
+        let b = (0..3).min_by_key(|&i| &paths[i]).unwrap();
+        let panicky = Arc::new(Panicky {
+            mem: mem.clone(),
+            bad: paths[b].clone(),
+        });
+        let (mut cache, report) = Cache::open(panicky).unwrap();
+        assert_eq!(report.verifying, 3);
+        // A plugin waiting for that module learns a result instead of waiting forever.
+        cache.verifier().wait_blocking(&keys[b]);
+        let report = cache.wait_verified();
+        assert_eq!((report.kept, report.verifying), (2, 0), "{report:?}");
+        assert_eq!(report.removed, vec![paths[b].clone()]);
+        assert!(cache.lost_to_verification(&keys[b]), "it is pulled again");
+        assert!(!cache.contains(&keys[b]) && cache.resolution(&keys[b].name).is_none());
+        // The worker survived the panic: the modules after it were verified by it too.
+        let others: Vec<usize> = (0..3).filter(|&i| i != b).collect();
+        assert!(others.iter().all(|&i| cache.is_verified(&keys[i])));
+        let left: Vec<PathBuf> = mem.list().unwrap().into_iter().map(|m| m.path).collect();
+        let mut kept: Vec<PathBuf> = others.iter().map(|&i| paths[i].clone()).collect();
+        kept.sort();
+        assert_eq!(left, kept, "its file removed, the others kept");
+    }
+
+    #[test]
+    fn a_panic_message_is_one_line() {
+        let caught = catch_unwind(|| panic!("reading x\nfailed")).unwrap_err();
+        assert_eq!(panic_text(&caught), "reading x failed");
+        let caught = catch_unwind(|| std::panic::panic_any(7u8)).unwrap_err();
+        assert_eq!(panic_text(&caught), "a panic without a message");
+    }
 }

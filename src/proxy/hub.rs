@@ -9,7 +9,7 @@
 //! An identity no stream holds any more stays wanted for [`LINGER`]: Envoys reconnecting, or an
 //! upstream resending the same resources, find it processed instead of pulling again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -147,9 +147,18 @@ struct Entry {
     result: watch::Sender<Option<Arc<Conversion>>>,
 }
 
+/// The identities, and those no stream holds by the time they were released: the sweep at every
+/// controller wake-up looks at the due ones only, not at every identity.
+#[derive(Default)]
+struct Table {
+    entries: BTreeMap<ObjectKey, Entry>,
+    /// `(released, key)` of each entry no stream holds.
+    lingering: BTreeSet<(Instant, ObjectKey)>,
+}
+
 /// The identities wanted by streams and their results.
 pub struct Hub {
-    entries: Mutex<BTreeMap<ObjectKey, Entry>>,
+    table: Mutex<Table>,
     wanted: watch::Sender<Arc<Wanted>>,
     epoch: watch::Sender<u64>,
 }
@@ -163,7 +172,7 @@ impl std::fmt::Debug for Hub {
 impl Default for Hub {
     fn default() -> Self {
         Hub {
-            entries: Mutex::new(BTreeMap::new()),
+            table: Mutex::new(Table::default()),
             wanted: watch::Sender::new(Arc::default()),
             epoch: watch::Sender::new(0),
         }
@@ -212,11 +221,14 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let mut entries = self.hub.entries.lock().expect("hub lock");
+        let mut table = self.hub.table.lock().expect("hub lock");
+        let Table { entries, lingering } = &mut *table;
         if let Some(e) = entries.get_mut(&self.key) {
             e.holders -= 1;
             if e.holders == 0 {
-                e.released = Some(Instant::now());
+                let now = Instant::now();
+                e.released = Some(now);
+                lingering.insert((now, self.key.clone()));
             }
         }
     }
@@ -229,7 +241,8 @@ impl Hub {
 
     /// Holds `identity`, adding it to the wanted set if it is new.
     pub fn acquire(self: &Arc<Self>, identity: Identity) -> Lease {
-        let mut entries = self.entries.lock().expect("hub lock");
+        let mut table = self.table.lock().expect("hub lock");
+        let Table { entries, lingering } = &mut *table;
         let key = identity.key.clone();
         let mut added = false;
         let entry = entries.entry(key.clone()).or_insert_with(|| {
@@ -242,12 +255,14 @@ impl Hub {
             }
         });
         entry.holders += 1;
-        entry.released = None;
+        if let Some(t) = entry.released.take() {
+            lingering.remove(&(t, key.clone()));
+        }
         let mut result = entry.result.subscribe();
         // A lease sees the current result as new.
         result.mark_changed();
         if added {
-            self.publish(&entries);
+            self.publish(entries);
         }
         Lease {
             hub: self.clone(),
@@ -268,21 +283,21 @@ impl Hub {
 
     /// The fallback of an identity (to answer for one the driver refused).
     pub fn fail_strategy(&self, key: &ObjectKey) -> Option<FailStrategy> {
-        let entries = self.entries.lock().expect("hub lock");
-        entries.get(key).map(|e| e.identity.fail)
+        let table = self.table.lock().expect("hub lock");
+        table.entries.get(key).map(|e| e.identity.fail)
     }
 
     /// The identities now wanted.
     pub fn keys(&self) -> Vec<ObjectKey> {
-        let entries = self.entries.lock().expect("hub lock");
-        entries.keys().cloned().collect()
+        let table = self.table.lock().expect("hub lock");
+        table.entries.keys().cloned().collect()
     }
 
     /// Records an identity's result; streams serving it are woken if it changed. Returns whether
     /// it changed.
     pub fn set_result(&self, key: &ObjectKey, conversion: Conversion) -> bool {
-        let entries = self.entries.lock().expect("hub lock");
-        let Some(e) = entries.get(key) else {
+        let table = self.table.lock().expect("hub lock");
+        let Some(e) = table.entries.get(key) else {
             return false;
         };
         let changed = e.result.send_if_modified(|cur| {
@@ -301,25 +316,33 @@ impl Hub {
 
     /// True when the identity has a result.
     pub fn has_result(&self, key: &ObjectKey) -> bool {
-        let entries = self.entries.lock().expect("hub lock");
-        entries
+        let table = self.table.lock().expect("hub lock");
+        table
+            .entries
             .get(key)
             .is_some_and(|e| e.result.borrow().is_some())
     }
 
     /// Drops the identities released longer than [`LINGER`] ago; returns when the next one is due.
+    /// The work is the dropped identities' (plus a look at the next due one), whatever the number
+    /// of identities held: this runs at every wake-up of the controller.
     pub fn sweep(&self) -> Option<Instant> {
         let now = Instant::now();
-        let mut entries = self.entries.lock().expect("hub lock");
-        let before = entries.len();
-        entries.retain(|_, e| e.holders > 0 || e.released.is_none_or(|t| now < t + LINGER));
-        if entries.len() != before {
-            self.publish(&entries);
+        let mut table = self.table.lock().expect("hub lock");
+        let Table { entries, lingering } = &mut *table;
+        let mut dropped = false;
+        while let Some((t, _)) = lingering.first().filter(|(t, _)| now >= *t + LINGER) {
+            let t = *t;
+            let (_, key) = lingering.pop_first().expect("looked at");
+            if entries.get(&key).is_some_and(|e| e.released == Some(t)) {
+                entries.remove(&key);
+                dropped = true;
+            }
         }
-        entries
-            .values()
-            .filter_map(|e| e.released.map(|t| t + LINGER))
-            .min()
+        if dropped {
+            self.publish(entries);
+        }
+        lingering.first().map(|(t, _)| *t + LINGER)
     }
 
     fn publish(&self, entries: &BTreeMap<ObjectKey, Entry>) {
@@ -424,5 +447,42 @@ mod tests {
         tokio::time::advance(LINGER).await;
         assert_eq!(hub.sweep(), None);
         assert_eq!(wanted.borrow().plugins.len(), 1);
+    }
+
+    /// The sweep looks only at the identities no stream holds: 500 held ones are never in its
+    /// index, a released one leaves it when taken again or dropped.
+    #[tokio::test(start_paused = true)]
+    async fn the_sweep_visits_released_identities_only() {
+        let hub = Hub::new();
+        let id = |n: usize| {
+            Identity::of(
+                &template(&format!("t{n}")),
+                &code("1", PullSecretEnv::Absent),
+            )
+        };
+        let _held: Vec<Lease> = (0..500).map(|n| hub.acquire(id(n))).collect();
+        let lingering = |hub: &Hub| hub.table.lock().unwrap().lingering.len();
+        assert_eq!((lingering(&hub), hub.sweep()), (0, None));
+        let start = Instant::now();
+        drop(hub.acquire(id(1000)));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        drop(hub.acquire(id(1001)));
+        drop(hub.acquire(id(1002)));
+        assert_eq!(lingering(&hub), 3);
+        assert_eq!(hub.sweep(), Some(start + LINGER));
+        // Taken again: out of the index.
+        let again = hub.acquire(id(1002));
+        assert_eq!(lingering(&hub), 2);
+        tokio::time::advance(LINGER - Duration::from_secs(1)).await;
+        // The first is due: dropped; the next is due a second later.
+        let next = hub.sweep();
+        assert_eq!(next, Some(start + Duration::from_secs(1) + LINGER));
+        assert_eq!(lingering(&hub), 1);
+        assert_eq!(hub.keys().len(), 502);
+        assert!(!hub.keys().contains(&id(1000).key));
+        drop(again);
+        tokio::time::advance(LINGER).await;
+        assert_eq!(hub.sweep(), None);
+        assert_eq!((lingering(&hub), hub.keys().len()), (0, 500));
     }
 }

@@ -26,16 +26,25 @@ use crate::plugin::ObjectKey;
 pub const DEFAULT_LIMIT: usize = 1000;
 /// The largest `limit` accepted.
 pub const MAX_LIMIT: usize = 10_000;
+/// The plugins one `/debug/cache` entry lists; the others are paged with
+/// `/debug/plugins?module=<sha256>`.
+pub const ENTRY_PLUGINS: usize = 100;
 /// Bytes of JSON gathered before they are handed to the connection.
 const CHUNK: usize = 16 * 1024;
 
-/// `/debug/plugins?plugin=ns/name` or `?limit=N&after=ns/name`.
+/// `/debug/plugins?plugin=ns/name`, `?limit=N&after=ns/name` (either with `module=<sha256>`),
+/// or `?fileErrors=FROM&limit=N`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PluginsQuery {
     /// Only this plugin (its entry, refusal and conflicts).
     pub plugin: Option<ObjectKey>,
+    /// Only the plugins using a cached module with this sha256 (a `/debug/cache` entry's
+    /// `plugins`, all of them).
+    pub module: Option<String>,
     /// Plugins after this one (in `ns/name` order).
     pub after: Option<ObjectKey>,
+    /// Only the file errors, from this position of their list on.
+    pub file_errors: Option<usize>,
     pub limit: usize,
 }
 
@@ -82,7 +91,7 @@ fn object_key(name: &str, v: &str) -> Result<ObjectKey, String> {
 
 impl PluginsQuery {
     pub fn parse(query: &str) -> Result<PluginsQuery, String> {
-        let p = params(query, &["plugin", "after", "limit"])?;
+        let p = params(query, &["plugin", "module", "after", "fileErrors", "limit"])?;
         let plugin = p
             .get("plugin")
             .map(|v| object_key("plugin", v))
@@ -90,9 +99,45 @@ impl PluginsQuery {
         if plugin.is_some() && (p.contains_key("after") || p.contains_key("limit")) {
             return Err("plugin cannot be combined with after or limit".into());
         }
+        let module = match p.get("module") {
+            Some(v)
+                if v.len() == 64 && v.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) =>
+            {
+                Some(v.clone())
+            }
+            Some(v) => {
+                return Err(format!(
+                    "module {v:?}: want a sha256, 64 lowercase hex digits"
+                ))
+            }
+            None => None,
+        };
+        let file_errors = match p.get("fileErrors") {
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) => Some(n),
+                Err(_) => {
+                    return Err(format!(
+                        "fileErrors {v:?}: want a position (a fileErrorsNext)"
+                    ))
+                }
+            },
+            None => None,
+        };
+        if file_errors.is_some()
+            && ["plugin", "module", "after"]
+                .iter()
+                .any(|k| p.contains_key(*k))
+        {
+            return Err("fileErrors can be combined with limit only".into());
+        }
+        if plugin.is_some() && module.is_some() {
+            return Err("plugin cannot be combined with module".into());
+        }
         Ok(PluginsQuery {
             plugin,
+            module,
             after: p.get("after").map(|v| object_key("after", v)).transpose()?,
+            file_errors,
             limit: limit(&p)?,
         })
     }
@@ -161,18 +206,33 @@ struct RefusedRow {
 }
 
 /// One page of `/debug/plugins`.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct PluginsPage {
     plugins: Vec<PluginRow>,
     refused: Vec<RefusedRow>,
     file_errors: Vec<FileError>,
+    /// How many file errors there are in all (a page lists at most `limit` of them).
+    file_error_count: usize,
+    /// The `fileErrors` position of the following file errors, if any.
+    file_errors_next: Option<usize>,
     conflicts: Vec<Conflict>,
     next: Option<String>,
 }
 
-/// The plugins (processed or refused) of the page `query` asks for, in key order. File errors and
-/// conflicts come with the first page (with `plugin`, the plugin's conflicts only).
+/// The plugins (processed or refused) of the page `query` asks for, in key order. File errors (at
+/// most `limit` of them, the others paged with `fileErrors`) and conflicts come with the first page
+/// (with `plugin`, the plugin's conflicts only).
 pub fn plugins_page(driver: &Driver, sources: &Sources, query: &PluginsQuery) -> PluginsPage {
+    if let Some(from) = query.file_errors {
+        let mut page = PluginsPage::default();
+        page.add_file_errors(&sources.files.errors, from, query.limit);
+        return page;
+    }
+    if let Some(sha) = &query.module {
+        let mut page = module_users_page(driver, sha, query);
+        page.file_error_count = sources.files.errors.len();
+        return page;
+    }
     let engine = driver.engine();
     let (lower, upper) = match (&query.plugin, &query.after) {
         (Some(k), _) => (Bound::Included(k), Bound::Included(k)),
@@ -184,13 +244,7 @@ pub fn plugins_page(driver: &Driver, sources: &Sources, query: &PluginsQuery) ->
         .range::<ObjectKey, _>((lower, upper))
         .peekable();
     let mut refused = driver.refused_in((lower, upper)).peekable();
-    let mut page = PluginsPage {
-        plugins: Vec::new(),
-        refused: Vec::new(),
-        file_errors: Vec::new(),
-        conflicts: Vec::new(),
-        next: None,
-    };
+    let mut page = PluginsPage::default();
     let mut last: Option<&ObjectKey> = None;
     let mut taken = 0;
     loop {
@@ -233,10 +287,50 @@ pub fn plugins_page(driver: &Driver, sources: &Sources, query: &PluginsQuery) ->
                 .collect();
         }
         None if query.after.is_none() => {
-            page.file_errors = sources.files.errors.clone();
+            page.add_file_errors(&sources.files.errors, 0, query.limit);
             page.conflicts = sources.conflicts.values().cloned().collect();
         }
         None => {}
+    }
+    page.file_error_count = sources.files.errors.len();
+    page
+}
+
+impl PluginsPage {
+    /// At most `limit` of `errors` from position `from` on.
+    fn add_file_errors(&mut self, errors: &[FileError], from: usize, limit: usize) {
+        let end = errors.len().min(from.saturating_add(limit));
+        self.file_errors = errors.get(from..end).unwrap_or_default().to_vec();
+        self.file_error_count = errors.len();
+        self.file_errors_next = (end < errors.len()).then_some(end);
+    }
+}
+
+/// `?module=<sha256>`: the plugins using a cached module with these bytes (under any name), in
+/// key order, after `after`: a page of the `plugins` of those `/debug/cache` entries. The work is
+/// the page's, whatever the number of users: each entry's users are an ordered set.
+fn module_users_page(driver: &Driver, sha: &str, query: &PluginsQuery) -> PluginsPage {
+    let engine = driver.engine();
+    let lower = query
+        .after
+        .as_ref()
+        .map_or(Bound::Unbounded, Bound::Excluded);
+    // The first `limit + 1` users of each entry with these bytes, merged.
+    let mut users = std::collections::BTreeSet::new();
+    for (_, e) in engine.cache().entries().filter(|(_, e)| e.sha256 == sha) {
+        let range = e.refs.range::<ObjectKey, _>((lower, Bound::Unbounded));
+        users.extend(range.take(query.limit + 1));
+    }
+    let mut page = PluginsPage::default();
+    let mut users = users.into_iter();
+    for k in users.by_ref().take(query.limit) {
+        if let Some(st) = engine.plugins().get(k) {
+            page.plugins.push(plugin_row(k, st));
+        }
+        page.next = Some(k.to_string());
+    }
+    if users.next().is_none() {
+        page.next = None;
     }
     page
 }
@@ -280,7 +374,13 @@ struct CacheRow {
     path: std::path::PathBuf,
     last_used_unix_ms: u64,
     idle_ms: Option<u64>,
+    /// The first [`ENTRY_PLUGINS`] plugins using the module.
     plugins: Vec<String>,
+    /// How many plugins use it.
+    plugin_count: usize,
+    /// When `plugins` is not all of them: the last one listed, the `after` of
+    /// `/debug/plugins?module=<sha256>` for the others.
+    plugins_next: Option<String>,
 }
 
 /// One page of `/debug/cache`.
@@ -303,6 +403,10 @@ pub fn cache_page(driver: &Driver, query: &CacheQuery) -> CachePage {
         next: None,
     };
     for (k, e) in entries.by_ref().take(query.limit) {
+        let plugins: Vec<String> = (e.refs.iter().take(ENTRY_PLUGINS))
+            .map(ToString::to_string)
+            .collect();
+        let plugins_next = (e.refs.len() > plugins.len()).then(|| plugins.last().cloned());
         page.modules.push(CacheRow {
             module: k.name.clone(),
             checksum: k.checksum.clone(),
@@ -311,7 +415,9 @@ pub fn cache_page(driver: &Driver, query: &CacheQuery) -> CachePage {
             path: e.path.clone(),
             last_used_unix_ms: e.last_used.as_millis(),
             idle_ms: (e.refs.is_empty()).then(|| now.since(e.last_used).as_millis() as u64),
-            plugins: e.refs.iter().map(ToString::to_string).collect(),
+            plugins,
+            plugin_count: e.refs.len(),
+            plugins_next: plugins_next.flatten(),
         });
     }
     if entries.next().is_some() {
@@ -380,6 +486,8 @@ impl PluginsPage {
             array("plugins", self.plugins),
             array("refused", self.refused),
             array("fileErrors", self.file_errors),
+            scalar("fileErrorCount", &self.file_error_count),
+            scalar("fileErrorsNext", &self.file_errors_next),
             array("conflicts", self.conflicts),
             scalar("next", &self.next),
         ])
@@ -418,10 +526,22 @@ mod tests {
             ("plugin=a&after=b", "plugin"),
             ("limit=1&limit=2", "limit"),
             ("page=2", "page"),
+            ("module=ABCD", "module"),
+            ("module=abc&plugin=ns/a", "module"),
+            ("fileErrors=-1", "fileErrors"),
+            ("fileErrors=3&plugin=ns/a", "fileErrors"),
+            ("fileErrors=3&after=ns/a", "fileErrors"),
         ] {
             let e = PluginsQuery::parse(bad).unwrap_err();
             assert!(e.contains(culprit) && !e.contains('\n'), "{bad}: {e}");
         }
+        let sha = "ab".repeat(32);
+        let q = PluginsQuery::parse(&format!("module={sha}&after=ns/a&limit=7")).unwrap();
+        assert_eq!(q.module.as_deref(), Some(sha.as_str()));
+        assert_eq!((q.after, q.limit), (Some(ObjectKey::new("ns", "a")), 7));
+        assert!(PluginsQuery::parse(&format!("module={sha}&plugin=ns/a")).is_err());
+        let q = PluginsQuery::parse("fileErrors=1000&limit=10").unwrap();
+        assert_eq!((q.file_errors, q.limit), (Some(1000), 10));
         let q = CacheQuery::parse("after=oci%3A%2F%2Fr%2Fm%40sha256%3Aab&limit=5").unwrap();
         assert_eq!(q.after, Some(ModuleKey::new("oci://r/m", "sha256:ab")));
         assert!(CacheQuery::parse("after=nochecksum").is_err());
