@@ -24,11 +24,12 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
+use futures_util::task::AtomicWaker;
 use prost::Message as _;
 use std::sync::atomic::{fence, AtomicUsize, Ordering};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -303,7 +304,8 @@ pub struct AbortHandle {
 #[derive(Debug, Default)]
 struct AbortState {
     aborted: std::sync::atomic::AtomicBool,
-    waker: Mutex<Option<Waker>>,
+    /// Lock-free: the body registers its waker on every frame it is polled for.
+    waker: AtomicWaker,
 }
 
 impl AbortHandle {
@@ -312,9 +314,7 @@ impl AbortHandle {
         self.inner
             .aborted
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        if let Some(w) = self.inner.waker.lock().expect("abort lock").take() {
-            w.wake();
-        }
+        self.inner.waker.wake();
     }
 
     fn poll_aborted(&self, cx: &Context<'_>) -> bool {
@@ -322,13 +322,9 @@ impl AbortHandle {
         if aborted() {
             return true;
         }
-        let mut waker = self.inner.waker.lock().expect("abort lock");
-        // The body is polled for every frame by the same connection task: keep its waker rather
-        // than clone one and drop the other on every frame.
-        if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            *waker = Some(cx.waker().clone());
-        }
-        drop(waker);
+        // The body is polled for every frame by the same connection task: registering keeps its
+        // waker rather than clone one and drop the other on every frame.
+        self.inner.waker.register(cx.waker());
         aborted()
     }
 }
