@@ -317,15 +317,17 @@ impl AbortHandle {
         self.inner.waker.wake();
     }
 
+    fn aborted(&self) -> bool {
+        self.inner.aborted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether the stream was reset, the waker registered first: for a body about to answer
+    /// `Pending` (one that has a frame ready is polled again anyway).
     fn poll_aborted(&self, cx: &Context<'_>) -> bool {
-        let aborted = || self.inner.aborted.load(std::sync::atomic::Ordering::SeqCst);
-        if aborted() {
-            return true;
-        }
         // The body is polled for every frame by the same connection task: registering keeps its
         // waker rather than clone one and drop the other on every frame.
         self.inner.waker.register(cx.waker());
-        aborted()
+        self.aborted()
     }
 }
 
@@ -392,12 +394,15 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<R::Data>, BoxError>>> {
-        if self.handle.poll_aborted(cx) {
-            return Poll::Ready(Some(Err("xds stream reset by the server".into())));
+        let reset = || Poll::Ready(Some(Err("xds stream reset by the server".into())));
+        if self.handle.aborted() {
+            return reset();
         }
-        Pin::new(&mut self.inner)
-            .poll_frame(cx)
-            .map(|f| f.map(|r| r.map_err(Into::into)))
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            // Nothing to send: the reset must wake this body from now on.
+            Poll::Pending if self.handle.poll_aborted(cx) => reset(),
+            polled => polled.map(|f| f.map(|r| r.map_err(Into::into))),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
