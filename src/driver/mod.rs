@@ -551,7 +551,7 @@ impl Driver {
             return;
         };
         let plugin = &vp.plugin;
-        let resource = match &vp.url {
+        let resource = match &*vp.url {
             // A local file is named as such, as Istio's control plane does.
             ModuleUrl::File(path) => {
                 extension_config(plugin, Filter::Wasm(Code::File(path.into())))

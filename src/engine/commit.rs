@@ -41,7 +41,7 @@ impl Engine {
         let now = self.now();
         // Istio's agent looks nothing up for local code, nor for remote code without `http_uri`.
         let remote = matches!(
-            self.plugins[&key].url,
+            *self.plugins[&key].url,
             ModuleUrl::Oci(_) | ModuleUrl::Http(_)
         );
         let elapsed_ms = now.since(started).as_secs_f64() * 1000.0;

@@ -78,7 +78,8 @@ pub struct PluginState {
     /// The object store's copy (the object as accepted, with its typed spec).
     pub plugin: std::sync::Arc<WasmPlugin>,
     pub version: u64,
-    pub url: ModuleUrl,
+    /// The object store's parsed `spec.url`, shared as the object is.
+    pub url: std::sync::Arc<ModuleUrl>,
     pub decision: Decision,
     pub serving: Serving,
     pub last_outcome: Option<Outcome>,
