@@ -190,6 +190,7 @@ impl Engine {
         });
         self.cache.set_served(key, record);
         self.set_referenced(key, served.key.clone(), now);
+        let served = self.served_modules.share(served);
         self.set_serving(key, Serving::Module(served), now);
     }
 
@@ -222,6 +223,7 @@ impl Engine {
                     served_from_cache(&self.cache, &r.url, r.module.clone(), Outcome::Cached)
                 {
                     self.set_referenced(key, Some(r.module), now);
+                    let served = self.served_modules.share(served);
                     self.set_serving(key, Serving::Module(served), now);
                 }
             }

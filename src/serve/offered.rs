@@ -82,12 +82,12 @@ mod tests {
     use crate::engine::ServedModule;
 
     fn file_module(sha: &str) -> Serving {
-        Serving::Module(ServedModule {
+        Serving::Module(Arc::new(ServedModule {
             url: "file:///m.wasm".into(),
             key: None,
             path: PathBuf::from("/m.wasm"),
             sha256: sha.into(),
-        })
+        }))
     }
 
     #[test]
