@@ -98,7 +98,7 @@ fn plugin(i: usize, policy: ImagePullPolicy) -> VersionedPlugin {
         "spec": {"url": spec.url, "imagePullPolicy": "IfNotPresent"},
     });
     VersionedPlugin {
-        url: ModuleUrl::parse(&spec.url).expect("url"),
+        url: std::sync::Arc::new(ModuleUrl::parse(&spec.url).expect("url")),
         plugin: std::sync::Arc::new(WasmPlugin {
             key,
             object: std::sync::Arc::new(object),

@@ -26,8 +26,8 @@ pub struct VersionedPlugin {
     /// Shared with the engine's state of the plugin: one copy of each accepted object.
     pub plugin: std::sync::Arc<WasmPlugin>,
     pub version: u64,
-    /// `spec.url`, parsed once at admission.
-    pub url: ModuleUrl,
+    /// `spec.url`, parsed once at admission; shared with the engine's state of the plugin.
+    pub url: std::sync::Arc<ModuleUrl>,
 }
 
 /// What applying an object did.
@@ -222,7 +222,7 @@ impl ObjectStore {
                     VersionedPlugin {
                         plugin: std::sync::Arc::new(p),
                         version: self.last_version,
-                        url,
+                        url: std::sync::Arc::new(url),
                     },
                 );
                 self.resources.insert(resource, key.clone());

@@ -23,6 +23,7 @@ use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig;
 use serde_json::Value;
 
 use crate::cache::ReindexReport;
@@ -139,7 +140,7 @@ pub struct Driver {
     resources: ResourceStore,
     /// The plugin each published ECDS resource is from: another plugin may take a name over
     /// (behavior.md §10 "Conflicts"), and the one that left must not remove it then.
-    published: BTreeMap<String, ObjectKey>,
+    published: BTreeMap<Arc<str>, ObjectKey>,
     /// Processings waiting for a fetch.
     outstanding: BTreeSet<u64>,
     /// The last refused object per plugin and why (see [`Driver::sync`]).
@@ -515,11 +516,7 @@ impl Driver {
     /// A plugin was deleted.
     pub(super) fn plugin_gone(&mut self, key: &ObjectKey) {
         if self.remote_delivery() {
-            let name = key.resource_name();
-            if self.published.get(&name) == Some(key) {
-                self.published.remove(&name);
-                self.resources.remove(&name);
-            }
+            self.unpublish(key);
         } else {
             self.engine.remove_plugin(key);
         }
@@ -554,7 +551,7 @@ impl Driver {
             return;
         };
         let plugin = &vp.plugin;
-        let resource = match &vp.url {
+        let resource = match &*vp.url {
             // A local file is named as such, as Istio's control plane does.
             ModuleUrl::File(path) => {
                 extension_config(plugin, Filter::Wasm(Code::File(path.into())))
@@ -573,18 +570,30 @@ impl Driver {
                 remote_resource(plugin, &url.as_written(), secret, vp.version)
             }
         };
-        let name = plugin.resource_name();
+        self.publish_resource(plugin.resource_name(), resource, key);
+    }
+
+    /// Stores `resource` under `name`, published from `key`. The store and the record of who
+    /// published it share one `Arc` of the name: a name already there keeps the one it has in
+    /// both (a map keeps its key on insert), a new one is the `Arc` made here.
+    fn publish_resource(&mut self, name: String, resource: TypedExtensionConfig, key: &ObjectKey) {
+        let name: Arc<str> = name.into();
         self.resources.set(name.clone(), resource);
         self.published.insert(name, key.clone());
     }
 
-    fn publish_plugin(&mut self, key: &ObjectKey) {
+    /// Withdraws the resource `key` published, unless another plugin has taken its name over.
+    fn unpublish(&mut self, key: &ObjectKey) {
         let name = key.resource_name();
+        if self.published.get(name.as_str()) == Some(key) {
+            self.published.remove(name.as_str());
+            self.resources.remove(&name);
+        }
+    }
+
+    fn publish_plugin(&mut self, key: &ObjectKey) {
         let Some(st) = self.engine.plugin(key) else {
-            if self.published.get(&name) == Some(key) {
-                self.published.remove(&name);
-                self.resources.remove(&name);
-            }
+            self.unpublish(key);
             return;
         };
         let endpoint = &self.parts.module_endpoint;
@@ -596,10 +605,7 @@ impl Driver {
             |m| self.engine.served_bytes(m),
         );
         match resource {
-            Ok(Some(r)) => {
-                self.resources.set(name.clone(), r);
-                self.published.insert(name, key.clone());
-            }
+            Ok(Some(r)) => self.publish_resource(key.resource_name(), r, key),
             Ok(None) => {}
             Err(e) => {
                 tracing::error!(plugin = %key, error = %e, "cannot read module for inline delivery")

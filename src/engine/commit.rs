@@ -41,7 +41,7 @@ impl Engine {
         let now = self.now();
         // Istio's agent looks nothing up for local code, nor for remote code without `http_uri`.
         let remote = matches!(
-            self.plugins[&key].url,
+            *self.plugins[&key].url,
             ModuleUrl::Oci(_) | ModuleUrl::Http(_)
         );
         let elapsed_ms = now.since(started).as_secs_f64() * 1000.0;
@@ -190,6 +190,7 @@ impl Engine {
         });
         self.cache.set_served(key, record);
         self.set_referenced(key, served.key.clone(), now);
+        let served = self.served_modules.share(served);
         self.set_serving(key, Serving::Module(served), now);
     }
 
@@ -222,6 +223,7 @@ impl Engine {
                     served_from_cache(&self.cache, &r.url, r.module.clone(), Outcome::Cached)
                 {
                     self.set_referenced(key, Some(r.module), now);
+                    let served = self.served_modules.share(served);
                     self.set_serving(key, Serving::Module(served), now);
                 }
             }

@@ -72,12 +72,12 @@ mod tests {
     const OTHER: &str = "oci://reg.example/ns/f:v2";
 
     fn module(url: &str, checksum: &str) -> Serving {
-        Serving::Module(ServedModule {
+        Serving::Module(std::sync::Arc::new(ServedModule {
             url: url.into(),
             key: Some(ModuleKey::new("reg.example/ns/f", checksum)),
             path: PathBuf::from("/cache/m.wasm"),
             sha256: format!("wasm-{checksum}"),
-        })
+        }))
     }
 
     fn record(url: &str, checksum: &str) -> ServedRecord {
@@ -135,12 +135,12 @@ mod tests {
 
     #[test]
     fn a_file_module_is_compared_by_its_wasm_sha256() {
-        let file = Serving::Module(ServedModule {
+        let file = Serving::Module(std::sync::Arc::new(ServedModule {
             url: "file:///m.wasm".into(),
             key: None,
             path: PathBuf::from("/m.wasm"),
             sha256: "ccc".into(),
-        });
+        }));
         let p = |expected| FailedPlugin {
             url: "file:///m.wasm",
             expected,

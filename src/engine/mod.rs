@@ -43,7 +43,7 @@ use deadlines::RetryQueue;
 
 pub use job::{run_job, share_result, Failure, Job, Obtained};
 pub use plan::{Begun, Pending};
-pub use state::{Event, PluginState, ServedModule, Serving, Trigger};
+pub use state::{Event, PluginState, ServedModule, ServedModules, Serving, Trigger};
 
 /// The effects the engine runs on.
 #[derive(Clone)]
@@ -81,6 +81,8 @@ pub struct Engine {
     next_id: u64,
     /// When the cache index was last written (see [`crate::cache::INDEX_SAVE_INTERVAL`]).
     last_save: Timestamp,
+    /// What the plugins are served, one copy per module.
+    served_modules: ServedModules,
 }
 
 impl std::fmt::Debug for Engine {
@@ -128,6 +130,7 @@ impl Engine {
             queue: Vec::new(),
             next_id: 0,
             last_save: now,
+            served_modules: ServedModules::default(),
         };
         Ok((engine, report))
     }

@@ -80,7 +80,7 @@ impl Engine {
         let expected = st.decision.expected_checksum.clone();
         // Only cache lookups by URL need it as text: not an OCI pull that must go to the registry.
         let url_str = || st.url.to_string();
-        let reference = match &st.url {
+        let reference = match &*st.url {
             ModuleUrl::File(path) => {
                 return Plan::Fetch(Job::File {
                     path: path.clone(),

@@ -1,9 +1,11 @@
 //! What the engine knows and reports: per-plugin state, what a plugin serves, why it is processed,
 //! and the events it records for traces and logs.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 
 use crate::backoff::Backoff;
 use crate::cache::ModuleKey;
@@ -14,7 +16,7 @@ use crate::policy::Decision;
 use crate::url::ModuleUrl;
 
 /// A module served to a plugin.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct ServedModule {
     /// The plugin URL it was obtained from (normalised).
     pub url: String,
@@ -41,7 +43,8 @@ impl ServedModule {
 pub enum Serving {
     /// Not processed yet.
     Nothing,
-    Module(ServedModule),
+    /// Shared by the plugins served the same module from the same URL ([`ServedModules`]).
+    Module(#[serde(serialize_with = "shared")] Arc<ServedModule>),
     /// RBAC deny-all fallback (`FAIL_CLOSE`).
     DenyAll,
     /// RBAC allow-all fallback (`FAIL_OPEN`).
@@ -56,6 +59,45 @@ impl Serving {
             Serving::DenyAll => "deny-all".into(),
             Serving::AllowAll => "allow-all".into(),
         }
+    }
+}
+
+fn shared<S: Serializer>(m: &Arc<ServedModule>, s: S) -> Result<S::Ok, S::Error> {
+    m.as_ref().serialize(s)
+}
+
+/// One `Arc` per distinct [`ServedModule`] plugins are served: 50,000 plugins of one module from
+/// one URL hold one copy of its URL, path and sha256. An entry no plugin holds any more is dropped
+/// by a sweep that runs when the set has doubled since the last one (amortised O(1) per module
+/// shared; the set stays within twice the modules in use, plus a few).
+#[derive(Debug, Default)]
+pub struct ServedModules {
+    shared: HashSet<Arc<ServedModule>>,
+    sweep_at: usize,
+}
+
+impl ServedModules {
+    /// `m` as the `Arc` the plugins served an equal module hold.
+    pub fn share(&mut self, m: ServedModule) -> Arc<ServedModule> {
+        if let Some(held) = self.shared.get(&m) {
+            return held.clone();
+        }
+        if self.shared.len() >= self.sweep_at {
+            self.shared.retain(|held| Arc::strong_count(held) > 1);
+            self.sweep_at = 2 * self.shared.len() + 16;
+        }
+        let m = Arc::new(m);
+        self.shared.insert(m.clone());
+        m
+    }
+
+    /// How many distinct modules are held (some possibly no longer served, until a sweep).
+    pub fn len(&self) -> usize {
+        self.shared.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.shared.is_empty()
     }
 }
 
@@ -78,7 +120,8 @@ pub struct PluginState {
     /// The object store's copy (the object as accepted, with its typed spec).
     pub plugin: std::sync::Arc<WasmPlugin>,
     pub version: u64,
-    pub url: ModuleUrl,
+    /// The object store's parsed `spec.url`, shared as the object is.
+    pub url: std::sync::Arc<ModuleUrl>,
     pub decision: Decision,
     pub serving: Serving,
     pub last_outcome: Option<Outcome>,
@@ -204,5 +247,39 @@ impl Event {
             | Event::RetryScheduled { plugin, .. } => Some(plugin),
             Event::Expired { .. } => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn module(url: &str) -> ServedModule {
+        ServedModule {
+            url: url.into(),
+            key: None,
+            path: PathBuf::from("/m.wasm"),
+            sha256: "aa".into(),
+        }
+    }
+
+    #[test]
+    fn equal_modules_are_one_arc_and_unheld_ones_are_swept() {
+        let mut modules = ServedModules::default();
+        let a = modules.share(module("file:///m.wasm"));
+        let again = modules.share(module("file:///m.wasm"));
+        assert!(Arc::ptr_eq(&a, &again), "one copy for equal modules");
+        // Another URL is another module (a plugin's served URL is its own).
+        let other = modules.share(module("file:///n.wasm"));
+        assert!(!Arc::ptr_eq(&a, &other));
+        assert_eq!(modules.len(), 2);
+        // Modules no plugin holds any more are dropped as new ones come: the set stays within
+        // twice the modules held, plus a few.
+        drop((again, other));
+        for i in 0..1000 {
+            drop(modules.share(module(&format!("file:///{i}.wasm"))));
+            assert!(modules.len() <= 2 + 16, "{} held", modules.len());
+        }
+        assert!(Arc::ptr_eq(&a, &modules.share(module("file:///m.wasm"))));
     }
 }

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::driver::{Driver, ModuleIndex};
 use crate::engine::{Event, Serving};
@@ -14,11 +15,12 @@ use crate::plugin::ObjectKey;
 /// The `file://` modules plugins serve, and what the last index was built from.
 #[derive(Debug, Default)]
 pub struct Offered {
-    /// Per plugin serving a `file://` module: its sha256.
-    serving: HashMap<ObjectKey, String>,
+    /// Per plugin serving a `file://` module: its sha256, the very key of `files` (one copy
+    /// per module, not per plugin).
+    serving: HashMap<ObjectKey, Arc<str>>,
     /// sha256 → a path it is served from (the first plugin's: the bytes are the same) and how
     /// many plugins serve it.
-    files: BTreeMap<String, (PathBuf, usize)>,
+    files: BTreeMap<Arc<str>, (PathBuf, usize)>,
     /// The cache's entry count when the index was last built (`None`: never built).
     cached: Option<usize>,
     /// The set of modules changed since the index was last built.
@@ -44,7 +46,7 @@ impl Offered {
         }
         self.stale = false;
         self.cached = Some(cached);
-        let files = (self.files.iter()).map(|(sha, (path, _))| (sha.as_str(), path.as_path()));
+        let files = (self.files.iter()).map(|(sha, (path, _))| (&**sha, path.as_path()));
         Some(driver.module_index(files))
     }
 
@@ -60,12 +62,55 @@ impl Offered {
         }
         if let Some(Serving::Module(m)) = serving {
             if m.key.is_none() {
+                let sha: Arc<str> = match self.files.get_key_value(m.sha256.as_str()) {
+                    Some((sha, _)) => sha.clone(),
+                    None => m.sha256.as_str().into(),
+                };
                 let (_, count) =
-                    (self.files.entry(m.sha256.clone())).or_insert_with(|| (m.path.clone(), 0));
+                    (self.files.entry(sha.clone())).or_insert_with(|| (m.path.clone(), 0));
                 *count += 1;
                 self.stale |= *count == 1;
-                self.serving.insert(plugin.clone(), m.sha256.clone());
+                self.serving.insert(plugin.clone(), sha);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::ServedModule;
+
+    fn file_module(sha: &str) -> Serving {
+        Serving::Module(Arc::new(ServedModule {
+            url: "file:///m.wasm".into(),
+            key: None,
+            path: PathBuf::from("/m.wasm"),
+            sha256: sha.into(),
+        }))
+    }
+
+    #[test]
+    fn plugins_serving_one_file_module_share_its_sha256_and_count_it() {
+        let mut offered = Offered::default();
+        let keys: Vec<ObjectKey> = (0..3)
+            .map(|i| ObjectKey::new("ns", format!("p{i}")))
+            .collect();
+        for k in &keys {
+            offered.serving_changed(k, Some(&file_module("aa")));
+        }
+        assert_eq!(offered.files.len(), 1);
+        let (sha, (_, count)) = offered.files.iter().next().unwrap();
+        assert_eq!(*count, 3);
+        // One copy of the sha256: the key of `files`, held by each plugin's record.
+        assert!(offered.serving.values().all(|s| Arc::ptr_eq(s, sha)));
+        assert_eq!(Arc::strong_count(sha), 4);
+        // A plugin moving to another module, then every plugin gone: nothing is left.
+        offered.serving_changed(&keys[0], Some(&file_module("bb")));
+        assert_eq!(offered.files["aa"].1, 2);
+        for k in &keys {
+            offered.serving_changed(k, None);
+        }
+        assert!(offered.files.is_empty() && offered.serving.is_empty());
     }
 }

@@ -148,13 +148,11 @@ impl DeltaStream {
             .keys()
             .filter(|n| {
                 self.core.subscribed.contains(*n)
-                    && changed
-                        .binary_search_by(|e| e.name.as_str().cmp(n))
-                        .is_err()
+                    && changed.binary_search_by(|e| (*e.name).cmp(n)).is_err()
             })
             .cloned()
             .collect();
-        changed.retain(|e| self.core.held.get(&e.name) != Some(&e.version));
+        changed.retain(|e| self.core.held.get(&*e.name) != Some(&e.version));
         if changed.is_empty() && removed.is_empty() {
             self.core.give_back(changed);
             return false;

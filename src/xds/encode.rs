@@ -337,7 +337,7 @@ mod tests {
             let want = DiscoveryResponse {
                 version_info: crate::xds::store::set_version(&response.entries),
                 resources: (response.entries.iter())
-                    .map(|e| match e.name.as_str() {
+                    .map(|e| match &*e.name {
                         "big" => any("big", &big),
                         _ => any("small", "1"),
                     })
@@ -360,9 +360,9 @@ mod tests {
         let store = store();
         let big = "x".repeat(3 * SHARE_MIN);
         let resource = |e: &Arc<Entry>| Resource {
-            name: e.name.clone(),
+            name: e.name.to_string(),
             version: e.version.clone(),
-            resource: Some(match e.name.as_str() {
+            resource: Some(match &*e.name {
                 "big" => any("big", &big),
                 _ => any("small", "1"),
             }),
@@ -439,7 +439,7 @@ mod tests {
             let response = Outstanding::delta(Nonce::new(2, 2), entries, vec![], 1);
             encode(&DeltaReply(&response), usize::MAX).unwrap()
         };
-        assert_eq!(stored[0].name, "big");
+        assert_eq!(&*stored[0].name, "big");
         for _ in 0..2 {
             assert_eq!(refs(&sotw), (true, false));
             assert_eq!(refs(&delta), (true, false));

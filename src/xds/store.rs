@@ -69,7 +69,9 @@ const VERSION_DIGEST_HEX: usize = 12;
 /// One stored resource. Immutable once stored; replaced as a whole on change.
 #[derive(Debug)]
 pub(crate) struct Entry {
-    pub(crate) name: String,
+    /// The very `Arc` the store's map is keyed by (and the driver's record of who published it):
+    /// a name is held once however many places name it.
+    pub(crate) name: Arc<str>,
     pub(crate) version: String,
     /// Revision of the change that stored this entry.
     pub(crate) revision: u64,
@@ -95,7 +97,7 @@ pub(crate) trait StreamView: Send + Sync {
 
 #[derive(Default)]
 struct State {
-    resources: BTreeMap<String, Arc<Entry>>,
+    resources: BTreeMap<Arc<str>, Arc<Entry>>,
     revision: u64,
 }
 
@@ -130,7 +132,7 @@ impl fmt::Debug for ResourceStore {
 
 /// An encoded resource, prepared off-lock.
 struct Prepared {
-    name: String,
+    name: Arc<str>,
     /// The `Any` carrying the config, and where the config starts in it.
     any: Vec<u8>,
     config_at: usize,
@@ -191,15 +193,16 @@ impl ResourceStore {
 
     /// Encodes a resource and, unless the store already holds exactly these bytes, hashes it; all
     /// before the write lock is taken (hashing an inline module costs milliseconds).
-    fn prepare(&self, name: String, mut config: TypedExtensionConfig) -> Option<Prepared> {
+    fn prepare(&self, name: Arc<str>, mut config: TypedExtensionConfig) -> Option<Prepared> {
         // Envoy takes a SotW resource's name from the config itself: the key is authoritative.
-        config.name.clone_from(&name);
+        config.name.clear();
+        config.name.push_str(&name);
         let (any, config_at) = encode_any(&config);
         let value = &any[config_at..];
         if self
             .read()
             .resources
-            .get(&name)
+            .get(&*name)
             .is_some_and(|e| e.config() == value)
         {
             return None;
@@ -223,7 +226,10 @@ impl ResourceStore {
     /// Stores `config` under `name` (its `name` field is overwritten with `name`) and notifies the
     /// streams. Returns the new version, or `None` when the encoding is identical to what is stored:
     /// a change that does not alter what a proxy receives is not pushed (behavior.md §7).
-    pub fn set(&self, name: impl Into<String>, config: TypedExtensionConfig) -> Option<String> {
+    ///
+    /// A name given as an `Arc<str>` is kept as that very `Arc` (a resource already stored keeps
+    /// the one it has), so that a caller keeping the name too holds no copy of its own.
+    pub fn set(&self, name: impl Into<Arc<str>>, config: TypedExtensionConfig) -> Option<String> {
         let prepared = self.prepare(name.into(), config)?;
         let mut state = self
             .inner
@@ -241,7 +247,7 @@ impl ResourceStore {
 
     /// [`set`](Self::set) for many resources with one lock and one notification (bulk loads, load
     /// tools). Returns how many resources changed.
-    pub fn set_many<N: Into<String>>(
+    pub fn set_many<N: Into<Arc<str>>>(
         &self,
         items: impl IntoIterator<Item = (N, TypedExtensionConfig)>,
     ) -> usize {
@@ -270,24 +276,23 @@ impl ResourceStore {
 
     /// Stores `p` unless identical bytes got there since `prepare` looked.
     fn insert(state: &mut State, p: Prepared) -> Option<String> {
-        if state
-            .resources
-            .get(&p.name)
-            .is_some_and(|e| e.config() == &p.any[p.config_at..])
-        {
+        let held = state.resources.get_key_value(&*p.name);
+        if held.is_some_and(|(_, e)| e.config() == &p.any[p.config_at..]) {
             return None;
         }
+        // A replaced resource keeps the name it was stored under: the map keeps its key.
+        let name = held.map_or(p.name, |(k, _)| k.clone());
         state.revision += 1;
         let revision = state.revision;
         let version = format!("{revision}-{}", p.digest);
         let entry = Entry {
-            name: p.name.clone(),
+            name: name.clone(),
             version: version.clone(),
             revision,
             any: Bytes::from(p.any),
             config_at: p.config_at,
         };
-        state.resources.insert(p.name, Arc::new(entry));
+        state.resources.insert(name, Arc::new(entry));
         Some(version)
     }
 
@@ -329,7 +334,11 @@ impl ResourceStore {
 
     /// Names of all stored resources, sorted.
     pub fn names(&self) -> Vec<String> {
-        self.read().resources.keys().cloned().collect()
+        self.read()
+            .resources
+            .keys()
+            .map(|k| k.to_string())
+            .collect()
     }
 
     /// The current version of a resource.
@@ -343,7 +352,7 @@ impl ResourceStore {
             .resources
             .values()
             .map(|e| ResourceVersion {
-                name: e.name.clone(),
+                name: e.name.to_string(),
                 version: e.version.clone(),
             })
             .collect()
@@ -438,7 +447,7 @@ impl ResourceStore {
         found.extend(
             names
                 .into_iter()
-                .filter_map(|n| state.resources.get(n).cloned()),
+                .filter_map(|n| state.resources.get(n.as_str()).cloned()),
         );
         drop(state);
         if !found.is_sorted_by(|a, b| a.name <= b.name) {
@@ -634,6 +643,26 @@ pub(crate) mod tests {
         assert_eq!(got.typed_config, config("x").typed_config);
         assert_eq!(store.names(), vec!["right".to_string()]);
         assert_eq!(store.get("missing"), None);
+    }
+
+    #[test]
+    fn a_name_given_as_an_arc_is_held_as_that_arc_and_kept_on_change() {
+        let store = ResourceStore::new();
+        let first: Arc<str> = "a".into();
+        store.set(first.clone(), config("one")).unwrap();
+        let held = |store: &ResourceStore| store.lookup([&"a".to_string()])[0].name.clone();
+        assert!(Arc::ptr_eq(&held(&store), &first), "no copy of the name");
+        // The key and the entry are that one allocation: the caller, the map, the entry.
+        assert_eq!(Arc::strong_count(&first), 3);
+        let second: Arc<str> = "a".into();
+        store.set(second.clone(), config("two")).unwrap();
+        assert!(
+            Arc::ptr_eq(&held(&store), &first),
+            "a changed resource keeps the name it is stored under"
+        );
+        assert_eq!(Arc::strong_count(&second), 1, "the new copy is dropped");
+        assert!(store.remove("a"));
+        assert_eq!(Arc::strong_count(&first), 1, "nothing else holds it");
     }
 
     #[test]

@@ -125,11 +125,11 @@ impl StreamCore {
     /// only them.
     pub(crate) fn hold(&mut self, entries: &[Arc<Entry>]) {
         if self.held.len() != entries.len()
-            || !(self.held.keys()).eq(entries.iter().map(|e| &e.name))
+            || !(self.held.keys().map(String::as_str)).eq(entries.iter().map(|e| &*e.name))
         {
             // `entries` is sorted by name.
             self.held
-                .retain(|n, _| (entries.binary_search_by(|e| e.name.as_str().cmp(n))).is_ok());
+                .retain(|n, _| (entries.binary_search_by(|e| (*e.name).cmp(n))).is_ok());
         }
         for e in entries {
             set(&mut self.held, &e.name, &e.version);
@@ -143,7 +143,7 @@ impl StreamCore {
                 version: e.version.clone(),
                 message: message.to_string(),
             };
-            self.nacked.insert(e.name.clone(), nack);
+            self.nacked.insert(e.name.to_string(), nack);
         }
     }
 
@@ -151,7 +151,7 @@ impl StreamCore {
     /// `subscribed_only`, count as ACKed.
     pub(crate) fn ack_entries(&mut self, response: &Outstanding, subscribed_only: bool) {
         for e in &response.entries {
-            if !subscribed_only || self.subscribed.contains(&e.name) {
+            if !subscribed_only || self.subscribed.contains(&*e.name) {
                 self.ack_resource(&e.name, &e.version);
             }
         }
@@ -428,7 +428,7 @@ impl Outstanding {
             version: self.version().to_string(),
             resources: (self.entries.iter())
                 .map(|e| ResourceVersion {
-                    name: e.name.clone(),
+                    name: e.name.to_string(),
                     version: e.version.clone(),
                 })
                 .collect(),

@@ -47,12 +47,13 @@ pub struct FileSource {
     /// Where relative roots are, for the watcher's absolute paths.
     cwd: PathBuf,
     /// The files of the last walk, by name, and their identity (none for a dangling link or a
-    /// missing file: reading it says what is wrong).
-    found: BTreeMap<PathBuf, Option<FileId>>,
-    /// The absolute form of each name of `found`.
-    names: HashMap<PathBuf, PathBuf>,
+    /// missing file: reading it says what is wrong). A name is one [`FileName`] shared by every
+    /// map here that holds it.
+    found: BTreeMap<FileName, Option<FileId>>,
+    /// The absolute form of each name of `found` (the very name when it is absolute already).
+    names: HashMap<FileName, FileName>,
     /// The name of each identity of `found`.
-    by_id: HashMap<FileId, PathBuf>,
+    by_id: HashMap<FileId, FileName>,
     /// The directories the last walk read, in walk order, and by absolute path.
     dirs: Vec<PathBuf>,
     abs_dirs: HashMap<PathBuf, PathBuf>,
@@ -61,7 +62,7 @@ pub struct FileSource {
     walk_errors: Vec<FileError>,
     unreadable: Vec<PathBuf>,
     /// Each file's last good content: its objects with their document index.
-    last_good: BTreeMap<PathBuf, Vec<(usize, Arc<Value>)>>,
+    last_good: BTreeMap<FileName, Vec<(usize, Arc<Value>)>>,
     read_errors: BTreeMap<PathBuf, FileError>,
     /// Who defines each object, in order (sorted; almost always one definition, so a vector,
     /// not a set with its node of eleven); the first wins.
@@ -78,7 +79,11 @@ pub type ObjectId = (&'static str, ObjectKey);
 pub type ChangedKeys = BTreeSet<ObjectId>;
 
 /// A definition of an object: its file and its position among the file's objects.
-type Definition = (PathBuf, usize);
+type Definition = (FileName, usize);
+
+/// The name of a file of the walk, shared by every map that holds it (at 50,000 files a copy per
+/// map costs more than what the file defines).
+type FileName = Arc<Path>;
 
 /// What the watcher saw since it was last asked: the paths it reported, or that it could not
 /// tell (an overflow of the kernel's queue, a watch error): then everything is read again.
@@ -129,7 +134,7 @@ impl FileSource {
     pub fn rescan(&mut self, desired: &mut Desired) -> ChangedKeys {
         let mut affected: ChangedKeys = self.definers.keys().cloned().collect();
         let gone = self.walk();
-        let files: Vec<PathBuf> = self.found.keys().cloned().collect();
+        let files: Vec<FileName> = self.found.keys().cloned().collect();
         for file in &files {
             self.read(file, &mut affected);
         }
@@ -199,7 +204,7 @@ impl FileSource {
     fn classify(&mut self, path: &Path) -> Seen {
         let abs = self.absolute(path);
         let wanted = has_manifest_extension(&abs);
-        if let Some(name) = self.names.get(&abs).cloned() {
+        if let Some(name) = self.names.get(abs.as_path()).cloned() {
             return match std::fs::metadata(&abs) {
                 Ok(md) if md.is_dir() => Seen::Structural,
                 Ok(md) => {
@@ -243,6 +248,10 @@ impl FileSource {
                 // A new file: its name as the walk would give it (the directory's name joined).
                 let name = self.name_of(&abs);
                 self.by_id.insert(id, name.clone());
+                let abs = match *name == *abs {
+                    true => name.clone(),
+                    false => abs.into(),
+                };
                 self.names.insert(abs, name.clone());
                 self.found.insert(name.clone(), Some(id));
                 Seen::Reread(name)
@@ -264,18 +273,18 @@ impl FileSource {
     }
 
     /// The name of a file in a directory that was read, as the walk names it.
-    fn name_of(&self, abs: &Path) -> PathBuf {
+    fn name_of(&self, abs: &Path) -> FileName {
         let dir = abs.parent().and_then(|p| self.abs_dirs.get(p));
         match (dir, abs.file_name()) {
-            (Some(d), Some(f)) => d.join(f),
-            _ => abs.to_path_buf(),
+            (Some(d), Some(f)) => d.join(f).into(),
+            _ => abs.into(),
         }
     }
 
     /// Walks the roots again: which files and directories there are. Returns the files of the
     /// previous walk that are no longer found and may not be kept (not under a directory that
     /// could not be read, where they may still be).
-    fn walk(&mut self) -> Vec<PathBuf> {
+    fn walk(&mut self) -> Vec<FileName> {
         let found = crate::cli::expand_paths(&self.roots, &["yaml", "yml", "json"]);
         let errors: Vec<FileError> = (found.errors.iter())
             .map(|(path, message)| FileError {
@@ -292,20 +301,31 @@ impl FileSource {
             .map(|d| (self.absolute(d), d.clone()))
             .collect();
         self.dirs = found.dirs;
-        let mut files: BTreeMap<PathBuf, Option<FileId>> = BTreeMap::new();
+        let mut files: BTreeMap<FileName, Option<FileId>> = BTreeMap::new();
         for f in found.files {
             let id = found.ids.get(&f).copied();
-            files.entry(f).or_insert(id);
+            // A file still found keeps the name the other maps hold.
+            let name = match self.found.get_key_value(f.as_path()) {
+                Some((name, _)) => name.clone(),
+                None => f.into(),
+            };
+            files.entry(name).or_insert(id);
         }
         let previous = std::mem::replace(&mut self.found, files);
         self.names = (self.found.keys())
-            .map(|f| (self.absolute(f), f.clone()))
+            .map(|f| {
+                let abs = match f.is_absolute() {
+                    true => f.clone(),
+                    false => self.absolute(f).into(),
+                };
+                (abs, f.clone())
+            })
             .collect();
         self.by_id = (self.found.iter())
             .filter_map(|(f, id)| id.map(|id| (id, f.clone())))
             .collect();
-        let kept = |f: &PathBuf| self.unreadable.iter().any(|d| f.starts_with(d));
-        let mut gone: Vec<PathBuf> = (previous.into_keys())
+        let kept = |f: &FileName| self.unreadable.iter().any(|d| f.starts_with(d));
+        let mut gone: Vec<FileName> = (previous.into_keys())
             .filter(|f| !self.found.contains_key(f) && !kept(f))
             .collect();
         // Files kept from before a directory became unreadable, and no longer under one.
@@ -318,18 +338,19 @@ impl FileSource {
         gone.dedup();
         // Errors of files no longer read (kept from under a directory that cannot be read).
         let found = &self.found;
-        self.read_errors.retain(|f, _| found.contains_key(f));
+        self.read_errors
+            .retain(|f, _| found.contains_key(f.as_path()));
         gone
     }
 
     /// Reads one file: its objects replace its last good ones, or its error is recorded.
-    fn read(&mut self, file: &Path, affected: &mut ChangedKeys) {
+    fn read(&mut self, file: &FileName, affected: &mut ChangedKeys) {
         self.files_read += 1;
         match read_objects(file) {
             Ok(objects) => {
-                self.read_errors.remove(file);
+                self.read_errors.remove(&**file);
                 if self.last_good.get(file) != Some(&objects) {
-                    let old = self.last_good.insert(file.to_path_buf(), objects);
+                    let old = self.last_good.insert(file.clone(), objects);
                     self.redefine(file, old, affected);
                 }
             }
@@ -338,7 +359,7 @@ impl FileSource {
                     file: file.display().to_string(),
                     message,
                 };
-                if self.read_errors.get(file) != Some(&error) {
+                if self.read_errors.get(&**file) != Some(&error) {
                     log_file_error(&error);
                     self.read_errors.insert(file.to_path_buf(), error);
                 }
@@ -347,9 +368,9 @@ impl FileSource {
     }
 
     /// Files that are gone: what they defined goes.
-    fn drop_files(&mut self, gone: Vec<PathBuf>, affected: &mut ChangedKeys) {
+    fn drop_files(&mut self, gone: Vec<FileName>, affected: &mut ChangedKeys) {
         for file in gone {
-            self.read_errors.remove(&file);
+            self.read_errors.remove(&*file);
             let old = self.last_good.remove(&file);
             self.redefine(&file, old, affected);
         }
@@ -358,14 +379,14 @@ impl FileSource {
     /// Moves the definitions of `file` from its `old` objects to its current ones.
     fn redefine(
         &mut self,
-        file: &Path,
+        file: &FileName,
         old: Option<Vec<(usize, Arc<Value>)>>,
         affected: &mut ChangedKeys,
     ) {
         for (i, (_, v)) in old.iter().flatten().enumerate() {
             let id = kind_and_key(v);
             if let Some(set) = self.definers.get_mut(&id) {
-                set.retain(|d| d.0 != file || d.1 != i);
+                set.retain(|d| d.0 != *file || d.1 != i);
                 if set.is_empty() {
                     self.definers.remove(&id);
                 }
@@ -375,7 +396,7 @@ impl FileSource {
         for (i, (_, v)) in self.last_good.get(file).into_iter().flatten().enumerate() {
             let id = kind_and_key(v);
             let set = (self.definers.entry(id.clone())).or_insert_with(|| Vec::with_capacity(1));
-            let d = (file.to_path_buf(), i);
+            let d = (file.clone(), i);
             if let Err(at) = set.binary_search(&d) {
                 set.insert(at, d);
             }
@@ -453,11 +474,11 @@ impl FileSource {
 /// What a path the watcher reported means for the files.
 enum Seen {
     /// A file of ours changed: read it again.
-    Reread(PathBuf),
+    Reread(FileName),
     /// Which files there are may have changed: walk again.
     Structural,
     /// Another name of a file of ours changed: read it again, and walk again.
-    Alias(PathBuf),
+    Alias(FileName),
     Nothing,
 }
 

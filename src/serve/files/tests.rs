@@ -522,3 +522,61 @@ fn paths_beside_a_file_given_by_name_are_not_read() {
     assert_eq!(names(&d), ["default/a"]);
     assert!(error_of(&d, &a).contains("No such file"), "{:?}", d.errors);
 }
+
+/// Every map of the file source holds a file's name as the one `Arc` `found` holds.
+fn assert_names_shared(src: &FileSource) {
+    for name in src.found.keys() {
+        let held: Vec<&FileName> = (src.names.iter().filter(|(_, n)| *n == name))
+            .flat_map(|(abs, n)| [abs, n])
+            .filter(|n| **n == *name)
+            .chain(src.by_id.values().filter(|n| *n == name))
+            .chain(src.last_good.keys().filter(|n| *n == name))
+            .chain(
+                src.definers
+                    .values()
+                    .flatten()
+                    .map(|d| &d.0)
+                    .filter(|n| *n == name),
+            )
+            .collect();
+        // `names` (its absolute form is itself), `by_id`, `last_good`, `definers`.
+        assert_eq!(held.len(), 5, "{}: {held:?}", name.display());
+        for n in held {
+            assert!(Arc::ptr_eq(n, name), "{} held twice", name.display());
+        }
+        assert_eq!(Arc::strong_count(name), 6, "{}", name.display());
+    }
+}
+
+#[test]
+fn a_file_name_is_held_once_by_all_the_maps_across_edits_and_walks() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    for i in 0..3 {
+        let text = plugin(&format!("p{i}"), "r/a:v1");
+        std::fs::write(root.join(format!("p{i}.yaml")), text).unwrap();
+    }
+    let mut src = FileSource::new(vec![root.to_path_buf()]);
+    let mut d = Desired::default();
+    src.rescan(&mut d);
+    assert_eq!(src.found.len(), 3);
+    assert_names_shared(&src);
+    // An edit, a new file and a full rescan keep one name per file.
+    let f = root.join("p1.yaml");
+    std::fs::write(&f, plugin("p1", "r/a:v2")).unwrap();
+    src.update(&mut d, &changes(std::slice::from_ref(&f)), &[]);
+    assert_names_shared(&src);
+    let new = root.join("p3.yaml");
+    std::fs::write(&new, plugin("p3", "r/a:v1")).unwrap();
+    src.update(&mut d, &changes(&[new]), &[]);
+    assert_eq!(src.found.len(), 4);
+    assert_eq!(
+        src.files_read(),
+        5,
+        "the new file alone is read, without a walk"
+    );
+    assert_names_shared(&src);
+    src.rescan(&mut d);
+    assert_names_shared(&src);
+    assert_as_a_full_read(&src, &d);
+}
