@@ -36,7 +36,10 @@ fn wait_processed(serve: &Process, name: &str, not: &str) -> Value {
     let path = format!("/debug/plugins?plugin=default/{name}");
     let done = |v: &Value| {
         let p = &v["plugins"][0];
-        p.is_object() && p["resourceVersion"] != not && !p["outcome"].is_null()
+        // The outcome shown is the current version's once it was processed.
+        p.is_object()
+            && p["resourceVersion"] != not
+            && p["processedResourceVersion"] == p["resourceVersion"]
     };
     serve.wait_until(&format!("{name} processed"), |s| done(&s.json(&path)));
     serve.json(&path)["plugins"][0].clone()

@@ -391,16 +391,15 @@ impl Server {
             .unwrap_or(Value::Null)
     }
 
-    /// Waits until `ns/name` has a resource version other than `old` and has been processed.
     /// Waits until the plugin, as it was (`old`, its `/debug/plugins` entry), has a new resource
-    /// version *and* a processing finished since: until then `outcome` is the old version's.
+    /// version *and* that version was processed: until then `outcome` is the old version's.
     async fn wait_processed_after(&self, key: &str, old: &Value) -> Value {
         wait_for(
             &format!("{key} processed at a new resource version"),
             CONVERGE,
             || async {
                 let p = self.plugin(key).await;
-                let processed = p["lastProcessedUnixMs"] != old["lastProcessedUnixMs"];
+                let processed = p["processedResourceVersion"] == p["resourceVersion"];
                 if !p.is_null() && p["resourceVersion"] != old["resourceVersion"] && processed {
                     Ok(p)
                 } else {

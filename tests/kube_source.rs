@@ -126,7 +126,8 @@ async fn applied_patched_and_deleted_plugins_reach_envoy() {
             .plugin(&cached)
             .await
             .ok_or_else(|| "absent".to_string())?;
-        (p["resourceVersion"] != before && p["outcome"] == "cached")
+        let processed = p["processedResourceVersion"] == p["resourceVersion"];
+        (p["resourceVersion"] != before && processed && p["outcome"] == "cached")
             .then_some(p.clone())
             .ok_or(format!("{p}"))
     })
