@@ -4,13 +4,13 @@
 //! [`WRITES_PER_SECOND`], with the object's `resourceVersion` as a precondition (a conflict waits
 //! for fresher data from the watch), failures retried with the one backoff of the crate.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use serde_json::{json, Value};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -221,8 +221,65 @@ fn conditions_json(stored: &[Value], want: &PluginStatus, now: &str) -> Vec<Valu
     out
 }
 
-/// Desired statuses, published by the controller after each change.
-pub type Desired = Arc<BTreeMap<ObjectKey, PluginStatus>>;
+/// The statuses the plugins should have, kept by the controller and read by the writer. The
+/// controller works out again only the statuses whose inputs changed ([`Board::set`]); the board
+/// notes which differ from before, and the writer looks at those, not at every plugin.
+#[derive(Debug, Default)]
+pub struct Board {
+    state: Mutex<BoardState>,
+    changed: Notify,
+}
+
+#[derive(Debug, Default)]
+struct BoardState {
+    desired: BTreeMap<ObjectKey, PluginStatus>,
+    /// Set since the writer last took them.
+    changed: BTreeSet<ObjectKey>,
+}
+
+impl Board {
+    /// Sets what each of `statuses` should be (`None`: nothing to say, or no such plugin);
+    /// wakes the writer if one differs from before.
+    pub fn set(&self, statuses: impl IntoIterator<Item = (ObjectKey, Option<PluginStatus>)>) {
+        let mut st = self.state.lock().expect("status board lock");
+        let mut any = false;
+        for (key, want) in statuses {
+            let differs = match &want {
+                Some(w) => st.desired.get(&key) != Some(w),
+                None => st.desired.contains_key(&key),
+            };
+            if !differs {
+                continue;
+            }
+            match want {
+                Some(w) => st.desired.insert(key.clone(), w),
+                None => st.desired.remove(&key),
+            };
+            st.changed.insert(key);
+            any = true;
+        }
+        drop(st);
+        if any {
+            self.changed.notify_one();
+        }
+    }
+
+    /// The plugins that have a status to say (all of them: for a full pass of the writer).
+    pub fn keys(&self) -> Vec<ObjectKey> {
+        let st = self.state.lock().expect("status board lock");
+        st.desired.keys().cloned().collect()
+    }
+
+    /// What `key` should say now.
+    pub fn get(&self, key: &ObjectKey) -> Option<PluginStatus> {
+        let st = self.state.lock().expect("status board lock");
+        st.desired.get(key).cloned()
+    }
+
+    fn take_changed(&self) -> BTreeSet<ObjectKey> {
+        std::mem::take(&mut self.state.lock().expect("status board lock").changed)
+    }
+}
 
 /// Why a plugin's write waits.
 struct Hold {
@@ -237,7 +294,7 @@ pub fn spawn_writer(
     client: kube::Client,
     guard: LeaseGuard,
     series: KubeSeries,
-    desired: watch::Receiver<Desired>,
+    board: Arc<Board>,
     snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
     leader: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
@@ -246,11 +303,15 @@ pub fn spawn_writer(
             client,
             guard,
             series,
+            board,
+            seen: None,
+            leading: false,
+            pending: BTreeSet::new(),
             written: BTreeMap::new(),
             holds: BTreeMap::new(),
             next_write: Instant::now(),
         }
-        .run(desired, snapshots, leader),
+        .run(snapshots, leader),
     )
 }
 
@@ -258,6 +319,14 @@ struct Writer {
     client: kube::Client,
     guard: LeaseGuard,
     series: KubeSeries,
+    board: Arc<Board>,
+    /// The snapshot the pending plugins were found in: a newer one adds the plugins whose
+    /// server-managed part changed (a write landed, someone else wrote, an edit).
+    seen: Option<Arc<Snapshot>>,
+    /// Whether this replica led at the last look: on taking the lead, every plugin is looked at.
+    leading: bool,
+    /// The plugins to look at, in key order; a write that must wait puts its plugin back.
+    pending: BTreeSet<ObjectKey>,
     /// What was last written per plugin, and the resource version the write produced: until the
     /// watch shows a newer object, it is not written again.
     written: BTreeMap<ObjectKey, (String, PluginStatus)>,
@@ -268,76 +337,117 @@ struct Writer {
 impl Writer {
     async fn run(
         mut self,
-        mut desired: watch::Receiver<Desired>,
         mut snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
         mut leader: watch::Receiver<bool>,
     ) {
+        let board = self.board.clone();
         let mut wake: Option<Instant> = None;
         loop {
             tokio::select! {
-                r = desired.changed() => if r.is_err() { return },
+                () = board.changed.notified() => {}
                 r = snapshots.changed() => if r.is_err() { return },
                 r = leader.changed() => if r.is_err() { return },
                 _ = tokio::time::sleep_until(wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))), if wake.is_some() => {}
             }
-            wake = None;
-            if !*leader.borrow_and_update() {
-                continue;
-            }
-            let want = desired.borrow_and_update().clone();
-            let Some(snapshot) = snapshots.borrow_and_update().clone() else {
-                continue;
-            };
-            self.written.retain(|k, _| want.contains_key(k));
-            self.holds.retain(|k, _| want.contains_key(k));
-            wake = self.pass(&want, &snapshot, &leader).await;
+            wake = self.work(&mut snapshots, &mut leader).await;
         }
     }
 
-    /// Writes what differs; returns when to look again (a hold ending).
-    async fn pass(
+    /// Looks at the pending plugins, one at a time, taking in what changed before each: writes
+    /// what differs; returns when to look again (a hold ending, the Lease to be confirmed).
+    async fn work(
         &mut self,
-        want: &Desired,
-        snapshot: &Snapshot,
-        leader: &watch::Receiver<bool>,
+        snapshots: &mut watch::Receiver<Option<Arc<Snapshot>>>,
+        leader: &mut watch::Receiver<bool>,
     ) -> Option<Instant> {
-        let mut wake: Option<Instant> = None;
-        for (key, status) in want.iter() {
-            let Some(meta) = snapshot.meta.get(key) else {
+        loop {
+            let Some(snapshot) = self.refresh(snapshots, leader) else {
+                return None;
+            };
+            let Some(key) = self.pending.pop_first() else {
+                return self.holds.values().map(|h| h.until).min();
+            };
+            let Some(status) = self.board.get(&key) else {
+                // Nothing to say about it any more.
+                self.written.remove(&key);
+                self.holds.remove(&key);
                 continue;
             };
-            if up_to_date(&meta.conditions, status) {
-                self.holds.remove(key);
-                continue;
-            }
-            if (self.written.get(key))
-                .is_some_and(|(rv, s)| *rv == meta.resource_version && s == status)
-            {
-                continue;
-            }
-            if let Some(h) = self.holds.get(key) {
-                let now = Instant::now();
-                if h.until > now && h.resource_version == meta.resource_version {
-                    wake = Some(wake.map_or(h.until, |w| w.min(h.until)));
+            if let Some(h) = self.holds.get(&key) {
+                let meta = snapshot.meta.get(&key);
+                if h.until > Instant::now()
+                    && meta.is_some_and(|m| h.resource_version == m.resource_version)
+                {
+                    // Looked at again when the hold ends or fresher data comes.
                     continue;
                 }
             }
-            // Lost the Lease meanwhile: stop at once. Not confirmed by the API server: look again
-            // in a second.
-            if !*leader.borrow() {
-                return None;
+            // A hold that ended, or is about older data, is over now unless the write below
+            // fails again (left in place, an ended hold would bring its plugin back at once).
+            let Some(meta) = snapshot.meta.get(&key) else {
+                self.holds.remove(&key);
+                continue;
+            };
+            let written = (self.written.get(&key))
+                .is_some_and(|(rv, s)| *rv == meta.resource_version && *s == status);
+            if written || up_to_date(&meta.conditions, &status) {
+                self.holds.remove(&key);
+                continue;
             }
+            // Not confirmed by the API server: look again in a second.
             if !self.guard.holds().await {
+                self.pending.insert(key);
                 return Some(Instant::now() + Duration::from_secs(1));
             }
+            let backoff = self.holds.remove(&key).and_then(|h| h.backoff);
             tokio::time::sleep_until(self.next_write).await;
             self.next_write = Instant::now() + Duration::from_secs(1) / WRITES_PER_SECOND;
-            self.write(key, status, meta).await;
+            self.write(&key, &status, meta, backoff).await;
         }
-        wake
     }
 
-    async fn write(&mut self, key: &ObjectKey, status: &PluginStatus, meta: &super::ObjectMeta) {
+    /// Takes in what changed since the last look: the plugins whose status changed, whose object
+    /// changed in a newer snapshot and whose hold ended are pending; on taking the lead, all are.
+    /// `None` while this replica does not lead or nothing is listed yet (lost the Lease: stop at
+    /// once).
+    fn refresh(
+        &mut self,
+        snapshots: &mut watch::Receiver<Option<Arc<Snapshot>>>,
+        leader: &mut watch::Receiver<bool>,
+    ) -> Option<Arc<Snapshot>> {
+        let changed = self.board.take_changed();
+        if !*leader.borrow_and_update() {
+            self.leading = false;
+            self.pending.clear();
+            return None;
+        }
+        let snapshot = snapshots.borrow_and_update().clone()?;
+        let seen = self.seen.replace(snapshot.clone());
+        match seen.filter(|_| self.leading) {
+            Some(seen) if Arc::ptr_eq(&seen, &snapshot) => {}
+            Some(seen) => {
+                let keys = super::watch::changed_meta(&seen, &snapshot);
+                self.pending.extend(keys.into_iter().cloned());
+            }
+            None => self.pending.extend(self.board.keys()),
+        }
+        self.leading = true;
+        self.pending.extend(changed);
+        let now = Instant::now();
+        let due = (self.holds.iter()).filter(|(_, h)| h.until <= now);
+        self.pending.extend(due.map(|(k, _)| k.clone()));
+        Some(snapshot)
+    }
+
+    /// Writes `status`; a failure holds the plugin, its retry delay continuing `backoff` (the
+    /// failed writes' before it).
+    async fn write(
+        &mut self,
+        key: &ObjectKey,
+        status: &PluginStatus,
+        meta: &super::ObjectMeta,
+        backoff: Option<Backoff>,
+    ) {
         let api: Api<DynamicObject> = Api::namespaced_with(
             self.client.clone(),
             &key.namespace,
@@ -381,9 +491,7 @@ impl Writer {
                     .status_writes
                     .with_label_values(&["error"])
                     .inc();
-                let mut backoff = (self.holds.remove(key))
-                    .and_then(|h| h.backoff)
-                    .unwrap_or_else(|| Backoff::new(BACKGROUND_RETRY, None));
+                let mut backoff = backoff.unwrap_or_else(|| Backoff::new(BACKGROUND_RETRY, None));
                 let delay = backoff.next_delay();
                 tracing::warn!(plugin = %key, error = %e, retry_in = ?delay, "cannot write plugin status");
                 self.holds.insert(
@@ -441,6 +549,28 @@ mod tests {
             (Some("False"), Some("T3"))
         );
         assert_eq!(ready["observedGeneration"], 1);
+    }
+
+    #[test]
+    fn the_board_notes_only_statuses_that_differ() {
+        let board = Board::default();
+        let (a, b) = (ObjectKey::new("ns", "a"), ObjectKey::new("ns", "b"));
+        board.set([(a.clone(), Some(status(true, "Pulled", 1))), (b.clone(), None)]);
+        assert_eq!(board.take_changed(), BTreeSet::from([a.clone()]), "b had nothing to say");
+        // The same again is no change; another reason is.
+        board.set([(a.clone(), Some(status(true, "Pulled", 1)))]);
+        assert!(board.take_changed().is_empty());
+        board.set([
+            (a.clone(), Some(status(true, "Cached", 1))),
+            (b.clone(), Some(status(false, "DownloadFailure", 2))),
+        ]);
+        assert_eq!(board.take_changed(), BTreeSet::from([a.clone(), b.clone()]));
+        assert_eq!(board.get(&a), Some(status(true, "Cached", 1)));
+        // Nothing to say any more: gone from the board, and noted for the writer to forget.
+        board.set([(a.clone(), None)]);
+        assert_eq!(board.take_changed(), BTreeSet::from([a.clone()]));
+        assert_eq!(board.keys(), [b]);
+        assert_eq!(board.get(&a), None);
     }
 
     #[test]

@@ -47,12 +47,51 @@ pub struct Snapshot {
     pub envoy_filters: BTreeMap<ObjectKey, Arc<Value>>,
     /// Pull Secrets, likewise stripped.
     pub secrets: BTreeMap<ObjectKey, Arc<Value>>,
-    /// What the status writer needs of each plugin object.
-    pub meta: BTreeMap<ObjectKey, ObjectMeta>,
+    /// What the status writer needs of each plugin object, one `Arc` kept while it does not
+    /// change (so two snapshots are compared by pointer: [`changed_meta`]).
+    pub meta: BTreeMap<ObjectKey, Arc<ObjectMeta>>,
+}
+
+/// The plugins whose server-managed part differs between two snapshots (present in one only, or
+/// another `Arc`: a listing keeps the `Arc` of an unchanged object), in key order. One ordered
+/// walk of both maps comparing pointers: what it costs per object is a step of an iterator.
+pub fn changed_meta<'a>(old: &'a Snapshot, new: &'a Snapshot) -> Vec<&'a ObjectKey> {
+    let (mut a, mut b) = (old.meta.iter().peekable(), new.meta.iter().peekable());
+    let mut out = Vec::new();
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => return out,
+            (Some((ka, _)), None) => {
+                out.push(*ka);
+                a.next();
+            }
+            (None, Some((kb, _))) => {
+                out.push(*kb);
+                b.next();
+            }
+            (Some((ka, ma)), Some((kb, mb))) => match ka.cmp(kb) {
+                std::cmp::Ordering::Less => {
+                    out.push(*ka);
+                    a.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    out.push(*kb);
+                    b.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if !Arc::ptr_eq(ma, mb) {
+                        out.push(*kb);
+                    }
+                    a.next();
+                    b.next();
+                }
+            },
+        }
+    }
 }
 
 /// The server-managed part of a plugin object.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ObjectMeta {
     pub resource_version: String,
     pub generation: Option<i64>,
@@ -62,13 +101,14 @@ pub struct ObjectMeta {
 
 /// One listed object as snapshots hold it: its admission view, one `Arc` kept for as long as the
 /// view does not change (every snapshot and the object store share it, so an event re-allocates
-/// nothing of the objects it does not change), and its server-managed part. The raw object is not
+/// nothing of the objects it does not change), and its server-managed part, likewise one `Arc`
+/// while it does not change. The raw object is not
 /// kept: every write changes `metadata.resourceVersion`, so two events with equal views and
 /// metadata are the same object.
 #[derive(Clone, Debug, PartialEq)]
 struct Listed {
     view: Arc<Value>,
-    meta: ObjectMeta,
+    meta: Arc<ObjectMeta>,
 }
 
 impl Listed {
@@ -79,10 +119,12 @@ impl Listed {
             Some(p) if *p.view == view => p.view.clone(),
             _ => Arc::new(view),
         };
-        Listed {
-            view,
-            meta: meta_of(v),
-        }
+        let meta = meta_of(v);
+        let meta = match previous {
+            Some(p) if *p.meta == meta => p.meta.clone(),
+            _ => Arc::new(meta),
+        };
+        Listed { view, meta }
     }
 }
 
@@ -552,7 +594,31 @@ mod tests {
         assert_eq!(third, second);
         for k in [&a, &b] {
             assert!(Arc::ptr_eq(&second.plugins[k], &third.plugins[k]));
+            assert!(Arc::ptr_eq(&second.meta[k], &third.meta[k]));
         }
+        assert!(changed_meta(&second, &third).is_empty());
+        // Both written meanwhile (new resourceVersions): their server-managed parts changed.
+        assert_eq!(changed_meta(&first, &second), [&a, &b]);
+    }
+
+    #[test]
+    fn changed_meta_names_added_removed_and_rewritten_plugins_in_order() {
+        let mut l = Listing::default();
+        for (name, rv) in [("a", "1"), ("c", "2"), ("e", "3")] {
+            l.apply(Event::Apply(plugin(name, rv, "x")));
+        }
+        let before = snapshot_of(std::slice::from_ref(&l), &[], std::iter::empty());
+        assert!(changed_meta(&before, &before).is_empty());
+        l.apply(Event::Delete(plugin("a", "1", "x")));
+        l.apply(Event::Apply(plugin("b", "4", "x")));
+        l.apply(Event::Apply(plugin("c", "5", "x"))); // a status write: only the meta changes
+        l.apply(Event::Apply(plugin("f", "6", "x")));
+        let after = snapshot_of(std::slice::from_ref(&l), &[], std::iter::empty());
+        let names: Vec<&str> = (changed_meta(&before, &after).into_iter())
+            .map(|k| k.name.as_str())
+            .collect();
+        assert_eq!(names, ["a", "b", "c", "f"], "e is unchanged");
+        assert!(Arc::ptr_eq(&before.plugins[&key("c")], &after.plugins[&key("c")]));
     }
 
     #[test]

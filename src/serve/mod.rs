@@ -211,7 +211,7 @@ pub async fn start_with(
         kube,
         generations: BTreeMap::new(),
         fatal: fatal_tx,
-        statuses_stale: true,
+        stale_statuses: resync::StaleStatuses::All,
         report_stale: true,
         offered: offered::Offered::default(),
     };
@@ -285,7 +285,7 @@ pub async fn start_with(
 struct KubeLink {
     snapshots: tokio::sync::watch::Receiver<Option<Arc<Snapshot>>>,
     /// Where desired statuses go, when status is written.
-    statuses: Option<tokio::sync::watch::Sender<status::Desired>>,
+    statuses: Option<Arc<status::Board>>,
 }
 
 /// Connects to the API server and starts the watches and, with status writes, the Lease election
@@ -308,11 +308,18 @@ async fn start_kube(
             wait_shutdown(shutdown.clone()),
         );
         tasks.push(lease_task);
-        let (tx, rx) = tokio::sync::watch::channel(status::Desired::default());
+        let board = Arc::new(status::Board::default());
         let guard = k8s::leader::LeaseGuard::new(client.clone(), &options.lease);
-        let writer = status::spawn_writer(client, guard, series, rx, snapshots.clone(), leading);
+        let writer = status::spawn_writer(
+            client,
+            guard,
+            series,
+            board.clone(),
+            snapshots.clone(),
+            leading,
+        );
         tasks.push(stop_on_shutdown(writer, shutdown));
-        statuses = Some(tx);
+        statuses = Some(board);
     }
     Ok((
         KubeLink {
@@ -361,8 +368,8 @@ struct Controller {
     proxy: Option<proxied::ProxyLink>,
     /// Where proxies fetch modules with `--delivery http`.
     module_endpoint: String,
-    /// Something the Kubernetes plugins' statuses derive from changed since they were published.
-    statuses_stale: bool,
+    /// The Kubernetes plugins whose statuses' inputs changed since they were published.
+    stale_statuses: resync::StaleStatuses,
     /// `proxy` mode: what proxied streams want changed since their results were reported.
     report_stale: bool,
     /// The modules the module endpoint offers.
@@ -454,12 +461,10 @@ impl Controller {
             // What derives from the driver's state is worked out again only when it changed: a
             // wake-up for nothing (a deadline with nothing due) costs nothing per plugin.
             if !events.is_empty() {
-                self.statuses_stale = true;
+                self.stale_statuses.mark_events(&events);
                 self.report_stale = true;
             }
-            if std::mem::take(&mut self.statuses_stale) {
-                self.publish_statuses();
-            }
+            self.publish_statuses();
             let sweep = match &self.proxy {
                 Some(link) => {
                     if std::mem::take(&mut self.report_stale) {
@@ -491,9 +496,12 @@ impl Controller {
                             self.sources.kube.as_deref(),
                             snapshot.as_deref(),
                         );
-                        self.sources.kube = snapshot;
                         // Its metadata (generations) may have changed alone.
-                        self.statuses_stale = true;
+                        if let (Some(old), Some(new)) = (&self.sources.kube, &snapshot) {
+                            let meta = k8s::watch::changed_meta(old, new);
+                            self.stale_statuses.mark(meta.into_iter().cloned());
+                        }
+                        self.sources.kube = snapshot;
                         self.resync_changed(&changed)
                     };
                     if ready_ticket.is_none() {

@@ -3,7 +3,7 @@
 //! Kubernetes list and in `proxy` mode), and what the Kubernetes plugins' statuses derive from is
 //! noted for them.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use super::{files, Controller};
@@ -60,7 +60,7 @@ impl Controller {
             .driver
             .sync(&merged.plugins, &merged.envoy_filters, &merged.secrets);
         self.note_generations(None);
-        self.statuses_stale = true;
+        self.stale_statuses = StaleStatuses::All;
         self.report_stale = true;
         ticket
     }
@@ -85,7 +85,9 @@ impl Controller {
         let (ticket, mut touched) = self.driver.sync_changed(&objects);
         touched.extend(objects.plugins.into_keys());
         self.note_generations(Some(&touched));
-        self.statuses_stale = true;
+        // A conflict between the sources is about the changed key, whichever kind changed.
+        let conflicts = changed.iter().map(|(_, k)| k.clone());
+        self.stale_statuses.mark(touched.into_iter().chain(conflicts));
         self.report_stale = true;
         ticket
     }
@@ -97,7 +99,7 @@ impl Controller {
             return;
         };
         let objects = self.driver.objects();
-        let metas: Vec<(&ObjectKey, &k8s::ObjectMeta)> = match only {
+        let metas: Vec<(&ObjectKey, &Arc<k8s::ObjectMeta>)> = match only {
             Some(keys) => {
                 for k in keys.iter().filter(|k| !snapshot.meta.contains_key(*k)) {
                     self.generations.remove(k);
@@ -126,32 +128,67 @@ impl Controller {
         }
     }
 
-    /// Hands the status writer what each Kubernetes plugin's conditions should be now.
-    pub(super) fn publish_statuses(&self) {
-        let (Some(tx), Some(snapshot)) = (
+    /// Hands the status writer what the Kubernetes plugins' conditions should be now: of those
+    /// whose inputs changed since the last time (of all after a full sync).
+    pub(super) fn publish_statuses(&mut self) {
+        let stale = std::mem::replace(&mut self.stale_statuses, StaleStatuses::none());
+        let (Some(board), Some(snapshot)) = (
             self.kube.as_ref().and_then(|k| k.statuses.as_ref()),
             self.sources.kube.as_ref(),
         ) else {
             return;
         };
-        let desired: BTreeMap<ObjectKey, status::PluginStatus> = (snapshot.meta.iter())
-            .filter_map(|(k, meta)| {
-                let generations = status::Generations {
-                    accepted: self.generations.get(k).and_then(|g| g.1),
-                    current: meta.generation,
-                };
-                let conflict = self.sources.kube_conflict(k);
-                let s = status::desired(&self.driver, k, generations, conflict)?;
-                Some((k.clone(), s))
-            })
-            .collect();
-        tx.send_if_modified(|cur| {
-            if **cur == desired {
-                false
-            } else {
-                *cur = Arc::new(desired);
-                true
+        let status_of = |k: &ObjectKey| {
+            let meta = snapshot.meta.get(k)?;
+            let generations = status::Generations {
+                accepted: self.generations.get(k).and_then(|g| g.1),
+                current: meta.generation,
+            };
+            let conflict = self.sources.kube_conflict(k);
+            status::desired(&self.driver, k, generations, conflict)
+        };
+        match stale {
+            StaleStatuses::Some(keys) => {
+                board.set(keys.into_iter().map(|k| {
+                    let s = status_of(&k);
+                    (k, s)
+                }));
             }
-        });
+            StaleStatuses::All => {
+                // What the board has and the snapshot no longer does goes too.
+                let keys: BTreeSet<ObjectKey> = (board.keys().into_iter())
+                    .chain(snapshot.meta.keys().cloned())
+                    .collect();
+                board.set(keys.into_iter().map(|k| {
+                    let s = status_of(&k);
+                    (k, s)
+                }));
+            }
+        }
+    }
+}
+
+/// Which Kubernetes plugins' statuses to work out again: those whose inputs changed (the driver's
+/// events about them, their objects, refusals, conflicts and generations), or all.
+#[derive(Debug)]
+pub(super) enum StaleStatuses {
+    All,
+    Some(BTreeSet<ObjectKey>),
+}
+
+impl StaleStatuses {
+    pub(super) fn none() -> Self {
+        StaleStatuses::Some(BTreeSet::new())
+    }
+
+    pub(super) fn mark(&mut self, keys: impl IntoIterator<Item = ObjectKey>) {
+        if let StaleStatuses::Some(set) = self {
+            set.extend(keys);
+        }
+    }
+
+    /// The plugins the driver's events are about.
+    pub(super) fn mark_events(&mut self, events: &[crate::engine::Event]) {
+        self.mark(events.iter().filter_map(|e| e.plugin()).cloned());
     }
 }

@@ -1,13 +1,20 @@
-//! Load tool: the cost of a relist of N WasmPlugins after an API server outage.
+//! Load tool: the work per change of one WasmPlugin with 100 and with N in the cluster, and the
+//! cost of a relist of N WasmPlugins after an API server outage.
 //!
 //! ```text
-//! cargo build --release && cargo run --release --example kube_relist -- [PLUGINS]
+//! cargo build --release && cargo run --release --example kube_scale -- [PLUGINS] [EDITS]
 //! ```
 //!
 //! Starts a real etcd and kube-apiserver (scripts/kube/, `KUBE_BIN` or the default cache), creates
-//! PLUGINS (default 1000) `Always` WasmPlugins sharing one `file://` module, runs the release
-//! `wasm-ecds serve --source kubernetes` as a child process and waits until every plugin is
-//! processed and its status written. Then it kills the API server, writes an unrelated etcd key
+//! 100 `Always` WasmPlugins sharing one `file://` module, runs the release `wasm-ecds serve
+//! --source kubernetes` as a child process and waits until every plugin is processed and its
+//! status written. It then edits one plugin's `spec` EDITS times (default 20), each time waiting
+//! for its processing and status write, and measures wasm-ecds' CPU per edit; creates the other
+//! plugins up to PLUGINS (default 2000; their statuses take PLUGINS / 20 s: the writer's rate
+//! limit) and measures the same edits again. Work per change independent of the plugin count
+//! shows as a ratio near 1.
+//!
+//! Then it kills the API server, writes an unrelated etcd key
 //! (so the watch's resourceVersion is too old: 410, a full relist), starts the API server again and
 //! measures, until wasm-ecds counts the completed relist: wall time after the API server is back,
 //! the CPU time wasm-ecds used, and the processings, pushes and status writes it caused (all must
@@ -70,7 +77,12 @@ async fn main() {
     let n: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
-        .unwrap_or(1000);
+        .unwrap_or(2000);
+    let edits: usize = std::env::args()
+        .nth(2)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(20);
+    let small = n.min(100);
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let bin = std::env::current_exe()
         .unwrap()
@@ -133,21 +145,25 @@ async fn main() {
     kubectl(&["create", "namespace", "load"], None);
     let module = state.path().join("m.wasm");
     std::fs::write(&module, b"\0asm\x01\0\0\0").unwrap();
-    let items: Vec<String> = (0..n)
-        .map(|i| format!(
-            "{{\"apiVersion\":\"extensions.istio.io/v1alpha1\",\"kind\":\"WasmPlugin\",\"metadata\":{{\"name\":\"p{i}\",\"namespace\":\"load\"}},\"spec\":{{\"url\":\"file://{}\",\"imagePullPolicy\":\"Always\"}}}}",
-            module.display()
-        ))
-        .collect();
-    let t = Instant::now();
-    kubectl(
-        &["create", "-f", "-"],
-        Some(&format!(
-            "{{\"apiVersion\":\"v1\",\"kind\":\"List\",\"items\":[{}]}}",
-            items.join(",")
-        )),
-    );
-    eprintln!("created {n} WasmPlugins in {:?}", t.elapsed());
+    let create = |range: std::ops::Range<usize>| {
+        let items: Vec<String> = range
+            .clone()
+            .map(|i| format!(
+                "{{\"apiVersion\":\"extensions.istio.io/v1alpha1\",\"kind\":\"WasmPlugin\",\"metadata\":{{\"name\":\"p{i}\",\"namespace\":\"load\"}},\"spec\":{{\"url\":\"file://{}\",\"imagePullPolicy\":\"Always\"}}}}",
+                module.display()
+            ))
+            .collect();
+        let t = Instant::now();
+        kubectl(
+            &["create", "-f", "-"],
+            Some(&format!(
+                "{{\"apiVersion\":\"v1\",\"kind\":\"List\",\"items\":[{}]}}",
+                items.join(",")
+            )),
+        );
+        eprintln!("created {} WasmPlugins in {:?}", range.len(), t.elapsed());
+    };
+    create(0..small);
 
     let cache = tempfile::tempdir().unwrap();
     let mut child = Command::new(&bin)
@@ -183,20 +199,85 @@ async fn main() {
             }
         }
     });
+    let all_done = |count: usize| {
+        wait_until("every plugin processed", || {
+            sum(&metrics(&admin), "wasm_ecds_plugin_processing_count") >= count as f64
+        });
+        wait_until("every status written", || {
+            metrics(&admin)
+                .get("wasm_ecds_kube_status_writes{result=\"ok\"}")
+                .copied()
+                .unwrap_or(0.0)
+                >= count as f64
+        });
+    };
+    // One plugin's spec edited `edits` times, each waited for until processed and its status
+    // written: wasm-ecds' CPU per edit and the median time to the status write.
+    let mut round = 0;
+    let mut edit_cost = |plugins: usize| {
+        let cpu0 = cpu_ms(pid);
+        let mut times = Vec::new();
+        for _ in 0..edits {
+            round += 1;
+            let before = metrics(&admin);
+            let t = Instant::now();
+            kubectl(
+                &[
+                    "patch",
+                    "wasmplugin",
+                    "p0",
+                    "-n",
+                    "load",
+                    "--type",
+                    "merge",
+                    "-p",
+                    &format!("{{\"spec\":{{\"pluginConfig\":{{\"round\":{round}}}}}}}"),
+                ],
+                None,
+            );
+            let count = |m: &BTreeMap<String, f64>| {
+                (
+                    sum(m, "wasm_ecds_plugin_processing_count"),
+                    m.get("wasm_ecds_kube_status_writes{result=\"ok\"}")
+                        .copied()
+                        .unwrap_or(0.0),
+                )
+            };
+            let (p0, w0) = count(&before);
+            wait_until("the edit processed and its status written", || {
+                let (p, w) = count(&metrics(&admin));
+                p > p0 && w > w0
+            });
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let cpu = (cpu_ms(pid) - cpu0) as f64 / edits as f64;
+        times.sort_by(f64::total_cmp);
+        eprintln!(
+            "{plugins} plugins: {edits} edits, {cpu:.1} ms CPU per edit, edit → status written median {:.0} ms",
+            times[times.len() / 2]
+        );
+        (cpu, times[times.len() / 2])
+    };
     let t = Instant::now();
-    wait_until("every plugin processed", || {
-        sum(&metrics(&admin), "wasm_ecds_plugin_processing_count") >= n as f64
-    });
-    let first_list = t.elapsed();
+    all_done(small);
+    eprintln!(
+        "start → {small} processed, statuses written: {:?}",
+        t.elapsed()
+    );
+    let (small_cpu, small_ms) = edit_cost(small);
+    create(small..n);
+    let t = Instant::now();
+    all_done(n + edits);
+    eprintln!("{n} processed, statuses written after {:?}", t.elapsed());
     let first_cpu = cpu_ms(pid);
-    wait_until("every status written", || {
-        metrics(&admin)
-            .get("wasm_ecds_kube_status_writes{result=\"ok\"}")
-            .copied()
-            .unwrap_or(0.0)
-            >= n as f64
-    });
-    eprintln!("start → {n} processed: {first_list:?} ({first_cpu} ms CPU); all statuses written after {:?}", t.elapsed());
+    let (big_cpu, big_ms) = edit_cost(n);
+    println!(
+        "edit of one WasmPlugin → processed and status written: {big_cpu:.1} ms CPU per edit at {n} \
+         plugins, {:.2}× the {small_cpu:.1} ms at {small} (CPU ticks are 10 ms: over {edits} edits); \
+         median time {big_ms:.0} ms, {:.2}× the {small_ms:.0} ms at {small}",
+        big_cpu / small_cpu.max(0.1),
+        big_ms / small_ms.max(1.0)
+    );
 
     // Baseline: a plain list of the same objects.
     let options = wasm_ecds::k8s::KubeOptions {
