@@ -361,9 +361,7 @@ impl Writer {
         leader: &mut watch::Receiver<bool>,
     ) -> Option<Instant> {
         loop {
-            let Some(snapshot) = self.refresh(snapshots, leader) else {
-                return None;
-            };
+            let snapshot = self.refresh(snapshots, leader)?;
             let Some(key) = self.pending.pop_first() else {
                 return self.holds.values().map(|h| h.until).min();
             };
@@ -555,8 +553,15 @@ mod tests {
     fn the_board_notes_only_statuses_that_differ() {
         let board = Board::default();
         let (a, b) = (ObjectKey::new("ns", "a"), ObjectKey::new("ns", "b"));
-        board.set([(a.clone(), Some(status(true, "Pulled", 1))), (b.clone(), None)]);
-        assert_eq!(board.take_changed(), BTreeSet::from([a.clone()]), "b had nothing to say");
+        board.set([
+            (a.clone(), Some(status(true, "Pulled", 1))),
+            (b.clone(), None),
+        ]);
+        assert_eq!(
+            board.take_changed(),
+            BTreeSet::from([a.clone()]),
+            "b had nothing to say"
+        );
         // The same again is no change; another reason is.
         board.set([(a.clone(), Some(status(true, "Pulled", 1)))]);
         assert!(board.take_changed().is_empty());

@@ -618,7 +618,10 @@ mod tests {
             .map(|k| k.name.as_str())
             .collect();
         assert_eq!(names, ["a", "b", "c", "f"], "e is unchanged");
-        assert!(Arc::ptr_eq(&before.plugins[&key("c")], &after.plugins[&key("c")]));
+        assert!(Arc::ptr_eq(
+            &before.plugins[&key("c")],
+            &after.plugins[&key("c")]
+        ));
     }
 
     #[test]

@@ -87,7 +87,8 @@ impl Controller {
         self.note_generations(Some(&touched));
         // A conflict between the sources is about the changed key, whichever kind changed.
         let conflicts = changed.iter().map(|(_, k)| k.clone());
-        self.stale_statuses.mark(touched.into_iter().chain(conflicts));
+        self.stale_statuses
+            .mark(touched.into_iter().chain(conflicts));
         self.report_stale = true;
         ticket
     }
