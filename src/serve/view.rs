@@ -33,7 +33,7 @@ pub const ENTRY_PLUGINS: usize = 100;
 const CHUNK: usize = 16 * 1024;
 
 /// `/debug/plugins?plugin=ns/name`, `?limit=N&after=ns/name` (either with `module=<sha256>`),
-/// or `?fileErrors=FROM&limit=N`.
+/// `?fileErrors=FROM&limit=N` or `?conflicts=FROM&limit=N`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PluginsQuery {
     /// Only this plugin (its entry, refusal and conflicts).
@@ -45,6 +45,8 @@ pub struct PluginsQuery {
     pub after: Option<ObjectKey>,
     /// Only the file errors, from this position of their list on.
     pub file_errors: Option<usize>,
+    /// Only the conflicts, from this position of their list on.
+    pub conflicts: Option<usize>,
     pub limit: usize,
 }
 
@@ -91,7 +93,15 @@ fn object_key(name: &str, v: &str) -> Result<ObjectKey, String> {
 
 impl PluginsQuery {
     pub fn parse(query: &str) -> Result<PluginsQuery, String> {
-        let p = params(query, &["plugin", "module", "after", "fileErrors", "limit"])?;
+        let known = [
+            "plugin",
+            "module",
+            "after",
+            "fileErrors",
+            "conflicts",
+            "limit",
+        ];
+        let p = params(query, &known)?;
         let plugin = p
             .get("plugin")
             .map(|v| object_key("plugin", v))
@@ -112,24 +122,20 @@ impl PluginsQuery {
             }
             None => None,
         };
-        let file_errors = match p.get("fileErrors") {
-            Some(v) => match v.parse::<usize>() {
-                Ok(n) => Some(n),
-                Err(_) => {
-                    return Err(format!(
-                        "fileErrors {v:?}: want a position (a fileErrorsNext)"
-                    ))
-                }
-            },
-            None => None,
+        // A list paged by position: only with `limit`.
+        let position = |name: &str| -> Result<Option<usize>, String> {
+            let Some(v) = p.get(name) else {
+                return Ok(None);
+            };
+            let from = v
+                .parse::<usize>()
+                .map_err(|_| format!("{name} {v:?}: want a position (a {name}Next)"))?;
+            if (p.keys()).any(|k| k != name && k != "limit") {
+                return Err(format!("{name} can be combined with limit only"));
+            }
+            Ok(Some(from))
         };
-        if file_errors.is_some()
-            && ["plugin", "module", "after"]
-                .iter()
-                .any(|k| p.contains_key(*k))
-        {
-            return Err("fileErrors can be combined with limit only".into());
-        }
+        let (file_errors, conflicts) = (position("fileErrors")?, position("conflicts")?);
         if plugin.is_some() && module.is_some() {
             return Err("plugin cannot be combined with module".into());
         }
@@ -138,6 +144,7 @@ impl PluginsQuery {
             module,
             after: p.get("after").map(|v| object_key("after", v)).transpose()?,
             file_errors,
+            conflicts,
             limit: limit(&p)?,
         })
     }
@@ -217,22 +224,36 @@ pub struct PluginsPage {
     /// The `fileErrors` position of the following file errors, if any.
     file_errors_next: Option<usize>,
     conflicts: Vec<Conflict>,
+    /// How many conflicts there are in all (a page lists at most `limit` of them).
+    conflict_count: usize,
+    /// The `conflicts` position of the following conflicts, if any.
+    conflicts_next: Option<usize>,
     next: Option<String>,
 }
 
-/// The plugins (processed or refused) of the page `query` asks for, in key order. File errors (at
-/// most `limit` of them, the others paged with `fileErrors`) and conflicts come with the first page
-/// (with `plugin`, the plugin's conflicts only).
+/// The plugins (processed or refused) of the page `query` asks for, in key order. File errors and
+/// conflicts (at most `limit` of each, the others paged with `fileErrors` and `conflicts`) come
+/// with the first page (with `plugin`, the plugin's conflicts only).
 pub fn plugins_page(driver: &Driver, sources: &Sources, query: &PluginsQuery) -> PluginsPage {
-    if let Some(from) = query.file_errors {
+    let mut page = plugins_only(driver, sources, query);
+    page.file_error_count = sources.files.errors.len();
+    page.conflict_count = sources.conflicts.len();
+    page
+}
+
+fn plugins_only(driver: &Driver, sources: &Sources, query: &PluginsQuery) -> PluginsPage {
+    if query.file_errors.is_some() || query.conflicts.is_some() {
         let mut page = PluginsPage::default();
-        page.add_file_errors(&sources.files.errors, from, query.limit);
+        if let Some(from) = query.file_errors {
+            page.add_file_errors(&sources.files.errors, from, query.limit);
+        }
+        if let Some(from) = query.conflicts {
+            page.add_conflicts(sources, from, query.limit);
+        }
         return page;
     }
     if let Some(sha) = &query.module {
-        let mut page = module_users_page(driver, sha, query);
-        page.file_error_count = sources.files.errors.len();
-        return page;
+        return module_users_page(driver, sha, query);
     }
     let engine = driver.engine();
     let (lower, upper) = match (&query.plugin, &query.after) {
@@ -289,11 +310,10 @@ pub fn plugins_page(driver: &Driver, sources: &Sources, query: &PluginsQuery) ->
         }
         None if query.after.is_none() => {
             page.add_file_errors(&sources.files.errors, 0, query.limit);
-            page.conflicts = sources.conflicts.values().cloned().collect();
+            page.add_conflicts(sources, 0, query.limit);
         }
         None => {}
     }
-    page.file_error_count = sources.files.errors.len();
     page
 }
 
@@ -302,8 +322,15 @@ impl PluginsPage {
     fn add_file_errors(&mut self, errors: &[FileError], from: usize, limit: usize) {
         let end = errors.len().min(from.saturating_add(limit));
         self.file_errors = errors.get(from..end).unwrap_or_default().to_vec();
-        self.file_error_count = errors.len();
         self.file_errors_next = (end < errors.len()).then_some(end);
+    }
+
+    /// At most `limit` of the conflicts (in the order of the objects) from position `from` on.
+    fn add_conflicts(&mut self, sources: &Sources, from: usize, limit: usize) {
+        let all = &sources.conflicts;
+        let end = all.len().min(from.saturating_add(limit));
+        self.conflicts = (all.values().skip(from).take(limit).cloned()).collect();
+        self.conflicts_next = (end < all.len()).then_some(end);
     }
 }
 
@@ -491,6 +518,8 @@ impl PluginsPage {
             scalar("fileErrorCount", &self.file_error_count),
             scalar("fileErrorsNext", &self.file_errors_next),
             array("conflicts", self.conflicts),
+            scalar("conflictCount", &self.conflict_count),
+            scalar("conflictsNext", &self.conflicts_next),
             scalar("next", &self.next),
         ])
     }
@@ -508,73 +537,4 @@ impl CachePage {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn queries_parse_and_bad_ones_name_the_culprit() {
-        let q = PluginsQuery::parse("limit=2&after=ns%2Fa").unwrap();
-        assert_eq!(q.after, Some(ObjectKey::new("ns", "a")));
-        assert_eq!(q.limit, 2);
-        let q = PluginsQuery::parse("plugin=ns/e/r").unwrap();
-        assert_eq!(q.plugin, Some(ObjectKey::new("ns", "e/r")));
-        assert_eq!(q.limit, DEFAULT_LIMIT);
-        for (bad, culprit) in [
-            ("limit=0", "limit"),
-            ("limit=x", "limit"),
-            ("limit=10001", "limit"),
-            ("after=", "after"),
-            ("plugin=ns/", "plugin"),
-            ("plugin=a&after=b", "plugin"),
-            ("limit=1&limit=2", "limit"),
-            ("page=2", "page"),
-            ("module=ABCD", "module"),
-            ("module=abc&plugin=ns/a", "module"),
-            ("fileErrors=-1", "fileErrors"),
-            ("fileErrors=3&plugin=ns/a", "fileErrors"),
-            ("fileErrors=3&after=ns/a", "fileErrors"),
-        ] {
-            let e = PluginsQuery::parse(bad).unwrap_err();
-            assert!(e.contains(culprit) && !e.contains('\n'), "{bad}: {e}");
-        }
-        let sha = "ab".repeat(32);
-        let q = PluginsQuery::parse(&format!("module={sha}&after=ns/a&limit=7")).unwrap();
-        assert_eq!(q.module.as_deref(), Some(sha.as_str()));
-        assert_eq!((q.after, q.limit), (Some(ObjectKey::new("ns", "a")), 7));
-        assert!(PluginsQuery::parse(&format!("module={sha}&plugin=ns/a")).is_err());
-        let q = PluginsQuery::parse("fileErrors=1000&limit=10").unwrap();
-        assert_eq!((q.file_errors, q.limit), (Some(1000), 10));
-        let q = CacheQuery::parse("after=oci%3A%2F%2Fr%2Fm%40sha256%3Aab&limit=5").unwrap();
-        assert_eq!(q.after, Some(ModuleKey::new("oci://r/m", "sha256:ab")));
-        assert!(CacheQuery::parse("after=nochecksum").is_err());
-        assert!(CacheQuery::parse("plugin=a").is_err());
-    }
-
-    #[tokio::test]
-    async fn the_body_is_one_json_object_whatever_the_chunking() {
-        use tokio_stream::StreamExt as _;
-        let rows: Vec<RefusedRow> = (0..3000)
-            .map(|i| RefusedRow {
-                plugin: format!("ns/p{i}"),
-                field: "spec.url".into(),
-                error: "x".repeat(i % 7),
-            })
-            .collect();
-        let body = json_body(vec![
-            array("refused", rows),
-            array::<FileError>("fileErrors", Vec::new()),
-            scalar("next", &Some("ns/p2999")),
-        ]);
-        let chunks: Vec<Bytes> = body
-            .map(|f| f.unwrap().into_data().unwrap())
-            .collect()
-            .await;
-        assert!(chunks.len() > 1, "written in pieces");
-        let all: Vec<u8> = chunks.concat();
-        let v: serde_json::Value = serde_json::from_slice(&all).unwrap();
-        assert_eq!(v["refused"].as_array().unwrap().len(), 3000);
-        assert_eq!(v["refused"][2999]["plugin"], "ns/p2999");
-        assert_eq!(v["fileErrors"], serde_json::json!([]));
-        assert_eq!(v["next"], "ns/p2999");
-    }
-}
+mod tests;
