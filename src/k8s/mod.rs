@@ -12,6 +12,7 @@
 //! Only this module talks to the API server; the engine and driver know nothing about it.
 
 pub mod leader;
+pub mod snapshot;
 pub mod status;
 pub mod watch;
 
@@ -22,7 +23,7 @@ use anyhow::Context as _;
 use kube::api::{ApiResource, GroupVersionKind};
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 
-pub use watch::{ObjectMeta, Snapshot};
+pub use snapshot::{ObjectMeta, Snapshot};
 
 /// The API group, version and kind of Istio's `WasmPlugin`.
 pub const WASMPLUGIN_GROUP: &str = "extensions.istio.io";

@@ -424,7 +424,7 @@ impl Writer {
         match seen.filter(|_| self.leading) {
             Some(seen) if Arc::ptr_eq(&seen, &snapshot) => {}
             Some(seen) => {
-                let keys = super::watch::changed_meta(&seen, &snapshot);
+                let keys = super::snapshot::changed_meta(&seen, &snapshot);
                 self.pending.extend(keys.into_iter().cloned());
             }
             None => self.pending.extend(self.board.keys()),

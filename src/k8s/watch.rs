@@ -6,8 +6,8 @@
 //! Relists never flap anything (docs/kubernetes.md "Watches"): a list (initial, after `410 Gone`,
 //! after a lost connection or an API server restart) is buffered until it completes and then
 //! replaces that watch's objects at once, so objects deleted during an outage disappear exactly
-//! then, and a relist that returns the same objects publishes the same snapshot, which the driver
-//! treats as no change. Nothing is published before every WasmPlugin and EnvoyFilter watch has
+//! then, and a relist that returns the same objects publishes nothing. The snapshot is kept up to
+//! date event by event ([`Current`]): an event costs the objects it changes, not all of them. Nothing is published before every WasmPlugin and EnvoyFilter watch has
 //! listed once and the Secrets of every namespace with plugins are listed (or
 //! [`SECRET_LIST_GRACE`] passed), so the first processing sees the Secrets it needs. An EnvoyFilter
 //! watch whose first list is refused with 404 (no EnvoyFilter CRD) or 403 (no RBAC for it) counts
@@ -27,6 +27,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use super::snapshot::{Current, Kind, Listed, ObjectMeta, Snapshot};
 use super::{KubeOptions, KubeSeries};
 use crate::backoff::{Backoff, WATCH};
 use crate::plugin::secret::DOCKER_CONFIG_JSON_TYPE;
@@ -34,82 +35,6 @@ use crate::plugin::ObjectKey;
 
 /// How long the first snapshot with a new namespace's plugins waits for that namespace's Secrets.
 pub const SECRET_LIST_GRACE: Duration = Duration::from_secs(5);
-
-/// The objects as last listed and watched.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Snapshot {
-    /// Plugins as admission sees them: without `status`, `metadata.resourceVersion` and
-    /// `metadata.managedFields`, which change with every status write (a status write is not a
-    /// change of the plugin: under `Always` it would pull again after every one).
-    /// Shared with the object store once admitted.
-    pub plugins: BTreeMap<ObjectKey, Arc<Value>>,
-    /// `EnvoyFilter`s, likewise stripped (behavior.md §10).
-    pub envoy_filters: BTreeMap<ObjectKey, Arc<Value>>,
-    /// Pull Secrets, likewise stripped.
-    pub secrets: BTreeMap<ObjectKey, Arc<Value>>,
-    /// What the status writer needs of each plugin object, one `Arc` kept while it does not
-    /// change (so two snapshots are compared by pointer: [`changed_meta`]).
-    pub meta: BTreeMap<ObjectKey, Arc<ObjectMeta>>,
-}
-
-/// The plugins whose server-managed part differs between two snapshots (present in one only, or
-/// another `Arc`: a listing keeps the `Arc` of an unchanged object), in key order. One ordered
-/// walk of both maps comparing pointers: what it costs per object is a step of an iterator.
-pub fn changed_meta<'a>(old: &'a Snapshot, new: &'a Snapshot) -> Vec<&'a ObjectKey> {
-    let (mut a, mut b) = (old.meta.iter().peekable(), new.meta.iter().peekable());
-    let mut out = Vec::new();
-    loop {
-        match (a.peek(), b.peek()) {
-            (None, None) => return out,
-            (Some((ka, _)), None) => {
-                out.push(*ka);
-                a.next();
-            }
-            (None, Some((kb, _))) => {
-                out.push(*kb);
-                b.next();
-            }
-            (Some((ka, ma)), Some((kb, mb))) => match ka.cmp(kb) {
-                std::cmp::Ordering::Less => {
-                    out.push(*ka);
-                    a.next();
-                }
-                std::cmp::Ordering::Greater => {
-                    out.push(*kb);
-                    b.next();
-                }
-                std::cmp::Ordering::Equal => {
-                    if !Arc::ptr_eq(ma, mb) {
-                        out.push(*kb);
-                    }
-                    a.next();
-                    b.next();
-                }
-            },
-        }
-    }
-}
-
-/// The server-managed part of a plugin object.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ObjectMeta {
-    pub resource_version: String,
-    pub generation: Option<i64>,
-    /// `status.conditions` as stored.
-    pub conditions: Vec<Value>,
-}
-
-/// One listed object as snapshots hold it: its admission view, one `Arc` kept for as long as the
-/// view does not change (every snapshot and the object store share it, so an event re-allocates
-/// nothing of the objects it does not change), and its server-managed part, likewise one `Arc`
-/// while it does not change. The raw object is not
-/// kept: every write changes `metadata.resourceVersion`, so two events with equal views and
-/// metadata are the same object.
-#[derive(Clone, Debug, PartialEq)]
-struct Listed {
-    view: Arc<Value>,
-    meta: Arc<ObjectMeta>,
-}
 
 impl Listed {
     /// `v` as listed, sharing `previous`'s view when that is unchanged.
@@ -137,8 +62,10 @@ struct Listing {
 }
 
 impl Listing {
-    /// Applies one event; true when the current objects changed.
-    fn apply(&mut self, event: Event<Value>) -> bool {
+    /// Applies one event, adding the keys of the objects it changed to `changed` (what they are
+    /// now is in `objects`); true when the objects changed or the listing completed its first
+    /// list.
+    fn apply(&mut self, event: Event<Value>, changed: &mut Vec<ObjectKey>) -> bool {
         match event {
             Event::Init => {
                 self.relist = Some(BTreeMap::new());
@@ -152,11 +79,22 @@ impl Listing {
                 false
             }
             Event::InitDone => {
-                self.listed = true;
+                let first = !std::mem::replace(&mut self.listed, true);
                 let listed = self.relist.take().unwrap_or_default();
-                let changed = listed != self.objects;
+                let before = changed.len();
+                // A relist is a whole list: comparing it with the objects is work per object once.
+                changed.extend(
+                    (listed.iter())
+                        .filter(|(k, l)| self.objects.get(*k) != Some(*l))
+                        .map(|(k, _)| k.clone()),
+                );
+                changed.extend(
+                    (self.objects.keys())
+                        .filter(|k| !listed.contains_key(*k))
+                        .cloned(),
+                );
                 self.objects = listed;
-                changed
+                first || changed.len() > before
             }
             Event::Apply(v) => {
                 let Some(k) = key_of(&v) else { return false };
@@ -164,10 +102,17 @@ impl Listing {
                 if self.objects.get(&k) == Some(&listed) {
                     return false;
                 }
-                self.objects.insert(k, listed);
+                self.objects.insert(k.clone(), listed);
+                changed.push(k);
                 true
             }
-            Event::Delete(v) => key_of(&v).is_some_and(|k| self.objects.remove(&k).is_some()),
+            Event::Delete(v) => {
+                let Some(k) = key_of(&v).filter(|k| self.objects.remove(k).is_some()) else {
+                    return false;
+                };
+                changed.push(k);
+                true
+            }
         }
     }
 }
@@ -268,6 +213,7 @@ pub fn spawn(
         filters: (0..filters).map(|_| Listing::default()).collect(),
         secrets: BTreeMap::new(),
         tx,
+        current: Current::default(),
         last_error: BTreeMap::new(),
     };
     (rx, tokio::spawn(watches.run(stream::select_all(streams))))
@@ -305,6 +251,8 @@ struct Watches {
     filters: Vec<Listing>,
     secrets: BTreeMap<String, SecretWatch>,
     tx: watch::Sender<Option<Arc<Snapshot>>>,
+    /// The snapshot as the listings make it now.
+    current: Current,
     /// The last error logged per watch (the same error repeating is logged once).
     last_error: BTreeMap<String, String>,
 }
@@ -337,30 +285,30 @@ impl Watches {
                 };
                 dirty |= self.handle(next);
             }
-            self.follow_namespaces(&secret_tx);
+            dirty |= self.follow_namespaces(&secret_tx);
             if dirty && self.complete() {
                 dirty = false;
-                let snapshot = self.snapshot();
-                self.tx.send_if_modified(|cur| {
-                    if cur.as_deref() == Some(&snapshot) {
-                        false
-                    } else {
-                        *cur = Some(Arc::new(snapshot));
-                        true
-                    }
-                });
+                // A clone of the persistent maps: a few pointers, whatever the object count.
+                let snapshot = Arc::new(self.current.snapshot.clone());
+                self.tx.send_replace(Some(snapshot));
             }
         }
     }
 
     /// Applies one input; true when objects changed.
     fn handle(&mut self, input: Input) -> bool {
-        let (listing, result, watch) = match input {
-            Input::Plugins(i, r) => (self.plugins.get_mut(i), r, format!("wasmplugins#{i}")),
-            Input::Filters(i, r) => (self.filters.get_mut(i), r, format!("envoyfilters#{i}")),
+        let (listing, result, watch, kind) = match input {
+            Input::Plugins(i, r) => {
+                let l = self.plugins.get_mut(i);
+                (l, r, format!("wasmplugins#{i}"), Kind::Plugin)
+            }
+            Input::Filters(i, r) => {
+                let l = self.filters.get_mut(i);
+                (l, r, format!("envoyfilters#{i}"), Kind::Filter)
+            }
             Input::Secrets(ns, r) => {
                 let l = self.secrets.get_mut(&ns).map(|s| &mut s.listing);
-                (l, r, format!("secrets in {ns}"))
+                (l, r, format!("secrets in {ns}"), Kind::Secret)
             }
         };
         match result {
@@ -371,7 +319,13 @@ impl Watches {
                 if self.last_error.remove(&watch).is_some() {
                     tracing::info!(watch = %watch, "Kubernetes watch recovered");
                 }
-                listing.is_some_and(|l| l.apply(event))
+                let Some(l) = listing else { return false };
+                let mut changed = Vec::new();
+                let dirty = l.apply(event, &mut changed);
+                for k in &changed {
+                    self.current.set(kind, k, l.objects.get(k));
+                }
+                dirty
             }
             Err(e) => {
                 self.series.watch_errors.inc();
@@ -393,12 +347,26 @@ impl Watches {
         }
     }
 
-    /// Starts a Secret watch for every namespace that has plugins and stops the others.
-    fn follow_namespaces(&mut self, tx: &mpsc::Sender<Input>) {
-        let wanted: BTreeSet<String> = (self.plugins.iter().chain(&self.filters))
-            .flat_map(|l| l.objects.keys().map(|k| k.namespace.clone()))
+    /// Starts a Secret watch for every namespace that has plugins and stops the others (their
+    /// Secrets leave the snapshot: true then); work only when a namespace came or went.
+    fn follow_namespaces(&mut self, tx: &mpsc::Sender<Input>) -> bool {
+        if !std::mem::take(&mut self.current.namespaces_changed) {
+            return false;
+        }
+        let mut removed = false;
+        let wanted: BTreeSet<String> = self.current.namespaces().cloned().collect();
+        let gone: Vec<String> = (self.secrets.keys())
+            .filter(|ns| !wanted.contains(*ns))
+            .cloned()
             .collect();
-        self.secrets.retain(|ns, _| wanted.contains(ns));
+        for ns in gone {
+            if let Some(w) = self.secrets.remove(&ns) {
+                for k in w.listing.objects.keys() {
+                    self.current.set(Kind::Secret, k, None);
+                    removed = true;
+                }
+            }
+        }
         (self.last_error).retain(|w, _| {
             w.strip_prefix("secrets in ")
                 .is_none_or(|ns| wanted.contains(ns))
@@ -432,6 +400,7 @@ impl Watches {
                 },
             );
         }
+        removed
     }
 
     /// When the wait for unlisted Secret namespaces ends, if any is unlisted.
@@ -450,32 +419,6 @@ impl Watches {
                 .secrets_pending_until()
                 .is_none_or(|t| t <= tokio::time::Instant::now())
     }
-
-    fn snapshot(&self) -> Snapshot {
-        let secrets = self.secrets.values().map(|w| &w.listing);
-        snapshot_of(&self.plugins, &self.filters, secrets)
-    }
-}
-
-/// The snapshot of the listings: their objects' shared views (no copies), and the plugins'
-/// server-managed parts.
-fn snapshot_of<'a>(
-    plugins: &[Listing],
-    filters: &[Listing],
-    secrets: impl Iterator<Item = &'a Listing>,
-) -> Snapshot {
-    let mut s = Snapshot::default();
-    for (k, l) in plugins.iter().flat_map(|l| l.objects.iter()) {
-        s.plugins.insert(k.clone(), l.view.clone());
-        s.meta.insert(k.clone(), l.meta.clone());
-    }
-    for (k, l) in filters.iter().flat_map(|l| l.objects.iter()) {
-        s.envoy_filters.insert(k.clone(), l.view.clone());
-    }
-    for (k, l) in secrets.flat_map(|l| l.objects.iter()) {
-        s.secrets.insert(k.clone(), l.view.clone());
-    }
-    s
 }
 
 /// The crate's one backoff ([`crate::backoff::WATCH`], jittered) as kube-runtime's watch backoff;
@@ -522,6 +465,25 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::k8s::snapshot::changed_meta;
+
+    /// A listing of plugins and the snapshot it makes, as [`Watches::handle`] keeps them.
+    #[derive(Default)]
+    struct Fed {
+        l: Listing,
+        cur: Current,
+    }
+
+    impl Fed {
+        fn feed(&mut self, event: Event<Value>) -> bool {
+            let mut changed = Vec::new();
+            let dirty = self.l.apply(event, &mut changed);
+            for k in &changed {
+                self.cur.set(Kind::Plugin, k, self.l.objects.get(k));
+            }
+            dirty
+        }
+    }
 
     fn key(name: &str) -> ObjectKey {
         ObjectKey::new("ns", name)
@@ -537,60 +499,60 @@ mod tests {
 
     #[test]
     fn a_relist_replaces_objects_at_its_end_and_same_objects_are_no_change() {
-        let mut l = Listing::default();
-        l.apply(Event::Init);
-        l.apply(Event::InitApply(plugin("a", "1", "x")));
-        l.apply(Event::InitApply(plugin("b", "2", "x")));
-        assert!(l.objects.is_empty(), "nothing until the list completes");
-        assert!(l.apply(Event::InitDone));
-        assert_eq!(l.objects.len(), 2);
+        let mut l = Fed::default();
+        l.feed(Event::Init);
+        l.feed(Event::InitApply(plugin("a", "1", "x")));
+        l.feed(Event::InitApply(plugin("b", "2", "x")));
+        assert!(l.l.objects.is_empty(), "nothing until the list completes");
+        assert!(l.feed(Event::InitDone));
+        assert_eq!(l.l.objects.len(), 2);
         // A relist returning the same objects changes nothing.
-        l.apply(Event::Init);
-        l.apply(Event::InitApply(plugin("a", "1", "x")));
-        l.apply(Event::InitApply(plugin("b", "2", "x")));
-        assert_eq!(l.objects.len(), 2, "kept while relisting");
-        assert!(!l.apply(Event::InitDone));
+        l.feed(Event::Init);
+        l.feed(Event::InitApply(plugin("a", "1", "x")));
+        l.feed(Event::InitApply(plugin("b", "2", "x")));
+        assert_eq!(l.l.objects.len(), 2, "kept while relisting");
+        assert!(!l.feed(Event::InitDone));
         // b deleted during an outage: gone when the relist completes.
-        l.apply(Event::Init);
-        l.apply(Event::InitApply(plugin("a", "1", "x")));
-        assert_eq!(l.objects.len(), 2);
-        assert!(l.apply(Event::InitDone));
+        l.feed(Event::Init);
+        l.feed(Event::InitApply(plugin("a", "1", "x")));
+        assert_eq!(l.l.objects.len(), 2);
+        assert!(l.feed(Event::InitDone));
         assert_eq!(
-            l.objects
+            l.l.objects
                 .keys()
                 .map(|k| k.name.as_str())
                 .collect::<Vec<_>>(),
             ["a"]
         );
-        assert!(!l.apply(Event::Apply(plugin("a", "1", "x"))));
-        assert!(l.apply(Event::Apply(plugin("a", "3", "y"))));
-        assert!(l.apply(Event::Delete(plugin("a", "3", "y"))));
-        assert!(!l.apply(Event::Delete(plugin("a", "3", "y"))));
+        assert!(!l.feed(Event::Apply(plugin("a", "1", "x"))));
+        assert!(l.feed(Event::Apply(plugin("a", "3", "y"))));
+        assert!(l.feed(Event::Delete(plugin("a", "3", "y"))));
+        assert!(!l.feed(Event::Delete(plugin("a", "3", "y"))));
     }
 
     #[test]
     fn an_unchanged_object_keeps_its_arc_across_snapshots() {
-        let mut l = Listing::default();
-        l.apply(Event::Init);
-        l.apply(Event::InitApply(plugin("a", "1", "x")));
-        l.apply(Event::InitApply(plugin("b", "2", "x")));
-        l.apply(Event::InitDone);
-        let first = snapshot_of(std::slice::from_ref(&l), &[], std::iter::empty());
+        let mut l = Fed::default();
+        l.feed(Event::Init);
+        l.feed(Event::InitApply(plugin("a", "1", "x")));
+        l.feed(Event::InitApply(plugin("b", "2", "x")));
+        l.feed(Event::InitDone);
+        let first = l.cur.snapshot.clone();
         // b edited, a's status written (a new resourceVersion): a's view is the same object.
-        assert!(l.apply(Event::Apply(plugin("b", "3", "y"))));
-        assert!(l.apply(Event::Apply(plugin("a", "4", "x"))));
-        let second = snapshot_of(std::slice::from_ref(&l), &[], std::iter::empty());
+        assert!(l.feed(Event::Apply(plugin("b", "3", "y"))));
+        assert!(l.feed(Event::Apply(plugin("a", "4", "x"))));
+        let second = l.cur.snapshot.clone();
         let (a, b) = (key("a"), key("b"));
         assert!(Arc::ptr_eq(&first.plugins[&a], &second.plugins[&a]));
         assert!(!Arc::ptr_eq(&first.plugins[&b], &second.plugins[&b]));
         assert_eq!(second.plugins[&b]["metadata"]["labels"]["l"], "y");
         assert_eq!(second.meta[&a].resource_version, "4");
         // A relist returning the same objects shares them too.
-        l.apply(Event::Init);
-        l.apply(Event::InitApply(plugin("a", "4", "x")));
-        l.apply(Event::InitApply(plugin("b", "3", "y")));
-        assert!(!l.apply(Event::InitDone));
-        let third = snapshot_of(std::slice::from_ref(&l), &[], std::iter::empty());
+        l.feed(Event::Init);
+        l.feed(Event::InitApply(plugin("a", "4", "x")));
+        l.feed(Event::InitApply(plugin("b", "3", "y")));
+        assert!(!l.feed(Event::InitDone));
+        let third = l.cur.snapshot.clone();
         assert_eq!(third, second);
         for k in [&a, &b] {
             assert!(Arc::ptr_eq(&second.plugins[k], &third.plugins[k]));
@@ -603,17 +565,17 @@ mod tests {
 
     #[test]
     fn changed_meta_names_added_removed_and_rewritten_plugins_in_order() {
-        let mut l = Listing::default();
+        let mut l = Fed::default();
         for (name, rv) in [("a", "1"), ("c", "2"), ("e", "3")] {
-            l.apply(Event::Apply(plugin(name, rv, "x")));
+            l.feed(Event::Apply(plugin(name, rv, "x")));
         }
-        let before = snapshot_of(std::slice::from_ref(&l), &[], std::iter::empty());
+        let before = l.cur.snapshot.clone();
         assert!(changed_meta(&before, &before).is_empty());
-        l.apply(Event::Delete(plugin("a", "1", "x")));
-        l.apply(Event::Apply(plugin("b", "4", "x")));
-        l.apply(Event::Apply(plugin("c", "5", "x"))); // a status write: only the meta changes
-        l.apply(Event::Apply(plugin("f", "6", "x")));
-        let after = snapshot_of(std::slice::from_ref(&l), &[], std::iter::empty());
+        l.feed(Event::Delete(plugin("a", "1", "x")));
+        l.feed(Event::Apply(plugin("b", "4", "x")));
+        l.feed(Event::Apply(plugin("c", "5", "x"))); // a status write: only the meta changes
+        l.feed(Event::Apply(plugin("f", "6", "x")));
+        let after = l.cur.snapshot.clone();
         let names: Vec<&str> = (changed_meta(&before, &after).into_iter())
             .map(|k| k.name.as_str())
             .collect();

@@ -498,7 +498,7 @@ impl Controller {
                         );
                         // Its metadata (generations) may have changed alone.
                         if let (Some(old), Some(new)) = (&self.sources.kube, &snapshot) {
-                            let meta = k8s::watch::changed_meta(old, new);
+                            let meta = k8s::snapshot::changed_meta(old, new);
                             self.stale_statuses.mark(meta.into_iter().cloned());
                         }
                         self.sources.kube = snapshot;

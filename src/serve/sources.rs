@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use super::files::{ChangedKeys, Desired};
 use crate::driver::ObjectChanges;
+use crate::k8s::snapshot::{changed_keys, ObjectMap};
 use crate::k8s::Snapshot;
 use crate::plugin::ObjectKey;
 
@@ -56,11 +57,11 @@ impl Sources {
     /// The merged plugins, EnvoyFilters and secrets.
     pub fn merged(&mut self) -> Merged {
         self.conflicts.clear();
-        let empty = BTreeMap::new();
+        let empty = ObjectMap::new();
         let kube = self.kube.clone();
         let k = kube.as_deref();
         let (origins, conflicts) = (&mut self.origins, &mut self.conflicts);
-        let mut merge = |kind, files, kube: Option<&BTreeMap<ObjectKey, Arc<Value>>>| {
+        let mut merge = |kind, files, kube: Option<&ObjectMap<Arc<Value>>>| {
             merge_kind(origins, conflicts, kind, files, kube.unwrap_or(&empty))
         };
         Merged {
@@ -126,7 +127,7 @@ fn merge_kind(
     conflicts: &mut BTreeMap<(&'static str, ObjectKey), Conflict>,
     kind: &'static str,
     files: &BTreeMap<ObjectKey, Arc<Value>>,
-    kube: &BTreeMap<ObjectKey, Arc<Value>>,
+    kube: &ObjectMap<Arc<Value>>,
 ) -> BTreeMap<ObjectKey, Arc<Value>> {
     let mut out = BTreeMap::new();
     for k in files
@@ -185,7 +186,8 @@ fn merge_key<'a>(
     used
 }
 
-/// The objects two Kubernetes snapshots differ in (all of `new`'s when there was none before).
+/// The objects two Kubernetes snapshots differ in (all of `new`'s when there was none before):
+/// work per changed object, as snapshots of one watch share what did not change.
 pub fn snapshot_changes(old: Option<&Snapshot>, new: Option<&Snapshot>) -> ChangedKeys {
     let empty = Snapshot::default();
     let (old, new) = (old.unwrap_or(&empty), new.unwrap_or(&empty));
@@ -195,12 +197,7 @@ pub fn snapshot_changes(old: Option<&Snapshot>, new: Option<&Snapshot>) -> Chang
         (ENVOY_FILTER, &old.envoy_filters, &new.envoy_filters),
         (SECRET, &old.secrets, &new.secrets),
     ] {
-        let differ = |(k, v): (&ObjectKey, &Arc<Value>),
-                      other: &BTreeMap<ObjectKey, Arc<Value>>| {
-            (other.get(k) != Some(v)).then(|| (kind, k.clone()))
-        };
-        changed.extend(a.iter().filter_map(|e| differ(e, b)));
-        changed.extend(b.iter().filter_map(|e| differ(e, a)));
+        changed.extend(changed_keys(a, b).map(|k| (kind, k.clone())));
     }
     changed
 }
