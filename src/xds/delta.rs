@@ -288,6 +288,45 @@ mod tests {
         assert_eq!(r.removed_resources, ["gone"]);
     }
 
+    /// The versions a proxy says it holds are kept as it wrote them: one naming the current
+    /// version in another spelling is another version (sent again), and the per-proxy view
+    /// shows each as its text until the push replaces it.
+    #[test]
+    fn initial_versions_match_only_as_written() {
+        let store = ResourceStore::new();
+        store.set("a", config("1"));
+        store.set("b", config("1"));
+        let (a, b) = (
+            store.version_of("a").unwrap(),
+            store.version_of("b").unwrap(),
+        );
+        let shouting = b.to_uppercase();
+        let padded = format!("0{a}");
+        assert_ne!(shouting, b, "the digest has a letter");
+        let mut req = subscribe(&["a", "b"]);
+        req.initial_resource_versions
+            .insert("a".into(), padded.clone());
+        req.initial_resource_versions
+            .insert("b".into(), shouting.clone());
+        let mut s = DeltaStream::new(1, Api::Ecds);
+        let r = s.req(req, &store).unwrap();
+        assert_eq!(
+            names(&r),
+            ["a", "b"],
+            "neither spelling is the version served"
+        );
+        let info = s.core().info();
+        assert_eq!(info.sent.get("a"), Some(&a));
+        assert_eq!(info.acked.get("a"), Some(&padded), "as the proxy wrote it");
+        assert_eq!(info.acked.get("b"), Some(&shouting));
+        assert!(s.req(ack(&r), &store).is_none());
+        let info = s.core().info();
+        assert_eq!(
+            (info.acked.get("a"), info.acked.get("b")),
+            (Some(&a), Some(&b))
+        );
+    }
+
     #[test]
     fn removal_and_unsubscribe() {
         let store = ResourceStore::new();
