@@ -45,7 +45,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
@@ -162,6 +162,8 @@ struct Inner {
     state: RwLock<State>,
     revisions: watch::Sender<u64>,
     events: broadcast::Sender<StreamEvent>,
+    /// How many [`EventReceiver`]s of `events` live.
+    listeners: Arc<AtomicUsize>,
     series: XdsSeries,
     streams: Mutex<BTreeMap<StreamId, Arc<dyn StreamView>>>,
     next_stream: AtomicU64,
@@ -242,6 +244,7 @@ impl ResourceStore {
                 state: RwLock::new(State::default()),
                 revisions,
                 events,
+                listeners: Arc::new(AtomicUsize::new(0)),
                 series,
                 streams: Mutex::new(BTreeMap::new()),
                 next_stream: AtomicU64::new(1),
@@ -443,8 +446,8 @@ impl ResourceStore {
 
     /// The stream event feed. Events are only built while at least one receiver exists; a receiver
     /// that falls more than [`EVENT_CAPACITY`] events behind loses the oldest ones.
-    pub fn events(&self) -> broadcast::Receiver<StreamEvent> {
-        self.inner.events.subscribe()
+    pub fn events(&self) -> EventReceiver {
+        EventReceiver::new(&self.inner.events, self.inner.listeners.clone())
     }
 
     /// A snapshot of the counters.
@@ -603,7 +606,8 @@ impl ResourceStore {
 
     /// Publishes an event; `make` runs only when someone listens.
     pub(crate) fn emit(&self, make: impl FnOnce() -> StreamEvent) {
-        if self.inner.events.receiver_count() > 0 {
+        // Not `receiver_count`: it locks the channel, on every push and ACK of every stream.
+        if self.inner.listeners.load(Ordering::SeqCst) > 0 {
             // An error only means every receiver went away meanwhile.
             let _ = self.inner.events.send(make());
         }
