@@ -412,6 +412,13 @@ impl<P: StreamProtocol> StreamTask<P> {
         // shutdown channel, and a future made anew each turn would join and leave its list of
         // waiters (under that list's lock) on every push and every ACK.
         let mut closing = self.closing.take();
+        // Each poll of a future waiting in a list of waiters locks that list (the shutdown
+        // channel's is shared by every stream), and a random select polls the waiting ones
+        // before the ready one at random: the select below is biased, the stream's own work
+        // first, so that these two are polled only when the task is about to sleep. So that a
+        // proxy sending requests without pause does not keep the stream from noticing them,
+        // every turn also reads both states (one atomic load each, no lock).
+        let closing_seen = closing.clone();
         let shutdown = closed(&mut closing);
         let dropped = tx.closed();
         // The ACK deadline of the response awaiting its ACK, and one timer per stream: armed
@@ -427,15 +434,17 @@ impl<P: StreamProtocol> StreamTask<P> {
         // the one lock each step takes, and not locked for again at the top of every turn.
         let (mut awaiting, mut deferred) = (false, false);
         loop {
+            // The sender gone (`Err`) means the server stopped.
+            if (closing_seen.as_ref()).is_some_and(|rx| rx.has_changed().unwrap_or(true)) {
+                tracing::debug!(parent: &self.span, "closing stream: server shutting down");
+                break;
+            }
+            if tx.is_closed() {
+                tracing::debug!(parent: &self.span, "response stream dropped");
+                break;
+            }
             let step = tokio::select! {
-                _ = &mut shutdown => {
-                    tracing::debug!(parent: &self.span, "closing stream: server shutting down");
-                    break;
-                }
-                _ = &mut dropped => {
-                    tracing::debug!(parent: &self.span, "response stream dropped");
-                    break;
-                }
+                biased;
                 req = requests.next() => match req {
                     Some(Ok(req)) => {
                         // Marked seen before the state machine reads the store and the budget: a
@@ -500,6 +509,14 @@ impl<P: StreamProtocol> StreamTask<P> {
                     }
                     let refusal = self.refuse(&limits::ack_timeout(self.limits.ack_timeout));
                     self.end_with(&tx, refusal);
+                    break;
+                }
+                _ = &mut shutdown => {
+                    tracing::debug!(parent: &self.span, "closing stream: server shutting down");
+                    break;
+                }
+                _ = &mut dropped => {
+                    tracing::debug!(parent: &self.span, "response stream dropped");
                     break;
                 }
             };
