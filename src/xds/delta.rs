@@ -20,11 +20,13 @@
 //! - At most one response is outstanding, as in `sotw.rs`. ACK/NACK count only for the latest
 //!   nonce; a NACKed version counts as held, so it is not resent in a loop.
 
+use std::sync::Arc;
+
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 
 use super::encode::DeltaReply;
 use super::store::{Api, Protocol, ResourceStore, StreamEvent, StreamEventKind, StreamId};
-use super::stream::{set, Outstanding, StreamCore};
+use super::stream::{set, Held, Outstanding, StreamCore};
 
 /// An incremental stream (module docs).
 #[derive(Debug)]
@@ -77,21 +79,22 @@ impl DeltaStream {
         for name in req.resource_names_subscribe {
             if !self.core.subscribed.insert(name.clone()) {
                 // Explicitly asked again: the client may have dropped it.
-                self.core.held.remove(&name);
+                self.core.held.remove(name.as_str());
             }
         }
         for name in &req.resource_names_unsubscribe {
             self.core.subscribed.remove(name);
-            self.core.held.remove(name);
-            self.core.acked.remove(name);
+            self.core.held.remove(name.as_str());
+            self.core.acked.remove(name.as_str());
             self.core.nacked.remove(name);
         }
         if first {
             // Only meaningful on the first request of a stream (xDS protocol, "Incremental xDS").
             for (name, version) in req.initial_resource_versions {
                 if self.core.subscribed.contains(&name) {
-                    self.core.acked.insert(name.clone(), version.clone());
-                    self.core.held.insert(name, version);
+                    let (name, held) = (Arc::<str>::from(name), Held::from_text(&version));
+                    self.core.acked.insert(name.clone(), held.clone());
+                    self.core.held.insert(name, held);
                 }
             }
         }
@@ -118,7 +121,7 @@ impl DeltaStream {
                 tracing::debug!(parent: &self.core.span, version = %response.version(), nonce = %response.nonce, "ACK");
                 self.core.ack_entries(&response, true);
                 for name in &response.removed {
-                    self.core.acked.remove(name);
+                    self.core.acked.remove(name.as_str());
                     self.core.nacked.remove(name);
                 }
                 store.emit(|| self.event(StreamEventKind::Acked(response.delivery())));
@@ -147,12 +150,12 @@ impl DeltaStream {
             .held
             .keys()
             .filter(|n| {
-                self.core.subscribed.contains(*n)
-                    && changed.binary_search_by(|e| (*e.name).cmp(n)).is_err()
+                self.core.subscribed.contains(&***n)
+                    && changed.binary_search_by(|e| e.name.cmp(n)).is_err()
             })
-            .cloned()
+            .map(|n| n.to_string())
             .collect();
-        changed.retain(|e| self.core.held.get(&*e.name) != Some(&e.version));
+        changed.retain(|e| !self.core.held.get(&*e.name).is_some_and(|h| h.is(e.id())));
         if changed.is_empty() && removed.is_empty() {
             self.core.give_back(changed);
             return false;
@@ -171,10 +174,10 @@ impl DeltaStream {
             0
         };
         for e in &changed {
-            set(&mut self.core.held, &e.name, &e.version);
+            set(&mut self.core.held, &e.name, e.id());
         }
         for name in &removed {
-            self.core.held.remove(name);
+            self.core.held.remove(name.as_str());
         }
         let response = Outstanding::delta(nonce, changed, removed, revision);
         tracing::debug!(
@@ -283,6 +286,45 @@ mod tests {
         let r = s.req(req, &store).unwrap();
         assert_eq!(names(&r), ["b"]);
         assert_eq!(r.removed_resources, ["gone"]);
+    }
+
+    /// The versions a proxy says it holds are kept as it wrote them: one naming the current
+    /// version in another spelling is another version (sent again), and the per-proxy view
+    /// shows each as its text until the push replaces it.
+    #[test]
+    fn initial_versions_match_only_as_written() {
+        let store = ResourceStore::new();
+        store.set("a", config("1"));
+        store.set("b", config("1"));
+        let (a, b) = (
+            store.version_of("a").unwrap(),
+            store.version_of("b").unwrap(),
+        );
+        let shouting = b.to_uppercase();
+        let padded = format!("0{a}");
+        assert_ne!(shouting, b, "the digest has a letter");
+        let mut req = subscribe(&["a", "b"]);
+        req.initial_resource_versions
+            .insert("a".into(), padded.clone());
+        req.initial_resource_versions
+            .insert("b".into(), shouting.clone());
+        let mut s = DeltaStream::new(1, Api::Ecds);
+        let r = s.req(req, &store).unwrap();
+        assert_eq!(
+            names(&r),
+            ["a", "b"],
+            "neither spelling is the version served"
+        );
+        let info = s.core().info();
+        assert_eq!(info.sent.get("a"), Some(&a));
+        assert_eq!(info.acked.get("a"), Some(&padded), "as the proxy wrote it");
+        assert_eq!(info.acked.get("b"), Some(&shouting));
+        assert!(s.req(ack(&r), &store).is_none());
+        let info = s.core().info();
+        assert_eq!(
+            (info.acked.get("a"), info.acked.get("b")),
+            (Some(&a), Some(&b))
+        );
     }
 
     #[test]

@@ -32,7 +32,7 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use futures_util::task::AtomicWaker;
 use prost::Message as _;
 use std::sync::atomic::{fence, AtomicUsize, Ordering};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::watch;
 
 pub use crate::log_gate::LogGate;
 
@@ -178,40 +178,55 @@ pub fn refuse_stream(
 }
 
 /// The send budget of one server, shared by its streams (module docs). Cheap to clone.
+///
+/// The bytes in use are one counter: a grant adds to it unless it would go over the total, its
+/// release subtracts (a semaphore's release would take its waiters' lock on every ACK, and a
+/// stream waiting for the budget waits on [`watch_released`](Self::watch_released), never in a
+/// semaphore's queue). A grant holds the budget by one reference.
 #[derive(Clone, Debug)]
 pub struct SendBudget {
+    shared: Arc<Budget>,
+}
+
+#[derive(Debug)]
+struct Budget {
     total: usize,
-    permits: Arc<Semaphore>,
-    released: Arc<watch::Sender<u64>>,
+    /// Bytes granted and not released.
+    in_use: AtomicUsize,
+    released: watch::Sender<u64>,
     /// How many streams wait for the budget: a release tells `released` only when some do (a
     /// watch channel's notification takes its locks, shared by every stream, on each ACK).
-    waiting: Arc<AtomicUsize>,
+    waiting: AtomicUsize,
     gauge: prometheus::IntGauge,
 }
 
 impl SendBudget {
     pub(crate) fn new(total: usize, gauge: prometheus::IntGauge) -> Self {
-        let total = total.clamp(1, Semaphore::MAX_PERMITS);
         SendBudget {
-            total,
-            permits: Arc::new(Semaphore::new(total)),
-            released: Arc::new(watch::channel(0).0),
-            waiting: Arc::new(AtomicUsize::new(0)),
-            gauge,
+            shared: Arc::new(Budget {
+                total: total.clamp(1, i64::MAX as usize),
+                in_use: AtomicUsize::new(0),
+                released: watch::channel(0).0,
+                waiting: AtomicUsize::new(0),
+                gauge,
+            }),
         }
     }
 
     /// A grant for a response of `bytes`, or `None` when the budget cannot hold it now. A
     /// response larger than the whole budget waits until it is the only one in flight.
     pub(crate) fn try_grant(&self, bytes: usize) -> Option<Grant> {
-        let n = bytes.clamp(1, self.total).min(u32::MAX as usize) as u32;
-        let permit = self.permits.clone().try_acquire_many_owned(n).ok()?;
-        self.gauge.add(i64::from(n));
+        let b = &self.shared;
+        let n = bytes.clamp(1, b.total);
+        (b.in_use)
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
+                (used <= b.total - n).then_some(used + n)
+            })
+            .ok()?;
+        b.gauge.add(n as i64);
         Some(Grant {
-            permit: Some(permit),
-            released: self.released.clone(),
-            waiting: self.waiting.clone(),
-            gauge: self.gauge.clone(),
+            bytes: n,
+            budget: self.shared.clone(),
         })
     }
 
@@ -222,9 +237,9 @@ impl SendBudget {
         if let Some(grant) = self.try_grant(bytes) {
             return Ok(grant);
         }
-        self.waiting.fetch_add(1, Ordering::SeqCst);
+        self.shared.waiting.fetch_add(1, Ordering::SeqCst);
         // Pairs with the fence of `Grant::drop`: either that release sees this count, or this
-        // attempt sees its permits.
+        // attempt sees its bytes released.
         fence(Ordering::SeqCst);
         match self.try_grant(bytes) {
             Some(grant) => {
@@ -260,22 +275,20 @@ impl SendBudget {
 
     /// A stream counted by [`try_grant_or_wait`](Self::try_grant_or_wait) no longer waits.
     pub(crate) fn stop_waiting(&self) {
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Marked changed whenever a grant is released: a stream whose push did not fit tries again.
     pub(crate) fn watch_released(&self) -> watch::Receiver<u64> {
-        self.released.subscribe()
+        self.shared.released.subscribe()
     }
 }
 
 /// A part of the [`SendBudget`], held while its response is unread; released on drop.
 #[derive(Debug)]
 pub struct Grant {
-    permit: Option<OwnedSemaphorePermit>,
-    released: Arc<watch::Sender<u64>>,
-    waiting: Arc<AtomicUsize>,
-    gauge: prometheus::IntGauge,
+    bytes: usize,
+    budget: Arc<Budget>,
 }
 
 /// A push that did not fit in the [`SendBudget`]: its stream now counts as waiting.
@@ -284,13 +297,12 @@ pub(crate) struct Waiting;
 
 impl Drop for Grant {
     fn drop(&mut self) {
-        if let Some(permit) = self.permit.take() {
-            self.gauge.sub(permit.num_permits() as i64);
-            drop(permit);
-            fence(Ordering::SeqCst);
-            if self.waiting.load(Ordering::SeqCst) > 0 {
-                self.released.send_modify(|n| *n = n.wrapping_add(1));
-            }
+        let b = &self.budget;
+        b.in_use.fetch_sub(self.bytes, Ordering::SeqCst);
+        b.gauge.sub(self.bytes as i64);
+        fence(Ordering::SeqCst);
+        if b.waiting.load(Ordering::SeqCst) > 0 {
+            b.released.send_modify(|n| *n = n.wrapping_add(1));
         }
     }
 }

@@ -44,8 +44,8 @@ pub use grpc::{AdsService, EcdsService};
 pub use limits::StreamLimits;
 pub use server::{serve, serve_with_options, ServeOptions, XdsServer, MAX_MESSAGE_SIZE};
 pub use store::{
-    Api, Delivery, Nacked, Protocol, ResourceStore, ResourceVersion, StreamEvent, StreamEventKind,
-    StreamId, StreamInfo, XdsStats,
+    Api, Delivery, EventReceiver, Nacked, Protocol, ResourceStore, ResourceVersion, StreamEvent,
+    StreamEventKind, StreamId, StreamInfo, XdsStats,
 };
 
 /// The only resource type served: ECDS resources are `TypedExtensionConfig`s.

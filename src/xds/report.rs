@@ -5,9 +5,13 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use serde::Serialize;
+use tokio::sync::broadcast;
 
 /// Prometheus names of the xDS series ([`XdsSeries`]); counters without a `_total` suffix, like the
 /// Istio series of [`crate::metrics`].
@@ -109,6 +113,48 @@ pub struct StreamEvent {
     pub api: Api,
     pub protocol: Protocol,
     pub kind: StreamEventKind,
+}
+
+/// A receiver of the stream event feed ([`ResourceStore::events`]): the channel's receiver
+/// (through `Deref`), counted among the store's listeners while it lives, so that a stream
+/// learns whether anyone listens with one atomic load on every push and ACK (asking the
+/// channel takes its lock, which every stream shares).
+///
+/// [`ResourceStore::events`]: super::store::ResourceStore::events
+#[derive(Debug)]
+pub struct EventReceiver {
+    rx: broadcast::Receiver<StreamEvent>,
+    listeners: Arc<AtomicUsize>,
+}
+
+impl EventReceiver {
+    /// A receiver of `tx`, counted in `listeners` from before it exists until it is dropped.
+    pub(super) fn new(tx: &broadcast::Sender<StreamEvent>, listeners: Arc<AtomicUsize>) -> Self {
+        listeners.fetch_add(1, Ordering::SeqCst);
+        EventReceiver {
+            rx: tx.subscribe(),
+            listeners,
+        }
+    }
+}
+
+impl Deref for EventReceiver {
+    type Target = broadcast::Receiver<StreamEvent>;
+    fn deref(&self) -> &Self::Target {
+        &self.rx
+    }
+}
+
+impl DerefMut for EventReceiver {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.rx
+    }
+}
+
+impl Drop for EventReceiver {
+    fn drop(&mut self) {
+        self.listeners.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A snapshot of the xDS counters (also exported as the Prometheus series [`XdsSeries`]).

@@ -412,6 +412,13 @@ impl<P: StreamProtocol> StreamTask<P> {
         // shutdown channel, and a future made anew each turn would join and leave its list of
         // waiters (under that list's lock) on every push and every ACK.
         let mut closing = self.closing.take();
+        // Each poll of a future waiting in a list of waiters locks that list (the shutdown
+        // channel's is shared by every stream), and a random select polls the waiting ones
+        // before the ready one at random: the select below is biased, the stream's own work
+        // first, so that these two are polled only when the task is about to sleep. So that a
+        // proxy sending requests without pause does not keep the stream from noticing them,
+        // every turn also reads both states (one atomic load each, no lock).
+        let closing_seen = closing.clone();
         let shutdown = closed(&mut closing);
         let dropped = tx.closed();
         // The ACK deadline of the response awaiting its ACK, and one timer per stream: armed
@@ -422,31 +429,40 @@ impl<P: StreamProtocol> StreamTask<P> {
         let timer = tokio::time::sleep_until(ack_deadline);
         let mut timer_armed = false;
         tokio::pin!(shutdown, dropped, timer);
+        // What the last step left: a response awaiting its ACK, a push waiting for the send
+        // budget. Only this task changes the state, so these are read where it changes it, under
+        // the one lock each step takes, and not locked for again at the top of every turn.
+        let (mut awaiting, mut deferred) = (false, false);
         loop {
-            let (awaiting, deferred) = {
-                let state = lock(&self.state);
-                (state.core().awaiting_ack(), state.core().deferred)
-            };
-            let pushed = tokio::select! {
-                _ = &mut shutdown => {
-                    tracing::debug!(parent: &self.span, "closing stream: server shutting down");
-                    break;
-                }
-                _ = &mut dropped => {
-                    tracing::debug!(parent: &self.span, "response stream dropped");
-                    break;
-                }
+            // The sender gone (`Err`) means the server stopped.
+            if (closing_seen.as_ref()).is_some_and(|rx| rx.has_changed().unwrap_or(true)) {
+                tracing::debug!(parent: &self.span, "closing stream: server shutting down");
+                break;
+            }
+            if tx.is_closed() {
+                tracing::debug!(parent: &self.span, "response stream dropped");
+                break;
+            }
+            let step = tokio::select! {
+                biased;
                 req = requests.next() => match req {
                     Some(Ok(req)) => {
-                        if let Some(refusal) = self.check(&req) {
+                        // Marked seen before the state machine reads the store and the budget: a
+                        // change or a release after this point wakes us again, so none is lost.
+                        // (`mark_unchanged` reads the version only, not the value under its lock.)
+                        revisions.mark_unchanged();
+                        released.mark_unchanged();
+                        // One lock for the whole request: its bounds, the state machine, the
+                        // encoding of the response it made.
+                        let mut state = lock(&self.state);
+                        let names = state.names_after(&req);
+                        if let Some(breach) = self.limits.breach(P::node(&req), names) {
+                            let node = state.core().node_id.clone();
+                            drop(state);
+                            let refusal = self.refuse_for(&node, &breach);
                             self.end_with(&tx, refusal);
                             break;
                         }
-                        // Marked seen before the state machine reads the store and the budget: a
-                        // change or a release after this point wakes us again, so none is lost.
-                        revisions.borrow_and_update();
-                        released.borrow_and_update();
-                        let mut state = lock(&self.state);
                         let pushed = state.on_request(req, &self.store);
                         if !node_recorded && !state.core().node_id.is_empty() {
                             node_recorded = true;
@@ -456,11 +472,7 @@ impl<P: StreamProtocol> StreamTask<P> {
                                 tracing::info!(parent: &self.span, node, suppressed, "proxy connected");
                             }
                         }
-                        if !state.core().awaiting_ack() {
-                            // ACKed or NACKed: the proxy has read the response.
-                            self.grant = None;
-                        }
-                        pushed
+                        settle(&mut *state, pushed, &mut self.grant, self.max_message_size)
                     }
                     Some(Err(status)) => {
                         match limits::request_too_large(&status) {
@@ -481,12 +493,12 @@ impl<P: StreamProtocol> StreamTask<P> {
                     if changed.is_err() {
                         break;
                     }
-                    revisions.borrow_and_update();
-                    released.borrow_and_update();
+                    revisions.mark_unchanged();
+                    released.mark_unchanged();
                     self.on_change()
                 }
                 _ = released.changed(), if deferred && !awaiting => {
-                    released.borrow_and_update();
+                    released.mark_unchanged();
                     self.on_change()
                 }
                 () = &mut timer, if awaiting && timer_armed => {
@@ -499,29 +511,33 @@ impl<P: StreamProtocol> StreamTask<P> {
                     self.end_with(&tx, refusal);
                     break;
                 }
-            };
-            if pushed {
-                let message = {
-                    let mut state = lock(&self.state);
-                    self.grant = state.core_mut().grant.take();
-                    match state.encode_reply(self.max_message_size) {
-                        Ok(message) => message,
-                        Err(status) => {
-                            // Nothing of it was sent: end with the status, no reset needed.
-                            state.core_mut().outstanding = None;
-                            let _ = tx.try_send(Err(status));
-                            break;
-                        }
-                    }
-                };
-                if tx.send(Ok(message)).await.is_err() {
+                _ = &mut shutdown => {
+                    tracing::debug!(parent: &self.span, "closing stream: server shutting down");
+                    break;
+                }
+                _ = &mut dropped => {
                     tracing::debug!(parent: &self.span, "response stream dropped");
                     break;
                 }
-                ack_deadline = tokio::time::Instant::now() + self.limits.ack_timeout;
-                if !timer_armed {
-                    timer.as_mut().reset(ack_deadline);
-                    timer_armed = true;
+            };
+            (awaiting, deferred) = (step.awaiting, step.deferred);
+            match step.reply {
+                None => {}
+                Some(Err(status)) => {
+                    // Nothing of it was sent: end with the status, no reset needed.
+                    let _ = tx.try_send(Err(status));
+                    break;
+                }
+                Some(Ok(message)) => {
+                    if tx.send(Ok(message)).await.is_err() {
+                        tracing::debug!(parent: &self.span, "response stream dropped");
+                        break;
+                    }
+                    ack_deadline = tokio::time::Instant::now() + self.limits.ack_timeout;
+                    if !timer_armed {
+                        timer.as_mut().reset(ack_deadline);
+                        timer_armed = true;
+                    }
                 }
             }
         }
@@ -566,24 +582,66 @@ impl<P: StreamProtocol> StreamTask<P> {
         }
     }
 
-    fn on_change(&mut self) -> bool {
-        lock(&self.state).on_change(&self.store)
-    }
-
-    /// The status ending a stream whose request breaks a bound, if it does.
-    fn check(&self, req: &P::Request) -> Option<Status> {
-        let names = lock(&self.state).names_after(req);
-        let breach = self.limits.breach(P::node(req), names)?;
-        Some(self.refuse(&breach))
+    /// A store change (or a release of the send budget), under one lock: the state machine and
+    /// the encoding of the response it made.
+    fn on_change(&mut self) -> Step {
+        let mut state = lock(&self.state);
+        let pushed = state.on_change(&self.store);
+        settle(&mut *state, pushed, &mut self.grant, self.max_message_size)
     }
 
     /// Counts and logs (through the log gate) a stream ended by `breach`; returns the status
     /// telling the proxy why.
     fn refuse(&self, breach: &limits::Breach) -> Status {
-        let count = |limit: &str| self.store.count_limit(limit);
         let node = lock(&self.state).core().node_id.clone();
+        self.refuse_for(&node, breach)
+    }
+
+    /// [`refuse`](Self::refuse) for the proxy `node`, read by a caller that holds the lock.
+    fn refuse_for(&self, node: &str, breach: &limits::Breach) -> Status {
+        let count = |limit: &str| self.store.count_limit(limit);
         self.span
-            .in_scope(|| limits::refuse(&self.log, count, &node, breach))
+            .in_scope(|| limits::refuse(&self.log, count, node, breach))
+    }
+}
+
+/// What one step of a stream's state machine left, read under the lock it took.
+struct Step {
+    /// A response awaits its ACK or NACK.
+    awaiting: bool,
+    /// A push waits for the send budget.
+    deferred: bool,
+    /// The response the step made, encoded (or the status ending the stream when it cannot be).
+    reply: Option<Result<Encoded, Status>>,
+}
+
+/// The end of a step, still under the state's lock: the grant of the response it made (kept
+/// by the task until the ACK), or none once the proxy ACKed or NACKed; that response encoded
+/// (`OUT_OF_RANGE` over `max` bytes: then it is no longer outstanding, none of it was sent).
+fn settle<P: StreamProtocol>(
+    state: &mut P,
+    pushed: bool,
+    grant: &mut Option<Grant>,
+    max: usize,
+) -> Step {
+    let reply = if pushed {
+        *grant = state.core_mut().grant.take();
+        let encoded = state.encode_reply(max);
+        if encoded.is_err() {
+            state.core_mut().outstanding = None;
+        }
+        Some(encoded)
+    } else {
+        if !state.core().awaiting_ack() {
+            // ACKed or NACKed: the proxy has read the response.
+            *grant = None;
+        }
+        None
+    };
+    Step {
+        awaiting: state.core().awaiting_ack(),
+        deferred: state.core().deferred,
+        reply,
     }
 }
 

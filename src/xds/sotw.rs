@@ -154,7 +154,7 @@ impl SotwStream {
         let current = self.core.lookup_subscribed(store);
         if current
             .iter()
-            .all(|e| self.core.held.get(&*e.name) == Some(&e.version))
+            .all(|e| self.core.held.get(&*e.name).is_some_and(|h| h.is(e.id())))
         {
             self.core.give_back(current);
             return false;

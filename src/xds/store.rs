@@ -45,7 +45,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
@@ -72,9 +72,12 @@ pub(crate) struct Entry {
     /// The very `Arc` the store's map is keyed by (and the driver's record of who published it):
     /// a name is held once however many places name it.
     pub(crate) name: Arc<str>,
+    /// [`Self::id`] as sent: written once here, referenced by every response.
     pub(crate) version: String,
     /// Revision of the change that stored this entry.
     pub(crate) revision: u64,
+    /// The digest part of the version, as a number ([`Version`]).
+    digest: u64,
     /// The `google.protobuf.Any` carrying the `TypedExtensionConfig`, encoded once: every response
     /// that carries the resource sends these very bytes (`encode.rs`).
     pub(crate) any: Bytes,
@@ -86,6 +89,60 @@ impl Entry {
     /// The encoded `TypedExtensionConfig`.
     pub(crate) fn config(&self) -> &[u8] {
         &self.any[self.config_at..]
+    }
+
+    /// Its version as numbers: what a stream keeps of what it sent and what was ACKed.
+    pub(crate) fn id(&self) -> Version {
+        Version {
+            revision: self.revision,
+            digest: self.digest,
+        }
+    }
+}
+
+/// A resource version as numbers: the revision of the change that stored it and the
+/// [`VERSION_DIGEST_HEX`] hex digits of its digest; shown (and sent) as `<revision>-<digits>`
+/// (module docs, "Versions"). Streams keep these per resource instead of the text, so that
+/// recording a push or an ACK is a copy of 16 bytes and comparing two versions is comparing
+/// two numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Version {
+    revision: u64,
+    digest: u64,
+}
+
+impl Version {
+    /// The version `text` names, if it is one this server writes: exactly the text
+    /// [`Display`](fmt::Display) gives (no sign, no leading zero, lower-case digits), so that
+    /// two versions are equal exactly when their texts are.
+    pub(crate) fn parse(text: &str) -> Option<Version> {
+        let (revision, digest) = text.split_once('-')?;
+        let decimal = !revision.is_empty()
+            && revision.bytes().all(|b| b.is_ascii_digit())
+            && (revision == "0" || !revision.starts_with('0'));
+        let hex = digest.len() == VERSION_DIGEST_HEX
+            && digest
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if !(decimal && hex) {
+            return None;
+        }
+        Some(Version {
+            revision: revision.parse().ok()?,
+            digest: u64::from_str_radix(digest, 16).ok()?,
+        })
+    }
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}-{:0width$x}",
+            self.revision,
+            self.digest,
+            width = VERSION_DIGEST_HEX
+        )
     }
 }
 
@@ -105,6 +162,8 @@ struct Inner {
     state: RwLock<State>,
     revisions: watch::Sender<u64>,
     events: broadcast::Sender<StreamEvent>,
+    /// How many [`EventReceiver`]s of `events` live.
+    listeners: Arc<AtomicUsize>,
     series: XdsSeries,
     streams: Mutex<BTreeMap<StreamId, Arc<dyn StreamView>>>,
     next_stream: AtomicU64,
@@ -136,7 +195,8 @@ struct Prepared {
     /// The `Any` carrying the config, and where the config starts in it.
     any: Vec<u8>,
     config_at: usize,
-    digest: String,
+    /// The first [`VERSION_DIGEST_HEX`] hex digits of the sha256 of the config, as a number.
+    digest: u64,
 }
 
 /// `config` encoded as the value of a `google.protobuf.Any` of type [`ECDS_TYPE_URL`], in one
@@ -184,6 +244,7 @@ impl ResourceStore {
                 state: RwLock::new(State::default()),
                 revisions,
                 events,
+                listeners: Arc::new(AtomicUsize::new(0)),
                 series,
                 streams: Mutex::new(BTreeMap::new()),
                 next_stream: AtomicU64::new(1),
@@ -207,12 +268,14 @@ impl ResourceStore {
         {
             return None;
         }
-        let digest = hex::encode(Sha256::digest(value));
+        let sha = Sha256::digest(value);
+        let mut digest = [0u8; 8];
+        digest[8 - VERSION_DIGEST_HEX / 2..].copy_from_slice(&sha[..VERSION_DIGEST_HEX / 2]);
         Some(Prepared {
             name,
             any,
             config_at,
-            digest: digest[..VERSION_DIGEST_HEX].to_string(),
+            digest: u64::from_be_bytes(digest),
         })
     }
 
@@ -284,11 +347,16 @@ impl ResourceStore {
         let name = held.map_or(p.name, |(k, _)| k.clone());
         state.revision += 1;
         let revision = state.revision;
-        let version = format!("{revision}-{}", p.digest);
+        let version = Version {
+            revision,
+            digest: p.digest,
+        }
+        .to_string();
         let entry = Entry {
             name: name.clone(),
             version: version.clone(),
             revision,
+            digest: p.digest,
             any: Bytes::from(p.any),
             config_at: p.config_at,
         };
@@ -378,8 +446,8 @@ impl ResourceStore {
 
     /// The stream event feed. Events are only built while at least one receiver exists; a receiver
     /// that falls more than [`EVENT_CAPACITY`] events behind loses the oldest ones.
-    pub fn events(&self) -> broadcast::Receiver<StreamEvent> {
-        self.inner.events.subscribe()
+    pub fn events(&self) -> EventReceiver {
+        EventReceiver::new(&self.inner.events, self.inner.listeners.clone())
     }
 
     /// A snapshot of the counters.
@@ -538,7 +606,8 @@ impl ResourceStore {
 
     /// Publishes an event; `make` runs only when someone listens.
     pub(crate) fn emit(&self, make: impl FnOnce() -> StreamEvent) {
-        if self.inner.events.receiver_count() > 0 {
+        // Not `receiver_count`: it locks the channel, on every push and ACK of every stream.
+        if self.inner.listeners.load(Ordering::SeqCst) > 0 {
             // An error only means every receiver went away meanwhile.
             let _ = self.inner.events.send(make());
         }
@@ -613,6 +682,47 @@ pub(crate) mod tests {
         assert_ne!(v1, v2);
         assert_eq!(store.version_of("a"), Some(v2));
         assert_eq!(store.revision(), 2);
+    }
+
+    #[test]
+    fn a_version_as_numbers_reads_and_writes_as_its_text() {
+        let store = ResourceStore::new();
+        let text = store.set("a", config("one")).unwrap();
+        let entry = store.lookup([&"a".to_string()]).remove(0);
+        let digest = &hex::encode(Sha256::digest(entry.config()))[..VERSION_DIGEST_HEX];
+        assert_eq!(text, format!("1-{digest}"), "the digest's first hex digits");
+        assert_eq!(entry.id().to_string(), text);
+        assert_eq!(Version::parse(&text), Some(entry.id()));
+        let zeros = Version {
+            revision: 7,
+            digest: 0xab,
+        };
+        assert_eq!(zeros.to_string(), "7-0000000000ab");
+        assert_eq!(Version::parse("7-0000000000ab"), Some(zeros));
+        // Only the text this server writes: any other text is no version of ours.
+        for other in [
+            "",
+            "7",
+            "7-",
+            "-0000000000ab",
+            "07-0000000000ab",
+            "+7-0000000000ab",
+            "7-0000000000AB",
+            "7-000000000ab",
+            "7-00000000000ab",
+            "7-0000000000ax",
+            "18446744073709551616-0000000000ab",
+            "0-stale",
+            "3-abc",
+        ] {
+            assert_eq!(Version::parse(other), None, "{other:?}");
+        }
+        assert_eq!(
+            Version::parse("0-000000000000")
+                .map(|v| v.to_string())
+                .as_deref(),
+            Some("0-000000000000")
+        );
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! A push and its ACK allocate nothing here: the nonce is two numbers written where it is sent
 //! ([`Nonce`]), the response awaiting its ACK keeps the store's entries it carried
 //! ([`Outstanding`], whose list is reused for the next lookup), the versions sent and ACKed are
-//! copied into the strings already held, and the public [`Delivery`] record is built only for an
-//! event listener or a NACK.
+//! kept as numbers ([`Held`]: the store's [`Version`]), written as text only where they are
+//! shown ([`StreamInfo`]: `/debug/syncz`), and the public [`Delivery`] record is built only for
+//! an event listener or a NACK.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -20,7 +21,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use super::limits::{Grant, LogGate, SendBudget};
 use super::store::{
     set_version, Api, Delivery, Entry, Nacked, Protocol, ResourceStore, ResourceVersion,
-    StreamEvent, StreamEventKind, StreamId, StreamInfo, StreamView, NACK_MESSAGE_MAX,
+    StreamEvent, StreamEventKind, StreamId, StreamInfo, StreamView, Version, NACK_MESSAGE_MAX,
 };
 
 /// Longest node id kept (longer ones are cut, marked with `…`).
@@ -38,19 +39,51 @@ pub(crate) fn cut(text: &str, max: usize) -> String {
     format!("{}…", &text[..end])
 }
 
-/// `map[name] = value`, reusing the strings already there (this runs for every push and ACK).
-pub(crate) fn set(map: &mut BTreeMap<String, String>, name: &str, value: &str) {
-    match map.get_mut(name) {
-        Some(v) => {
-            if v != value {
-                v.clear();
-                v.push_str(value);
-            }
-        }
-        None => {
-            map.insert(name.to_string(), value.to_string());
+/// A version a stream knows the proxy holds or ACKed: one this server sent, as numbers; or, for
+/// a delta stream, whatever text the proxy said it holds when it connected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Held {
+    Served(Version),
+    /// A text naming no version of this store ([`Version::parse`]): it equals no served one.
+    Other(Box<str>),
+}
+
+impl Held {
+    /// The version `text` names: a served one when it is one this server writes.
+    pub(crate) fn from_text(text: &str) -> Held {
+        Version::parse(text).map_or_else(|| Held::Other(text.into()), Held::Served)
+    }
+
+    /// Whether this is the served `version`.
+    pub(crate) fn is(&self, version: Version) -> bool {
+        *self == Held::Served(version)
+    }
+}
+
+impl fmt::Display for Held {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Held::Served(v) => v.fmt(f),
+            Held::Other(text) => f.write_str(text),
         }
     }
+}
+
+/// `map[name] = version` (this runs for every push and ACK: a name already there is not touched).
+pub(crate) fn set(map: &mut BTreeMap<Arc<str>, Held>, name: &Arc<str>, version: Version) {
+    match map.get_mut(&**name) {
+        Some(v) => *v = Held::Served(version),
+        None => {
+            map.insert(name.clone(), Held::Served(version));
+        }
+    }
+}
+
+/// `map` with its versions as text, as reports show them.
+fn texts(map: &BTreeMap<Arc<str>, Held>) -> BTreeMap<String, String> {
+    (map.iter())
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect()
 }
 
 #[derive(Debug)]
@@ -62,10 +95,12 @@ pub(crate) struct StreamCore {
     pub(crate) started: bool,
     pub(crate) subscribed: BTreeSet<String>,
     /// Per resource, the version the proxy holds: the one carried by the last response that had it
-    /// (or, for delta, the one the proxy said it holds when it connected).
-    pub(crate) held: BTreeMap<String, String>,
-    /// Per resource, the version the proxy last ACKed.
-    pub(crate) acked: BTreeMap<String, String>,
+    /// (or, for delta, the one the proxy said it holds when it connected). Keyed by the store's
+    /// own name of the resource ([`Entry::name`]): one string for every stream, so that looking
+    /// a name up here reads memory every stream reads, not a copy of the stream's own.
+    pub(crate) held: BTreeMap<Arc<str>, Held>,
+    /// Per resource, the version the proxy last ACKed (keyed like [`Self::held`]).
+    pub(crate) acked: BTreeMap<Arc<str>, Held>,
     /// Per resource, the last NACK not followed by an ACK of it (`/debug/syncz`).
     pub(crate) nacked: BTreeMap<String, Nacked>,
     /// The proxy's address, when known.
@@ -114,10 +149,10 @@ impl StreamCore {
     }
 
     /// The proxy accepted `version` of `name`.
-    pub(crate) fn ack_resource(&mut self, name: &str, version: &str) {
+    pub(crate) fn ack_resource(&mut self, name: &Arc<str>, version: Version) {
         set(&mut self.acked, name, version);
         if !self.nacked.is_empty() {
-            self.nacked.remove(name);
+            self.nacked.remove(&**name);
         }
     }
 
@@ -125,14 +160,14 @@ impl StreamCore {
     /// only them.
     pub(crate) fn hold(&mut self, entries: &[Arc<Entry>]) {
         if self.held.len() != entries.len()
-            || !(self.held.keys().map(String::as_str)).eq(entries.iter().map(|e| &*e.name))
+            || !(self.held.keys().map(|n| &**n)).eq(entries.iter().map(|e| &*e.name))
         {
             // `entries` is sorted by name.
             self.held
-                .retain(|n, _| (entries.binary_search_by(|e| (*e.name).cmp(n))).is_ok());
+                .retain(|n, _| (entries.binary_search_by(|e| e.name.cmp(n))).is_ok());
         }
         for e in entries {
-            set(&mut self.held, &e.name, &e.version);
+            set(&mut self.held, &e.name, e.id());
         }
     }
 
@@ -152,7 +187,7 @@ impl StreamCore {
     pub(crate) fn ack_entries(&mut self, response: &Outstanding, subscribed_only: bool) {
         for e in &response.entries {
             if !subscribed_only || self.subscribed.contains(&*e.name) {
-                self.ack_resource(&e.name, &e.version);
+                self.ack_resource(&e.name, e.id());
             }
         }
     }
@@ -197,8 +232,8 @@ impl StreamCore {
     /// Forgets what is known of names no longer subscribed.
     pub(crate) fn forget_unsubscribed(&mut self) {
         let subscribed = &self.subscribed;
-        self.held.retain(|n, _| subscribed.contains(n));
-        self.acked.retain(|n, _| subscribed.contains(n));
+        self.held.retain(|n, _| subscribed.contains(&**n));
+        self.acked.retain(|n, _| subscribed.contains(&**n));
         self.nacked.retain(|n, _| subscribed.contains(n));
     }
 
@@ -295,8 +330,8 @@ impl StreamCore {
             api: self.api,
             protocol: self.protocol,
             subscribed: self.subscribed.iter().cloned().collect(),
-            sent: self.held.clone(),
-            acked: self.acked.clone(),
+            sent: texts(&self.held),
+            acked: texts(&self.acked),
             nacked: self.nacked.clone(),
         }
     }
