@@ -22,6 +22,10 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use wasm_ecds::sim::report::collect;
 use wasm_ecds::sim::{parse_scenario, run_scenario};
 
+// The binary's allocator (src/main.rs), so that the figures are those of `wasm-ecds sim`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const STEPS: usize = 100_000;
 const PLUGINS: usize = 50;
 
@@ -104,6 +108,8 @@ fn scenario_yaml(steps: usize, plugins: usize) -> String {
 }
 
 fn bench_generated(c: &mut Criterion) {
+    // The binary's allocator options too (the first bench to run sets them).
+    wasm_ecds::serve::configure_allocator();
     let yaml = scenario_yaml(STEPS, PLUGINS);
     let scenario = match parse_scenario(&yaml) {
         Ok(s) => s,

@@ -116,6 +116,9 @@ pub struct Cache {
     validators: BTreeMap<String, Validators>,
     /// What each plugin last served (see [`ServedRecord`]).
     served: BTreeMap<String, ServedRecord>,
+    /// Where [`Cache::set_served`] writes a plugin's `ns/name` to look it up in `served`, kept
+    /// between calls: every commit records what its plugin serves.
+    served_id: String,
     /// The latest time the cache was told about: a module still referenced is persisted as used
     /// at this time, so after a restart it ages from when it was last in use, not from when it was
     /// first referenced.
@@ -229,13 +232,34 @@ impl Cache {
             .filter(|r| self.modules.contains_key(&r.module))
     }
 
-    /// Records what `plugin` serves now (`None`: nothing from the cache).
-    pub fn set_served(&mut self, plugin: &ObjectKey, record: Option<ServedRecord>) {
-        let id = plugin.to_string();
+    /// Records what `plugin` serves now, the url and the module (`None`: nothing from the cache).
+    /// The record is copied only when it changed (a revalidation serves what it served).
+    pub fn set_served(&mut self, plugin: &ObjectKey, record: Option<(&str, &ModuleKey)>) {
+        use std::fmt::Write as _;
+        let mut id = std::mem::take(&mut self.served_id);
+        id.clear();
+        let _ = write!(id, "{plugin}");
         let changed = match record {
-            Some(r) => self.served.insert(id, r.clone()) != Some(r),
-            None => self.served.remove(&id).is_some(),
+            Some((url, module)) => {
+                let new = || ServedRecord {
+                    url: url.to_string(),
+                    module: module.clone(),
+                };
+                match self.served.get_mut(id.as_str()) {
+                    Some(r) if r.url == url && r.module == *module => false,
+                    Some(r) => {
+                        *r = new();
+                        true
+                    }
+                    None => {
+                        self.served.insert(id.clone(), new());
+                        true
+                    }
+                }
+            }
+            None => self.served.remove(id.as_str()).is_some(),
         };
+        self.served_id = id;
         self.dirty |= changed;
     }
 

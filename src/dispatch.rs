@@ -20,6 +20,7 @@
 //! engine queued the work, so the simulator stays deterministic.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future as _;
 
 use tokio::task::{AbortHandle, JoinSet};
 
@@ -68,7 +69,9 @@ struct Flight {
 enum FlightState {
     /// Waiting in its host's queue; started by [`Dispatcher::start_queued`].
     Queued(Box<Job>),
-    Running(AbortHandle),
+    /// Running as a task; `None` once it finished at its first poll, its result waiting in
+    /// [`Dispatcher::ready`].
+    Running(Option<AbortHandle>),
 }
 
 /// Jobs in flight and the processings waiting for each.
@@ -79,6 +82,12 @@ pub struct Dispatcher {
     tasks: JoinSet<Completion>,
     /// The job each task runs, to fail its waiters if the task panics.
     task_jobs: HashMap<tokio::task::Id, JobId>,
+    /// On a current-thread runtime (`sim`, the test harness) a job is polled once where it starts
+    /// (see [`Dispatcher::spawn`]).
+    first_poll_here: bool,
+    /// Jobs that finished at that first poll, in the order they finished: handed out by
+    /// [`Dispatcher::try_completion`] and [`Dispatcher::next_completion`] before any task's.
+    ready: VecDeque<Completion>,
     last_job: JobId,
     limits: PullLimits,
     /// Per host: the queued pulls, oldest first.
@@ -113,6 +122,9 @@ impl Dispatcher {
             by_key: BTreeMap::new(),
             tasks: JoinSet::new(),
             task_jobs: HashMap::new(),
+            first_poll_here: tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread),
+            ready: VecDeque::new(),
             last_job: 0,
             limits,
             queued: BTreeMap::new(),
@@ -202,10 +214,15 @@ impl Dispatcher {
         );
     }
 
-    fn spawn(&mut self, engine: &Engine, id: JobId, job: Job) -> AbortHandle {
+    /// Starts a job. On a current-thread runtime, while no other job runs, its task would be the
+    /// next thing to run on this thread anyway: the job is polled once here instead, and one that
+    /// finishes at once (a simulated host answers without waiting) costs no task; its result is
+    /// handed out as a task's would be. Otherwise, and when it must wait, it runs as a task.
+    /// `None` when it finished.
+    fn spawn(&mut self, engine: &Engine, id: JobId, job: Job) -> Option<AbortHandle> {
         let fetcher = engine.fetcher().clone();
         let verifier = engine.cache().verifier().clone();
-        let task = self.tasks.spawn(async move {
+        let run = async move {
             let result = run_job(&fetcher, &job).await;
             // A module the source confirmed may still be in its start-up verification: it is
             // served only once verified (see `Engine::lost_cache_hit` for one that failed).
@@ -213,9 +230,37 @@ impl Dispatcher {
                 verifier.wait(key).await;
             }
             (id, result)
-        });
+        };
+        // Only while no other job runs: a job's task woken at this instant runs before a task
+        // started now would, and its requests must come first.
+        let task = if self.first_poll_here && self.tasks.is_empty() {
+            let mut run = Box::pin(run);
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            // A panic fails the job's waiters, as a task's would.
+            let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run.as_mut().poll(&mut cx)
+            }));
+            match polled {
+                Ok(std::task::Poll::Pending) => {}
+                Ok(std::task::Poll::Ready(c)) => {
+                    self.ready.push_back(c);
+                    return None;
+                }
+                Err(_) => {
+                    let failure = crate::fetch::FetchError::Download(format!(
+                        "internal error while fetching: job {id} panicked"
+                    ));
+                    self.ready.push_back((id, Err(failure.into())));
+                    return None;
+                }
+            }
+            // Polled again by its task, which registers the task's waker.
+            self.tasks.spawn(run)
+        } else {
+            self.tasks.spawn(run)
+        };
         self.task_jobs.insert(task.id(), id);
-        task
+        Some(task)
     }
 
     /// Starts queued pulls while slots are free: each host with queued pulls in turn gets the next
@@ -268,7 +313,7 @@ impl Dispatcher {
         let mut ids = Vec::new();
         for id in stale {
             if let Some(flight) = self.remove(id) {
-                if let FlightState::Running(task) = &flight.state {
+                if let FlightState::Running(Some(task)) = &flight.state {
                     task.abort();
                 }
                 ids.extend(flight.waiters.iter().map(|p| p.id));
@@ -309,6 +354,9 @@ impl Dispatcher {
 
     /// The next finished job. Pending forever while nothing is in flight. Cancel-safe.
     pub async fn next_completion(&mut self) -> Completion {
+        if let Some(c) = self.try_completion() {
+            return c;
+        }
         loop {
             match self.tasks.join_next_with_id().await {
                 Some(joined) => {
@@ -321,14 +369,25 @@ impl Dispatcher {
         }
     }
 
-    /// A job that has finished already, if any (never waits).
+    /// A job that finished at its first poll and is still in flight (not aborted since).
+    fn take_ready(&mut self) -> Option<Completion> {
+        while let Some(c) = self.ready.pop_front() {
+            if self.flights.contains_key(&c.0) {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// A job that has finished already, if any (never waits): the tasks that finished while the
+    /// driver waited, then the jobs that finished at their first poll since.
     pub fn try_completion(&mut self) -> Option<Completion> {
-        loop {
-            let joined = self.tasks.try_join_next_with_id()?;
+        while let Some(joined) = self.tasks.try_join_next_with_id() {
             if let Some(c) = self.completion(joined) {
                 return Some(c);
             }
         }
+        self.take_ready()
     }
 
     /// What a joined task yields: its result; a failure for its waiters if it panicked; nothing if

@@ -4,7 +4,11 @@ use std::io::IsTerminal;
 
 use wasm_ecds::cli::{bootstrap, inspect, Cli, Command};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
+    wasm_ecds::serve::configure_allocator();
     let cli = Cli::parse_args();
     // `serve` logs at info by default; the offline commands report through their own output and
     // stay quiet unless RUST_LOG asks for logs. The Kubernetes client logs every failed attempt of

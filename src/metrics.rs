@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::k8s::KubeSeries;
@@ -58,18 +59,55 @@ impl ConversionResult {
     }
 }
 
+/// The `outcome` values of `wasm_ecds_plugin_processing_count` ([`Outcome::name`](crate::outcome::Outcome::name)).
+const OUTCOME_NAMES: [&str; 5] = ["pulled", "revalidated", "cached", "rejected", "invalid"];
+
+/// A counter with one label whose series are kept once made: recording one is an atomic add, not
+/// a hash of the label value and a lookup under the family's lock (the engine records four per
+/// processing). A series is still made on first use only, so the page lists exactly the values
+/// recorded; `N` is how many values the label has.
+#[derive(Clone)]
+struct LabeledCounter<const N: usize> {
+    family: IntCounterVec,
+    series: Arc<[OnceLock<IntCounter>; N]>,
+}
+
+impl<const N: usize> LabeledCounter<N> {
+    fn new(family: IntCounterVec) -> Self {
+        LabeledCounter {
+            family,
+            series: Arc::new(std::array::from_fn(|_| OnceLock::new())),
+        }
+    }
+
+    /// Adds one to the series of `value`, the `index`-th of the label's values (another index is
+    /// looked up in the family each time).
+    fn inc(&self, index: usize, value: &str) {
+        match self.series.get(index) {
+            Some(s) => s
+                .get_or_init(|| self.family.with_label_values(&[value]))
+                .inc(),
+            None => self.family.with_label_values(&[value]).inc(),
+        }
+    }
+}
+
 /// The series of one process: a cheaply cloneable handle, clones record into and render the same
 /// registry.
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
     cache_entries: IntGauge,
-    lookups: IntCounterVec,
-    remote_fetches: IntCounterVec,
-    conversions: IntCounterVec,
+    /// By `hit`: `false`, `true`.
+    lookups: LabeledCounter<2>,
+    /// By [`FetchResult`], in declaration order.
+    remote_fetches: LabeledCounter<5>,
+    /// By [`ConversionResult`], in declaration order.
+    conversions: LabeledCounter<6>,
     conversion_duration: Histogram,
     expired: prometheus::IntCounter,
-    processing: IntCounterVec,
+    /// By outcome, in the order of [`OUTCOME_NAMES`].
+    processing: LabeledCounter<5>,
     pulls_in_progress: IntGauge,
     pulls_queued: IntGauge,
     /// Registered on first use by a resource store.
@@ -157,12 +195,12 @@ impl Metrics {
         Metrics {
             registry,
             cache_entries,
-            lookups,
-            remote_fetches,
-            conversions,
+            lookups: LabeledCounter::new(lookups),
+            remote_fetches: LabeledCounter::new(remote_fetches),
+            conversions: LabeledCounter::new(conversions),
             conversion_duration,
             expired,
-            processing,
+            processing: LabeledCounter::new(processing),
             pulls_in_progress,
             pulls_queued,
             xds: Arc::new(OnceLock::new()),
@@ -214,18 +252,15 @@ impl Metrics {
 
     pub fn record_lookup(&self, hit: bool) {
         self.lookups
-            .with_label_values(&[if hit { "true" } else { "false" }])
-            .inc();
+            .inc(usize::from(hit), if hit { "true" } else { "false" });
     }
 
     pub fn record_remote_fetch(&self, result: FetchResult) {
-        self.remote_fetches
-            .with_label_values(&[result.as_str()])
-            .inc();
+        self.remote_fetches.inc(result as usize, result.as_str());
     }
 
     pub fn record_conversion(&self, result: ConversionResult, duration_ms: f64) {
-        self.conversions.with_label_values(&[result.as_str()]).inc();
+        self.conversions.inc(result as usize, result.as_str());
         self.conversion_duration.observe(duration_ms);
     }
 
@@ -234,7 +269,9 @@ impl Metrics {
     }
 
     pub fn record_processing(&self, outcome: &str) {
-        self.processing.with_label_values(&[outcome]).inc();
+        let index = OUTCOME_NAMES.iter().position(|n| *n == outcome);
+        self.processing
+            .inc(index.unwrap_or(OUTCOME_NAMES.len()), outcome);
     }
 
     /// The Prometheus text exposition.
@@ -337,6 +374,43 @@ mod tests {
         assert_eq!(
             normalize_series(r#"x{ b="1", a="2" }"#),
             r#"x{a="2",b="1"}"#
+        );
+    }
+
+    #[test]
+    fn kept_series_count_every_record_and_only_recorded_values_appear() {
+        let m = Metrics::new();
+        let clone = m.clone();
+        for _ in 0..3 {
+            m.record_lookup(true);
+            clone.record_processing("revalidated");
+        }
+        clone.record_lookup(true);
+        m.record_conversion(ConversionResult::NoRemoteLoad, 1.0);
+        m.record_remote_fetch(FetchResult::ChecksumMismatched);
+        // A value outside the known ones is still counted.
+        m.record_processing("something-else");
+        m.record_processing("something-else");
+        let s = m.samples();
+        assert_eq!(s[r#"istio_agent_wasm_cache_lookup_count{hit="true"}"#], 4.0);
+        assert!(!s.contains_key(r#"istio_agent_wasm_cache_lookup_count{hit="false"}"#));
+        assert_eq!(
+            s[r#"wasm_ecds_plugin_processing_count{outcome="revalidated"}"#],
+            3.0
+        );
+        assert_eq!(
+            s[r#"wasm_ecds_plugin_processing_count{outcome="something-else"}"#],
+            2.0
+        );
+        assert!(!s.contains_key(r#"wasm_ecds_plugin_processing_count{outcome="pulled"}"#));
+        assert_eq!(
+            s[r#"istio_agent_wasm_config_conversion_count{result="no_remote_load"}"#],
+            1.0
+        );
+        assert!(!s.contains_key(r#"istio_agent_wasm_config_conversion_count{result="success"}"#));
+        assert_eq!(
+            s[r#"istio_agent_wasm_remote_fetch_count{result="checksum_mismatched"}"#],
+            1.0
         );
     }
 }

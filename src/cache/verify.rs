@@ -399,6 +399,7 @@ impl Cache {
             paths,
             validators: validators_for(persisted.validators, &resolutions),
             served,
+            served_id: String::new(),
             resolutions,
             now: Timestamp::default(),
             dirty: true,

@@ -10,7 +10,7 @@ use super::plan::Pending;
 use super::state::{Event, ServedModule, Serving, Trigger};
 use super::Engine;
 use crate::backoff::{Backoff, BACKGROUND_RETRY};
-use crate::cache::{Cache, ModuleKey, ServedRecord};
+use crate::cache::{Cache, ModuleKey};
 use crate::clock::Timestamp;
 use crate::fetch::http::Validators;
 use crate::metrics::ConversionResult;
@@ -135,15 +135,15 @@ impl Engine {
                 }
                 Ok((Outcome::Pulled, served))
             }
-            Obtained::Cached(k) => served_from_cache(&self.cache, &url, k, Outcome::Cached),
+            Obtained::Cached(k) => served_from_cache(&self.cache, url, k, Outcome::Cached),
             Obtained::Shared(k) => {
                 // Same job, same credentials: the registry authorized this plugin too.
                 self.cache.authorize(&k, plugin);
-                served_from_cache(&self.cache, &url, k, Outcome::Pulled)
+                served_from_cache(&self.cache, url, k, Outcome::Pulled)
             }
             Obtained::Revalidated(k) => {
                 self.cache.authorize(&k, plugin);
-                served_from_cache(&self.cache, &url, k, Outcome::Revalidated)
+                served_from_cache(&self.cache, url, k, Outcome::Revalidated)
             }
             Obtained::File { path, sha256 } => Ok((
                 Outcome::Pulled,
@@ -184,10 +184,7 @@ impl Engine {
             st.last_pull = Some(now);
         }
         self.set_retry(key, None);
-        let record = served.key.clone().map(|module| ServedRecord {
-            url: served.url.clone(),
-            module,
-        });
+        let record = served.key.as_ref().map(|m| (served.url.as_str(), m));
         self.cache.set_served(key, record);
         self.set_referenced(key, served.key.clone(), now);
         let served = self.served_modules.share(served);
@@ -219,9 +216,12 @@ impl Engine {
         match decision {
             AfterFailure::Keep => {}
             AfterFailure::Restore(r) => {
-                if let Ok((_, served)) =
-                    served_from_cache(&self.cache, &r.url, r.module.clone(), Outcome::Cached)
-                {
+                if let Ok((_, served)) = served_from_cache(
+                    &self.cache,
+                    r.url.clone(),
+                    r.module.clone(),
+                    Outcome::Cached,
+                ) {
                     self.set_referenced(key, Some(r.module), now);
                     let served = self.served_modules.share(served);
                     self.set_serving(key, Serving::Module(served), now);
@@ -281,7 +281,7 @@ impl Engine {
 
 fn served_from_cache(
     cache: &Cache,
-    url: &str,
+    url: String,
     k: ModuleKey,
     outcome: Outcome,
 ) -> Result<(Outcome, ServedModule), Failure> {
@@ -290,7 +290,7 @@ fn served_from_cache(
         .filter(|_| cache.is_verified(&k))
         .ok_or_else(|| Failure::Cache("module left the cache".to_string()))?;
     let served = ServedModule {
-        url: url.to_string(),
+        url,
         path: entry.path.clone(),
         sha256: entry.sha256.clone(),
         key: Some(k),
