@@ -17,7 +17,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::Value;
 
 use crate::plugin::envoyfilter::{self, PatchKind};
-use crate::plugin::{self, EnvoyFilter, FieldError, Manifest, ObjectKey, PullSecret, WasmPlugin};
+use crate::plugin::{
+    self, EnvoyFilter, FieldError, Manifest, Object, ObjectKey, PullSecret, WasmPlugin,
+};
 use crate::url::ModuleUrl;
 
 /// A plugin with the resource version of its current object.
@@ -124,13 +126,20 @@ impl ObjectStore {
 
     /// Applies one decoded object (a manifest document).
     pub fn apply_value(&mut self, value: Value) -> Change {
-        self.apply_shared(std::sync::Arc::new(value))
+        let is_plugin = value.get("kind").and_then(Value::as_str) == Some("WasmPlugin");
+        self.admit(is_plugin, plugin::parse_object(0, value))
     }
 
-    /// [`apply_value`](Self::apply_value) on a shared object: a plugin stored keeps it, not a copy.
-    pub fn apply_shared(&mut self, value: std::sync::Arc<Value>) -> Change {
+    /// [`apply_value`](Self::apply_value) on an object's text: a plugin stored keeps it, not a
+    /// copy.
+    pub fn apply_shared(&mut self, object: &Object) -> Change {
+        let value = object.value();
         let is_plugin = value.get("kind").and_then(Value::as_str) == Some("WasmPlugin");
-        match plugin::parse_shared(0, value) {
+        self.admit(is_plugin, plugin::parse_shared(0, value, object))
+    }
+
+    fn admit(&mut self, is_plugin: bool, parsed: Result<Manifest, plugin::ParseError>) -> Change {
+        match parsed {
             Ok(m) => self.apply(m),
             Err(e) => Change::Refused {
                 key: e.object.clone(),
@@ -300,7 +309,7 @@ impl ObjectStore {
         if vp.plugin.extension.is_some() {
             return None;
         }
-        let object = Value::clone(&vp.plugin.object);
+        let object = vp.plugin.object.value();
         Some(self.apply_value(merged(object, patch, key)))
     }
 
@@ -367,26 +376,23 @@ mod tests {
         let key = ObjectKey::new("default", "p");
         let mut given = obj("r/a:v1");
         given["metadata"]["namespace"] = json!("default");
-        let shared = std::sync::Arc::new(given);
-        s.apply_shared(shared.clone());
+        let shared = Object::new(&given);
+        s.apply_shared(&shared);
         let stored = &s.plugin(&key).unwrap().plugin.object;
-        assert!(
-            std::sync::Arc::ptr_eq(stored, &shared),
-            "no copy of the object"
-        );
+        assert!(stored.ptr_eq(&shared), "no copy of the object");
         // Without a namespace (and with server-owned metadata): normalised, so a copy.
         let mut raw = obj("r/a:v2");
         raw["metadata"]["resourceVersion"] = json!("7");
-        let raw = std::sync::Arc::new(raw);
-        s.apply_shared(raw.clone());
+        let raw = Object::new(&raw);
+        s.apply_shared(&raw);
         let stored = &s.plugin(&key).unwrap().plugin.object;
-        assert!(!std::sync::Arc::ptr_eq(stored, &raw));
+        assert!(!stored.ptr_eq(&raw));
         assert_eq!(
-            stored["metadata"],
+            stored.value()["metadata"],
             json!({"name": "p", "namespace": "default"})
         );
         assert!(
-            raw["metadata"].get("namespace").is_none(),
+            raw.value()["metadata"].get("namespace").is_none(),
             "the source's object is untouched"
         );
     }

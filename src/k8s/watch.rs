@@ -30,7 +30,7 @@ use tokio::task::JoinHandle;
 use super::{KubeOptions, KubeSeries};
 use crate::backoff::{Backoff, WATCH};
 use crate::plugin::secret::DOCKER_CONFIG_JSON_TYPE;
-use crate::plugin::ObjectKey;
+use crate::plugin::{Object, ObjectKey};
 
 /// How long the first snapshot with a new namespace's plugins waits for that namespace's Secrets.
 pub const SECRET_LIST_GRACE: Duration = Duration::from_secs(5);
@@ -42,11 +42,11 @@ pub struct Snapshot {
     /// `metadata.managedFields`, which change with every status write (a status write is not a
     /// change of the plugin: under `Always` it would pull again after every one).
     /// Shared with the object store once admitted.
-    pub plugins: BTreeMap<ObjectKey, Arc<Value>>,
+    pub plugins: BTreeMap<ObjectKey, Object>,
     /// `EnvoyFilter`s, likewise stripped (behavior.md §10).
-    pub envoy_filters: BTreeMap<ObjectKey, Arc<Value>>,
+    pub envoy_filters: BTreeMap<ObjectKey, Object>,
     /// Pull Secrets, likewise stripped.
-    pub secrets: BTreeMap<ObjectKey, Arc<Value>>,
+    pub secrets: BTreeMap<ObjectKey, Object>,
     /// What the status writer needs of each plugin object.
     pub meta: BTreeMap<ObjectKey, ObjectMeta>,
 }
@@ -60,24 +60,24 @@ pub struct ObjectMeta {
     pub conditions: Vec<Value>,
 }
 
-/// One listed object as snapshots hold it: its admission view, one `Arc` kept for as long as the
+/// One listed object as snapshots hold it: its admission view, one shared text kept for as long as the
 /// view does not change (every snapshot and the object store share it, so an event re-allocates
 /// nothing of the objects it does not change), and its server-managed part. The raw object is not
 /// kept: every write changes `metadata.resourceVersion`, so two events with equal views and
 /// metadata are the same object.
 #[derive(Clone, Debug, PartialEq)]
 struct Listed {
-    view: Arc<Value>,
+    view: Object,
     meta: ObjectMeta,
 }
 
 impl Listed {
     /// `v` as listed, sharing `previous`'s view when that is unchanged.
     fn of(v: &Value, previous: Option<&Listed>) -> Listed {
-        let view = admission_view(v);
+        let view = Object::new(&admission_view(v));
         let view = match previous {
-            Some(p) if *p.view == view => p.view.clone(),
-            _ => Arc::new(view),
+            Some(p) if p.view == view => p.view.clone(),
+            _ => view,
         };
         Listed {
             view,
@@ -539,9 +539,9 @@ mod tests {
         assert!(l.apply(Event::Apply(plugin("a", "4", "x"))));
         let second = snapshot_of(std::slice::from_ref(&l), &[], std::iter::empty());
         let (a, b) = (key("a"), key("b"));
-        assert!(Arc::ptr_eq(&first.plugins[&a], &second.plugins[&a]));
-        assert!(!Arc::ptr_eq(&first.plugins[&b], &second.plugins[&b]));
-        assert_eq!(second.plugins[&b]["metadata"]["labels"]["l"], "y");
+        assert!(first.plugins[&a].ptr_eq(&second.plugins[&a]));
+        assert!(!first.plugins[&b].ptr_eq(&second.plugins[&b]));
+        assert_eq!(second.plugins[&b].value()["metadata"]["labels"]["l"], "y");
         assert_eq!(second.meta[&a].resource_version, "4");
         // A relist returning the same objects shares them too.
         l.apply(Event::Init);
@@ -551,7 +551,7 @@ mod tests {
         let third = snapshot_of(std::slice::from_ref(&l), &[], std::iter::empty());
         assert_eq!(third, second);
         for k in [&a, &b] {
-            assert!(Arc::ptr_eq(&second.plugins[k], &third.plugins[k]));
+            assert!(second.plugins[k].ptr_eq(&third.plugins[k]));
         }
     }
 

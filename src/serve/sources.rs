@@ -8,12 +8,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::Serialize;
-use serde_json::Value;
 
 use super::files::{ChangedKeys, Desired};
 use crate::driver::ObjectChanges;
 use crate::k8s::Snapshot;
-use crate::plugin::ObjectKey;
+use crate::plugin::{Object, ObjectKey};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Origin {
@@ -29,9 +28,9 @@ const SECRET: &str = "Secret";
 /// The objects of both sources, merged.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Merged {
-    pub plugins: BTreeMap<ObjectKey, Arc<Value>>,
-    pub envoy_filters: BTreeMap<ObjectKey, Arc<Value>>,
-    pub secrets: BTreeMap<ObjectKey, Arc<Value>>,
+    pub plugins: BTreeMap<ObjectKey, Object>,
+    pub envoy_filters: BTreeMap<ObjectKey, Object>,
+    pub secrets: BTreeMap<ObjectKey, Object>,
 }
 
 /// A name defined by both sources.
@@ -60,7 +59,7 @@ impl Sources {
         let kube = self.kube.clone();
         let k = kube.as_deref();
         let (origins, conflicts) = (&mut self.origins, &mut self.conflicts);
-        let mut merge = |kind, files, kube: Option<&BTreeMap<ObjectKey, Arc<Value>>>| {
+        let mut merge = |kind, files, kube: Option<&BTreeMap<ObjectKey, Object>>| {
             merge_kind(origins, conflicts, kind, files, kube.unwrap_or(&empty))
         };
         Merged {
@@ -125,9 +124,9 @@ fn merge_kind(
     origins: &mut BTreeMap<(&'static str, ObjectKey), Origin>,
     conflicts: &mut BTreeMap<(&'static str, ObjectKey), Conflict>,
     kind: &'static str,
-    files: &BTreeMap<ObjectKey, Arc<Value>>,
-    kube: &BTreeMap<ObjectKey, Arc<Value>>,
-) -> BTreeMap<ObjectKey, Arc<Value>> {
+    files: &BTreeMap<ObjectKey, Object>,
+    kube: &BTreeMap<ObjectKey, Object>,
+) -> BTreeMap<ObjectKey, Object> {
     let mut out = BTreeMap::new();
     for k in files
         .keys()
@@ -149,9 +148,9 @@ fn merge_key<'a>(
     conflicts: &mut BTreeMap<(&'static str, ObjectKey), Conflict>,
     kind: &'static str,
     k: &ObjectKey,
-    files: Option<&'a Arc<Value>>,
-    kube: Option<&'a Arc<Value>>,
-) -> Option<&'a Arc<Value>> {
+    files: Option<&'a Object>,
+    kube: Option<&'a Object>,
+) -> Option<&'a Object> {
     let id = (kind, k.clone());
     conflicts.remove(&id);
     let (fv, v) = match (files, kube) {
@@ -195,8 +194,7 @@ pub fn snapshot_changes(old: Option<&Snapshot>, new: Option<&Snapshot>) -> Chang
         (ENVOY_FILTER, &old.envoy_filters, &new.envoy_filters),
         (SECRET, &old.secrets, &new.secrets),
     ] {
-        let differ = |(k, v): (&ObjectKey, &Arc<Value>),
-                      other: &BTreeMap<ObjectKey, Arc<Value>>| {
+        let differ = |(k, v): (&ObjectKey, &Object), other: &BTreeMap<ObjectKey, Object>| {
             (other.get(k) != Some(v)).then(|| (kind, k.clone()))
         };
         changed.extend(a.iter().filter_map(|e| differ(e, b)));
@@ -215,8 +213,8 @@ mod tests {
         ObjectKey::new("default", n)
     }
 
-    fn obj(n: &str, url: &str) -> Arc<Value> {
-        Arc::new(json!({"kind": "WasmPlugin", "metadata": {"name": n}, "spec": {"url": url}}))
+    fn obj(n: &str, url: &str) -> Object {
+        Object::new(&json!({"kind": "WasmPlugin", "metadata": {"name": n}, "spec": {"url": url}}))
     }
 
     fn kube(plugins: &[(&str, &str)]) -> Option<Arc<Snapshot>> {
@@ -238,7 +236,7 @@ mod tests {
         // Kubernetes adds "a": the files keep it, the Kubernetes object is reported.
         s.kube = kube(&[("a", "kube-a"), ("b", "kube-b")]);
         let p = s.merged().plugins;
-        assert_eq!(p[&key("a")]["spec"]["url"], "file-a");
+        assert_eq!(p[&key("a")].value()["spec"]["url"], "file-a");
         assert!(s
             .kube_conflict(&key("a"))
             .unwrap()
@@ -246,7 +244,7 @@ mod tests {
         // Files add "b": Kubernetes keeps it; not a conflict of the Kubernetes object.
         s.files.plugins.insert(key("b"), obj("b", "file-b"));
         let p = s.merged().plugins;
-        assert_eq!(p[&key("b")]["spec"]["url"], "kube-b");
+        assert_eq!(p[&key("b")].value()["spec"]["url"], "kube-b");
         assert!(s.kube_conflict(&key("b")).is_none());
         assert_eq!(s.conflicts.len(), 2);
         // Both define a new "c" at once: neither.
@@ -258,17 +256,17 @@ mod tests {
         // The file goes: Kubernetes gets "c".
         s.files.plugins.remove(&key("c"));
         let p = s.merged().plugins;
-        assert_eq!(p[&key("c")]["spec"]["url"], "kube-c");
+        assert_eq!(p[&key("c")].value()["spec"]["url"], "kube-c");
         assert_eq!(s.conflicts.len(), 2);
         // An EnvoyFilter is a kind of its own: the WasmPlugin "a" of the files is no conflict.
         let mut snapshot = (**s.kube.as_ref().unwrap()).clone();
         snapshot
             .envoy_filters
-            .insert(key("a"), Arc::new(json!({"kind": "EnvoyFilter"})));
+            .insert(key("a"), Object::new(&json!({"kind": "EnvoyFilter"})));
         s.kube = Some(Arc::new(snapshot));
         let m = s.merged();
         assert_eq!(m.envoy_filters.len(), 1);
-        assert_eq!(m.plugins[&key("a")]["spec"]["url"], "file-a");
+        assert_eq!(m.plugins[&key("a")].value()["spec"]["url"], "file-a");
         assert_eq!(s.conflicts.len(), 2);
     }
 }
