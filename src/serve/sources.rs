@@ -46,15 +46,34 @@ pub struct Conflict {
 pub struct Sources {
     pub files: Desired,
     pub kube: Option<Arc<Snapshot>>,
+    /// No Kubernetes source (`serve` without `--source kubernetes`): no name can be defined by
+    /// both, so the files' objects are used as they are and no owner is recorded (an entry per
+    /// object saved).
+    files_only: bool,
     origins: BTreeMap<(&'static str, ObjectKey), Origin>,
     /// Conflicts of the last merge, by kind and key.
     pub conflicts: BTreeMap<(&'static str, ObjectKey), Conflict>,
 }
 
 impl Sources {
+    /// No objects yet; `files_only` when there is no Kubernetes source.
+    pub fn new(files_only: bool) -> Self {
+        Sources {
+            files_only,
+            ..Default::default()
+        }
+    }
+
     /// The merged plugins, EnvoyFilters and secrets.
     pub fn merged(&mut self) -> Merged {
         self.conflicts.clear();
+        if self.files_only && self.kube.is_none() {
+            return Merged {
+                plugins: self.files.plugins.clone(),
+                envoy_filters: self.files.envoy_filters.clone(),
+                secrets: self.files.secrets.clone(),
+            };
+        }
         let empty = BTreeMap::new();
         let kube = self.kube.clone();
         let k = kube.as_deref();
@@ -97,6 +116,10 @@ impl Sources {
                     &mut out.secrets,
                 ),
             };
+            if self.files_only && kube.is_none() {
+                to.insert(key.clone(), files.get(key).cloned());
+                continue;
+            }
             let (origins, conflicts) = (&mut self.origins, &mut self.conflicts);
             let used = merge_key(
                 origins,
@@ -223,6 +246,27 @@ mod tests {
             s.plugins.insert(key(n), obj(n, u));
         }
         Some(Arc::new(s))
+    }
+
+    #[test]
+    fn files_only_the_files_objects_are_used_as_they_are_with_no_owner_recorded() {
+        let mut s = Sources::new(true);
+        s.files.plugins.insert(key("a"), obj("a", "file-a"));
+        s.files.plugins.insert(key("b"), obj("b", "file-b"));
+        let m = s.merged();
+        assert_eq!(m.plugins, s.files.plugins);
+        assert!(m.plugins[&key("a")].ptr_eq(&s.files.plugins[&key("a")]));
+        s.files.plugins.remove(&key("b"));
+        let changed = [(WASM_PLUGIN, key("a")), (WASM_PLUGIN, key("b"))].into();
+        let c = s.merge_changed(&changed);
+        assert_eq!(c.plugins[&key("a")], Some(obj("a", "file-a")));
+        assert_eq!(c.plugins[&key("b")], None);
+        assert!(s.origins.is_empty() && s.conflicts.is_empty());
+        // The same merge as with origins recorded.
+        let mut recorded = Sources::default();
+        recorded.files.plugins = s.files.plugins.clone();
+        assert_eq!(recorded.merged(), s.merged());
+        assert_eq!(recorded.origins.len(), 1);
     }
 
     #[test]
