@@ -101,8 +101,9 @@ fn plugin(i: usize, policy: ImagePullPolicy) -> VersionedPlugin {
         url: std::sync::Arc::new(ModuleUrl::parse(&spec.url).expect("url")),
         plugin: std::sync::Arc::new(WasmPlugin {
             key,
-            object: std::sync::Arc::new(object),
+            object: wasm_ecds::plugin::Object::new(&object),
             spec,
+            pull_timeout_annotation: None,
             extension: None,
         }),
         version: 1,

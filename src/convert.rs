@@ -235,7 +235,7 @@ fn module_fetch_retries() -> RetryPolicy {
 fn plugin_config(plugin: &WasmPlugin, code: Code) -> PluginConfig {
     let spec = &plugin.spec;
     let configuration = plugin.plugin_config().map(|c| {
-        let json = serde_json::to_string(c).expect("a JSON map serializes");
+        let json = serde_json::to_string(&c).expect("a JSON map serializes");
         any(STRING_VALUE_TYPE_URL, &StringValue { value: json })
     });
     // Envoy keys a remote module's VM before fetching it, on `vm_id` and the (still empty) code:

@@ -17,7 +17,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::Value;
 
 use crate::plugin::envoyfilter::{self, PatchKind};
-use crate::plugin::{self, EnvoyFilter, FieldError, Manifest, ObjectKey, PullSecret, WasmPlugin};
+use crate::plugin::{
+    self, EnvoyFilter, FieldError, Manifest, Object, ObjectKey, PullSecret, WasmPlugin,
+};
 use crate::url::ModuleUrl;
 
 /// A plugin with the resource version of its current object.
@@ -91,8 +93,10 @@ pub struct ObjectStore {
     plugins: BTreeMap<ObjectKey, VersionedPlugin>,
     secrets: BTreeMap<ObjectKey, PullSecret>,
     envoy_filters: BTreeMap<ObjectKey, StoredFilter>,
-    /// The plugin serving each ECDS resource name.
-    resources: BTreeMap<String, ObjectKey>,
+    /// The `EnvoyFilter` patch plugin serving each ECDS resource name a patch plugin serves. A
+    /// `WasmPlugin`'s resource name is its key's: its server is found in `plugins` by that key
+    /// ([`resource_owner`](Self::resource_owner)), with no copy of the name per plugin.
+    patch_resources: BTreeMap<String, ObjectKey>,
     last_version: u64,
 }
 
@@ -117,20 +121,39 @@ impl ObjectStore {
         &self.envoy_filters
     }
 
-    /// The plugin that serves an ECDS resource name.
+    /// The plugin that serves an ECDS resource name: an `EnvoyFilter` patch's, or the `WasmPlugin`
+    /// whose key gives that name (`extensions.istio.io/wasmplugin/<namespace>.<name>`, tried at
+    /// each `.` of the rest: names may hold dots; admission lets one plugin at most serve a name).
     pub fn resource_owner(&self, resource: &str) -> Option<&ObjectKey> {
-        self.resources.get(resource)
+        if let Some(owner) = self.patch_resources.get(resource) {
+            return Some(owner);
+        }
+        let rest = resource.strip_prefix(plugin::ECDS_RESOURCE_PREFIX)?;
+        (rest.match_indices('.'))
+            .map(|(i, _)| (&rest[..i], &rest[i + 1..]))
+            .filter(|(ns, name)| !ns.is_empty() && !name.is_empty() && !name.contains('/'))
+            .find_map(|(ns, name)| {
+                let (key, p) = self.plugins.get_key_value(&ObjectKey::new(ns, name))?;
+                p.plugin.extension.is_none().then_some(key)
+            })
     }
 
     /// Applies one decoded object (a manifest document).
     pub fn apply_value(&mut self, value: Value) -> Change {
-        self.apply_shared(std::sync::Arc::new(value))
+        let is_plugin = value.get("kind").and_then(Value::as_str) == Some("WasmPlugin");
+        self.admit(is_plugin, plugin::parse_object(0, value))
     }
 
-    /// [`apply_value`](Self::apply_value) on a shared object: a plugin stored keeps it, not a copy.
-    pub fn apply_shared(&mut self, value: std::sync::Arc<Value>) -> Change {
+    /// [`apply_value`](Self::apply_value) on an object's text: a plugin stored keeps it, not a
+    /// copy.
+    pub fn apply_shared(&mut self, object: &Object) -> Change {
+        let value = object.value();
         let is_plugin = value.get("kind").and_then(Value::as_str) == Some("WasmPlugin");
-        match plugin::parse_shared(0, value) {
+        self.admit(is_plugin, plugin::parse_shared(0, value, object))
+    }
+
+    fn admit(&mut self, is_plugin: bool, parsed: Result<Manifest, plugin::ParseError>) -> Change {
+        match parsed {
             Ok(m) => self.apply(m),
             Err(e) => Change::Refused {
                 key: e.object.clone(),
@@ -191,7 +214,7 @@ impl ObjectStore {
         };
         let key = p.key.clone();
         let resource = p.resource_name();
-        match self.resources.get(&resource) {
+        match self.resource_owner(&resource) {
             Some(owner) if *owner != key => {
                 let message = format!(
                     "ECDS resource {resource:?} is already served by {} {owner}; this definition is not used until that one is gone",
@@ -225,7 +248,10 @@ impl ObjectStore {
                         url: std::sync::Arc::new(url),
                     },
                 );
-                self.resources.insert(resource, key.clone());
+                // An EnvoyFilter patch's plugin (its key's name holds a `/`).
+                if key.name.contains('/') {
+                    self.patch_resources.insert(resource, key.clone());
+                }
                 if created {
                     Change::PluginCreated(key)
                 } else {
@@ -300,7 +326,7 @@ impl ObjectStore {
         if vp.plugin.extension.is_some() {
             return None;
         }
-        let object = Value::clone(&vp.plugin.object);
+        let object = vp.plugin.object.value();
         Some(self.apply_value(merged(object, patch, key)))
     }
 
@@ -313,8 +339,8 @@ impl ObjectStore {
     pub fn delete_plugin(&mut self, key: &ObjectKey) -> Option<Change> {
         let p = self.plugins.remove(key)?;
         let resource = p.plugin.resource_name();
-        if self.resources.get(&resource) == Some(key) {
-            self.resources.remove(&resource);
+        if self.patch_resources.get(&resource) == Some(key) {
+            self.patch_resources.remove(&resource);
         }
         Some(Change::PluginDeleted(key.clone()))
     }
@@ -367,26 +393,23 @@ mod tests {
         let key = ObjectKey::new("default", "p");
         let mut given = obj("r/a:v1");
         given["metadata"]["namespace"] = json!("default");
-        let shared = std::sync::Arc::new(given);
-        s.apply_shared(shared.clone());
+        let shared = Object::new(&given);
+        s.apply_shared(&shared);
         let stored = &s.plugin(&key).unwrap().plugin.object;
-        assert!(
-            std::sync::Arc::ptr_eq(stored, &shared),
-            "no copy of the object"
-        );
+        assert!(stored.ptr_eq(&shared), "no copy of the object");
         // Without a namespace (and with server-owned metadata): normalised, so a copy.
         let mut raw = obj("r/a:v2");
         raw["metadata"]["resourceVersion"] = json!("7");
-        let raw = std::sync::Arc::new(raw);
-        s.apply_shared(raw.clone());
+        let raw = Object::new(&raw);
+        s.apply_shared(&raw);
         let stored = &s.plugin(&key).unwrap().plugin.object;
-        assert!(!std::sync::Arc::ptr_eq(stored, &raw));
+        assert!(!stored.ptr_eq(&raw));
         assert_eq!(
-            stored["metadata"],
+            stored.value()["metadata"],
             json!({"name": "p", "namespace": "default"})
         );
         assert!(
-            raw["metadata"].get("namespace").is_none(),
+            raw.value()["metadata"].get("namespace").is_none(),
             "the source's object is untouched"
         );
     }
@@ -525,6 +548,37 @@ mod tests {
         s.delete_envoy_filter(&ObjectKey::new("ns", "one"));
         let c = inner(s.apply_value(filter("two", &[("x", "oci://r/b:v1")])));
         assert_eq!(c, [Change::PluginCreated(ObjectKey::new("ns", "two/x"))]);
+    }
+
+    #[test]
+    fn a_wasm_plugin_serves_its_keys_resource_name_whatever_dots_it_holds() {
+        let mut s = ObjectStore::new();
+        let plugin = |ns: &str, name: &str| {
+            json!({"apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin",
+                   "metadata": {"name": name, "namespace": ns}, "spec": {"url": "r/a:v1"}})
+        };
+        let first = ObjectKey::new("a", "b.c");
+        assert_eq!(
+            s.apply_value(plugin("a", "b.c")),
+            Change::PluginCreated(first.clone())
+        );
+        let name = "extensions.istio.io/wasmplugin/a.b.c";
+        assert_eq!(s.resource_owner(name), Some(&first));
+        assert_eq!(s.resource_owner("extensions.istio.io/wasmplugin/a.b"), None);
+        assert_eq!(s.resource_owner("extensions.istio.io/wasmplugin/abc"), None);
+        // Another key giving the same name: refused while the first serves it.
+        let c = s.apply_value(plugin("a.b", "c"));
+        assert!(
+            matches!(&c, Change::Conflict { resource, .. } if resource == name),
+            "{c:?}"
+        );
+        s.delete_plugin(&first);
+        assert_eq!(s.resource_owner(name), None);
+        assert_eq!(
+            s.apply_value(plugin("a.b", "c")),
+            Change::PluginCreated(ObjectKey::new("a.b", "c"))
+        );
+        assert_eq!(s.resource_owner(name), Some(&ObjectKey::new("a.b", "c")));
     }
 
     #[test]

@@ -7,13 +7,12 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use common::Harness;
 use serde_json::{json, Value};
 use wasm_ecds::driver::ObjectChanges;
 use wasm_ecds::outcome::Outcome;
-use wasm_ecds::plugin::ObjectKey;
+use wasm_ecds::plugin::{Object, ObjectKey};
 
 fn filter(ns: &str, name: &str, resource: &str, uri: &str) -> Value {
     json!({"apiVersion": "networking.istio.io/v1alpha3", "kind": "EnvoyFilter",
@@ -56,11 +55,11 @@ impl Incremental {
                 .collect()
         };
         let now = [by_key(plugins), by_key(filters), by_key(secrets)];
-        let diff = |i: usize| -> BTreeMap<ObjectKey, Option<Arc<Value>>> {
+        let diff = |i: usize| -> BTreeMap<ObjectKey, Option<Object>> {
             let (old, new) = (&self.last[i], &now[i]);
             let changed = (new.iter()).filter(|(k, v)| old.get(*k) != Some(*v));
             let gone = old.keys().filter(|k| !new.contains_key(*k));
-            (changed.map(|(k, v)| (k.clone(), Some(Arc::new(v.clone())))))
+            (changed.map(|(k, v)| (k.clone(), Some(Object::new(v)))))
                 .chain(gone.map(|k| (k.clone(), None)))
                 .collect()
         };

@@ -321,8 +321,7 @@ fn run_step(h: &mut Harness, s: &Step, tag_url: &str) -> bool {
                 .expect("the plugin exists")
                 .plugin
                 .object
-                .as_ref()
-                .clone();
+                .value();
             let change = h.apply(object);
             assert_eq!(change, Change::Unchanged(k));
         }
@@ -682,7 +681,7 @@ proptest! {
                 }
                 (b, Some((url, labels)), c) => {
                     let stored = stored.expect("an accepted object is stored");
-                    prop_assert_eq!(&*stored.plugin.object, &model_object(name, url, labels.as_ref()));
+                    prop_assert_eq!(stored.plugin.object.value(), model_object(name, url, labels.as_ref()));
                     let same = b.as_ref().is_some_and(|(bu, bl, _)| bu == url && bl == labels);
                     if same {
                         prop_assert_eq!(c.clone(), Some(Change::Unchanged(key.clone())));

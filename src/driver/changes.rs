@@ -6,22 +6,21 @@
 //! by themselves once it is free (behavior.md §10 "Conflicts").
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
 use serde_json::Value;
 
 use super::{Applied, Driver, Ticket};
 use crate::plugin::envoyfilter;
-use crate::plugin::{FieldError, ObjectKey};
+use crate::plugin::{FieldError, Object, ObjectKey};
 use crate::source::Change;
 
 /// Objects changed since the last sync, by key: `Some` the object now (shared with its source),
 /// `None` gone.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ObjectChanges {
-    pub plugins: BTreeMap<ObjectKey, Option<Arc<Value>>>,
-    pub envoy_filters: BTreeMap<ObjectKey, Option<Arc<Value>>>,
-    pub secrets: BTreeMap<ObjectKey, Option<Arc<Value>>>,
+    pub plugins: BTreeMap<ObjectKey, Option<Object>>,
+    pub envoy_filters: BTreeMap<ObjectKey, Option<Object>>,
+    pub secrets: BTreeMap<ObjectKey, Option<Object>>,
 }
 
 impl ObjectChanges {
@@ -46,8 +45,8 @@ fn plugin_of(change: &Change) -> Option<ObjectKey> {
 /// The last refused object of a plugin and why.
 #[derive(Clone, Debug, PartialEq)]
 pub(super) struct Refusal {
-    /// `Null` after an edit; for an `EnvoyFilter` patch, the EnvoyFilter.
-    pub(super) object: Value,
+    /// None after an edit; for an `EnvoyFilter` patch, the EnvoyFilter.
+    pub(super) object: Option<Object>,
     pub(super) error: FieldError,
     /// For a conflict: the ECDS resource name it waits for.
     pub(super) waits_for: Option<String>,
@@ -57,20 +56,20 @@ impl Driver {
     /// Applies one object (a `WasmPlugin`, an `EnvoyFilter` or a pull `Secret`), as the API server
     /// admits it.
     pub fn apply(&mut self, object: &Value) -> Applied {
-        self.apply_shared(&Arc::new(object.clone()))
+        self.apply_shared(&Object::new(object))
     }
 
     /// [`apply`](Self::apply) on a shared object: a plugin stored keeps it, not a copy.
-    pub fn apply_shared(&mut self, object: &Arc<Value>) -> Applied {
-        let change = self.objects.apply_shared(object.clone());
-        self.hand_over(change, object)
+    pub fn apply_shared(&mut self, object: &Object) -> Applied {
+        let change = self.objects.apply_shared(object);
+        self.hand_over(change, Some(object))
     }
 
     /// A JSON merge patch on a stored `WasmPlugin`; `None` if there is no such plugin (the plugin
     /// of an `EnvoyFilter` patch is edited through its EnvoyFilter).
     pub fn edit(&mut self, key: &ObjectKey, patch: &Value) -> Option<Applied> {
         let change = self.objects.edit_plugin(key, patch)?;
-        Some(self.hand_over(change, &Value::Null))
+        Some(self.hand_over(change, None))
     }
 
     /// A JSON merge patch on a stored `EnvoyFilter`; `None` if there is none.
@@ -80,8 +79,8 @@ impl Driver {
             .objects
             .envoy_filters()
             .get(key)
-            .map(|f| f.object.clone());
-        Some(self.hand_over(change, &object.unwrap_or(Value::Null)))
+            .map(|f| Object::new(&f.object));
+        Some(self.hand_over(change, object.as_ref()))
     }
 
     /// Deletes a `WasmPlugin` (or forgets a refused one); `None` if there is no such plugin. The
@@ -91,19 +90,19 @@ impl Driver {
             return None;
         }
         let change = self.objects.delete_plugin(key)?;
-        Some(self.hand_over(change, &Value::Null))
+        Some(self.hand_over(change, None))
     }
 
     /// Deletes an `EnvoyFilter` and the plugins of its patches; `None` if there is none.
     pub fn delete_envoy_filter(&mut self, key: &ObjectKey) -> Option<Applied> {
         self.refused_filters.remove(key);
         let change = self.objects.delete_envoy_filter(key)?;
-        Some(self.hand_over(change, &Value::Null))
+        Some(self.hand_over(change, None))
     }
 
     pub fn delete_secret(&mut self, key: &ObjectKey) -> Option<Applied> {
         let change = self.objects.delete_secret(key)?;
-        Some(self.hand_over(change, &Value::Null))
+        Some(self.hand_over(change, None))
     }
 
     /// Makes the current objects exactly `plugins`, `envoy_filters` and `secrets` (a rescan of the
@@ -114,9 +113,9 @@ impl Driver {
     /// at every sync, so it takes over once the resource name is free.
     pub fn sync(
         &mut self,
-        plugins: &BTreeMap<ObjectKey, Arc<Value>>,
-        envoy_filters: &BTreeMap<ObjectKey, Arc<Value>>,
-        secrets: &BTreeMap<ObjectKey, Arc<Value>>,
+        plugins: &BTreeMap<ObjectKey, Object>,
+        envoy_filters: &BTreeMap<ObjectKey, Object>,
+        secrets: &BTreeMap<ObjectKey, Object>,
     ) -> Ticket {
         self.quiet_repeats = true;
         let mut ticket = Ticket::default();
@@ -151,13 +150,13 @@ impl Driver {
             let settled = self
                 .refused
                 .get(key)
-                .is_some_and(|r| r.object == **value && r.waits_for.is_none());
+                .is_some_and(|r| r.object.as_ref() == Some(value) && r.waits_for.is_none());
             if !settled {
                 ticket.join(self.apply_shared(value).ticket);
             }
         }
         for (key, value) in envoy_filters {
-            if self.refused_filters.get(key) != Some(&**value) {
+            if self.refused_filters.get(key) != Some(value) {
                 ticket.join(self.apply_shared(value).ticket);
             }
         }
@@ -209,14 +208,14 @@ impl Driver {
             let settled = self
                 .refused
                 .get(key)
-                .is_some_and(|r| r.object == **value && r.waits_for.is_none());
+                .is_some_and(|r| r.object.as_ref() == Some(value) && r.waits_for.is_none());
             if !settled {
                 note(Some(self.apply_shared(value)));
             }
         }
         for (key, value) in &changes.envoy_filters {
             let Some(value) = value else { continue };
-            if self.refused_filters.get(key) != Some(&**value) {
+            if self.refused_filters.get(key) != Some(value) {
                 note(Some(self.apply_shared(value)));
             }
         }
@@ -228,9 +227,9 @@ impl Driver {
     }
 
     /// Hands an admitted change to the engine, admits the plugins that waited for a resource name
-    /// it freed, and begins what that queued. `object` is what was applied (`Null` for an edit or
+    /// it freed, and begins what that queued. `object` is what was applied (none for an edit or
     /// a deletion).
-    fn hand_over(&mut self, change: Change, object: &Value) -> Applied {
+    fn hand_over(&mut self, change: Change, object: Option<&Object>) -> Applied {
         self.take(&change, object);
         let followups = self.admit_waiting();
         let ticket = self.dispatch();
@@ -242,7 +241,7 @@ impl Driver {
     }
 
     /// Records what a change did (refusals remembered) and tells the engine.
-    fn take(&mut self, change: &Change, object: &Value) {
+    fn take(&mut self, change: &Change, object: Option<&Object>) {
         match change {
             Change::PluginCreated(k) | Change::PluginChanged(k) => {
                 self.refused.remove(k);
@@ -269,9 +268,9 @@ impl Driver {
                 error,
             } => self.refuse(key, object, error, Some(resource.clone())),
             Change::Refused { key, error, .. } => {
-                let filter = object.get("kind").and_then(Value::as_str)
-                    == Some(envoyfilter::ENVOY_FILTER_KIND);
-                if let (Some(k), true) = (key, filter) {
+                let filter = object
+                    .filter(|o| o.head().kind.as_deref() == Some(envoyfilter::ENVOY_FILTER_KIND));
+                if let (Some(k), Some(object)) = (key, filter) {
                     if self.quiet_repeats && self.refused_filters.get(k) == Some(object) {
                         return;
                     }
@@ -320,12 +319,12 @@ impl Driver {
     fn refuse(
         &mut self,
         k: &ObjectKey,
-        object: &Value,
+        object: Option<&Object>,
         error: &FieldError,
         waits_for: Option<String>,
     ) {
         let refusal = Refusal {
-            object: object.clone(),
+            object: object.cloned(),
             error: error.clone(),
             waits_for,
         };
@@ -341,24 +340,24 @@ impl Driver {
     /// Admits again the plugins refused for a conflict whose resource name is free now: a
     /// `WasmPlugin` as it was refused, an `EnvoyFilter` patch through its current EnvoyFilter.
     fn admit_waiting(&mut self) -> Vec<Change> {
-        let free: Vec<(ObjectKey, Value)> = (self.refused.iter())
+        let free: Vec<(ObjectKey, Object)> = (self.refused.iter())
             .filter(|(_, r)| {
                 (r.waits_for.as_deref()).is_some_and(|n| self.objects.resource_owner(n).is_none())
             })
             .filter_map(|(k, r)| match envoyfilter::filter_of(k) {
                 Some(f) => {
                     let object = &self.objects.envoy_filters().get(&f)?.object;
-                    Some((f, object.clone()))
+                    Some((f, Object::new(object)))
                 }
-                None => Some((k.clone(), r.object.clone())).filter(|(_, o)| !o.is_null()),
+                None => Some((k.clone(), r.object.clone()?)),
             })
             .collect();
         let mut done = BTreeSet::new();
         let mut changes = Vec::new();
         for (key, object) in free {
             if done.insert(key) {
-                let change = self.objects.apply_value(object.clone());
-                self.take(&change, &object);
+                let change = self.objects.apply_shared(&object);
+                self.take(&change, Some(&object));
                 changes.push(change);
             }
         }

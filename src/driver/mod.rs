@@ -24,7 +24,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig;
-use serde_json::Value;
 
 use crate::cache::ReindexReport;
 use crate::clock::Timestamp;
@@ -146,7 +145,7 @@ pub struct Driver {
     /// The last refused object per plugin and why (see [`Driver::sync`]).
     refused: BTreeMap<ObjectKey, changes::Refusal>,
     /// `EnvoyFilter`s refused as a whole, as last seen (see [`Driver::sync`]).
-    refused_filters: BTreeMap<ObjectKey, Value>,
+    refused_filters: BTreeMap<ObjectKey, crate::plugin::Object>,
     /// While [`Driver::sync`] runs: a refusal identical to the remembered one is not reported
     /// again.
     quiet_repeats: bool,
@@ -226,9 +225,12 @@ impl Driver {
         self.refused.range::<ObjectKey, _>(range).map(|(k, _)| k)
     }
 
-    /// The object a plugin was last refused for (`Null` after an edit) and why.
-    pub fn refusal(&self, key: &ObjectKey) -> Option<(&Value, &FieldError)> {
-        self.refused.get(key).map(|r| (&r.object, &r.error))
+    /// The object a plugin was last refused for (none after an edit) and why.
+    pub fn refusal(
+        &self,
+        key: &ObjectKey,
+    ) -> Option<(Option<&crate::plugin::Object>, &FieldError)> {
+        self.refused.get(key).map(|r| (r.object.as_ref(), &r.error))
     }
 
     /// The ECDS resource name a refused plugin waits for, when another plugin serves it

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use imbl::ordmap::DiffItem;
 use serde_json::Value;
 
-use crate::plugin::ObjectKey;
+use crate::plugin::{Object, ObjectKey};
 
 /// Objects by key, as snapshots hold them.
 pub type ObjectMap<V> = imbl::OrdMap<ObjectKey, V>;
@@ -22,11 +22,11 @@ pub struct Snapshot {
     /// `metadata.managedFields`, which change with every status write (a status write is not a
     /// change of the plugin: under `Always` it would pull again after every one).
     /// Shared with the object store once admitted.
-    pub plugins: ObjectMap<Arc<Value>>,
+    pub plugins: ObjectMap<Object>,
     /// `EnvoyFilter`s, likewise stripped (behavior.md §10).
-    pub envoy_filters: ObjectMap<Arc<Value>>,
+    pub envoy_filters: ObjectMap<Object>,
     /// Pull Secrets, likewise stripped.
-    pub secrets: ObjectMap<Arc<Value>>,
+    pub secrets: ObjectMap<Object>,
     /// What the status writer needs of each plugin object, one `Arc` kept while it does not
     /// change (so two snapshots are compared by pointer: [`changed_meta`]).
     pub meta: ObjectMap<Arc<ObjectMeta>>,
@@ -59,14 +59,14 @@ pub fn changed_meta<'a>(old: &'a Snapshot, new: &'a Snapshot) -> Vec<&'a ObjectK
     changed_keys(&old.meta, &new.meta).collect()
 }
 
-/// One listed object as snapshots hold it: its admission view, one `Arc` kept for as long as the
+/// One listed object as snapshots hold it: its admission view, one shared text kept for as long as the
 /// view does not change (every snapshot and the object store share it, so an event re-allocates
 /// nothing of the objects it does not change), and its server-managed part, likewise one `Arc`
 /// while it does not change. The raw object is not kept: every write changes
 /// `metadata.resourceVersion`, so two events with equal views and metadata are the same object.
 #[derive(Clone, Debug, PartialEq)]
 pub(super) struct Listed {
-    pub(super) view: Arc<Value>,
+    pub(super) view: Object,
     pub(super) meta: Arc<ObjectMeta>,
 }
 
@@ -132,7 +132,7 @@ impl Current {
 }
 
 /// Puts `key`'s view into `map` (or removes it); whether it was there before.
-fn put(map: &mut ObjectMap<Arc<Value>>, key: &ObjectKey, now: Option<&Listed>) -> bool {
+fn put(map: &mut ObjectMap<Object>, key: &ObjectKey, now: Option<&Listed>) -> bool {
     match now {
         Some(l) => map.insert(key.clone(), l.view.clone()).is_some(),
         None => map.remove(key).is_some(),
@@ -147,7 +147,7 @@ mod tests {
 
     fn listed(rv: &str) -> Listed {
         Listed {
-            view: Arc::new(json!({"rv": rv})),
+            view: Object::new(&json!({"rv": rv})),
             meta: Arc::new(ObjectMeta {
                 resource_version: rv.into(),
                 ..ObjectMeta::default()
@@ -196,6 +196,6 @@ mod tests {
         assert_eq!(names, ["a"]);
         // The old snapshot is untouched by the changes made after it.
         assert_eq!(before.plugins.len(), 1000);
-        assert_eq!(before.plugins[&key("a", "p0500")]["rv"], "1");
+        assert_eq!(before.plugins[&key("a", "p0500")].value()["rv"], "1");
     }
 }

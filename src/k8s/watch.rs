@@ -31,7 +31,7 @@ use super::snapshot::{Current, Kind, Listed, ObjectMeta, Snapshot};
 use super::{KubeOptions, KubeSeries};
 use crate::backoff::{Backoff, WATCH};
 use crate::plugin::secret::DOCKER_CONFIG_JSON_TYPE;
-use crate::plugin::ObjectKey;
+use crate::plugin::{Object, ObjectKey};
 
 /// How long the first snapshot with a new namespace's plugins waits for that namespace's Secrets.
 pub const SECRET_LIST_GRACE: Duration = Duration::from_secs(5);
@@ -39,10 +39,10 @@ pub const SECRET_LIST_GRACE: Duration = Duration::from_secs(5);
 impl Listed {
     /// `v` as listed, sharing `previous`'s view when that is unchanged.
     fn of(v: &Value, previous: Option<&Listed>) -> Listed {
-        let view = admission_view(v);
+        let view = Object::new(&admission_view(v));
         let view = match previous {
-            Some(p) if *p.view == view => p.view.clone(),
-            _ => Arc::new(view),
+            Some(p) if p.view == view => p.view.clone(),
+            _ => view,
         };
         let meta = meta_of(v);
         let meta = match previous {
@@ -543,9 +543,9 @@ mod tests {
         assert!(l.feed(Event::Apply(plugin("a", "4", "x"))));
         let second = l.cur.snapshot.clone();
         let (a, b) = (key("a"), key("b"));
-        assert!(Arc::ptr_eq(&first.plugins[&a], &second.plugins[&a]));
-        assert!(!Arc::ptr_eq(&first.plugins[&b], &second.plugins[&b]));
-        assert_eq!(second.plugins[&b]["metadata"]["labels"]["l"], "y");
+        assert!(first.plugins[&a].ptr_eq(&second.plugins[&a]));
+        assert!(!first.plugins[&b].ptr_eq(&second.plugins[&b]));
+        assert_eq!(second.plugins[&b].value()["metadata"]["labels"]["l"], "y");
         assert_eq!(second.meta[&a].resource_version, "4");
         // A relist returning the same objects shares them too.
         l.feed(Event::Init);
@@ -555,7 +555,7 @@ mod tests {
         let third = l.cur.snapshot.clone();
         assert_eq!(third, second);
         for k in [&a, &b] {
-            assert!(Arc::ptr_eq(&second.plugins[k], &third.plugins[k]));
+            assert!(second.plugins[k].ptr_eq(&third.plugins[k]));
             assert!(Arc::ptr_eq(&second.meta[k], &third.meta[k]));
         }
         assert!(changed_meta(&second, &third).is_empty());
@@ -580,10 +580,7 @@ mod tests {
             .map(|k| k.name.as_str())
             .collect();
         assert_eq!(names, ["a", "b", "c", "f"], "e is unchanged");
-        assert!(Arc::ptr_eq(
-            &before.plugins[&key("c")],
-            &after.plugins[&key("c")]
-        ));
+        assert!(before.plugins[&key("c")].ptr_eq(&after.plugins[&key("c")]));
     }
 
     #[test]

@@ -274,10 +274,14 @@ fn read_patch_kind(
         object["metadata"]["annotations"][super::PULL_TIMEOUT_ANNOTATION] =
             Value::String(format!("{}ms", t.as_millis().max(1)));
     }
+    let pull_timeout_annotation = object["metadata"]["annotations"][super::PULL_TIMEOUT_ANNOTATION]
+        .as_str()
+        .map(Box::from);
     let plugin = WasmPlugin {
         key: key.clone(),
-        object: std::sync::Arc::new(object),
+        object: super::Object::new(&object),
         spec,
+        pull_timeout_annotation,
         extension: Some(template),
     };
     Ok(PatchKind::Plugin(plugin))
@@ -370,8 +374,9 @@ fn remote_spec(
     // The WasmPlugin rules for what the spec took from the patch, on the patch's own paths.
     let probe = WasmPlugin {
         key: ObjectKey::new("", ""),
-        object: std::sync::Arc::new(Value::Null),
+        object: super::Object::new(&Value::Null),
         spec: spec.clone(),
+        pull_timeout_annotation: None,
         extension: None,
     };
     if let Some(e) = validate(&probe).into_iter().next() {

@@ -2,16 +2,17 @@
 //! `kubernetes.io/dockerconfigjson` `Secret` manifests (behavior.md §1), parsed from YAML or JSON
 //! (several documents per file) into typed structs.
 //!
-//! Parsing keeps the whole object as JSON next to the typed spec: the JSON is what resource versions
-//! compare (metadata edits are changes) and what merge patches apply to. Validation lives in
-//! [`validate`]; pull secrets in [`secret`].
+//! Parsing keeps the whole object as compact JSON text ([`Object`]) next to the typed spec: the
+//! JSON is what resource versions compare (metadata edits are changes) and what merge patches
+//! apply to. Validation lives in [`validate`]; pull secrets in [`secret`].
 //!
-//! Length: about 700 lines: the typed model, its parsing and the shared (`Arc`) object it keeps
+//! Length: about 730 lines: the typed model, its parsing and the shared ([`Object`]) text it keeps
 //! (with [`Mapping`], what the typed spec checks but leaves in it) are read together; the tests
 //! take about 115 of them.
 
 pub mod decode;
 pub mod envoyfilter;
+mod object;
 pub mod secret;
 pub mod validate;
 
@@ -23,6 +24,7 @@ use serde_json::Value;
 use thiserror::Error;
 
 pub use envoyfilter::EnvoyFilter;
+pub use object::{Head, Object};
 pub use secret::{Credentials, DockerConfig, PullSecret};
 pub use validate::{validate, FieldError};
 
@@ -83,8 +85,11 @@ pub struct WasmPlugin {
     pub key: ObjectKey,
     /// Shared with the source that decoded it (file source, Kubernetes snapshot): each plugin's
     /// JSON exists once however many holders it has.
-    pub object: std::sync::Arc<Value>,
+    pub object: Object,
     pub spec: WasmPluginSpec,
+    /// The [`PULL_TIMEOUT_ANNOTATION`] as written, when it is a string (read from the object
+    /// once, at parsing).
+    pub pull_timeout_annotation: Option<Box<str>>,
     /// Set for a plugin that stands for a remote-load extension config (an `EnvoyFilter`
     /// `EXTENSION_CONFIG` patch): its resource name and the filter config to preserve, of which
     /// only the code is replaced. `spec` is derived from it.
@@ -367,14 +372,25 @@ const SERVER_OWNED: [&str; 5] = [
 
 /// Parses one object (already decoded to JSON).
 pub fn parse_object(document: usize, value: Value) -> Result<Manifest, ParseError> {
-    parse_shared(document, std::sync::Arc::new(value))
+    parse_value(document, value, None)
 }
 
-/// [`parse_object`] on a shared object: a `WasmPlugin` keeps `value` itself as its object when
-/// it is already normalised (namespace given, no server-owned metadata), else a normalised copy.
+/// [`parse_object`] on an object's text and its decoded `value`: a `WasmPlugin` keeps `object`
+/// itself when it is already normalised (namespace given, no server-owned metadata), else the
+/// text of a normalised copy.
 pub fn parse_shared(
     document: usize,
-    mut value: std::sync::Arc<Value>,
+    value: Value,
+    object: &Object,
+) -> Result<Manifest, ParseError> {
+    parse_value(document, value, Some(object))
+}
+
+/// Parses `value`, whose text is `text` when the caller has it.
+fn parse_value(
+    document: usize,
+    mut value: Value,
+    mut text: Option<&Object>,
 ) -> Result<Manifest, ParseError> {
     let err = |object: Option<ObjectKey>, field: &str, message: String| ParseError {
         document,
@@ -397,7 +413,8 @@ pub fn parse_shared(
         Some(_) => return Err(err(None, "metadata", "must be a mapping".into())),
     };
     if !normalised {
-        if let Value::Object(obj) = std::sync::Arc::make_mut(&mut value) {
+        text = None;
+        if let Value::Object(obj) = &mut value {
             let meta = obj
                 .entry("metadata")
                 .or_insert_with(|| Value::Object(Default::default()));
@@ -463,11 +480,14 @@ pub fn parse_shared(
                     ),
                 ));
             }
-            let object = value.clone();
-            let spec_value = object
-                .get("spec")
-                .cloned()
-                .unwrap_or(Value::Object(Default::default()));
+            let object = text.cloned().unwrap_or_else(|| Object::new(&value));
+            let pull_timeout_annotation = value["metadata"]["annotations"][PULL_TIMEOUT_ANNOTATION]
+                .as_str()
+                .map(Box::from);
+            let spec_value = match value.as_object_mut().and_then(|o| o.remove("spec")) {
+                Some(spec) => spec,
+                None => Value::Object(Default::default()),
+            };
             let spec: WasmPluginSpec =
                 serde_path_to_error::deserialize(spec_value).map_err(|e| {
                     let path = e.path().to_string();
@@ -482,6 +502,7 @@ pub fn parse_shared(
                 key,
                 object,
                 spec,
+                pull_timeout_annotation,
                 extension: None,
             }))
         }
@@ -500,7 +521,7 @@ pub fn parse_shared(
                     ),
                 ));
             }
-            envoyfilter::parse(key.clone(), std::sync::Arc::unwrap_or_clone(value))
+            envoyfilter::parse(key.clone(), value)
                 .map(Manifest::EnvoyFilter)
                 .map_err(|(field, message)| err(Some(key), &field, message))
         }
@@ -559,8 +580,7 @@ impl WasmPlugin {
     /// The [`PULL_TIMEOUT_ANNOTATION`]: how long obtaining this plugin's module may take, if set
     /// (`None` also when it does not parse: validation refuses that).
     pub fn pull_timeout(&self) -> Option<std::time::Duration> {
-        let text = self.object["metadata"]["annotations"][PULL_TIMEOUT_ANNOTATION].as_str()?;
-        crate::config::go_duration(text).ok()
+        crate::config::go_duration(self.pull_timeout_annotation.as_deref()?).ok()
     }
 
     /// The parsed `spec.url`. A plugin standing for remote code without `http_uri` (an
@@ -572,11 +592,21 @@ impl WasmPlugin {
         crate::url::ModuleUrl::parse(&self.spec.url)
     }
 
-    /// `spec.pluginConfig`, read from the object (none for a plugin standing for an extension
-    /// config, whose configuration is the template's).
-    pub fn plugin_config(&self) -> Option<&serde_json::Map<String, Value>> {
+    /// `spec.pluginConfig`, decoded from the object (none for a plugin standing for an extension
+    /// config, whose configuration is the template's): read when the plugin's ECDS resource is
+    /// built, once per change.
+    pub fn plugin_config(&self) -> Option<serde_json::Map<String, Value>> {
         self.spec.plugin_config?;
-        self.object.get("spec")?.get("pluginConfig")?.as_object()
+        match self.object.value() {
+            Value::Object(mut o) => match o.remove("spec")? {
+                Value::Object(mut spec) => match spec.remove("pluginConfig")? {
+                    Value::Object(config) => Some(config),
+                    _ => None,
+                },
+                _ => None,
+            },
+            _ => None,
+        }
     }
 
     /// `config.name` of the Envoy filter: `<namespace>.<name>`.
@@ -657,7 +687,7 @@ spec: {url: "http://x/y.wasm", type: NETWORK, failStrategy: FAIL_OPEN}
         .unwrap();
         assert_eq!(p.spec.plugin_config, Some(Mapping));
         assert_eq!(
-            Value::Object(p.plugin_config().unwrap().clone()),
+            Value::Object(p.plugin_config().unwrap()),
             serde_json::json!({"k": [1, {"v": "w"}]})
         );
         let e = WasmPlugin::from_yaml(

@@ -39,9 +39,7 @@ pub fn validate(plugin: &WasmPlugin) -> Vec<FieldError> {
         })
     };
 
-    if let Some(t) =
-        plugin.object["metadata"]["annotations"][super::PULL_TIMEOUT_ANNOTATION].as_str()
-    {
+    if let Some(t) = plugin.pull_timeout_annotation.as_deref() {
         match crate::config::go_duration(t) {
             Ok(d) if !d.is_zero() => {}
             Ok(_) => push(

@@ -207,7 +207,7 @@ pub async fn start_with(
         driver,
         files: files::FileSource::new(setup.plugin_paths.clone()),
         shared: shared.clone(),
-        sources: sources::Sources::default(),
+        sources: sources::Sources::new(kube.is_none()),
         kube,
         generations: BTreeMap::new(),
         fatal: fatal_tx,

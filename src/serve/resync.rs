@@ -47,7 +47,7 @@ impl Controller {
         let mut merged = self.sources.merged();
         if let Some(link) = &mut self.proxy {
             let wanted = link.current();
-            let shared = |(k, v): (&ObjectKey, &Value)| (k.clone(), Arc::new(v.clone()));
+            let shared = |(k, v): (&ObjectKey, &Value)| (k.clone(), crate::plugin::Object::new(v));
             (merged.plugins).extend(wanted.plugins.iter().map(shared));
             (merged.secrets).extend(wanted.secrets.iter().map(shared));
         }

@@ -8,13 +8,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::Serialize;
-use serde_json::Value;
 
 use super::files::{ChangedKeys, Desired};
 use crate::driver::ObjectChanges;
 use crate::k8s::snapshot::{changed_keys, ObjectMap};
 use crate::k8s::Snapshot;
-use crate::plugin::ObjectKey;
+use crate::plugin::{Object, ObjectKey};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Origin {
@@ -30,9 +29,9 @@ const SECRET: &str = "Secret";
 /// The objects of both sources, merged.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Merged {
-    pub plugins: BTreeMap<ObjectKey, Arc<Value>>,
-    pub envoy_filters: BTreeMap<ObjectKey, Arc<Value>>,
-    pub secrets: BTreeMap<ObjectKey, Arc<Value>>,
+    pub plugins: BTreeMap<ObjectKey, Object>,
+    pub envoy_filters: BTreeMap<ObjectKey, Object>,
+    pub secrets: BTreeMap<ObjectKey, Object>,
 }
 
 /// A name defined by both sources.
@@ -48,20 +47,39 @@ pub struct Conflict {
 pub struct Sources {
     pub files: Desired,
     pub kube: Option<Arc<Snapshot>>,
+    /// No Kubernetes source (`serve` without `--source kubernetes`): no name can be defined by
+    /// both, so the files' objects are used as they are and no owner is recorded (an entry per
+    /// object saved).
+    files_only: bool,
     origins: BTreeMap<(&'static str, ObjectKey), Origin>,
     /// Conflicts of the last merge, by kind and key.
     pub conflicts: BTreeMap<(&'static str, ObjectKey), Conflict>,
 }
 
 impl Sources {
+    /// No objects yet; `files_only` when there is no Kubernetes source.
+    pub fn new(files_only: bool) -> Self {
+        Sources {
+            files_only,
+            ..Default::default()
+        }
+    }
+
     /// The merged plugins, EnvoyFilters and secrets.
     pub fn merged(&mut self) -> Merged {
         self.conflicts.clear();
+        if self.files_only && self.kube.is_none() {
+            return Merged {
+                plugins: self.files.plugins.clone(),
+                envoy_filters: self.files.envoy_filters.clone(),
+                secrets: self.files.secrets.clone(),
+            };
+        }
         let empty = ObjectMap::new();
         let kube = self.kube.clone();
         let k = kube.as_deref();
         let (origins, conflicts) = (&mut self.origins, &mut self.conflicts);
-        let mut merge = |kind, files, kube: Option<&ObjectMap<Arc<Value>>>| {
+        let mut merge = |kind, files, kube: Option<&ObjectMap<Object>>| {
             merge_kind(origins, conflicts, kind, files, kube.unwrap_or(&empty))
         };
         Merged {
@@ -99,6 +117,10 @@ impl Sources {
                     &mut out.secrets,
                 ),
             };
+            if self.files_only && kube.is_none() {
+                to.insert(key.clone(), files.get(key).cloned());
+                continue;
+            }
             let (origins, conflicts) = (&mut self.origins, &mut self.conflicts);
             let used = merge_key(
                 origins,
@@ -126,9 +148,9 @@ fn merge_kind(
     origins: &mut BTreeMap<(&'static str, ObjectKey), Origin>,
     conflicts: &mut BTreeMap<(&'static str, ObjectKey), Conflict>,
     kind: &'static str,
-    files: &BTreeMap<ObjectKey, Arc<Value>>,
-    kube: &ObjectMap<Arc<Value>>,
-) -> BTreeMap<ObjectKey, Arc<Value>> {
+    files: &BTreeMap<ObjectKey, Object>,
+    kube: &ObjectMap<Object>,
+) -> BTreeMap<ObjectKey, Object> {
     let mut out = BTreeMap::new();
     for k in files
         .keys()
@@ -150,9 +172,9 @@ fn merge_key<'a>(
     conflicts: &mut BTreeMap<(&'static str, ObjectKey), Conflict>,
     kind: &'static str,
     k: &ObjectKey,
-    files: Option<&'a Arc<Value>>,
-    kube: Option<&'a Arc<Value>>,
-) -> Option<&'a Arc<Value>> {
+    files: Option<&'a Object>,
+    kube: Option<&'a Object>,
+) -> Option<&'a Object> {
     let id = (kind, k.clone());
     conflicts.remove(&id);
     let (fv, v) = match (files, kube) {
@@ -212,8 +234,8 @@ mod tests {
         ObjectKey::new("default", n)
     }
 
-    fn obj(n: &str, url: &str) -> Arc<Value> {
-        Arc::new(json!({"kind": "WasmPlugin", "metadata": {"name": n}, "spec": {"url": url}}))
+    fn obj(n: &str, url: &str) -> Object {
+        Object::new(&json!({"kind": "WasmPlugin", "metadata": {"name": n}, "spec": {"url": url}}))
     }
 
     fn kube(plugins: &[(&str, &str)]) -> Option<Arc<Snapshot>> {
@@ -222,6 +244,27 @@ mod tests {
             s.plugins.insert(key(n), obj(n, u));
         }
         Some(Arc::new(s))
+    }
+
+    #[test]
+    fn files_only_the_files_objects_are_used_as_they_are_with_no_owner_recorded() {
+        let mut s = Sources::new(true);
+        s.files.plugins.insert(key("a"), obj("a", "file-a"));
+        s.files.plugins.insert(key("b"), obj("b", "file-b"));
+        let m = s.merged();
+        assert_eq!(m.plugins, s.files.plugins);
+        assert!(m.plugins[&key("a")].ptr_eq(&s.files.plugins[&key("a")]));
+        s.files.plugins.remove(&key("b"));
+        let changed = [(WASM_PLUGIN, key("a")), (WASM_PLUGIN, key("b"))].into();
+        let c = s.merge_changed(&changed);
+        assert_eq!(c.plugins[&key("a")], Some(obj("a", "file-a")));
+        assert_eq!(c.plugins[&key("b")], None);
+        assert!(s.origins.is_empty() && s.conflicts.is_empty());
+        // The same merge as with origins recorded.
+        let mut recorded = Sources::default();
+        recorded.files.plugins = s.files.plugins.clone();
+        assert_eq!(recorded.merged(), s.merged());
+        assert_eq!(recorded.origins.len(), 1);
     }
 
     #[test]
@@ -235,7 +278,7 @@ mod tests {
         // Kubernetes adds "a": the files keep it, the Kubernetes object is reported.
         s.kube = kube(&[("a", "kube-a"), ("b", "kube-b")]);
         let p = s.merged().plugins;
-        assert_eq!(p[&key("a")]["spec"]["url"], "file-a");
+        assert_eq!(p[&key("a")].value()["spec"]["url"], "file-a");
         assert!(s
             .kube_conflict(&key("a"))
             .unwrap()
@@ -243,7 +286,7 @@ mod tests {
         // Files add "b": Kubernetes keeps it; not a conflict of the Kubernetes object.
         s.files.plugins.insert(key("b"), obj("b", "file-b"));
         let p = s.merged().plugins;
-        assert_eq!(p[&key("b")]["spec"]["url"], "kube-b");
+        assert_eq!(p[&key("b")].value()["spec"]["url"], "kube-b");
         assert!(s.kube_conflict(&key("b")).is_none());
         assert_eq!(s.conflicts.len(), 2);
         // Both define a new "c" at once: neither.
@@ -255,17 +298,17 @@ mod tests {
         // The file goes: Kubernetes gets "c".
         s.files.plugins.remove(&key("c"));
         let p = s.merged().plugins;
-        assert_eq!(p[&key("c")]["spec"]["url"], "kube-c");
+        assert_eq!(p[&key("c")].value()["spec"]["url"], "kube-c");
         assert_eq!(s.conflicts.len(), 2);
         // An EnvoyFilter is a kind of its own: the WasmPlugin "a" of the files is no conflict.
         let mut snapshot = (**s.kube.as_ref().unwrap()).clone();
         snapshot
             .envoy_filters
-            .insert(key("a"), Arc::new(json!({"kind": "EnvoyFilter"})));
+            .insert(key("a"), Object::new(&json!({"kind": "EnvoyFilter"})));
         s.kube = Some(Arc::new(snapshot));
         let m = s.merged();
         assert_eq!(m.envoy_filters.len(), 1);
-        assert_eq!(m.plugins[&key("a")]["spec"]["url"], "file-a");
+        assert_eq!(m.plugins[&key("a")].value()["spec"]["url"], "file-a");
         assert_eq!(s.conflicts.len(), 2);
     }
 }

@@ -140,13 +140,13 @@ impl Harness {
     /// Makes the objects exactly these (as `serve` does after a rescan or a relist: WasmPlugins,
     /// EnvoyFilters, Secrets, each by key) and runs what that caused.
     pub fn sync(&mut self, plugins: &[Value], envoy_filters: &[Value], secrets: &[Value]) {
-        let by_key = |objects: &[Value]| -> BTreeMap<ObjectKey, std::sync::Arc<Value>> {
+        let by_key = |objects: &[Value]| -> BTreeMap<ObjectKey, wasm_ecds::plugin::Object> {
             (objects.iter())
                 .map(|o| {
                     let m = &o["metadata"];
                     let ns = m["namespace"].as_str().unwrap_or("default");
                     let key = ObjectKey::new(ns, m["name"].as_str().unwrap_or_default());
-                    (key, std::sync::Arc::new(o.clone()))
+                    (key, wasm_ecds::plugin::Object::new(o))
                 })
                 .collect()
         };

@@ -79,10 +79,13 @@ fn typed_struct_patch_is_a_plugin_under_its_own_name() {
     assert_eq!(p.extension.as_ref().unwrap().name, "istio.basic_auth");
     // The plugin's object is the EnvoyFilter reduced to its patch.
     assert_eq!(
-        p.object["spec"]["configPatches"].as_array().unwrap().len(),
+        p.object.value()["spec"]["configPatches"]
+            .as_array()
+            .unwrap()
+            .len(),
         1
     );
-    assert_eq!(p.object["metadata"]["name"], "ef");
+    assert_eq!(p.object.value()["metadata"]["name"], "ef");
 }
 
 #[test]

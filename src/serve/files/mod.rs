@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::cli::FileId;
-use crate::plugin::{self, ObjectKey};
+use crate::plugin::{self, Object, ObjectKey};
 
 mod watch;
 pub use watch::MAX_PENDING_PATHS;
@@ -26,11 +26,11 @@ pub struct FileError {
 /// The objects the files currently describe.
 #[derive(Clone, Debug, Default)]
 pub struct Desired {
-    /// WasmPlugins, EnvoyFilters and secrets by key, as decoded JSON (shared with the file
+    /// WasmPlugins, EnvoyFilters and secrets by key, as JSON text (shared with the file
     /// source's last good content and, once admitted, the object store).
-    pub plugins: BTreeMap<ObjectKey, Arc<Value>>,
-    pub envoy_filters: BTreeMap<ObjectKey, Arc<Value>>,
-    pub secrets: BTreeMap<ObjectKey, Arc<Value>>,
+    pub plugins: BTreeMap<ObjectKey, Object>,
+    pub envoy_filters: BTreeMap<ObjectKey, Object>,
+    pub secrets: BTreeMap<ObjectKey, Object>,
     pub errors: Vec<FileError>,
     /// Every directory read (to be watched).
     pub dirs: Vec<PathBuf>,
@@ -62,7 +62,7 @@ pub struct FileSource {
     walk_errors: Vec<FileError>,
     unreadable: Vec<PathBuf>,
     /// Each file's last good content: its objects with their document index.
-    last_good: BTreeMap<FileName, Vec<(usize, Arc<Value>)>>,
+    last_good: BTreeMap<FileName, Vec<(usize, Object)>>,
     read_errors: BTreeMap<PathBuf, FileError>,
     /// Who defines each object, in order (sorted; almost always one definition, so a vector,
     /// not a set with its node of eleven); the first wins.
@@ -380,7 +380,7 @@ impl FileSource {
     fn redefine(
         &mut self,
         file: &FileName,
-        old: Option<Vec<(usize, Arc<Value>)>>,
+        old: Option<Vec<(usize, Object)>>,
         affected: &mut ChangedKeys,
     ) {
         for (i, (_, v)) in old.iter().flatten().enumerate() {
@@ -405,7 +405,7 @@ impl FileSource {
     }
 
     /// The document index and object of a definition.
-    fn definition(&self, (file, i): &Definition) -> Option<&(usize, Arc<Value>)> {
+    fn definition(&self, (file, i): &Definition) -> Option<&(usize, Object)> {
         self.last_good.get(file)?.get(*i)
     }
 
@@ -510,21 +510,15 @@ fn log_file_error(e: &FileError) {
 }
 
 /// The kind an object is filed under (`WasmPlugin`, `EnvoyFilter` or `Secret`) and its key.
-fn kind_and_key(v: &Value) -> (&'static str, ObjectKey) {
-    let kind = match v.get("kind").and_then(Value::as_str) {
+fn kind_and_key(v: &Object) -> (&'static str, ObjectKey) {
+    let head = v.head();
+    let kind = match head.kind.as_deref() {
         Some("Secret") => "Secret",
         Some(plugin::envoyfilter::ENVOY_FILTER_KIND) => plugin::envoyfilter::ENVOY_FILTER_KIND,
         _ => "WasmPlugin",
     };
-    let meta = v.get("metadata");
-    let name = meta
-        .and_then(|m| m.get("name"))
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    let ns = meta
-        .and_then(|m| m.get("namespace"))
-        .and_then(Value::as_str)
-        .unwrap_or(plugin::DEFAULT_NAMESPACE);
+    let name = head.name.unwrap_or_default();
+    let ns = (head.namespace).unwrap_or_else(|| plugin::DEFAULT_NAMESPACE.to_string());
     (kind, ObjectKey::new(ns, name))
 }
 
@@ -578,25 +572,21 @@ impl Definitions {
 /// refuses that object (or that patch) alone.
 /// A plugin is kept as admission normalises it (namespace filled in), so that the store shares
 /// this object rather than holding a normalised copy.
-fn read_objects(file: &Path) -> Result<Vec<(usize, Arc<Value>)>, String> {
+fn read_objects(file: &Path) -> Result<Vec<(usize, Object)>, String> {
     let text = crate::cli::read_manifest(file, crate::cli::MAX_MANIFEST_BYTES)?;
     let docs = plugin::documents(&text);
     let mut out = Vec::with_capacity(docs.len());
     for doc in docs {
         let (i, v) = doc.map_err(|e| format!("document {}: {}", e.document + 1, e.message))?;
-        let v = Arc::new(v);
-        match plugin::parse_shared(i, v.clone()) {
+        let keep = matches!(
+            v.get("kind").and_then(Value::as_str),
+            Some("WasmPlugin" | plugin::envoyfilter::ENVOY_FILTER_KIND)
+        );
+        let object = Object::new(&v);
+        match plugin::parse_shared(i, v, &object) {
             Ok(plugin::Manifest::Plugin(p)) => out.push((i, p.object)),
-            Ok(_) => out.push((i, v)),
-            Err(e)
-                if e.object.is_some()
-                    && matches!(
-                        v.get("kind").and_then(Value::as_str),
-                        Some("WasmPlugin" | plugin::envoyfilter::ENVOY_FILTER_KIND)
-                    ) =>
-            {
-                out.push((i, v))
-            }
+            Ok(_) => out.push((i, object)),
+            Err(e) if e.object.is_some() && keep => out.push((i, object)),
             Err(e) => return Err(format!("document {}: {e}", i + 1)),
         }
     }

@@ -50,17 +50,18 @@ fn a_plugin_is_kept_normalised_and_shared_with_the_store() {
     let key = ObjectKey::new("default", "a");
     let read = d.plugins[&key].clone();
     assert_eq!(
-        read["metadata"]["namespace"], "default",
+        read.value()["metadata"]["namespace"],
+        "default",
         "normalised as admission does"
     );
     // Admission keeps the file source's object: one copy of the plugin's JSON.
     let mut store = crate::source::ObjectStore::new();
-    store.apply_shared(read.clone());
+    store.apply_shared(&read);
     let stored = &store.plugin(&key).unwrap().plugin.object;
-    assert!(Arc::ptr_eq(stored, &read), "the store shares the object");
+    assert!(stored.ptr_eq(&read), "the store shares the object");
     // A rescan that finds the file unchanged keeps that object.
     let again = files.scan();
-    assert!(Arc::ptr_eq(&again.plugins[&key], &read));
+    assert!(again.plugins[&key].ptr_eq(&read));
 }
 
 fn plugin(name: &str, url: &str) -> String {
@@ -177,7 +178,7 @@ fn a_directory_that_cannot_be_read_keeps_what_was_read_under_it() {
     // b is kept from before (it may still be there), c is new.
     assert_eq!(names(&d), ["default/a", "default/b", "default/c"]);
     assert_eq!(
-        d.plugins[&ObjectKey::new("default", "b")]["spec"]["url"],
+        d.plugins[&ObjectKey::new("default", "b")].value()["spec"]["url"],
         "r/b:v1"
     );
 }
@@ -229,11 +230,11 @@ fn a_second_definition_is_an_error_and_the_first_is_served() {
     let d = FileSource::new(vec![root.to_path_buf()]).scan();
     assert_eq!(names(&d), ["default/a", "default/b", "default/c"]);
     assert_eq!(
-        d.plugins[&ObjectKey::new("default", "a")]["spec"]["url"],
+        d.plugins[&ObjectKey::new("default", "a")].value()["spec"]["url"],
         "r/a:v1"
     );
     assert_eq!(
-        d.plugins[&ObjectKey::new("default", "c")]["spec"]["url"],
+        d.plugins[&ObjectKey::new("default", "c")].value()["spec"]["url"],
         "r/c:v1"
     );
     assert_eq!(d.envoy_filters.len(), 1);
@@ -320,7 +321,7 @@ fn an_edit_reads_only_the_edited_file() {
     assert_eq!(keys(&changed), ["WasmPlugin default/p07"]);
     assert_eq!(src.files_read(), 51, "only the edited file is read");
     assert_eq!(
-        d.plugins[&ObjectKey::new("default", "p07")]["spec"]["url"],
+        d.plugins[&ObjectKey::new("default", "p07")].value()["spec"]["url"],
         "r/a:v2"
     );
     assert_as_a_full_read(&src, &d);
@@ -353,7 +354,7 @@ fn a_bad_edit_keeps_the_last_good_content_and_says_so() {
     src.update(&mut d, &changes(std::slice::from_ref(&f)), &[]);
     assert!(d.errors.is_empty(), "{:?}", d.errors);
     assert_eq!(
-        d.plugins[&ObjectKey::new("default", "a")]["spec"]["url"],
+        d.plugins[&ObjectKey::new("default", "a")].value()["spec"]["url"],
         "r/a:v2"
     );
 }
@@ -369,7 +370,7 @@ fn an_edit_of_the_first_definition_hands_the_object_to_the_next() {
     let mut d = Desired::default();
     src.rescan(&mut d);
     let a = ObjectKey::new("default", "a");
-    assert_eq!(d.plugins[&a]["spec"]["url"], "r/a:v1");
+    assert_eq!(d.plugins[&a].value()["spec"]["url"], "r/a:v1");
     assert!(error_of(&d, &two).contains("already defined by"));
     // 1.yaml defines b instead: 2.yaml's a is used now, and is no error any more.
     std::fs::write(&one, plugin("b", "r/b:v1")).unwrap();
@@ -378,13 +379,13 @@ fn an_edit_of_the_first_definition_hands_the_object_to_the_next() {
         keys(&changed),
         ["WasmPlugin default/a", "WasmPlugin default/b"]
     );
-    assert_eq!(d.plugins[&a]["spec"]["url"], "r/a:v2");
+    assert_eq!(d.plugins[&a].value()["spec"]["url"], "r/a:v2");
     assert!(d.errors.is_empty(), "{:?}", d.errors);
     assert_as_a_full_read(&src, &d);
     // And back: 1.yaml's a wins again, 2.yaml's is ignored again.
     std::fs::write(&one, plugin("a", "r/a:v3")).unwrap();
     src.update(&mut d, &changes(std::slice::from_ref(&one)), &[]);
-    assert_eq!(d.plugins[&a]["spec"]["url"], "r/a:v3");
+    assert_eq!(d.plugins[&a].value()["spec"]["url"], "r/a:v3");
     assert_eq!(names(&d), ["default/a"]);
     assert!(error_of(&d, &two).contains("already defined by"));
     assert_as_a_full_read(&src, &d);
@@ -462,7 +463,7 @@ fn a_kubernetes_volume_swap_reads_the_files_it_replaced() {
     let changed = src.update(&mut d, &changes(&reported), &[]);
     assert_eq!(keys(&changed), ["WasmPlugin default/a"]);
     assert_eq!(
-        d.plugins[&ObjectKey::new("default", "a")]["spec"]["url"],
+        d.plugins[&ObjectKey::new("default", "a")].value()["spec"]["url"],
         "r/a:v2"
     );
     assert_eq!(

@@ -1,0 +1,175 @@
+//! [`Object`]: a manifest object as the sources and the object store keep it, its compact JSON
+//! text. A decoded `serde_json::Value` with its key order (an index map per JSON object, a
+//! `String` per key) costs about five times its text; at 50,000 plugins that was the largest
+//! part of the memory per plugin. What is read on every change (the typed spec, the resource
+//! version) is kept typed beside it; the rest is decoded when a change needs it (`pluginConfig`
+//! when an ECDS resource is built, the whole object for a merge patch).
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// The compact JSON text of an object, key order as written, shared by its holders (one `Arc`).
+///
+/// Equality is that of the decoded values (as for `serde_json::Value`: the order of keys does not
+/// matter), so re-writing an object with its keys in another order is no change; equal texts
+/// are compared without decoding.
+#[derive(Clone)]
+pub struct Object(Arc<str>);
+
+impl Object {
+    /// The compact text of `value`.
+    pub fn new(value: &Value) -> Self {
+        Object(
+            serde_json::to_string(value)
+                .expect("a JSON value serializes")
+                .into(),
+        )
+    }
+
+    /// The decoded object. The text was written from a value, so it decodes (with no nesting
+    /// limit: sources bound the nesting of what they decode).
+    pub fn value(&self) -> Value {
+        let mut de = serde_json::Deserializer::from_str(&self.0);
+        de.disable_recursion_limit();
+        Value::deserialize(&mut de).expect("an object's own text decodes")
+    }
+
+    /// The JSON text.
+    pub fn text(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether both are the one shared text.
+    pub fn ptr_eq(&self, other: &Object) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    /// `kind`, `metadata.name` and `metadata.namespace`, where they are strings, without decoding
+    /// the rest of the object.
+    pub fn head(&self) -> Head {
+        #[derive(Deserialize)]
+        struct Meta {
+            name: Option<Value>,
+            namespace: Option<Value>,
+        }
+        #[derive(Deserialize)]
+        struct Raw {
+            kind: Option<Value>,
+            metadata: Option<Value>,
+        }
+        let string = |v: Option<Value>| match v {
+            Some(Value::String(s)) => Some(s),
+            _ => None,
+        };
+        let mut de = serde_json::Deserializer::from_str(&self.0);
+        de.disable_recursion_limit();
+        let Ok(raw) = Raw::deserialize(&mut de) else {
+            return Head::default();
+        };
+        let meta = raw.metadata.and_then(|m| Meta::deserialize(m).ok());
+        let (name, namespace) = match meta {
+            Some(m) => (string(m.name), string(m.namespace)),
+            None => (None, None),
+        };
+        Head {
+            kind: string(raw.kind),
+            name,
+            namespace,
+        }
+    }
+}
+
+/// What [`Object::head`] reads.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Head {
+    pub kind: Option<String>,
+    pub name: Option<String>,
+    pub namespace: Option<String>,
+}
+
+impl PartialEq for Object {
+    fn eq(&self, other: &Self) -> bool {
+        self.ptr_eq(other) || self.0 == other.0 || self.value() == other.value()
+    }
+}
+
+impl PartialEq<Value> for Object {
+    fn eq(&self, other: &Value) -> bool {
+        self.value() == *other
+    }
+}
+
+impl From<&Value> for Object {
+    fn from(value: &Value) -> Self {
+        Object::new(value)
+    }
+}
+
+impl fmt::Debug for Object {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for Object {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn keeps_key_order_and_compares_like_values() {
+        let a = Object::new(&json!({"b": 1, "a": {"z": [1.5, "x"], "y": null}}));
+        assert_eq!(a.text(), r#"{"b":1,"a":{"z":[1.5,"x"],"y":null}}"#);
+        let reordered = Object::new(&json!({"a": {"y": null, "z": [1.5, "x"]}, "b": 1}));
+        assert_ne!(a.text(), reordered.text());
+        assert_eq!(a, reordered, "the order of keys is no difference");
+        assert_ne!(
+            a,
+            Object::new(&json!({"b": 1.0, "a": {"z": [1.5, "x"], "y": null}}))
+        );
+        assert_eq!(
+            a.value(),
+            json!({"b": 1, "a": {"z": [1.5, "x"], "y": null}})
+        );
+        assert_eq!(a, a.value());
+    }
+
+    #[test]
+    fn floats_and_deep_nesting_decode_as_they_were() {
+        let floats = json!([0.1, 1e300, -2.5e-300, 123456789.12345678, 3.0]);
+        assert_eq!(Object::new(&floats).value(), floats);
+        let mut deep = json!("leaf");
+        for _ in 0..500 {
+            deep = json!({ "a": deep });
+        }
+        assert_eq!(Object::new(&deep).value(), deep);
+    }
+
+    #[test]
+    fn head_reads_kind_and_names_only_where_they_are_strings() {
+        let o = Object::new(&json!({"spec": {"x": [1]}, "kind": "WasmPlugin",
+            "metadata": {"labels": {"a": "b"}, "name": "p", "namespace": "ns"}}));
+        assert_eq!(
+            o.head(),
+            Head {
+                kind: Some("WasmPlugin".into()),
+                name: Some("p".into()),
+                namespace: Some("ns".into())
+            }
+        );
+        let odd = Object::new(&json!({"kind": 5, "metadata": {"name": ["p"]}}));
+        assert_eq!(odd.head(), Head::default());
+        assert_eq!(Object::new(&json!({"metadata": 1})).head(), Head::default());
+        assert_eq!(Object::new(&json!([1])).head(), Head::default());
+    }
+}
