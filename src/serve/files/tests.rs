@@ -581,3 +581,36 @@ fn a_file_name_is_held_once_by_all_the_maps_across_edits_and_walks() {
     assert_names_shared(&src);
     assert_as_a_full_read(&src, &d);
 }
+
+#[test]
+fn an_edit_that_changes_no_error_leaves_the_error_list_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    for i in 0..20 {
+        std::fs::write(root.join(format!("bad{i:02}.yaml")), "a: [").unwrap();
+    }
+    let good = root.join("good.yaml");
+    std::fs::write(&good, plugin("good", "r/a:v1")).unwrap();
+    let mut src = FileSource::new(vec![root.to_path_buf()]);
+    let mut d = Desired::default();
+    src.rescan(&mut d);
+    assert_eq!(d.errors.len(), 20);
+    let (errors, dirs) = (d.errors.as_ptr(), d.dirs.as_ptr());
+    // The good file edited: its object changes, the lists are not written again.
+    std::fs::write(&good, plugin("good", "r/a:v2")).unwrap();
+    let changed = src.update(&mut d, &changes(std::slice::from_ref(&good)), &[]);
+    assert_eq!(keys(&changed), ["WasmPlugin default/good"]);
+    assert_eq!((d.errors.as_ptr(), d.dirs.as_ptr()), (errors, dirs));
+    assert_as_a_full_read(&src, &d);
+    // A bad file fixed, and the good one broken: both show.
+    std::fs::write(root.join("bad03.yaml"), plugin("fixed", "r/a:v1")).unwrap();
+    std::fs::write(&good, "a: [").unwrap();
+    let paths = [root.join("bad03.yaml"), good.clone()];
+    src.update(&mut d, &changes(&paths), &[]);
+    assert_eq!(d.errors.len(), 20);
+    assert!(d.errors.iter().any(|e| e.file.ends_with("good.yaml")));
+    assert!(!d.errors.iter().any(|e| e.file.ends_with("bad03.yaml")));
+    // The broken file's last good content stays served.
+    let good = &d.plugins[&ObjectKey::new("default", "good")];
+    assert_eq!(good.value()["spec"]["url"], "r/a:v2");
+}
