@@ -10,6 +10,10 @@
 //! it: the gRPC header and the stream's own fields, and the resources' encodings shared with the
 //! store, which HTTP/2 writes and lets go of.
 //!
+//! The sending end of that channel is the stream task's (`server.rs`), which ends when the body
+//! is gone or the server shuts down: [`Ends`] waits for both without locking their lists of
+//! waiters on every push and ACK.
+//!
 //! Compressed requests are refused with `UNIMPLEMENTED`, as tonic refuses them when no compression
 //! is enabled; responses are never compressed.
 
@@ -30,6 +34,7 @@ use super::encode::Chunks;
 use super::server::{Responses, StreamProtocol, XdsServer};
 use super::sotw::SotwStream;
 use super::store::Api;
+use tokio::sync::{mpsc, watch};
 
 type HttpResponse = http::Response<tonic::body::Body>;
 type HttpFuture = Pin<Box<dyn Future<Output = Result<HttpResponse, Infallible>> + Send>>;
@@ -238,6 +243,82 @@ impl hyper::body::Body for ResponseBody {
     }
 }
 
+/// Why a stream ends from outside its own requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum End {
+    Shutdown,
+    /// The response body is gone (the transport dropped the HTTP/2 stream).
+    Dropped,
+}
+
+impl End {
+    pub(super) fn log(self, span: &tracing::Span) {
+        match self {
+            End::Shutdown => tracing::debug!(parent: span, "closing stream: server shutting down"),
+            End::Dropped => tracing::debug!(parent: span, "response stream dropped"),
+        }
+    }
+}
+
+/// Whether the server shuts down (its sender gone counts: the server stopped) or the response
+/// body is gone: one atomic load each, no lock.
+pub(super) fn ended<T>(
+    closing: &Option<watch::Receiver<bool>>,
+    tx: &mpsc::Sender<T>,
+) -> Option<End> {
+    if closing
+        .as_ref()
+        .is_some_and(|rx| rx.has_changed().unwrap_or(true))
+    {
+        return Some(End::Shutdown);
+    }
+    tx.is_closed().then_some(End::Dropped)
+}
+
+/// The futures waiting for a stream's [`End`]s, polled once only: that first poll leaves the
+/// task's waker in the shutdown channel's list of waiters and in the response channel's, and
+/// either wakes the task when it ends; later polls read the states instead
+/// ([`ended`]), without locking those lists again. (The task is always polled with its own
+/// waker: the one left there stays the one to wake.)
+pub(super) struct Ends<S, D> {
+    pub(super) shutdown: S,
+    pub(super) dropped: D,
+    pub(super) registered: bool,
+}
+
+impl<S: Future + Unpin, D: Future + Unpin> Ends<S, D> {
+    pub(super) fn poll<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        closing: &Option<watch::Receiver<bool>>,
+        tx: &mpsc::Sender<T>,
+    ) -> std::task::Poll<End> {
+        use std::pin::Pin;
+        use std::task::Poll;
+        if !self.registered {
+            self.registered = true;
+            if Pin::new(&mut self.shutdown).poll(cx).is_ready() {
+                return Poll::Ready(End::Shutdown);
+            }
+            if Pin::new(&mut self.dropped).poll(cx).is_ready() {
+                return Poll::Ready(End::Dropped);
+            }
+        }
+        ended(closing, tx).map_or(Poll::Pending, Poll::Ready)
+    }
+}
+
+/// Completes when the server shuts down; never for a server without shutdown.
+pub(super) async fn closed(closing: &mut Option<watch::Receiver<bool>>) {
+    match closing {
+        // An error means the sender is gone: the server stopped.
+        Some(rx) => {
+            let _ = rx.wait_for(|closing| *closing).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,5 +352,50 @@ mod tests {
         drop(tx);
         let collected = ResponseBody::new(rx).collect().await.unwrap();
         assert_eq!(collected.trailers().expect("trailers")["grpc-status"], "0");
+    }
+
+    /// A task waiting on [`Ends`] once registered is woken by either end, and reads which one.
+    #[tokio::test]
+    async fn ends_wake_the_task_that_polled_them_once() {
+        for end in [End::Dropped, End::Shutdown] {
+            let (tx, rx) = mpsc::channel::<()>(1);
+            let (closing_tx, closing_rx) = watch::channel(false);
+            let (polled_tx, polled_rx) = tokio::sync::oneshot::channel();
+            let task = tokio::spawn(async move {
+                let mut closing = Some(closing_rx);
+                let seen = closing.clone();
+                let shutdown = closed(&mut closing);
+                let dropped = tx.closed();
+                tokio::pin!(shutdown, dropped);
+                let mut ends = Ends {
+                    shutdown,
+                    dropped,
+                    registered: false,
+                };
+                let mut polled_tx = Some(polled_tx);
+                let mut polls = 0;
+                let got = std::future::poll_fn(|cx| {
+                    polls += 1;
+                    let poll = ends.poll(cx, &seen, &tx);
+                    if let Some(polled) = polled_tx.take() {
+                        let _ = polled.send(());
+                    }
+                    poll
+                })
+                .await;
+                (got, polls, ends.registered)
+            });
+            polled_rx.await.expect("polled once");
+            match end {
+                End::Dropped => drop(rx),
+                End::Shutdown => {
+                    closing_tx.send(true).unwrap();
+                }
+            }
+            let (got, polls, registered) = task.await.unwrap();
+            assert_eq!(got, end);
+            assert!(registered);
+            assert_eq!(polls, 2, "woken once, by the end");
+        }
     }
 }

@@ -37,7 +37,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::admin::{self, EventHub};
 use super::delta::DeltaStream;
 use super::encode::{encode, Encoded};
-use super::grpc::{AdsService, EcdsService};
+use super::grpc::{closed, ended, AdsService, EcdsService, Ends};
 use super::limits::{self, AbortHandle, AbortLayer, Grant, LogGate, SendBudget, StreamLimits};
 use super::sotw::{fetch_response, SotwStream};
 use super::store::{Api, Protocol, ResourceStore, StreamEvent, StreamEventKind, StreamId};
@@ -387,17 +387,6 @@ struct StreamTask<P> {
     span: tracing::Span,
 }
 
-/// Completes when the server shuts down; never for a server without shutdown.
-async fn closed(closing: &mut Option<watch::Receiver<bool>>) {
-    match closing {
-        // An error means the sender is gone: the server stopped.
-        Some(rx) => {
-            let _ = rx.wait_for(|closing| *closing).await;
-        }
-        None => std::future::pending().await,
-    }
-}
-
 impl<P: StreamProtocol> StreamTask<P> {
     async fn run(
         mut self,
@@ -408,16 +397,15 @@ impl<P: StreamProtocol> StreamTask<P> {
         let mut released = self.budget.watch_released();
         tracing::debug!(parent: &self.span, "stream opened");
         let mut node_recorded = false;
-        // Made once per stream, not once per turn of the loop: every stream waits on the one
+        // The two ends that come from outside, the server's shutdown and the response body gone,
+        // are waited for by futures made once per stream: every stream waits on the one
         // shutdown channel, and a future made anew each turn would join and leave its list of
-        // waiters (under that list's lock) on every push and every ACK.
+        // waiters (under that list's lock) on every push and every ACK. They are polled once
+        // only ([`Ends`]), which leaves the task's waker in both lists; after that, the task
+        // reads both states (one atomic load each, no lock) every turn and whenever it is about
+        // to sleep, so that a proxy sending requests without pause does not keep the stream from
+        // noticing them either.
         let mut closing = self.closing.take();
-        // Each poll of a future waiting in a list of waiters locks that list (the shutdown
-        // channel's is shared by every stream), and a random select polls the waiting ones
-        // before the ready one at random: the select below is biased, the stream's own work
-        // first, so that these two are polled only when the task is about to sleep. So that a
-        // proxy sending requests without pause does not keep the stream from noticing them,
-        // every turn also reads both states (one atomic load each, no lock).
         let closing_seen = closing.clone();
         let shutdown = closed(&mut closing);
         let dropped = tx.closed();
@@ -429,18 +417,19 @@ impl<P: StreamProtocol> StreamTask<P> {
         let timer = tokio::time::sleep_until(ack_deadline);
         let mut timer_armed = false;
         tokio::pin!(shutdown, dropped, timer);
+        let mut ends = Ends {
+            shutdown,
+            dropped,
+            registered: false,
+        };
         // What the last step left: a response awaiting its ACK, a push waiting for the send
         // budget. Only this task changes the state, so these are read where it changes it, under
         // the one lock each step takes, and not locked for again at the top of every turn.
         let (mut awaiting, mut deferred) = (false, false);
         loop {
             // The sender gone (`Err`) means the server stopped.
-            if (closing_seen.as_ref()).is_some_and(|rx| rx.has_changed().unwrap_or(true)) {
-                tracing::debug!(parent: &self.span, "closing stream: server shutting down");
-                break;
-            }
-            if tx.is_closed() {
-                tracing::debug!(parent: &self.span, "response stream dropped");
+            if let Some(end) = ended(&closing_seen, &tx) {
+                end.log(&self.span);
                 break;
             }
             let step = tokio::select! {
@@ -511,12 +500,8 @@ impl<P: StreamProtocol> StreamTask<P> {
                     self.end_with(&tx, refusal);
                     break;
                 }
-                _ = &mut shutdown => {
-                    tracing::debug!(parent: &self.span, "closing stream: server shutting down");
-                    break;
-                }
-                _ = &mut dropped => {
-                    tracing::debug!(parent: &self.span, "response stream dropped");
+                end = std::future::poll_fn(|cx| ends.poll(cx, &closing_seen, &tx)) => {
+                    end.log(&self.span);
                     break;
                 }
             };

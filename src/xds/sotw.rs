@@ -46,6 +46,12 @@ use super::ECDS_TYPE_URL;
 pub(crate) struct SotwStream {
     core: StreamCore,
     last_nonce: Option<Nonce>,
+    /// The store revision at which the proxy was last known to hold (or to be sent) every
+    /// subscribed resource: while the store stays there ([`ResourceStore::revision_now`]) and
+    /// the subscription does not change, a lookup would find nothing to send, and is not made.
+    /// Every ACK would otherwise look the subscription up again under the store's shared lock
+    /// and take and drop a reference to each entry, which every stream shares.
+    synced: Option<u64>,
 }
 
 impl SotwStream {
@@ -53,6 +59,7 @@ impl SotwStream {
         SotwStream {
             core: StreamCore::new(id, api, Protocol::Sotw),
             last_nonce: None,
+            synced: None,
         }
     }
 
@@ -132,6 +139,7 @@ impl SotwStream {
         let names: BTreeSet<String> = names.into_iter().collect();
         if names != self.core.subscribed {
             tracing::debug!(parent: &self.core.span, subscribed = ?names, "subscription changed");
+            self.synced = None;
             self.core.subscribed = names;
             self.core.forget_unsubscribed();
         }
@@ -151,12 +159,16 @@ impl SotwStream {
         if self.core.outstanding.is_some() {
             return false;
         }
-        let current = self.core.lookup_subscribed(store);
+        if self.synced.is_some_and(|r| r == store.revision_now()) {
+            return false;
+        }
+        let (current, revision) = self.core.lookup_subscribed_at(store);
         if current
             .iter()
             .all(|e| self.core.held.get(&*e.name).is_some_and(|h| h.is(e.id())))
         {
             self.core.give_back(current);
+            self.synced = Some(revision);
             return false;
         }
         if !self
@@ -164,10 +176,12 @@ impl SotwStream {
             .admit(current.iter().map(|e| e.config().len()).sum(), store)
         {
             self.core.give_back(current);
+            self.synced = None;
             return false;
         }
         let nonce = self.core.next_nonce();
         self.core.hold(&current);
+        self.synced = Some(revision);
         let response = Outstanding::sotw(nonce, current);
         tracing::debug!(parent: &self.core.span, version = %response.version(), nonce = %nonce, resources = response.entries.len(), "push");
         store.count_push();
@@ -309,6 +323,52 @@ mod tests {
             store.version_of("a").as_ref()
         );
         assert_eq!(store.stats().acks, 2);
+    }
+
+    /// An ACK while the store stays where the response was looked up makes no lookup; a change
+    /// (of any resource) or a new subscription makes one, and pushes what is new.
+    #[test]
+    fn an_ack_looks_the_store_up_only_when_something_changed() {
+        let store = ResourceStore::new();
+        store.set("a", config("1"));
+        store.set("b", config("1"));
+        let mut s = stream();
+        let r1 = s.req(request(&["a"], "", ""), &store).unwrap();
+        let before = store.lookups();
+        assert!(s.req(ack(&["a"], &r1), &store).is_none());
+        assert!(s.change(&store).is_none(), "a wake with nothing new");
+        assert_eq!(store.lookups(), before, "nothing changed: no lookup");
+
+        store.set("other", config("x"));
+        assert!(
+            s.change(&store).is_none(),
+            "an unsubscribed change sends nothing"
+        );
+        assert_eq!(store.lookups(), before + 1);
+        assert!(s.change(&store).is_none());
+        assert_eq!(
+            store.lookups(),
+            before + 1,
+            "synced again at the new revision"
+        );
+
+        // A new subscription at the same revision is looked up and sent.
+        let r2 = s.req(ack(&["a", "b"], &r1), &store).expect("b is new");
+        assert_eq!(r2.resources.len(), 2);
+        assert!(s.req(ack(&["a", "b"], &r2), &store).is_none());
+        store.set("b", config("2"));
+        let r3 = s.change(&store).expect("b changed");
+        // Changed while the response awaited its ACK: the ACK sends the latest.
+        store.set("a", config("2"));
+        assert!(
+            s.change(&store).is_none(),
+            "one response outstanding at a time"
+        );
+        let r4 = s.req(ack(&["a", "b"], &r3), &store).expect("a changed");
+        assert_eq!(
+            r4.version_info,
+            set_version(&store.lookup(&["a".into(), "b".into()]))
+        );
     }
 
     #[test]

@@ -160,6 +160,13 @@ struct State {
 
 struct Inner {
     state: RwLock<State>,
+    /// [`State::revision`], written under the write lock: read without the lock by a stream
+    /// asking whether anything changed since its last lookup ([`ResourceStore::revision_now`]).
+    /// On a line of its own, away from the lock's word, which every reader writes.
+    revision: Padded<AtomicU64>,
+    /// Lookups made ([`ResourceStore::lookup_into`]), for tests counting the work a step did.
+    #[cfg(test)]
+    lookups: AtomicU64,
     revisions: watch::Sender<u64>,
     events: broadcast::Sender<StreamEvent>,
     /// How many [`EventReceiver`]s of `events` live.
@@ -168,6 +175,11 @@ struct Inner {
     streams: Mutex<BTreeMap<StreamId, Arc<dyn StreamView>>>,
     next_stream: AtomicU64,
 }
+
+/// A value alone on its cache line (two, against the adjacent-line prefetcher).
+#[repr(align(128))]
+#[derive(Default)]
+struct Padded<T>(T);
 
 /// The ECDS resources served to every stream; a cheaply cloneable, thread-safe handle (module docs).
 #[derive(Clone)]
@@ -242,6 +254,9 @@ impl ResourceStore {
         ResourceStore {
             inner: Arc::new(Inner {
                 state: RwLock::new(State::default()),
+                revision: Padded::default(),
+                #[cfg(test)]
+                lookups: AtomicU64::new(0),
                 revisions,
                 events,
                 listeners: Arc::new(AtomicUsize::new(0)),
@@ -302,7 +317,7 @@ impl ResourceStore {
         let version = Self::insert(&mut state, prepared);
         if version.is_some() {
             // Sent under the lock so that the watched revision never goes backwards.
-            self.inner.revisions.send_replace(state.revision);
+            self.publish(state.revision);
             self.count_resources(&state);
         }
         version
@@ -331,10 +346,18 @@ impl ResourceStore {
             .filter_map(|p| Self::insert(&mut state, p))
             .count();
         if changed > 0 {
-            self.inner.revisions.send_replace(state.revision);
+            self.publish(state.revision);
             self.count_resources(&state);
         }
         changed
+    }
+
+    /// Tells the streams that the store is at `revision` (under the write lock): first the atomic
+    /// [`revision_now`](Self::revision_now) reads, then the watch that wakes them, so that a
+    /// stream that saw the watch move reads the new revision there.
+    fn publish(&self, revision: u64) {
+        self.inner.revision.0.store(revision, Ordering::SeqCst);
+        self.inner.revisions.send_replace(revision);
     }
 
     /// Stores `p` unless identical bytes got there since `prepare` looked.
@@ -377,7 +400,7 @@ impl ResourceStore {
             return false;
         }
         state.revision += 1;
-        self.inner.revisions.send_replace(state.revision);
+        self.publish(state.revision);
         self.count_resources(&state);
         true
     }
@@ -505,23 +528,41 @@ impl ResourceStore {
 
     /// [`lookup`](Self::lookup) into `found` (cleared first), whose allocation a stream reuses
     /// from push to push. Names already sorted (a stream's subscription) are not sorted again.
+    /// Returns the revision the store was at: until [`revision_now`](Self::revision_now) moves
+    /// past it, the same lookup finds the same entries.
     pub(crate) fn lookup_into<'a>(
         &self,
         names: impl IntoIterator<Item = &'a String>,
         found: &mut Vec<Arc<Entry>>,
-    ) {
+    ) -> u64 {
         found.clear();
+        #[cfg(test)]
+        self.inner.lookups.fetch_add(1, Ordering::Relaxed);
         let state = self.read();
         found.extend(
             names
                 .into_iter()
                 .filter_map(|n| state.resources.get(n.as_str()).cloned()),
         );
+        let revision = state.revision;
         drop(state);
         if !found.is_sorted_by(|a, b| a.name <= b.name) {
             found.sort_unstable_by(|a, b| a.name.cmp(&b.name));
         }
         found.dedup_by(|a, b| a.name == b.name);
+        revision
+    }
+
+    /// How many lookups were made so far (tests).
+    #[cfg(test)]
+    pub(crate) fn lookups(&self) -> u64 {
+        self.inner.lookups.load(Ordering::Relaxed)
+    }
+
+    /// The store's revision, read without its lock (one atomic load of a line that only changes
+    /// write): what [`lookup_into`](Self::lookup_into) returned as long as nothing changed.
+    pub(crate) fn revision_now(&self) -> u64 {
+        self.inner.revision.0.load(Ordering::SeqCst)
     }
 
     #[cfg(test)]

@@ -311,9 +311,15 @@ impl StreamCore {
     /// ([`Self::scratch`]); give the list back with [`Self::give_back`] when no response takes
     /// it.
     pub(crate) fn lookup_subscribed(&mut self, store: &ResourceStore) -> Vec<Arc<Entry>> {
+        self.lookup_subscribed_at(store).0
+    }
+
+    /// [`Self::lookup_subscribed`], and the store revision it read at
+    /// ([`ResourceStore::lookup_into`]).
+    pub(crate) fn lookup_subscribed_at(&mut self, store: &ResourceStore) -> (Vec<Arc<Entry>>, u64) {
         let mut found = std::mem::take(&mut self.scratch);
-        store.lookup_into(&self.subscribed, &mut found);
-        found
+        let revision = store.lookup_into(&self.subscribed, &mut found);
+        (found, revision)
     }
 
     /// Keeps `list` (emptied) for the next lookup.
