@@ -30,8 +30,8 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse,
 };
+use futures_util::StreamExt as _;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::StreamExt as _;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::admin::{self, EventHub};
@@ -426,6 +426,12 @@ impl<P: StreamProtocol> StreamTask<P> {
         // budget. Only this task changes the state, so these are read where it changes it, under
         // the one lock each step takes, and not locked for again at the top of every turn.
         let (mut awaiting, mut deferred) = (false, false);
+        // Set when the requests were polled empty in this very poll of the task (another branch
+        // won the biased select below, which polls them first): the next select skips them once
+        // (their waker, the task's own, stays registered in the transport), instead of taking
+        // the connection's lock to find them still empty right after a push. A select that
+        // sleeps polls them again on its next wake.
+        let mut requests_idle = false;
         loop {
             // The sender gone (`Err`) means the server stopped.
             if let Some(end) = ended(&closing_seen, &tx) {
@@ -434,7 +440,12 @@ impl<P: StreamProtocol> StreamTask<P> {
             }
             let step = tokio::select! {
                 biased;
-                req = requests.next() => match req {
+                req = std::future::poll_fn(|cx| {
+                    if std::mem::take(&mut requests_idle) {
+                        return std::task::Poll::Pending;
+                    }
+                    requests.poll_next_unpin(cx)
+                }) => match req {
                     Some(Ok(req)) => {
                         // Marked seen before the state machine reads the store and the budget: a
                         // change or a release after this point wakes us again, so none is lost.
@@ -461,7 +472,10 @@ impl<P: StreamProtocol> StreamTask<P> {
                                 tracing::info!(parent: &self.span, node, suppressed, "proxy connected");
                             }
                         }
-                        settle(&mut *state, pushed, &mut self.grant, self.max_message_size)
+                        Step {
+                            request: true,
+                            ..settle(&mut *state, pushed, &mut self.grant, self.max_message_size)
+                        }
                     }
                     Some(Err(status)) => {
                         match limits::request_too_large(&status) {
@@ -506,6 +520,7 @@ impl<P: StreamProtocol> StreamTask<P> {
                 }
             };
             (awaiting, deferred) = (step.awaiting, step.deferred);
+            requests_idle = !step.request;
             match step.reply {
                 None => {}
                 Some(Err(status)) => {
@@ -514,7 +529,16 @@ impl<P: StreamProtocol> StreamTask<P> {
                     break;
                 }
                 Some(Ok(message)) => {
-                    if tx.send(Ok(message)).await.is_err() {
+                    let sent = match tx.try_send(Ok(message)) {
+                        Ok(()) => Ok(()),
+                        Err(mpsc::error::TrySendError::Full(message)) => {
+                            // The task may sleep here: the requests are polled again after.
+                            requests_idle = false;
+                            tx.send(message).await.map_err(drop)
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+                    };
+                    if sent.is_err() {
                         tracing::debug!(parent: &self.span, "response stream dropped");
                         break;
                     }
@@ -592,6 +616,8 @@ impl<P: StreamProtocol> StreamTask<P> {
 
 /// What one step of a stream's state machine left, read under the lock it took.
 struct Step {
+    /// The step handled a request (else the requests were found empty before it).
+    request: bool,
     /// A response awaits its ACK or NACK.
     awaiting: bool,
     /// A push waits for the send budget.
@@ -624,6 +650,7 @@ fn settle<P: StreamProtocol>(
         None
     };
     Step {
+        request: false,
         awaiting: state.core().awaiting_ack(),
         deferred: state.core().deferred,
         reply,
