@@ -195,17 +195,20 @@ impl ObjectStore {
 
     /// Admits one plugin. `name_field` is where its resource name comes from, for a conflict.
     fn apply_plugin(&mut self, p: WasmPlugin, name_field: &str) -> Change {
-        // An EnvoyFilter patch's plugin was validated on the patch's own paths when it was parsed.
-        let problem = match p.extension {
-            Some(_) => None,
-            None => plugin::validate(&p).into_iter().next(),
-        };
         let current = self.plugins.get(&p.key);
-        // The stored plugin's parsed url, shared, when `spec.url` did not change.
+        // The stored plugin's parsed url, shared (and not checked again), when `spec.url` did not
+        // change.
         let same_url = current.filter(|cur| {
             cur.plugin.spec.url == p.spec.url
                 && cur.plugin.extension.is_some() == p.extension.is_some()
         });
+        // An EnvoyFilter patch's plugin was validated on the patch's own paths when it was parsed.
+        let problem = match p.extension {
+            Some(_) => None,
+            None => plugin::validate::validate_spec(&p, same_url.is_none())
+                .into_iter()
+                .next(),
+        };
         let url = match (problem, same_url) {
             (Some(problem), _) => Err(problem),
             (None, Some(cur)) => Ok(cur.url.clone()),

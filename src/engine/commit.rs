@@ -49,7 +49,7 @@ impl Engine {
         // A download shared with another plugin's identical job counts once as a remote fetch.
         let shared = matches!(result, Ok(Obtained::Shared(_)));
         let mut validators = None;
-        let obtained = result.and_then(|o| self.store_obtained(&key, o, &mut validators));
+        let obtained = result.and_then(|o| self.store_obtained(&key, o, now, &mut validators));
         let (outcome, detail) = match obtained {
             Ok((outcome, served)) => {
                 if remote {
@@ -109,9 +109,9 @@ impl Engine {
         &mut self,
         plugin: &ObjectKey,
         obtained: Obtained,
+        now: Timestamp,
         new_validators: &mut Option<Option<Validators>>,
     ) -> Result<(Outcome, Arc<ServedModule>), Failure> {
-        let now = self.now();
         match obtained {
             Obtained::Fetched {
                 key,
