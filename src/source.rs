@@ -11,6 +11,8 @@
 //!
 //! `serve` feeds it from watched files, `sim` from scenario steps; both hand its changes to the
 //! [`Engine`](crate::engine::Engine).
+//!
+//! Length: about 620 lines, some 230 of them tests.
 
 use std::collections::{BTreeMap, BTreeSet};
 

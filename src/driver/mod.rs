@@ -15,8 +15,8 @@
 //! retries, purge passes, the index save — runs whenever its time comes, whoever is waiting, and
 //! is never part of a ticket (docs/scenarios.md "Time").
 //!
-//! Length: about 650 lines: the loop, publishing and the module index all read the engine, the
-//! dispatcher and the resource store it owns.
+//! Length: about 700 lines: the loop, publishing (with the record of what each resource was built
+//! from) and the module index all read the engine, the dispatcher and the resource store it owns.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
