@@ -473,6 +473,19 @@ pub fn resource_for(
     Ok(filter.map(|f| extension_config(plugin, f)))
 }
 
+/// Whether [`resource_for`] builds the same resource for `a` as for `b` under one serving state:
+/// the same key, spec and extension template (metadata is not part of a resource). A plugin with a
+/// `pluginConfig` is not compared (its content is in the object): `false`, built again.
+pub fn same_resource_inputs(a: &WasmPlugin, b: &WasmPlugin) -> bool {
+    let same_template = match (&a.extension, &b.extension) {
+        (None, None) => true,
+        (Some(x), Some(y)) => std::sync::Arc::ptr_eq(x, y) || x == y,
+        _ => false,
+    };
+    std::ptr::eq(a, b)
+        || (a.spec.plugin_config.is_none() && same_template && a.key == b.key && a.spec == b.spec)
+}
+
 /// What a serving state puts in a resource: the module's code as `delivery` says, or a fallback;
 /// `None` when there is nothing to serve yet.
 pub fn filter_for(

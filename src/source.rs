@@ -11,6 +11,8 @@
 //!
 //! `serve` feeds it from watched files, `sim` from scenario steps; both hand its changes to the
 //! [`Engine`](crate::engine::Engine).
+//!
+//! Length: about 620 lines, some 230 of them tests.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -152,6 +154,13 @@ impl ObjectStore {
         self.admit(is_plugin, plugin::parse_shared(0, value, object))
     }
 
+    /// [`apply_shared`](Self::apply_shared) when the caller holds the value `object` was written
+    /// from: nothing is decoded again.
+    pub fn apply_decoded(&mut self, object: &Object, value: &Value) -> Change {
+        let is_plugin = value.get("kind").and_then(Value::as_str) == Some("WasmPlugin");
+        self.admit(is_plugin, plugin::parse_shared_ref(0, value, object))
+    }
+
     fn admit(&mut self, is_plugin: bool, parsed: Result<Manifest, plugin::ParseError>) -> Change {
         match parsed {
             Ok(m) => self.apply(m),
@@ -188,20 +197,31 @@ impl ObjectStore {
 
     /// Admits one plugin. `name_field` is where its resource name comes from, for a conflict.
     fn apply_plugin(&mut self, p: WasmPlugin, name_field: &str) -> Change {
+        let current = self.plugins.get(&p.key);
+        // The stored plugin's parsed url, shared (and not checked again), when `spec.url` did not
+        // change.
+        let same_url = current.filter(|cur| {
+            cur.plugin.spec.url == p.spec.url
+                && cur.plugin.extension.is_some() == p.extension.is_some()
+        });
         // An EnvoyFilter patch's plugin was validated on the patch's own paths when it was parsed.
         let problem = match p.extension {
             Some(_) => None,
-            None => plugin::validate(&p).into_iter().next(),
+            None => plugin::validate::validate_spec(&p, same_url.is_none())
+                .into_iter()
+                .next(),
         };
-        let url = problem.map_or_else(
-            || {
-                p.module_url().map_err(|e| FieldError {
+        let url = match (problem, same_url) {
+            (Some(problem), _) => Err(problem),
+            (None, Some(cur)) => Ok(cur.url.clone()),
+            (None, None) => p
+                .module_url()
+                .map(std::sync::Arc::new)
+                .map_err(|e| FieldError {
                     field: "spec.url".into(),
                     message: e.to_string(),
-                })
-            },
-            Err,
-        );
+                }),
+        };
         let url = match url {
             Ok(url) => url,
             Err(error) => {
@@ -213,43 +233,49 @@ impl ObjectStore {
             }
         };
         let key = p.key.clone();
-        let resource = p.resource_name();
-        match self.resource_owner(&resource) {
-            Some(owner) if *owner != key => {
-                let message = format!(
-                    "ECDS resource {resource:?} is already served by {} {owner}; this definition is not used until that one is gone",
-                    if envoyfilter::filter_of(owner).is_some() {
-                        "the EnvoyFilter patch"
-                    } else {
-                        "the WasmPlugin"
-                    }
-                );
-                return Change::Conflict {
-                    key,
-                    resource,
-                    error: FieldError {
-                        field: name_field.to_string(),
-                        message,
-                    },
-                };
+        // A stored plugin serves its resource name (admission lets one plugin serve a name, and a
+        // key gives one name): only a new one may conflict.
+        if current.is_none() {
+            let resource = p.resource_name();
+            match self.resource_owner(&resource) {
+                Some(owner) if *owner != key => {
+                    let message = format!(
+                        "ECDS resource {resource:?} is already served by {} {owner}; this definition is not used until that one is gone",
+                        if envoyfilter::filter_of(owner).is_some() {
+                            "the EnvoyFilter patch"
+                        } else {
+                            "the WasmPlugin"
+                        }
+                    );
+                    return Change::Conflict {
+                        key,
+                        resource,
+                        error: FieldError {
+                            field: name_field.to_string(),
+                            message,
+                        },
+                    };
+                }
+                _ => {}
             }
-            _ => {}
         }
         match self.plugins.get(&key) {
             Some(cur) if cur.plugin.object == p.object => Change::Unchanged(key),
             existing => {
                 let created = existing.is_none();
+                // An EnvoyFilter patch's plugin (its key's name holds a `/`): its resource name
+                // is recorded when it is created (a key gives one name).
+                let patch_resource = (created && key.name.contains('/')).then(|| p.resource_name());
                 self.last_version += 1;
                 self.plugins.insert(
                     key.clone(),
                     VersionedPlugin {
                         plugin: std::sync::Arc::new(p),
                         version: self.last_version,
-                        url: std::sync::Arc::new(url),
+                        url,
                     },
                 );
-                // An EnvoyFilter patch's plugin (its key's name holds a `/`).
-                if key.name.contains('/') {
+                if let Some(resource) = patch_resource {
                     self.patch_resources.insert(resource, key.clone());
                 }
                 if created {

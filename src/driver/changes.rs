@@ -56,7 +56,9 @@ impl Driver {
     /// Applies one object (a `WasmPlugin`, an `EnvoyFilter` or a pull `Secret`), as the API server
     /// admits it.
     pub fn apply(&mut self, object: &Value) -> Applied {
-        self.apply_shared(&Object::new(object))
+        let shared = Object::new(object);
+        let change = self.objects.apply_decoded(&shared, object);
+        self.hand_over(change, Some(&shared))
     }
 
     /// [`apply`](Self::apply) on a shared object: a plugin stored keeps it, not a copy.

@@ -15,8 +15,8 @@
 //! retries, purge passes, the index save — runs whenever its time comes, whoever is waiting, and
 //! is never part of a ticket (docs/scenarios.md "Time").
 //!
-//! Length: about 650 lines: the loop, publishing and the module index all read the engine, the
-//! dispatcher and the resource store it owns.
+//! Length: about 700 lines: the loop, publishing (with the record of what each resource was built
+//! from) and the module index all read the engine, the dispatcher and the resource store it owns.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
@@ -130,6 +130,17 @@ impl ModuleIndex {
     }
 }
 
+/// Who published an ECDS resource, and what from.
+struct Published {
+    key: ObjectKey,
+    /// The plugin (shared with the engine's state) and serving state the resource was built from;
+    /// `None` for a remote-delivery resource. A processing that changes neither what the resource
+    /// is built from ([`crate::convert::same_resource_inputs`]) nor what is served (a metadata
+    /// edit, an `Always` revalidation of the same module) builds and encodes nothing: the store
+    /// would find the same bytes and push nothing either.
+    built_from: Option<(Arc<crate::plugin::WasmPlugin>, Serving)>,
+}
+
 /// The engine, its object source, its dispatcher and the resources it publishes.
 pub struct Driver {
     parts: DriverParts,
@@ -139,7 +150,7 @@ pub struct Driver {
     resources: ResourceStore,
     /// The plugin each published ECDS resource is from: another plugin may take a name over
     /// (behavior.md §10 "Conflicts"), and the one that left must not remove it then.
-    published: BTreeMap<Arc<str>, ObjectKey>,
+    published: BTreeMap<Arc<str>, Published>,
     /// Processings waiting for a fetch.
     outstanding: BTreeSet<u64>,
     /// The last refused object per plugin and why (see [`Driver::sync`]).
@@ -572,22 +583,32 @@ impl Driver {
                 remote_resource(plugin, &url.as_written(), secret, vp.version)
             }
         };
-        self.publish_resource(plugin.resource_name(), resource, key);
+        self.publish_resource(plugin.resource_name(), resource, key, None);
     }
 
     /// Stores `resource` under `name`, published from `key`. The store and the record of who
     /// published it share one `Arc` of the name: a name already there keeps the one it has in
     /// both (a map keeps its key on insert), a new one is the `Arc` made here.
-    fn publish_resource(&mut self, name: String, resource: TypedExtensionConfig, key: &ObjectKey) {
+    fn publish_resource(
+        &mut self,
+        name: String,
+        resource: TypedExtensionConfig,
+        key: &ObjectKey,
+        built_from: Option<(Arc<crate::plugin::WasmPlugin>, Serving)>,
+    ) {
         let name: Arc<str> = name.into();
         self.resources.set(name.clone(), resource);
-        self.published.insert(name, key.clone());
+        let published = Published {
+            key: key.clone(),
+            built_from,
+        };
+        self.published.insert(name, published);
     }
 
     /// Withdraws the resource `key` published, unless another plugin has taken its name over.
     fn unpublish(&mut self, key: &ObjectKey) {
         let name = key.resource_name();
-        if self.published.get(name.as_str()) == Some(key) {
+        if self.published.get(name.as_str()).map(|p| &p.key) == Some(key) {
             self.published.remove(name.as_str());
             self.resources.remove(&name);
         }
@@ -598,6 +619,22 @@ impl Driver {
             self.unpublish(key);
             return;
         };
+        let name = key.resource_name();
+        if let Some(Published {
+            key: from,
+            built_from: Some((plugin, serving)),
+        }) = self.published.get_mut(name.as_str())
+        {
+            if from == key
+                && *serving == st.serving
+                && crate::convert::same_resource_inputs(plugin, &st.plugin)
+            {
+                // The current object is what it stands for from now on (the previous one is
+                // not kept alive by it).
+                *plugin = st.plugin.clone();
+                return;
+            }
+        }
         let endpoint = &self.parts.module_endpoint;
         let resource = crate::convert::resource_for(
             &st.plugin,
@@ -606,8 +643,9 @@ impl Driver {
             |sha| format!("{endpoint}{}{sha}.wasm", crate::convert::MODULES_PATH),
             |m| self.engine.served_bytes(m),
         );
+        let built_from = (st.plugin.clone(), st.serving.clone());
         match resource {
-            Ok(Some(r)) => self.publish_resource(key.resource_name(), r, key),
+            Ok(Some(r)) => self.publish_resource(name, r, key, Some(built_from)),
             Ok(None) => {}
             Err(e) => {
                 tracing::error!(plugin = %key, error = %e, "cannot read module for inline delivery")
@@ -657,6 +695,9 @@ impl Driver {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
 
 fn new_engine(parts: &DriverParts) -> std::io::Result<(Engine, ReindexReport)> {
     Engine::new(parts.config.clone(), parts.engine.clone())

@@ -3,6 +3,7 @@
 //! (behavior.md §2, §5, §6, §7, §8).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use super::fallback::{after_failure, AfterFailure, FailedPlugin};
 use super::job::{Failure, Obtained};
@@ -48,7 +49,7 @@ impl Engine {
         // A download shared with another plugin's identical job counts once as a remote fetch.
         let shared = matches!(result, Ok(Obtained::Shared(_)));
         let mut validators = None;
-        let obtained = result.and_then(|o| self.store_obtained(&key, o, &mut validators));
+        let obtained = result.and_then(|o| self.store_obtained(&key, o, now, &mut validators));
         let (outcome, detail) = match obtained {
             Ok((outcome, served)) => {
                 if remote {
@@ -108,10 +109,9 @@ impl Engine {
         &mut self,
         plugin: &ObjectKey,
         obtained: Obtained,
+        now: Timestamp,
         new_validators: &mut Option<Option<Validators>>,
-    ) -> Result<(Outcome, ServedModule), Failure> {
-        let url = self.plugins[plugin].url.to_string();
-        let now = self.now();
+    ) -> Result<(Outcome, Arc<ServedModule>), Failure> {
         match obtained {
             Obtained::Fetched {
                 key,
@@ -120,41 +120,68 @@ impl Engine {
                 validators,
             } => {
                 *new_validators = Some(validators);
-                let entry = self
-                    .cache
+                self.cache
                     .insert(&key, staged, private, now)
                     .map_err(|e| Failure::Cache(format!("write failed: {e}")))?;
-                let served = ServedModule {
-                    url,
-                    key: Some(key.clone()),
-                    path: entry.path.clone(),
-                    sha256: entry.sha256.clone(),
-                };
                 if private {
                     self.cache.authorize(&key, plugin);
                 }
-                Ok((Outcome::Pulled, served))
+                Ok((Outcome::Pulled, self.served_cached(plugin, key)?))
             }
-            Obtained::Cached(k) => served_from_cache(&self.cache, url, k, Outcome::Cached),
+            Obtained::Cached(k) => Ok((Outcome::Cached, self.served_cached(plugin, k)?)),
             Obtained::Shared(k) => {
                 // Same job, same credentials: the registry authorized this plugin too.
                 self.cache.authorize(&k, plugin);
-                served_from_cache(&self.cache, url, k, Outcome::Pulled)
+                Ok((Outcome::Pulled, self.served_cached(plugin, k)?))
             }
             Obtained::Revalidated(k) => {
                 self.cache.authorize(&k, plugin);
-                served_from_cache(&self.cache, url, k, Outcome::Revalidated)
+                Ok((Outcome::Revalidated, self.served_cached(plugin, k)?))
             }
-            Obtained::File { path, sha256 } => Ok((
-                Outcome::Pulled,
-                ServedModule {
-                    url,
-                    key: None,
-                    path: PathBuf::from(path),
-                    sha256,
-                },
-            )),
+            Obtained::File { path, sha256 } => {
+                let path = PathBuf::from(path);
+                Ok((Outcome::Pulled, self.served(plugin, None, &path, &sha256)))
+            }
         }
+    }
+
+    /// The cached module `k` as `plugin` is served it, if it is cached and verified (a module
+    /// fetched just now is).
+    fn served_cached(
+        &mut self,
+        plugin: &ObjectKey,
+        k: ModuleKey,
+    ) -> Result<Arc<ServedModule>, Failure> {
+        let entry = (self.cache.get(&k))
+            .filter(|_| self.cache.is_verified(&k))
+            .ok_or_else(|| Failure::Cache("module left the cache".to_string()))?;
+        let (path, sha256) = (entry.path.clone(), entry.sha256.clone());
+        Ok(self.served(plugin, Some(k), &path, &sha256))
+    }
+
+    /// What `plugin` is served from its current url: the `Arc` it holds already when that is the
+    /// same module (a revalidation, a cache hit: nothing is copied, formatted or hashed), else the
+    /// one shared by the plugins served it ([`super::ServedModules`]).
+    fn served(
+        &mut self,
+        plugin: &ObjectKey,
+        key: Option<ModuleKey>,
+        path: &std::path::Path,
+        sha256: &str,
+    ) -> Arc<ServedModule> {
+        let st = &self.plugins[plugin];
+        if let Serving::Module(m) = &st.serving {
+            if m.key == key && m.sha256 == sha256 && m.path == path && displays_as(&*st.url, &m.url)
+            {
+                return m.clone();
+            }
+        }
+        self.served_modules.share(ServedModule {
+            url: st.url.to_string(),
+            key,
+            path: path.to_path_buf(),
+            sha256: sha256.to_string(),
+        })
     }
 
     fn commit_success(
@@ -162,7 +189,7 @@ impl Engine {
         key: &ObjectKey,
         version: u64,
         outcome: &Outcome,
-        served: ServedModule,
+        served: Arc<ServedModule>,
         validators: Option<Option<Validators>>,
         now: Timestamp,
     ) {
@@ -187,7 +214,6 @@ impl Engine {
         let record = served.key.as_ref().map(|m| (served.url.as_str(), m));
         self.cache.set_served(key, record);
         self.set_referenced(key, served.key.clone(), now);
-        let served = self.served_modules.share(served);
         self.set_serving(key, Serving::Module(served), now);
     }
 
@@ -277,6 +303,19 @@ impl Engine {
             });
         }
     }
+}
+
+/// Whether `value` displays as `text`, without writing it out.
+fn displays_as(value: &dyn std::fmt::Display, text: &str) -> bool {
+    struct Rest<'a>(&'a str);
+    impl std::fmt::Write for Rest<'_> {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.0 = self.0.strip_prefix(s).ok_or(std::fmt::Error)?;
+            Ok(())
+        }
+    }
+    let mut rest = Rest(text);
+    std::fmt::write(&mut rest, format_args!("{value}")).is_ok() && rest.0.is_empty()
 }
 
 fn served_from_cache(

@@ -16,6 +16,7 @@ mod object;
 pub mod secret;
 pub mod validate;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -372,7 +373,7 @@ const SERVER_OWNED: [&str; 5] = [
 
 /// Parses one object (already decoded to JSON).
 pub fn parse_object(document: usize, value: Value) -> Result<Manifest, ParseError> {
-    parse_value(document, value, None)
+    parse_value(document, Cow::Owned(value), None)
 }
 
 /// [`parse_object`] on an object's text and its decoded `value`: a `WasmPlugin` keeps `object`
@@ -383,13 +384,23 @@ pub fn parse_shared(
     value: Value,
     object: &Object,
 ) -> Result<Manifest, ParseError> {
-    parse_value(document, value, Some(object))
+    parse_value(document, Cow::Owned(value), Some(object))
+}
+
+/// [`parse_shared`] on a borrowed value (the caller keeps it): copied only if it must be
+/// normalised.
+pub fn parse_shared_ref(
+    document: usize,
+    value: &Value,
+    object: &Object,
+) -> Result<Manifest, ParseError> {
+    parse_value(document, Cow::Borrowed(value), Some(object))
 }
 
 /// Parses `value`, whose text is `text` when the caller has it.
 fn parse_value(
     document: usize,
-    mut value: Value,
+    mut value: Cow<'_, Value>,
     mut text: Option<&Object>,
 ) -> Result<Manifest, ParseError> {
     let err = |object: Option<ObjectKey>, field: &str, message: String| ParseError {
@@ -414,7 +425,7 @@ fn parse_value(
     };
     if !normalised {
         text = None;
-        if let Value::Object(obj) = &mut value {
+        if let Value::Object(obj) = value.to_mut() {
             let meta = obj
                 .entry("metadata")
                 .or_insert_with(|| Value::Object(Default::default()));
@@ -484,10 +495,8 @@ fn parse_value(
             let pull_timeout_annotation = value["metadata"]["annotations"][PULL_TIMEOUT_ANNOTATION]
                 .as_str()
                 .map(Box::from);
-            let spec_value = match value.as_object_mut().and_then(|o| o.remove("spec")) {
-                Some(spec) => spec,
-                None => Value::Object(Default::default()),
-            };
+            let empty = Value::Object(Default::default());
+            let spec_value = value.get("spec").unwrap_or(&empty);
             let spec: WasmPluginSpec =
                 serde_path_to_error::deserialize(spec_value).map_err(|e| {
                     let path = e.path().to_string();
@@ -521,7 +530,7 @@ fn parse_value(
                     ),
                 ));
             }
-            envoyfilter::parse(key.clone(), value)
+            envoyfilter::parse(key.clone(), value.into_owned())
                 .map(Manifest::EnvoyFilter)
                 .map_err(|(field, message)| err(Some(key), &field, message))
         }

@@ -4,6 +4,10 @@
 //! part of the memory per plugin. What is read on every change (the typed spec, the resource
 //! version) is kept typed beside it; the rest is decoded when a change needs it (`pluginConfig`
 //! when an ECDS resource is built, the whole object for a merge patch).
+//!
+//! Each object also keeps a digest of its decoded value that does not depend on the order of keys
+//! ([`value_digest`]): objects whose digests differ are different, so telling a changed object
+//! from the stored one (every change of every plugin) decodes nothing.
 
 use std::fmt;
 use std::sync::Arc;
@@ -14,10 +18,11 @@ use serde_json::Value;
 /// The compact JSON text of an object, key order as written, shared by its holders (one `Arc`).
 ///
 /// Equality is that of the decoded values (as for `serde_json::Value`: the order of keys does not
-/// matter), so re-writing an object with its keys in another order is no change; equal texts
-/// are compared without decoding.
+/// matter), so re-writing an object with its keys in another order is no change; objects with
+/// different digests are told apart without decoding, equal texts are compared as texts, and only
+/// equal digests of different texts (keys re-ordered) are decoded.
 #[derive(Clone)]
-pub struct Object(Arc<str>);
+pub struct Object(Arc<str>, u64);
 
 impl Object {
     /// The compact text of `value`.
@@ -26,6 +31,7 @@ impl Object {
             serde_json::to_string(value)
                 .expect("a JSON value serializes")
                 .into(),
+            value_digest(value),
         )
     }
 
@@ -92,13 +98,108 @@ pub struct Head {
 
 impl PartialEq for Object {
     fn eq(&self, other: &Self) -> bool {
-        self.ptr_eq(other) || self.0 == other.0 || self.value() == other.value()
+        self.ptr_eq(other)
+            || (self.1 == other.1 && (self.0 == other.0 || self.value() == other.value()))
     }
 }
 
 impl PartialEq<Value> for Object {
     fn eq(&self, other: &Value) -> bool {
-        self.value() == *other
+        self.1 == value_digest(other) && self.value() == *other
+    }
+}
+
+/// A hash of a JSON value under `serde_json::Value`'s equality: equal values (keys in any order)
+/// have equal digests. An object's entries are hashed one by one and summed, so their order does
+/// not count; numbers are hashed as they compare (an integer is never equal to a float, and
+/// `0.0 == -0.0`).
+pub fn value_digest(value: &Value) -> u64 {
+    use std::hash::{Hash, Hasher};
+    fn feed(value: &Value, h: &mut Mix) {
+        match value {
+            Value::Null => 0u8.hash(h),
+            Value::Bool(b) => (1u8, *b).hash(h),
+            Value::Number(n) => {
+                if let Some(u) = n.as_u64() {
+                    (2u8, u).hash(h);
+                } else if let Some(i) = n.as_i64() {
+                    (3u8, i).hash(h);
+                } else {
+                    let f = n.as_f64().unwrap_or_default();
+                    (4u8, if f == 0.0 { 0 } else { f.to_bits() }).hash(h);
+                }
+            }
+            Value::String(s) => (5u8, s.as_str()).hash(h),
+            Value::Array(items) => {
+                (6u8, items.len()).hash(h);
+                for item in items {
+                    feed(item, h);
+                }
+            }
+            Value::Object(map) => {
+                let entries = map.iter().fold(0u64, |sum, (k, v)| {
+                    let mut entry = Mix::default();
+                    k.hash(&mut entry);
+                    feed(v, &mut entry);
+                    sum.wrapping_add(entry.finish())
+                });
+                (7u8, map.len(), entries).hash(h);
+            }
+        }
+    }
+    let mut h = Mix::default();
+    feed(value, &mut h);
+    h.finish()
+}
+
+/// A fast multiply-rotate hash (FxHash's step, eight bytes at a time, finished with a
+/// murmur-style avalanche). Not resistant to chosen collisions, and it need not be: a collision
+/// only costs [`Object`]'s equality a decode of both texts.
+#[derive(Default)]
+struct Mix(u64);
+
+impl Mix {
+    const K: u64 = 0xf135_7aea_2e62_a9c5;
+
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(26) ^ word).wrapping_mul(Self::K);
+    }
+}
+
+impl std::hash::Hasher for Mix {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.add(u64::from_le_bytes(c.try_into().expect("eight bytes")));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut last = [0u8; 8];
+            last[..rest.len()].copy_from_slice(rest);
+            // The length keeps "a\0" apart from "a".
+            self.add(u64::from_le_bytes(last) ^ ((rest.len() as u64) << 59));
+        }
+    }
+
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        x ^ (x >> 33)
     }
 }
 
@@ -142,6 +243,38 @@ mod tests {
             json!({"b": 1, "a": {"z": [1.5, "x"], "y": null}})
         );
         assert_eq!(a, a.value());
+        assert_ne!(a, json!({"b": 2}));
+    }
+
+    #[test]
+    fn digests_follow_value_equality() {
+        let d = |v: Value| value_digest(&v);
+        // Equal values: the same digest, whatever the order of keys.
+        assert_eq!(
+            d(json!({"a": {"x": 1, "y": [1, {"p": null, "q": true}]}, "b": "s"})),
+            d(json!({"b": "s", "a": {"y": [1, {"q": true, "p": null}], "x": 1}}))
+        );
+        assert_eq!(d(json!(0.0)), d(json!(-0.0)));
+        // Different values: different digests (moved entries, array order, number kinds).
+        let differ = [
+            (
+                json!({"a": {"b": 1}, "c": 2}),
+                json!({"a": {"c": 2}, "b": 1}),
+            ),
+            (json!({"a": 1, "b": 2}), json!({"a": 2, "b": 1})),
+            (json!([1, 2]), json!([2, 1])),
+            (json!([[1], []]), json!([[], [1]])),
+            (json!(1), json!(1.0)),
+            (json!(-1), json!(18446744073709551615u64)),
+            (json!("1"), json!(1)),
+            (json!(null), json!(false)),
+            (json!({}), json!([])),
+        ];
+        for (a, b) in differ {
+            assert_ne!(a, b);
+            assert_ne!(d(a.clone()), d(b.clone()), "{a} vs {b}");
+            assert_ne!(Object::new(&a), Object::new(&b));
+        }
     }
 
     #[test]
