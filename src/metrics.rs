@@ -17,7 +17,7 @@ use prometheus::{
 };
 
 use crate::k8s::KubeSeries;
-use crate::outcome::FetchResult;
+use crate::outcome::{FetchResult, Outcome};
 use crate::xds::store::XdsSeries;
 
 pub const CACHE_ENTRIES: &str = "istio_agent_wasm_cache_entries";
@@ -58,9 +58,6 @@ impl ConversionResult {
         }
     }
 }
-
-/// The `outcome` values of `wasm_ecds_plugin_processing_count` ([`Outcome::name`](crate::outcome::Outcome::name)).
-const OUTCOME_NAMES: [&str; 5] = ["pulled", "revalidated", "cached", "rejected", "invalid"];
 
 /// A counter with one label whose series are kept once made: recording one is an atomic add, not
 /// a hash of the label value and a lookup under the family's lock (the engine records four per
@@ -106,8 +103,8 @@ pub struct Metrics {
     conversions: LabeledCounter<6>,
     conversion_duration: Histogram,
     expired: prometheus::IntCounter,
-    /// By outcome, in the order of [`OUTCOME_NAMES`].
-    processing: LabeledCounter<5>,
+    /// By outcome, at [`Outcome::index`].
+    processing: LabeledCounter<{ Outcome::NAMES.len() }>,
     pulls_in_progress: IntGauge,
     pulls_queued: IntGauge,
     /// Registered on first use by a resource store.
@@ -268,10 +265,8 @@ impl Metrics {
         self.expired.inc_by(n as u64);
     }
 
-    pub fn record_processing(&self, outcome: &str) {
-        let index = OUTCOME_NAMES.iter().position(|n| *n == outcome);
-        self.processing
-            .inc(index.unwrap_or(OUTCOME_NAMES.len()), outcome);
+    pub fn record_processing(&self, outcome: &Outcome) {
+        self.processing.inc(outcome.index(), outcome.name());
     }
 
     /// The Prometheus text exposition.
@@ -383,14 +378,13 @@ mod tests {
         let clone = m.clone();
         for _ in 0..3 {
             m.record_lookup(true);
-            clone.record_processing("revalidated");
+            clone.record_processing(&Outcome::Revalidated);
         }
         clone.record_lookup(true);
         m.record_conversion(ConversionResult::NoRemoteLoad, 1.0);
         m.record_remote_fetch(FetchResult::ChecksumMismatched);
-        // A value outside the known ones is still counted.
-        m.record_processing("something-else");
-        m.record_processing("something-else");
+        m.record_processing(&Outcome::Invalid("spec.url".into()));
+        m.record_processing(&Outcome::Invalid("spec.sha256".into()));
         let s = m.samples();
         assert_eq!(s[r#"istio_agent_wasm_cache_lookup_count{hit="true"}"#], 4.0);
         assert!(!s.contains_key(r#"istio_agent_wasm_cache_lookup_count{hit="false"}"#));
@@ -399,7 +393,7 @@ mod tests {
             3.0
         );
         assert_eq!(
-            s[r#"wasm_ecds_plugin_processing_count{outcome="something-else"}"#],
+            s[r#"wasm_ecds_plugin_processing_count{outcome="invalid"}"#],
             2.0
         );
         assert!(!s.contains_key(r#"wasm_ecds_plugin_processing_count{outcome="pulled"}"#));

@@ -108,14 +108,23 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub fn name(&self) -> &'static str {
+    /// Every outcome's name, at its [`index`](Self::index): the values of the `outcome` label of
+    /// `wasm_ecds_plugin_processing_count`.
+    pub const NAMES: [&'static str; 5] = ["pulled", "revalidated", "cached", "rejected", "invalid"];
+
+    /// The outcome's position in [`NAMES`](Self::NAMES).
+    pub fn index(&self) -> usize {
         match self {
-            Outcome::Pulled => "pulled",
-            Outcome::Revalidated => "revalidated",
-            Outcome::Cached => "cached",
-            Outcome::Rejected(_) => "rejected",
-            Outcome::Invalid(_) => "invalid",
+            Outcome::Pulled => 0,
+            Outcome::Revalidated => 1,
+            Outcome::Cached => 2,
+            Outcome::Rejected(_) => 3,
+            Outcome::Invalid(_) => 4,
         }
+    }
+
+    pub fn name(&self) -> &'static str {
+        Self::NAMES[self.index()]
     }
 
     pub fn reason(&self) -> Option<String> {

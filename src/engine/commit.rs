@@ -93,7 +93,7 @@ impl Engine {
         st.last_error = detail.clone();
         st.last_processed = Some(now);
         st.processed_version = Some(version);
-        self.metrics.record_processing(outcome.name());
+        self.metrics.record_processing(&outcome);
         self.metrics.set_cache_entries(self.cache.len());
         self.events.push(Event::Processed {
             at: now,

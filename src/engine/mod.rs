@@ -262,9 +262,10 @@ impl Engine {
     pub fn record_invalid(&mut self, key: &ObjectKey, field: &str, message: &str) {
         let at = self.now();
         let version = self.plugins.get(key).map(|s| s.version);
-        self.metrics.record_processing("invalid");
+        let outcome = Outcome::Invalid(field.to_string());
+        self.metrics.record_processing(&outcome);
         if let Some(st) = self.plugins.get_mut(key) {
-            st.last_outcome = Some(Outcome::Invalid(field.to_string()));
+            st.last_outcome = Some(outcome);
             st.last_error = Some(format!("{field}: {message}"));
         }
         self.events.push(Event::Processed {
