@@ -27,7 +27,7 @@ use super::scenario::{
 };
 use super::served::{Decoded, DecodedResources, FileChanges, ServedHashes, WatchedStore};
 use super::world::SimWorld;
-use crate::clock::{Clock, Timestamp, TokioClock};
+use crate::clock::{paused_runtime, Clock, PausedClock, Timestamp, TokioClock};
 use crate::driver::{Applied, Driver, DriverParts};
 use crate::engine::{EngineParts, Event, Serving};
 use crate::metrics::normalize_series;
@@ -84,16 +84,12 @@ impl ScenarioRun {
 /// Runs a loaded scenario to its end or its first failing step. Must not be called from inside a
 /// tokio runtime (it starts its own).
 pub fn run_scenario(scenario: &Scenario) -> ScenarioRun {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-    {
-        Ok(rt) => rt,
+    let (rt, paused) = match paused_runtime() {
+        Ok(made) => made,
         Err(e) => return error_run(0, format!("cannot start the runtime: {e}"), Vec::new()),
     };
     rt.block_on(async {
-        let mut runner = match Runner::new(scenario) {
+        let mut runner = match Runner::new(scenario, paused) {
             Ok(r) => r,
             Err(e) => return error_run(0, e, Vec::new()),
         };
@@ -147,6 +143,8 @@ struct Runner<'a> {
     world: Arc<SimWorld>,
     files: Arc<MemFiles>,
     driver: Driver,
+    /// The runtime's clock is paused: steps move it ([`Driver::advance_to`]).
+    paused: PausedClock,
     trace: Vec<String>,
     /// Outcome of the last processing of each plugin since the previous `expect`.
     outcomes: BTreeMap<ObjectKey, Outcome>,
@@ -161,7 +159,7 @@ struct Runner<'a> {
 }
 
 impl<'a> Runner<'a> {
-    fn new(s: &'a Scenario) -> Result<Self, String> {
+    fn new(s: &'a Scenario, paused: PausedClock) -> Result<Self, String> {
         let clock = Arc::new(TokioClock::new(Timestamp::ZERO));
         let world = Arc::new(SimWorld::new(clock.clone()));
         let files = Arc::new(MemFiles::default());
@@ -190,6 +188,7 @@ impl<'a> Runner<'a> {
             world,
             files,
             driver,
+            paused,
             trace: Vec::new(),
             outcomes: BTreeMap::new(),
             expired: BTreeSet::new(),
@@ -380,7 +379,10 @@ impl<'a> Runner<'a> {
             } => self.world.require_auth(host, username, password, *scheme),
             Step::Advance(d) => {
                 let target = self.now() + *d;
-                self.driver.advance_to(target).await.map_err(err)?;
+                self.driver
+                    .advance_to(target, self.paused)
+                    .await
+                    .map_err(err)?;
             }
             Step::Restart { keep_cache } => self.restart(*keep_cache).await.map_err(err)?,
             Step::Expect(e) => {

@@ -123,6 +123,29 @@ impl Clock for ManualClock {
     }
 }
 
+/// Proof that the code holding it runs on tokio's paused clock: only [`paused_runtime`] makes one.
+/// [`Driver::advance_to`](crate::driver::Driver::advance_to) moves that clock by hand (tokio
+/// refuses to on a running clock), so it asks for one: a caller on a real clock does not compile.
+#[derive(Clone, Copy, Debug)]
+pub struct PausedClock {
+    _made_by_paused_runtime: (),
+}
+
+/// A current-thread runtime whose clock starts paused (the simulator, the test harness), and the
+/// [`PausedClock`] that says so.
+pub fn paused_runtime() -> std::io::Result<(tokio::runtime::Runtime, PausedClock)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()?;
+    Ok((
+        rt,
+        PausedClock {
+            _made_by_paused_runtime: (),
+        },
+    ))
+}
+
 /// Time from tokio's clock, starting at `base`. Under a runtime started with paused time
 /// (`start_paused(true)`) this is a virtual clock that tokio advances to the next timer whenever
 /// every task waits: the simulator uses it so concurrent processings, backoffs and timeouts

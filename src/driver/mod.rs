@@ -26,7 +26,7 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig;
 
 use crate::cache::ReindexReport;
-use crate::clock::Timestamp;
+use crate::clock::{PausedClock, Timestamp};
 use crate::config::{Config, Delivery};
 use crate::dispatch::{Completion, Dispatcher, PullLimits};
 use crate::engine::{Engine, EngineParts, Event, Serving};
@@ -406,11 +406,16 @@ impl Driver {
     /// Lets the clock reach `target`, running every deadline and committing every job finishing on
     /// the way at its own time. Work still in flight at `target` is left running.
     ///
-    /// Only on tokio's paused clock (`sim` and the test harness): while nothing runs — no job in
-    /// flight, no cached file being verified — no task can wake before the next deadline, so the
-    /// clock is moved straight to it (or to `target`) with [`tokio::time::advance`] instead of
-    /// through a timer and a park of the runtime; the same instants, at a fraction of the cost.
-    pub async fn advance_to(&mut self, target: Timestamp) -> Result<(), String> {
+    /// Only on tokio's paused clock (`sim` and the test harness), which `_paused` stands for: while
+    /// nothing runs — no job in flight, no cached file being verified — no task can wake before
+    /// the next deadline, so the clock is moved straight to it (or to `target`) with
+    /// [`tokio::time::advance`] instead of through a timer and a park of the runtime; the same
+    /// instants, at a fraction of the cost.
+    pub async fn advance_to(
+        &mut self,
+        target: Timestamp,
+        _paused: PausedClock,
+    ) -> Result<(), String> {
         let mut rounds = 0;
         while {
             rounds += self.run_ready();

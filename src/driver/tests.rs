@@ -33,11 +33,7 @@ fn serving(driver: &Driver, key: &ObjectKey) -> Serving {
 /// served is built and published again.
 #[test]
 fn a_change_that_alters_no_input_of_the_resource_builds_none() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap();
+    let (rt, _) = crate::clock::paused_runtime().unwrap();
     rt.block_on(async {
         let clock = Arc::new(TokioClock::new(Timestamp::ZERO));
         let world = Arc::new(SimWorld::new(clock.clone()));

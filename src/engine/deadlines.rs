@@ -210,11 +210,7 @@ mod tests {
             })
         }
 
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
+        let (rt, paused) = crate::clock::paused_runtime().unwrap();
         rt.block_on(async {
             let clock = Arc::new(TokioClock::new(Timestamp::ZERO));
             let world = Arc::new(SimWorld::new(clock.clone()));
@@ -265,7 +261,7 @@ mod tests {
 
             // Due retries run (and re-schedule) at their time; the queue follows.
             let due = driver.engine().retries().first().unwrap().0;
-            driver.advance_to(due).await.unwrap();
+            driver.advance_to(due, paused).await.unwrap();
             assert_eq!(queued(driver.engine()), scan(driver.engine()));
             assert!(driver.engine().retries().first().unwrap().0 > due);
 

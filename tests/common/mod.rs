@@ -17,7 +17,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use wasm_ecds::cache::ModuleKey;
-use wasm_ecds::clock::{Clock, Timestamp, TokioClock};
+use wasm_ecds::clock::{Clock, PausedClock, Timestamp, TokioClock};
 use wasm_ecds::config::Config;
 use wasm_ecds::driver::{Applied, Driver, DriverParts};
 use wasm_ecds::engine::EngineParts;
@@ -41,6 +41,7 @@ pub struct Harness {
     /// Events drained from the driver and not yet taken by the test.
     events: Vec<Event>,
     rt: tokio::runtime::Runtime,
+    paused: PausedClock,
 }
 
 impl Harness {
@@ -54,11 +55,7 @@ impl Harness {
         store: Arc<dyn ModuleStore>,
         fetch_config: Option<FetchConfig>,
     ) -> Self {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .expect("a current-thread runtime");
+        let (rt, paused) = wasm_ecds::clock::paused_runtime().expect("a current-thread runtime");
         let _context = rt.enter();
         let clock = Arc::new(TokioClock::new(Timestamp::ZERO));
         let world = Arc::new(SimWorld::new(clock.clone()));
@@ -87,6 +84,7 @@ impl Harness {
             driver,
             events: Vec::new(),
             rt,
+            paused,
         }
     }
 
@@ -215,7 +213,7 @@ impl Harness {
         let target = self.now() + d;
         let driver = &mut self.driver;
         self.rt
-            .block_on(driver.advance_to(target))
+            .block_on(driver.advance_to(target, self.paused))
             .expect("background work settles");
         self.drain();
     }
