@@ -4,6 +4,9 @@
 //! compat, Wasm artifact). A manifest is parsed once: the same bytes fetched again (a
 //! revalidation finding the tag where it was) reuse what their first parse gave
 //! ([`ParsedManifests`]).
+//!
+//! Length: a little over 600 lines, most of them tests of what a manifest may be; kept whole, as
+//! the fetch, the parse and the layer choice read the same manifest types.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
