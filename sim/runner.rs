@@ -126,14 +126,31 @@ pub fn trace_line(at: Timestamp, text: &str) -> String {
 fn trace_line_of(at: Timestamp, text: impl std::fmt::Display) -> String {
     use std::fmt::Write as _;
     let mut line = String::with_capacity(64);
-    // `[{:>9}]` of the time's `Display` (`90.500s`), without formatting it into a string first:
-    // the seconds padded to 4 make the 9 columns (longer ones overflow the same way).
-    let _ = write!(
-        line,
-        "[{:>4}.{:03}s] {text}",
-        at.0.as_secs(),
-        at.0.subsec_millis()
-    );
+    // `[{:>9}]` of the time's `Display` (`90.500s`), written digit by digit (the formatter's
+    // padding costs more than the rest of a line): the seconds padded to 4 make the 9 columns
+    // (longer ones overflow the same way).
+    let (mut secs, millis) = (at.0.as_secs(), at.0.subsec_millis());
+    let mut digits = [0u8; 20];
+    let mut n = 0;
+    loop {
+        digits[n] = b'0' + (secs % 10) as u8;
+        n += 1;
+        secs /= 10;
+        if secs == 0 {
+            break;
+        }
+    }
+    line.push('[');
+    for _ in n..4 {
+        line.push(' ');
+    }
+    line.extend(digits[..n].iter().rev().map(|&d| char::from(d)));
+    line.push('.');
+    for d in [millis / 100, millis / 10 % 10, millis % 10] {
+        line.push(char::from(b'0' + d as u8));
+    }
+    line.push_str("s] ");
+    let _ = write!(line, "{text}");
     line
 }
 

@@ -14,6 +14,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -108,7 +109,8 @@ pub struct ServedHashes {
     changes: FileChanges,
     /// The change count the hashes are of, and the hashes by path. Cleared at the first lookup
     /// after a change, so it never holds more than the files delivered since.
-    known: RefCell<(u64, HashMap<PathBuf, String>)>,
+    /// Keyed by the path's bytes (hashing a `Path` walks its components).
+    known: RefCell<(u64, HashMap<OsString, String>)>,
 }
 
 impl ServedHashes {
@@ -131,11 +133,11 @@ impl ServedHashes {
         if known.0 != now {
             *known = (now, HashMap::new());
         }
-        if let Some(sha) = known.1.get(path) {
+        if let Some(sha) = known.1.get(path.as_os_str()) {
             return Ok(sha.clone());
         }
         let sha = sha256_hex(&read()?);
-        known.1.insert(path.to_path_buf(), sha.clone());
+        known.1.insert(path.as_os_str().to_owned(), sha.clone());
         Ok(sha)
     }
 }

@@ -226,8 +226,11 @@ impl Dispatcher {
             let result = run_job(&fetcher, &job).await;
             // A module the source confirmed may still be in its start-up verification: it is
             // served only once verified (see `Engine::lost_cache_hit` for one that failed).
+            // (Nothing left to verify, the usual case: nothing to wait for, no waiting set up.)
             if let Ok(Obtained::Revalidated(key)) = &result {
-                verifier.wait(key).await;
+                if verifier.remaining() > 0 {
+                    verifier.wait(key).await;
+                }
             }
             (id, result)
         };

@@ -18,7 +18,10 @@ const STAGING_DIR: &str = ".staging";
 
 /// Hex sha256 of a string (the directory name of a module).
 pub fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
+    // Into a buffer of the final size (`hex::encode` collects the digits one char at a time).
+    let mut hex = [0u8; 64];
+    hex::encode_to_slice(Sha256::digest(data), &mut hex).expect("64 digits for 32 bytes");
+    String::from_utf8_lossy(&hex).into_owned()
 }
 
 /// A file being written; readable again (from the start) before it is committed. Dropping it

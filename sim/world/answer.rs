@@ -46,6 +46,17 @@ fn lowercased_is(header: &str, lower: &str) -> bool {
         && (header.bytes().zip(lower.bytes())).all(|(h, l)| h.to_ascii_lowercase() == l)
 }
 
+/// The media types a request accepts, as sent (compared lowercased).
+fn accepted(req: &HttpRequest) -> Vec<&str> {
+    req.headers
+        .iter()
+        .filter(|(k, _)| k == "accept")
+        .flat_map(|(_, v)| v.split(','))
+        .map(|m| m.split(';').next().unwrap_or("").trim())
+        .filter(|m| !m.is_empty())
+        .collect()
+}
+
 /// What a request path asks for; the parts borrow the path.
 pub(super) enum Route<'a> {
     Ping,
@@ -142,15 +153,6 @@ impl SimWorld {
             .iter()
             .find(|(k, _)| k == "authorization")
             .map(|(_, v)| v.as_str());
-        // Media types as sent; compared lowercased.
-        let accept: Vec<&str> = req
-            .headers
-            .iter()
-            .filter(|(k, _)| k == "accept")
-            .flat_map(|(_, v)| v.split(','))
-            .map(|m| m.split(';').next().unwrap_or("").trim())
-            .filter(|m| !m.is_empty())
-            .collect();
         let mut guard = self.state();
         let st = &mut *guard;
         // Only the very next request can answer a challenge.
@@ -256,7 +258,7 @@ impl SimWorld {
             let host = st.hosts.get(authority).expect("inserted above");
             match route {
                 Route::Manifest { repo, reference } => {
-                    serve_manifest(host, repo, reference, &accept)
+                    serve_manifest(host, repo, reference, &accepted(req))
                 }
                 Route::Blob { repo, digest } => serve_blob(host, repo, digest),
                 Route::Get | Route::Ping => match host.paths.get(path) {

@@ -1,7 +1,15 @@
 //! Manifests (behavior.md §4.2): fetching one by tag or digest and verifying its bytes against
 //! `Docker-Content-Digest` and the requested digest, following an image index to its
 //! `linux/amd64` child, and choosing the layer that holds the module per image format (Docker, OCI
-//! compat, Wasm artifact).
+//! compat, Wasm artifact). A manifest is parsed once: the same bytes fetched again (a
+//! revalidation finding the tag where it was) reuse what their first parse gave
+//! ([`ParsedManifests`]).
+//!
+//! Length: a little over 600 lines, most of them tests of what a manifest may be; kept whole, as
+//! the fetch, the parse and the layer choice read the same manifest types.
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
 
 use serde::Deserialize;
 
@@ -114,10 +122,58 @@ pub(super) struct ParsedManifest {
     layers: Vec<RawDescriptor>,
 }
 
-pub(super) fn parse_manifest(
-    m: &FetchedManifest,
-    display: &str,
-) -> Result<ParsedManifest, FetchError> {
+/// Manifests parsed, by digest. The digest names the bytes, so an entry stays true for good; the
+/// `Content-Type` is kept with it because it names the media type of a manifest whose JSON does
+/// not. Bounded: only manifests of at most [`MAX_REMEMBERED_MANIFEST`] bytes are kept, at most
+/// [`MAX_REMEMBERED_MANIFESTS`] of them (it starts afresh when full), so a few MiB at most.
+#[derive(Default)]
+pub(super) struct ParsedManifests {
+    known: Mutex<HashMap<String, Remembered>>,
+    /// Manifests parsed (not found here), for the tests.
+    #[cfg(test)]
+    parses: std::sync::atomic::AtomicUsize,
+}
+
+/// A manifest parsed, and the `Content-Type` it came with.
+type Remembered = (Option<String>, Arc<ParsedManifest>);
+
+/// Image manifests are 1-2 KiB; an index of many platforms is larger and is parsed every time.
+const MAX_REMEMBERED_MANIFEST: usize = 16 << 10;
+const MAX_REMEMBERED_MANIFESTS: usize = 256;
+
+/// The manifests every fetcher of the process parsed (the entries are true for any of them).
+pub(super) static PARSED_MANIFESTS: LazyLock<ParsedManifests> =
+    LazyLock::new(ParsedManifests::default);
+
+impl ParsedManifests {
+    /// [`parse_manifest`] of `m`, or what it gave for the same bytes and `Content-Type` before.
+    pub(super) fn parse(
+        &self,
+        m: &FetchedManifest,
+        display: &str,
+    ) -> Result<Arc<ParsedManifest>, FetchError> {
+        let lock = || self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((content_type, parsed)) = lock().get(&m.digest) {
+            if *content_type == m.content_type {
+                return Ok(parsed.clone());
+            }
+        }
+        #[cfg(test)]
+        self.parses
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let parsed = Arc::new(parse_manifest(m, display)?);
+        if m.bytes.len() <= MAX_REMEMBERED_MANIFEST {
+            let mut known = lock();
+            if known.len() >= MAX_REMEMBERED_MANIFESTS {
+                known.clear();
+            }
+            known.insert(m.digest.clone(), (m.content_type.clone(), parsed.clone()));
+        }
+        Ok(parsed)
+    }
+}
+
+fn parse_manifest(m: &FetchedManifest, display: &str) -> Result<ParsedManifest, FetchError> {
     let raw: RawManifest = serde_json::from_slice(&m.bytes).map_err(|e| {
         FetchError::Manifest(format!(
             "{display}: manifest sha256:{} is not valid json: {e}",
@@ -490,5 +546,84 @@ mod tests {
                 .count(&manifest_url("r", &format!("sha256:{wrong}"))),
             5
         );
+    }
+
+    fn fetched(bytes: Vec<u8>, content_type: Option<&str>) -> FetchedManifest {
+        FetchedManifest {
+            digest: sha256_hex(&bytes),
+            bytes,
+            content_type: content_type.map(str::to_string),
+        }
+    }
+
+    fn parses(p: &ParsedManifests) -> usize {
+        p.parses.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    #[test]
+    fn the_same_manifest_is_parsed_once() {
+        let p = ParsedManifests::default();
+        let mut m = image(OCI_MANIFEST, &[(WASM_CONTENT_LAYER, b"module")]);
+        let with_type = serde_json::to_vec(&m).unwrap();
+        let first = p.parse(&fetched(with_type.clone(), None), "r").unwrap();
+        let again = p.parse(&fetched(with_type, None), "r").unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        assert_eq!(parses(&p), 1);
+        assert_eq!(
+            choose_layer(&again, "r").unwrap().0,
+            ImageFormat::WasmArtifact
+        );
+
+        // Without `mediaType` the Content-Type names it: another Content-Type is parsed again.
+        m.as_object_mut().unwrap().remove("mediaType");
+        let untyped = serde_json::to_vec(&m).unwrap();
+        let oci = p
+            .parse(&fetched(untyped.clone(), Some(OCI_MANIFEST)), "r")
+            .unwrap();
+        assert_eq!(oci.media_type, OCI_MANIFEST);
+        let docker = p
+            .parse(&fetched(untyped, Some(DOCKER_MANIFEST)), "r")
+            .unwrap();
+        assert_eq!(docker.media_type, DOCKER_MANIFEST);
+        assert_eq!(parses(&p), 3);
+
+        // Not JSON: an error every time, nothing kept.
+        for _ in 0..2 {
+            let Err(err) = p.parse(&fetched(b"{".to_vec(), None), "r") else {
+                panic!("not JSON, parsed");
+            };
+            assert!(err.to_string().contains("not valid json"), "{err}");
+        }
+        assert_eq!(parses(&p), 5);
+    }
+
+    #[test]
+    fn parsed_manifests_are_bounded() {
+        let p = ParsedManifests::default();
+        // A large manifest (an index of many platforms) is parsed every time.
+        let large: Vec<_> = (0..400)
+            .map(|i| json!({"mediaType": OCI_MANIFEST, "digest": format!("sha256:{i:064}"), "size": 1}))
+            .collect();
+        let large =
+            serde_json::to_vec(&json!({"mediaType": OCI_INDEX, "manifests": large})).unwrap();
+        assert!(large.len() > MAX_REMEMBERED_MANIFEST);
+        for _ in 0..2 {
+            assert!(
+                p.parse(&fetched(large.clone(), None), "r")
+                    .unwrap()
+                    .is_index
+            );
+        }
+        assert_eq!(parses(&p), 2);
+        // Never more than the limit of small ones.
+        for i in 0..MAX_REMEMBERED_MANIFESTS + 10 {
+            let m = image(
+                OCI_MANIFEST,
+                &[(WASM_CONTENT_LAYER, format!("m{i}").as_bytes())],
+            );
+            p.parse(&fetched(serde_json::to_vec(&m).unwrap(), None), "r")
+                .unwrap();
+            assert!(p.known.lock().unwrap().len() <= MAX_REMEMBERED_MANIFESTS);
+        }
     }
 }

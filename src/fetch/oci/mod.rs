@@ -39,7 +39,7 @@ use super::retry::{AttemptError, PullBudget};
 use super::{FetchError, Fetcher};
 use crate::plugin::secret::Credentials;
 use crate::url::OciRef;
-use manifest::{choose_layer, parse_manifest, pick_platform};
+use manifest::{choose_layer, pick_platform, PARSED_MANIFESTS};
 
 pub use auth::validate_realm;
 pub use media_type::*;
@@ -130,7 +130,7 @@ impl Fetcher {
                 budget,
             )
             .await?;
-        let parsed = parse_manifest(&first, &display)?;
+        let parsed = PARSED_MANIFESTS.parse(&first, &display)?;
         let (manifest, digest, index_digest) = if parsed.is_index {
             let child = pick_platform(&parsed, &display)?;
             let fetched = self
@@ -143,7 +143,7 @@ impl Fetcher {
                     budget,
                 )
                 .await?;
-            let child_manifest = parse_manifest(&fetched, &display)?;
+            let child_manifest = PARSED_MANIFESTS.parse(&fetched, &display)?;
             if child_manifest.is_index {
                 return Err(FetchError::Manifest(format!(
                     "{display}: image index entry sha256:{child} is another index"
