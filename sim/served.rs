@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::convert::{Code, Delivered};
-use crate::store::{sha256_hex, ModuleStore, StagedFile, StoredModule};
+use crate::store::{sha256_hex, HookedStore, StoreHooks};
 use crate::xds::ResourceStore;
 
 /// How many times a module file changed (any of them), shared by the store wrapper and the runner.
@@ -41,65 +41,11 @@ impl FileChanges {
 }
 
 /// A module store that counts its changes in a [`FileChanges`].
-pub struct WatchedStore {
-    inner: Arc<dyn ModuleStore>,
-    changes: FileChanges,
-}
+pub type WatchedStore = HookedStore<FileChanges>;
 
-impl WatchedStore {
-    pub fn new(inner: Arc<dyn ModuleStore>, changes: FileChanges) -> Self {
-        WatchedStore { inner, changes }
-    }
-}
-
-impl ModuleStore for WatchedStore {
-    fn stage(&self) -> io::Result<Box<dyn StagedFile>> {
-        self.inner.stage()
-    }
-
-    fn commit(
-        &self,
-        staged: Box<dyn StagedFile>,
-        module_name: &str,
-        checksum: &str,
-    ) -> io::Result<PathBuf> {
-        // Counted whether or not it succeeds: a failed commit may have changed something too.
-        self.changes.bump();
-        self.inner.commit(staged, module_name, checksum)
-    }
-
-    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
-        self.inner.read(path)
-    }
-
-    fn open(&self, path: &Path) -> io::Result<Box<dyn io::Read + Send>> {
-        self.inner.open(path)
-    }
-
-    fn remove(&self, path: &Path) -> io::Result<()> {
-        self.changes.bump();
-        self.inner.remove(path)
-    }
-
-    fn list(&self) -> io::Result<Vec<StoredModule>> {
-        self.inner.list()
-    }
-
-    fn load_index(&self) -> io::Result<Option<Vec<u8>>> {
-        self.inner.load_index()
-    }
-
-    fn save_index(&self, bytes: &[u8]) -> io::Result<()> {
-        self.inner.save_index(bytes)
-    }
-
-    fn wipe(&self) -> io::Result<()> {
-        self.changes.bump();
-        self.inner.wipe()
-    }
-
-    fn survives_crash(&self) -> bool {
-        self.inner.survives_crash()
+impl StoreHooks for FileChanges {
+    fn before_change(&self) {
+        self.bump();
     }
 }
 
@@ -199,7 +145,7 @@ impl DecodedResources {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::MemStore;
+    use crate::store::{MemStore, ModuleStore};
     use std::io::Write as _;
 
     fn commit(store: &dyn ModuleStore, name: &str, bytes: &[u8]) -> PathBuf {

@@ -13,6 +13,9 @@ use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
+mod hooked;
+pub use hooked::{HookedStore, StoreHooks};
+
 pub const INDEX_FILE: &str = "index.json";
 const STAGING_DIR: &str = ".staging";
 

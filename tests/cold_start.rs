@@ -8,8 +8,7 @@
 
 mod common;
 
-use std::io::{self, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -23,72 +22,41 @@ use wasm_ecds::engine::Serving;
 use wasm_ecds::fetch::StagedModule;
 use wasm_ecds::outcome::Outcome;
 use wasm_ecds::plugin::ObjectKey;
-use wasm_ecds::store::{DiskStore, ModuleStore, StagedFile, StoredModule};
+use wasm_ecds::store::{DiskStore, HookedStore, ModuleStore, StoreHooks};
 
-/// A disk store whose module reads (`open`, `read`: what verification does) wait while the gate
-/// is closed.
-struct Gated {
-    disk: DiskStore,
+/// A disk store whose module reads (`open`, `read`: what verification does) wait while its
+/// [`Gate`] is closed.
+type Gated = HookedStore<Gate>;
+
+fn gated(dir: &Path, threads: usize) -> Arc<Gated> {
+    let disk = DiskStore::open(dir)
+        .unwrap()
+        .with_verify_threads(Some(threads));
+    let gate = Gate {
+        open: Mutex::new(true),
+        changed: Condvar::new(),
+    };
+    Arc::new(HookedStore::new(Arc::new(disk), gate))
+}
+
+struct Gate {
     open: Mutex<bool>,
     changed: Condvar,
 }
 
-impl Gated {
-    fn new(dir: &Path, threads: usize) -> Arc<Self> {
-        Arc::new(Gated {
-            disk: DiskStore::open(dir)
-                .unwrap()
-                .with_verify_threads(Some(threads)),
-            open: Mutex::new(true),
-            changed: Condvar::new(),
-        })
-    }
-
+impl Gate {
     fn set(&self, open: bool) {
         *self.open.lock().unwrap() = open;
         self.changed.notify_all();
     }
+}
 
-    fn pass(&self) {
+impl StoreHooks for Gate {
+    fn before_read(&self, _path: &Path) {
         let mut open = self.open.lock().unwrap();
         while !*open {
             open = self.changed.wait(open).unwrap();
         }
-    }
-}
-
-impl ModuleStore for Gated {
-    fn stage(&self) -> io::Result<Box<dyn StagedFile>> {
-        self.disk.stage()
-    }
-    fn commit(&self, s: Box<dyn StagedFile>, name: &str, checksum: &str) -> io::Result<PathBuf> {
-        self.disk.commit(s, name, checksum)
-    }
-    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
-        self.pass();
-        self.disk.read(path)
-    }
-    fn open(&self, path: &Path) -> io::Result<Box<dyn Read + Send>> {
-        self.pass();
-        self.disk.open(path)
-    }
-    fn remove(&self, path: &Path) -> io::Result<()> {
-        self.disk.remove(path)
-    }
-    fn list(&self) -> io::Result<Vec<StoredModule>> {
-        self.disk.list()
-    }
-    fn load_index(&self) -> io::Result<Option<Vec<u8>>> {
-        self.disk.load_index()
-    }
-    fn save_index(&self, bytes: &[u8]) -> io::Result<()> {
-        self.disk.save_index(bytes)
-    }
-    fn wipe(&self) -> io::Result<()> {
-        self.disk.wipe()
-    }
-    fn verify_threads(&self) -> usize {
-        self.disk.verify_threads()
     }
 }
 
@@ -180,8 +148,8 @@ fn a_module_waiting_for_verification_is_neither_served_nor_expired_nor_lost() {
     let dir = tempfile::tempdir().unwrap();
     let keys = damaged_cache(dir.path());
     let (good, bad) = (&keys[0], &keys[3]);
-    let store = Gated::new(dir.path(), 2);
-    store.set(false);
+    let store = gated(dir.path(), 2);
+    store.hooks().set(false);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let _context = runtime.enter();
     let (mut cache, report) = Cache::open(store.clone()).unwrap();
@@ -203,7 +171,7 @@ fn a_module_waiting_for_verification_is_neither_served_nor_expired_nor_lost() {
     let index: Value = serde_json::from_slice(&store.load_index().unwrap().unwrap()).unwrap();
     assert_eq!(index["modules"].as_array().unwrap().len(), 15);
 
-    store.set(true);
+    store.hooks().set(true);
     let report = cache.wait_verified();
     assert_eq!((report.kept, report.verifying), (12, 0));
     assert_eq!(report.removed.len(), 5);
@@ -219,7 +187,7 @@ fn a_module_waiting_for_verification_is_neither_served_nor_expired_nor_lost() {
 #[test]
 fn a_corrupt_module_is_never_served_even_to_the_first_plugin_and_is_pulled_again() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Gated::new(dir.path(), 1);
+    let store = gated(dir.path(), 1);
     let mut h = Harness::with(Config::default(), store.clone(), None);
     let (a, b) = (wasm("a"), wasm("b"));
     h.world.publish_http("a.test", "/m.wasm", a.clone());
@@ -236,7 +204,7 @@ fn a_corrupt_module_is_never_served_even_to_the_first_plugin_and_is_pulled_again
     h.outcomes();
 
     // Restart with verification held: both plugins wait for their module; nothing is served.
-    store.set(false);
+    store.hooks().set(false);
     let (rt, driver) = h.parts();
     let ticket = rt.block_on(async {
         let (report, ticket) = driver.restart(true).unwrap();
@@ -248,7 +216,7 @@ fn a_corrupt_module_is_never_served_even_to_the_first_plugin_and_is_pulled_again
     }
     assert!(h.resources().names().is_empty());
 
-    store.set(true);
+    store.hooks().set(true);
     let (rt, driver) = h.parts();
     rt.block_on(driver.run_until_done(&ticket)).unwrap();
     let outcomes: Vec<(ObjectKey, Outcome)> = h.outcomes();

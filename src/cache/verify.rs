@@ -502,52 +502,16 @@ pub fn hash_file(store: &dyn ModuleStore, path: &Path, buf: &mut [u8]) -> io::Re
 mod tests {
     use super::*;
     use crate::fetch::StagedModule;
-    use crate::store::{MemStore, StagedFile, StoredModule};
+    use crate::store::{HookedStore, MemStore, StoreHooks};
 
-    /// A memory store whose reads of one module file panic (a store's bug), verified on one
-    /// worker thread of its own.
-    struct Panicky {
-        mem: Arc<MemStore>,
-        bad: PathBuf,
-    }
+    /// Reads of one module file panic (a store's bug); verified on one worker thread of its own.
+    struct PanicOn(PathBuf);
 
-    impl Panicky {
-        fn check(&self, path: &Path) {
-            assert!(path != self.bad, "reading {}\nfailed", path.display());
+    impl StoreHooks for PanicOn {
+        fn before_read(&self, path: &Path) {
+            assert!(path != self.0, "reading {}\nfailed", path.display());
         }
-    }
-
-    impl ModuleStore for Panicky {
-        fn stage(&self) -> io::Result<Box<dyn StagedFile>> {
-            self.mem.stage()
-        }
-        fn commit(&self, s: Box<dyn StagedFile>, name: &str, sum: &str) -> io::Result<PathBuf> {
-            self.mem.commit(s, name, sum)
-        }
-        fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
-            self.check(path);
-            self.mem.read(path)
-        }
-        fn open(&self, path: &Path) -> io::Result<Box<dyn Read + Send>> {
-            self.check(path);
-            self.mem.open(path)
-        }
-        fn remove(&self, path: &Path) -> io::Result<()> {
-            self.mem.remove(path)
-        }
-        fn list(&self) -> io::Result<Vec<StoredModule>> {
-            self.mem.list()
-        }
-        fn load_index(&self) -> io::Result<Option<Vec<u8>>> {
-            self.mem.load_index()
-        }
-        fn save_index(&self, bytes: &[u8]) -> io::Result<()> {
-            self.mem.save_index(bytes)
-        }
-        fn wipe(&self) -> io::Result<()> {
-            self.mem.wipe()
-        }
-        fn verify_threads(&self) -> usize {
+        fn verify_threads(&self, _inner: usize) -> usize {
             1
         }
     }
@@ -575,10 +539,7 @@ mod tests {
         // Reading the file verified first (the store lists in path order) panics, on the one
         // verification thread: the two others come after it.
         let b = (0..3).min_by_key(|&i| &paths[i]).unwrap();
-        let panicky = Arc::new(Panicky {
-            mem: mem.clone(),
-            bad: paths[b].clone(),
-        });
+        let panicky = Arc::new(HookedStore::new(store.clone(), PanicOn(paths[b].clone())));
         let (mut cache, report) = Cache::open(panicky).unwrap();
         assert_eq!(report.verifying, 3);
         // A plugin waiting for that module learns a result instead of waiting forever.
