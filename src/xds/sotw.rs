@@ -163,10 +163,7 @@ impl SotwStream {
             return false;
         }
         let (current, revision) = self.core.lookup_subscribed_at(store);
-        if current
-            .iter()
-            .all(|e| self.core.held.get(&*e.name).is_some_and(|h| h.is(e.id())))
-        {
+        if self.core.holds_all(&current) {
             self.core.give_back(current);
             self.synced = Some(revision);
             return false;
@@ -394,6 +391,44 @@ mod tests {
         store.set("a", config("fixed"));
         let r3 = s.change(&store).expect("a new version is sent");
         assert_eq!(r3.version_info, store.version_of("a").unwrap());
+    }
+
+    /// Pushes and ACKs of the same resources, over and over (the stream then compares its names
+    /// with the store's by pointer, in one walk), record each new version as sent and ACKed; an
+    /// ACK after a NACK clears the NACK.
+    #[test]
+    fn repeated_pushes_and_acks_record_each_version() {
+        let store = ResourceStore::new();
+        store.set("a", config("1"));
+        store.set("b", config("1"));
+        let mut s = stream();
+        let mut last = s.req(request(&["a", "b"], "", ""), &store).unwrap();
+        assert!(s.req(ack(&["a", "b"], &last), &store).is_none());
+        for i in 2..5 {
+            store.set("b", config(&i.to_string()));
+            let r = s.change(&store).expect("b changed");
+            assert_eq!(r.resources.len(), 2);
+            assert!(s.req(ack(&["a", "b"], &r), &store).is_none());
+            let info = s.core().info();
+            for name in ["a", "b"] {
+                assert_eq!(info.sent.get(name), store.version_of(name).as_ref());
+                assert_eq!(info.acked.get(name), store.version_of(name).as_ref());
+            }
+            assert!(s.change(&store).is_none(), "nothing new");
+            last = r;
+        }
+        store.set("a", config("bad"));
+        let r = s.change(&store).expect("a changed");
+        assert!(s
+            .req(nack(&["a", "b"], &last.version_info, &r), &store)
+            .is_none());
+        assert_eq!(s.core().info().nacked.len(), 2);
+        store.set("a", config("fixed"));
+        let r = s.change(&store).expect("a fixed");
+        assert!(s.req(ack(&["a", "b"], &r), &store).is_none());
+        let info = s.core().info();
+        assert!(info.nacked.is_empty(), "{:?}", info.nacked);
+        assert_eq!(info.acked.get("a"), store.version_of("a").as_ref());
     }
 
     #[test]

@@ -79,6 +79,28 @@ pub(crate) fn set(map: &mut BTreeMap<Arc<str>, Held>, name: &Arc<str>, version: 
     }
 }
 
+/// Whether `a` and `b` name the same resource: the same string of the store (one pointer
+/// compare, the usual case: every stream keys its maps by the store's own names, which a
+/// replaced resource keeps), or equal text.
+fn same_name(a: &Arc<str>, b: &Arc<str>) -> bool {
+    Arc::ptr_eq(a, b) || a == b
+}
+
+/// Whether the names of `map` are exactly those of `entries` (sorted by name), in order: one
+/// walk comparing pointers ([`same_name`]), instead of a search of `map` per entry comparing
+/// text. This runs for every push and ACK.
+fn keys_are(map: &BTreeMap<Arc<str>, Held>, entries: &[Arc<Entry>]) -> bool {
+    map.len() == entries.len() && (map.keys().zip(entries)).all(|(k, e)| same_name(k, &e.name))
+}
+
+/// Whether `map` holds every one of `entries`' versions (sorted by name).
+fn holds_all(map: &BTreeMap<Arc<str>, Held>, entries: &[Arc<Entry>]) -> bool {
+    if keys_are(map, entries) {
+        return (map.values().zip(entries)).all(|(v, e)| v.is(e.id()));
+    }
+    (entries.iter()).all(|e| map.get(&*e.name).is_some_and(|h| h.is(e.id())))
+}
+
 /// `map` with its versions as text, as reports show them.
 fn texts(map: &BTreeMap<Arc<str>, Held>) -> BTreeMap<String, String> {
     (map.iter())
@@ -159,16 +181,23 @@ impl StreamCore {
     /// A SotW response carried exactly `entries` (sorted by name): the proxy now holds them, and
     /// only them.
     pub(crate) fn hold(&mut self, entries: &[Arc<Entry>]) {
-        if self.held.len() != entries.len()
-            || !(self.held.keys().map(|n| &**n)).eq(entries.iter().map(|e| &*e.name))
-        {
-            // `entries` is sorted by name.
-            self.held
-                .retain(|n, _| (entries.binary_search_by(|e| e.name.cmp(n))).is_ok());
+        if keys_are(&self.held, entries) {
+            for (v, e) in self.held.values_mut().zip(entries) {
+                *v = Held::Served(e.id());
+            }
+            return;
         }
+        // `entries` is sorted by name.
+        self.held
+            .retain(|n, _| (entries.binary_search_by(|e| e.name.cmp(n))).is_ok());
         for e in entries {
             set(&mut self.held, &e.name, e.id());
         }
+    }
+
+    /// Whether the proxy holds every one of `entries` (sorted by name) at its version.
+    pub(crate) fn holds_all(&self, entries: &[Arc<Entry>]) -> bool {
+        holds_all(&self.held, entries)
     }
 
     /// The proxy rejected the resources of `response` with `message`.
@@ -185,6 +214,13 @@ impl StreamCore {
     /// The proxy accepted `response`: its resources' versions, those still subscribed when
     /// `subscribed_only`, count as ACKed.
     pub(crate) fn ack_entries(&mut self, response: &Outstanding, subscribed_only: bool) {
+        if !subscribed_only && self.nacked.is_empty() && keys_are(&self.acked, &response.entries) {
+            // The usual ACK: of the same resources as the last one.
+            for (v, e) in self.acked.values_mut().zip(&response.entries) {
+                *v = Held::Served(e.id());
+            }
+            return;
+        }
         for e in &response.entries {
             if !subscribed_only || self.subscribed.contains(&*e.name) {
                 self.ack_resource(&e.name, e.id());
