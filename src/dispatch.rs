@@ -25,7 +25,9 @@ use std::future::Future as _;
 use tokio::task::{AbortHandle, JoinSet};
 
 use crate::config::Config;
-use crate::engine::{run_job, share_result, Begun, Engine, Failure, Job, Obtained, Pending};
+use crate::engine::{
+    run_job, share_result, Begun, Engine, Failure, FlightKey, Job, Obtained, Pending,
+};
 
 /// Identifies one job (one task) for the life of the dispatcher.
 type JobId = u64;
@@ -59,7 +61,7 @@ impl Default for PullLimits {
 /// One job in flight: running, or queued for a slot.
 struct Flight {
     /// Its single-flight key ([`crate::engine::Job::flight_key`]).
-    key: String,
+    key: FlightKey,
     waiters: Vec<Pending>,
     /// The host whose slots it takes; `None` for a local file (never queued).
     host: Option<String>,
@@ -78,7 +80,7 @@ enum FlightState {
 pub struct Dispatcher {
     flights: BTreeMap<JobId, Flight>,
     /// Single-flight key → the job in flight under it.
-    by_key: BTreeMap<String, JobId>,
+    by_key: BTreeMap<FlightKey, JobId>,
     tasks: JoinSet<Completion>,
     /// The job each task runs, to fail its waiters if the task panics.
     task_jobs: HashMap<tokio::task::Id, JobId>,
@@ -226,11 +228,8 @@ impl Dispatcher {
             let result = run_job(&fetcher, &job).await;
             // A module the source confirmed may still be in its start-up verification: it is
             // served only once verified (see `Engine::lost_cache_hit` for one that failed).
-            // (Nothing left to verify, the usual case: nothing to wait for, no waiting set up.)
             if let Ok(Obtained::Revalidated(key)) = &result {
-                if verifier.remaining() > 0 {
-                    verifier.wait(key).await;
-                }
+                verifier.wait(key).await;
             }
             (id, result)
         };

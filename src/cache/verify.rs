@@ -177,6 +177,10 @@ impl Verifier {
     /// Waits until `key` is no longer waiting for verification, moving it to the front first.
     /// Its result reaches the cache through [`Verifier::take`].
     pub async fn wait(&self, key: &ModuleKey) {
+        // Nothing left to verify, the usual case: nothing to wait for, no waiting set up.
+        if !self.is_pending(key) {
+            return;
+        }
         self.prioritize(key);
         loop {
             let notified = self.notify.notified();
@@ -309,7 +313,8 @@ fn log_verified(kept: usize, removed: usize) {
 }
 
 fn pending(st: &State, key: &ModuleKey) -> bool {
-    !st.cancelled
+    st.remaining > 0
+        && !st.cancelled
         && matches!(
             st.checks.get(key),
             Some((_, Status::Queued | Status::Running))
@@ -556,6 +561,31 @@ mod tests {
         let mut kept: Vec<PathBuf> = others.iter().map(|&i| paths[i].clone()).collect();
         kept.sort();
         assert_eq!(left, kept, "its file removed, the others kept");
+    }
+
+    #[test]
+    fn waiting_for_a_module_not_being_verified_ends_at_once() {
+        use futures_util::FutureExt as _;
+        let mem = Arc::new(MemStore::new());
+        let store: Arc<dyn ModuleStore> = mem.clone();
+        let key = ModuleKey::new("http://h/a.wasm", "a");
+        {
+            let (mut cache, _) = Cache::open(store.clone()).unwrap();
+            let bytes = format!("\0asm\x01\0\0\0{}", key.name).into_bytes();
+            let staged = StagedModule::of_bytes(store.as_ref(), &bytes).unwrap();
+            cache.insert(&key, staged, false, Timestamp::ZERO).unwrap();
+            cache.set_resolution(&key.name, &key);
+            cache.flush(Timestamp::ZERO);
+        }
+        // Verified at start, on the store's worker threads.
+        let (cache, _) = Cache::open(store).unwrap();
+        let verifier = cache.verifier();
+        verifier.wait_blocking(&key);
+        assert_eq!(verifier.remaining(), 0);
+        // Verified, and never known: both end at their first poll.
+        assert_eq!(verifier.wait(&key).now_or_never(), Some(()));
+        let other = ModuleKey::new("http://h/b.wasm", "b");
+        assert_eq!(verifier.wait(&other).now_or_never(), Some(()));
     }
 
     #[test]

@@ -1,7 +1,6 @@
 //! Phase 2 of a processing: the fetch a [`Job`] describes, run off the engine (it borrows nothing of
 //! it), and its result, [`Obtained`] or a [`Failure`].
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use crate::cache::ModuleKey;
@@ -33,9 +32,10 @@ pub enum Job {
         name: String,
         credentials: Option<Credentials>,
         expected: Option<String>,
-        /// The cached modules of this name when the job was planned: an OCI pull stops after the
-        /// manifest when the digest it resolves to is among them.
-        cached: Arc<BTreeSet<ModuleKey>>,
+        /// The checksums of the cached modules of this name when the job was planned: an OCI pull
+        /// stops after the manifest when the digest it resolves to is among them. (Usually none
+        /// or one: a list, the name not copied with each.)
+        cached: Vec<String>,
         /// The plugin's own pull timeout, if it has one.
         timeout: Option<std::time::Duration>,
     },
@@ -61,31 +61,58 @@ impl Job {
     }
 
     /// Identity for single-flight: two plugins whose jobs have the same key share one download.
-    pub fn flight_key(&self) -> String {
+    /// Made of the job's parts, not formatted into one text (it is built for every job).
+    pub fn flight_key(&self) -> FlightKey {
         match self {
-            Job::File { path, expected } => format!("file:{path}#{expected:?}"),
-            Job::Verify { key, .. } => format!("verify:{}#{}", key.name, key.checksum),
-            Job::Http { url, expected, .. } => {
+            Job::File { path, expected } => FlightKey::File {
+                path: path.clone(),
+                expected: expected.clone(),
+            },
+            Job::Verify { key, .. } => FlightKey::Verify(key.clone()),
+            Job::Http { url, expected, .. } => FlightKey::Http {
+                url: url.as_str().to_string(),
+                expected: expected.clone(),
                 // The module name hides credentials; two sets of them are two downloads.
-                let who = url
+                who: url
                     .has_credentials()
-                    .then(|| crate::store::sha256_hex(url.as_written().as_bytes()));
-                format!("http:{}#{expected:?}#{who:?}", url.as_str())
-            }
+                    .then(|| crate::store::sha256_hex(url.as_written().as_bytes())),
+            },
             Job::Oci {
                 reference,
                 credentials,
                 expected,
                 ..
-            } => {
+            } => FlightKey::Oci {
+                reference: reference.clone(),
+                expected: expected.clone(),
                 // Credentials take part so that a module is never shared across authorizations.
-                let who = credentials
+                who: credentials
                     .as_ref()
-                    .map(|c| crate::store::sha256_hex(c.basic_header().as_bytes()));
-                format!("oci:{reference}#{expected:?}#{who:?}")
-            }
+                    .map(|c| crate::store::sha256_hex(c.basic_header().as_bytes())),
+            },
         }
     }
+}
+
+/// A job's identity for single-flight ([`Job::flight_key`]). `who`: the sha256 of the credentials
+/// a pull uses, if any (never the credentials themselves).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FlightKey {
+    File {
+        path: String,
+        expected: Option<String>,
+    },
+    Verify(ModuleKey),
+    Http {
+        url: String,
+        expected: Option<String>,
+        who: Option<String>,
+    },
+    Oci {
+        reference: OciRef,
+        expected: Option<String>,
+        who: Option<String>,
+    },
 }
 
 /// Why a processing obtained no module. Every variant maps onto exactly one [`Reason`].
@@ -234,8 +261,9 @@ pub async fn run_job(fetcher: &Fetcher, job: &Job) -> Result<Obtained, Failure> 
                     resolved.digest.clone()
                 }
             };
+            let revalidated = cached.contains(&checksum);
             let key = ModuleKey::new(name.clone(), checksum);
-            if cached.contains(&key) {
+            if revalidated {
                 return Ok(Obtained::Revalidated(key));
             }
             let staged = fetcher.oci_download(&resolved, budget).await?;

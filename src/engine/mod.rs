@@ -41,7 +41,7 @@ use crate::source::VersionedPlugin;
 use crate::store::{FileSource, ModuleStore};
 use deadlines::RetryQueue;
 
-pub use job::{run_job, share_result, Failure, Job, Obtained};
+pub use job::{run_job, share_result, Failure, FlightKey, Job, Obtained};
 pub use plan::{Begun, Pending};
 pub use state::{Event, PluginState, ServedModule, ServedModules, Serving, Trigger};
 

@@ -1,8 +1,6 @@
 //! Phase 1 of a processing: the pull policy applied to the cache decides whether the plugin is
 //! served from the cache at once or a [`Job`] must fetch something (behavior.md §2, §4.2, §5).
 
-use std::sync::Arc;
-
 use super::job::{Failure, Job, Obtained};
 use super::state::Trigger;
 use super::Engine;
@@ -129,14 +127,14 @@ impl Engine {
                 let name = st.url.module_name();
                 // Modules still being verified included: a revalidation waits for it.
                 let cached = (self.cache.entries_named(&name))
-                    .map(|(k, _)| k.clone())
+                    .map(|(k, _)| k.checksum.clone())
                     .collect();
                 Job::Oci {
                     name,
                     reference,
                     credentials,
                     expected,
-                    cached: Arc::new(cached),
+                    cached,
                     timeout,
                 }
             }
