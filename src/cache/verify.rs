@@ -510,11 +510,29 @@ mod tests {
     use crate::store::{HookedStore, MemStore, StoreHooks};
 
     /// Reads of one module file panic (a store's bug); verified on one worker thread of its own.
-    struct PanicOn(PathBuf);
+    /// Reads wait until the test opens the gate, so what it sees before does not depend on how
+    /// fast that thread is.
+    struct PanicOn {
+        bad: PathBuf,
+        open: std::sync::Mutex<bool>,
+        opened: std::sync::Condvar,
+    }
+
+    impl PanicOn {
+        fn open_gate(&self) {
+            *self.open.lock().unwrap() = true;
+            self.opened.notify_all();
+        }
+    }
 
     impl StoreHooks for PanicOn {
         fn before_read(&self, path: &Path) {
-            assert!(path != self.0, "reading {}\nfailed", path.display());
+            let mut open = self.open.lock().unwrap();
+            while !*open {
+                open = self.opened.wait(open).unwrap();
+            }
+            drop(open); // the panic below must not poison the gate
+            assert!(path != self.bad, "reading {}\nfailed", path.display());
         }
         fn verify_threads(&self, _inner: usize) -> usize {
             1
@@ -544,9 +562,15 @@ mod tests {
         // Reading the file verified first (the store lists in path order) panics, on the one
         // verification thread: the two others come after it.
         let b = (0..3).min_by_key(|&i| &paths[i]).unwrap();
-        let panicky = Arc::new(HookedStore::new(store.clone(), PanicOn(paths[b].clone())));
-        let (mut cache, report) = Cache::open(panicky).unwrap();
-        assert_eq!(report.verifying, 3);
+        let hooks = PanicOn {
+            bad: paths[b].clone(),
+            open: Default::default(),
+            opened: Default::default(),
+        };
+        let panicky = Arc::new(HookedStore::new(store.clone(), hooks));
+        let (mut cache, report) = Cache::open(panicky.clone()).unwrap();
+        assert_eq!(report.verifying, 3, "no file read yet");
+        panicky.hooks().open_gate();
         // A plugin waiting for that module learns a result instead of waiting forever.
         cache.verifier().wait_blocking(&keys[b]);
         let report = cache.wait_verified();
