@@ -10,6 +10,7 @@
 //! - [`world`]: the simulated hosts behind the fetchers' [`Transport`](crate::fetch::Transport):
 //!   registries, HTTP servers, injected failures, auth, request counts;
 //! - [`served`]: the sha256 of delivered module files, hashed again only after a change;
+//! - [`trace`]: the lines a run records, in one buffer;
 //! - [`runner`]: drives the [`Engine`](crate::engine::Engine) step by step through virtual time and
 //!   checks expectations;
 //! - [`report`]: `sim PATH...` — file discovery, text/JSON/JUnit output, exit status.
@@ -23,6 +24,7 @@ pub mod rules;
 pub mod runner;
 pub mod scenario;
 pub mod served;
+pub mod trace;
 pub mod world;
 
 #[cfg(test)]
@@ -31,3 +33,4 @@ mod tests;
 pub use report::{run_paths, run_paths_to, RunOptions, EXIT_FAILED, EXIT_INVALID, EXIT_PASSED};
 pub use runner::{run_scenario, CheckFailure, ScenarioRun};
 pub use scenario::{parse_scenario, LoadError, Scenario};
+pub use trace::Trace;

@@ -188,7 +188,7 @@ fn collect_here(paths: &[PathBuf], keep_trace: bool) -> Report {
                         passed,
                         failure: run.failures.first().cloned(),
                         failures: run.failures,
-                        trace: keep_trace.then_some(run.trace),
+                        trace: keep_trace.then(|| run.trace.to_lines()),
                     });
                 }
             }
@@ -232,7 +232,7 @@ fn run_guarded(scenario: &super::scenario::Scenario) -> ScenarioRun {
                     expected: "the scenario to run".into(),
                     actual: format!("panic: {msg}"),
                 }],
-                trace: Vec::new(),
+                trace: Default::default(),
             }
         }
     }

@@ -16,6 +16,7 @@
 //! Length: a little over 600 lines, kept whole: every step's effect and every check of `expect`
 //! read the same runner state.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -26,6 +27,8 @@ use super::scenario::{
     SERVES_ABSENT, SERVES_ALLOW_ALL, SERVES_DENY_ALL,
 };
 use super::served::{Decoded, DecodedResources, FileChanges, ServedHashes, WatchedStore};
+pub use super::trace::trace_line;
+use super::trace::Trace;
 use super::world::SimWorld;
 use crate::clock::{paused_runtime, Clock, PausedClock, Timestamp, TokioClock};
 use crate::driver::{Applied, Driver, DriverParts};
@@ -72,7 +75,7 @@ pub struct ScenarioRun {
     /// Every failing check of the step that failed (empty when the scenario passed).
     pub failures: Vec<CheckFailure>,
     /// `[  12.500s] …` lines.
-    pub trace: Vec<String>,
+    pub trace: Trace,
 }
 
 impl ScenarioRun {
@@ -86,12 +89,18 @@ impl ScenarioRun {
 pub fn run_scenario(scenario: &Scenario) -> ScenarioRun {
     let (rt, paused) = match paused_runtime() {
         Ok(made) => made,
-        Err(e) => return error_run(0, format!("cannot start the runtime: {e}"), Vec::new()),
+        Err(e) => {
+            return error_run(
+                0,
+                format!("cannot start the runtime: {e}"),
+                Trace::default(),
+            )
+        }
     };
     rt.block_on(async {
         let mut runner = match Runner::new(scenario, paused) {
             Ok(r) => r,
-            Err(e) => return error_run(0, e, Vec::new()),
+            Err(e) => return error_run(0, e, Trace::default()),
         };
         let failures = runner.run().await;
         ScenarioRun {
@@ -101,7 +110,7 @@ pub fn run_scenario(scenario: &Scenario) -> ScenarioRun {
     })
 }
 
-fn error_run(step: usize, message: String, trace: Vec<String>) -> ScenarioRun {
+fn error_run(step: usize, message: String, trace: Trace) -> ScenarioRun {
     ScenarioRun {
         failures: vec![step_error(step, message)],
         trace,
@@ -117,43 +126,6 @@ fn step_error(step: usize, message: String) -> CheckFailure {
     }
 }
 
-/// One trace line: `[  12.500s] text`.
-pub fn trace_line(at: Timestamp, text: &str) -> String {
-    trace_line_of(at, text)
-}
-
-/// [`trace_line`] of anything printable, formatted straight into the line.
-fn trace_line_of(at: Timestamp, text: impl std::fmt::Display) -> String {
-    use std::fmt::Write as _;
-    let mut line = String::with_capacity(64);
-    // `[{:>9}]` of the time's `Display` (`90.500s`), written digit by digit (the formatter's
-    // padding costs more than the rest of a line): the seconds padded to 4 make the 9 columns
-    // (longer ones overflow the same way).
-    let (mut secs, millis) = (at.0.as_secs(), at.0.subsec_millis());
-    let mut digits = [0u8; 20];
-    let mut n = 0;
-    loop {
-        digits[n] = b'0' + (secs % 10) as u8;
-        n += 1;
-        secs /= 10;
-        if secs == 0 {
-            break;
-        }
-    }
-    line.push('[');
-    for _ in n..4 {
-        line.push(' ');
-    }
-    line.extend(digits[..n].iter().rev().map(|&d| char::from(d)));
-    line.push('.');
-    for d in [millis / 100, millis / 10 % 10, millis % 10] {
-        line.push(char::from(b'0' + d as u8));
-    }
-    line.push_str("s] ");
-    let _ = write!(line, "{text}");
-    line
-}
-
 struct Runner<'a> {
     s: &'a Scenario,
     clock: Arc<TokioClock>,
@@ -162,7 +134,9 @@ struct Runner<'a> {
     driver: Driver,
     /// The runtime's clock is paused: steps move it ([`Driver::advance_to`]).
     paused: PausedClock,
-    trace: Vec<String>,
+    trace: Trace,
+    /// The events [`Runner::drain`] orders, kept empty between steps.
+    pending: Vec<(Timestamp, u8, String)>,
     /// Outcome of the last processing of each plugin since the previous `expect`.
     outcomes: BTreeMap<ObjectKey, Outcome>,
     /// Modules that left the cache since the previous `expect`.
@@ -206,7 +180,8 @@ impl<'a> Runner<'a> {
             files,
             driver,
             paused,
-            trace: Vec::new(),
+            trace: Trace::default(),
+            pending: Vec::new(),
             outcomes: BTreeMap::new(),
             expired: BTreeSet::new(),
             served: ServedHashes::new(changes.clone()),
@@ -225,14 +200,12 @@ impl<'a> Runner<'a> {
     }
 
     fn log(&mut self, at: Timestamp, text: impl std::fmt::Display) {
-        self.trace.push(trace_line_of(at, text));
+        self.trace.push(at, text);
     }
 
     /// The module of the scenario with these bytes' sha256.
-    fn module_name(&self, sha256: &str) -> String {
-        self.s
-            .module_by_sha256(sha256)
-            .map_or_else(|| UNKNOWN_MODULE.to_string(), str::to_string)
+    fn module_name(&self, sha256: &str) -> &'a str {
+        self.s.module_by_sha256(sha256).unwrap_or(UNKNOWN_MODULE)
     }
 
     async fn run(&mut self) -> Vec<CheckFailure> {
@@ -278,14 +251,19 @@ impl<'a> Runner<'a> {
     /// Moves the world's and the engine's events into the trace, in time order (requests before the
     /// processing they belong to), and records outcomes and expiries for `expect`.
     fn drain(&mut self) {
-        let mut items: Vec<(Timestamp, u8, String)> = self
-            .world
-            .take_events()
-            .into_iter()
-            .map(|e| (e.at, 0, e.text))
-            .collect();
+        // One buffer for every step's events, kept between steps.
+        let mut items = std::mem::take(&mut self.pending);
+        items.extend(
+            self.world
+                .take_events()
+                .into_iter()
+                .map(|e| (e.at, 0, e.text)),
+        );
         for e in self.driver.take_events() {
-            let (at, text) = (e.at(), e.trace_text(&|sha| self.module_name(sha)));
+            let (at, text) = (
+                e.at(),
+                e.trace_text(&|sha| self.module_name(sha).to_string()),
+            );
             match e {
                 Event::Processed {
                     plugin, outcome, ..
@@ -293,16 +271,17 @@ impl<'a> Runner<'a> {
                     self.outcomes.insert(plugin, outcome);
                 }
                 Event::Expired { sha256, .. } => {
-                    self.expired.insert(self.module_name(&sha256));
+                    self.expired.insert(self.module_name(&sha256).to_string());
                 }
                 Event::ServingChanged { .. } | Event::RetryScheduled { .. } => {}
             }
             items.push((at, 1, text));
         }
         items.sort_by_key(|(at, order, _)| (*at, *order));
-        for (at, _, text) in items {
+        for (at, _, text) in items.drain(..) {
             self.log(at, text);
         }
+        self.pending = items;
     }
 
     async fn step(&mut self, n: usize, step: &Step) -> Result<(), Vec<CheckFailure>> {
@@ -494,19 +473,19 @@ impl<'a> Runner<'a> {
 
     /// What a proxy subscribing to the plugin receives now: the resource the driver published,
     /// decoded, and the module bytes read where the proxy would read them.
-    fn serves(&self, k: &ObjectKey) -> String {
+    fn serves(&self, k: &ObjectKey) -> Cow<'a, str> {
         // Another plugin may serve the resource name (an EnvoyFilter patch, behavior.md §10).
         let name = k.resource_name();
         if self.driver.objects().resource_owner(&name) != Some(k) {
-            return SERVES_ABSENT.into();
+            return Cow::Borrowed(SERVES_ABSENT);
         }
         let Some(delivered) = self.delivered.get(self.driver.resources(), &name) else {
-            return SERVES_ABSENT.into();
+            return Cow::Borrowed(SERVES_ABSENT);
         };
         let sha256 = match &*delivered {
-            Decoded::Undecodable => return "<undecodable resource>".into(),
-            Decoded::DenyAll => return SERVES_DENY_ALL.into(),
-            Decoded::AllowAll => return SERVES_ALLOW_ALL.into(),
+            Decoded::Undecodable => return Cow::Borrowed("<undecodable resource>"),
+            Decoded::DenyAll => return Cow::Borrowed(SERVES_DENY_ALL),
+            Decoded::AllowAll => return Cow::Borrowed(SERVES_ALLOW_ALL),
             Decoded::Inline(sha256) => Ok(sha256.clone()),
             Decoded::File(path) => {
                 let path = path.as_path();
@@ -519,12 +498,12 @@ impl<'a> Runner<'a> {
                     self.driver.engine().plugin(k).map(|st| &st.serving),
                 ) {
                     if m.path == *path && m.sha256 != *have {
-                        return format!(
+                        return Cow::Owned(format!(
                             "<{} at {}, but the engine serves {}>",
                             self.module_name(have),
                             path.display(),
                             self.module_name(&m.sha256)
-                        );
+                        ));
                     }
                 }
                 sha256
@@ -539,8 +518,8 @@ impl<'a> Runner<'a> {
                 .map(|b| sha256_hex(&b)),
         };
         match sha256 {
-            Ok(sha256) => self.module_name(&sha256),
-            Err(e) => format!("<unreadable module: {e}>"),
+            Ok(sha256) => Cow::Borrowed(self.module_name(&sha256)),
+            Err(e) => Cow::Owned(format!("<unreadable module: {e}>")),
         }
     }
 
@@ -582,7 +561,7 @@ impl<'a> Runner<'a> {
                 .engine()
                 .cache()
                 .entries()
-                .map(|(_, entry)| self.module_name(&entry.sha256))
+                .map(|(_, entry)| self.module_name(&entry.sha256).to_string())
                 .collect();
             check(&"cache", &list(want), &list(&have));
         }

@@ -53,12 +53,7 @@ fn an_oci_pull_then_a_cache_hit() {
     ))
     .unwrap();
     let run = run_scenario(&s);
-    assert!(
-        run.passed(),
-        "{:#?}\n{}",
-        run.failures,
-        run.trace.join("\n")
-    );
+    assert!(run.passed(), "{:#?}\n{}", run.failures, run.trace.joined());
 }
 
 #[test]
@@ -92,9 +87,9 @@ fn a_failing_check_names_step_check_expected_and_actual() {
     );
     // It stopped there: the advance never ran.
     assert!(
-        !run.trace.iter().any(|l| l.contains("advance")),
+        !run.trace.lines().any(|l| l.contains("advance")),
         "{}",
-        run.trace.join("\n")
+        run.trace.joined()
     );
 }
 
@@ -147,23 +142,23 @@ fn traces_are_identical_across_runs() {
     );
     let a = run_scenario(&parse_scenario(&text).unwrap());
     let b = run_scenario(&parse_scenario(&text).unwrap());
-    assert!(a.trace.len() > 10, "{}", a.trace.join("\n"));
+    assert!(a.trace.len() > 10, "{}", a.trace.joined());
     assert_eq!(a.trace, b.trace);
     assert!(
         a.trace
-            .iter()
+            .lines()
             .all(|l| l.starts_with('[') && l.contains("s] ")),
         "{}",
-        a.trace.join("\n")
+        a.trace.joined()
     );
     assert!(a
         .trace
-        .iter()
+        .lines()
         .any(|l| l.contains("request reg.example manifest /v2/filters/auth/manifests/v1 -> 200")));
     assert!(
-        a.trace.iter().any(|l| l.contains("expired")),
+        a.trace.lines().any(|l| l.contains("expired")),
         "{}",
-        a.trace.join("\n")
+        a.trace.joined()
     );
 }
 
@@ -417,12 +412,7 @@ steps:
       requests: {private.example: {manifest: 2, blob: 1}}
 "#;
     let run = run_scenario(&parse_scenario(text).unwrap());
-    assert!(
-        run.passed(),
-        "{:#?}\n{}",
-        run.failures,
-        run.trace.join("\n")
-    );
+    assert!(run.passed(), "{:#?}\n{}", run.failures, run.trace.joined());
 }
 
 #[test]

@@ -129,6 +129,7 @@ struct Host {
 /// again). One per module name and format, replaced when the bytes differ.
 #[derive(Debug)]
 struct BuiltImage {
+    format: ImageFormat,
     module: Vec<u8>,
     blobs: Vec<(String, Bytes)>,
     manifests: Vec<(String, Stored)>,
@@ -140,6 +141,7 @@ impl BuiltImage {
         let image = build_image(name, module, format);
         let top = image.top().digest.clone();
         BuiltImage {
+            format,
             module: module.to_vec(),
             blobs: (image.blobs.into_iter())
                 .map(|b| (b.digest, Bytes::from(b.bytes)))
@@ -161,7 +163,8 @@ impl BuiltImage {
 #[derive(Debug, Default)]
 struct State {
     hosts: BTreeMap<String, Host>,
-    images: BTreeMap<(String, ImageFormat), BuiltImage>,
+    /// Module name → its images, one per format.
+    images: BTreeMap<String, Vec<BuiltImage>>,
     counts: BTreeMap<String, RequestCounts>,
     events: Vec<WorldEvent>,
     challenge: Option<Challenge>,
@@ -253,35 +256,51 @@ impl SimWorld {
     ) -> String {
         let mut guard = self.state();
         let st = &mut *guard;
-        let image = match st.images.entry((name.to_string(), format)) {
-            std::collections::btree_map::Entry::Occupied(e) if e.get().module == module => {
-                e.into_mut()
+        // Looked up before anything is allocated: a scenario publishes the same few modules to the
+        // same few repositories again and again.
+        let images = entry_of(&mut st.images, name);
+        let image = match images.iter().position(|i| i.format == format) {
+            Some(i) => {
+                if images[i].module != module {
+                    images[i] = BuiltImage::new(name, module, format);
+                }
+                &images[i]
             }
-            std::collections::btree_map::Entry::Occupied(mut e) => {
-                e.insert(BuiltImage::new(name, module, format));
-                e.into_mut()
-            }
-            std::collections::btree_map::Entry::Vacant(e) => {
-                e.insert(BuiltImage::new(name, module, format))
+            None => {
+                images.push(BuiltImage::new(name, module, format));
+                &images[images.len() - 1]
             }
         };
-        let repo = st
-            .hosts
-            .entry(r.registry.to_ascii_lowercase())
-            .or_default()
-            .repos
-            .entry(r.repository.clone())
-            .or_default();
+        let registry = if r.registry.bytes().any(|b| b.is_ascii_uppercase()) {
+            std::borrow::Cow::Owned(r.registry.to_ascii_lowercase())
+        } else {
+            std::borrow::Cow::Borrowed(r.registry.as_str())
+        };
+        let repo = entry_of(&mut entry_of(&mut st.hosts, &registry).repos, &r.repository);
+        // A digest names the bytes: one already there is the same blob or manifest.
         for (digest, bytes) in &image.blobs {
-            repo.blobs.insert(digest.clone(), bytes.clone());
+            if !repo.blobs.contains_key(digest) {
+                repo.blobs.insert(digest.clone(), bytes.clone());
+            }
         }
         for (digest, stored) in &image.manifests {
-            repo.manifests.insert(digest.clone(), stored.clone());
+            match repo.manifests.get_mut(digest) {
+                Some(have) if have.media_type == stored.media_type => {}
+                Some(have) => *have = stored.clone(),
+                None => {
+                    repo.manifests.insert(digest.clone(), stored.clone());
+                }
+            }
         }
-        let digest = image.top.clone();
-        repo.tags
-            .insert(r.tag_or_latest().to_string(), digest.clone());
-        digest
+        let tag = r.tag_or_latest();
+        match repo.tags.get_mut(tag) {
+            Some(have) if *have == image.top => {}
+            Some(have) => have.clone_from(&image.top),
+            None => {
+                repo.tags.insert(tag.to_string(), image.top.clone());
+            }
+        }
+        image.top.clone()
     }
 
     /// Makes `path` of `authority` answer `body`.
@@ -364,6 +383,14 @@ impl SimWorld {
     pub fn take_events(&self) -> Vec<WorldEvent> {
         std::mem::take(&mut self.state().events)
     }
+}
+
+/// `map[key]`, inserted empty first when absent: the key is allocated only then.
+fn entry_of<'m, V: Default>(map: &'m mut BTreeMap<String, V>, key: &str) -> &'m mut V {
+    if !map.contains_key(key) {
+        map.insert(key.to_string(), V::default());
+    }
+    map.get_mut(key).expect("inserted above when absent")
 }
 
 #[async_trait]

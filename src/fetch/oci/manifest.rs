@@ -14,6 +14,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use serde::Deserialize;
 
 use super::auth::Auth;
+use super::digests::MANIFEST_DIGESTS;
 use super::{deadline_exceeded, registry_status, Descriptor, ImageFormat};
 use super::{DOCKER_LAYER, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, MANIFEST_ACCEPT};
 use super::{MAX_MANIFEST_SIZE, OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST};
@@ -21,7 +22,6 @@ use super::{WASM_CONTENT_LAYER, WASM_CONTENT_LAYER_ALT};
 use crate::fetch::request::{read_small_body, ErrorKind};
 use crate::fetch::retry::{with_retries, AttemptError, PullBudget};
 use crate::fetch::{FetchError, Fetcher, HttpRequest};
-use crate::store::sha256_hex;
 use crate::url::is_sha256_hex;
 
 /// A fetched manifest: its bytes, hex digest and `Content-Type`.
@@ -57,7 +57,7 @@ impl Fetcher {
             registry_status(url, resp.status, auth.used_credentials, kind)?;
             let bytes =
                 read_small_body(&final_url, resp.body.as_mut(), MAX_MANIFEST_SIZE, kind).await?;
-            let digest = sha256_hex(&bytes);
+            let digest = MANIFEST_DIGESTS.sha256(url, &bytes);
             if let Some(header) = resp.header("docker-content-digest") {
                 if let Some(hex) = header.trim().strip_prefix("sha256:") {
                     if hex != digest {
@@ -332,6 +332,7 @@ mod tests {
     use crate::fetch::unpack::tests::wasm;
     use crate::fetch::TransportError;
     use crate::outcome::Reason;
+    use crate::store::sha256_hex;
 
     #[tokio::test]
     async fn unusable_manifests_are_manifest_failures() {

@@ -19,12 +19,14 @@
 //! - this file: the resolved reference, the endpoint of a registry, the two steps put together;
 //! - [`auth`]: the ping, Basic and Bearer challenges, token realm checks;
 //! - [`manifest`]: fetching and verifying manifests, image index → `linux/amd64`, choosing the
-//!   module layer per image format;
+//!   module layer per image format; [`digests`]: their sha256, computed again only when the bytes
+//!   read from a URL changed;
 //! - [`pull`]: the blob download, streamed to the store and unpacked per image format;
 //! - [`media_type`]: the media types of every format; [`image`]: builds images in every format
 //!   (for the simulator and the tests).
 
 mod auth;
+mod digests;
 #[cfg(test)]
 mod fixtures;
 pub mod image;
