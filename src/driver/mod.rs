@@ -702,7 +702,7 @@ impl Driver {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 fn new_engine(parts: &DriverParts) -> std::io::Result<(Engine, ReindexReport)> {
     Engine::new(parts.config.clone(), parts.engine.clone())

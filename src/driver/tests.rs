@@ -13,6 +13,25 @@ use crate::sim::world::SimWorld;
 use crate::store::{MemFiles, MemStore};
 use crate::url::OciRef;
 
+/// A driver with default options over `world`, a module store and local files in memory (the
+/// unit tests that drive it through the simulated registry).
+pub(crate) fn sim_driver(clock: Arc<TokioClock>, world: Arc<SimWorld>) -> Driver {
+    let parts = DriverParts {
+        config: crate::config::Config::default(),
+        engine: EngineParts {
+            clock,
+            transport: world,
+            store: Arc::new(MemStore::new()),
+            files: Arc::new(MemFiles::default()),
+            jitter_seed: None,
+            fetch_config: None,
+            purge_epoch: Timestamp::ZERO,
+        },
+        module_endpoint: "http://modules.test".into(),
+    };
+    Driver::new(parts).expect("a driver over memory").0
+}
+
 fn plugin(label: &str, spec: Value) -> Value {
     json!({
         "apiVersion": "extensions.istio.io/v1alpha1",
@@ -44,20 +63,7 @@ fn a_change_that_alters_no_input_of_the_resource_builds_none() {
             &module_bytes("m", None, false),
             ImageFormat::OciArtifact,
         );
-        let parts = DriverParts {
-            config: crate::config::Config::default(),
-            engine: EngineParts {
-                clock,
-                transport: world,
-                store: Arc::new(MemStore::new()),
-                files: Arc::new(MemFiles::default()),
-                jitter_seed: None,
-                fetch_config: None,
-                purge_epoch: Timestamp::ZERO,
-            },
-            module_endpoint: "http://modules.test".into(),
-        };
-        let (mut driver, _) = Driver::new(parts).unwrap();
+        let mut driver = sim_driver(clock, world);
         let key = ObjectKey::new("default", "p");
         let name = key.resource_name();
         let spec = json!({"url": "oci://reg.example/m:v1", "imagePullPolicy": "Always"});

@@ -183,10 +183,9 @@ mod tests {
         use std::sync::Arc;
 
         use crate::clock::TokioClock;
-        use crate::driver::{Driver, DriverParts};
-        use crate::engine::{Engine, EngineParts};
+        use crate::driver::tests::sim_driver;
+        use crate::engine::Engine;
         use crate::sim::world::SimWorld;
-        use crate::store::{MemFiles, MemStore};
 
         /// The scan the queue replaced.
         fn scan(engine: &Engine) -> Vec<(Timestamp, ObjectKey)> {
@@ -214,20 +213,7 @@ mod tests {
         rt.block_on(async {
             let clock = Arc::new(TokioClock::new(Timestamp::ZERO));
             let world = Arc::new(SimWorld::new(clock.clone()));
-            let parts = DriverParts {
-                config: crate::config::Config::default(),
-                engine: EngineParts {
-                    clock,
-                    transport: world,
-                    store: Arc::new(MemStore::new()),
-                    files: Arc::new(MemFiles::default()),
-                    jitter_seed: None,
-                    fetch_config: None,
-                    purge_epoch: Timestamp::ZERO,
-                },
-                module_endpoint: "http://modules.test".into(),
-            };
-            let (mut driver, _) = Driver::new(parts).unwrap();
+            let mut driver = sim_driver(clock, world);
             let purge_only = driver.engine().next_deadline();
             // Nothing is published: both pulls are rejected and retried in the background.
             for name in ["b", "a"] {
