@@ -137,9 +137,11 @@ fn engine_with(rt: &tokio::runtime::Runtime, n: usize) -> (Engine, Dispatcher, V
         for i in 0..n {
             let vp = plugin(i, ImagePullPolicy::IfNotPresent);
             engine.upsert_plugin(&vp);
-            dispatcher.dispatch(&mut engine);
+            let now = engine.now();
+            dispatcher.dispatch(&mut engine, now);
             let done = dispatcher.next_completion().await;
-            dispatcher.complete(&mut engine, done);
+            let now = engine.now();
+            dispatcher.complete(&mut engine, done, now);
             keys.push(vp.plugin.key.clone());
         }
         keys
@@ -166,10 +168,12 @@ fn engine_with(rt: &tokio::runtime::Runtime, n: usize) -> (Engine, Dispatcher, V
     (engine, dispatcher, keys)
 }
 
-/// One processing of a plugin whose module is cached: it begins and commits inside `dispatch`.
+/// One processing of a plugin whose module is cached: it begins and commits inside `dispatch`
+/// (at the instant the clock is read for it, as the driver does).
 fn process(engine: &mut Engine, dispatcher: &mut Dispatcher, key: &ObjectKey) {
     engine.queue(key, Trigger::Secret);
-    let dispatched = dispatcher.dispatch(engine);
+    let now = engine.now();
+    let dispatched = dispatcher.dispatch(engine, now);
     debug_assert!(dispatched.waiting.is_empty(), "a cache hit fetches nothing");
 }
 

@@ -24,6 +24,7 @@ use std::future::Future as _;
 
 use tokio::task::{AbortHandle, JoinSet};
 
+use crate::clock::Timestamp;
 use crate::config::Config;
 use crate::engine::{
     run_job, share_result, Begun, Engine, Failure, FlightKey, Job, Obtained, Pending,
@@ -154,8 +155,9 @@ impl Dispatcher {
     /// Begins every processing the engine queued: results known at once are committed now;
     /// fetches run as tasks (joining an identical one already in flight). Then aborts the jobs no
     /// current processing waits for any more. Returns the ids of the processings left waiting for a
-    /// fetch, and of those whose job was aborted (they are over).
-    pub fn dispatch(&mut self, engine: &mut Engine) -> Dispatched {
+    /// fetch, and of those whose job was aborted (they are over). `now` is the instant they begin
+    /// (and those with a result at once finish): nothing here waits.
+    pub fn dispatch(&mut self, engine: &mut Engine, now: Timestamp) -> Dispatched {
         let mut waiting = Vec::new();
         loop {
             let queue = engine.take_queue();
@@ -163,9 +165,9 @@ impl Dispatcher {
                 break;
             }
             for (key, trigger) in queue {
-                match engine.begin(&key, trigger) {
+                match engine.begin(&key, trigger, now) {
                     None => {}
-                    Some(Begun::Done(pending, result)) => engine.finish(pending, result),
+                    Some(Begun::Done(pending, result)) => engine.finish(pending, result, now),
                     Some(Begun::Fetch(pending, job)) => {
                         waiting.push(pending.id);
                         self.join_or_add(engine, pending, job);
@@ -418,8 +420,13 @@ impl Dispatcher {
     /// Commits a finished job for every processing waiting on it. The download is committed by
     /// the first waiter that is still current (the plugin may have changed or gone while it ran);
     /// the others are served what it committed; the job's slot goes to the next queued pull.
-    /// Returns the ids of the processings that finished.
-    pub fn complete(&mut self, engine: &mut Engine, (job, result): Completion) -> Vec<u64> {
+    /// Returns the ids of the processings that finished, at `now`.
+    pub fn complete(
+        &mut self,
+        engine: &mut Engine,
+        (job, result): Completion,
+        now: Timestamp,
+    ) -> Vec<u64> {
         let Some(flight) = self.remove(job) else {
             // Aborted meanwhile: its waiters are over already.
             return Vec::new();
@@ -433,7 +440,7 @@ impl Dispatcher {
                     Some(Begun::Fetch(p, job)) => self.join_or_add(engine, p, job),
                     Some(Begun::Done(p, r)) => {
                         ids.push(p.id);
-                        engine.finish(p, r);
+                        engine.finish(p, r, now);
                     }
                     None => ids.push(p.id),
                 }
@@ -449,9 +456,9 @@ impl Dispatcher {
         let mut waiters = current.into_iter().chain(stale);
         if let Some(first) = waiters.next() {
             let shared: Vec<_> = waiters.map(|p| (p, share_result(&result))).collect();
-            engine.finish(first, result);
+            engine.finish(first, result, now);
             for (p, r) in shared {
-                engine.finish(p, r);
+                engine.finish(p, r, now);
             }
         }
         // Its slot goes to the next queued pull (also when the caller dispatches nothing now).

@@ -318,7 +318,15 @@ impl Driver {
 
     /// Begins what the engine queued and publishes what changed.
     fn dispatch(&mut self) -> Ticket {
-        let dispatched = self.dispatcher.dispatch(&mut self.engine);
+        let now = self.now();
+        self.dispatch_at(now)
+    }
+
+    /// [`dispatch`](Self::dispatch) at `now`, the clock as the caller just read it: what happens
+    /// at one instant reads the clock once (on the simulator's clock a read goes through tokio's
+    /// thread-local context and a lock).
+    fn dispatch_at(&mut self, now: Timestamp) -> Ticket {
+        let dispatched = self.dispatcher.dispatch(&mut self.engine, now);
         self.outstanding.extend(dispatched.waiting.iter().copied());
         for id in &dispatched.aborted {
             self.outstanding.remove(id);
@@ -328,10 +336,11 @@ impl Driver {
     }
 
     fn complete(&mut self, completion: Completion) {
-        for id in self.dispatcher.complete(&mut self.engine, completion) {
+        let now = self.now();
+        for id in self.dispatcher.complete(&mut self.engine, completion, now) {
             self.outstanding.remove(&id);
         }
-        self.dispatch();
+        self.dispatch_at(now);
     }
 
     /// Runs the background work due by now and commits jobs already finished, without letting
@@ -340,10 +349,11 @@ impl Driver {
         let mut handled = 0;
         loop {
             // One clock read per round (on the simulator's clock a read takes a lock).
-            let due = self.engine.next_deadline() <= self.now();
+            let now = self.now();
+            let due = self.engine.next_deadline() <= now;
             if due {
-                self.engine.run_due();
-                self.dispatch();
+                self.engine.run_due(now);
+                self.dispatch_at(now);
                 handled += 1;
             }
             match self.dispatcher.try_completion() {
@@ -417,13 +427,14 @@ impl Driver {
         _paused: PausedClock,
     ) -> Result<(), String> {
         let mut rounds = 0;
+        let mut now;
         while {
             rounds += self.run_ready();
-            self.now() < target
+            now = self.now();
+            now < target
         } {
             self.guard(&mut rounds)?;
             if self.is_idle() {
-                let now = self.now();
                 let to = self.engine.next_deadline().min(target);
                 tokio::time::advance(to.since(now)).await;
             } else {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use super::{Driver, DriverParts, Published};
-use crate::clock::{Timestamp, TokioClock};
+use crate::clock::{Clock, Timestamp, TokioClock};
 use crate::engine::{EngineParts, Serving};
 use crate::plugin::ObjectKey;
 use crate::sim::content::{module_bytes, ImageFormat};
@@ -15,7 +15,7 @@ use crate::url::OciRef;
 
 /// A driver with default options over `world`, a module store and local files in memory (the
 /// unit tests that drive it through the simulated registry).
-pub(crate) fn sim_driver(clock: Arc<TokioClock>, world: Arc<SimWorld>) -> Driver {
+pub(crate) fn sim_driver(clock: Arc<dyn Clock>, world: Arc<SimWorld>) -> Driver {
     let parts = DriverParts {
         config: crate::config::Config::default(),
         engine: EngineParts {
@@ -121,5 +121,63 @@ fn a_change_that_alters_no_input_of_the_resource_builds_none() {
             assert_eq!(serving(&driver, &key), first);
             assert_ne!(driver.resources().version_of(&name).unwrap(), before);
         }
+    });
+}
+
+/// The simulator's clock, counting its reads.
+struct CountingClock {
+    inner: TokioClock,
+    reads: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Clock for CountingClock {
+    fn now(&self) -> Timestamp {
+        (self.reads).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.now()
+    }
+
+    async fn sleep(&self, d: std::time::Duration) {
+        self.inner.sleep(d).await
+    }
+}
+
+/// What happens at one instant reads the clock once: a change whose processing is a cache hit
+/// (begun and committed at once) reads it once, for its beginning and its commit alike, and
+/// records that instant.
+#[test]
+fn a_processing_with_nothing_to_fetch_reads_the_clock_once() {
+    let (rt, paused) = crate::clock::paused_runtime().unwrap();
+    rt.block_on(async {
+        let clock = Arc::new(CountingClock {
+            inner: TokioClock::new(Timestamp::ZERO),
+            reads: Default::default(),
+        });
+        let world = Arc::new(SimWorld::new(clock.clone()));
+        let reference = OciRef::parse("reg.example/m:v1").unwrap();
+        let bytes = module_bytes("m", None, false);
+        world.publish_oci(&reference, "m", &bytes, ImageFormat::OciArtifact);
+        let mut driver = sim_driver(clock.clone(), world);
+        let key = ObjectKey::new("default", "p");
+        let spec = json!({"url": "oci://reg.example/m:v1", "imagePullPolicy": "IfNotPresent"});
+        let ticket = driver.apply(&plugin("1", spec.clone())).ticket;
+        driver.run_until_done(&ticket).await.unwrap();
+        let at = Timestamp::from_millis(5_000);
+        driver.advance_to(at, paused).await.unwrap();
+
+        let reads = clock.reads.load(std::sync::atomic::Ordering::Relaxed);
+        let applied = driver.apply(&plugin("2", spec));
+        assert!(
+            driver.is_done(&applied.ticket),
+            "a cache hit waits for nothing"
+        );
+        assert_eq!(
+            clock.reads.load(std::sync::atomic::Ordering::Relaxed) - reads,
+            1,
+            "one read for the beginning and the commit"
+        );
+        let st = driver.engine().plugin(&key).unwrap();
+        assert_eq!(st.last_outcome.as_ref().unwrap().name(), "cached");
+        assert_eq!(st.last_processed, Some(at));
     });
 }

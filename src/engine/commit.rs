@@ -25,9 +25,10 @@ impl Engine {
         self.plugins.get(&pending.key).map(|s| s.version) == Some(pending.version)
     }
 
-    /// Phase 3: commits a result obtained for `pending`. A result for a version that is no longer
-    /// current is dropped (the plugin changed or went away while it was fetched).
-    pub fn finish(&mut self, pending: Pending, result: Result<Obtained, Failure>) {
+    /// Phase 3: commits a result obtained for `pending` at `now` (read once by the driver for all
+    /// it commits at one instant). A result for a version that is no longer current is dropped
+    /// (the plugin changed or went away while it was fetched).
+    pub fn finish(&mut self, pending: Pending, result: Result<Obtained, Failure>, now: Timestamp) {
         let Pending {
             key,
             version,
@@ -39,7 +40,6 @@ impl Engine {
             return;
         }
         self.cache.settle();
-        let now = self.now();
         // Istio's agent looks nothing up for local code, nor for remote code without `http_uri`.
         let remote = matches!(
             *self.plugins[&key].url,

@@ -344,11 +344,10 @@ impl Engine {
             .then(|| self.last_save + crate::cache::INDEX_SAVE_INTERVAL)
     }
 
-    /// Runs all background work due at the clock's current time, in time order (purge passes before
-    /// retries due at the same instant; retries in plugin order).
-    pub fn run_due(&mut self) {
+    /// Runs all background work due at `now` (the clock's current time, read by the caller), in
+    /// time order (purge passes before retries due at the same instant; retries in plugin order).
+    pub fn run_due(&mut self, now: Timestamp) {
         loop {
-            let now = self.now();
             if self.next_save().is_some_and(|t| t <= now) {
                 self.cache.save();
                 self.last_save = now;

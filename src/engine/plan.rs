@@ -36,8 +36,9 @@ enum Plan {
 }
 
 impl Engine {
-    /// Phase 1 for a current plugin; `None` if it is gone.
-    pub fn begin(&mut self, key: &ObjectKey, trigger: Trigger) -> Option<Begun> {
+    /// Phase 1 for a current plugin at `now` (the driver reads the clock once for all it begins
+    /// and commits at one instant); `None` if it is gone.
+    pub fn begin(&mut self, key: &ObjectKey, trigger: Trigger, now: Timestamp) -> Option<Begun> {
         let version = self.plugins.get(key)?.version;
         self.next_id += 1;
         let pending = Pending {
@@ -45,7 +46,7 @@ impl Engine {
             key: key.clone(),
             version,
             trigger,
-            started: self.now(),
+            started: now,
         };
         Some(self.plan_for(pending))
     }
