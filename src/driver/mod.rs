@@ -337,6 +337,11 @@ impl Driver {
 
     fn complete(&mut self, completion: Completion) {
         let now = self.now();
+        self.complete_at(completion, now);
+    }
+
+    /// [`complete`](Self::complete) at `now`, the clock as the caller just read it.
+    fn complete_at(&mut self, completion: Completion, now: Timestamp) {
         for id in self.dispatcher.complete(&mut self.engine, completion, now) {
             self.outstanding.remove(&id);
         }
@@ -345,11 +350,14 @@ impl Driver {
 
     /// Runs the background work due by now and commits jobs already finished, without letting
     /// time pass. Returns how many things it handled.
+    ///
+    /// The clock is read once, on entry (on the simulator's clock a read goes through tokio's
+    /// thread-local context and a lock): nothing here waits, so on the paused clock that is the
+    /// instant throughout; on a real clock, work falling due meanwhile is run by the next call.
     fn run_ready(&mut self) -> usize {
         let mut handled = 0;
+        let now = self.now();
         loop {
-            // One clock read per round (on the simulator's clock a read takes a lock).
-            let now = self.now();
             let due = self.engine.next_deadline() <= now;
             if due {
                 self.engine.run_due(now);
@@ -358,7 +366,7 @@ impl Driver {
             }
             match self.dispatcher.try_completion() {
                 Some(c) => {
-                    self.complete(c);
+                    self.complete_at(c, now);
                     handled += 1;
                 }
                 // After due work look again: more may be due at the same instant.
