@@ -100,6 +100,11 @@ pub struct ObjectStore {
     /// ([`resource_owner`](Self::resource_owner)), with no copy of the name per plugin.
     patch_resources: BTreeMap<String, ObjectKey>,
     last_version: u64,
+    /// The decoded value of the plugin object last stored from a value
+    /// ([`apply_decoded`](Self::apply_decoded), an edit), while it is still the stored object
+    /// (the same shared text): an edit of it patches this value instead of decoding the text
+    /// again. One object at most; the text written from a value decodes to that value.
+    decoded: Option<(Object, Value)>,
 }
 
 impl ObjectStore {
@@ -157,8 +162,20 @@ impl ObjectStore {
     /// [`apply_shared`](Self::apply_shared) when the caller holds the value `object` was written
     /// from: nothing is decoded again.
     pub fn apply_decoded(&mut self, object: &Object, value: &Value) -> Change {
+        self.apply_keeping(object, std::borrow::Cow::Borrowed(value))
+    }
+
+    /// [`apply_decoded`](Self::apply_decoded), keeping `value` as the decoded stored object when
+    /// `object` is stored as it is (see `decoded`).
+    fn apply_keeping(&mut self, object: &Object, value: std::borrow::Cow<'_, Value>) -> Change {
         let is_plugin = value.get("kind").and_then(Value::as_str) == Some("WasmPlugin");
-        self.admit(is_plugin, plugin::parse_shared_ref(0, value, object))
+        let change = self.admit(is_plugin, plugin::parse_shared_ref(0, &value, object));
+        if let Change::PluginCreated(k) | Change::PluginChanged(k) = &change {
+            if (self.plugins.get(k)).is_some_and(|vp| vp.plugin.object.ptr_eq(object)) {
+                self.decoded = Some((object.clone(), value.into_owned()));
+            }
+        }
+        change
     }
 
     fn admit(&mut self, is_plugin: bool, parsed: Result<Manifest, plugin::ParseError>) -> Change {
@@ -352,8 +369,14 @@ impl ObjectStore {
         if vp.plugin.extension.is_some() {
             return None;
         }
-        let object = vp.plugin.object.value();
-        Some(self.apply_value(merged(object, patch, key)))
+        let stored = &vp.plugin.object;
+        let object = match self.decoded.take() {
+            Some((o, value)) if o.ptr_eq(stored) => value,
+            _ => stored.value(),
+        };
+        let value = merged(object, patch, key);
+        let object = Object::new(&value);
+        Some(self.apply_keeping(&object, std::borrow::Cow::Owned(value)))
     }
 
     /// Applies a JSON merge patch to a stored `EnvoyFilter`.
@@ -458,6 +481,56 @@ mod tests {
         assert_eq!(
             s.edit_plugin(&key, &json!({"metadata": {"labels": {"a": "b"}}})),
             Some(Change::Unchanged(key.clone()))
+        );
+    }
+
+    /// An edit of the object last stored from a value patches that value: the stored text is not
+    /// decoded again, and the result is that of patching the decoded text (key order included).
+    /// Once another object was stored in between, the text is decoded.
+    #[test]
+    fn an_edit_after_a_change_from_a_value_decodes_nothing() {
+        use crate::plugin::DECODES;
+        let decodes = || DECODES.with(|d| d.get());
+        let key = ObjectKey::new("default", "p");
+        let mut given = obj("r/a:v1");
+        given["metadata"]["namespace"] = json!("default");
+        let patch =
+            json!({"metadata": {"labels": {"a": "b"}}, "spec": {"imagePullPolicy": "Always"}});
+        // The same edits with the stored text decoded each time.
+        let mut plain = ObjectStore::new();
+        plain.apply_value(given.clone());
+        plain.edit_plugin(&key, &patch).unwrap();
+        plain
+            .edit_plugin(&key, &json!({"spec": {"url": "r/a:v2"}}))
+            .unwrap();
+
+        let mut s = ObjectStore::new();
+        s.apply_decoded(&Object::new(&given), &given);
+        let before = decodes();
+        assert_eq!(
+            s.edit_plugin(&key, &patch),
+            Some(Change::PluginChanged(key.clone()))
+        );
+        assert_eq!(
+            s.edit_plugin(&key, &json!({"spec": {"url": "r/a:v2"}})),
+            Some(Change::PluginChanged(key.clone()))
+        );
+        assert_eq!(decodes(), before, "the stored text was not decoded");
+        let (ours, theirs) = (&s.plugin(&key).unwrap(), &plain.plugin(&key).unwrap());
+        assert_eq!(ours.plugin.object.text(), theirs.plugin.object.text());
+        assert_eq!(ours.version, theirs.version);
+
+        // Another plugin stored from a value in between: this one's text is decoded once.
+        let mut other = given.clone();
+        other["metadata"]["name"] = json!("q");
+        s.apply_decoded(&Object::new(&other), &other);
+        let before = decodes();
+        s.edit_plugin(&key, &json!({"metadata": {"labels": {"a": "c"}}}))
+            .unwrap();
+        assert_eq!(decodes(), before + 1);
+        assert_eq!(
+            s.plugin(&key).unwrap().plugin.object.value()["metadata"]["labels"],
+            json!({"a": "c"})
         );
     }
 

@@ -25,6 +25,8 @@ use serde_json::Value;
 use thiserror::Error;
 
 pub use envoyfilter::EnvoyFilter;
+#[cfg(test)]
+pub(crate) use object::DECODES;
 pub use object::{Head, Object};
 pub use secret::{Credentials, DockerConfig, PullSecret};
 pub use validate::{validate, FieldError};

@@ -38,6 +38,8 @@ impl Object {
     /// The decoded object. The text was written from a value, so it decodes (with no nesting
     /// limit: sources bound the nesting of what they decode).
     pub fn value(&self) -> Value {
+        #[cfg(test)]
+        DECODES.with(|d| d.set(d.get() + 1));
         let mut de = serde_json::Deserializer::from_str(&self.0);
         de.disable_recursion_limit();
         Value::deserialize(&mut de).expect("an object's own text decodes")
@@ -86,6 +88,13 @@ impl Object {
             namespace,
         }
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// How many times this thread decoded an object's text ([`Object::value`]): tests count the
+    /// decodes a change costs.
+    pub(crate) static DECODES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// What [`Object::head`] reads.
