@@ -235,10 +235,9 @@ impl Cache {
     /// Records what `plugin` serves now, the url and the module (`None`: nothing from the cache).
     /// The record is copied only when it changed (a revalidation serves what it served).
     pub fn set_served(&mut self, plugin: &ObjectKey, record: Option<(&str, &ModuleKey)>) {
-        use std::fmt::Write as _;
         let mut id = std::mem::take(&mut self.served_id);
         id.clear();
-        let _ = write!(id, "{plugin}");
+        plugin.write_id(&mut id);
         let changed = match record {
             Some((url, module)) => {
                 let new = || ServedRecord {
