@@ -155,8 +155,34 @@ impl Engine {
         let entry = (self.cache.get(&k))
             .filter(|_| self.cache.is_verified(&k))
             .ok_or_else(|| Failure::Cache("module left the cache".to_string()))?;
+        // What it serves already (a revalidation, a cache hit): nothing copied.
+        if let Some(m) = self.served_already(plugin, Some(&k), &entry.path, &entry.sha256) {
+            return Ok(m);
+        }
         let (path, sha256) = (entry.path.clone(), entry.sha256.clone());
         Ok(self.served(plugin, Some(k), &path, &sha256))
+    }
+
+    /// The `Arc` `plugin` holds when it is served this module from its current url already.
+    fn served_already(
+        &self,
+        plugin: &ObjectKey,
+        key: Option<&ModuleKey>,
+        path: &std::path::Path,
+        sha256: &str,
+    ) -> Option<Arc<ServedModule>> {
+        let st = &self.plugins[plugin];
+        match &st.serving {
+            Serving::Module(m)
+                if m.key.as_ref() == key
+                    && m.sha256 == sha256
+                    && m.path == path
+                    && displays_as(&*st.url, &m.url) =>
+            {
+                Some(m.clone())
+            }
+            _ => None,
+        }
     }
 
     /// What `plugin` is served from its current url: the `Arc` it holds already when that is the
@@ -169,13 +195,10 @@ impl Engine {
         path: &std::path::Path,
         sha256: &str,
     ) -> Arc<ServedModule> {
-        let st = &self.plugins[plugin];
-        if let Serving::Module(m) = &st.serving {
-            if m.key == key && m.sha256 == sha256 && m.path == path && displays_as(&*st.url, &m.url)
-            {
-                return m.clone();
-            }
+        if let Some(m) = self.served_already(plugin, key.as_ref(), path, sha256) {
+            return m;
         }
+        let st = &self.plugins[plugin];
         self.served_modules.share(ServedModule {
             url: st.url.to_string(),
             key,
@@ -213,7 +236,7 @@ impl Engine {
         self.set_retry(key, None);
         let record = served.key.as_ref().map(|m| (served.url.as_str(), m));
         self.cache.set_served(key, record);
-        self.set_referenced(key, served.key.clone(), now);
+        self.set_referenced(key, served.key.as_ref(), now);
         self.set_serving(key, Serving::Module(served), now);
     }
 
@@ -248,7 +271,7 @@ impl Engine {
                     r.module.clone(),
                     Outcome::Cached,
                 ) {
-                    self.set_referenced(key, Some(r.module), now);
+                    self.set_referenced(key, Some(&r.module), now);
                     let served = self.served_modules.share(served);
                     self.set_serving(key, Serving::Module(served), now);
                 }
@@ -260,7 +283,7 @@ impl Engine {
                     None => self.cache.resolution(&url).cloned(),
                 }
                 .filter(|k| self.cache.contains(k));
-                self.set_referenced(key, resolved, now);
+                self.set_referenced(key, resolved.as_ref(), now);
                 self.cache.set_served(key, None);
                 self.set_serving(key, fallback, now);
             }
@@ -283,12 +306,13 @@ impl Engine {
         });
     }
 
-    /// Moves the plugin's reference (expiry protection) to `module`.
-    fn set_referenced(&mut self, key: &ObjectKey, module: Option<ModuleKey>, now: Timestamp) {
+    /// Moves the plugin's reference (expiry protection) to `module`, copied only when it changes.
+    fn set_referenced(&mut self, key: &ObjectKey, module: Option<&ModuleKey>, now: Timestamp) {
         let st = self.plugins.get_mut(key).expect("a current plugin");
-        self.cache
-            .set_ref(key, st.referenced.as_ref(), module.as_ref(), now);
-        st.referenced = module;
+        self.cache.set_ref(key, st.referenced.as_ref(), module, now);
+        if st.referenced.as_ref() != module {
+            st.referenced = module.cloned();
+        }
     }
 
     /// Records what the plugin serves; a change is an event (a push).
