@@ -518,8 +518,12 @@ fn parse_value(
                 .map(Box::from);
             let empty = Value::Object(Default::default());
             let spec_value = value.get("spec").unwrap_or(&empty);
-            let spec: WasmPluginSpec =
-                serde_path_to_error::deserialize(spec_value).map_err(|e| {
+            // Tracking the path costs about as much as the decoding itself: it is done only
+            // for a spec that does not decode, to name the failing field (decoding is
+            // deterministic, so the second attempt fails where the first did).
+            let spec: WasmPluginSpec = WasmPluginSpec::deserialize(spec_value)
+                .or_else(|_| serde_path_to_error::deserialize(spec_value))
+                .map_err(|e| {
                     let path = e.path().to_string();
                     let field = if path == "." {
                         "spec".to_string()
