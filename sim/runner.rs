@@ -135,8 +135,9 @@ struct Runner<'a> {
     /// The runtime's clock is paused: steps move it ([`Driver::advance_to`]).
     paused: PausedClock,
     trace: Trace,
-    /// The events [`Runner::drain`] orders, kept empty between steps.
-    pending: Vec<(Timestamp, u8, String)>,
+    /// The order [`Runner::drain`] writes a step's events in (time, world before engine, index),
+    /// kept empty between steps.
+    pending: Vec<(Timestamp, u8, usize)>,
     /// Outcome of the last processing of each plugin since the previous `expect`.
     outcomes: BTreeMap<ObjectKey, Outcome>,
     /// Modules that left the cache since the previous `expect`.
@@ -180,7 +181,8 @@ impl<'a> Runner<'a> {
             files,
             driver,
             paused,
-            trace: Trace::default(),
+            // Two or three lines a step, and one buffer for them all.
+            trace: Trace::with_capacity(s.steps.len().saturating_mul(3).saturating_add(16)),
             pending: Vec::new(),
             outcomes: BTreeMap::new(),
             expired: BTreeSet::new(),
@@ -205,7 +207,7 @@ impl<'a> Runner<'a> {
 
     /// The module of the scenario with these bytes' sha256.
     fn module_name(&self, sha256: &str) -> &'a str {
-        self.s.module_by_sha256(sha256).unwrap_or(UNKNOWN_MODULE)
+        module_name(self.s, sha256)
     }
 
     async fn run(&mut self) -> Vec<CheckFailure> {
@@ -249,21 +251,29 @@ impl<'a> Runner<'a> {
     }
 
     /// Moves the world's and the engine's events into the trace, in time order (requests before the
-    /// processing they belong to), and records outcomes and expiries for `expect`.
+    /// processing they belong to), and records outcomes and expiries for `expect`. Only the order
+    /// is sorted (a stable sort of indices); each event is then written straight into the trace.
     fn drain(&mut self) {
-        // One buffer for every step's events, kept between steps.
-        let mut items = std::mem::take(&mut self.pending);
-        items.extend(
-            self.world
-                .take_events()
-                .into_iter()
-                .map(|e| (e.at, 0, e.text)),
-        );
-        for e in self.driver.take_events() {
-            let (at, text) = (
-                e.at(),
-                e.trace_text(&|sha| self.module_name(sha).to_string()),
-            );
+        let world = self.world.take_events();
+        let events = self.driver.take_events();
+        // One buffer for every step's order, kept between steps.
+        let mut order = std::mem::take(&mut self.pending);
+        order.extend(world.iter().enumerate().map(|(i, e)| (e.at, 0, i)));
+        order.extend(events.iter().enumerate().map(|(i, e)| (e.at(), 1, i)));
+        order.sort_by_key(|(at, from, _)| (*at, *from));
+        let s = self.s;
+        for &(at, from, i) in &order {
+            if from == 0 {
+                self.trace.push(at, &world[i].text);
+            } else {
+                self.trace.push_with(at, |line| {
+                    let _ = events[i].write_trace(line, |sha| module_name(s, sha));
+                });
+            }
+        }
+        order.clear();
+        self.pending = order;
+        for e in events {
             match e {
                 Event::Processed {
                     plugin, outcome, ..
@@ -275,13 +285,7 @@ impl<'a> Runner<'a> {
                 }
                 Event::ServingChanged { .. } | Event::RetryScheduled { .. } => {}
             }
-            items.push((at, 1, text));
         }
-        items.sort_by_key(|(at, order, _)| (*at, *order));
-        for (at, _, text) in items.drain(..) {
-            self.log(at, text);
-        }
-        self.pending = items;
     }
 
     async fn step(&mut self, n: usize, step: &Step) -> Result<(), Vec<CheckFailure>> {
@@ -619,6 +623,11 @@ impl<'a> Runner<'a> {
         }
         failures
     }
+}
+
+/// The module of `s` with these bytes' sha256.
+fn module_name<'a>(s: &'a Scenario, sha256: &str) -> &'a str {
+    s.module_by_sha256(sha256).unwrap_or(UNKNOWN_MODULE)
 }
 
 fn list(set: &BTreeSet<String>) -> String {
