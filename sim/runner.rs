@@ -303,7 +303,7 @@ impl<'a> Runner<'a> {
                         let digest = self.world.publish_oci(r, module, bytes, *format);
                         self.log(
                             self.now(),
-                            format!("oci://{r} now points at manifest sha256:{digest}"),
+                            format_args!("oci://{r} now points at manifest sha256:{digest}"),
                         );
                     }
                     Target::Http {
@@ -411,10 +411,10 @@ impl<'a> Runner<'a> {
         }
     }
 
-    /// The trace lines of an admitted change.
+    /// The trace lines of an admitted change (written straight into the trace).
     fn log_change(&mut self, change: &Change) {
         let now = self.now();
-        let text = match change {
+        match change {
             Change::EnvoyFilter {
                 key,
                 deleted,
@@ -422,37 +422,42 @@ impl<'a> Runner<'a> {
                 notes,
             } => {
                 let what = if *deleted { "deleted" } else { "applied" };
-                self.log(now, format!("EnvoyFilter {key} {what}"));
+                self.log(now, format_args!("EnvoyFilter {key} {what}"));
                 for note in notes {
-                    self.log(now, format!("{key}: {note}"));
+                    self.log(now, format_args!("{key}: {note}"));
                 }
                 for c in changes {
                     self.log_change(c);
                 }
-                return;
             }
-            Change::Conflict { key, error, .. } => format!("{key} refused: {error}"),
+            Change::Conflict { key, error, .. } => {
+                self.log(now, format_args!("{key} refused: {error}"))
+            }
             Change::PluginCreated(k) | Change::PluginChanged(k) => {
                 let Some(vp) = self.driver.objects().plugin(k) else {
                     return;
                 };
-                format!("{k} is now at resource version {}", vp.version)
+                let version = vp.version;
+                self.log(
+                    now,
+                    format_args!("{k} is now at resource version {version}"),
+                )
             }
-            Change::PluginDeleted(k) => format!("{k} deleted"),
-            Change::SecretApplied(k) => format!("secret {k} applied"),
-            Change::SecretDeleted(k) => format!("secret {k} deleted"),
-            Change::Unchanged(k) => format!("{k} unchanged (no new resource version)"),
+            Change::PluginDeleted(k) => self.log(now, format_args!("{k} deleted")),
+            Change::SecretApplied(k) => self.log(now, format_args!("secret {k} applied")),
+            Change::SecretDeleted(k) => self.log(now, format_args!("secret {k} deleted")),
+            Change::Unchanged(k) => {
+                self.log(now, format_args!("{k} unchanged (no new resource version)"))
+            }
             Change::Refused {
                 key: Some(k),
-                is_plugin: true,
                 error,
-            } => format!("{k} refused: {error}"),
-            Change::Refused { key, error, .. } => {
-                let who = key.as_ref().map(|k| format!("{k} ")).unwrap_or_default();
-                format!("{who}refused: {error}")
-            }
-        };
-        self.log(now, text);
+                ..
+            } => self.log(now, format_args!("{k} refused: {error}")),
+            Change::Refused {
+                key: None, error, ..
+            } => self.log(now, format_args!("refused: {error}")),
+        }
     }
 
     /// The server restarts: a new engine over the same store (wiped unless `keep_cache`), fed the
