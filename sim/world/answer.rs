@@ -171,7 +171,7 @@ impl SimWorld {
         let kind = match route {
             Route::Ping => {
                 let answer = match auth.as_ref().filter(|_| !authorized) {
-                    None => Answer::new(200, "application/json", &b"{}"[..]),
+                    None => Answer::new(200, "application/json", Bytes::from_static(b"{}")),
                     Some(a) => Answer::unauthorized(challenge(a)),
                 };
                 return Decision::Answer(
@@ -262,7 +262,11 @@ impl SimWorld {
                 Route::Blob { repo, digest } => serve_blob(host, repo, digest),
                 Route::Get | Route::Ping => match host.paths.get(path) {
                     Some(body) => Answer::new(200, "application/octet-stream", body.clone()),
-                    None => Answer::new(404, "text/plain", &b"404 page not found\n"[..]),
+                    None => Answer::new(
+                        404,
+                        "text/plain",
+                        Bytes::from_static(b"404 page not found\n"),
+                    ),
                 },
             }
         };
