@@ -135,8 +135,9 @@ struct Runner<'a> {
     /// The runtime's clock is paused: steps move it ([`Driver::advance_to`]).
     paused: PausedClock,
     trace: Trace,
-    /// The events [`Runner::drain`] orders, kept empty between steps.
-    pending: Vec<(Timestamp, u8, String)>,
+    /// The order [`Runner::drain`] writes a step's events in (time, world before engine, index),
+    /// kept empty between steps.
+    pending: Vec<(Timestamp, u8, usize)>,
     /// Outcome of the last processing of each plugin since the previous `expect`.
     outcomes: BTreeMap<ObjectKey, Outcome>,
     /// Modules that left the cache since the previous `expect`.
@@ -180,7 +181,8 @@ impl<'a> Runner<'a> {
             files,
             driver,
             paused,
-            trace: Trace::default(),
+            // Two or three lines a step, and one buffer for them all.
+            trace: Trace::with_capacity(s.steps.len().saturating_mul(3).saturating_add(16)),
             pending: Vec::new(),
             outcomes: BTreeMap::new(),
             expired: BTreeSet::new(),
@@ -205,7 +207,7 @@ impl<'a> Runner<'a> {
 
     /// The module of the scenario with these bytes' sha256.
     fn module_name(&self, sha256: &str) -> &'a str {
-        self.s.module_by_sha256(sha256).unwrap_or(UNKNOWN_MODULE)
+        module_name(self.s, sha256)
     }
 
     async fn run(&mut self) -> Vec<CheckFailure> {
@@ -249,21 +251,29 @@ impl<'a> Runner<'a> {
     }
 
     /// Moves the world's and the engine's events into the trace, in time order (requests before the
-    /// processing they belong to), and records outcomes and expiries for `expect`.
+    /// processing they belong to), and records outcomes and expiries for `expect`. Only the order
+    /// is sorted (a stable sort of indices); each event is then written straight into the trace.
     fn drain(&mut self) {
-        // One buffer for every step's events, kept between steps.
-        let mut items = std::mem::take(&mut self.pending);
-        items.extend(
-            self.world
-                .take_events()
-                .into_iter()
-                .map(|e| (e.at, 0, e.text)),
-        );
-        for e in self.driver.take_events() {
-            let (at, text) = (
-                e.at(),
-                e.trace_text(&|sha| self.module_name(sha).to_string()),
-            );
+        let world = self.world.take_events();
+        let events = self.driver.take_events();
+        // One buffer for every step's order, kept between steps.
+        let mut order = std::mem::take(&mut self.pending);
+        order.extend(world.iter().enumerate().map(|(i, e)| (e.at, 0, i)));
+        order.extend(events.iter().enumerate().map(|(i, e)| (e.at(), 1, i)));
+        order.sort_by_key(|(at, from, _)| (*at, *from));
+        let s = self.s;
+        for &(at, from, i) in &order {
+            if from == 0 {
+                self.trace.push(at, &world[i].text);
+            } else {
+                self.trace.push_with(at, |line| {
+                    let _ = events[i].write_trace(line, |sha| module_name(s, sha));
+                });
+            }
+        }
+        order.clear();
+        self.pending = order;
+        for e in events {
             match e {
                 Event::Processed {
                     plugin, outcome, ..
@@ -275,13 +285,7 @@ impl<'a> Runner<'a> {
                 }
                 Event::ServingChanged { .. } | Event::RetryScheduled { .. } => {}
             }
-            items.push((at, 1, text));
         }
-        items.sort_by_key(|(at, order, _)| (*at, *order));
-        for (at, _, text) in items.drain(..) {
-            self.log(at, text);
-        }
-        self.pending = items;
     }
 
     async fn step(&mut self, n: usize, step: &Step) -> Result<(), Vec<CheckFailure>> {
@@ -299,7 +303,7 @@ impl<'a> Runner<'a> {
                         let digest = self.world.publish_oci(r, module, bytes, *format);
                         self.log(
                             self.now(),
-                            format!("oci://{r} now points at manifest sha256:{digest}"),
+                            format_args!("oci://{r} now points at manifest sha256:{digest}"),
                         );
                     }
                     Target::Http {
@@ -407,10 +411,10 @@ impl<'a> Runner<'a> {
         }
     }
 
-    /// The trace lines of an admitted change.
+    /// The trace lines of an admitted change (written straight into the trace).
     fn log_change(&mut self, change: &Change) {
         let now = self.now();
-        let text = match change {
+        match change {
             Change::EnvoyFilter {
                 key,
                 deleted,
@@ -418,37 +422,42 @@ impl<'a> Runner<'a> {
                 notes,
             } => {
                 let what = if *deleted { "deleted" } else { "applied" };
-                self.log(now, format!("EnvoyFilter {key} {what}"));
+                self.log(now, format_args!("EnvoyFilter {key} {what}"));
                 for note in notes {
-                    self.log(now, format!("{key}: {note}"));
+                    self.log(now, format_args!("{key}: {note}"));
                 }
                 for c in changes {
                     self.log_change(c);
                 }
-                return;
             }
-            Change::Conflict { key, error, .. } => format!("{key} refused: {error}"),
+            Change::Conflict { key, error, .. } => {
+                self.log(now, format_args!("{key} refused: {error}"))
+            }
             Change::PluginCreated(k) | Change::PluginChanged(k) => {
                 let Some(vp) = self.driver.objects().plugin(k) else {
                     return;
                 };
-                format!("{k} is now at resource version {}", vp.version)
+                let version = vp.version;
+                self.log(
+                    now,
+                    format_args!("{k} is now at resource version {version}"),
+                )
             }
-            Change::PluginDeleted(k) => format!("{k} deleted"),
-            Change::SecretApplied(k) => format!("secret {k} applied"),
-            Change::SecretDeleted(k) => format!("secret {k} deleted"),
-            Change::Unchanged(k) => format!("{k} unchanged (no new resource version)"),
+            Change::PluginDeleted(k) => self.log(now, format_args!("{k} deleted")),
+            Change::SecretApplied(k) => self.log(now, format_args!("secret {k} applied")),
+            Change::SecretDeleted(k) => self.log(now, format_args!("secret {k} deleted")),
+            Change::Unchanged(k) => {
+                self.log(now, format_args!("{k} unchanged (no new resource version)"))
+            }
             Change::Refused {
                 key: Some(k),
-                is_plugin: true,
                 error,
-            } => format!("{k} refused: {error}"),
-            Change::Refused { key, error, .. } => {
-                let who = key.as_ref().map(|k| format!("{k} ")).unwrap_or_default();
-                format!("{who}refused: {error}")
-            }
-        };
-        self.log(now, text);
+                ..
+            } => self.log(now, format_args!("{k} refused: {error}")),
+            Change::Refused {
+                key: None, error, ..
+            } => self.log(now, format_args!("refused: {error}")),
+        }
     }
 
     /// The server restarts: a new engine over the same store (wiped unless `keep_cache`), fed the
@@ -619,6 +628,11 @@ impl<'a> Runner<'a> {
         }
         failures
     }
+}
+
+/// The module of `s` with these bytes' sha256.
+fn module_name<'a>(s: &'a Scenario, sha256: &str) -> &'a str {
+    s.module_by_sha256(sha256).unwrap_or(UNKNOWN_MODULE)
 }
 
 fn list(set: &BTreeSet<String>) -> String {

@@ -5,6 +5,9 @@ use std::fmt::Write as _;
 
 use crate::clock::Timestamp;
 
+/// About the length of a trace line, to size the buffer.
+const LINE_BYTES: usize = 64;
+
 /// The lines of a run, in order. A line may itself contain a newline (an error message quoted
 /// whole); [`Trace::lines`] gives the lines as they were logged.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -15,10 +18,25 @@ pub struct Trace {
 }
 
 impl Trace {
+    /// An empty trace with room for about `lines` lines (a run writes two or three per step).
+    pub fn with_capacity(lines: usize) -> Self {
+        Trace {
+            text: String::with_capacity(lines.saturating_mul(LINE_BYTES)),
+            ends: Vec::with_capacity(lines),
+        }
+    }
+
     /// Appends `[  12.500s] text`.
     pub fn push(&mut self, at: Timestamp, text: impl std::fmt::Display) {
+        self.push_with(at, |line| {
+            let _ = write!(line, "{text}");
+        });
+    }
+
+    /// Appends `[  12.500s] ` and what `write` writes after it, straight into the buffer.
+    pub fn push_with(&mut self, at: Timestamp, write: impl FnOnce(&mut String)) {
         write_time(&mut self.text, at);
-        let _ = write!(self.text, "{text}");
+        write(&mut self.text);
         self.ends.push(self.text.len());
     }
 

@@ -46,15 +46,14 @@ fn lowercased_is(header: &str, lower: &str) -> bool {
         && (header.bytes().zip(lower.bytes())).all(|(h, l)| h.to_ascii_lowercase() == l)
 }
 
-/// The media types a request accepts, as sent (compared lowercased).
-fn accepted(req: &HttpRequest) -> Vec<&str> {
+/// The media types a request accepts, as sent (compared lowercased); read in place, per request.
+fn accepted(req: &HttpRequest) -> impl Iterator<Item = &str> + Clone {
     req.headers
         .iter()
         .filter(|(k, _)| k == "accept")
         .flat_map(|(_, v)| v.split(','))
         .map(|m| m.split(';').next().unwrap_or("").trim())
         .filter(|m| !m.is_empty())
-        .collect()
 }
 
 /// What a request path asks for; the parts borrow the path.
@@ -172,7 +171,7 @@ impl SimWorld {
         let kind = match route {
             Route::Ping => {
                 let answer = match auth.as_ref().filter(|_| !authorized) {
-                    None => Answer::new(200, "application/json", &b"{}"[..]),
+                    None => Answer::new(200, "application/json", Bytes::from_static(b"{}")),
                     Some(a) => Answer::unauthorized(challenge(a)),
                 };
                 return Decision::Answer(
@@ -258,12 +257,16 @@ impl SimWorld {
             let host = st.hosts.get(authority).expect("inserted above");
             match route {
                 Route::Manifest { repo, reference } => {
-                    serve_manifest(host, repo, reference, &accepted(req))
+                    serve_manifest(host, repo, reference, accepted(req))
                 }
                 Route::Blob { repo, digest } => serve_blob(host, repo, digest),
                 Route::Get | Route::Ping => match host.paths.get(path) {
                     Some(body) => Answer::new(200, "application/octet-stream", body.clone()),
-                    None => Answer::new(404, "text/plain", &b"404 page not found\n"[..]),
+                    None => Answer::new(
+                        404,
+                        "text/plain",
+                        Bytes::from_static(b"404 page not found\n"),
+                    ),
                 },
             }
         };
@@ -300,7 +303,12 @@ pub(super) fn take_rule(rules: &mut Vec<FailRule>, kind: RequestKind) -> Option<
     Some(mode)
 }
 
-pub(super) fn serve_manifest(host: &Host, repo: &str, reference: &str, accept: &[&str]) -> Answer {
+pub(super) fn serve_manifest<'r>(
+    host: &Host,
+    repo: &str,
+    reference: &str,
+    mut accept: impl Iterator<Item = &'r str> + Clone,
+) -> Answer {
     let unknown = || Answer::registry_error(404, "MANIFEST_UNKNOWN", "manifest unknown");
     let Some(r) = host.repos.get(repo) else {
         return Answer::registry_error(
@@ -320,8 +328,8 @@ pub(super) fn serve_manifest(host: &Host, repo: &str, reference: &str, accept: &
         return unknown();
     };
     // Like distribution: a manifest the client does not accept is not served.
-    if !accept.is_empty()
-        && !(accept.iter()).any(|a| *a == "*/*" || lowercased_is(a, &m.media_type))
+    if accept.clone().next().is_some()
+        && !accept.any(|a| a == "*/*" || lowercased_is(a, &m.media_type))
     {
         return Answer::registry_error(
             404,

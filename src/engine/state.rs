@@ -2,6 +2,7 @@
 //! and the events it records for traces and logs.
 
 use std::collections::HashSet;
+use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -198,7 +199,19 @@ impl Event {
     /// vocabulary for both. `module_name` names a module by its sha256 (the simulator uses the
     /// scenario's module names).
     pub fn trace_text(&self, module_name: &dyn Fn(&str) -> String) -> String {
-        let short = |hex: &str| hex[..hex.len().min(12)].to_string();
+        let mut text = String::new();
+        // Writing into a `String` cannot fail.
+        let _ = self.write_trace(&mut text, module_name);
+        text
+    }
+
+    /// [`Event::trace_text`] written into `out` (the simulator writes it straight into its trace
+    /// buffer, without a `String` per event).
+    pub fn write_trace<N: fmt::Display>(
+        &self,
+        out: &mut impl fmt::Write,
+        module_name: impl Fn(&str) -> N,
+    ) -> fmt::Result {
         match self {
             Event::Processed {
                 plugin,
@@ -207,34 +220,36 @@ impl Event {
                 detail,
                 ..
             } => {
-                let version = version
-                    .map(|v| format!(" (resource version {v})"))
-                    .unwrap_or_default();
-                let detail = detail
-                    .as_ref()
-                    .map(|d| format!(": {d}"))
-                    .unwrap_or_default();
-                format!("process {plugin}{version}: {outcome}{detail}")
+                write!(out, "process {plugin}")?;
+                if let Some(v) = version {
+                    write!(out, " (resource version {v})")?;
+                }
+                write!(out, ": {outcome}")?;
+                if let Some(d) = detail {
+                    write!(out, ": {d}")?;
+                }
+                Ok(())
             }
             Event::ServingChanged {
                 plugin, serving, ..
             } => {
-                let what = match serving {
-                    None => "removed".to_string(),
-                    Some(Serving::Module(m)) => format!(
+                write!(out, "push {plugin}: ")?;
+                match serving {
+                    None => out.write_str("removed"),
+                    Some(Serving::Module(m)) => write!(
+                        out,
                         "module {} (sha256 {})",
                         module_name(&m.sha256),
-                        short(&m.sha256)
+                        &m.sha256[..m.sha256.len().min(12)]
                     ),
-                    Some(other) => other.describe(),
-                };
-                format!("push {plugin}: {what}")
+                    Some(other) => out.write_str(&other.describe()),
+                }
             }
             Event::Expired { module, sha256, .. } => {
-                format!("purge: expired {module} ({})", module_name(sha256))
+                write!(out, "purge: expired {module} ({})", module_name(sha256))
             }
             Event::RetryScheduled { plugin, due, .. } => {
-                format!("retry {plugin} scheduled for {due}")
+                write!(out, "retry {plugin} scheduled for {due}")
             }
         }
     }

@@ -1,10 +1,13 @@
 //! The sha256 of the manifest bytes last read from each manifest URL. A revalidation reads the
 //! same bytes again and again (the tag did not move); comparing them with the bytes hashed last
-//! time costs a fraction of hashing them again. The digest stays a function of the bytes: it is
-//! reused only for bytes equal to those it was computed from.
+//! time costs a fraction of hashing them again. The two latest different manifests of a URL are
+//! kept, so a tag moved back (a rollback, a tag switched between two images) is not hashed again
+//! either. The digest stays a function of the bytes: it is reused only for bytes equal to those it
+//! was computed from.
 //!
 //! Bounded like [`super::manifest::ParsedManifests`]: manifests of at most
-//! [`MAX_REMEMBERED_BYTES`] bytes, [`MAX_REMEMBERED_URLS`] URLs (it starts afresh when full).
+//! [`MAX_REMEMBERED_BYTES`] bytes, two per URL, [`MAX_REMEMBERED_URLS`] URLs (it starts afresh
+//! when full): 8 MiB at most.
 
 use std::collections::HashMap;
 use std::sync::{LazyLock, Mutex};
@@ -16,12 +19,15 @@ const MAX_REMEMBERED_URLS: usize = 256;
 
 #[derive(Default)]
 pub(super) struct ManifestDigests {
-    /// URL → the bytes last read from it and their hex sha256.
-    last: Mutex<HashMap<String, (Vec<u8>, String)>>,
+    /// URL → the two latest different bytes read from it and their hex sha256, latest first.
+    last: Mutex<HashMap<String, Latest>>,
     /// Digests computed (not found here), for the tests.
     #[cfg(test)]
     hashed: std::sync::atomic::AtomicUsize,
 }
+
+/// Bytes and their hex sha256, the latest first (the second empty until a URL gave two).
+type Latest = [(Vec<u8>, String); 2];
 
 /// The digests every fetcher of the process computed (true for any of them).
 pub(super) static MANIFEST_DIGESTS: LazyLock<ManifestDigests> =
@@ -31,9 +37,10 @@ impl ManifestDigests {
     /// The hex sha256 of `bytes`, read from `url`.
     pub(super) fn sha256(&self, url: &str, bytes: &[u8]) -> String {
         let lock = || self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((last, digest)) = lock().get(url) {
-            if last.as_slice() == bytes {
-                return digest.clone();
+        if let Some(latest) = lock().get_mut(url) {
+            if let Some(i) = latest.iter().position(|(b, d)| !d.is_empty() && b == bytes) {
+                latest.swap(0, i);
+                return latest[0].1.clone();
             }
         }
         #[cfg(test)]
@@ -43,7 +50,10 @@ impl ManifestDigests {
         if bytes.len() <= MAX_REMEMBERED_BYTES {
             let mut last = lock();
             match last.get_mut(url) {
-                Some((b, d)) => {
+                Some(latest) => {
+                    // The older one makes room (its buffers reused) and the new one goes first.
+                    latest.swap(0, 1);
+                    let (b, d) = &mut latest[0];
                     b.clear();
                     b.extend_from_slice(bytes);
                     d.clone_from(&digest);
@@ -52,7 +62,8 @@ impl ManifestDigests {
                     if last.len() >= MAX_REMEMBERED_URLS {
                         last.clear();
                     }
-                    last.insert(url.to_string(), (bytes.to_vec(), digest.clone()));
+                    let latest = [(bytes.to_vec(), digest.clone()), Default::default()];
+                    last.insert(url.to_string(), latest);
                 }
             }
         }
@@ -82,11 +93,25 @@ mod tests {
         c[2] ^= 1;
         assert_eq!(digests.sha256(url, &c), sha256_hex(&c));
         assert_eq!(hashed(), 3);
+        // The tag moved back: the two latest manifests of a URL are remembered.
+        assert_eq!(digests.sha256(url, &b), sha256_hex(&b));
+        assert_eq!(hashed(), 3, "the previous bytes of the URL: reused");
+        assert_eq!(digests.sha256(url, &c), sha256_hex(&c));
+        assert_eq!(hashed(), 3);
+        // A third one pushes out the older of the two (b was read after c, so c goes).
+        assert_eq!(digests.sha256(url, &b), sha256_hex(&b));
+        assert_eq!(digests.sha256(url, &a), sha256_hex(&a));
+        assert_eq!(hashed(), 4);
         assert_eq!(digests.sha256(url, &b), sha256_hex(&b));
         assert_eq!(hashed(), 4);
+        assert_eq!(digests.sha256(url, &c), sha256_hex(&c));
+        assert_eq!(hashed(), 5, "only two remembered per URL");
+        // An empty body is hashed like any other (the empty slot is not taken for it).
         let other = "https://reg.example/v2/r/manifests/v2";
+        assert_eq!(digests.sha256(other, b""), sha256_hex(b""));
+        assert_eq!(hashed(), 6);
         assert_eq!(digests.sha256(other, &b), sha256_hex(&b));
-        assert_eq!(hashed(), 5, "remembered per URL");
+        assert_eq!(hashed(), 7, "remembered per URL");
     }
 
     #[test]
