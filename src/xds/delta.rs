@@ -76,14 +76,21 @@ impl DeltaStream {
                 tracing::debug!(parent: &self.core.span, nonce = %req.response_nonce, "stale nonce: not an ACK or NACK");
             }
         }
+        let mut new = Vec::new();
         for name in req.resource_names_subscribe {
-            if !self.core.subscribed.insert(name.clone()) {
+            if self.core.subscribed.contains(name.as_str()) {
                 // Explicitly asked again: the client may have dropped it.
                 self.core.held.remove(name.as_str());
+            } else {
+                new.push(name);
             }
         }
+        if !new.is_empty() {
+            // The store's own strings where it has the resources (`ResourceStore::intern`).
+            self.core.subscribed.extend(store.intern(new));
+        }
         for name in &req.resource_names_unsubscribe {
-            self.core.subscribed.remove(name);
+            self.core.subscribed.remove(name.as_str());
             self.core.held.remove(name.as_str());
             self.core.acked.remove(name.as_str());
             self.core.nacked.remove(name);
@@ -91,7 +98,7 @@ impl DeltaStream {
         if first {
             // Only meaningful on the first request of a stream (xDS protocol, "Incremental xDS").
             for (name, version) in req.initial_resource_versions {
-                if self.core.subscribed.contains(&name) {
+                if self.core.subscribed.contains(name.as_str()) {
                     let (name, held) = (Arc::<str>::from(name), Held::from_text(&version));
                     self.core.acked.insert(name.clone(), held.clone());
                     self.core.held.insert(name, held);
@@ -268,6 +275,18 @@ mod tests {
         let r2 = s.change(&store).unwrap();
         assert_eq!(names(&r2), ["b"]);
         assert_eq!(r2.system_version_info, store.version_of("b").unwrap());
+    }
+
+    /// Names subscribed to are kept as the store's own strings where it has the resources.
+    #[test]
+    fn subscribed_names_are_the_stores_strings() {
+        let store = ResourceStore::new();
+        store.set("a", config("1"));
+        let mut s = DeltaStream::new(1, Api::Ecds);
+        s.req(subscribe(&["a", "missing", "a"]), &store).unwrap();
+        let stored = store.lookup(["a"]).pop().unwrap().name.clone();
+        assert!(Arc::ptr_eq(s.core().subscribed.get("a").unwrap(), &stored));
+        assert_eq!(s.core().info().subscribed, ["a", "missing"]);
     }
 
     #[test]

@@ -113,7 +113,7 @@ impl SotwStream {
                 }
             }
         }
-        self.subscribe(req.resource_names);
+        self.subscribe(req.resource_names, store);
         if self.last_nonce.is_none() && !req.version_info.is_empty() {
             let current = self.core.lookup_subscribed(store);
             if !current.is_empty() && set_version(&current) == req.version_info {
@@ -129,15 +129,23 @@ impl SotwStream {
     }
 
     /// Replaces the subscription; forgets what was sent for names no longer subscribed.
-    fn subscribe(&mut self, names: Vec<String>) {
+    fn subscribe(&mut self, names: Vec<String>, store: &ResourceStore) {
         // A proxy repeats its subscription with every ACK, in the same order: compare first, and
         // build a new set only when it changed.
-        if names.len() == self.core.subscribed.len() && names.iter().eq(self.core.subscribed.iter())
-        {
+        let subscribed = &self.core.subscribed;
+        let is_subscribed = |names: &mut dyn ExactSizeIterator<Item = &String>| {
+            names.len() == subscribed.len()
+                && names
+                    .map(String::as_str)
+                    .eq(subscribed.iter().map(|n| &**n))
+        };
+        if is_subscribed(&mut names.iter()) {
             return;
         }
         let names: BTreeSet<String> = names.into_iter().collect();
-        if names != self.core.subscribed {
+        if !is_subscribed(&mut names.iter()) {
+            // Kept as the store's own strings where it has them (`ResourceStore::intern`).
+            let names = store.intern(names);
             tracing::debug!(parent: &self.core.span, subscribed = ?names, "subscription changed");
             self.synced = None;
             self.core.subscribed = names;
@@ -214,6 +222,7 @@ mod tests {
     use crate::xds::store::tests::config;
     use envoy_types::pb::envoy::config::core::v3::Node;
     use envoy_types::pb::google::rpc::Status as RpcStatus;
+    use std::sync::Arc;
 
     fn request(names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
         DiscoveryRequest {
@@ -362,10 +371,7 @@ mod tests {
             "one response outstanding at a time"
         );
         let r4 = s.req(ack(&["a", "b"], &r3), &store).expect("a changed");
-        assert_eq!(
-            r4.version_info,
-            set_version(&store.lookup(&["a".into(), "b".into()]))
-        );
+        assert_eq!(r4.version_info, set_version(&store.lookup(["a", "b"])));
     }
 
     #[test]
@@ -520,5 +526,34 @@ mod tests {
         let resp = fetch_response(&["a".into(), "zz".into()], &store);
         assert_eq!(resp.resources.len(), 1);
         assert_eq!(resp.nonce, "");
+    }
+
+    /// A subscription keeps the store's own string of each resource it has (the one a replaced
+    /// resource keeps), and text of its own only for names the store does not have.
+    #[test]
+    fn a_subscription_keeps_the_stores_strings() {
+        let store = ResourceStore::new();
+        store.set("a", config("1"));
+        let mut s = stream();
+        let resp = s.req(request(&["missing", "a"], "", ""), &store).unwrap();
+        let stored = |name: &str| store.lookup(&[name]).pop().unwrap().name.clone();
+        let kept = |s: &SotwStream, name: &str| s.core().subscribed.get(name).unwrap().clone();
+        assert!(Arc::ptr_eq(&kept(&s, "a"), &stored("a")));
+        assert_eq!(&*kept(&s, "missing"), "missing");
+        s.req(
+            request(&["missing", "a"], &resp.version_info, &resp.nonce),
+            &store,
+        );
+        store.set("a", config("2"));
+        let resp = s.change(&store).expect("pushed");
+        assert!(Arc::ptr_eq(&kept(&s, "a"), &stored("a")), "replaced");
+        // A new subscription: the names read from the store again.
+        store.set("missing", config("1"));
+        s.req(
+            request(&["a", "missing"], &resp.version_info, &resp.nonce),
+            &store,
+        );
+        assert!(Arc::ptr_eq(&kept(&s, "a"), &stored("a")));
+        assert_eq!(s.core().info().subscribed, ["a", "missing"]);
     }
 }

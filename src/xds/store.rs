@@ -11,7 +11,7 @@
 //! Each stream registers itself once, when it opens, as a [`StreamView`] (its own state behind its
 //! own lock) and leaves when it closes; nothing is copied into the registry per request or push.
 //!
-//! Length: about 690 lines (its unit tests are in `store/tests.rs`): the store, its stream
+//! Length: about 700 lines (its unit tests are in `store/tests.rs`): the store, its stream
 //! registry and its counters share one lock and are kept together.
 //! Readers ([`ResourceStore::streams`]: `/debug/syncz`, `ListProxies`) ask every open stream for
 //! its [`StreamInfo`] when they read.
@@ -514,10 +514,23 @@ impl ResourceStore {
 
     // ----- used by the stream state machines and the server -----
 
+    /// `names` as a stream keeps its subscription: the store's own string of each resource it
+    /// has (one string, which a replaced resource keeps, read by every stream), a string of the
+    /// stream's own for the others. One read of the store, when a subscription changes.
+    pub(crate) fn intern(&self, names: impl IntoIterator<Item = String>) -> BTreeSet<Arc<str>> {
+        let state = self.read();
+        (names.into_iter())
+            .map(|n| match state.resources.get_key_value(n.as_str()) {
+                Some((name, _)) => name.clone(),
+                None => Arc::from(n),
+            })
+            .collect()
+    }
+
     /// The stored entries for `names` that exist, sorted by name (duplicates collapse).
-    pub(crate) fn lookup<'a>(
+    pub(crate) fn lookup<'a, N: std::borrow::Borrow<str> + ?Sized + 'a>(
         &self,
-        names: impl IntoIterator<Item = &'a String>,
+        names: impl IntoIterator<Item = &'a N>,
     ) -> Vec<Arc<Entry>> {
         let mut found = Vec::new();
         self.lookup_into(names, &mut found);
@@ -528,9 +541,9 @@ impl ResourceStore {
     /// from push to push. Names already sorted (a stream's subscription) are not sorted again.
     /// Returns the revision the store was at: until [`revision_now`](Self::revision_now) moves
     /// past it, the same lookup finds the same entries.
-    pub(crate) fn lookup_into<'a>(
+    pub(crate) fn lookup_into<'a, N: std::borrow::Borrow<str> + ?Sized + 'a>(
         &self,
-        names: impl IntoIterator<Item = &'a String>,
+        names: impl IntoIterator<Item = &'a N>,
         found: &mut Vec<Arc<Entry>>,
     ) -> u64 {
         found.clear();
@@ -540,7 +553,7 @@ impl ResourceStore {
         found.extend(
             names
                 .into_iter()
-                .filter_map(|n| state.resources.get(n.as_str()).cloned()),
+                .filter_map(|n| state.resources.get(n.borrow()).cloned()),
         );
         let revision = state.revision;
         drop(state);

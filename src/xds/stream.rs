@@ -115,7 +115,10 @@ pub(crate) struct StreamCore {
     protocol: Protocol,
     pub(crate) node_id: String,
     pub(crate) started: bool,
-    pub(crate) subscribed: BTreeSet<String>,
+    /// The names subscribed to, as the store's own strings of the resources it has
+    /// ([`ResourceStore::intern`]): the lookups of every push read memory every stream reads,
+    /// not a copy of the stream's own.
+    pub(crate) subscribed: BTreeSet<Arc<str>>,
     /// Per resource, the version the proxy holds: the one carried by the last response that had it
     /// (or, for delta, the one the proxy said it holds when it connected). Keyed by the store's
     /// own name of the resource ([`Entry::name`]): one string for every stream, so that looking
@@ -270,7 +273,7 @@ impl StreamCore {
         let subscribed = &self.subscribed;
         self.held.retain(|n, _| subscribed.contains(&**n));
         self.acked.retain(|n, _| subscribed.contains(&**n));
-        self.nacked.retain(|n, _| subscribed.contains(n));
+        self.nacked.retain(|n, _| subscribed.contains(n.as_str()));
     }
 
     /// `Some(suppressed)` when a line under `key` may be logged now (see `LogGate`).
@@ -371,7 +374,7 @@ impl StreamCore {
             peer: self.peer.map(|p| p.to_string()),
             api: self.api,
             protocol: self.protocol,
-            subscribed: self.subscribed.iter().cloned().collect(),
+            subscribed: self.subscribed.iter().map(|n| n.to_string()).collect(),
             sent: texts(&self.held),
             acked: texts(&self.acked),
             nacked: self.nacked.clone(),
