@@ -59,7 +59,7 @@ impl Transport for SetupOnlyTransport {
         Ok(match body {
             Some(bytes) => HttpResponse {
                 status: 200,
-                headers: vec![("content-length".into(), bytes.len().to_string())],
+                headers: vec![("content-length".into(), bytes.len().to_string().into())],
                 body: FullBody::boxed(bytes),
             },
             None => HttpResponse {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use wasm_ecds::config::Config;
 use wasm_ecds::fetch::hyper_transport::HyperTransport;
-use wasm_ecds::fetch::{HttpRequest, Transport, TransportError};
+use wasm_ecds::fetch::{Headers, HttpRequest, Transport, TransportError};
 
 use support::image::{
     sha256_digest, DOCKER_LAYER, DOCKER_MANIFEST, OCI_INDEX, OCI_LAYER, OCI_MANIFEST,
@@ -30,10 +30,10 @@ async fn get(
     t: &HyperTransport,
     url: &str,
     authorization: Option<&str>,
-) -> Result<(u16, Vec<(String, String)>, Vec<u8>), TransportError> {
+) -> Result<(u16, Headers, Vec<u8>), TransportError> {
     let mut req = HttpRequest::get(url).header("accept", ACCEPT_ALL);
     if let Some(auth) = authorization {
-        req = req.header("authorization", auth);
+        req = req.header("authorization", auth.to_string());
     }
     let mut resp = t.get(&req, TIMEOUT).await?;
     let mut body = Vec::new();
@@ -43,11 +43,11 @@ async fn get(
     Ok((resp.status, resp.headers, body))
 }
 
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+fn header<'a>(headers: &'a Headers, name: &str) -> Option<&'a str> {
     headers
         .iter()
         .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
+        .map(|(_, v)| v.as_ref())
 }
 
 /// The `plugin.wasm` entry of a tar.gz layer.

@@ -10,7 +10,7 @@ use super::auth::{decode_basic, token_answer, AuthRule, Challenge, ANONYMOUS_TOK
 use super::{Host, RequestKind, SimWorld, State, WorldEvent};
 use crate::clock::Timestamp;
 use crate::config::is_always_blocked;
-use crate::fetch::{HttpRequest, TransportError};
+use crate::fetch::{HeaderText, Headers, HttpRequest, TransportError};
 use crate::sim::rules::{AuthScheme, FailMode, FailRule};
 use crate::url::{authority, path_and_query};
 
@@ -83,14 +83,18 @@ pub(super) fn route(path: &str) -> Route<'_> {
 /// A response decided under the lock, turned into an [`HttpResponse`] after.
 pub(super) struct Answer {
     pub(super) status: u16,
-    pub(super) headers: Vec<(String, String)>,
+    pub(super) headers: Headers,
     pub(super) body: Bytes,
     /// `Some(n)`: the connection drops after `n` body bytes.
     pub(super) reset_after: Option<usize>,
 }
 
 impl Answer {
-    pub(super) fn new(status: u16, content_type: &str, body: impl Into<Bytes>) -> Self {
+    pub(super) fn new(
+        status: u16,
+        content_type: impl Into<HeaderText>,
+        body: impl Into<Bytes>,
+    ) -> Self {
         Answer {
             status,
             headers: vec![("content-type".into(), content_type.into())],
@@ -99,7 +103,7 @@ impl Answer {
         }
     }
 
-    pub(super) fn header(mut self, name: &str, value: impl Into<String>) -> Self {
+    pub(super) fn header(mut self, name: &'static str, value: impl Into<HeaderText>) -> Self {
         self.headers.push((name.into(), value.into()));
         self
     }
@@ -151,7 +155,7 @@ impl SimWorld {
             .headers
             .iter()
             .find(|(k, _)| k == "authorization")
-            .map(|(_, v)| v.as_str());
+            .map(|(_, v)| v.as_ref());
         let mut guard = self.state();
         let st = &mut *guard;
         // Only the very next request can answer a challenge.
@@ -337,7 +341,7 @@ pub(super) fn serve_manifest<'r>(
             &format!("manifest of type {} not in the accept header", m.media_type),
         );
     }
-    Answer::new(200, &m.media_type, m.bytes.clone())
+    Answer::new(200, m.media_type.clone(), m.bytes.clone())
         .header("docker-content-digest", format!("sha256:{digest}"))
 }
 
@@ -347,7 +351,7 @@ pub(super) fn serve_blob(host: &Host, repo: &str, digest: &str) -> Answer {
         .and_then(|d| host.repos.get(repo)?.blobs.get(d));
     match blob {
         Some(b) => Answer::new(200, "application/octet-stream", b.clone())
-            .header("docker-content-digest", digest),
+            .header("docker-content-digest", digest.to_string()),
         None => Answer::registry_error(404, "BLOB_UNKNOWN", "blob unknown to registry"),
     }
 }

@@ -411,7 +411,7 @@ impl Transport for SimWorld {
             }
             Decision::Answer(a) => {
                 let mut headers = a.headers;
-                headers.push(("content-length".into(), a.body.len().to_string()));
+                headers.push(("content-length".into(), a.body.len().to_string().into()));
                 Ok(HttpResponse {
                     status: a.status,
                     headers,

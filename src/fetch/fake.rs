@@ -168,7 +168,10 @@ impl Transport for FakeTransport {
                 then,
             } => Ok(HttpResponse {
                 status,
-                headers,
+                headers: headers
+                    .into_iter()
+                    .map(|(k, v)| (k.into(), v.into()))
+                    .collect(),
                 body: Box::new(ScriptedBody {
                     // Several chunks, so that limits are checked mid-stream.
                     chunks: body.chunks(4096).map(Bytes::copy_from_slice).collect(),

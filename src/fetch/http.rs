@@ -129,7 +129,7 @@ impl Fetcher {
             None => HttpRequest::get(url),
         };
         if let Some(auth) = auth {
-            req = req.header("authorization", auth);
+            req = req.header("authorization", auth.to_string());
         }
         let (mut resp, final_url) = self
             .send_following_redirects(req, timeout, started, kind)

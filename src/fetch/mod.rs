@@ -16,6 +16,7 @@ pub mod retry;
 pub(crate) mod stream;
 pub mod unpack;
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,13 +31,20 @@ use crate::store::{FileSource, ModuleStore, StagedFile};
 
 pub use retry::{Backoff, PullBudget};
 
+/// A header name or value. Fixed texts (names, Accept lists, content types) are borrowed, so a
+/// request or response carries copies only of the values that vary.
+pub type HeaderText = Cow<'static, str>;
+
+/// Header `(name, value)` pairs; names are lowercase.
+pub type Headers = Vec<(HeaderText, HeaderText)>;
+
 /// One HTTP GET attempt.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HttpRequest {
     /// Absolute URL.
     pub url: String,
     /// Header names are lowercase.
-    pub headers: Vec<(String, String)>,
+    pub headers: Headers,
 }
 
 impl HttpRequest {
@@ -47,8 +55,13 @@ impl HttpRequest {
         }
     }
 
-    pub fn header(mut self, name: &str, value: impl Into<String>) -> Self {
-        self.headers.push((name.to_ascii_lowercase(), value.into()));
+    /// Adds a header; the name is lowercased (copied only when it has an uppercase letter).
+    pub fn header(mut self, name: impl Into<HeaderText>, value: impl Into<HeaderText>) -> Self {
+        let mut name = name.into();
+        if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            name = Cow::Owned(name.to_ascii_lowercase());
+        }
+        self.headers.push((name, value.into()));
         self
     }
 }
@@ -57,7 +70,7 @@ impl HttpRequest {
 pub struct HttpResponse {
     pub status: u16,
     /// Header names are lowercase.
-    pub headers: Vec<(String, String)>,
+    pub headers: Headers,
     pub body: Box<dyn BodyStream>,
 }
 
@@ -66,7 +79,7 @@ impl HttpResponse {
         self.headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| v.as_ref())
     }
 }
 

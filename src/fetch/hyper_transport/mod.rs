@@ -211,7 +211,7 @@ impl Transport for HyperTransport {
 
         let mut builder = http::Request::get(uri.clone());
         for (name, value) in &req.headers {
-            builder = builder.header(name.as_str(), value.as_str());
+            builder = builder.header(name.as_ref(), value.as_ref());
         }
         let request = builder
             .body(Empty::new())
@@ -229,8 +229,10 @@ impl Transport for HyperTransport {
             .map(|(name, value)| {
                 // `HeaderName`s are lowercase already.
                 (
-                    name.as_str().to_string(),
-                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                    name.as_str().to_string().into(),
+                    String::from_utf8_lossy(value.as_bytes())
+                        .into_owned()
+                        .into(),
                 )
             })
             .collect();

@@ -106,7 +106,7 @@ pub(super) fn auth_of(req: &HttpRequest) -> Option<String> {
     req.headers
         .iter()
         .find(|(k, _)| k == "authorization")
-        .map(|(_, v)| v.clone())
+        .map(|(_, v)| v.to_string())
 }
 
 /// A registry that wants `want` as the Authorization of manifest and blob requests.

@@ -129,7 +129,7 @@ mod tests {
             .headers
             .iter()
             .find(|(k, _)| k == "accept")
-            .map(|(_, v)| v.clone())
+            .map(|(_, v)| v.to_string())
             .unwrap();
         assert!(accept.contains(OCI_INDEX) && accept.contains(DOCKER_MANIFEST));
     }
