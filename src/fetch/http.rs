@@ -14,6 +14,7 @@ use super::request::{check_content_length, status_failure, ErrorKind, TransferLi
 use super::retry::{with_retries, AttemptError, PullBudget};
 use super::stream::{stream_module, Layout};
 use super::{FetchError, Fetcher, HttpRequest, HttpResponse, StagedModule};
+use crate::clock::Timestamp;
 use crate::url::HttpUrl;
 
 pub use super::request::{is_retryable_status, MAX_REDIRECTS};
@@ -98,8 +99,9 @@ impl Fetcher {
         let target = url.request_url();
         let (url, auth) = (target.as_str(), url.basic_auth());
         let auth = auth.as_deref();
-        let attempt = with_retries(self, budget, |timeout| async move {
-            self.download_attempt(url, timeout, validators, auth).await
+        let attempt = with_retries(self, budget, |timeout, started| async move {
+            self.download_attempt(url, timeout, started, validators, auth)
+                .await
         })
         .await?;
         match attempt {
@@ -114,6 +116,7 @@ impl Fetcher {
         &self,
         url: &str,
         timeout: Duration,
+        started: Timestamp,
         validators: Option<&Validators>,
         auth: Option<&str>,
     ) -> Result<Attempt, AttemptError> {
@@ -123,7 +126,6 @@ impl Fetcher {
                 "{url}: pull deadline exceeded"
             ))));
         }
-        let started = self.now();
         let mut req = match validators {
             Some(v) => v.apply(HttpRequest::get(url)),
             None => HttpRequest::get(url),

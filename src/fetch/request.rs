@@ -21,8 +21,10 @@ pub(crate) type ErrorKind = fn(String) -> FetchError;
 impl Fetcher {
     /// Sends `req`, following redirects (301, 302, 303, 307, 308; relative `Location`s resolved
     /// against the request URL; at most [`MAX_REDIRECTS`] hops), all within `timeout` measured from
-    /// `started`. The `Authorization` header is dropped when a hop leaves the original scheme and
-    /// authority. Returns the first non-redirect response, whatever its status, and its URL.
+    /// `started` (the clock reading of the caller, taken just before: the first hop gets the whole
+    /// `timeout` without reading the clock again). The `Authorization` header is dropped when a hop
+    /// leaves the original scheme and authority. Returns the first non-redirect response, whatever
+    /// its status, and its URL.
     pub(crate) async fn send_following_redirects(
         &self,
         mut req: HttpRequest,
@@ -31,8 +33,8 @@ impl Fetcher {
         kind: ErrorKind,
     ) -> Result<(HttpResponse, String), AttemptError> {
         let mut hops = 0;
+        let mut remaining = timeout;
         loop {
-            let remaining = timeout.saturating_sub(self.now().since(started));
             if remaining.is_zero() {
                 return Err(transport_failure(&req.url, TransportError::Timeout, kind));
             }
@@ -66,6 +68,7 @@ impl Fetcher {
                 req.headers.retain(|(k, _)| k != "authorization");
             }
             req.url = next.into();
+            remaining = timeout.saturating_sub(self.now().since(started));
         }
     }
 }

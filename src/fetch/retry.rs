@@ -30,15 +30,17 @@ pub enum AttemptError {
     Fatal(FetchError),
 }
 
-/// Runs `attempt(timeout)` until it succeeds, fails fatally, runs out of attempts or hits the pull
-/// deadline. Each call of `attempt` is one counted request; its argument is the time it may take.
+/// Runs `attempt(timeout, started)` until it succeeds, fails fatally, runs out of attempts or hits
+/// the pull deadline. Each call of `attempt` is one counted request; `timeout` is the time it may
+/// take from `started`, the clock reading it was computed from (so the attempt need not read the
+/// clock again).
 pub async fn with_retries<T, F, Fut>(
     fetcher: &Fetcher,
     budget: PullBudget,
     mut attempt: F,
 ) -> Result<T, FetchError>
 where
-    F: FnMut(Duration) -> Fut,
+    F: FnMut(Duration, Timestamp) -> Fut,
     Fut: Future<Output = Result<T, AttemptError>>,
 {
     let mut backoff = fetcher.backoff();
@@ -47,7 +49,7 @@ where
         let now = fetcher.now();
         let timeout = fetcher.config.attempt_timeout(budget.deadline.since(now));
         attempts += 1;
-        let err = match attempt(timeout).await {
+        let err = match attempt(timeout, now).await {
             Ok(v) => return Ok(v),
             Err(AttemptError::Fatal(e)) => return Err(e),
             Err(AttemptError::Retry(e)) => e,

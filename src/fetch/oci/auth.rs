@@ -52,12 +52,12 @@ impl Fetcher {
         let kind: ErrorKind = FetchError::Manifest;
         let ping = format!("{base}/v2/");
         let ping = ping.as_str();
-        let challenges = with_retries(self, budget, |timeout| async move {
+        let challenges = with_retries(self, budget, |timeout, started| async move {
             if timeout.is_zero() {
                 return Err(deadline_exceeded(ping, kind));
             }
             let (resp, _) = self
-                .send_following_redirects(HttpRequest::get(ping), timeout, self.now(), kind)
+                .send_following_redirects(HttpRequest::get(ping), timeout, started, kind)
                 .await?;
             // Anything but a 401 means "no auth needed here"; the manifest request has the last
             // word (and its own retries), so a failing ping status is not retried.
@@ -120,7 +120,7 @@ impl Fetcher {
         ));
         url.set_query(Some(&query.join("&")));
         let url = url.as_str();
-        let token = with_retries(self, budget, |timeout| async move {
+        let token = with_retries(self, budget, |timeout, started| async move {
             if timeout.is_zero() {
                 return Err(deadline_exceeded(realm, kind));
             }
@@ -129,7 +129,7 @@ impl Fetcher {
                 req = req.header("authorization", c.basic_header());
             }
             let (mut resp, final_url) = self
-                .send_following_redirects(req, timeout, self.now(), kind)
+                .send_following_redirects(req, timeout, started, kind)
                 .await?;
             match resp.status {
                 200..=299 => {}

@@ -46,13 +46,13 @@ impl Fetcher {
         let kind: ErrorKind = FetchError::Manifest;
         let url = format!("{base}/v2/{repository}/manifests/{reference}");
         let url = url.as_str();
-        with_retries(self, budget, |timeout| async move {
+        with_retries(self, budget, |timeout, started| async move {
             if timeout.is_zero() {
                 return Err(deadline_exceeded(url, kind));
             }
             let req = auth.apply(HttpRequest::get(url).header("accept", MANIFEST_ACCEPT));
             let (mut resp, final_url) = self
-                .send_following_redirects(req, timeout, self.now(), kind)
+                .send_following_redirects(req, timeout, started, kind)
                 .await?;
             registry_status(url, resp.status, auth.used_credentials, kind)?;
             let bytes =

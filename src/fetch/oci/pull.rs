@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use super::{deadline_exceeded, registry_status, ImageFormat, OciResolved};
+use crate::clock::Timestamp;
 use crate::fetch::request::{check_content_length, ErrorKind, TransferLimit};
 use crate::fetch::retry::{with_retries, AttemptError, PullBudget};
 use crate::fetch::stream::{stream_module, Expected, Layout};
@@ -31,8 +32,8 @@ impl Fetcher {
             resolved.base, resolved.repository, resolved.layer.digest
         );
         let url = url.as_str();
-        with_retries(self, budget, |timeout| async move {
-            self.blob_attempt(url, resolved, timeout).await
+        with_retries(self, budget, |timeout, started| async move {
+            self.blob_attempt(url, resolved, timeout, started).await
         })
         .await
     }
@@ -43,6 +44,7 @@ impl Fetcher {
         url: &str,
         resolved: &OciResolved,
         timeout: Duration,
+        started: Timestamp,
     ) -> Result<StagedModule, AttemptError> {
         let kind: ErrorKind = FetchError::Download;
         if timeout.is_zero() {
@@ -54,7 +56,7 @@ impl Fetcher {
         }
         // Registries often redirect blobs to a storage host: the header is dropped there.
         let (mut resp, final_url) = self
-            .send_following_redirects(req, timeout, self.now(), kind)
+            .send_following_redirects(req, timeout, started, kind)
             .await?;
         registry_status(url, resp.status, resolved.used_credentials, kind)?;
         let limit = layer_limit(resolved.format, self.config.max_binary_size);
