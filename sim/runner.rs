@@ -29,7 +29,7 @@ use super::scenario::{
 use super::served::{Decoded, DecodedResources, FileChanges, ServedHashes, WatchedStore};
 pub use super::trace::trace_line;
 use super::trace::Trace;
-use super::world::SimWorld;
+use super::world::{SimWorld, WorldEvents};
 use crate::clock::{paused_runtime, Clock, PausedClock, Timestamp, TokioClock};
 use crate::driver::{Applied, Driver, DriverParts};
 use crate::engine::{EngineParts, Event, Serving};
@@ -138,6 +138,8 @@ struct Runner<'a> {
     /// The order [`Runner::drain`] writes a step's events in (time, world before engine, index),
     /// kept empty between steps.
     pending: Vec<(Timestamp, u8, usize)>,
+    /// The world's events of a step; its buffers are kept between steps.
+    world_events: WorldEvents,
     /// Outcome of the last processing of each plugin since the previous `expect`.
     outcomes: BTreeMap<ObjectKey, Outcome>,
     /// Modules that left the cache since the previous `expect`.
@@ -184,6 +186,7 @@ impl<'a> Runner<'a> {
             // Two or three lines a step, and one buffer for them all.
             trace: Trace::with_capacity(s.steps.len().saturating_mul(3).saturating_add(16)),
             pending: Vec::new(),
+            world_events: WorldEvents::default(),
             outcomes: BTreeMap::new(),
             expired: BTreeSet::new(),
             served: ServedHashes::new(changes.clone()),
@@ -254,17 +257,18 @@ impl<'a> Runner<'a> {
     /// processing they belong to), and records outcomes and expiries for `expect`. Only the order
     /// is sorted (a stable sort of indices); each event is then written straight into the trace.
     fn drain(&mut self) {
-        let world = self.world.take_events();
+        let mut world = std::mem::take(&mut self.world_events);
+        self.world.take_events_into(&mut world);
         let events = self.driver.take_events();
         // One buffer for every step's order, kept between steps.
         let mut order = std::mem::take(&mut self.pending);
-        order.extend(world.iter().enumerate().map(|(i, e)| (e.at, 0, i)));
+        order.extend(world.iter().enumerate().map(|(i, (at, _))| (at, 0, i)));
         order.extend(events.iter().enumerate().map(|(i, e)| (e.at(), 1, i)));
         order.sort_by_key(|(at, from, _)| (*at, *from));
         let s = self.s;
         for &(at, from, i) in &order {
             if from == 0 {
-                self.trace.push(at, &world[i].text);
+                self.trace.push(at, world.get(i).1);
             } else {
                 self.trace.push_with(at, |line| {
                     let _ = events[i].write_trace(line, |sha| module_name(s, sha));
@@ -273,6 +277,7 @@ impl<'a> Runner<'a> {
         }
         order.clear();
         self.pending = order;
+        self.world_events = world;
         for e in events {
             match e {
                 Event::Processed {

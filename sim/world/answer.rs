@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use bytes::Bytes;
 
 use super::auth::{decode_basic, token_answer, AuthRule, Challenge, ANONYMOUS_TOKEN, TOKEN_PATH};
-use super::{Host, RequestKind, SimWorld, State, WorldEvent};
+use super::{Host, RequestKind, SimWorld, State};
 use crate::clock::Timestamp;
 use crate::config::is_always_blocked;
 use crate::fetch::{HeaderText, Headers, HttpRequest, TransportError};
@@ -142,10 +142,10 @@ impl SimWorld {
         if let Some(ip) = ip {
             if is_always_blocked(ip) {
                 let mut st = self.state();
-                st.events.push(WorldEvent {
-                    at: now,
-                    text: format!("request {authority} {path} -> blocked address"),
-                });
+                st.events.push(
+                    now,
+                    format_args!("request {authority} {path} -> blocked address"),
+                );
                 return Decision::Fail(TransportError::Blocked(format!(
                     "{ip} is a link-local or metadata address"
                 )));
@@ -225,13 +225,13 @@ impl SimWorld {
             take_rule(&mut host.rules, kind)
         };
         let log = |st: &mut State, result: &dyn std::fmt::Display| {
-            st.events.push(WorldEvent {
-                at: now,
-                text: format!(
+            st.events.push(
+                now,
+                format_args!(
                     "request {authority} {} {path} -> {result}{note}",
                     kind.as_str()
                 ),
-            })
+            )
         };
         match rule {
             Some(FailMode::Unavailable) => {

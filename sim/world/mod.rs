@@ -21,6 +21,7 @@ mod auth;
 mod tests;
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -91,11 +92,45 @@ impl RequestCounts {
     }
 }
 
-/// Something the world did, for the trace.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WorldEvent {
-    pub at: Timestamp,
-    pub text: String,
+/// What the world did since it was last asked, for the trace: each event's text is written into
+/// one buffer (a request logs one event; a string per event cost more than writing it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorldEvents {
+    text: String,
+    /// When each event happened and where its text ends in `text`.
+    ends: Vec<(Timestamp, usize)>,
+}
+
+impl WorldEvents {
+    /// Appends an event at `at` whose text is `args`.
+    fn push(&mut self, at: Timestamp, args: std::fmt::Arguments<'_>) {
+        let _ = self.text.write_fmt(args);
+        self.ends.push((at, self.text.len()));
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// The time and text of event `i`.
+    pub fn get(&self, i: usize) -> (Timestamp, &str) {
+        let start = i.checked_sub(1).map_or(0, |p| self.ends[p].1);
+        let (at, end) = self.ends[i];
+        (at, &self.text[start..end])
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (Timestamp, &str)> + '_ {
+        (0..self.len()).map(|i| self.get(i))
+    }
+
+    fn clear(&mut self) {
+        self.text.clear();
+        self.ends.clear();
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -166,7 +201,7 @@ struct State {
     /// Module name → its images, one per format.
     images: BTreeMap<String, Vec<BuiltImage>>,
     counts: BTreeMap<String, RequestCounts>,
-    events: Vec<WorldEvent>,
+    events: WorldEvents,
     challenge: Option<Challenge>,
 }
 
@@ -380,8 +415,11 @@ impl SimWorld {
         self.state().counts.clone()
     }
 
-    pub fn take_events(&self) -> Vec<WorldEvent> {
-        std::mem::take(&mut self.state().events)
+    /// Moves the events so far into `out` (emptied first); the world keeps `out`'s buffers for the
+    /// next ones, so a run that drains every step allocates for its events only while they grow.
+    pub fn take_events_into(&self, out: &mut WorldEvents) {
+        out.clear();
+        std::mem::swap(out, &mut self.state().events);
     }
 }
 

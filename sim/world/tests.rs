@@ -211,9 +211,19 @@ fn failure_rules_consume_times_and_recover() {
         );
     });
     assert_eq!(w.counts()["files.example"].get, 6);
-    let events = w.take_events();
+    let mut events = WorldEvents::default();
+    w.take_events_into(&mut events);
     assert_eq!(events.len(), 6, "{events:?}");
-    assert!(events[0].text.contains("503"));
+    assert!(events.get(0).1.contains("503"));
+    // Each event is its own text out of the shared buffer: one request each, none run together.
+    for (_, text) in events.iter() {
+        assert!(text.starts_with("request files.example "), "{text:?}");
+        assert_eq!(text.matches("request ").count(), 1, "{text:?}");
+    }
+    assert!(events.get(5).1.ends_with("-> 200"), "{events:?}");
+    // Taken events are gone from the world; the next take starts empty.
+    w.take_events_into(&mut events);
+    assert!(events.is_empty(), "{events:?}");
 }
 
 #[test]
