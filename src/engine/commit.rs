@@ -8,10 +8,10 @@ use std::sync::Arc;
 use super::fallback::{after_failure, AfterFailure, FailedPlugin};
 use super::job::{Failure, Obtained};
 use super::plan::Pending;
-use super::state::{Event, ServedModule, Serving, Trigger};
+use super::state::{displays_as, Event, ServedModule, Serving, Trigger};
 use super::Engine;
 use crate::backoff::{Backoff, BACKGROUND_RETRY};
-use crate::cache::{Cache, ModuleKey};
+use crate::cache::ModuleKey;
 use crate::clock::Timestamp;
 use crate::fetch::http::Validators;
 use crate::metrics::ConversionResult;
@@ -159,8 +159,8 @@ impl Engine {
         if let Some(m) = self.served_already(plugin, Some(&k), &entry.path, &entry.sha256) {
             return Ok(m);
         }
-        let (path, sha256) = (entry.path.clone(), entry.sha256.clone());
-        Ok(self.served(plugin, Some(k), &path, &sha256))
+        let url = &*self.plugins[plugin].url;
+        Ok((self.served_modules).share(url, Some(&k), &entry.path, &entry.sha256))
     }
 
     /// The `Arc` `plugin` holds when it is served this module from its current url already.
@@ -191,20 +191,15 @@ impl Engine {
     fn served(
         &mut self,
         plugin: &ObjectKey,
-        key: Option<ModuleKey>,
+        key: Option<&ModuleKey>,
         path: &std::path::Path,
         sha256: &str,
     ) -> Arc<ServedModule> {
-        if let Some(m) = self.served_already(plugin, key.as_ref(), path, sha256) {
+        if let Some(m) = self.served_already(plugin, key, path, sha256) {
             return m;
         }
-        let st = &self.plugins[plugin];
-        self.served_modules.share(ServedModule {
-            url: st.url.to_string(),
-            key,
-            path: path.to_path_buf(),
-            sha256: sha256.to_string(),
-        })
+        let url = &*self.plugins[plugin].url;
+        (self.served_modules).share(url, key, path, sha256)
     }
 
     fn commit_success(
@@ -265,14 +260,16 @@ impl Engine {
         match decision {
             AfterFailure::Keep => {}
             AfterFailure::Restore(r) => {
-                if let Ok((_, served)) = served_from_cache(
-                    &self.cache,
-                    r.url.clone(),
-                    r.module.clone(),
-                    Outcome::Cached,
-                ) {
+                let entry =
+                    (self.cache.get(&r.module)).filter(|_| self.cache.is_verified(&r.module));
+                if let Some(entry) = entry {
+                    let served = (self.served_modules).share(
+                        &r.url,
+                        Some(&r.module),
+                        &entry.path,
+                        &entry.sha256,
+                    );
                     self.set_referenced(key, Some(&r.module), now);
-                    let served = self.served_modules.share(served);
                     self.set_serving(key, Serving::Module(served), now);
                 }
             }
@@ -327,36 +324,4 @@ impl Engine {
             });
         }
     }
-}
-
-/// Whether `value` displays as `text`, without writing it out.
-fn displays_as(value: &dyn std::fmt::Display, text: &str) -> bool {
-    struct Rest<'a>(&'a str);
-    impl std::fmt::Write for Rest<'_> {
-        fn write_str(&mut self, s: &str) -> std::fmt::Result {
-            self.0 = self.0.strip_prefix(s).ok_or(std::fmt::Error)?;
-            Ok(())
-        }
-    }
-    let mut rest = Rest(text);
-    std::fmt::write(&mut rest, format_args!("{value}")).is_ok() && rest.0.is_empty()
-}
-
-fn served_from_cache(
-    cache: &Cache,
-    url: String,
-    k: ModuleKey,
-    outcome: Outcome,
-) -> Result<(Outcome, ServedModule), Failure> {
-    let entry = cache
-        .get(&k)
-        .filter(|_| cache.is_verified(&k))
-        .ok_or_else(|| Failure::Cache("module left the cache".to_string()))?;
-    let served = ServedModule {
-        url,
-        path: entry.path.clone(),
-        sha256: entry.sha256.clone(),
-        key: Some(k),
-    };
-    Ok((outcome, served))
 }
