@@ -8,7 +8,9 @@ use std::sync::Arc;
 use super::fallback::{after_failure, AfterFailure, FailedPlugin};
 use super::job::{Failure, Obtained};
 use super::plan::Pending;
-use super::state::{displays_as, Event, ServedModule, Serving, Trigger};
+use super::state::{
+    displays_as, Event, PluginState, ServedModule, ServedModules, Serving, Trigger,
+};
 use super::Engine;
 use crate::backoff::{Backoff, BACKGROUND_RETRY};
 use crate::cache::ModuleKey;
@@ -36,15 +38,12 @@ impl Engine {
             started,
             ..
         } = pending;
-        if self.plugins.get(&key).map(|s| s.version) != Some(version) {
+        let Some(st) = self.plugins.get(&key).filter(|s| s.version == version) else {
             return;
-        }
-        self.cache.settle();
+        };
         // Istio's agent looks nothing up for local code, nor for remote code without `http_uri`.
-        let remote = matches!(
-            *self.plugins[&key].url,
-            ModuleUrl::Oci(_) | ModuleUrl::Http(_)
-        );
+        let remote = matches!(*st.url, ModuleUrl::Oci(_) | ModuleUrl::Http(_));
+        self.cache.settle();
         let elapsed_ms = now.since(started).as_secs_f64() * 1000.0;
         // A download shared with another plugin's identical job counts once as a remote fetch.
         let shared = matches!(result, Ok(Obtained::Shared(_)));
@@ -155,39 +154,17 @@ impl Engine {
         let entry = (self.cache.get(&k))
             .filter(|_| self.cache.is_verified(&k))
             .ok_or_else(|| Failure::Cache("module left the cache".to_string()))?;
-        // What it serves already (a revalidation, a cache hit): nothing copied.
-        if let Some(m) = self.served_already(plugin, Some(&k), &entry.path, &entry.sha256) {
-            return Ok(m);
-        }
-        let url = &*self.plugins[plugin].url;
-        Ok((self.served_modules).share(url, Some(&k), &entry.path, &entry.sha256))
-    }
-
-    /// The `Arc` `plugin` holds when it is served this module from its current url already.
-    fn served_already(
-        &self,
-        plugin: &ObjectKey,
-        key: Option<&ModuleKey>,
-        path: &std::path::Path,
-        sha256: &str,
-    ) -> Option<Arc<ServedModule>> {
         let st = &self.plugins[plugin];
-        match &st.serving {
-            Serving::Module(m)
-                if m.key.as_ref() == key
-                    && m.sha256 == sha256
-                    && m.path == path
-                    && displays_as(&*st.url, &m.url) =>
-            {
-                Some(m.clone())
-            }
-            _ => None,
-        }
+        Ok(served_to(
+            st,
+            &mut self.served_modules,
+            Some(&k),
+            &entry.path,
+            &entry.sha256,
+        ))
     }
 
-    /// What `plugin` is served from its current url: the `Arc` it holds already when that is the
-    /// same module (a revalidation, a cache hit: nothing is copied, formatted or hashed), else the
-    /// one shared by the plugins served it ([`super::ServedModules`]).
+    /// What `plugin` is served from its current url (see [`served_to`]).
     fn served(
         &mut self,
         plugin: &ObjectKey,
@@ -195,11 +172,13 @@ impl Engine {
         path: &std::path::Path,
         sha256: &str,
     ) -> Arc<ServedModule> {
-        if let Some(m) = self.served_already(plugin, key, path, sha256) {
-            return m;
-        }
-        let url = &*self.plugins[plugin].url;
-        (self.served_modules).share(url, key, path, sha256)
+        served_to(
+            &self.plugins[plugin],
+            &mut self.served_modules,
+            key,
+            path,
+            sha256,
+        )
     }
 
     fn commit_success(
@@ -323,5 +302,28 @@ impl Engine {
                 serving: Some(serving),
             });
         }
+    }
+}
+
+/// What the plugin `st` is served from its current url: the `Arc` it holds already when that is
+/// the same module (a revalidation, a cache hit: nothing is copied, formatted or hashed), else
+/// the one shared by the plugins served it ([`super::ServedModules`]).
+fn served_to(
+    st: &PluginState,
+    modules: &mut ServedModules,
+    key: Option<&ModuleKey>,
+    path: &std::path::Path,
+    sha256: &str,
+) -> Arc<ServedModule> {
+    match &st.serving {
+        Serving::Module(m)
+            if m.key.as_ref() == key
+                && m.sha256 == sha256
+                && m.path == path
+                && displays_as(&*st.url, &m.url) =>
+        {
+            m.clone()
+        }
+        _ => modules.share(&*st.url, key, path, sha256),
     }
 }
