@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,37 +25,12 @@ use crate::fetch::StagedModule;
 use crate::log_gate::LogGate;
 use crate::plugin::ObjectKey;
 
+mod key;
 pub mod verify;
 
 use crate::store::ModuleStore;
+pub use key::{KeyParts, ModuleKey, NameStart};
 pub use verify::{ReindexReport, Verifier};
-
-/// `(module name, checksum)`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct ModuleKey {
-    pub name: String,
-    pub checksum: String,
-}
-
-impl ModuleKey {
-    pub fn new(name: impl Into<String>, checksum: impl Into<String>) -> Self {
-        ModuleKey {
-            name: name.into(),
-            checksum: checksum.into(),
-        }
-    }
-}
-
-impl std::fmt::Display for ModuleKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}@{}",
-            self.name,
-            &self.checksum[..self.checksum.len().min(12)]
-        )
-    }
-}
 
 /// One cached module.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -196,9 +172,9 @@ impl Cache {
         &'a self,
         name: &'a str,
     ) -> impl Iterator<Item = (&'a ModuleKey, &'a ModuleEntry)> {
-        let first = ModuleKey::new(name, String::new());
+        let first: &dyn KeyParts = &NameStart(name);
         self.modules
-            .range(first..)
+            .range::<dyn KeyParts, _>((Bound::Included(first), Bound::Unbounded))
             .take_while(move |(k, _)| k.name == name)
     }
 
@@ -218,7 +194,7 @@ impl Cache {
     pub fn resolution(&self, url: &str) -> Option<&ModuleKey> {
         self.resolutions
             .get(url)
-            .filter(|k| self.modules.contains_key(k))
+            .filter(|k| self.modules.contains_key(*k))
     }
 
     pub fn resolutions(&self) -> &BTreeMap<String, ModuleKey> {

@@ -8,10 +8,12 @@ use std::sync::Arc;
 use super::fallback::{after_failure, AfterFailure, FailedPlugin};
 use super::job::{Failure, Obtained};
 use super::plan::Pending;
-use super::state::{Event, ServedModule, Serving, Trigger};
+use super::state::{
+    displays_as, Event, PluginState, ServedModule, ServedModules, Serving, Trigger,
+};
 use super::Engine;
 use crate::backoff::{Backoff, BACKGROUND_RETRY};
-use crate::cache::{Cache, ModuleKey};
+use crate::cache::ModuleKey;
 use crate::clock::Timestamp;
 use crate::fetch::http::Validators;
 use crate::metrics::ConversionResult;
@@ -36,15 +38,12 @@ impl Engine {
             started,
             ..
         } = pending;
-        if self.plugins.get(&key).map(|s| s.version) != Some(version) {
+        let Some(st) = self.plugins.get(&key).filter(|s| s.version == version) else {
             return;
-        }
-        self.cache.settle();
+        };
         // Istio's agent looks nothing up for local code, nor for remote code without `http_uri`.
-        let remote = matches!(
-            *self.plugins[&key].url,
-            ModuleUrl::Oci(_) | ModuleUrl::Http(_)
-        );
+        let remote = matches!(*st.url, ModuleUrl::Oci(_) | ModuleUrl::Http(_));
+        self.cache.settle();
         let elapsed_ms = now.since(started).as_secs_f64() * 1000.0;
         // A download shared with another plugin's identical job counts once as a remote fetch.
         let shared = matches!(result, Ok(Obtained::Shared(_)));
@@ -155,56 +154,31 @@ impl Engine {
         let entry = (self.cache.get(&k))
             .filter(|_| self.cache.is_verified(&k))
             .ok_or_else(|| Failure::Cache("module left the cache".to_string()))?;
-        // What it serves already (a revalidation, a cache hit): nothing copied.
-        if let Some(m) = self.served_already(plugin, Some(&k), &entry.path, &entry.sha256) {
-            return Ok(m);
-        }
-        let (path, sha256) = (entry.path.clone(), entry.sha256.clone());
-        Ok(self.served(plugin, Some(k), &path, &sha256))
+        let st = &self.plugins[plugin];
+        Ok(served_to(
+            st,
+            &mut self.served_modules,
+            Some(&k),
+            &entry.path,
+            &entry.sha256,
+        ))
     }
 
-    /// The `Arc` `plugin` holds when it is served this module from its current url already.
-    fn served_already(
-        &self,
+    /// What `plugin` is served from its current url (see [`served_to`]).
+    fn served(
+        &mut self,
         plugin: &ObjectKey,
         key: Option<&ModuleKey>,
         path: &std::path::Path,
         sha256: &str,
-    ) -> Option<Arc<ServedModule>> {
-        let st = &self.plugins[plugin];
-        match &st.serving {
-            Serving::Module(m)
-                if m.key.as_ref() == key
-                    && m.sha256 == sha256
-                    && m.path == path
-                    && displays_as(&*st.url, &m.url) =>
-            {
-                Some(m.clone())
-            }
-            _ => None,
-        }
-    }
-
-    /// What `plugin` is served from its current url: the `Arc` it holds already when that is the
-    /// same module (a revalidation, a cache hit: nothing is copied, formatted or hashed), else the
-    /// one shared by the plugins served it ([`super::ServedModules`]).
-    fn served(
-        &mut self,
-        plugin: &ObjectKey,
-        key: Option<ModuleKey>,
-        path: &std::path::Path,
-        sha256: &str,
     ) -> Arc<ServedModule> {
-        if let Some(m) = self.served_already(plugin, key.as_ref(), path, sha256) {
-            return m;
-        }
-        let st = &self.plugins[plugin];
-        self.served_modules.share(ServedModule {
-            url: st.url.to_string(),
+        served_to(
+            &self.plugins[plugin],
+            &mut self.served_modules,
             key,
-            path: path.to_path_buf(),
-            sha256: sha256.to_string(),
-        })
+            path,
+            sha256,
+        )
     }
 
     fn commit_success(
@@ -265,14 +239,16 @@ impl Engine {
         match decision {
             AfterFailure::Keep => {}
             AfterFailure::Restore(r) => {
-                if let Ok((_, served)) = served_from_cache(
-                    &self.cache,
-                    r.url.clone(),
-                    r.module.clone(),
-                    Outcome::Cached,
-                ) {
+                let entry =
+                    (self.cache.get(&r.module)).filter(|_| self.cache.is_verified(&r.module));
+                if let Some(entry) = entry {
+                    let served = (self.served_modules).share(
+                        &r.url,
+                        Some(&r.module),
+                        &entry.path,
+                        &entry.sha256,
+                    );
                     self.set_referenced(key, Some(&r.module), now);
-                    let served = self.served_modules.share(served);
                     self.set_serving(key, Serving::Module(served), now);
                 }
             }
@@ -329,34 +305,25 @@ impl Engine {
     }
 }
 
-/// Whether `value` displays as `text`, without writing it out.
-fn displays_as(value: &dyn std::fmt::Display, text: &str) -> bool {
-    struct Rest<'a>(&'a str);
-    impl std::fmt::Write for Rest<'_> {
-        fn write_str(&mut self, s: &str) -> std::fmt::Result {
-            self.0 = self.0.strip_prefix(s).ok_or(std::fmt::Error)?;
-            Ok(())
+/// What the plugin `st` is served from its current url: the `Arc` it holds already when that is
+/// the same module (a revalidation, a cache hit: nothing is copied, formatted or hashed), else
+/// the one shared by the plugins served it ([`super::ServedModules`]).
+fn served_to(
+    st: &PluginState,
+    modules: &mut ServedModules,
+    key: Option<&ModuleKey>,
+    path: &std::path::Path,
+    sha256: &str,
+) -> Arc<ServedModule> {
+    match &st.serving {
+        Serving::Module(m)
+            if m.key.as_ref() == key
+                && m.sha256 == sha256
+                && m.path == path
+                && displays_as(&*st.url, &m.url) =>
+        {
+            m.clone()
         }
+        _ => modules.share(&*st.url, key, path, sha256),
     }
-    let mut rest = Rest(text);
-    std::fmt::write(&mut rest, format_args!("{value}")).is_ok() && rest.0.is_empty()
-}
-
-fn served_from_cache(
-    cache: &Cache,
-    url: String,
-    k: ModuleKey,
-    outcome: Outcome,
-) -> Result<(Outcome, ServedModule), Failure> {
-    let entry = cache
-        .get(&k)
-        .filter(|_| cache.is_verified(&k))
-        .ok_or_else(|| Failure::Cache("module left the cache".to_string()))?;
-    let served = ServedModule {
-        url,
-        path: entry.path.clone(),
-        sha256: entry.sha256.clone(),
-        key: Some(k),
-    };
-    Ok((outcome, served))
 }

@@ -1,9 +1,10 @@
 //! What the engine knows and reports: per-plugin state, what a plugin serves, why it is processed,
 //! and the events it records for traces and logs.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fmt;
-use std::path::PathBuf;
+use std::hash::{BuildHasher, Hasher, RandomState};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Serialize, Serializer};
@@ -71,35 +72,97 @@ fn shared<S: Serializer>(m: &Arc<ServedModule>, s: S) -> Result<S::Ok, S::Error>
 /// one URL hold one copy of its URL, path and sha256. An entry no plugin holds any more is dropped
 /// by a sweep that runs when the set has doubled since the last one (amortised O(1) per module
 /// shared; the set stays within twice the modules in use, plus a few).
+///
+/// Held by a hash of the sha256 and the URL as it displays, so finding the one held formats and
+/// allocates nothing (the URL is hashed and compared as it displays, piece by piece); a module is
+/// built (its URL formatted) only when none is held. Modules differing only in key or path share
+/// a bucket: a handful at most.
 #[derive(Debug, Default)]
 pub struct ServedModules {
-    shared: HashSet<Arc<ServedModule>>,
+    by_hash: HashMap<u64, Vec<Arc<ServedModule>>>,
+    hasher: RandomState,
+    len: usize,
     sweep_at: usize,
 }
 
 impl ServedModules {
-    /// `m` as the `Arc` the plugins served an equal module hold.
-    pub fn share(&mut self, m: ServedModule) -> Arc<ServedModule> {
-        if let Some(held) = self.shared.get(&m) {
+    /// The module with these parts as the `Arc` the plugins served an equal module hold: equal
+    /// to the one built from `url.to_string()`, `key`, `path` and `sha256`.
+    pub fn share(
+        &mut self,
+        url: &dyn fmt::Display,
+        key: Option<&ModuleKey>,
+        path: &Path,
+        sha256: &str,
+    ) -> Arc<ServedModule> {
+        let hash = self.hash(url, sha256);
+        let held = (self.by_hash.get(&hash).into_iter().flatten()).find(|m| {
+            m.key.as_ref() == key
+                && m.sha256 == sha256
+                && m.path == path
+                && displays_as(url, &m.url)
+        });
+        if let Some(held) = held {
             return held.clone();
         }
-        if self.shared.len() >= self.sweep_at {
-            self.shared.retain(|held| Arc::strong_count(held) > 1);
-            self.sweep_at = 2 * self.shared.len() + 16;
+        if self.len >= self.sweep_at {
+            self.by_hash.retain(|_, held| {
+                held.retain(|m| Arc::strong_count(m) > 1);
+                !held.is_empty()
+            });
+            self.len = self.by_hash.values().map(Vec::len).sum();
+            self.sweep_at = 2 * self.len + 16;
         }
-        let m = Arc::new(m);
-        self.shared.insert(m.clone());
+        let m = Arc::new(ServedModule {
+            url: url.to_string(),
+            key: key.cloned(),
+            path: path.to_path_buf(),
+            sha256: sha256.to_string(),
+        });
+        self.by_hash.entry(hash).or_default().push(m.clone());
+        self.len += 1;
         m
+    }
+
+    /// The bucket of a module: its sha256, then its URL byte by byte as it displays (so the same
+    /// however the URL writes itself out in pieces).
+    fn hash(&self, url: &dyn fmt::Display, sha256: &str) -> u64 {
+        struct Bytes<H>(H);
+        impl<H: Hasher> fmt::Write for Bytes<H> {
+            fn write_str(&mut self, s: &str) -> fmt::Result {
+                s.bytes().for_each(|b| self.0.write_u8(b));
+                Ok(())
+            }
+        }
+        let mut h = self.hasher.build_hasher();
+        h.write(sha256.as_bytes());
+        let mut bytes = Bytes(h);
+        // Writing to a hasher cannot fail; a Display that fails only lands in a wrong bucket.
+        let _ = fmt::write(&mut bytes, format_args!("{url}"));
+        bytes.0.finish()
     }
 
     /// How many distinct modules are held (some possibly no longer served, until a sweep).
     pub fn len(&self) -> usize {
-        self.shared.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.shared.is_empty()
+        self.len == 0
     }
+}
+
+/// Whether `value` displays as `text`, without writing it out.
+pub(super) fn displays_as(value: &dyn fmt::Display, text: &str) -> bool {
+    struct Rest<'a>(&'a str);
+    impl fmt::Write for Rest<'_> {
+        fn write_str(&mut self, s: &str) -> fmt::Result {
+            self.0 = self.0.strip_prefix(s).ok_or(fmt::Error)?;
+            Ok(())
+        }
+    }
+    let mut rest = Rest(text);
+    fmt::write(&mut rest, format_args!("{value}")).is_ok() && rest.0.is_empty()
 }
 
 /// Why a plugin is processed.
@@ -269,32 +332,72 @@ impl Event {
 mod tests {
     use super::*;
 
-    fn module(url: &str) -> ServedModule {
-        ServedModule {
-            url: url.into(),
-            key: None,
-            path: PathBuf::from("/m.wasm"),
-            sha256: "aa".into(),
-        }
+    fn module(modules: &mut ServedModules, url: &str) -> Arc<ServedModule> {
+        modules.share(&url, None, Path::new("/m.wasm"), "aa")
     }
 
     #[test]
     fn equal_modules_are_one_arc_and_unheld_ones_are_swept() {
         let mut modules = ServedModules::default();
-        let a = modules.share(module("file:///m.wasm"));
-        let again = modules.share(module("file:///m.wasm"));
+        let a = module(&mut modules, "file:///m.wasm");
+        let again = module(&mut modules, "file:///m.wasm");
         assert!(Arc::ptr_eq(&a, &again), "one copy for equal modules");
         // Another URL is another module (a plugin's served URL is its own).
-        let other = modules.share(module("file:///n.wasm"));
+        let other = module(&mut modules, "file:///n.wasm");
         assert!(!Arc::ptr_eq(&a, &other));
         assert_eq!(modules.len(), 2);
         // Modules no plugin holds any more are dropped as new ones come: the set stays within
         // twice the modules held, plus a few.
         drop((again, other));
         for i in 0..1000 {
-            drop(modules.share(module(&format!("file:///{i}.wasm"))));
+            drop(module(&mut modules, &format!("file:///{i}.wasm")));
             assert!(modules.len() <= 2 + 16, "{} held", modules.len());
         }
-        assert!(Arc::ptr_eq(&a, &modules.share(module("file:///m.wasm"))));
+        assert!(Arc::ptr_eq(&a, &module(&mut modules, "file:///m.wasm")));
+    }
+
+    /// The module a plugin is shared is the one built from its formatted URL: found by sha256,
+    /// key, path and the URL as it displays, never one differing in any of them.
+    #[test]
+    fn share_finds_the_module_a_formatted_build_would() {
+        let mut served = ServedModules::default();
+        let url = ModuleUrl::parse("oci://Registry.example/ns/filter:v1").unwrap();
+        let key = ModuleKey::new("registry.example/ns/filter", "sha256:abc");
+        let path = Path::new("/cache/a.wasm");
+        let a = served.share(&url, Some(&key), path, "aa11");
+        assert_eq!(
+            *a,
+            ServedModule {
+                url: url.to_string(),
+                key: Some(key.clone()),
+                path: path.to_path_buf(),
+                sha256: "aa11".into(),
+            }
+        );
+        // The same parts, the URL given as its text: the same `Arc`, nothing added.
+        let b = served.share(&url.to_string(), Some(&key), path, "aa11");
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(served.len(), 1);
+        // Any part differing is another module, even under the same sha256.
+        let other_url = ModuleUrl::parse("oci://registry.example/ns/filter:v2").unwrap();
+        let other_key = ModuleKey::new("registry.example/ns/filter", "sha256:def");
+        let others = [
+            served.share(&other_url, Some(&key), path, "aa11"),
+            served.share(&url, Some(&other_key), path, "aa11"),
+            served.share(&url, None, path, "aa11"),
+            served.share(&url, Some(&key), Path::new("/cache/b.wasm"), "aa11"),
+            served.share(&url, Some(&key), path, "bb22"),
+        ];
+        for (i, m) in others.iter().enumerate() {
+            assert!(
+                !Arc::ptr_eq(&a, m),
+                "variant {i} was shared the first module"
+            );
+        }
+        assert_eq!(served.len(), 6);
+        // A URL displaying as a prefix or an extension of the held one is not it.
+        let prefix = served.share(&"oci://registry.example/ns/filte", Some(&key), path, "aa11");
+        assert!(!Arc::ptr_eq(&a, &prefix));
+        assert_eq!(served.len(), 7);
     }
 }
